@@ -1,0 +1,63 @@
+"""Helpers the launchers share: how a tensor's memory is walked, grids."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Tests set SEGOPS_POISON_OUTPUTS=1 so that outputs start as NaN (or -1 for
+# integers): an element a kernel forgets to write then fails the comparison.
+_POISON = os.environ.get("SEGOPS_POISON_OUTPUTS", "0") == "1"
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    if _POISON:
+        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
+    return t
+
+
+def empty(*shape, **kwargs) -> torch.Tensor:
+    """torch.empty for kernel outputs (poisoned under the tests)."""
+    return _poisoned(torch.empty(*shape, **kwargs))
+
+
+def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
+    """torch.empty_like for kernel outputs (poisoned under the tests)."""
+    return _poisoned(torch.empty_like(t, **kwargs))
+
+
+def flatten_trailing(t: torch.Tensor, start: int) -> torch.Tensor:
+    """View ``t`` with dims ``start:`` merged into one, without copying when
+    the strides allow it (contiguous NCHW, channels_last, channels_last_3d,
+    channel slices) and with one copy otherwise.
+
+    Kernels then address element (n, c, s) as n*stride0 + c*stride1 + s*stride2,
+    which is the same code for every memory format.
+    """
+    trailing = 1
+    for size in t.shape[start:]:
+        trailing *= size
+    shape = tuple(t.shape[:start]) + (trailing,)
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.contiguous().view(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a reduction grid should aim for: a few waves on a GPU,
+    a handful in the interpreter (enough to exercise several program ids)."""
+    if device.type == "cuda":
+        return 4 * multiprocessor_count(device.index or torch.cuda.current_device())
+    return 4
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))

@@ -1,0 +1,427 @@
+"""Fused IoU/Dice reductions.
+
+Three kernels:
+
+* ``_overlap_sums_fwd_kernel``: one pass over logits/probabilities and the
+  target that produces, per (sample, class), intersection sum(p*t) (or the
+  fuzzy sum(min(p, t)) that segmentation-models-pytorch uses), prediction
+  sum sum(p) (or sum(p^2)) and target sum sum(t) (or sum(t^2)). Softmax/sigmoid
+  is applied on the fly; index targets are compared with the class id instead
+  of being one-hot encoded.
+* ``_overlap_sums_bwd_kernel``: the gradient of those sums with respect to the
+  logits, recomputing softmax/sigmoid; it needs only the (N, C) upstream
+  gradients, so no activation of size N*C*S is ever saved.
+* ``_confusion_matrix_kernel``: a (C, C) histogram of (target, prediction)
+  pairs, with argmax of scores fused in.
+
+Every tensor is addressed as (n, c, s) with three strides, the spatial dims
+merged into one (see ``_layout.flatten_trailing``); the same code therefore
+reads NCHW, channels_last and channels_last_3d memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import empty, empty_like, flatten_trailing, next_pow2, target_programs
+
+ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
+_SOFTMAX = 2
+_SIGMOID = 1
+
+
+# --------------------------------------------------------------------------
+# shared tile helpers
+# --------------------------------------------------------------------------
+@triton.jit
+def _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC: tl.constexpr):
+    """[BLOCK_C, BLOCK_S] tile in the accumulation dtype ACC; classes past C read -inf (so softmax and
+    argmax ignore them), pixels past the end read 0 (so every column keeps a
+    finite maximum)."""
+    cmask = offs_c < C
+    ptrs = (x_row + offs_c.to(tl.int64)[:, None] * stride_xc
+            + offs_s64[None, :] * stride_xs)
+    x = tl.load(ptrs, mask=cmask[:, None] & smask[None, :], other=0.0)
+    return tl.where(cmask[:, None], x.to(ACC), float("-inf"))
+
+
+@triton.jit
+def _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """Per-pixel running max and sum of exp over all classes, chunk by chunk."""
+    m = tl.full([BLOCK_S], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
+        m = m_new
+    return m, l
+
+
+@triton.jit
+def _probabilities(x, m, l, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 2:
+        p = tl.exp(x - m[None, :]) / l[None, :]
+    elif ACTIVATION == 1:
+        p = tl.sigmoid(x)
+    else:
+        p = x
+    return p
+
+
+@triton.jit
+def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                 stride_tc, stride_ts,
+                 DENSE_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, ACC: tl.constexpr):
+    """Target tile [BLOCK_C, BLOCK_S] in ACC and the mask of elements that
+    count. Index targets become one-hot by comparison, never in memory."""
+    cmask = offs_c < C
+    valid = cmask[:, None] & smask[None, :]
+    if DENSE_TARGET:
+        ptrs = (t_row + offs_c.to(tl.int64)[:, None] * stride_tc
+                + offs_s64[None, :] * stride_ts)
+        t = tl.load(ptrs, mask=valid, other=0).to(ACC)
+        if HAS_IGNORE:
+            valid = valid & (t != ignore_index)
+        t = tl.where(valid, t, 0.0)
+    else:
+        label = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0).to(tl.int64)
+        if HAS_IGNORE:
+            valid = valid & (label != ignore_index)[None, :]
+        t = tl.where(valid & (label[None, :] == offs_c[:, None]), 1.0, 0.0).to(ACC)
+    return t, valid
+
+
+# --------------------------------------------------------------------------
+# forward: per-(sample, class) sums
+# --------------------------------------------------------------------------
+@triton.jit
+def _overlap_sums_fwd_kernel(
+    x_ptr, t_ptr, part_ptr,
+    C, S, S_PER_PROG, ignore_index,
+    stride_xn, stride_xc, stride_xs,
+    stride_tn, stride_tc, stride_ts,
+    ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
+    HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+):
+    # Program (n, p) reduces pixels [p*S_PER_PROG, (p+1)*S_PER_PROG) of sample
+    # n into its own row of `part` [3, N, P, C]; the host sums over P. No
+    # atomics, so the result is bit-identical run to run.
+    pid_n = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    num_n = tl.num_programs(0)
+    num_p = tl.num_programs(1)
+    x_row = x_ptr + pid_n.to(tl.int64) * stride_xn
+    t_row = t_ptr + pid_n.to(tl.int64) * stride_tn
+    s_begin = pid_p * S_PER_PROG
+    s_end = tl.minimum(s_begin + S_PER_PROG, S)
+    part_row = part_ptr + (pid_n * num_p + pid_p).to(tl.int64) * C
+    plane = (num_n * num_p).to(tl.int64) * C
+
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        acc_i = tl.zeros([BLOCK_C], ACC)
+        acc_p = tl.zeros([BLOCK_C], ACC)
+        acc_t = tl.zeros([BLOCK_C], ACC)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            smask = offs_s < s_end
+            offs_s64 = offs_s.to(tl.int64)
+            if ACTIVATION == 2:
+                m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc,
+                                      stride_xs, BLOCK_C, BLOCK_S, ACC)
+            else:
+                m = tl.zeros([BLOCK_S], ACC)
+                l = tl.full([BLOCK_S], 1.0, ACC)
+            x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+            t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                    stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+            p = tl.where(valid, _probabilities(x, m, l, ACTIVATION), 0.0)
+            if MIN_INTERSECTION:
+                acc_i += tl.sum(tl.minimum(p, t), axis=1)
+            else:
+                acc_i += tl.sum(p * t, axis=1)
+            if SQUARED:
+                acc_p += tl.sum(p * p, axis=1)
+                acc_t += tl.sum(t * t, axis=1)
+            else:
+                acc_p += tl.sum(p, axis=1)
+                acc_t += tl.sum(t, axis=1)
+        cmask = offs_c < C
+        tl.store(part_row + offs_c, acc_i, mask=cmask)
+        tl.store(part_row + plane + offs_c, acc_p, mask=cmask)
+        tl.store(part_row + 2 * plane + offs_c, acc_t, mask=cmask)
+
+
+# --------------------------------------------------------------------------
+# backward: d(sums)/d(logits)
+# --------------------------------------------------------------------------
+@triton.jit
+def _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C,
+                        SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr):
+    """dL/dp for every element: gi[c]*dI/dp + gp[c]*(1 or 2p), zero where
+    masked. dI/dp is t, or for min(p, t) 1 below t, 0 above, 1/2 at a tie (the
+    subgradient torch's |p - t| gives)."""
+    cmask = offs_c < C
+    gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
+    gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
+    # p is -inf in padded classes with ACTIVATION none: keep 0 * inf out
+    p = tl.where(valid, p, 0.0)
+    if MIN_INTERSECTION:
+        d_intersection = tl.where(p < t, 1.0, tl.where(p == t, 0.5, 0.0))
+    else:
+        d_intersection = t
+    if SQUARED:
+        g = gi[:, None] * d_intersection + gp[:, None] * 2.0 * p
+    else:
+        g = gi[:, None] * d_intersection + gp[:, None]
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _overlap_sums_bwd_kernel(
+    x_ptr, t_ptr, gi_ptr, gp_ptr, gx_ptr,
+    C, S, NUM_S_BLOCKS, ignore_index,
+    stride_xn, stride_xc, stride_xs,
+    stride_tn, stride_tc, stride_ts,
+    stride_gn, stride_gc, stride_gs,
+    ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
+    HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program per (sample, pixel block); the flat 1-D grid avoids the
+    # 65535 limit of grid axes 1 and 2 for large volumes.
+    pid = tl.program_id(0)
+    pid_n = pid // NUM_S_BLOCKS
+    pid_s = pid % NUM_S_BLOCKS
+    x_row = x_ptr + pid_n.to(tl.int64) * stride_xn
+    t_row = t_ptr + pid_n.to(tl.int64) * stride_tn
+    g_row = gx_ptr + pid_n.to(tl.int64) * stride_gn
+    gi_row = gi_ptr + pid_n.to(tl.int64) * C
+    gp_row = gp_ptr + pid_n.to(tl.int64) * C
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = offs_s < S
+    offs_s64 = offs_s.to(tl.int64)
+
+    if ACTIVATION == 2:
+        m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
+                              BLOCK_C, BLOCK_S, ACC)
+        # softmax backward needs sum_c g_c p_c over all classes first
+        dot = tl.zeros([BLOCK_S], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+            t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                    stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+            p = _probabilities(x, m, l, ACTIVATION)
+            g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
+                                    MIN_INTERSECTION)
+            dot += tl.sum(g * p, axis=0)
+    else:
+        m = tl.zeros([BLOCK_S], ACC)
+        l = tl.full([BLOCK_S], 1.0, ACC)
+        dot = tl.zeros([BLOCK_S], ACC)
+
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+        p = _probabilities(x, m, l, ACTIVATION)
+        g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
+                                    MIN_INTERSECTION)
+        if ACTIVATION == 2:
+            gx = p * (g - dot[None, :])
+        elif ACTIVATION == 1:
+            gx = g * p * (1.0 - p)
+        else:
+            gx = g
+        ptrs = (g_row + offs_c.to(tl.int64)[:, None] * stride_gc
+                + offs_s64[None, :] * stride_gs)
+        tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty),
+                 mask=(offs_c < C)[:, None] & smask[None, :])
+
+
+# --------------------------------------------------------------------------
+# confusion matrix
+# --------------------------------------------------------------------------
+@triton.jit
+def _confusion_matrix_kernel(
+    pred_ptr, t_ptr, cm_ptr,
+    C, S, NUM_S_BLOCKS, ignore_index,
+    stride_pn, stride_pc, stride_ps,
+    stride_tn, stride_ts,
+    PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, NUM_BINS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # Counts are integers, so atomic adds give the same result in any order:
+    # the kernel is deterministic without the N*C^2 one-hot fallback.
+    pid = tl.program_id(0)
+    pid_n = pid // NUM_S_BLOCKS
+    pid_s = pid % NUM_S_BLOCKS
+    p_row = pred_ptr + pid_n.to(tl.int64) * stride_pn
+    t_row = t_ptr + pid_n.to(tl.int64) * stride_tn
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = offs_s < S
+    offs_s64 = offs_s.to(tl.int64)
+
+    if PRED_IS_SCORES:
+        # argmax over classes, first index on ties like torch.argmax
+        best = tl.full([BLOCK_S], float("-inf"), ACC)
+        label = tl.zeros([BLOCK_S], tl.int32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            x = _load_scores(p_row, offs_c, offs_s64, C, smask, stride_pc, stride_ps, ACC)
+            chunk_best = tl.max(x, axis=0)
+            chunk_label = tl.argmax(x, axis=0).to(tl.int32) + c0
+            label = tl.where(chunk_best > best, chunk_label, label)
+            best = tl.maximum(best, chunk_best)
+    else:
+        label = tl.load(p_row + offs_s64 * stride_ps, mask=smask, other=0).to(tl.int32)
+
+    truth = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0).to(tl.int64)
+    valid = smask & (truth >= 0) & (truth < C) & (label >= 0) & (label < C)
+    if HAS_IGNORE:
+        valid = valid & (truth != ignore_index)
+    bins = truth.to(tl.int32) * C + label
+    if NUM_BINS > 0:
+        # small C: histogram in registers first, one atomic per non-empty bin
+        bins = tl.where(valid, bins, NUM_BINS - 1)
+        counts = tl.histogram(bins, NUM_BINS)
+        offs_b = tl.arange(0, NUM_BINS)
+        tl.atomic_add(cm_ptr + offs_b, counts.to(tl.int64),
+                      mask=(offs_b < C * C) & (counts > 0), sem="relaxed")
+    else:
+        ones = tl.full([BLOCK_S], 1, tl.int64)
+        tl.atomic_add(cm_ptr + bins.to(tl.int64), ones, mask=valid, sem="relaxed")
+
+
+# --------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------
+def _accumulation_dtype(x: torch.Tensor):
+    """float64 inputs accumulate in float64 (the interpreter tests compare in
+    float64); everything else in float32, never in the input's half type."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
+    256 classes (chunked beyond), ~8K elements per tile."""
+    BLOCK_C = block_c or min(next_pow2(C), 256)
+    BLOCK_S = block_s or max(16, min(1024, 8192 // BLOCK_C))
+    num_warps = 8 if BLOCK_C * BLOCK_S >= 8192 else 4
+    return BLOCK_C, BLOCK_S, num_warps
+
+
+def sums_dtype(input: torch.Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _as_ncs(input: torch.Tensor, target: torch.Tensor):
+    """(N, C, S) views of input and target; an index target becomes (N, 1, S)."""
+    x = flatten_trailing(input, 2)
+    dense = target.dim() == input.dim()
+    t = flatten_trailing(target, 2) if dense else flatten_trailing(target, 1).unsqueeze(1)
+    return x, t, dense
+
+
+def overlap_sums_forward(input, target, activation: str, ignore_index: int | None,
+                         squared: bool, min_intersection: bool = False, block_c: int | None = None,
+                         block_s: int | None = None) -> torch.Tensor:
+    """Returns [3, N, C]: intersection, prediction sum, target sum, in float32
+    (float64 for float64 input).
+
+    input: (N, C, *spatial) float. target: (N, *spatial) integer class ids or
+    (N, C, *spatial) dense masks. ``block_c``/``block_s`` override the tile
+    (tests use them to force chunking and several loop iterations).
+    """
+    N, C = input.shape[:2]
+    x, t, dense = _as_ncs(input, target)
+    S = x.shape[2]
+    if N == 0 or C == 0 or S == 0:
+        return torch.zeros((3, N, C), device=input.device, dtype=sums_dtype(input))
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
+    s_blocks = triton.cdiv(S, BLOCK_S)
+    programs_per_sample = max(1, min(s_blocks, triton.cdiv(target_programs(input.device), N)))
+    s_per_prog = triton.cdiv(s_blocks, programs_per_sample) * BLOCK_S
+    P = triton.cdiv(S, s_per_prog)
+    part = empty((3, N, P, C), device=input.device, dtype=sums_dtype(input))
+    _overlap_sums_fwd_kernel[(N, P)](
+        x, t, part,
+        C, S, s_per_prog, 0 if ignore_index is None else ignore_index,
+        x.stride(0), x.stride(1), x.stride(2),
+        t.stride(0), t.stride(1), t.stride(2),
+        ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
+        HAS_IGNORE=ignore_index is not None, SQUARED=squared,
+        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=_accumulation_dtype(input),
+        num_warps=num_warps,
+    )
+    return part.sum(dim=2)
+
+
+def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
+                          activation: str, ignore_index: int | None, squared: bool,
+                          min_intersection: bool = False, block_c: int | None = None,
+                          block_s: int | None = None) -> torch.Tensor:
+    """Gradient of the sums w.r.t. ``input`` (same shape, dtype and memory
+    format). grad_intersection, grad_pred_sum: (N, C) contiguous, in
+    ``sums_dtype(input)``."""
+    N, C = input.shape[:2]
+    x, t, dense = _as_ncs(input, target)
+    S = x.shape[2]
+    grad = empty_like(x)
+    if grad.numel() == 0:
+        return grad.view(input.shape)
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
+    s_blocks = triton.cdiv(S, BLOCK_S)
+    _overlap_sums_bwd_kernel[(N * s_blocks,)](
+        x, t, grad_intersection, grad_pred_sum, grad,
+        C, S, s_blocks, 0 if ignore_index is None else ignore_index,
+        x.stride(0), x.stride(1), x.stride(2),
+        t.stride(0), t.stride(1), t.stride(2),
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
+        HAS_IGNORE=ignore_index is not None, SQUARED=squared,
+        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=_accumulation_dtype(input),
+        num_warps=num_warps,
+    )
+    return grad.view(input.shape)
+
+
+def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
+                     block_c: int | None = None, block_s: int | None = None) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts, rows = target, cols = prediction.
+
+    pred: (N, *spatial) labels or (N, C, *spatial) scores (argmax is fused).
+    target: (N, *spatial) labels. Pairs with a label outside [0, C) or a target
+    equal to ``ignore_index`` are not counted.
+    """
+    C = num_classes
+    cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
+    scores = pred.dim() == target.dim() + 1
+    p = flatten_trailing(pred, 2) if scores else flatten_trailing(pred, 1).unsqueeze(1)
+    t = flatten_trailing(target, 1)
+    N, S = t.shape
+    if N == 0 or S == 0 or C == 0:
+        return cm
+    BLOCK_C = block_c or min(next_pow2(C), 256)
+    BLOCK_S = block_s or (max(16, min(1024, 8192 // BLOCK_C)) if scores else 1024)
+    num_bins = next_pow2(C * C + 1)
+    s_blocks = triton.cdiv(S, BLOCK_S)
+    _confusion_matrix_kernel[(N * s_blocks,)](
+        p, t, cm,
+        C, S, s_blocks, 0 if ignore_index is None else ignore_index,
+        p.stride(0), p.stride(1), p.stride(2),
+        t.stride(0), t.stride(1),
+        PRED_IS_SCORES=scores, HAS_IGNORE=ignore_index is not None,
+        BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
+        NUM_BINS=num_bins if num_bins <= 2048 else 0,
+        ACC=_accumulation_dtype(pred), num_warps=4,
+    )
+    return cm

@@ -1,0 +1,79 @@
+"""The `segops` command: info, check, bench."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from . import _dispatch
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> int:
+    """Versions, the device, and which implementation runs the ops."""
+    print(f"segops        {_version('segops-triton')}")
+    print(f"python        {platform.python_version()}")
+    for package in ("torch", "triton", "numpy", "torchvision"):
+        print(f"{package:<13} {_version(package)}")
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        cap = ".".join(map(str, torch.cuda.get_device_capability()))
+        print(f"device        cuda: {name} (sm {cap}), CUDA {torch.version.cuda}")
+        device = "cuda"
+    else:
+        print("device        cpu (no CUDA device)")
+        device = "cpu"
+    path = _dispatch.path_for(device)
+    print(f"dispatch      {device} tensors -> {path}")
+    if path == _dispatch.REFERENCE:
+        print("              (set TRITON_INTERPRET=1 before importing segops to run the "
+              "Triton kernels on CPU through the interpreter)")
+    return 0
+
+
+def check() -> int:
+    """Kernel-vs-reference self-check; on a CPU-only machine it runs the
+    kernels through Triton's interpreter in a child process."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.call([sys.executable, "-m", "segops.selfcheck"], env=env)
+
+
+def bench(args) -> int:
+    from .benchmarks import run as bench_run
+    return bench_run.main(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="segops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, device and dispatch path")
+    p_info.add_argument("--check", action="store_true", help="also run the self-check")
+    sub.add_parser("check", help="run every kernel against its reference on tiny inputs")
+    p_bench = sub.add_parser("bench", help="benchmark the ops against their baselines")
+    p_bench.add_argument("--quick", action="store_true", help="a few shapes per op (minutes)")
+    p_bench.add_argument("--ops", nargs="*", default=None, help="op families to run (default: all)")
+    p_bench.add_argument("--out", default=None, help="folder for <gpu>.json and the plot")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        code = info()
+        return check() if args.check and code == 0 else code
+    if args.command == "check":
+        return check()
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

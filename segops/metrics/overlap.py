@@ -1,0 +1,70 @@
+"""Stateful segmentation metrics over a confusion matrix (update / compute /
+reset), summed across ranks under torch.distributed."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import overlap as F
+
+
+class _ConfusionMetric:
+    _score = None
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None,
+                 average: str = "macro", *, validate_args: bool = True):
+        """Args:
+            num_classes: C; labels lie in [0, C).
+            ignore_index: target label whose pixels are not counted.
+            average: 'micro', 'macro' (classes absent from prediction and
+                target are left out), 'weighted' or 'none' (per class).
+            validate_args: check label ranges on every update (a GPU sync).
+        """
+        if average not in F.AVERAGES:
+            raise ValueError(f"average must be one of {F.AVERAGES}, got {average!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.average = average
+        self.validate_args = validate_args
+        self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch: ``pred`` labels ``(N, *spatial)`` or scores
+        ``(N, C, *spatial)``, ``target`` labels ``(N, *spatial)``."""
+        counts = F.confusion_matrix(pred, target, self.num_classes, self.ignore_index,
+                                    validate_args=self.validate_args)
+        if self.confusion.device != counts.device:
+            self.confusion = self.confusion.to(counts.device)
+        self.confusion += counts
+
+    def compute(self) -> Tensor:
+        """The score over everything seen since the last reset, on every rank."""
+        return type(self)._score(self.synced_confusion(), self.average)
+
+    def synced_confusion(self) -> Tensor:
+        """The confusion matrix summed over all ranks of the default group (a
+        copy; the local state is left as is, so compute() can be called twice)."""
+        confusion = self.confusion.clone()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        return confusion
+
+    def reset(self) -> None:
+        self.confusion.zero_()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_classes={self.num_classes}, "
+                f"ignore_index={self.ignore_index}, average={self.average!r})")
+
+
+class MeanIoU(_ConfusionMetric):
+    """Mean intersection over union (``average='macro'``) accumulated in int64
+    over batches; see :func:`segops.ops.iou_score` for the averages."""
+    _score = staticmethod(F.iou_score)
+
+
+class DiceScore(_ConfusionMetric):
+    """Dice / F1 score accumulated over batches; see
+    :func:`segops.ops.dice_score`."""
+    _score = staticmethod(F.dice_score)

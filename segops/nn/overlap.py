@@ -1,0 +1,61 @@
+"""Dice and Jaccard losses as modules, constructor-compatible with
+segmentation-models-pytorch (``smp.losses.DiceLoss`` / ``JaccardLoss``)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from ..ops import overlap as F
+
+
+class _OverlapLoss(nn.Module):
+    _loss = None
+
+    def __init__(self, mode: str, classes: Sequence[int] | None = None, log_loss: bool = False,
+                 from_logits: bool = True, smooth: float = 0.0, ignore_index: int | None = None,
+                 eps: float = 1e-7, class_weights=None, *, batch: bool = True,
+                 include_background: bool = True, squared_pred: bool = False,
+                 skip_empty: bool = True, intersection: str = "min", reduction: str = "mean",
+                 validate_args: bool = True):
+        super().__init__()
+        if mode not in F.MODES:
+            raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
+        if classes is not None and mode == "binary":
+            raise ValueError("classes cannot be used with mode='binary'")
+        self.mode = mode
+        self.options = dict(classes=classes, log_loss=log_loss, from_logits=from_logits,
+                            smooth=smooth, ignore_index=ignore_index, eps=eps, batch=batch,
+                            include_background=include_background, squared_pred=squared_pred,
+                            class_weights=class_weights, skip_empty=skip_empty,
+                            intersection=intersection, reduction=reduction,
+                            validate_args=validate_args)
+
+    def forward(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        return type(self)._loss(y_pred, y_true, self.mode, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class DiceLoss(_OverlapLoss):
+    """Soft Dice loss on the fused overlap kernel; see :func:`segops.ops.dice_loss`.
+
+    ``DiceLoss(mode, classes=None, log_loss=False, from_logits=True, smooth=0.0,
+    ignore_index=None, eps=1e-7, class_weights=None)`` is smp's (0.6)
+    constructor; the MONAI-style options are keyword-only. Shapes: ``y_pred (N, C, *spatial)``, ``y_true``
+    ``(N, *spatial)`` (binary/multiclass) or ``(N, C, *spatial)``
+    (binary/multilabel). Returns a scalar with ``reduction='mean'``.
+    """
+    _loss = staticmethod(F.dice_loss)
+
+
+class JaccardLoss(_OverlapLoss):
+    """Soft Jaccard (IoU) loss on the fused overlap kernel; see
+    :func:`segops.ops.jaccard_loss`.
+
+    Same constructor as :class:`DiceLoss`, which is smp's (0.6)
+    ``JaccardLoss(mode, classes, log_loss, from_logits, smooth, ignore_index,
+    eps, class_weights)``.
+    """
+    _loss = staticmethod(F.jaccard_loss)

@@ -1,0 +1,19 @@
+"""The public functional API: every op checks its arguments, then runs the
+Triton kernel or the reference (see segops._dispatch)."""
+from .overlap import (
+    confusion_matrix,
+    dice_loss,
+    dice_score,
+    iou_score,
+    jaccard_loss,
+    overlap_sums,
+)
+
+__all__ = [
+    "confusion_matrix",
+    "dice_loss",
+    "dice_score",
+    "iou_score",
+    "jaccard_loss",
+    "overlap_sums",
+]

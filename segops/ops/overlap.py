@@ -1,0 +1,453 @@
+"""Fused IoU/Dice reductions: per-(sample, class) overlap sums, Dice and
+Jaccard losses built on them, and the confusion matrix behind mIoU.
+
+Conventions
+-----------
+* ``input``: scores ``(N, C, *spatial)`` with 1-3 spatial dims, float16,
+  bfloat16, float32 (float64 on the reference path). Any memory format.
+* ``target``: class indices ``(N, *spatial)`` (int64/int32/int16/int8/uint8),
+  or a dense mask ``(N, C, *spatial)`` (binary, multilabel or soft labels, any
+  real dtype). A target with as many dims as the input is dense.
+* Sums accumulate in float32 whatever the input dtype (float64 for float64).
+* ``ignore_index``: index targets: pixels with that label count in no sum.
+  Dense targets: elements equal to it count in no sum (smp's convention).
+* The target never receives a gradient.
+
+Where the conventions of other libraries differ (all offered here):
+
+===================  =======================  ==========================  ==========================
+                     segmentation-models-pt    MONAI DiceLoss              torchmetrics
+===================  =======================  ==========================  ==========================
+smoothing            ``smooth`` on numerator   ``smooth_nr``, ``smooth_dr``  none (``zero_division``)
+                     and denominator           (pass ``smooth`` = both)
+reduction axes       batch and space, per      space per sample            --
+                     class (``batch=True``)    (``batch=False``)
+empty classes        loss 0 where the target   no special case             excluded from macro means
+                     has no pixel               (``skip_empty=False``)      (``iou_score``)
+squared denominator  no                        ``squared_pred``            no
+background           all classes               ``include_background``       ``ignore_index``
+===================  =======================  ==========================  ==========================
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_int, check_same_device, check_tensor
+from ..reference import overlap as reference
+
+MODES = ("binary", "multiclass", "multilabel")
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+AVERAGES = ("micro", "macro", "weighted", "none")
+INTERSECTIONS = ("product", "min")
+
+
+def _kernels():
+    # imported lazily: importing triton is slow and not needed on the
+    # reference path
+    from ..kernels import overlap as kernels
+    return kernels
+
+
+def _sums_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------
+# custom ops: segops::overlap_sums and its backward
+# --------------------------------------------------------------------------
+@torch.library.custom_op("segops::overlap_sums", mutates_args=())
+def _overlap_sums(input: Tensor, target: Tensor, activation: str,
+                  ignore_index: int | None, squared: bool, min_intersection: bool) -> Tensor:
+    args = (input, target, activation, ignore_index, squared, min_intersection)
+    if _dispatch.uses_kernel(input):
+        return _kernels().overlap_sums_forward(*args)
+    return reference.overlap_sums(*args)
+
+
+@_overlap_sums.register_fake
+def _(input, target, activation, ignore_index, squared, min_intersection):
+    N, C = input.shape[:2]
+    return input.new_empty((3, N, C), dtype=_sums_dtype(input))
+
+
+@torch.library.custom_op("segops::overlap_sums_backward", mutates_args=())
+def _overlap_sums_backward(grad_intersection: Tensor, grad_pred_sum: Tensor,
+                           input: Tensor, target: Tensor, activation: str,
+                           ignore_index: int | None, squared: bool,
+                           min_intersection: bool) -> Tensor:
+    args = (grad_intersection, grad_pred_sum, input, target, activation, ignore_index,
+            squared, min_intersection)
+    if _dispatch.uses_kernel(input):
+        return _kernels().overlap_sums_backward(*args)
+    return reference.overlap_sums_backward(*args)
+
+
+@_overlap_sums_backward.register_fake
+def _(grad_intersection, grad_pred_sum, input, target, activation, ignore_index, squared,
+      min_intersection):
+    return torch.empty_like(input)
+
+
+def _overlap_sums_setup_context(ctx, inputs, output):
+    input, target, *options = inputs
+    ctx.save_for_backward(input, target)
+    ctx.options = tuple(options)
+
+
+def _overlap_sums_grad(ctx, grad):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    input, target = ctx.saved_tensors
+    grad = grad.to(_sums_dtype(input))
+    grad_input = _overlap_sums_backward(
+        grad[0].contiguous(), grad[1].contiguous(), input, target, *ctx.options)
+    return grad_input, None, None, None, None, None
+
+
+_overlap_sums.register_autograd(_overlap_sums_grad, setup_context=_overlap_sums_setup_context)
+
+
+# --------------------------------------------------------------------------
+# custom op: segops::confusion_matrix
+# --------------------------------------------------------------------------
+@torch.library.custom_op("segops::confusion_matrix", mutates_args=())
+def _confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
+                      ignore_index: int | None) -> Tensor:
+    if _dispatch.uses_kernel(target):
+        return _kernels().confusion_matrix(pred, target, num_classes, ignore_index)
+    return reference.confusion_matrix(pred, target, num_classes, ignore_index)
+
+
+@_confusion_matrix.register_fake
+def _(pred, target, num_classes, ignore_index):
+    return target.new_empty((num_classes, num_classes), dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------
+def _check_scores(input: Tensor) -> None:
+    check_tensor("input", input, dims=(3, 4, 5), dtypes=FLOAT_DTYPES)
+
+
+def _check_target(input: Tensor, target: Tensor, ignore_index: int | None,
+                  validate_args: bool) -> None:
+    """Shape and dtype of ``target`` against ``input``; with ``validate_args``,
+    also that index targets hold class ids in [0, C) or ``ignore_index``
+    (this reads the values, so it synchronises with the GPU)."""
+    check_tensor("target", target)
+    check_same_device(input=input, target=target)
+    N, C = input.shape[:2]
+    spatial = tuple(input.shape[2:])
+    if target.dim() == input.dim():
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(f"dense target must have the input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+        if target.dtype.is_complex:
+            raise TypeError(f"target must be real, got {target.dtype}")
+        return
+    if tuple(target.shape) != (N, *spatial):
+        raise ValueError(f"target must have shape (N, *spatial) = {(N, *spatial)} for class "
+                         f"indices or {tuple(input.shape)} for a dense mask, got {tuple(target.shape)}")
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"an index target (N, *spatial) must have an integer dtype, got "
+                        f"{target.dtype}; pass dense (N, C, *spatial) masks for float targets")
+    if validate_args and not _compiling():
+        _check_labels("target", target, C, ignore_index)
+
+
+def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -> None:
+    bad = (labels < 0) | (labels >= C)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bool(bad.any()):
+        value = labels[bad].reshape(-1)[0].item()
+        allowed = f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"{name} holds label {value}, outside {allowed}")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_ignore_index(ignore_index) -> None:
+    if ignore_index is not None:
+        check_int("ignore_index", ignore_index)
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
+                 ignore_index: int | None = None, squared: bool = False,
+                 intersection: str = "product", validate_args: bool = True) -> Tensor:
+    """The three sums every IoU/Dice variant needs, in one fused pass.
+
+    Args:
+        input: scores ``(N, C, *spatial)``, 1-3 spatial dims.
+        target: class indices ``(N, *spatial)`` or dense masks ``(N, C, *spatial)``.
+        activation: ``'softmax'`` (over C), ``'sigmoid'`` or ``'none'``
+            (``input`` already holds probabilities), fused into the pass.
+        ignore_index: label (index target) or value (dense target) that counts
+            in no sum.
+        squared: sum ``p**2`` and ``t**2`` instead of ``p`` and ``t`` (MONAI's
+            ``squared_pred``).
+        intersection: ``'product'``: ``sum(p*t)``; ``'min'``: the fuzzy
+            ``sum(min(p, t))`` (= ``(sum p + sum t - |p - t|_1) / 2``) that
+            segmentation-models-pytorch >= 0.6 uses. Equal for 0/1 targets.
+        validate_args: check index targets lie in ``[0, C)`` (a GPU sync).
+
+    Returns:
+        ``(3, N, C)`` float32 (float64 for float64 input): intersection
+        ``sum(p*t)``, prediction sum, target sum over the unmasked pixels.
+        Differentiable w.r.t. ``input``; no ``(N, C, *spatial)`` activation or
+        one-hot tensor is kept for backward.
+    """
+    _check_scores(input)
+    check_choice("activation", activation, ACTIVATIONS)
+    _check_ignore_index(ignore_index)
+    check_choice("intersection", intersection, INTERSECTIONS)
+    _check_target(input, target, ignore_index, validate_args)
+    if target.dtype == torch.bool:
+        target = target.view(torch.uint8)
+    return _overlap_sums(input, target, activation, ignore_index, bool(squared),
+                         intersection == "min")
+
+
+def _prepare_loss_inputs(input: Tensor, target: Tensor, mode: str, from_logits: bool):
+    """smp's mode -> (input, target, activation) for ``overlap_sums``."""
+    check_choice("mode", mode, MODES)
+    _check_scores(input)
+    check_tensor("target", target)
+    if mode == "binary":
+        if input.shape[1] != 1:
+            raise ValueError(f"mode='binary' needs input of shape (N, 1, *spatial), "
+                             f"got {tuple(input.shape)}")
+        if target.numel() != input.numel():
+            raise ValueError(f"mode='binary' needs a target with the input's "
+                             f"{input.numel()} elements, got shape {tuple(target.shape)}")
+        target = target.reshape(input.shape)
+    elif mode == "multiclass" and target.dim() == input.dim():
+        raise ValueError("mode='multiclass' takes class indices (N, *spatial); for dense "
+                         "(N, C, *spatial) masks use mode='multilabel'")
+    elif mode == "multiclass" and target.dtype.is_floating_point:
+        raise TypeError(f"mode='multiclass' needs an integer target, got {target.dtype}")
+    elif mode == "multilabel" and target.dim() != input.dim():
+        raise ValueError(f"mode='multilabel' needs a target of shape {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if not from_logits:
+        activation = "none"
+    else:
+        activation = "softmax" if mode == "multiclass" else "sigmoid"
+    return input, target, activation
+
+
+def _selected_classes(C: int, classes, include_background: bool, mode: str,
+                      device) -> Tensor | None:
+    """Indices of the classes that enter the loss (None: all)."""
+    if classes is not None and mode == "binary":
+        raise ValueError("classes cannot be used with mode='binary'")
+    if classes is not None and not include_background:
+        raise ValueError("pass either classes or include_background=False, not both")
+    if not include_background:
+        return torch.arange(1, C, device=device)
+    if classes is not None:
+        return torch.as_tensor(classes, dtype=torch.long, device=device).reshape(-1)
+    return None
+
+
+def _reduce(loss: Tensor, selected: Tensor | None, class_weights, reduction: str) -> Tensor:
+    """Select classes, weight them, reduce. Weights are given per class (C of
+    them) and selected with the classes, like smp; 'mean' with weights is the
+    weighted mean sum(w*l)/sum(w) (smp's; MONAI divides by the count)."""
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    C = loss.shape[-1]
+    if selected is not None:
+        loss = loss.index_select(-1, selected)
+    if class_weights is None:
+        return {"mean": loss.mean, "sum": loss.sum}.get(reduction, lambda: loss)()
+    weights = torch.as_tensor(class_weights, dtype=loss.dtype, device=loss.device)
+    if weights.dim() != 1 or weights.numel() != C:
+        raise ValueError(f"class_weights must hold one weight per class ({C}), "
+                         f"got shape {tuple(weights.shape)}")
+    if selected is not None:
+        weights = weights.index_select(0, selected)
+    if reduction == "mean":
+        return (loss * weights).sum() / weights.sum()
+    return (loss * weights).sum() if reduction == "sum" else loss * weights
+
+
+def _overlap_loss(kind: str, input: Tensor, target: Tensor, mode: str, *, classes,
+                  log_loss: bool, from_logits: bool, smooth: float, ignore_index,
+                  eps: float, batch: bool, include_background: bool,
+                  squared_pred: bool, class_weights, skip_empty: bool, intersection: str,
+                  reduction: str, validate_args: bool) -> Tensor:
+    input, target, activation = _prepare_loss_inputs(input, target, mode, from_logits)
+    selected = _selected_classes(input.shape[1], classes, include_background, mode,
+                                 input.device)
+    sums = overlap_sums(input, target, activation=activation, ignore_index=ignore_index,
+                        squared=squared_pred, intersection=intersection,
+                        validate_args=validate_args)
+    if batch:
+        sums = sums.sum(dim=1)
+    inter, pred_sum, target_sum = sums
+    # smp >= 0.6 writes both as Tversky scores: (I + s) / max(I + a*fp + b*fn + s, eps)
+    if kind == "dice":
+        denominator = (pred_sum + target_sum) / 2      # a = b = 1/2
+    else:
+        denominator = pred_sum + target_sum - inter    # a = b = 1
+    score = (inter + smooth) / (denominator + smooth).clamp_min(eps)
+    loss = -torch.log(score.clamp_min(eps)) if log_loss else 1.0 - score
+    if skip_empty:
+        loss = loss * (target_sum > 0).to(loss.dtype)
+    return _reduce(loss, selected, class_weights, reduction)
+
+
+def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
+              classes: Sequence[int] | None = None, log_loss: bool = False,
+              from_logits: bool = True, smooth: float = 0.0,
+              ignore_index: int | None = None, eps: float = 1e-7, batch: bool = True,
+              include_background: bool = True, squared_pred: bool = False,
+              class_weights: Sequence[float] | Tensor | None = None,
+              skip_empty: bool = True, intersection: str = "min",
+              reduction: str = "mean", validate_args: bool = True) -> Tensor:
+    """Soft Dice loss ``1 - (I + smooth) / max((P + T) / 2 + smooth, eps)``, fused
+    (I, P, T: intersection, prediction and target sums).
+
+    With the defaults it gives segmentation-models-pytorch's (>= 0.6)
+    ``DiceLoss`` numbers: the fuzzy intersection ``sum(min(p, t))``
+    (``intersection='min'``; ``'product'`` gives ``sum(p*t)``, MONAI's, the
+    same for 0/1 targets), smooth added to the halved denominator, classes
+    with no target pixel zeroed (``skip_empty``), mean over classes. ``mode``: ``'binary'`` (input ``(N, 1, *)``, target
+    ``(N, *)`` or ``(N, 1, *)``, sigmoid), ``'multiclass'`` (input
+    ``(N, C, *)``, integer target ``(N, *)``, softmax), ``'multilabel'``
+    (input and target ``(N, C, *)``, sigmoid). ``from_logits=False``: input
+    already holds probabilities.
+
+    Options beyond smp (MONAI-style): ``batch=False`` reduces per sample
+    (``(N, C)`` scores) instead of over the batch; ``include_background=False``
+    drops class 0; ``squared_pred`` uses sums of squares in the denominator;
+    ``class_weights`` (one per class, smp's) gives a weighted mean
+    ``sum(w*l) / sum(w)`` over the selected classes; ``skip_empty=False`` keeps the loss of classes with no target
+    pixel (smp zeroes them). ``reduction``: ``'mean'``, ``'sum'`` or ``'none'``
+    (per-class ``(C,)``, or ``(N, C)`` with ``batch=False``).
+    """
+    return _overlap_loss("dice", input, target, mode, classes=classes, log_loss=log_loss,
+                         from_logits=from_logits, smooth=smooth, ignore_index=ignore_index,
+                         eps=eps, batch=batch, include_background=include_background,
+                         squared_pred=squared_pred, class_weights=class_weights,
+                         skip_empty=skip_empty, intersection=intersection,
+                         reduction=reduction, validate_args=validate_args)
+
+
+def jaccard_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
+                 classes: Sequence[int] | None = None, log_loss: bool = False,
+                 from_logits: bool = True, smooth: float = 0.0,
+                 ignore_index: int | None = None, eps: float = 1e-7, batch: bool = True,
+                 include_background: bool = True, squared_pred: bool = False,
+                 class_weights: Sequence[float] | Tensor | None = None,
+                 skip_empty: bool = True, intersection: str = "min",
+                 reduction: str = "mean", validate_args: bool = True) -> Tensor:
+    """Soft Jaccard (IoU) loss ``1 - (I + smooth) / max(P + T - I + smooth, eps)``.
+
+    Same arguments and conventions as :func:`dice_loss`; the defaults give
+    segmentation-models-pytorch's ``JaccardLoss`` numbers.
+    """
+    return _overlap_loss("jaccard", input, target, mode, classes=classes, log_loss=log_loss,
+                         from_logits=from_logits, smooth=smooth, ignore_index=ignore_index,
+                         eps=eps, batch=batch, include_background=include_background,
+                         squared_pred=squared_pred, class_weights=class_weights,
+                         skip_empty=skip_empty, intersection=intersection,
+                         reduction=reduction, validate_args=validate_args)
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
+                     ignore_index: int | None = None, *, validate_args: bool = True) -> Tensor:
+    """``(num_classes, num_classes)`` int64 counts; row = target class, column =
+    predicted class.
+
+    Args:
+        pred: predicted labels ``(N, *spatial)`` (integer) or scores
+            ``(N, C, *spatial)`` (float; the argmax over C is fused, first
+            index on ties like ``torch.argmax``).
+        target: labels ``(N, *spatial)``.
+        ignore_index: target label whose pixels are not counted.
+        validate_args: check that labels lie in ``[0, C)`` (a GPU sync);
+            without it, out-of-range pairs are silently not counted.
+
+    Deterministic: counts are integers, so the kernel's atomic adds give the
+    same matrix in any order (no one-hot fallback under
+    ``torch.use_deterministic_algorithms``).
+    """
+    check_int("num_classes", num_classes, minimum=1)
+    _check_ignore_index(ignore_index)
+    check_tensor("target", target, dims=(2, 3, 4), dtypes=INDEX_DTYPES)
+    check_tensor("pred", pred)
+    check_same_device(pred=pred, target=target)
+    if pred.dim() == target.dim() + 1:
+        check_tensor("pred", pred, dtypes=FLOAT_DTYPES)
+        expected = (target.shape[0], num_classes, *target.shape[1:])
+        if tuple(pred.shape) != expected:
+            raise ValueError(f"pred scores must have shape {expected}, got {tuple(pred.shape)}")
+        pred = pred.detach()
+    elif pred.dim() == target.dim():
+        check_tensor("pred", pred, dtypes=INDEX_DTYPES)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred labels must have the target's shape {tuple(target.shape)}, "
+                             f"got {tuple(pred.shape)}")
+        if validate_args and not _compiling():
+            _check_labels("pred", pred, num_classes, None)
+    else:
+        raise ValueError(f"pred must be labels shaped like target {tuple(target.shape)} or scores "
+                         f"(N, C, *spatial), got {tuple(pred.shape)}")
+    if validate_args and not _compiling():
+        _check_labels("target", target, num_classes, ignore_index)
+    return _confusion_matrix(pred, target, num_classes, ignore_index)
+
+
+def _confusion_counts(confusion: Tensor):
+    check_tensor("confusion", confusion, dims=(2,))
+    if confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"confusion must be square (C, C), got {tuple(confusion.shape)}")
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    fp = confusion.sum(dim=0) - tp
+    fn = confusion.sum(dim=1) - tp
+    return tp, fp, fn
+
+
+def _average(numerator: Tensor, denominator: Tensor, support: Tensor, average: str) -> Tensor:
+    """Per-class ratios, averaged. Classes absent from both prediction and
+    target (denominator 0) are NaN in ``'none'`` and left out of ``'macro'``
+    and ``'weighted'``; with no class present at all the result is NaN."""
+    check_choice("average", average, AVERAGES)
+    if average == "micro":
+        return numerator.sum() / denominator.sum()
+    present = denominator > 0
+    per_class = torch.where(present, numerator / denominator.clamp_min(1), float("nan"))
+    if average == "none":
+        return per_class
+    if average == "macro":
+        return per_class[present].mean() if bool(present.any()) else per_class.new_tensor(float("nan"))
+    weights = torch.where(present, support, 0)
+    return (torch.nan_to_num(per_class) * weights).sum() / weights.sum()
+
+
+def iou_score(confusion: Tensor, average: str = "macro") -> Tensor:
+    """Intersection over union ``tp / (tp + fp + fn)`` from a confusion matrix
+    (rows = target). ``average``: ``'micro'`` (pooled counts), ``'macro'``
+    (mean over present classes: mIoU), ``'weighted'`` (by target support),
+    ``'none'`` (per class, ``(C,)``). float64 result."""
+    tp, fp, fn = _confusion_counts(confusion)
+    return _average(tp, tp + fp + fn, tp + fn, average)
+
+
+def dice_score(confusion: Tensor, average: str = "macro") -> Tensor:
+    """Dice / F1 ``2tp / (2tp + fp + fn)`` from a confusion matrix; ``average``
+    as in :func:`iou_score`."""
+    tp, fp, fn = _confusion_counts(confusion)
+    return _average(2 * tp, 2 * tp + fp + fn, tp + fn, average)

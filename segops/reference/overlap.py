@@ -1,0 +1,185 @@
+"""Pure-PyTorch fused IoU/Dice reductions: the CPU path and the test oracle.
+
+Written for clarity (it does materialise the one-hot target); float64 inputs
+are computed in float64, everything else in float32. A target is *dense*
+(N, C, *spatial) when it has as many dims as the input, otherwise it holds
+class indices (N, *spatial).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _flat(input: torch.Tensor, target: torch.Tensor):
+    """(N, C, S) scores in the accumulation dtype and the target, flattened."""
+    N, C = input.shape[:2]
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.reshape(N, C, -1).to(dtype)
+    dense = target.dim() == input.dim()
+    t = target.reshape(N, C, -1) if dense else target.reshape(N, -1)
+    return x, t, dense
+
+
+def probabilities(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """(N, C, S) scores -> (N, C, S) probabilities."""
+    if activation == "softmax":
+        return torch.softmax(x, dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    return x
+
+
+def target_and_mask(t: torch.Tensor, dense: bool, C: int, dtype: torch.dtype,
+                    ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (N, C, S) target values (zero where masked) and the (N, C, S)
+    boolean mask of elements that count.
+
+    Index targets (N, S) are one-hot encoded and an ignored pixel is masked in
+    every class; dense targets are masked element by element.
+    """
+    if dense:
+        mask = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+        values = t.to(dtype)
+    else:
+        mask = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+        classes = torch.arange(C, device=t.device).view(1, C, 1)
+        values = (t.long().unsqueeze(1) == classes).to(dtype)
+        mask = mask.unsqueeze(1).expand_as(values)
+    return torch.where(mask, values, 0), mask
+
+
+def overlap_sums(input: torch.Tensor, target: torch.Tensor, activation: str,
+                 ignore_index: int | None, squared: bool,
+                 min_intersection: bool = False) -> torch.Tensor:
+    """[3, N, C]: intersection sum(p*t) (sum(min(p, t)) with
+    ``min_intersection``), prediction sum sum(p) and target sum sum(t) per
+    (sample, class), over unmasked elements; with ``squared`` the last two are
+    sum(p^2) and sum(t^2)."""
+    x, t, dense = _flat(input, target)
+    C = x.shape[1]
+    t, mask = target_and_mask(t, dense, C, x.dtype, ignore_index)
+    p = torch.where(mask, probabilities(x, activation), 0)
+    intersection = torch.minimum(p, t) if min_intersection else p * t
+    if squared:
+        return torch.stack([intersection.sum(-1), (p * p).sum(-1), (t * t).sum(-1)])
+    return torch.stack([intersection.sum(-1), p.sum(-1), t.sum(-1)])
+
+
+def overlap_sums_backward(grad_intersection: torch.Tensor, grad_pred_sum: torch.Tensor,
+                          input: torch.Tensor, target: torch.Tensor, activation: str,
+                          ignore_index: int | None, squared: bool,
+                          min_intersection: bool = False) -> torch.Tensor:
+    """Gradient of ``overlap_sums`` w.r.t. ``input`` given the (N, C) gradients
+    of the intersection and prediction sums (the target sum does not depend on
+    the input). d min(p, t)/dp is 1 below t, 0 above and 1/2 at a tie, the
+    subgradient autograd gives (p + t - |p - t|) / 2."""
+    x, t, dense = _flat(input, target)
+    C = x.shape[1]
+    t, mask = target_and_mask(t, dense, C, x.dtype, ignore_index)
+    p = probabilities(x, activation)
+    gi = grad_intersection.to(x.dtype).unsqueeze(-1)
+    gp = grad_pred_sum.to(x.dtype).unsqueeze(-1)
+    if min_intersection:
+        d_intersection = torch.where(p < t, 1.0, torch.where(p == t, 0.5, 0.0)).to(x.dtype)
+    else:
+        d_intersection = t
+    g = gi * d_intersection + (gp * 2 * p if squared else gp)
+    g = torch.where(mask, g, 0)
+    if activation == "softmax":
+        g = p * (g - (g * p).sum(dim=1, keepdim=True))
+    elif activation == "sigmoid":
+        g = g * p * (1 - p)
+    return g.reshape(input.shape).to(input.dtype)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None) -> torch.Tensor:
+    """(C, C) int64 counts, rows = target class, columns = predicted class.
+
+    pred is (N, *spatial) labels or (N, C, *spatial) scores (argmax taken).
+    Pairs with either label outside [0, C), or target == ignore_index, are
+    not counted.
+    """
+    C = num_classes
+    if pred.dim() == target.dim() + 1:
+        pred = pred.argmax(dim=1)
+    pred = pred.reshape(-1).long()
+    target = target.reshape(-1).long()
+    keep = (target >= 0) & (target < C) & (pred >= 0) & (pred < C)
+    if ignore_index is not None:
+        keep &= target != ignore_index
+    bins = target[keep] * C + pred[keep]
+    return torch.bincount(bins, minlength=C * C).reshape(C, C)
+
+
+# --------------------------------------------------------------------------
+# The formulas of the libraries segops replaces, written out eagerly. They are
+# test oracles and benchmark baselines: this is what a user runs today.
+# --------------------------------------------------------------------------
+def smp_overlap_loss(kind: str, y_pred: torch.Tensor, y_true: torch.Tensor, mode: str,
+                     classes=None, log_loss: bool = False, from_logits: bool = True,
+                     smooth: float = 0.0, ignore_index: int | None = None,
+                     eps: float = 1e-7, class_weights=None) -> torch.Tensor:
+    """segmentation-models-pytorch's (0.6) DiceLoss (kind='dice') / JaccardLoss
+    (kind='jaccard') forward: activation, one-hot target, Tversky score with
+    the fuzzy intersection (sum p + sum t - |p - t|_1) / 2 over batch and
+    space per class, classes without target pixels zeroed, (weighted) mean."""
+    bs, num_classes = y_true.shape[0], y_pred.shape[1]
+    if from_logits:
+        if mode == "multiclass":
+            y_pred = y_pred.log_softmax(dim=1).exp()
+        else:
+            y_pred = torch.nn.functional.logsigmoid(y_pred).exp()
+    if mode == "multiclass":
+        y_true = y_true.reshape(bs, -1)
+        y_pred = y_pred.reshape(bs, num_classes, -1)
+        if ignore_index is not None:
+            mask = y_true != ignore_index
+            y_pred = y_pred * mask.unsqueeze(1)
+            y_true = torch.nn.functional.one_hot((y_true * mask).long(), num_classes)
+            y_true = y_true.permute(0, 2, 1) * mask.unsqueeze(1)
+        else:
+            y_true = torch.nn.functional.one_hot(y_true.long(), num_classes).permute(0, 2, 1)
+    else:
+        channels = 1 if mode == "binary" else num_classes
+        y_true = y_true.reshape(bs, channels, -1)
+        y_pred = y_pred.reshape(bs, channels, -1)
+        if ignore_index is not None:
+            mask = y_true != ignore_index
+            y_pred = y_pred * mask
+            y_true = y_true * mask
+    y_true = y_true.type_as(y_pred)
+    pred_sum, true_sum = y_pred.sum(dim=(0, 2)), y_true.sum(dim=(0, 2))
+    difference = torch.linalg.vector_norm(y_pred - y_true, ord=1, dim=(0, 2))
+    tp = (pred_sum + true_sum - difference) / 2
+    fp, fn = pred_sum - tp, true_sum - tp
+    alpha = beta = 0.5 if kind == "dice" else 1.0
+    scores = (tp + smooth) / (tp + alpha * fp + beta * fn + smooth).clamp_min(eps)
+    loss = -torch.log(scores.clamp_min(eps)) if log_loss else 1.0 - scores
+    loss = loss * (true_sum > 0).to(loss.dtype)
+    weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=loss.dtype)
+    if classes is not None:
+        index = torch.as_tensor(classes, dtype=torch.long)
+        loss = loss[index]
+        weights = None if weights is None else weights[index]
+    if weights is not None:
+        return (loss * weights).sum() / weights.sum()
+    return loss.mean()
+
+
+def torchmetrics_jaccard(preds: torch.Tensor, target: torch.Tensor, num_classes: int,
+                         ignore_index: int | None = None) -> torch.Tensor:
+    """torchmetrics' MulticlassJaccardIndex(average='none') path: argmax,
+    one-hot-free bincount confusion matrix, per-class tp / (tp + fp + fn)
+    (0 where the denominator is 0, torchmetrics' zero_division)."""
+    if preds.is_floating_point():
+        preds = preds.argmax(dim=1)
+    preds, target = preds.reshape(-1), target.reshape(-1)
+    if ignore_index is not None:
+        keep = target != ignore_index
+        preds, target = preds[keep], target[keep]
+    confusion = torch.bincount(target * num_classes + preds, minlength=num_classes ** 2)
+    confusion = confusion.reshape(num_classes, num_classes).double()
+    tp = confusion.diagonal()
+    denominator = confusion.sum(0) + confusion.sum(1) - tp
+    return torch.where(denominator > 0, tp / denominator.clamp_min(1), 0.0)

@@ -1,0 +1,66 @@
+"""Tiny kernel-vs-reference comparisons, one per op, for `segops check`.
+
+Run as ``python -m segops.selfcheck``. Without a GPU the kernels only run
+under Triton's interpreter, so `segops check` starts this module in a child
+process with TRITON_INTERPRET=1 set before triton is imported.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from . import _dispatch
+from .ops import overlap
+from .reference import overlap as overlap_reference
+
+
+def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+
+
+def _check_overlap(device) -> float:
+    x = torch.randn(2, 4, 9, 11, dtype=torch.float64)
+    t = torch.randint(0, 4, (2, 9, 11))
+    xd = x.to(device).requires_grad_()
+    sums = overlap.overlap_sums(xd, t.to(device), ignore_index=None)
+    grad_out = torch.randn_like(sums)
+    (grad,) = torch.autograd.grad(sums, xd, grad_out)
+    want = overlap_reference.overlap_sums(x, t, "softmax", None, False)
+    want_grad = overlap_reference.overlap_sums_backward(grad_out[0].cpu(), grad_out[1].cpu(),
+                                                        x, t, "softmax", None, False)
+    return max(_max_error(sums, want), _max_error(grad, want_grad))
+
+
+def _check_confusion(device) -> float:
+    x = torch.randn(2, 5, 7, 13, dtype=torch.float64)
+    t = torch.randint(0, 5, (2, 7, 13))
+    cm = overlap.confusion_matrix(x.to(device), t.to(device), 5)
+    return _max_error(cm, overlap_reference.confusion_matrix(x, t, 5, None))
+
+
+CHECKS = {
+    "overlap_sums (fwd+bwd)": _check_overlap,
+    "confusion_matrix": _check_confusion,
+}
+
+
+def run() -> bool:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = _dispatch.path_for(device)
+    print(f"self-check on {device} ({path}), float64 vs reference")
+    if path == _dispatch.REFERENCE:
+        print("  kernels are not active on this device: set TRITON_INTERPRET=1 or use a GPU")
+        return False
+    ok = True
+    torch.manual_seed(0)
+    for name, check in CHECKS.items():
+        error = check(device)
+        passed = error <= 1e-9
+        ok &= passed
+        print(f"  {'ok  ' if passed else 'FAIL'} {name:<28} max abs error {error:.2e}")
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(0 if run() else 1)

@@ -1,0 +1,466 @@
+"""Fused IoU/Dice: kernels vs reference (forward and gradient), losses vs the
+smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
+import pytest
+import torch
+from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
+
+import segops
+from segops import _dispatch
+from segops.kernels import overlap as kernels
+from segops.ops import overlap as ops
+from segops.reference import overlap as ref
+
+ACTIVATIONS = ["softmax", "sigmoid", "none"]
+
+
+def make_case(N, C, spatial, dense, activation, ignore_index=None, dtype=torch.float64):
+    """Random scores (probabilities for activation 'none') and a target with
+    some pixels/elements set to ignore_index."""
+    x = torch.randn(N, C, *spatial, dtype=torch.float64) * 2
+    if activation == "none":
+        x = x.sigmoid()
+    if dense:
+        t = torch.rand(N, C, *spatial, dtype=torch.float64).round()
+        if ignore_index is not None:
+            t[torch.rand(t.shape) < 0.2] = ignore_index
+    else:
+        t = torch.randint(0, C, (N, *spatial))
+        if ignore_index is not None:
+            t[torch.rand(t.shape) < 0.2] = ignore_index
+    return x.to(dtype), t
+
+
+def reference_sums_and_grad(x, t, activation, ignore_index, squared, grad_out,
+                            min_intersection=False):
+    """float64 reference of the sums and of the input gradient."""
+    x64 = x.detach().double().cpu()
+    sums = ref.overlap_sums(x64, t.cpu(), activation, ignore_index, squared, min_intersection)
+    grad = ref.overlap_sums_backward(grad_out[0].double().cpu(), grad_out[1].double().cpu(),
+                                     x64, t.cpu(), activation, ignore_index, squared,
+                                     min_intersection)
+    return sums, grad
+
+
+# --------------------------------------------------------------------------
+# kernels against the reference
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dense", [False, True], ids=["index", "dense"])
+@pytest.mark.parametrize("squared", [False, True], ids=["linear", "squared"])
+@pytest.mark.parametrize("ignore_index", [None, 3])
+@pytest.mark.parametrize("min_intersection", [False, True], ids=["product", "min"])
+def test_kernel_small_tiles_match_reference(activation, dense, squared, ignore_index,
+                                            min_intersection):
+    """Forced tiny tiles: several class chunks (C=10, BLOCK_C=4), several
+    pixel blocks per program and a ragged tail, several programs. Dense
+    targets are soft labels, where the two intersections differ."""
+    x, t = make_case(2, 10, (5, 13), dense, activation, ignore_index, dtype=KERNEL_DTYPES[0])
+    if dense:
+        t = torch.where(t == ignore_index, t, torch.rand_like(t)) if ignore_index else torch.rand_like(t)
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    grad_out = torch.randn(3, 2, 10, dtype=torch.float64)
+    options = (activation, ignore_index, squared, min_intersection)
+    sums = kernels.overlap_sums_forward(x, t, *options, block_c=4, block_s=16)
+    gsum = grad_out.to(DEVICE, kernels.sums_dtype(x))
+    grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(), x, t,
+                                         *options, block_c=4, block_s=16)
+    want_sums, want_grad = reference_sums_and_grad(x, t, activation, ignore_index, squared,
+                                                   grad_out, min_intersection)
+    rtol = RTOL[x.dtype] if x.dtype == torch.float64 else 1e-5
+    assert_close(sums, want_sums, rtol, name="sums")
+    assert_close(grad, want_grad, rtol, name="grad")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("spatial", [(37,), (9, 23), (3, 5, 7)], ids=["1d", "2d", "3d"])
+def test_op_matches_reference(dtype, activation, spatial):
+    """The public op (default tile) on 1-, 2- and 3-D inputs, every dtype,
+    forward and gradient, against float64 on the same (rounded) values."""
+    x, t = make_case(3, 6, spatial, False, activation, ignore_index=255, dtype=dtype)
+    x = x.to(DEVICE).requires_grad_()
+    sums = ops.overlap_sums(x, t.to(DEVICE), activation=activation, ignore_index=255)
+    grad_out = torch.randn(sums.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(sums, x, grad_out.to(DEVICE, sums.dtype))
+    want_sums, want_grad = reference_sums_and_grad(x, t, activation, 255, False, grad_out)
+    assert sums.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    # sums accumulate in fp32 from exactly-representable inputs: fp32 accuracy
+    assert_close(sums, want_sums, RTOL[torch.float32] if dtype != torch.float64 else RTOL[dtype])
+    assert_close(grad, want_grad, RTOL[dtype], name="grad")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_memory_formats(layout, dims):
+    """channels_last(_3d) and non-contiguous inputs and targets; the gradient
+    keeps the input's memory format like ATen."""
+    spatial = (6, 7) if dims == 2 else (3, 4, 5)
+    x, t = make_case(2, 5, spatial, True, "sigmoid", dtype=KERNEL_DTYPES[0])
+    x = like_layout(x.to(DEVICE), layout).requires_grad_()
+    td = like_layout(t.to(DEVICE), layout)
+    sums = ops.overlap_sums(x, td, activation="sigmoid")
+    grad_out = torch.randn(sums.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(sums, x, grad_out.to(DEVICE, sums.dtype))
+    want_sums, want_grad = reference_sums_and_grad(x, t, "sigmoid", None, False, grad_out)
+    assert_close(sums, want_sums, 1e-6)
+    assert_close(grad, want_grad, 1e-6, name="grad")
+    if layout == "channels_last":
+        fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+        assert grad.is_contiguous(memory_format=fmt)
+
+
+def test_channel_slice_input():
+    """A channel slice is non-contiguous but flattenable: no copy, same result."""
+    x, t = make_case(2, 8, (5, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x = x.to(DEVICE)[:, 2:6]
+    t = (t % 4).to(DEVICE)
+    assert not x.is_contiguous()
+    sums = ops.overlap_sums(x, t)
+    assert_close(sums, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", None, False), 1e-6)
+
+
+def test_fp16_sums_do_not_overflow():
+    """80 000 pixels of probability 1 in fp16: the sum (> 65504) is exact,
+    because the kernel accumulates in fp32."""
+    x = torch.ones(1, 1, 80_000, dtype=torch.float16, device=DEVICE)
+    t = torch.ones_like(x)
+    sums = ops.overlap_sums(x, t, activation="none")
+    assert sums.dtype == torch.float32
+    assert sums.flatten().tolist() == [80_000.0] * 3
+
+
+def test_150_classes_and_deterministic():
+    x, t = make_case(2, 150, (4, 5), False, "softmax", ignore_index=7, dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    first = ops.overlap_sums(x, t, ignore_index=7)
+    assert_close(first, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", 7, False), 1e-6)
+    assert torch.equal(first, ops.overlap_sums(x, t, ignore_index=7))
+
+
+def test_reference_backward_is_the_gradient_of_reference_forward():
+    """gradcheck of the reference path (float64): validates the explicit
+    backward formula that the kernels are compared against."""
+    for activation in ACTIVATIONS:
+        for dense, squared, ignore in [(False, False, None), (False, True, 2), (True, False, 1),
+                                       (True, True, None)]:
+            x, t = make_case(2, 3, (2, 3), dense, activation, ignore)
+            x.requires_grad_()
+            with _dispatch.reference_only():
+                assert torch.autograd.gradcheck(
+                    lambda x: ops.overlap_sums(x, t, activation=activation, ignore_index=ignore,
+                                               squared=squared),
+                    (x,))
+
+
+@pytest.mark.skipif(not (ON_GPU or _dispatch.INTERPRET), reason="kernels inactive")
+def test_gradcheck_kernel_float64():
+    """gradcheck straight through the kernel path (interpreter or GPU, float64)."""
+    x, t = make_case(1, 3, (2, 3), False, "softmax", 1)
+    x = x.to(DEVICE).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: ops.overlap_sums(x, t.to(DEVICE), ignore_index=1, squared=True), (x,))
+
+
+# --------------------------------------------------------------------------
+# op contract
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dense", [False, True], ids=["index", "dense"])
+def test_opcheck(dense):
+    x, t = make_case(2, 4, (3, 5), dense, "softmax", dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE).requires_grad_(), t.to(DEVICE)
+    options = ("softmax", None, False, dense)
+    torch.library.opcheck(torch.ops.segops.overlap_sums.default, (x, t, *options))
+    g = torch.randn(2, 4, dtype=kernels.sums_dtype(x), device=DEVICE)
+    torch.library.opcheck(torch.ops.segops.overlap_sums_backward.default,
+                          (g, g.clone(), x.detach(), t, *options))
+    labels = torch.randint(0, 4, (2, 3, 5), device=DEVICE)
+    torch.library.opcheck(torch.ops.segops.confusion_matrix.default, (x.detach(), labels, 4, None))
+
+
+def test_compile_fullgraph_through_dice_loss():
+    loss_fn = segops.nn.DiceLoss("multiclass", validate_args=False)
+    x, t = make_case(2, 4, (6, 7), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE).requires_grad_(), t.to(DEVICE)
+    backend = "inductor" if ON_GPU else "aot_eager"
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    loss = compiled(x, t)
+    (grad,) = torch.autograd.grad(loss, x)
+    x2 = x.detach().requires_grad_()
+    want = loss_fn(x2, t)
+    (want_grad,) = torch.autograd.grad(want, x2)
+    assert_close(loss, want, 1e-6)
+    assert_close(grad, want_grad, 1e-6, name="grad")
+
+
+def test_autocast_gives_fp32_sums_and_input_dtype_grad():
+    device_type = DEVICE.type
+    half = torch.float16 if ON_GPU else torch.bfloat16
+    x = torch.randn(2, 3, 4, 5, device=DEVICE, dtype=half, requires_grad=True)
+    t = torch.randint(0, 3, (2, 4, 5), device=DEVICE)
+    with torch.autocast(device_type, dtype=half):
+        loss = ops.dice_loss(x, t)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == half
+
+
+# --------------------------------------------------------------------------
+# losses against the smp formula (and smp itself when installed)
+# --------------------------------------------------------------------------
+LOSS_CASES = [
+    # mode, C, options
+    ("multiclass", 5, dict()),
+    ("multiclass", 5, dict(ignore_index=255, smooth=1.0)),
+    ("multiclass", 5, dict(classes=[0, 2], log_loss=True)),
+    ("multiclass", 5, dict(from_logits=False)),
+    ("binary", 1, dict()),
+    ("binary", 1, dict(ignore_index=-1, smooth=0.5)),
+    ("multilabel", 4, dict(log_loss=True, eps=1e-3)),
+    ("multilabel", 4, dict(ignore_index=2)),
+    ("multilabel", 4, dict(soft=True, smooth=0.3)),
+    ("multiclass", 5, dict(classes=[1, 3, 4], class_weights=[1.0, 2.0, 0.5, 3.0, 1.5])),
+]
+
+
+def loss_inputs(mode, C, options, dtype):
+    """Inputs for a LOSS_CASES row; pops the test-only 'soft' flag (soft
+    labels in [0, 1], where the fuzzy and product intersections differ)."""
+    soft = options.pop("soft", False)
+    spatial = (7, 9)
+    x = torch.randn(3, C, *spatial, dtype=torch.float64) * 2
+    if not options.get("from_logits", True):
+        x = x.softmax(1) if mode == "multiclass" else x.sigmoid()
+    if mode == "multiclass":
+        t = torch.randint(0, C, (3, *spatial))
+        t[:, :, 0] = 0  # class 4 may still be absent: skip_empty matters
+        t[t == 4] = 3
+    elif mode == "binary":
+        t = torch.randint(0, 2, (3, *spatial))
+    else:
+        t = torch.rand(3, C, *spatial, dtype=torch.float64)
+        t = t if soft else t.round()
+    ignore = options.get("ignore_index")
+    if ignore is not None:
+        t[torch.rand(t.shape) < 0.2] = ignore
+    return x.to(dtype), t
+
+
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+@pytest.mark.parametrize("mode,C,options", LOSS_CASES)
+def test_loss_matches_smp_formula(kind, mode, C, options):
+    options = dict(options)
+    dtype = KERNEL_DTYPES[0]
+    x, t = loss_inputs(mode, C, options, dtype)
+    fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
+    xd = x.to(DEVICE).requires_grad_()
+    loss = fn(xd, t.to(DEVICE), mode, **options)
+    loss.backward()
+    x64 = x.double().requires_grad_()
+    want = ref.smp_overlap_loss(kind, x64, t, mode, **options)
+    want.backward()
+    assert_close(loss, want, 1e-6, name="loss")
+    assert_close(xd.grad, x64.grad, 1e-6, name="grad")
+
+
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+@pytest.mark.parametrize("mode,C,options", LOSS_CASES)
+def test_loss_matches_smp_package(kind, mode, C, options):
+    smp_losses = pytest.importorskip("segmentation_models_pytorch.losses")
+    options = dict(options)
+    x, t = loss_inputs(mode, C, options, torch.float32)
+    name = "DiceLoss" if kind == "dice" else "JaccardLoss"
+    xd = x.to(DEVICE).requires_grad_()
+    ours = getattr(segops.nn, name)(mode, **options)(xd, t.to(DEVICE))
+    ours.backward()
+    x.requires_grad_()
+    theirs = getattr(smp_losses, name)(mode, **options)(x, t)
+    theirs.backward()
+    assert_close(ours, theirs, 1e-5)
+    assert_close(xd.grad, x.grad, 1e-5, name="grad")
+
+
+def test_monai_style_options():
+    """batch=False, include_background=False, squared_pred, class_weights,
+    skip_empty=False, product intersection against MONAI's formula written out
+    (1 - (2I + nr) / (P + T + dr) with smooth_nr = smooth_dr = 2 * smooth)."""
+    x, t = make_case(2, 4, (5, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    w = torch.tensor([9.0, 0.5, 1.0, 2.0])
+    loss = ops.dice_loss(x.to(DEVICE), t.to(DEVICE), batch=False, include_background=False,
+                         squared_pred=True, class_weights=w, skip_empty=False, smooth=1e-5,
+                         eps=1e-12, intersection="product", reduction="none")
+    p = x.double().softmax(1).flatten(2)
+    onehot = torch.nn.functional.one_hot(t.flatten(1), 4).permute(0, 2, 1).double()
+    dice = (2 * (p * onehot).sum(-1) + 2e-5) / ((p * p).sum(-1) + onehot.sum(-1) + 2e-5)
+    want = (1 - dice)[:, 1:] * w[1:].double()
+    assert loss.shape == (2, 3)
+    assert_close(loss, want, 1e-6)
+
+
+def test_loss_modules_are_smp_compatible():
+    dice = segops.nn.DiceLoss("multiclass", [1, 2], False, True, 0.5, 255, 1e-6, [1, 2, 3])
+    assert dice.options["ignore_index"] == 255 and dice.options["eps"] == 1e-6
+    assert dice.options["class_weights"] == [1, 2, 3]
+    jac = segops.nn.JaccardLoss("multilabel", None, True, True, 0.0, None, 1e-5)
+    assert jac.options["eps"] == 1e-5 and jac.options["ignore_index"] is None
+    with pytest.raises(ValueError, match="binary"):
+        segops.nn.DiceLoss("binary", classes=[0])
+
+
+# --------------------------------------------------------------------------
+# edge cases
+# --------------------------------------------------------------------------
+def test_empty_batch():
+    x = torch.randn(0, 3, 4, 4, device=DEVICE, dtype=KERNEL_DTYPES[0], requires_grad=True)
+    t = torch.zeros(0, 4, 4, dtype=torch.long, device=DEVICE)
+    sums = ops.overlap_sums(x, t)
+    assert sums.shape == (3, 0, 3)
+    loss = ops.dice_loss(x, t)
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == x.shape
+    assert ops.confusion_matrix(x, t, 3).sum().item() == 0
+
+
+def test_all_pixels_ignored():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE, dtype=KERNEL_DTYPES[0], requires_grad=True)
+    t = torch.full((2, 4, 4), 255, device=DEVICE)
+    sums = ops.overlap_sums(x, t, ignore_index=255)
+    assert torch.count_nonzero(sums) == 0
+    loss = ops.dice_loss(x, t, ignore_index=255)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+    assert ops.confusion_matrix(x, t, 3, 255).sum().item() == 0
+
+
+def test_single_pixel_and_binary_c1():
+    x = torch.randn(1, 1, 1, 1, device=DEVICE, dtype=KERNEL_DTYPES[0])
+    t = torch.ones(1, 1, 1, device=DEVICE)
+    loss = ops.dice_loss(x, t, "binary")
+    p = x.double().sigmoid().item()
+    assert_close(loss, torch.tensor(1 - 2 * p / (p + 1)), 1e-6)
+
+
+def test_uint8_and_int32_targets_and_bool_masks():
+    x, t = make_case(2, 4, (5, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x = x.to(DEVICE)
+    want = ops.overlap_sums(x, t.to(DEVICE))
+    for dtype in (torch.uint8, torch.int32):
+        assert torch.equal(ops.overlap_sums(x, t.to(DEVICE, dtype)), want)
+    mask = torch.rand(x.shape, device=DEVICE) > 0.5
+    assert torch.equal(ops.overlap_sums(x, mask, activation="sigmoid"),
+                       ops.overlap_sums(x, mask.to(x.dtype), activation="sigmoid"))
+
+
+# --------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------
+def test_bad_input_errors():
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    t = torch.randint(0, 3, (2, 4, 4), device=DEVICE)
+    with pytest.raises(ValueError, match="label 7"):
+        ops.overlap_sums(x, torch.full_like(t, 7))
+    with pytest.raises(ValueError, match="label 255"):
+        ops.overlap_sums(x, torch.full_like(t, 255), ignore_index=254)
+    ops.overlap_sums(x, torch.full_like(t, 255), ignore_index=255)
+    with pytest.raises(ValueError, match="target must have shape"):
+        ops.overlap_sums(x, t[:, :3])
+    with pytest.raises(ValueError, match="dense target"):
+        ops.overlap_sums(x, torch.rand(2, 3, 4, 5, device=DEVICE))
+    with pytest.raises(TypeError, match="integer target"):
+        ops.dice_loss(x, t.float(), "multiclass")
+    with pytest.raises(TypeError, match="input must have dtype"):
+        ops.overlap_sums(x.long(), t)
+    with pytest.raises(ValueError, match="input must have 3 or 4 or 5 dimensions"):
+        ops.overlap_sums(x[0, 0], t[0])
+    with pytest.raises(ValueError, match="one device"):
+        ops.overlap_sums(x, t.to("meta"))
+    with pytest.raises(ValueError, match="activation"):
+        ops.overlap_sums(x, t, activation="relu")
+    with pytest.raises(ValueError, match="mode"):
+        ops.dice_loss(x, t, "multi")
+    with pytest.raises(ValueError, match="class_weights"):
+        ops.dice_loss(x, t, class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="intersection"):
+        ops.overlap_sums(x, t, intersection="max")
+    with pytest.raises(ValueError, match="label 3"):
+        ops.confusion_matrix(x, torch.full_like(t, 3), 3)
+    with pytest.raises(ValueError, match="pred scores"):
+        ops.confusion_matrix(x, t, 4)
+    with pytest.raises(TypeError, match="num_classes"):
+        ops.confusion_matrix(x, t, 3.0)
+
+
+# --------------------------------------------------------------------------
+# confusion matrix and scores
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("C", [1, 5, 50], ids=["C1", "C5", "C50-direct-atomics"])
+@pytest.mark.parametrize("pred_kind", ["labels", "scores"])
+def test_confusion_matrix_matches_reference(C, pred_kind):
+    scores = torch.randn(3, C, 9, 17, dtype=KERNEL_DTYPES[0])
+    t = torch.randint(0, C, (3, 9, 17), dtype=torch.int32)
+    t[0, 0] = 255
+    pred = scores if pred_kind == "scores" else scores.argmax(1).to(torch.uint8)
+    cm = ops.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, 255)
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, 255))
+
+
+def test_confusion_matrix_class_chunks_and_ties():
+    """argmax across class chunks keeps the first maximum, like torch.argmax."""
+    scores = torch.randint(0, 3, (2, 7, 5, 6)).to(KERNEL_DTYPES[0])  # many ties
+    t = torch.randint(0, 7, (2, 5, 6))
+    cm = kernels.confusion_matrix(scores.to(DEVICE), t.to(DEVICE), 7, None, block_c=2, block_s=16)
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(scores, t, 7, None))
+
+
+def test_confusion_matrix_deterministic_mode():
+    scores = torch.randn(2, 6, 20, 20, device=DEVICE)
+    t = torch.randint(0, 6, (2, 20, 20), device=DEVICE)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = ops.confusion_matrix(scores, t, 6)
+        assert torch.equal(first, ops.confusion_matrix(scores, t, 6))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def f64(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_iou_and_dice_scores_by_hand():
+    # rows = target, columns = prediction; class 2 never appears anywhere
+    cm = torch.tensor([[3, 1, 0], [2, 4, 0], [0, 0, 0]])
+    iou0, iou1 = 3 / (3 + 2 + 1), 4 / (4 + 1 + 2)
+    assert_close(ops.iou_score(cm, "none")[:2], f64(iou0, iou1), 1e-12)
+    assert torch.isnan(ops.iou_score(cm, "none")[2])
+    assert_close(ops.iou_score(cm, "macro"), f64((iou0 + iou1) / 2)[0], 1e-12)
+    assert_close(ops.iou_score(cm, "micro"), f64(7 / (7 + 3 + 3))[0], 1e-12)
+    assert_close(ops.iou_score(cm, "weighted"), f64((4 * iou0 + 6 * iou1) / 10)[0], 1e-12)
+    dice0, dice1 = 6 / (6 + 3), 8 / (8 + 3)
+    assert_close(ops.dice_score(cm, "macro"), f64((dice0 + dice1) / 2)[0], 1e-12)
+    assert torch.isnan(ops.iou_score(torch.zeros(3, 3, dtype=torch.long)))
+
+
+def test_iou_matches_torchmetrics_formula():
+    C = 6
+    scores = torch.randn(4, C, 11, 13)
+    t = torch.randint(0, C - 1, (4, 11, 13))  # class 5 absent from the target
+    t[:, 0] = 255
+    cm = ops.confusion_matrix(scores.to(DEVICE), t.to(DEVICE), C, 255)
+    per_class = ops.iou_score(cm, "none").cpu()
+    want = ref.torchmetrics_jaccard(scores, t, C, 255)
+    present = ~torch.isnan(per_class)
+    assert_close(per_class[present], want[present], 1e-12)
+
+
+def test_iou_matches_torchmetrics_package():
+    tm = pytest.importorskip("torchmetrics.classification")
+    C = 5
+    scores = torch.randn(4, C, 11, 13)
+    t = torch.randint(0, C, (4, 11, 13))
+    cm = ops.confusion_matrix(scores.to(DEVICE), t.to(DEVICE), C)
+    theirs = tm.MulticlassJaccardIndex(num_classes=C, average="none")(scores, t)
+    assert_close(ops.iou_score(cm, "none"), theirs.double(), 1e-6)
+    theirs = tm.MulticlassJaccardIndex(num_classes=C, average="micro")(scores, t)
+    assert_close(ops.iou_score(cm, "micro"), theirs.double(), 1e-6)
