@@ -37,6 +37,9 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "torchvision",
+            # peers whose numbers the tests compare against (skipped if absent)
+            "torchmetrics",
+            "segmentation-models-pytorch>=0.6",
         ],
         "bench": ["matplotlib", "tqdm"],
     },
