@@ -1,0 +1,47 @@
+"""The `segops` command and the benchmark harness's CPU behaviour."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from segops import cli
+from segops.benchmarks import harness
+
+
+def test_info_names_versions_and_dispatch(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("torch", "triton", "numpy", "dispatch"):
+        assert word in out
+
+
+def test_check_runs_kernels_against_reference():
+    """`python -m segops check` in a child process (interpreter on CPU)."""
+    done = subprocess.run([sys.executable, "-m", "segops", "check"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAIL" not in done.stdout and "ok" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_no_timings_without_gpu():
+    with pytest.raises(harness.NoGPU):
+        harness.time_ms(lambda: None)
+
+
+def test_records_table_and_speedups(tmp_path):
+    records = [
+        harness.Record("dice_loss", "2x3x4x4", "float32", "fwd", "segops", ms=1.0, gbs=10.0),
+        harness.Record("dice_loss", "2x3x4x4", "float32", "fwd", "smp", ms=4.0, gbs=2.5),
+    ]
+    harness.add_speedups(records)
+    assert records[0].speedup == 4.0 and records[1].speedup is None
+    table = harness.format_table(records)
+    assert "4.00x" in table and "smp" in table
+    path = harness.write_results(records, tmp_path)
+    assert path.exists() and '"provider": "segops"' in path.read_text()
+
+
+def test_bad_bench_family(capsys):
+    assert cli.main(["bench", "--ops", "nonsense"]) == 2
