@@ -1,0 +1,73 @@
+"""Compile every kernel variant for sm_90 (H100) ahead of time, without a GPU.
+
+The interpreter runs kernels as numpy code, so a kernel can pass every CPU
+test and still fail to compile (constexpr rules, dtype mixes). Triton ships
+ptxas, so the compiler itself can be run here. Run in a child process
+without TRITON_INTERPRET (see test_compile.py): `python tests/compile_sm90.py`.
+"""
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from segops.kernels import overlap  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_variant(fn, pointer_types: dict, constexprs: dict, num_warps: int = 4) -> None:
+    signature = {name: "i32" for name in fn.arg_names}
+    signature.update(pointer_types)
+    signature.update({name: "constexpr" for name in constexprs})
+    keyed = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=keyed), target=TARGET,
+                   options={"num_warps": num_warps})
+
+
+def overlap_variants():
+    # SQUARED and MIN_INTERSECTION only add independent terms: compiling them
+    # together and both off covers their code without the full product
+    for act, dense, flags, acc in itertools.product(
+            (0, 1, 2), (False, True), (False, True), ("fp32", "fp64")):
+        squared = minimum = flags
+        if acc == "fp64" and flags:
+            continue  # the fp64 variants only differ in ACC
+        x = "fp64" if acc == "fp64" else "bf16"
+        t = "fp32" if dense else "i64"
+        constexprs = dict(ACTIVATION=act, DENSE_TARGET=dense, HAS_IGNORE=True, SQUARED=squared,
+                          MIN_INTERSECTION=minimum, BLOCK_C=32, BLOCK_S=256,
+                          ACC=tl.float64 if acc == "fp64" else tl.float32)
+        yield (overlap._overlap_sums_fwd_kernel,
+               dict(x_ptr=f"*{x}", t_ptr=f"*{t}", part_ptr=f"*{acc}"), constexprs)
+        yield (overlap._overlap_sums_bwd_kernel,
+               dict(x_ptr=f"*{x}", t_ptr=f"*{t}", gi_ptr=f"*{acc}", gp_ptr=f"*{acc}",
+                    gx_ptr=f"*{x}"), constexprs)
+    for scores, bins in itertools.product((False, True), (512, 0)):
+        yield (overlap._confusion_matrix_kernel,
+               dict(pred_ptr="*fp16" if scores else "*u8", t_ptr="*i64", cm_ptr="*i64"),
+               dict(PRED_IS_SCORES=scores, HAS_IGNORE=True, BLOCK_C=32, BLOCK_S=256,
+                    NUM_BINS=bins, ACC=tl.float32))
+
+
+def main() -> int:
+    count = 0
+    for fn, pointers, constexprs in overlap_variants():
+        try:
+            compile_variant(fn, pointers, constexprs)
+        except Exception as error:  # report which variant, then fail
+            print(f"FAILED {fn.__name__} {pointers} {constexprs}: {error}")
+            return 1
+        count += 1
+    print(f"compiled {count} kernel variants for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
