@@ -4,6 +4,8 @@ torchmetrics MulticlassJaccardIndex path (the package when installed, its
 formula otherwise). Shapes from DESIGN.md."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from segops import ops
@@ -19,14 +21,15 @@ SHAPES = [
 ]
 QUICK_SHAPES = SHAPES[:1] + SHAPES[2:]
 DTYPES = [torch.bfloat16, torch.float32]
+DEVICE = "cuda"  # the smoke test runs this module on CPU at tiny sizes
 
 
 def _inputs(N, C, spatial, dtype, channels_last):
-    x = torch.randn(N, C, *spatial, device="cuda", dtype=dtype)
+    x = torch.randn(N, C, *spatial, device=DEVICE, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last if len(spatial) == 2
                          else torch.channels_last_3d)
-    t = torch.randint(0, C, (N, *spatial), device="cuda")
+    t = torch.randint(0, C, (N, *spatial), device=DEVICE)
     return x, t
 
 
@@ -71,26 +74,29 @@ def _record(op, shape, dtype, direction, provider, fn, nbytes):
 
 
 def run(quick: bool = False) -> list[Record]:
+    """Every shape x dtype x layout (quick: two shapes, NCHW only)."""
     records = []
-    for N, C, spatial in (QUICK_SHAPES if quick else SHAPES):
-        for dtype in DTYPES:
-            x, t = _inputs(N, C, spatial, dtype, channels_last=False)
-            shape = f"{N}x{C}x{'x'.join(map(str, spatial))}"
-            x_bytes, t_bytes = x.numel() * x.element_size(), t.numel() * t.element_size()
-            for name, loss in _loss_providers().items():
-                records.append(_record("dice_loss", shape, dtype, "fwd", name,
-                                       lambda: loss(x, t), x_bytes + t_bytes))
-                xg = x.detach().requires_grad_()
+    layouts = (False,) if quick else (False, True)
+    for (N, C, spatial), dtype, channels_last in itertools.product(
+            QUICK_SHAPES if quick else SHAPES, DTYPES, layouts):
+        x, t = _inputs(N, C, spatial, dtype, channels_last)
+        shape = f"{N}x{C}x{'x'.join(map(str, spatial))}" + (" cl" if channels_last else "")
+        x_bytes, t_bytes = x.numel() * x.element_size(), t.numel() * t.element_size()
+        for name, loss in _loss_providers().items():
+            records.append(_record("dice_loss", shape, dtype, "fwd", name,
+                                   lambda: loss(x, t), x_bytes + t_bytes))
+            xg = x.detach().requires_grad_()
 
-                def step():
-                    loss(xg, t).backward()
-                    xg.grad = None
-                # forward reads x and t; backward reads them again and writes grad
-                records.append(_record("dice_loss", shape, dtype, "fwd+bwd", name, step,
-                                       3 * x_bytes + 2 * t_bytes))
-            for name, miou in _miou_providers(C).items():
-                records.append(_record("miou", shape, dtype, "fwd", name,
-                                       lambda: miou(x, t), x_bytes + t_bytes))
-            del x, t
+            def step():
+                loss(xg, t).backward()
+                xg.grad = None
+            # forward reads x and t; backward reads them again and writes grad
+            records.append(_record("dice_loss", shape, dtype, "fwd+bwd", name, step,
+                                   3 * x_bytes + 2 * t_bytes))
+        for name, miou in _miou_providers(C).items():
+            records.append(_record("miou", shape, dtype, "fwd", name,
+                                   lambda: miou(x, t), x_bytes + t_bytes))
+        del x, t
+        if DEVICE == "cuda":
             torch.cuda.empty_cache()
     return records

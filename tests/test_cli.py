@@ -45,3 +45,24 @@ def test_records_table_and_speedups(tmp_path):
 
 def test_bad_bench_family(capsys):
     assert cli.main(["bench", "--ops", "nonsense"]) == 2
+
+
+def test_overlap_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    """Smoke test of benchmarks/overlap.py on any machine: tiny shapes, each
+    provider called once instead of timed (its numbers are not looked at)."""
+    from segops.benchmarks import overlap as bench
+
+    def call_once(fn, **_):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(bench, "QUICK_SHAPES", [(2, 3, (5, 6)), (1, 4, (3, 4, 5))])
+    monkeypatch.setattr(bench, "time_ms", call_once)
+    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda: 1.0)
+    records = bench.run(quick=True)
+    providers = {(r.op, r.direction, r.provider) for r in records}
+    assert ("dice_loss", "fwd+bwd", "segops") in providers
+    assert ("miou", "fwd", "segops") in providers
+    assert len(records) >= 2 * 2 * 5

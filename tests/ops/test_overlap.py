@@ -11,6 +11,9 @@ from segops.ops import overlap as ops
 from segops.reference import overlap as ref
 
 ACTIVATIONS = ["softmax", "sigmoid", "none"]
+# tests computed in the kernels' main dtype here: float64 in the interpreter,
+# float32 on a GPU
+TOL = RTOL[KERNEL_DTYPES[0]]
 
 
 def make_case(N, C, spatial, dense, activation, ignore_index=None, dtype=torch.float64):
@@ -103,8 +106,8 @@ def test_memory_formats(layout, dims):
     grad_out = torch.randn(sums.shape, dtype=torch.float64)
     (grad,) = torch.autograd.grad(sums, x, grad_out.to(DEVICE, sums.dtype))
     want_sums, want_grad = reference_sums_and_grad(x, t, "sigmoid", None, False, grad_out)
-    assert_close(sums, want_sums, 1e-6)
-    assert_close(grad, want_grad, 1e-6, name="grad")
+    assert_close(sums, want_sums, TOL)
+    assert_close(grad, want_grad, TOL, name="grad")
     if layout == "channels_last":
         fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
         assert grad.is_contiguous(memory_format=fmt)
@@ -117,7 +120,7 @@ def test_channel_slice_input():
     t = (t % 4).to(DEVICE)
     assert not x.is_contiguous()
     sums = ops.overlap_sums(x, t)
-    assert_close(sums, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", None, False), 1e-6)
+    assert_close(sums, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", None, False), TOL)
 
 
 def test_fp16_sums_do_not_overflow():
@@ -134,7 +137,7 @@ def test_150_classes_and_deterministic():
     x, t = make_case(2, 150, (4, 5), False, "softmax", ignore_index=7, dtype=KERNEL_DTYPES[0])
     x, t = x.to(DEVICE), t.to(DEVICE)
     first = ops.overlap_sums(x, t, ignore_index=7)
-    assert_close(first, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", 7, False), 1e-6)
+    assert_close(first, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", 7, False), TOL)
     assert torch.equal(first, ops.overlap_sums(x, t, ignore_index=7))
 
 
@@ -189,8 +192,8 @@ def test_compile_fullgraph_through_dice_loss():
     x2 = x.detach().requires_grad_()
     want = loss_fn(x2, t)
     (want_grad,) = torch.autograd.grad(want, x2)
-    assert_close(loss, want, 1e-6)
-    assert_close(grad, want_grad, 1e-6, name="grad")
+    assert_close(loss, want, TOL)
+    assert_close(grad, want_grad, TOL, name="grad")
 
 
 def test_autocast_gives_fp32_sums_and_input_dtype_grad():
@@ -259,8 +262,8 @@ def test_loss_matches_smp_formula(kind, mode, C, options):
     x64 = x.double().requires_grad_()
     want = ref.smp_overlap_loss(kind, x64, t, mode, **options)
     want.backward()
-    assert_close(loss, want, 1e-6, name="loss")
-    assert_close(xd.grad, x64.grad, 1e-6, name="grad")
+    assert_close(loss, want, TOL, name="loss")
+    assert_close(xd.grad, x64.grad, TOL, name="grad")
 
 
 @pytest.mark.parametrize("kind", ["dice", "jaccard"])
@@ -294,7 +297,7 @@ def test_monai_style_options():
     dice = (2 * (p * onehot).sum(-1) + 2e-5) / ((p * p).sum(-1) + onehot.sum(-1) + 2e-5)
     want = (1 - dice)[:, 1:] * w[1:].double()
     assert loss.shape == (2, 3)
-    assert_close(loss, want, 1e-6)
+    assert_close(loss, want, TOL)
 
 
 def test_loss_modules_are_smp_compatible():
@@ -337,7 +340,7 @@ def test_single_pixel_and_binary_c1():
     t = torch.ones(1, 1, 1, device=DEVICE)
     loss = ops.dice_loss(x, t, "binary")
     p = x.double().sigmoid().item()
-    assert_close(loss, torch.tensor(1 - 2 * p / (p + 1)), 1e-6)
+    assert_close(loss, torch.tensor(1 - 2 * p / (p + 1), dtype=torch.float64), TOL)
 
 
 def test_uint8_and_int32_targets_and_bool_masks():
