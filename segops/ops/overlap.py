@@ -15,18 +15,22 @@ Conventions
 
 Where the conventions of other libraries differ (all offered here):
 
-===================  =======================  ==========================  ==========================
+===================  ========================  ==========================  ==========================
                      segmentation-models-pt    MONAI DiceLoss              torchmetrics
-===================  =======================  ==========================  ==========================
-smoothing            ``smooth`` on numerator   ``smooth_nr``, ``smooth_dr``  none (``zero_division``)
-                     and denominator           (pass ``smooth`` = both)
+                     0.6 (the defaults here)
+===================  ========================  ==========================  ==========================
+intersection         sum(min(p, t))            sum(p * t)                  counts
+                                               (``intersection='product'``)
+smoothing            (I + s) / ((P+T)/2 + s)   (2I + nr) / (P + T + dr);   none (``zero_division``)
+                                               nr = dr = 2 * ``smooth``
 reduction axes       batch and space, per      space per sample            --
                      class (``batch=True``)    (``batch=False``)
-empty classes        loss 0 where the target   no special case             excluded from macro means
-                     has no pixel               (``skip_empty=False``)      (``iou_score``)
+empty classes        loss 0 where the target   no special case             0 (here: excluded from
+                     has no pixel              (``skip_empty=False``)      macro means, NaN per class)
 squared denominator  no                        ``squared_pred``            no
-background           all classes               ``include_background``       ``ignore_index``
-===================  =======================  ==========================  ==========================
+background           all classes               ``include_background``      ``ignore_index``
+class weights        weighted mean             multiply, then mean          --
+===================  ========================  ==========================  ==========================
 """
 from __future__ import annotations
 
