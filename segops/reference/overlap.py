@@ -37,11 +37,10 @@ def target_and_mask(t: torch.Tensor, dense: bool, C: int, dtype: torch.dtype,
     Index targets (N, S) are one-hot encoded and an ignored pixel is masked in
     every class; dense targets are masked element by element.
     """
+    mask = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
     if dense:
-        mask = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
         values = t.to(dtype)
     else:
-        mask = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
         classes = torch.arange(C, device=t.device).view(1, C, 1)
         values = (t.long().unsqueeze(1) == classes).to(dtype)
         mask = mask.unsqueeze(1).expand_as(values)
