@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from segops.kernels import overlap  # noqa: E402
+from segops.kernels import overlap, roi_align  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -56,13 +56,45 @@ def overlap_variants():
                     NUM_BINS=bins, ACC=tl.float32))
 
 
+def roi_align_variants():
+    for aligned, max_pool, levels, channels_last, dtype in itertools.product(
+            (False, True), (False, True), (False, True), (False, True),
+            ("bf16", "fp16", "fp32", "fp64")):
+        if dtype != "bf16" and (aligned or levels or not channels_last):
+            continue  # the dtype only changes loads, stores and ACC
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        common = dict(ALIGNED=aligned, MAX_POOL=max_pool, CHANNELS_LAST=channels_last,
+                      ACC=tl.float64 if acc == "fp64" else tl.float32)
+        blocks = dict(BLOCK_C=64, BLOCK_P=16) if channels_last else dict(BLOCK_C=16, BLOCK_P=64)
+        tables = dict(rois_ptr=f"*{acc}", scale_ptr=f"*{acc}")
+        yield (roi_align._roi_align_fwd_kernel,
+               dict(x_ptr=f"*{dtype}", level_ptr="*i64", table_ptr="*i64", out_ptr=f"*{dtype}",
+                    **tables),
+               dict(HAS_LEVELS=levels, **blocks, **common))
+        yield (roi_align._roi_align_bwd_atomic_kernel,
+               dict(grad_ptr=f"*{dtype}", x_ptr=f"*{dtype}", level_ptr="*i64",
+                    x_table_ptr="*i64", gx_table_ptr="*i64", gx_ptr=f"*{acc}", **tables),
+               dict(HAS_LEVELS=levels, **blocks, **common))
+        if not levels:  # the deterministic kernel always reads the level tables
+            yield (roi_align._roi_align_bwd_deterministic_kernel,
+                   dict(grad_ptr=f"*{dtype}", x_ptr=f"*{dtype}", order_ptr="*i64",
+                        segment_ptr="*i64", tiles_ptr="*i64", x_table_ptr="*i64",
+                        gx_table_ptr="*i64", gx_ptr=f"*{dtype}", **tables),
+                   dict(TILE_H=8, TILE_W=8, BLOCK_C=32, **common))
+
+
+VARIANTS = (overlap_variants, roi_align_variants)
+
+
 def main() -> int:
     count = 0
-    for fn, pointers, constexprs in overlap_variants():
+    only = sys.argv[1:]
+    variants = [v for v in VARIANTS if not only or v.__name__.split("_variants")[0] in only]
+    for fn, pointers, constexprs in itertools.chain.from_iterable(v() for v in variants):
         try:
             compile_variant(fn, pointers, constexprs)
         except Exception as error:  # report which variant, then fail
-            print(f"FAILED {fn.__name__} {pointers} {constexprs}: {error}")
+            print(f"FAILED {fn.__name__} {pointers} {constexprs}: {error}\n{error.__cause__!r}")
             return 1
         count += 1
     print(f"compiled {count} kernel variants for sm_90")

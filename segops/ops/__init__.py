@@ -8,6 +8,7 @@ from .overlap import (
     jaccard_loss,
     overlap_sums,
 )
+from .roi_align import multi_scale_roi_align, roi_align
 
 __all__ = [
     "confusion_matrix",
@@ -15,5 +16,7 @@ __all__ = [
     "dice_score",
     "iou_score",
     "jaccard_loss",
+    "multi_scale_roi_align",
     "overlap_sums",
+    "roi_align",
 ]

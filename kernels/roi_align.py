@@ -1,0 +1,535 @@
+"""RoIAlign over one or several feature levels, forward and backward.
+
+Three kernels:
+
+* ``_roi_align_fwd_kernel``: one program per (RoI, block of channels, block
+  of bins). The bilinear samples of a bin are looped over (their number is
+  per RoI with ``sampling_ratio <= 0``); each sample reads a
+  [BLOCK_C, BLOCK_P] tile of its four neighbours. In channels_last the
+  channel axis is contiguous, so those reads are vectorised.
+* ``_roi_align_bwd_atomic_kernel``: the same walk, scattering
+  grad * weight / count into a float32 buffer with atomic adds (never fp16
+  or bf16 atomics); the launcher casts at the end.
+* ``_roi_align_bwd_deterministic_kernel``: one program per (input tile,
+  block of channels) gathers the contributions of the RoIs of its image and
+  level, in a fixed order, without atomics, so results are bit-identical run
+  to run. Memory is O(input + output): RoIs are sorted by (level, image) and
+  each tile scans only its own segment. For average pooling the bilinear
+  weights of a bin factor into a row part and a column part (the bounds test
+  is per axis too), so a bin costs O(samples_h + samples_w) vector work
+  instead of O(samples_h * samples_w).
+
+Several levels in one launch: the level maps stay where they are; the
+kernels get the first map's pointer and a table of (element offset from that
+pointer, H, W, strides) per level, and each RoI's level.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import empty, next_pow2
+
+# adaptive sample counts are capped here before the int cast
+_MAX_GRID = tl.constexpr(float(1 << 30))
+
+
+# --------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------
+@triton.jit
+def _level_geometry(table_ptr, lvl):
+    """Row ``lvl`` of a level table: (element offset, H, W, and the n, c, h, w
+    strides); see ``_level_table``."""
+    row = table_ptr + lvl * 8
+    return (tl.load(row + 0), tl.load(row + 1).to(tl.int32), tl.load(row + 2).to(tl.int32),
+            tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6))
+
+
+@triton.jit
+def _roi_geometry(rois_ptr, k, scale, N, PH, PW, sampling_ratio,
+                  ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """Image, top-left corner, bin size and samples per bin of RoI k, in
+    torchvision's arithmetic. A RoI with a non-finite coordinate or a batch
+    index outside [0, N) gets zero samples, so it contributes nothing."""
+    roi = rois_ptr + k.to(tl.int64) * 5
+    b = tl.load(roi)
+    x1 = tl.load(roi + 1)
+    y1 = tl.load(roi + 2)
+    x2 = tl.load(roi + 3)
+    y2 = tl.load(roi + 4)
+    inf = float("inf")
+    valid = (tl.abs(x1) < inf) & (tl.abs(y1) < inf) & (tl.abs(x2) < inf) & (tl.abs(y2) < inf)
+    valid = valid & (b >= 0) & (b < N)
+    n = tl.where(valid, b, 0.0).to(tl.int32)
+    x_start = x1 * scale
+    y_start = y1 * scale
+    x_end = x2 * scale
+    y_end = y2 * scale
+    if ALIGNED:  # aligned: pixel centres at +0.5
+        x_start -= 0.5
+        y_start -= 0.5
+        x_end -= 0.5
+        y_end -= 0.5
+    roi_w = x_end - x_start
+    roi_h = y_end - y_start
+    if not ALIGNED:
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    bin_h = roi_h / PH
+    bin_w = roi_w / PW
+    adaptive_h = tl.ceil(tl.minimum(tl.where(valid, roi_h, 0.0) / PH, _MAX_GRID))
+    adaptive_w = tl.ceil(tl.minimum(tl.where(valid, roi_w, 0.0) / PW, _MAX_GRID))
+    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.maximum(adaptive_h, 0.0).to(tl.int32))
+    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.maximum(adaptive_w, 0.0).to(tl.int32))
+    grid_h = tl.where(valid, grid_h, 0)
+    grid_w = tl.where(valid, grid_w, 0)
+    return n, y_start, x_start, bin_h, bin_w, grid_h, grid_w
+
+
+@triton.jit
+def _sample_coord(start, bin_index, bin_size, i, grid, ACC: tl.constexpr):
+    # torchvision's order of operations: start + p*bin + (i + .5)*bin/grid
+    return (start + tl.cast(bin_index, ACC) * bin_size
+            + (tl.cast(i, ACC) + 0.5) * bin_size / tl.cast(grid, ACC))
+
+
+@triton.jit
+def _axis(coord, length, ACC: tl.constexpr):
+    """Bilinear pieces along one axis (any shape): low and high index, their
+    weights, and whether the sample counts (coord in [-1, length])."""
+    inside = (coord >= -1.0) & (coord <= length.to(ACC)) & (length > 0)
+    # clamp before the int cast so far-away samples cannot overflow it
+    c = tl.minimum(tl.maximum(coord, 0.0), length.to(ACC))
+    low = c.to(tl.int32)
+    at_edge = low >= length - 1
+    low = tl.where(at_edge, length - 1, low)
+    high = tl.where(at_edge, low, low + 1)
+    c = tl.where(at_edge, low.to(ACC), c)
+    frac = c - low.to(ACC)
+    low = tl.maximum(low, 0)
+    high = tl.maximum(high, 0)
+    return low, high, 1.0 - frac, frac, inside
+
+
+@triton.jit
+def _bilinear(plane, y, x, H, W, stride_h, stride_w, mask, ACC: tl.constexpr):
+    """Bilinear sample of ``plane`` (a pointer tile already offset to the image
+    and channels) at (y, x); 0 outside torchvision's bounds."""
+    y0, y1, hy, ly, in_y = _axis(y, H, ACC)
+    x0, x1, hx, lx, in_x = _axis(x, W, ACC)
+    m = mask & in_y & in_x
+    row0 = y0.to(tl.int64) * stride_h
+    row1 = y1.to(tl.int64) * stride_h
+    col0 = x0.to(tl.int64) * stride_w
+    col1 = x1.to(tl.int64) * stride_w
+    v1 = tl.load(plane + row0 + col0, mask=m, other=0.0).to(ACC)
+    v2 = tl.load(plane + row0 + col1, mask=m, other=0.0).to(ACC)
+    v3 = tl.load(plane + row1 + col0, mask=m, other=0.0).to(ACC)
+    v4 = tl.load(plane + row1 + col1, mask=m, other=0.0).to(ACC)
+    return hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4
+
+
+@triton.jit
+def _scatter_bilinear(plane, g, y, x, H, W, stride_h, stride_w, mask, ACC: tl.constexpr):
+    """Atomic adds of g * bilinear weight at the four neighbours of (y, x)."""
+    y0, y1, hy, ly, in_y = _axis(y, H, ACC)
+    x0, x1, hx, lx, in_x = _axis(x, W, ACC)
+    m = mask & in_y & in_x
+    row0 = y0.to(tl.int64) * stride_h
+    row1 = y1.to(tl.int64) * stride_h
+    col0 = x0.to(tl.int64) * stride_w
+    col1 = x1.to(tl.int64) * stride_w
+    tl.atomic_add(plane + row0 + col0, g * (hy * hx), mask=m, sem="relaxed")
+    tl.atomic_add(plane + row0 + col1, g * (hy * lx), mask=m, sem="relaxed")
+    tl.atomic_add(plane + row1 + col0, g * (ly * hx), mask=m, sem="relaxed")
+    tl.atomic_add(plane + row1 + col1, g * (ly * lx), mask=m, sem="relaxed")
+
+
+@triton.jit
+def _argmax_sample(plane, y_start, x_start, bin_h, bin_w, ph, pw, grid_h, grid_w, H, W,
+                   stride_h, stride_w, mask, SHAPE_LIKE, ACC: tl.constexpr):
+    """Max pooling: the first sample with the largest value, as its raw
+    coordinates (y, x), per lane of ``mask``'s shape."""
+    best = tl.full(SHAPE_LIKE.shape, float("-inf"), ACC)
+    best_y = tl.zeros(SHAPE_LIKE.shape, ACC)
+    best_x = tl.zeros(SHAPE_LIKE.shape, ACC)
+    for iy in range(0, grid_h):
+        y = _sample_coord(y_start, ph, bin_h, iy, grid_h, ACC)
+        for ix in range(0, grid_w):
+            x = _sample_coord(x_start, pw, bin_w, ix, grid_w, ACC)
+            val = _bilinear(plane, y, x, H, W, stride_h, stride_w, mask, ACC)
+            better = val > best
+            best = tl.where(better, val, best)
+            best_y = tl.where(better, y, best_y)
+            best_x = tl.where(better, x, best_x)
+    return best, best_y, best_x
+
+
+# --------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------
+@triton.jit
+def _roi_align_fwd_kernel(
+    x_ptr, rois_ptr, level_ptr, table_ptr, scale_ptr, out_ptr,
+    C, PH, PW, N, sampling_ratio,
+    stride_ok, stride_oc, stride_oh, stride_ow,
+    ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    k = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = offs_c < C
+    pmask = offs_p < PH * PW
+    ph = offs_p // PW
+    pw = offs_p % PW
+
+    if HAS_LEVELS:
+        lvl = tl.load(level_ptr + k).to(tl.int32)
+    else:
+        lvl = 0
+    level_offset, H, W, stride_n, stride_c, stride_h, stride_w = _level_geometry(table_ptr, lvl)
+    if CHANNELS_LAST:
+        stride_c = 1
+    scale = tl.load(scale_ptr + lvl)
+    n, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
+        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
+
+    plane = (x_ptr + level_offset + n.to(tl.int64) * stride_n
+             + offs_c.to(tl.int64)[:, None] * stride_c)
+    mask = cmask[:, None] & pmask[None, :]
+    if MAX_POOL:
+        tile = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+        best, best_y, best_x = _argmax_sample(
+            plane, y_start, x_start, bin_h, bin_w, ph[None, :], pw[None, :], grid_h, grid_w,
+            H, W, stride_h, stride_w, mask, tile, ACC)
+        result = tl.where(grid_h * grid_w > 0, best, 0.0)
+    else:
+        acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+        for iy in range(0, grid_h):
+            y = _sample_coord(y_start, ph, bin_h, iy, grid_h, ACC)
+            for ix in range(0, grid_w):
+                x = _sample_coord(x_start, pw, bin_w, ix, grid_w, ACC)
+                acc += _bilinear(plane, y[None, :], x[None, :], H, W, stride_h, stride_w,
+                                 mask, ACC)
+        result = acc / tl.maximum(grid_h * grid_w, 1).to(ACC)
+
+    out = (out_ptr + k.to(tl.int64) * stride_ok + offs_c.to(tl.int64)[:, None] * stride_oc
+           + (ph.to(tl.int64) * stride_oh + pw.to(tl.int64) * stride_ow)[None, :])
+    tl.store(out, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------
+# backward with atomics
+# --------------------------------------------------------------------------
+@triton.jit
+def _roi_align_bwd_atomic_kernel(
+    grad_ptr, x_ptr, rois_ptr, level_ptr, x_table_ptr, gx_table_ptr, scale_ptr, gx_ptr,
+    C, PH, PW, N, sampling_ratio,
+    stride_gk, stride_gc, stride_gh, stride_gw,
+    ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    k = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = offs_c < C
+    pmask = offs_p < PH * PW
+    ph = offs_p // PW
+    pw = offs_p % PW
+    mask = cmask[:, None] & pmask[None, :]
+
+    if HAS_LEVELS:
+        lvl = tl.load(level_ptr + k).to(tl.int32)
+    else:
+        lvl = 0
+    gx_offset, H, W, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_table_ptr, lvl)
+    if CHANNELS_LAST:
+        gx_sc = 1
+    scale = tl.load(scale_ptr + lvl)
+    n, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
+        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
+
+    g = tl.load(grad_ptr + k.to(tl.int64) * stride_gk + offs_c.to(tl.int64)[:, None] * stride_gc
+                + (ph.to(tl.int64) * stride_gh + pw.to(tl.int64) * stride_gw)[None, :],
+                mask=mask, other=0.0).to(ACC)
+    gx_plane = (gx_ptr + gx_offset + n.to(tl.int64) * gx_sn
+                + offs_c.to(tl.int64)[:, None] * gx_sc)
+    if MAX_POOL:
+        x_offset, _, _, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_table_ptr, lvl)
+        if CHANNELS_LAST:
+            x_sc = 1
+        plane = x_ptr + x_offset + n.to(tl.int64) * x_sn + offs_c.to(tl.int64)[:, None] * x_sc
+        best, best_y, best_x = _argmax_sample(
+            plane, y_start, x_start, bin_h, bin_w, ph[None, :], pw[None, :], grid_h, grid_w,
+            H, W, x_sh, x_sw, mask, g, ACC)
+        _scatter_bilinear(gx_plane, g, best_y, best_x, H, W, gx_sh, gx_sw,
+                          mask & (grid_h * grid_w > 0), ACC)
+    else:
+        g = g / tl.maximum(grid_h * grid_w, 1).to(ACC)
+        for iy in range(0, grid_h):
+            y = _sample_coord(y_start, ph, bin_h, iy, grid_h, ACC)
+            for ix in range(0, grid_w):
+                x = _sample_coord(x_start, pw, bin_w, ix, grid_w, ACC)
+                _scatter_bilinear(gx_plane, g, y[None, :], x[None, :], H, W, gx_sh, gx_sw,
+                                  mask, ACC)
+
+
+# --------------------------------------------------------------------------
+# deterministic backward: gather per input tile
+# --------------------------------------------------------------------------
+@triton.jit
+def _rows_touched(lo, hi, length, first, last):
+    """Whether samples with coordinates in [lo, hi] can touch the pixels
+    first..last along an axis of ``length`` (conservative by one pixel)."""
+    top = length.to(lo.dtype) - 1.0
+    touched_lo = tl.minimum(tl.floor(tl.maximum(lo, 0.0)), top) - 1.0
+    touched_hi = tl.minimum(tl.floor(tl.maximum(hi, 0.0)) + 1.0, top) + 1.0
+    return (touched_hi >= first.to(lo.dtype)) & (touched_lo <= last.to(lo.dtype))
+
+
+@triton.jit
+def _axis_weights_on(pixels, coord, length, ACC: tl.constexpr):
+    """Weight of a sample at ``coord`` (scalar, or one per row of a 2-D
+    result) on each pixel index in ``pixels`` along one axis."""
+    low, high, w_low, w_high, inside = _axis(coord, length, ACC)
+    w = tl.where(pixels == low, w_low, 0.0) + tl.where(pixels == high, w_high, 0.0)
+    return tl.where(inside, w, 0.0)
+
+
+@triton.jit
+def _roi_align_bwd_deterministic_kernel(
+    grad_ptr, x_ptr, rois_ptr, order_ptr, segment_ptr, tiles_ptr,
+    x_table_ptr, gx_table_ptr, scale_ptr, gx_ptr,
+    C, PH, PW, N, L, sampling_ratio,
+    stride_gk, stride_gc, stride_gh, stride_gw,
+    ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+
+    # which level, image and tile this program owns (tiles_ptr: prefix counts)
+    lvl = tl.full([], 0, tl.int32)
+    for i in range(1, L):
+        lvl += (tile >= tl.load(tiles_ptr + i)).to(tl.int32)
+    local = tile - tl.load(tiles_ptr + lvl)
+    gx_offset, H, W, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_table_ptr, lvl)
+    x_offset, _, _, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_table_ptr, lvl)
+    if CHANNELS_LAST:
+        gx_sc = 1
+        x_sc = 1
+    tiles_w = tl.cdiv(W, TILE_W)
+    tiles_per_image = tl.cdiv(H, TILE_H) * tiles_w
+    n = local // tiles_per_image
+    rem = local % tiles_per_image
+    row0 = (rem // tiles_w).to(tl.int32) * TILE_H
+    col0 = (rem % tiles_w).to(tl.int32) * TILE_W
+    offs_t = tl.arange(0, TILE_H * TILE_W)
+    py = row0 + offs_t // TILE_W
+    px = col0 + offs_t % TILE_W
+    tmask = (py < H) & (px < W)
+    scale = tl.load(scale_ptr + lvl)
+
+    acc = tl.zeros([BLOCK_C, TILE_H * TILE_W], ACC)
+    segment = lvl * N + n
+    for j in range(tl.load(segment_ptr + segment), tl.load(segment_ptr + segment + 1)):
+        k = tl.load(order_ptr + j)
+        _, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
+            rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
+        hit = (grid_h > 0) & (grid_w > 0)
+        hit = hit & _rows_touched(y_start, y_start + PH * bin_h, H, row0, row0 + TILE_H - 1)
+        hit = hit & _rows_touched(x_start, x_start + PW * bin_w, W, col0, col0 + TILE_W - 1)
+        if hit:
+            g_roi = (grad_ptr + k.to(tl.int64) * stride_gk
+                     + offs_c.to(tl.int64) * stride_gc)
+            inv_count = 1.0 / (grid_h * grid_w).to(ACC)
+            for ph in range(0, PH):
+                y_lo = y_start + ph * bin_h
+                if _rows_touched(y_lo, y_lo + bin_h, H, row0, row0 + TILE_H - 1):
+                    row_w = tl.zeros([TILE_H * TILE_W], ACC)
+                    if not MAX_POOL:
+                        for iy in range(0, grid_h):
+                            y = _sample_coord(y_start, ph, bin_h, iy, grid_h, ACC)
+                            row_w += _axis_weights_on(py, y, H, ACC)
+                    for pw in range(0, PW):
+                        x_lo = x_start + pw * bin_w
+                        if _rows_touched(x_lo, x_lo + bin_w, W, col0, col0 + TILE_W - 1):
+                            g = tl.load(g_roi + ph * stride_gh + pw * stride_gw,
+                                        mask=cmask, other=0.0).to(ACC)
+                            if MAX_POOL:
+                                plane = (x_ptr + x_offset + n * x_sn
+                                         + offs_c.to(tl.int64) * x_sc)
+                                # per-channel coordinates (a vector, not a scalar:
+                                # the interpreter mis-types broadcast scalar float
+                                # comparisons)
+                                lane = tl.zeros([BLOCK_C], tl.int32)
+                                best, best_y, best_x = _argmax_sample(
+                                    plane, y_start, x_start, bin_h, bin_w, ph + lane, pw + lane,
+                                    grid_h, grid_w, H, W, x_sh, x_sw, cmask, g, ACC)
+                                wy = _axis_weights_on(py[None, :], best_y[:, None], H, ACC)
+                                wx = _axis_weights_on(px[None, :], best_x[:, None], W, ACC)
+                                acc += g[:, None] * (wy * wx)
+                            else:
+                                col_w = tl.zeros([TILE_H * TILE_W], ACC)
+                                for ix in range(0, grid_w):
+                                    x = _sample_coord(x_start, pw, bin_w, ix, grid_w, ACC)
+                                    col_w += _axis_weights_on(px, x, W, ACC)
+                                acc += (g * inv_count)[:, None] * (row_w * col_w)[None, :]
+
+    gx = (gx_ptr + gx_offset + n * gx_sn + offs_c.to(tl.int64)[:, None] * gx_sc
+          + (py.to(tl.int64) * gx_sh + px.to(tl.int64) * gx_sw)[None, :])
+    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=cmask[:, None] & tmask[None, :])
+
+
+# --------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------
+def _accumulation(features) -> tuple[torch.dtype, object]:
+    if features[0].dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _level_table(tensors, base: torch.Tensor) -> torch.Tensor:
+    """(L, 8) int64: element offset of each level from ``base``, H, W and the
+    (n, c, h, w) strides. Levels stay in their own allocations."""
+    itemsize = base.element_size()
+    rows = []
+    for t in tensors:
+        delta = t.data_ptr() - base.data_ptr()
+        if delta % itemsize:
+            raise RuntimeError("segops: feature levels are not aligned to their element size")
+        rows.append([delta // itemsize, t.shape[2], t.shape[3], *t.stride(), 0])
+    return torch.tensor(rows, dtype=torch.int64, device=base.device)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _channels_last(t) else torch.contiguous_format
+
+
+def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, int]:
+    """Channels_last: wide in C (contiguous, vectorised loads); NCHW: wide in
+    the bins of one channel plane."""
+    if channels_last:
+        bc = block_c or min(next_pow2(C), 64)
+        bp = block_p or min(next_pow2(P), max(1024 // bc, 1))
+    else:
+        bp = block_p or min(next_pow2(P), 64)
+        bc = block_c or min(next_pow2(C), max(1024 // bp, 1))
+    return bc, bp
+
+
+def _common(features, rois, levels, scales):
+    acc_dtype, acc = _accumulation(features)
+    rois = rois.to(acc_dtype).contiguous()
+    scale_table = torch.tensor(list(scales), dtype=acc_dtype, device=rois.device)
+    level_arg = rois if levels is None else levels.contiguous()
+    return acc_dtype, acc, rois, scale_table, level_arg
+
+
+def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled_width: int,
+                      sampling_ratio: int, aligned: bool, pool_mode: str, *,
+                      block_c: int | None = None, block_p: int | None = None) -> torch.Tensor:
+    """(K, C, PH, PW) in the first level's dtype and memory format."""
+    K, C, N = rois.shape[0], features[0].shape[1], features[0].shape[0]
+    out = empty((K, C, pooled_height, pooled_width), dtype=features[0].dtype,
+                device=features[0].device, memory_format=_memory_format(features[0]))
+    if out.numel() == 0:
+        return out
+    _, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
+    table = _level_table(features, features[0])
+    channels_last = all(f.stride(1) == 1 for f in features)
+    P = pooled_height * pooled_width
+    bc, bp = _tile(C, P, channels_last, block_c, block_p)
+    grid = (K, triton.cdiv(C, bc), triton.cdiv(P, bp))
+    _roi_align_fwd_kernel[grid](
+        features[0], rois, level_arg, table, scale_table, out,
+        C, pooled_height, pooled_width, N, sampling_ratio,
+        *out.stride(),
+        ALIGNED=aligned, MAX_POOL=pool_mode == "max", HAS_LEVELS=levels is not None,
+        CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_P=bp, ACC=acc,
+    )
+    return out
+
+
+def _grad_buffers(features, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [empty(f.shape, dtype=dtype, device=f.device, memory_format=_memory_format(f))
+            for f in features]
+
+
+def roi_align_backward_atomic(grad, features, rois, levels, scales, pooled_height: int,
+                              pooled_width: int, sampling_ratio: int, aligned: bool,
+                              pool_mode: str, *, block_c: int | None = None,
+                              block_p: int | None = None) -> list[torch.Tensor]:
+    """Gradients for every level: atomic adds into float32 (float64 for
+    float64 input) buffers, then a cast to the features' dtype."""
+    acc_dtype, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
+    buffers = [b.zero_() for b in _grad_buffers(features, acc_dtype)]
+    K, C, N = rois.shape[0], features[0].shape[1], features[0].shape[0]
+    if grad.numel() > 0 and all(b.numel() > 0 for b in buffers):
+        channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
+        P = pooled_height * pooled_width
+        bc, bp = _tile(C, P, channels_last, block_c, block_p)
+        grid = (K, triton.cdiv(C, bc), triton.cdiv(P, bp))
+        _roi_align_bwd_atomic_kernel[grid](
+            grad, features[0], rois, level_arg, _level_table(features, features[0]),
+            _level_table(buffers, buffers[0]), scale_table, buffers[0],
+            C, pooled_height, pooled_width, N, sampling_ratio,
+            *grad.stride(),
+            ALIGNED=aligned, MAX_POOL=pool_mode == "max", HAS_LEVELS=levels is not None,
+            CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_P=bp, ACC=acc,
+        )
+    return [b.to(f.dtype) for b, f in zip(buffers, features)]
+
+
+def _segments(rois, levels, num_levels: int, N: int):
+    """RoI order sorted by (level, image), stable, and the (L*N + 1) offsets
+    of each (level, image) segment in it."""
+    image = rois[:, 0].to(torch.int64).clamp(0, max(N - 1, 0))
+    key = image if levels is None else levels.to(torch.int64) * N + image
+    sorted_key, order = torch.sort(key, stable=True)
+    bounds = torch.arange(num_levels * N + 1, device=rois.device, dtype=torch.int64)
+    return order, torch.searchsorted(sorted_key, bounds)
+
+
+def roi_align_backward_deterministic(grad, features, rois, levels, scales,
+                                     pooled_height: int, pooled_width: int,
+                                     sampling_ratio: int, aligned: bool, pool_mode: str, *,
+                                     tile: tuple[int, int] = (8, 8),
+                                     block_c: int | None = None) -> list[torch.Tensor]:
+    """Gradients for every level without atomics: bit-identical run to run."""
+    _, acc, rois, scale_table, _ = _common(features, rois, levels, scales)
+    buffers = _grad_buffers(features, features[0].dtype)
+    C, N, L = features[0].shape[1], features[0].shape[0], len(features)
+    tile_h, tile_w = tile
+    counts = [N * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w)
+              for f in features]
+    total = sum(counts)
+    if total == 0 or C == 0:
+        return buffers
+    prefix = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64,
+                          device=rois.device)
+    order, segments = _segments(rois, levels, L, N)
+    channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
+    bc = block_c or min(next_pow2(C), 32)
+    grid = (total, triton.cdiv(C, bc))
+    _roi_align_bwd_deterministic_kernel[grid](
+        grad, features[0], rois, order, segments, prefix,
+        _level_table(features, features[0]), _level_table(buffers, buffers[0]),
+        scale_table, buffers[0],
+        C, pooled_height, pooled_width, N, L, sampling_ratio,
+        *grad.stride(),
+        ALIGNED=aligned, MAX_POOL=pool_mode == "max", CHANNELS_LAST=channels_last,
+        TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=bc, ACC=acc,
+    )
+    return buffers

@@ -1,0 +1,95 @@
+"""RoIAlign modules: drop-ins for torchvision.ops.RoIAlign and
+torchvision.ops.MultiScaleRoIAlign (same constructors, same forward)."""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from ..ops.roi_align import multi_scale_roi_align, roi_align
+
+
+class RoIAlign(nn.Module):
+    """``torchvision.ops.RoIAlign`` on segops' kernels; see
+    :func:`segops.ops.roi_align` for shapes and conventions.
+
+    forward(input ``(N, C, H, W)``, rois ``Tensor[K, 5]`` or list of
+    ``Tensor[L, 4]``) -> ``(K, C, *output_size)``.
+    """
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = False, *, pool_mode: str = "avg"):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.pool_mode = pool_mode
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale,
+                             self.sampling_ratio, self.aligned, pool_mode=self.pool_mode)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, "
+                f"pool_mode={self.pool_mode!r}")
+
+
+def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
+    """torchvision's scale inference: feature size / image size rounded to a
+    power of 2 (taken from the height)."""
+    approx = float(feature.shape[-2]) / float(original_size[0])
+    return 2.0 ** round(math.log2(approx))
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """``torchvision.ops.MultiScaleRoIAlign`` with every FPN level pooled in
+    one kernel launch.
+
+    forward(x: dict of feature maps ``(N, C, H_l, W_l)``, boxes: list of N
+    ``Tensor[L_i, 4]`` in image coordinates, image_shapes: list of N
+    (height, width)) -> ``(sum L_i, C, *output_size)``.
+
+    The maps named in ``featmap_names`` are used in ``x``'s order. Scales are
+    inferred on the first call from the largest image size and kept, as
+    torchvision does. ``aligned=True`` gives Detectron2's ROIAlignV2;
+    ``pool_mode='max'`` mmcv's max pooling.
+    """
+
+    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *,
+                 canonical_scale: int = 224, canonical_level: int = 4,
+                 aligned: bool = False, pool_mode: str = "avg"):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(output_size)
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.aligned = aligned
+        self.pool_mode = pool_mode
+        self.scales: list[float] | None = None
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if self.scales is None:
+            self.scales = self.setup_scales(features, image_shapes)
+        return multi_scale_roi_align(
+            features, boxes, self.output_size, self.scales, self.sampling_ratio,
+            canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
+            aligned=self.aligned, pool_mode=self.pool_mode)
+
+    @staticmethod
+    def setup_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
+        if not image_shapes:
+            raise ValueError("image_shapes is empty: pass the (height, width) of each image")
+        original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+        return [infer_scale(f, original) for f in features]
+
+    def extra_repr(self) -> str:
+        return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, "
+                f"pool_mode={self.pool_mode!r}")
