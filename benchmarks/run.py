@@ -10,7 +10,7 @@ import torch
 
 from . import harness
 
-FAMILIES = ["overlap"]
+FAMILIES = ["overlap", "roi_align"]
 
 
 def main(args) -> int:

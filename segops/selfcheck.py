@@ -12,7 +12,9 @@ import torch
 
 from . import _dispatch
 from .ops import overlap
+from .ops.roi_align import roi_align
 from .reference import overlap as overlap_reference
+from .reference import roi_align as roi_align_reference
 
 
 def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -39,9 +41,24 @@ def _check_confusion(device) -> float:
     return _max_error(cm, overlap_reference.confusion_matrix(x, t, 5, None))
 
 
+def _check_roi_align(device) -> float:
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64)
+    rois = torch.tensor([[0, -1.5, 0.5, 6.2, 7.9], [1, 2.0, 1.0, 12.0, 4.5],
+                         [1, 3.3, 3.3, 3.3, 3.3]], dtype=torch.float64)
+    xd = x.to(device).requires_grad_()
+    out = roi_align(xd, rois.to(device), (2, 3), 1.0, -1, True)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, xd, grad_out)
+    args = ([x], rois, None, [1.0], 2, 3, -1, True, "avg")
+    want = roi_align_reference.roi_align(*args)
+    (want_grad,) = roi_align_reference.roi_align_backward(grad_out.cpu(), *args)
+    return max(_max_error(out, want), _max_error(grad, want_grad))
+
+
 CHECKS = {
     "overlap_sums (fwd+bwd)": _check_overlap,
     "confusion_matrix": _check_confusion,
+    "roi_align (fwd+bwd)": _check_roi_align,
 }
 
 

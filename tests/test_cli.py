@@ -66,3 +66,29 @@ def test_overlap_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     assert ("dice_loss", "fwd+bwd", "segops") in providers
     assert ("miou", "fwd", "segops") in providers
     assert len(records) >= 2 * 2 * 5
+
+
+def test_roi_align_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    """Smoke test of benchmarks/roi_align.py: tiny levels, every direction
+    (deterministic included) and both layouts, each provider called once."""
+    pytest.importorskip("torchvision")
+    from segops.benchmarks import roi_align as bench
+
+    def call_once(fn, **_):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(bench, "IMAGE", (32, 48))
+    monkeypatch.setattr(bench, "LEVELS", [(8, 12), (4, 6), (2, 3), (1, 2)])
+    monkeypatch.setattr(bench, "CHANNELS", 3)
+    monkeypatch.setattr(bench, "HEADS", [("box", 5, 2)])
+    monkeypatch.setattr(bench, "DTYPES", [torch.bfloat16])
+    monkeypatch.setattr(bench, "time_ms", call_once)
+    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    records = bench.run(quick=False)
+    keys = {(r.op, r.direction, r.provider) for r in records}
+    for op in ("roi_align", "multi_scale"):
+        for direction in ("fwd", "fwd+bwd", "fwd+bwd det"):
+            assert (op, direction, "segops") in keys and (op, direction, "torchvision") in keys
+    assert len(records) == 2 * 3 * 2 * 2

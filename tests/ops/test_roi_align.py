@@ -417,3 +417,23 @@ def test_bad_multi_scale_input_errors():
 def test_boxes_on_another_device():
     with pytest.raises(ValueError, match="one device"):
         segops.ops.roi_align(_x(), torch.zeros(1, 5), 2)
+
+
+def test_offsets_past_2_to_the_31():
+    """A single-channel map of 46341^2 > 2^31 elements: a box in its last rows
+    and columns reads through 64-bit offsets (forward; only the region near
+    the box is initialised, the rest is never read)."""
+    side = 46341
+    try:
+        x = torch.empty((1, 1, side, side), dtype=torch.bfloat16, device=DEVICE)
+    except RuntimeError:
+        pytest.skip("not enough memory for a 4.3 GB map")
+    corner = torch.randn(1, 1, 8, 8, dtype=torch.float64).to(torch.bfloat16)
+    x[:, :, -8:, -8:] = corner.to(DEVICE)
+    rois = torch.tensor([[0, side - 6.5, side - 7.0, side - 1.2, side - 0.5]],
+                        dtype=torch.float64)
+    out = segops.ops.roi_align(x, rois.to(DEVICE), 2, 1.0, 2)
+    local = rois.clone()
+    local[:, 1:] -= side - 8
+    want = ref.roi_align([corner.double()], local, None, [1.0], 2, 2, 2, False, "avg")
+    assert_close(out, want, RTOL[torch.bfloat16])
