@@ -6,6 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value. Also a RuntimeError, so code written against
+    the ATen op it replaces (F.conv2d raises RuntimeError) still catches it."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """A bad argument type or dtype; also a RuntimeError (see ArgumentError)."""
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 

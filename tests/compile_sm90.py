@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from segops.kernels import overlap, roi_align  # noqa: E402
+from segops.kernels import conv, overlap, roi_align  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -83,16 +83,38 @@ def roi_align_variants():
                    dict(TILE_H=8, TILE_W=8, BLOCK_C=32, **common))
 
 
-VARIANTS = (overlap_variants, roi_align_variants)
+def conv_variants():
+    dtypes = [("bf16", False), ("fp16", False), ("fp32", True), ("fp32", False), ("fp64", False)]
+    tiles = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)]
+    for (dtype, tf32), flags, blocks in itertools.product(dtypes, (False, True), tiles):
+        if blocks["BLOCK_M"] == 128 and (flags or dtype not in ("bf16", "fp32") or not tf32
+                                         and dtype == "fp32"):
+            continue  # the tuner's large tiles: checked in the dtypes it runs most
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        common = dict(ALLOW_TF32=tf32, ACC=tl.float64 if acc == "fp64" else tl.float32, **blocks)
+        warps = 8 if blocks["BLOCK_M"] == 128 else 4
+        yield (conv._conv2d_fwd_kernel,
+               dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}"),
+               dict(HAS_BIAS=flags, RELU=flags, **common), warps)
+        yield (conv._conv2d_bwd_input_kernel,
+               dict(dy_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", dx_ptr=f"*{dtype}"),
+               dict(HAS_BIAS=flags, **common), warps)
+        if not flags:
+            yield (conv._conv2d_bwd_weight_kernel,
+                   dict(dy_ptr=f"*{dtype}", x_ptr=f"*{dtype}", part_ptr=f"*{acc}"), common, warps)
+
+
+VARIANTS = (overlap_variants, roi_align_variants, conv_variants)
 
 
 def main() -> int:
     count = 0
     only = sys.argv[1:]
     variants = [v for v in VARIANTS if not only or v.__name__.split("_variants")[0] in only]
-    for fn, pointers, constexprs in itertools.chain.from_iterable(v() for v in variants):
+    for fn, pointers, constexprs, *warps in itertools.chain.from_iterable(
+            v() for v in variants):
         try:
-            compile_variant(fn, pointers, constexprs)
+            compile_variant(fn, pointers, constexprs, *warps)
         except Exception as error:  # report which variant, then fail
             print(f"FAILED {fn.__name__} {pointers} {constexprs}: {error}\n{error.__cause__!r}")
             return 1

@@ -1,5 +1,6 @@
 """nn.Module wrappers over segops.ops."""
+from .conv import AtrousConv2d
 from .overlap import DiceLoss, JaccardLoss
 from .roi_align import MultiScaleRoIAlign, RoIAlign
 
-__all__ = ["DiceLoss", "JaccardLoss", "MultiScaleRoIAlign", "RoIAlign"]
+__all__ = ["AtrousConv2d", "DiceLoss", "JaccardLoss", "MultiScaleRoIAlign", "RoIAlign"]

@@ -1,5 +1,6 @@
 """The public functional API: every op checks its arguments, then runs the
 Triton kernel or the reference (see segops._dispatch)."""
+from .conv import atrous_conv2d
 from .overlap import (
     confusion_matrix,
     dice_loss,
@@ -11,6 +12,7 @@ from .overlap import (
 from .roi_align import multi_scale_roi_align, roi_align
 
 __all__ = [
+    "atrous_conv2d",
     "confusion_matrix",
     "dice_loss",
     "dice_score",

@@ -1,0 +1,390 @@
+"""2-D convolution (any stride, padding, dilation and groups) as implicit
+GEMM, forward and backward. Tuned for dilated (atrous) convolutions.
+
+Three kernels, each a GEMM whose operands are gathered on the fly (no im2col
+buffer, no zero insertion):
+
+* ``_conv2d_fwd_kernel``: y = conv(x, w). Rows (M) are output pixels
+  N*OH*OW, columns output channels of one group, the reduction runs over
+  taps (kh, kw) and input channels. Dilation and stride only change the
+  gather addresses; zero padding is a load mask. A tap whose rows all fall
+  in the padding for this tile is skipped (at dilation 36 on a 65x65 map
+  most taps of a 3x3 kernel read only padding). Bias and ReLU are fused into
+  the store.
+* ``_conv2d_bwd_input_kernel``: dx = conv_transpose(dy, w), which is also
+  the forward of a transposed convolution (kernels/conv_transpose.py). By
+  stride residue: the input pixels with ih % stride_h == rh (and the same
+  for columns) are reached only by the taps with
+  (rh + pad_h - kh * dil_h) % stride_h == 0, so each program takes one
+  residue class and loops over just those taps: stride 2 does a quarter of
+  the tap work a zero-inserted gradient would, and nothing is materialised.
+* ``_conv2d_bwd_weight_kernel``: dw = sum over pixels of dy (x) x, one
+  program per (output-channel tile, input-channel tile, tap, group, split):
+  the pixel reduction is split (split-K) so small maps still fill the GPU;
+  the splits write fp32 partials that the launcher sums (deterministic).
+
+Every tensor is addressed through its four strides, so NCHW, channels_last
+and strided views share the code; int64 offsets throughout. fp32 inputs use
+TF32 only when ``torch.backends.cudnn.allow_tf32`` allows it, like F.conv2d.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import empty, next_pow2, target_programs
+
+_AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
+
+
+# --------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------
+@triton.jit
+def _mma(acc, a, b, ALLOW_TF32: tl.constexpr):
+    if ALLOW_TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _split_pixels(offs, OH, OW):
+    """Flat pixel index -> (n, row, column)."""
+    n = offs // (OH * OW)
+    rem = offs % (OH * OW)
+    return n, rem // OW, rem % OW
+
+
+@triton.jit
+def _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, channels, mmask, cmask,
+                    syn, syc, syh, syw, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + channels, mask=cmask, other=0.0).to(acc.dtype)
+        acc = acc + bias[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    rows = n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
+    ptrs = y_ptr + rows[:, None] + channels.to(tl.int64)[None, :] * syc
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C_in, H, W, C_out, OH, OW, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    """C_in and C_out are per group; program axis 1 is the group."""
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    tiles_n = tl.cdiv(C_out, BLOCK_N)
+    offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < N * OH * OW
+    nmask = offs_n < C_out
+    n, oh, ow = _split_pixels(offs_m, OH, OW)
+    co = group * C_out + offs_n
+    x_rows = x_ptr + n.to(tl.int64) * sxn + (group * C_in).to(tl.int64) * sxc
+    w_cols = w_ptr + co.to(tl.int64) * swo
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for r in range(0, KH):
+        ih = oh * stride_h - pad_h + r * dil_h
+        valid_h = mmask & (ih >= 0) & (ih < H)
+        for s in range(0, KW):
+            iw = ow * stride_w - pad_w + s * dil_w
+            valid = valid_h & (iw >= 0) & (iw < W)
+            if tl.max(valid.to(tl.int32), axis=0) > 0:  # else the tap reads only padding
+                a_rows = x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                b_cols = w_cols + r * swh + s * sww
+                for c0 in range(0, C_in, BLOCK_K):
+                    offs_k = c0 + tl.arange(0, BLOCK_K)
+                    kmask = offs_k < C_in
+                    a = tl.load(a_rows[:, None] + offs_k.to(tl.int64)[None, :] * sxc,
+                                mask=valid[:, None] & kmask[None, :], other=0.0)
+                    b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * swi,
+                                mask=kmask[:, None] & nmask[None, :], other=0.0)
+                    acc = _mma(acc, a, b, ALLOW_TF32)
+    _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, nmask, syn, syc, syh, syw,
+                    HAS_BIAS, RELU)
+
+
+# --------------------------------------------------------------------------
+# grad_input (= transposed convolution forward)
+# --------------------------------------------------------------------------
+@triton.jit
+def _conv2d_bwd_input_kernel(
+    dy_ptr, w_ptr, b_ptr, dx_ptr,
+    N, C_in, H, W, C_out, OH, OW, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    """dx (N, C_in, H, W) of y = conv(x, w) with y (N, C_out, OH, OW), per
+    group (program axis 1) and stride residue class (axis 2). The reduction
+    runs over C_out. With HAS_BIAS, b (C_in * groups) is added: the
+    transposed-convolution forward."""
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    residue = tl.program_id(2)
+    rh = residue // stride_w
+    rw = residue % stride_w
+    rows_h = tl.cdiv(H - rh, stride_h)
+    rows_w = tl.cdiv(W - rw, stride_w)
+    tiles_n = tl.cdiv(C_in, BLOCK_N)
+    offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < N * rows_h * rows_w
+    nmask = offs_n < C_in
+    # a residue class can be empty (rh >= H): keep the divisions defined
+    n, i, j = _split_pixels(offs_m, tl.maximum(rows_h, 1), tl.maximum(rows_w, 1))
+    ih = rh + i * stride_h
+    iw = rw + j * stride_w
+    ci = group * C_in + offs_n
+    dy_rows = dy_ptr + n.to(tl.int64) * sdyn + (group * C_out).to(tl.int64) * sdyc
+    w_cols = w_ptr + (group * C_out).to(tl.int64) * swo + offs_n.to(tl.int64) * swi
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for r in range(0, KH):
+        # only the taps of this residue class land on these rows
+        if (rh + pad_h - r * dil_h) % stride_h == 0:
+            num_h = ih + pad_h - r * dil_h
+            oh = num_h // stride_h
+            valid_h = mmask & (num_h >= 0) & (oh < OH)
+            for s in range(0, KW):
+                if (rw + pad_w - s * dil_w) % stride_w == 0:
+                    num_w = iw + pad_w - s * dil_w
+                    ow = num_w // stride_w
+                    valid = valid_h & (num_w >= 0) & (ow < OW)
+                    if tl.max(valid.to(tl.int32), axis=0) > 0:
+                        a_rows = dy_rows + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+                        b_cols = w_cols + r * swh + s * sww
+                        for c0 in range(0, C_out, BLOCK_K):
+                            offs_k = c0 + tl.arange(0, BLOCK_K)
+                            kmask = offs_k < C_out
+                            a = tl.load(a_rows[:, None] + offs_k.to(tl.int64)[None, :] * sdyc,
+                                        mask=valid[:, None] & kmask[None, :], other=0.0)
+                            b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * swo,
+                                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+                            acc = _mma(acc, a, b, ALLOW_TF32)
+    _epilogue_store(acc, dx_ptr, b_ptr, n, ih, iw, ci, mmask, nmask, sdxn, sdxc, sdxh, sdxw,
+                    HAS_BIAS, False)
+
+
+# --------------------------------------------------------------------------
+# grad_weight
+# --------------------------------------------------------------------------
+@triton.jit
+def _conv2d_bwd_weight_kernel(
+    dy_ptr, x_ptr, part_ptr,
+    N, C_in, H, W, C_out, OH, OW, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw, split_pixels, split_stride,
+    ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    """Partial dw over one split of the pixels, into part[split] of shape
+    (C_out * groups, C_in, KH, KW), contiguous. Axis 1 is (group, tap)."""
+    pid = tl.program_id(0)
+    group_tap = tl.program_id(1)
+    split = tl.program_id(2)
+    group = group_tap // (KH * KW)
+    r = (group_tap % (KH * KW)) // KW
+    s = group_tap % KW
+    tiles_n = tl.cdiv(C_in, BLOCK_N)
+    offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)   # input channels
+    mmask = offs_m < C_out
+    nmask = offs_n < C_in
+    dy_cols = dy_ptr + (group * C_out + offs_m).to(tl.int64) * sdyc
+    x_cols = x_ptr + (group * C_in + offs_n).to(tl.int64) * sxc
+
+    pixels = N * OH * OW
+    start = split * split_pixels
+    stop = tl.minimum(start + split_pixels, pixels)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for p0 in range(start, stop, BLOCK_K):
+        offs_k = p0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < stop
+        n, oh, ow = _split_pixels(offs_k, OH, OW)
+        ih = oh * stride_h - pad_h + r * dil_h
+        iw = ow * stride_w - pad_w + s * dil_w
+        valid = kmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dy_rows = n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+        x_rows = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a = tl.load(dy_cols[:, None] + dy_rows[None, :],
+                    mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(x_cols[None, :] + x_rows[:, None],
+                    mask=valid[:, None] & nmask[None, :], other=0.0)
+        acc = _mma(acc, a, b, ALLOW_TF32)
+
+    co = group * C_out + offs_m
+    out = (part_ptr + split.to(tl.int64) * split_stride + co.to(tl.int64)[:, None] * (C_in * KH * KW)
+           + offs_n.to(tl.int64)[None, :] * (KH * KW) + r * KW + s)
+    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+
+
+# --------------------------------------------------------------------------
+# configs and autotuning
+# --------------------------------------------------------------------------
+# Hopper-sized tiles for the tuner; (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+_HOPPER_TILES = [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3), (128, 128, 32, 4, 4),
+]
+_SHAPE_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW",
+              "stride_h", "stride_w", "dil_h", "dil_w"]
+
+
+def _configs():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in _HOPPER_TILES]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel):
+    """The kernel behind triton.autotune, keyed on the shape (results are
+    cached per key, so a model's second step does not retune)."""
+    return triton.autotune(configs=_configs(), key=_SHAPE_KEY)(kernel)
+
+
+def default_config(M: int, N: int, K: int) -> dict:
+    """One fixed tile (autotuning off, and the interpreter): no larger than
+    the problem, dims >= 16 as tl.dot needs (small channel counts are padded
+    by masking)."""
+    return {"BLOCK_M": min(64, max(next_pow2(M), 16)), "BLOCK_N": min(64, max(next_pow2(N), 16)),
+            "BLOCK_K": min(32, max(next_pow2(K), 16))}
+
+
+def _launch(kernel, grid_fn, args, constexprs, config, M, N, K, device):
+    """Run ``kernel`` with ``config`` (a dict of block sizes, optionally
+    num_warps/num_stages), the autotuner, or the default tile."""
+    if config is None and _AUTOTUNE and device.type == "cuda":
+        _tuned(kernel)[grid_fn](*args, **constexprs)
+        return
+    config = dict(config or default_config(M, N, K))
+    options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    kernel[grid_fn](*args, **constexprs, **config, **options)
+
+
+def _accumulation(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+def _conv_params(stride, padding, dilation):
+    return (*stride, padding[0], padding[2], *dilation)
+
+
+# --------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------
+def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: bool = False, *,
+                   config: dict | None = None) -> torch.Tensor:
+    """y = conv2d(x, w) + bias (then ReLU). ``padding`` is (top, bottom,
+    left, right); the output keeps x's memory format."""
+    N, _, H, W = x.shape
+    C_out_total, C_in, KH, KW = w.shape
+    C_out = C_out_total // groups
+    OH = (H + padding[0] + padding[1] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + padding[2] + padding[3] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    y = empty((N, C_out_total, OH, OW), dtype=x.dtype, device=x.device,
+              memory_format=_memory_format(x))
+    if y.numel() == 0:
+        return y
+    M = N * OH * OW
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), groups)
+
+    args = (x, w, w if bias is None else bias, y, N, C_in, H, W, C_out, OH, OW, KH, KW,
+            *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *y.stride())
+    constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, ALLOW_TF32=allow_tf32(x.dtype),
+                      ACC=_accumulation(x.dtype))
+    _launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device)
+    return y
+
+
+def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, groups: int,
+                          memory_format, *, config: dict | None = None) -> torch.Tensor:
+    """dx of y = conv2d(x, w): (N, C_in * groups, *input_hw) from dy
+    (N, C_out * groups, OH, OW), plus ``bias`` per channel when given (which
+    makes it conv_transpose2d's forward)."""
+    N, _, OH, OW = dy.shape
+    C_out_total, C_in, KH, KW = w.shape
+    C_out = C_out_total // groups
+    H, W = input_hw
+    dx = empty((N, C_in * groups, H, W), dtype=dy.dtype, device=dy.device,
+               memory_format=memory_format)
+    if dx.numel() == 0:
+        return dx
+    if C_out == 0 or dy.numel() == 0:
+        dx.zero_()
+        if bias is not None:
+            dx += bias.view(1, -1, 1, 1).to(dx.dtype)
+        return dx
+    residues = stride[0] * stride[1]
+    M = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), groups,
+                residues)
+
+    args = (dy, w, w if bias is None else bias, dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
+            *_conv_params(stride, padding, dilation), *dy.stride(), *w.stride(), *dx.stride())
+    constexprs = dict(HAS_BIAS=bias is not None, ALLOW_TF32=allow_tf32(dy.dtype),
+                      ACC=_accumulation(dy.dtype))
+    _launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device)
+    return dx
+
+
+def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: int, *,
+                       config: dict | None = None, splits: int | None = None) -> torch.Tensor:
+    """dw (C_out * groups, C_in, KH, KW) in fp32 (fp64 for fp64 input)."""
+    N, _, H, W = x.shape
+    _, _, OH, OW = dy.shape
+    C_out_total, C_in, KH, KW = weight_shape
+    C_out = C_out_total // groups
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pixels = N * OH * OW
+    if pixels == 0 or C_out_total * C_in * KH * KW == 0:
+        return torch.zeros(weight_shape, dtype=acc_dtype, device=x.device)
+    tiles = triton.cdiv(C_out, 64) * triton.cdiv(C_in, 64) * KH * KW * groups
+    if splits is None:
+        # enough programs for a few waves, each with at least 256 pixels
+        splits = max(1, min(target_programs(x.device) // max(tiles, 1), pixels // 256))
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), 64) * 64
+    splits = triton.cdiv(pixels, per_split)
+    partial = empty((splits, C_out_total, C_in, KH, KW), dtype=acc_dtype, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),
+                groups * KH * KW, splits)
+
+    args = (dy, x, partial, N, C_in, H, W, C_out, OH, OW, KH, KW,
+            *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
+            partial.stride(0))
+    constexprs = dict(ALLOW_TF32=allow_tf32(x.dtype), ACC=_accumulation(x.dtype))
+    _launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
+            x.device)
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

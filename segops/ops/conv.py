@@ -1,0 +1,248 @@
+"""Atrous (dilated) 2-D convolution: ``F.conv2d``'s signature and results on
+segops' implicit-GEMM kernels (any stride, padding, dilation, groups).
+
+Conventions (``F.conv2d``'s)
+----------------------------
+* ``input`` ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``; ``weight``
+  ``(C_out, C_in / groups, KH, KW)``; ``bias`` ``(C_out,)`` or None. One
+  dtype for all three: float32, float16, bfloat16 (float64 on the reference
+  and interpreter paths). Accumulation is float32; float32 inputs use TF32
+  exactly when ``torch.backends.cudnn.allow_tf32`` is set, as F.conv2d does.
+* ``stride``, ``dilation``: int or pair, >= 1. ``padding``: int or pair
+  (>= 0), or ``'valid'`` (none) or ``'same'`` (output size = input size,
+  stride 1 only; an odd total is padded one more at the bottom/right,
+  like PyTorch).
+* Output ``(N, C_out, OH, OW)``, OH = (H + 2*pad_h - dil_h*(KH-1) - 1) //
+  stride_h + 1, in the input's memory format (channels_last in,
+  channels_last out).
+* Under autocast, float32 inputs are cast to the autocast dtype first, as
+  ATen does for conv2d.
+* Errors are ``ArgumentError``/``ArgumentTypeError``: ValueError/TypeError
+  that are also RuntimeError, the kind F.conv2d raises.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .._checks import FLOAT_DTYPES, ArgumentError, ArgumentTypeError, check_choice
+from ..reference import conv as reference
+
+ACTIVATIONS = (None, "relu")
+
+
+def _kernels():
+    from ..kernels import conv as kernels  # lazy: triton is slow to import
+    return kernels
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def is_channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+# --------------------------------------------------------------------------
+# custom ops: forward, grad_input, grad_weight
+# --------------------------------------------------------------------------
+@torch.library.custom_op("segops::conv2d", mutates_args=())
+def _conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
+            padding: list[int], dilation: list[int], groups: int, relu: bool) -> Tensor:
+    args = (input, weight, bias, stride, padding, dilation, groups, relu)
+    if _dispatch.uses_kernel(input):
+        return _kernels().conv2d_forward(*args)
+    out = reference.conv2d(*args)
+    return out.contiguous(memory_format=_memory_format(is_channels_last(input)))
+
+
+@_conv2d.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, relu):
+    OH, OW = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    out = input.new_empty((input.shape[0], weight.shape[0], OH, OW))
+    return out.contiguous(memory_format=_memory_format(is_channels_last(input)))
+
+
+@torch.library.custom_op("segops::conv2d_grad_input", mutates_args=())
+def _conv2d_grad_input(grad: Tensor, weight: Tensor, input_hw: list[int], stride: list[int],
+                       padding: list[int], dilation: list[int], groups: int,
+                       channels_last: bool) -> Tensor:
+    if _dispatch.uses_kernel(grad):
+        return _kernels().conv_transpose_gather(grad, weight, None, input_hw, stride, padding,
+                                                dilation, groups, _memory_format(channels_last))
+    dx = reference.conv2d_grad_input(grad, weight, input_hw, stride, padding, dilation, groups)
+    return dx.contiguous(memory_format=_memory_format(channels_last))
+
+
+@_conv2d_grad_input.register_fake
+def _(grad, weight, input_hw, stride, padding, dilation, groups, channels_last):
+    shape = (grad.shape[0], weight.shape[1] * groups, *input_hw)
+    return grad.new_empty(shape).contiguous(memory_format=_memory_format(channels_last))
+
+
+@torch.library.custom_op("segops::conv2d_grad_weight", mutates_args=())
+def _conv2d_grad_weight(grad: Tensor, input: Tensor, weight_shape: list[int],
+                        stride: list[int], padding: list[int], dilation: list[int],
+                        groups: int) -> Tensor:
+    args = (grad, input, weight_shape, stride, padding, dilation, groups)
+    if _dispatch.uses_kernel(input):
+        return _kernels().conv2d_grad_weight(*args).to(input.dtype)
+    return reference.conv2d_grad_weight(*args)
+
+
+@_conv2d_grad_weight.register_fake
+def _(grad, input, weight_shape, stride, padding, dilation, groups):
+    return input.new_empty(weight_shape)
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(input, weight, output if relu else None)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.relu = relu
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _conv2d_grad(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    if ctx.relu:
+        grad = grad * (output > 0)
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _conv2d_grad_input(grad, weight, list(input.shape[-2:]), *ctx.geometry,
+                                        is_channels_last(input))
+    if ctx.needs_input_grad[1]:
+        grad_weight = _conv2d_grad_weight(grad, input, list(weight.shape), *ctx.geometry)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum(dim=(0, 2, 3), dtype=torch.float32 if grad.dtype != torch.float64
+                             else torch.float64).to(ctx.bias_dtype)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+_conv2d.register_autograd(_conv2d_grad, setup_context=_conv2d_setup_context)
+
+
+# --------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------
+def _pair(name: str, value, minimum: int) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ArgumentError(f"{name} must be {kind}, got {tuple(value)}")
+    return [int(value[0]), int(value[1])]
+
+
+def resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
+    """(top, bottom, left, right) from an int, a pair, 'valid' or 'same'."""
+    if isinstance(padding, str):
+        check_choice("padding", padding, ("same", "valid"))
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if max(stride) > 1:
+            raise ArgumentError("padding='same' is not supported for strided convolutions "
+                                f"(stride={tuple(stride)})")
+        pads = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    ph, pw = _pair("padding", padding, 0)
+    return [ph, ph, pw, pw]
+
+
+def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ArgumentTypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype != input.dtype:
+            raise ArgumentTypeError(f"input ({input.dtype}) and {name} ({t.dtype}) must have "
+                                    "the same dtype")
+        if t.device != input.device:
+            raise ArgumentError(f"input is on {input.device} but {name} is on {t.device}")
+    if input.dim() != 4:
+        raise ArgumentError(f"input must be (N, C, H, W) or (C, H, W), got shape "
+                            f"{tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ArgumentError(f"weight must be (C_out, C_in / groups, KH, KW), got shape "
+                            f"{tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ArgumentError(f"groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups:
+        raise ArgumentError(f"groups={groups} must divide the output channels "
+                            f"{weight.shape[0]} (weight shape {tuple(weight.shape)})")
+    if input.shape[1] != weight.shape[1] * groups:
+        raise ArgumentError(
+            f"weight of shape {tuple(weight.shape)} with groups={groups} expects "
+            f"{weight.shape[1] * groups} input channels, got input of shape "
+            f"{tuple(input.shape)} with {input.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ArgumentError(f"bias must have shape ({weight.shape[0]},), got "
+                            f"{tuple(bias.shape)}")
+
+
+def _autocast(*tensors):
+    """ATen's autocast policy for conv2d: float16/32 inputs go to the
+    autocast dtype (float64 stays)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                              torch.bfloat16) else t
+                 for t in tensors)
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
+                  stride: int | tuple[int, int] = 1,
+                  padding: int | tuple[int, int] | str = 0,
+                  dilation: int | tuple[int, int] = 1, groups: int = 1, *,
+                  activation: str | None = None) -> Tensor:
+    """2-D convolution with ``F.conv2d``'s signature and results, tuned for
+    dilation (see the module docstring for shapes and conventions).
+
+    Args:
+        input: ``(N, C_in, H, W)`` or ``(C_in, H, W)``.
+        weight: ``(C_out, C_in / groups, KH, KW)``.
+        bias: ``(C_out,)`` or None.
+        stride, dilation: int or pair, >= 1.
+        padding: int, pair, ``'same'`` or ``'valid'``.
+        groups: divides C_in and C_out (``groups == C_in`` is depthwise).
+        activation: ``None`` or ``'relu'``, fused into the store (after the
+            bias); its gradient is applied before the backward kernels.
+    Returns:
+        ``(N, C_out, OH, OW)`` (or ``(C_out, OH, OW)``) in the input's dtype
+        and memory format.
+    """
+    if not isinstance(input, Tensor):
+        raise ArgumentTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    input, weight, bias = _autocast(input, weight, bias)
+    _check_tensors(input, weight, bias, groups)
+    check_choice("activation", activation, ACTIVATIONS)
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    pads = resolve_padding(padding, weight.shape[-2:], stride, dilation)
+    OH, OW = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, pads, dilation)
+    if OH <= 0 or OW <= 0:
+        raise ArgumentError(
+            f"output size {OH}x{OW} is too small: input {tuple(input.shape[-2:])}, padding "
+            f"{pads}, dilated kernel {[d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[-2:])]}, "
+            f"stride {stride}")
+    out = _conv2d(input, weight, bias, stride, pads, dilation, groups, activation == "relu")
+    return out.squeeze(0) if unbatched else out
