@@ -42,6 +42,23 @@ def peak_extra_memory(fn) -> int:
 
 
 _copy_bandwidth = None
+_matmul_peak: dict = {}
+
+
+def matmul_peak_tflops(dtype: torch.dtype) -> float:
+    """Measured dense matmul throughput (8192^3, TF32 for fp32 when cuDNN's
+    flag allows it, as the convolutions do): the compute roofline."""
+    if dtype not in _matmul_peak:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        try:
+            a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+            b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+            ms = time_ms(lambda: a @ b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        _matmul_peak[dtype] = 2 * 8192**3 / ms / 1e9
+    return _matmul_peak[dtype]
 
 
 def copy_bandwidth_gbs() -> float:

@@ -10,7 +10,7 @@ import torch
 
 from . import harness
 
-FAMILIES = ["overlap", "roi_align"]
+FAMILIES = ["overlap", "roi_align", "conv"]
 
 
 def main(args) -> int:

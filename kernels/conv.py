@@ -45,7 +45,10 @@ _AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
 # shared helpers
 # --------------------------------------------------------------------------
 @triton.jit
-def _mma(acc, a, b, ALLOW_TF32: tl.constexpr):
+def _mma(acc, a, b, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly: go through fp32
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     if ALLOW_TF32:
         return tl.dot(a, b, acc, input_precision="tf32")
     return tl.dot(a, b, acc, input_precision="ieee")
@@ -81,7 +84,7 @@ def _conv2d_fwd_kernel(
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
     """C_in and C_out are per group; program axis 1 is the group."""
@@ -114,7 +117,7 @@ def _conv2d_fwd_kernel(
                                 mask=valid[:, None] & kmask[None, :], other=0.0)
                     b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * swi,
                                 mask=kmask[:, None] & nmask[None, :], other=0.0)
-                    acc = _mma(acc, a, b, ALLOW_TF32)
+                    acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
     _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, nmask, syn, syc, syh, syw,
                     HAS_BIAS, RELU)
 
@@ -128,7 +131,7 @@ def _conv2d_bwd_input_kernel(
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
     """dx (N, C_in, H, W) of y = conv(x, w) with y (N, C_out, OH, OW), per
@@ -177,7 +180,7 @@ def _conv2d_bwd_input_kernel(
                                         mask=valid[:, None] & kmask[None, :], other=0.0)
                             b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * swo,
                                         mask=kmask[:, None] & nmask[None, :], other=0.0)
-                            acc = _mma(acc, a, b, ALLOW_TF32)
+                            acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
     _epilogue_store(acc, dx_ptr, b_ptr, n, ih, iw, ci, mmask, nmask, sdxn, sdxc, sdxh, sdxw,
                     HAS_BIAS, False)
 
@@ -191,8 +194,8 @@ def _conv2d_bwd_weight_kernel(
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw, split_pixels, split_stride,
-    ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
     """Partial dw over one split of the pixels, into part[split] of shape
     (C_out * groups, C_in, KH, KW), contiguous. Axis 1 is (group, tap)."""
@@ -227,7 +230,7 @@ def _conv2d_bwd_weight_kernel(
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(x_cols[None, :] + x_rows[:, None],
                     mask=valid[:, None] & nmask[None, :], other=0.0)
-        acc = _mma(acc, a, b, ALLOW_TF32)
+        acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
 
     co = group * C_out + offs_m
     out = (part_ptr + split.to(tl.int64) * split_stride + co.to(tl.int64)[:, None] * (C_in * KH * KW)
@@ -286,6 +289,13 @@ def allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
 
+def _precision(t: torch.Tensor) -> dict:
+    """The dtype constexprs: TF32 per cuDNN's flag, fp32 (fp64) accumulation,
+    and the interpreter's bf16 detour (see _mma)."""
+    return dict(ALLOW_TF32=allow_tf32(t.dtype), ACC=_accumulation(t.dtype),
+                UPCAST=t.dtype == torch.bfloat16 and t.device.type != "cuda")
+
+
 def _conv_params(stride, padding, dilation):
     return (*stride, padding[0], padding[2], *dilation)
 
@@ -313,8 +323,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
 
     args = (x, w, w if bias is None else bias, y, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *y.stride())
-    constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, ALLOW_TF32=allow_tf32(x.dtype),
-                      ACC=_accumulation(x.dtype))
+    constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, **_precision(x))
     _launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device)
     return y
 
@@ -346,8 +355,7 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
 
     args = (dy, w, w if bias is None else bias, dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *dy.stride(), *w.stride(), *dx.stride())
-    constexprs = dict(HAS_BIAS=bias is not None, ALLOW_TF32=allow_tf32(dy.dtype),
-                      ACC=_accumulation(dy.dtype))
+    constexprs = dict(HAS_BIAS=bias is not None, **_precision(dy))
     _launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device)
     return dx
 
@@ -378,7 +386,7 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     args = (dy, x, partial, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
             partial.stride(0))
-    constexprs = dict(ALLOW_TF32=allow_tf32(x.dtype), ACC=_accumulation(x.dtype))
+    constexprs = _precision(x)
     _launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
             x.device)
     return partial[0] if splits == 1 else partial.sum(0)

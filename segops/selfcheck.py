@@ -12,7 +12,9 @@ import torch
 
 from . import _dispatch
 from .ops import overlap
+from .ops.conv import atrous_conv2d
 from .ops.roi_align import roi_align
+from .reference import conv as conv_reference
 from .reference import overlap as overlap_reference
 from .reference import roi_align as roi_align_reference
 
@@ -55,10 +57,26 @@ def _check_roi_align(device) -> float:
     return max(_max_error(out, want), _max_error(grad, want_grad))
 
 
+def _check_conv(device) -> float:
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    out = atrous_conv2d(xd, wd, b.to(device), stride=(2, 1), padding=2, dilation=2)
+    grad_out = torch.randn_like(out)
+    grad_x, grad_w = torch.autograd.grad(out, (xd, wd), grad_out)
+    geometry = ([2, 1], [2, 2, 2, 2], [2, 2], 1)
+    g = grad_out.cpu()
+    return max(_max_error(out, conv_reference.conv2d(x, w, b, *geometry)),
+               _max_error(grad_x, conv_reference.conv2d_grad_input(g, w, (9, 8), *geometry)),
+               _max_error(grad_w, conv_reference.conv2d_grad_weight(g, x, w.shape, *geometry)))
+
+
 CHECKS = {
     "overlap_sums (fwd+bwd)": _check_overlap,
     "confusion_matrix": _check_confusion,
     "roi_align (fwd+bwd)": _check_roi_align,
+    "atrous_conv2d (fwd+bwd)": _check_conv,
 }
 
 

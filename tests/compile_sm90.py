@@ -91,7 +91,7 @@ def conv_variants():
                                          and dtype == "fp32"):
             continue  # the tuner's large tiles: checked in the dtypes it runs most
         acc = "fp64" if dtype == "fp64" else "fp32"
-        common = dict(ALLOW_TF32=tf32, ACC=tl.float64 if acc == "fp64" else tl.float32, **blocks)
+        common = dict(ALLOW_TF32=tf32, UPCAST=False, ACC=tl.float64 if acc == "fp64" else tl.float32, **blocks)
         warps = 8 if blocks["BLOCK_M"] == 128 else 4
         yield (conv._conv2d_fwd_kernel,
                dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}"),

@@ -92,3 +92,24 @@ def test_roi_align_benchmark_code_runs_at_tiny_sizes(monkeypatch):
         for direction in ("fwd", "fwd+bwd", "fwd+bwd det"):
             assert (op, direction, "segops") in keys and (op, direction, "torchvision") in keys
     assert len(records) == 2 * 3 * 2 * 2
+
+
+def test_conv_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    """Smoke test of benchmarks/conv.py: tiny shapes, both layouts and
+    directions, each provider called once."""
+    from segops.benchmarks import conv as bench
+
+    def call_once(fn, **_):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(bench, "SHAPES", [("aspp d3", 1, 5, 6, 4, 3, 3)])
+    monkeypatch.setattr(bench, "DTYPES", [torch.float32])
+    monkeypatch.setattr(bench, "time_ms", call_once)
+    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    monkeypatch.setattr(bench, "_roofline", lambda dtype: 1.0)
+    records = bench.run(quick=False)
+    keys = {(r.direction, r.provider) for r in records}
+    assert keys == {(d, p) for d in ("fwd", "fwd+bwd") for p in ("segops", "cudnn")}
+    assert len(records) == 2 * 2 * 2

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._checks import FLOAT_DTYPES, ArgumentError, ArgumentTypeError, check_choice
+from .._checks import FLOAT_DTYPES, ArgumentError, ArgumentTypeError
 from ..reference import conv as reference
 
 ACTIVATIONS = (None, "relu")
@@ -127,6 +127,11 @@ _conv2d.register_autograd(_conv2d_grad, setup_context=_conv2d_setup_context)
 # --------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
 def _pair(name: str, value, minimum: int) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
@@ -142,7 +147,7 @@ def _pair(name: str, value, minimum: int) -> list[int]:
 def resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
     """(top, bottom, left, right) from an int, a pair, 'valid' or 'same'."""
     if isinstance(padding, str):
-        check_choice("padding", padding, ("same", "valid"))
+        _choice("padding", padding, ("same", "valid"))
         if padding == "valid":
             return [0, 0, 0, 0]
         if max(stride) > 1:
@@ -234,7 +239,7 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         input = input.unsqueeze(0)
     input, weight, bias = _autocast(input, weight, bias)
     _check_tensors(input, weight, bias, groups)
-    check_choice("activation", activation, ACTIVATIONS)
+    _choice("activation", activation, ACTIVATIONS)
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)
     pads = resolve_padding(padding, weight.shape[-2:], stride, dilation)

@@ -1,0 +1,84 @@
+"""Atrous convolution benchmarks against cuDNN (F.conv2d with
+cudnn.benchmark=True) at DeepLab's dilated shapes (DESIGN.md): ASPP at output
+stride 16 and 8, dilated ResNet layer3/layer4, and one non-dilated control.
+fp32 (TF32 on both sides, PyTorch's default for convolutions) and bf16,
+channels_last and NCHW, forward and forward+backward (input and weight
+gradients). TFLOP/s count the nominal 2*N*OH*OW*C_out*C_in*KH*KW/groups
+multiply-adds per pass (x3 for forward+backward), padding taps included.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import segops
+
+from .harness import Record, matmul_peak_tflops, peak_extra_memory, time_ms
+
+# (name, N, C_in, size, C_out, kernel, dilation); stride 1, padding = dilation
+SHAPES = [
+    *[(f"aspp os16 d{d}", 8, 2048, 33, 256, 3, d) for d in (6, 12, 18)],
+    *[(f"aspp os8 d{d}", 8, 2048, 65, 256, 3, d) for d in (12, 24, 36)],
+    ("layer3 d2", 8, 256, 65, 256, 3, 2),
+    ("layer4 d4", 8, 512, 65, 512, 3, 4),
+    ("control d1", 8, 256, 65, 256, 3, 1),
+]
+QUICK_SHAPES = [SHAPES[4], SHAPES[6], SHAPES[8]]
+DTYPES = [torch.bfloat16, torch.float32]
+DEVICE = "cuda"  # the smoke test runs this module on CPU at tiny sizes
+
+
+def _tensors(N, C_in, size, C_out, k, dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(N, C_in, size, size, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(C_out, C_in, k, k, device=DEVICE, dtype=dtype) / (C_in * k * k) ** 0.5)
+    return x, w.contiguous(memory_format=fmt)
+
+
+def _providers(dilation):
+    return {
+        "segops": lambda x, w: segops.ops.atrous_conv2d(x, w, None, 1, dilation, dilation),
+        "cudnn": lambda x, w: F.conv2d(x, w, None, 1, dilation, dilation),
+    }
+
+
+def _step(fn, x, w, backward: bool):
+    def run():
+        out = fn(x, w)
+        if backward:
+            out.backward(torch.ones_like(out))
+            x.grad = w.grad = None
+    return run
+
+
+def _roofline(dtype) -> float | None:
+    return matmul_peak_tflops(dtype) if DEVICE == "cuda" else None
+
+
+def run(quick: bool = False) -> list[Record]:
+    records = []
+    layouts = (True,) if quick else (True, False)
+    for (name, N, C_in, size, C_out, k, d), dtype, channels_last in itertools.product(
+            QUICK_SHAPES if quick else SHAPES, DTYPES, layouts):
+        x, w = _tensors(N, C_in, size, C_out, k, dtype, channels_last)
+        shape = f"{name} {N}x{C_in}x{size}^2->{C_out}" + (" cl" if channels_last else "")
+        flops = 2 * N * size * size * C_out * C_in * k * k
+        peak = _roofline(dtype)
+        for direction, backward in (("fwd", False), ("fwd+bwd", True)):
+            x.requires_grad_(backward)
+            w.requires_grad_(backward)
+            for provider, fn in _providers(d).items():
+                step = _step(fn, x, w, backward)
+                ms = time_ms(step)
+                tflops = flops * (3 if backward else 1) / ms / 1e9
+                records.append(Record(
+                    op="atrous_conv2d", shape=shape, dtype=str(dtype).replace("torch.", ""),
+                    direction=direction, provider=provider, ms=ms, tflops=tflops,
+                    roofline_fraction=None if peak is None else tflops / peak,
+                    extra_memory_mb=peak_extra_memory(step) / 2**20))
+        del x, w
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return records

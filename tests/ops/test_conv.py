@@ -1,0 +1,361 @@
+"""Atrous conv2d: kernels vs F.conv2d and the reference over a randomized grid
+of geometries (forward and all three gradients), dtypes, layouts, tiles,
+edges, errors, opcheck, compile, autocast and the module."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
+
+import segops
+from segops import _checks
+from segops.kernels import conv as kernels
+from segops.reference import conv as ref
+
+F64 = RTOL[torch.float64]
+TF32_RTOL = 3e-3
+
+DILATIONS = [1, 2, 3, (2, 3)]
+STRIDES = [1, 2, (1, 2)]
+PADDINGS = [0, 1, (2, 1), "same", "valid"]
+KERNELS = [1, 3, 5, (1, 3)]
+GROUPS = ["1", "2", "depthwise"]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def random_case(seed: int) -> dict:
+    """One geometry from the grid the issue names, sizes odd and small."""
+    rng = random.Random(seed)
+    stride = rng.choice(STRIDES)
+    padding = rng.choice(PADDINGS)
+    if padding == "same" and stride != 1:
+        padding = 1
+    groups = rng.choice(GROUPS)
+    g = {"1": 1, "2": 2, "depthwise": rng.choice([3, 4])}[groups]
+    c_in = g * rng.choice([1, 2, 3]) if groups != "depthwise" else g
+    c_out = g * rng.choice([1, 2, 3])
+    return dict(N=rng.choice([1, 2]), C_in=c_in, C_out=c_out, H=rng.choice([7, 9, 11]),
+                W=rng.choice([8, 9, 13]), kernel=rng.choice(KERNELS), stride=stride,
+                padding=padding, dilation=rng.choice(DILATIONS), groups=g,
+                bias=rng.random() < 0.6, layout=rng.choice(LAYOUTS))
+
+
+def make_tensors(case, dtype=torch.float64, device=DEVICE):
+    k = case["kernel"] if isinstance(case["kernel"], tuple) else (case["kernel"],) * 2
+    x = torch.randn(case["N"], case["C_in"], case["H"], case["W"], dtype=torch.float64)
+    w = torch.randn(case["C_out"], case["C_in"] // case["groups"], *k, dtype=torch.float64)
+    b = torch.randn(case["C_out"], dtype=torch.float64) if case["bias"] else None
+    x = like_layout(x.to(dtype), case.get("layout", "contiguous")).to(device)
+    w, b = w.to(dtype).to(device), None if b is None else b.to(dtype).to(device)
+    return x, w, b
+
+
+def conv_args(case):
+    return dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                groups=case["groups"])
+
+
+def output_fits(case):
+    k = case["kernel"] if isinstance(case["kernel"], tuple) else (case["kernel"],) * 2
+    d = case["dilation"] if isinstance(case["dilation"], tuple) else (case["dilation"],) * 2
+    p = case["padding"]
+    if p == "same":
+        return True
+    p = (0, 0) if p == "valid" else p if isinstance(p, tuple) else (p, p)
+    return all(size + 2 * pad >= dd * (kk - 1) + 1
+               for size, pad, dd, kk in zip((case["H"], case["W"]), p, d, k))
+
+
+def forward_and_grads(fn, x, w, b, grad):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    out = fn(*leaves, *([None] if b is None else []))
+    grads = torch.autograd.grad(out, leaves, grad)
+    return out, grads
+
+
+CASES = [random_case(seed) for seed in range(40)]
+CASES = [c for c in CASES if output_fits(c)][:28]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_matches_f_conv2d(case):
+    """Forward, grad_input, grad_weight and grad_bias against F.conv2d (and
+    the reference) in float64."""
+    x, w, b = make_tensors(case)
+    args = conv_args(case)
+    ours, our_grads = None, None
+    want = F.conv2d(x.cpu(), w.cpu(), None if b is None else b.cpu(), **args)
+    grad = torch.randn_like(want)
+    ours, our_grads = forward_and_grads(
+        lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b, grad.to(DEVICE))
+    want, want_grads = forward_and_grads(
+        lambda *t: F.conv2d(*t, **args), x.cpu(), w.cpu(), None if b is None else b.cpu(), grad)
+    assert_close(ours, want, F64)
+    for name, got, expected in zip(["input", "weight", "bias"], our_grads, want_grads):
+        assert_close(got, expected, F64, name=f"grad_{name}")
+    if case["layout"] == "channels_last" and ours.shape[1] > 1 and ours.shape[-1] > 1:
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+        assert our_grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=[f"case{i}" for i in range(6)])
+def test_reference_matches_f_conv2d(case):
+    x, w, b = make_tensors(case, device="cpu")
+    args = conv_args(case)
+    stride = segops.ops.conv._pair("stride", args["stride"], 1)
+    dilation = segops.ops.conv._pair("dilation", args["dilation"], 1)
+    pads = segops.ops.conv.resolve_padding(args["padding"], w.shape[-2:], stride, dilation)
+    y = ref.conv2d(x, w, b, stride, pads, dilation, args["groups"])
+    want = F.conv2d(x, w, b, **args)
+    assert_close(y, want, F64)
+    grad = torch.randn_like(want)
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    gx, gw = torch.autograd.grad(F.conv2d(xr, wr, b, **args), (xr, wr), grad)
+    assert_close(ref.conv2d_grad_input(grad, w, x.shape[-2:], stride, pads, dilation,
+                                       args["groups"]), gx, F64, name="grad_input")
+    assert_close(ref.conv2d_grad_weight(grad, x, w.shape, stride, pads, dilation,
+                                        args["groups"]), gw, F64, name="grad_weight")
+
+
+# --------------------------------------------------------------------------
+# dtypes, tf32, tiles
+# --------------------------------------------------------------------------
+SEG_CASE = dict(N=2, C_in=19, H=9, W=10, C_out=21, kernel=3, stride=1, padding=2, dilation=2,
+                groups=1, bias=True, layout="channels_last")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
+def test_dtypes_against_float64(dtype, monkeypatch):
+    """fp32 (TF32 off), fp16, bf16 with fp32 accumulation; 19 input and 21
+    output channels (K and N tiles padded by masking)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x, w, b = make_tensors(SEG_CASE, dtype)
+    args = conv_args(SEG_CASE)
+    want = F.conv2d(*(t.double().cpu() for t in (x, w, b)), **args)
+    grad = torch.randn_like(want).to(dtype)
+    out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b,
+                                   grad.to(DEVICE))
+    assert out.dtype == dtype
+    _, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args),
+                                      *(t.double().cpu() for t in (x, w, b)), grad.double())
+    assert_close(out, want, RTOL[dtype])
+    for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
+        assert got.dtype == dtype
+        assert_close(got, expected, RTOL[dtype], name=f"grad_{name}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="TF32 exists on the GPU only")
+def test_tf32_follows_cudnn_flag(monkeypatch):
+    x, w, b = make_tensors(SEG_CASE, torch.float32)
+    want = F.conv2d(*(t.double() for t in (x, w, b)), padding=2, dilation=2)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert kernels.allow_tf32(torch.float32)
+    assert_close(segops.ops.atrous_conv2d(x, w, b, padding=2, dilation=2), want, TF32_RTOL)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert_close(segops.ops.atrous_conv2d(x, w, b, padding=2, dilation=2), want,
+                 RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("tile", [(16, 16, 16, 4, 2), (128, 64, 64, 4, 4), (64, 128, 32, 8, 3)])
+def test_tuned_tiles(tile):
+    """Tiles from the tuner's list (and a small one), all three kernels."""
+    m, n, k, warps, stages = tile
+    config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+    dtype = KERNEL_DTYPES[0]
+    x = torch.randn(2, 40, 9, 10, dtype=torch.float64).to(dtype).to(DEVICE)
+    w = torch.randn(36, 20, 3, 3, dtype=torch.float64).to(dtype).to(DEVICE)
+    geometry = ([2, 1], [3, 3, 2, 2], [3, 2], 2)
+    y = kernels.conv2d_forward(x, w, None, *geometry, config=config)
+    cpu = [t.double().cpu() for t in (x, w)]
+    want = ref.conv2d(*cpu, None, *geometry)
+    tol = RTOL[dtype] if dtype != torch.float32 else TF32_RTOL
+    assert_close(y, want, tol)
+    grad = torch.randn(want.shape, dtype=torch.float64)
+    dx = kernels.conv_transpose_gather(grad.to(dtype).to(DEVICE), w, None, x.shape[-2:],
+                                       *geometry, torch.contiguous_format, config=config)
+    assert_close(dx, ref.conv2d_grad_input(grad, cpu[1], x.shape[-2:], *geometry), tol)
+    dw = kernels.conv2d_grad_weight(grad.to(dtype).to(DEVICE), x, w.shape, *geometry,
+                                    config=config, splits=3)
+    assert_close(dw, ref.conv2d_grad_weight(grad, cpu[0], w.shape, *geometry), tol)
+
+
+# --------------------------------------------------------------------------
+# edges
+# --------------------------------------------------------------------------
+def test_fused_bias_relu_and_its_gradient():
+    x, w, b = make_tensors(SEG_CASE)
+    grad = torch.randn(2, 21, 9, 10, dtype=torch.float64)
+    out, grads = forward_and_grads(
+        lambda *t: segops.ops.atrous_conv2d(*t, padding=2, dilation=2, activation="relu"),
+        x, w, b, grad.to(DEVICE))
+    want, want_grads = forward_and_grads(
+        lambda *t: F.relu(F.conv2d(*t, padding=2, dilation=2)),
+        *(t.cpu() for t in (x, w, b)), grad)
+    assert (out == 0).any() and (out > 0).any()
+    assert_close(out, want, F64)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected, F64, name="grad")
+
+
+def test_taps_in_the_padding_are_skipped_correctly():
+    """ASPP's worst case: dilation larger than the map, so every tap but the
+    centre reads only padding."""
+    x, w, b = make_tensors(dict(SEG_CASE, H=5, W=6, dilation=12, padding=12, layout="contiguous"))
+    want = F.conv2d(x.cpu(), w.cpu(), b.cpu(), padding=12, dilation=12)
+    assert_close(segops.ops.atrous_conv2d(x, w, b, padding=12, dilation=12), want, F64)
+    assert_close(want, F.conv2d(x.cpu(), w.cpu()[:, :, 1:2, 1:2], b.cpu()), F64)
+
+
+def test_empty_batch_and_unbatched_input():
+    x, w, b = make_tensors(SEG_CASE)
+    empty = segops.ops.atrous_conv2d(x[:0], w, b, padding=2, dilation=2)
+    assert empty.shape == (0, 21, 9, 10)
+    single = segops.ops.atrous_conv2d(x[0], w, b, padding=2, dilation=2)
+    assert_close(single, F.conv2d(x[0].cpu(), w.cpu(), b.cpu(), padding=2, dilation=2), F64)
+
+
+def test_one_by_one_map_stride_larger_than_input():
+    x = torch.randn(2, 3, 1, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = segops.ops.atrous_conv2d(x, w, stride=3, padding=1)
+    want = F.conv2d(x.detach().cpu(), w.detach().cpu(), stride=3, padding=1)
+    assert_close(out, want, F64)
+    out.sum().backward()
+    xr, wr = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    F.conv2d(xr, wr, stride=3, padding=1).sum().backward()
+    assert_close(x.grad, xr.grad, F64, name="grad_input")
+    assert_close(w.grad, wr.grad, F64, name="grad_weight")
+
+
+def test_kernel_path_gradcheck():
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 2, 3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: segops.ops.atrous_conv2d(*t, stride=(2, 1), padding=1, dilation=(1, 2)),
+        (x, w, b))
+
+
+def test_opcheck():
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    geometry = ([1, 2], [2, 2, 1, 1], [2, 1], 2)
+    torch.library.opcheck(torch.ops.segops.conv2d.default, (x, w, b, *geometry, True))
+    grad = torch.randn(2, 6, 6, 3, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(torch.ops.segops.conv2d_grad_input.default,
+                          (grad, w.detach(), [6, 5], *geometry, False))
+    torch.library.opcheck(torch.ops.segops.conv2d_grad_weight.default,
+                          (grad, x.detach(), [6, 2, 3, 3], *geometry))
+
+
+def test_compile_fullgraph_through_module():
+    conv = segops.nn.AtrousConv2d(4, 5, 3, padding=2, dilation=2).to(DEVICE, torch.float64)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    backend = "inductor" if ON_GPU else "aot_eager"
+    compiled = torch.compile(conv, fullgraph=True, backend=backend)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.sum(), (x, conv.weight, conv.bias))
+    want = F.conv2d(x, conv.weight, conv.bias, padding=2, dilation=2)
+    want_grads = torch.autograd.grad(want.sum(), (x, conv.weight, conv.bias))
+    assert_close(out, want, F64)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected, F64, name="grad")
+
+
+def test_autocast_like_f_conv2d():
+    half = torch.float16 if ON_GPU else torch.bfloat16
+    x = torch.randn(1, 3, 6, 6, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=half):
+        out = segops.ops.atrous_conv2d(x, w, padding=2, dilation=2)
+        want = F.conv2d(x, w, padding=2, dilation=2)
+    assert out.dtype == want.dtype == half
+    assert_close(out, want.float(), RTOL[half])
+
+
+def test_module_loads_conv2d_state_dict():
+    plain = torch.nn.Conv2d(6, 8, 3, stride=(1, 2), padding=(2, 3), dilation=(2, 3), groups=2)
+    ours = segops.nn.AtrousConv2d(6, 8, 3, stride=(1, 2), padding=(2, 3), dilation=(2, 3),
+                                  groups=2)
+    ours.load_state_dict(plain.state_dict())
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    plain, ours = plain.to(DEVICE, torch.float64), ours.to(DEVICE, torch.float64)
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64, device=DEVICE)
+    assert_close(ours(x), plain(x), F64)
+    shared = segops.nn.AtrousConv2d.from_conv(plain)
+    assert shared.weight is plain.weight
+    assert_close(shared(x), plain(x), F64)
+
+
+def test_module_padding_modes():
+    for mode in ("reflect", "replicate", "circular"):
+        plain = torch.nn.Conv2d(2, 3, 3, padding=2, dilation=2, padding_mode=mode).double()
+        ours = segops.nn.AtrousConv2d(2, 3, 3, padding=2, dilation=2, padding_mode=mode).double()
+        ours.load_state_dict(plain.state_dict())
+        x = torch.randn(1, 2, 6, 7, dtype=torch.float64)
+        assert_close(ours.to(DEVICE)(x.to(DEVICE)), plain(x), F64, name=mode)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="2^31-element tensors: too slow for the interpreter")
+def test_offsets_past_2_to_the_31():
+    side = 46341
+    x = torch.zeros((1, 1, side, side), dtype=torch.bfloat16, device=DEVICE)
+    x[..., -6:, -6:] = torch.randn(6, 6, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(1, 1, 3, 3, device=DEVICE, dtype=torch.bfloat16)
+    out = segops.ops.atrous_conv2d(x, w, padding=2, dilation=2)
+    want = F.conv2d(x[..., -10:, -10:].double(), w.double(), padding=2, dilation=2)
+    assert_close(out[..., -8:, -8:], want[..., -8:, -8:], RTOL[torch.bfloat16])
+
+
+# --------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------
+def _x(*shape):
+    return torch.randn(*(shape or (1, 4, 6, 6)), device=DEVICE)
+
+
+def _w(*shape):
+    return torch.randn(*(shape or (6, 4, 3, 3)), device=DEVICE)
+
+
+BAD_CALLS = [
+    ("expects 4 input channels, got input of shape", lambda: ((_x(1, 5, 6, 6), _w()), {})),
+    ("groups=4 must divide the output channels 6", lambda: ((_x(), _w(6, 1, 3, 3)),
+                                                             {"groups": 4})),
+    ("stride must be positive", lambda: ((_x(), _w()), {"stride": 0})),
+    ("dilation must be positive", lambda: ((_x(), _w()), {"dilation": (1, -1)})),
+    ("padding must be non-negative", lambda: ((_x(), _w()), {"padding": -1})),
+    ("not supported for strided", lambda: ((_x(), _w()), {"padding": "same", "stride": 2})),
+    ("padding must be one of", lambda: ((_x(), _w()), {"padding": "full"})),
+    ("input must be \\(N, C, H, W\\)", lambda: ((_x(4, 6), _w()), {})),
+    ("weight must be", lambda: ((_x(), _w(6, 4, 3)), {})),
+    ("bias must have shape \\(6,\\)", lambda: ((_x(), _w(), torch.zeros(5, device=DEVICE)), {})),
+    ("too small", lambda: ((_x(1, 4, 3, 3), _w()), {"dilation": 2})),
+    ("same dtype", lambda: ((_x(), _w().double()), {})),
+    ("activation must be one of", lambda: ((_x(), _w()), {"activation": "gelu"})),
+]
+
+
+@pytest.mark.parametrize("match,make", BAD_CALLS, ids=[m for m, _ in BAD_CALLS])
+def test_bad_input_errors(match, make):
+    args, kwargs = make()
+    with pytest.raises(RuntimeError, match=match) as error:
+        segops.ops.atrous_conv2d(*args, **kwargs)
+    assert isinstance(error.value, (_checks.ArgumentError, _checks.ArgumentTypeError))
+
+
+def test_same_padding_with_even_kernels():
+    """An even dilated extent pads one more at the bottom/right, as PyTorch."""
+    x = torch.randn(1, 2, 7, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 2, 2, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = segops.ops.atrous_conv2d(x, w, padding="same", dilation=(1, 3))
+    xr, wr = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    want = F.conv2d(xr, wr, padding="same", dilation=(1, 3))
+    assert_close(out, want, F64)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (x, w), grad.to(DEVICE))
+    expected = torch.autograd.grad(want, (xr, wr), grad)
+    for g, e in zip(got, expected):
+        assert_close(g, e, F64, name="grad")
