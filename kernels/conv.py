@@ -256,10 +256,10 @@ def _configs():
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel):
+def _tuned(kernel, key: tuple):
     """The kernel behind triton.autotune, keyed on the shape (results are
     cached per key, so a model's second step does not retune)."""
-    return triton.autotune(configs=_configs(), key=_SHAPE_KEY)(kernel)
+    return triton.autotune(configs=_configs(), key=list(key))(kernel)
 
 
 def default_config(M: int, N: int, K: int) -> dict:
@@ -270,11 +270,12 @@ def default_config(M: int, N: int, K: int) -> dict:
             "BLOCK_K": min(32, max(next_pow2(K), 16))}
 
 
-def _launch(kernel, grid_fn, args, constexprs, config, M, N, K, device):
+def _launch(kernel, grid_fn, args, constexprs, config, M, N, K, device, key=_SHAPE_KEY):
     """Run ``kernel`` with ``config`` (a dict of block sizes, optionally
-    num_warps/num_stages), the autotuner, or the default tile."""
+    num_warps/num_stages), the autotuner (keyed on the arguments ``key``
+    names), or the default tile."""
     if config is None and _AUTOTUNE and device.type == "cuda":
-        _tuned(kernel)[grid_fn](*args, **constexprs)
+        _tuned(kernel, tuple(key))[grid_fn](*args, **constexprs)
         return
     config = dict(config or default_config(M, N, K))
     options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}

@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from segops.kernels import conv, overlap, roi_align  # noqa: E402
+from segops.kernels import conv, conv_transpose, overlap, roi_align  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -104,7 +104,17 @@ def conv_variants():
                    dict(dy_ptr=f"*{dtype}", x_ptr=f"*{dtype}", part_ptr=f"*{acc}"), common, warps)
 
 
-VARIANTS = (overlap_variants, roi_align_variants, conv_variants)
+def conv_transpose_variants():
+    for dtype, tf32, bias in [("bf16", False, True), ("fp16", False, False), ("fp32", True, True),
+                              ("fp32", False, False), ("fp64", False, True)]:
+        acc = tl.float64 if dtype == "fp64" else tl.float32
+        yield (conv_transpose._conv_transpose_k_eq_s_kernel,
+               dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}"),
+               dict(HAS_BIAS=bias, ALLOW_TF32=tf32, UPCAST=False, ACC=acc, BLOCK_M=64,
+                    BLOCK_N=64, BLOCK_K=32))
+
+
+VARIANTS = (overlap_variants, roi_align_variants, conv_variants, conv_transpose_variants)
 
 
 def main() -> int:

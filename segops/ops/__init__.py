@@ -1,6 +1,7 @@
 """The public functional API: every op checks its arguments, then runs the
 Triton kernel or the reference (see segops._dispatch)."""
 from .conv import atrous_conv2d
+from .conv_transpose import conv_transpose2d
 from .overlap import (
     confusion_matrix,
     dice_loss,
@@ -14,6 +15,7 @@ from .roi_align import multi_scale_roi_align, roi_align
 __all__ = [
     "atrous_conv2d",
     "confusion_matrix",
+    "conv_transpose2d",
     "dice_loss",
     "dice_score",
     "iou_score",

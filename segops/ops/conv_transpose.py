@@ -1,0 +1,160 @@
+"""Transposed 2-D convolution: ``F.conv_transpose2d``'s signature and results
+on segops' kernels (FCN, U-Net and Mask R-CNN up-sampling).
+
+Conventions (``F.conv_transpose2d``'s)
+--------------------------------------
+* ``input`` ``(N, C_in, H, W)`` or ``(C_in, H, W)``; ``weight``
+  ``(C_in, C_out / groups, KH, KW)``; ``bias`` ``(C_out,)`` or None; one
+  dtype (float32 with TF32 per ``torch.backends.cudnn.allow_tf32``,
+  float16, bfloat16; float64 on the reference and interpreter paths).
+* Output ``(N, C_out, OH, OW)`` with OH = (H - 1)*stride_h - 2*pad_h +
+  dil_h*(KH - 1) + output_padding_h + 1, in the input's memory format.
+* ``output_padding`` must be smaller than the stride or the dilation.
+* Backward: grad_input is an ordinary convolution of the output gradient
+  (``segops::conv2d``), grad_weight the convolution's weight gradient with
+  input and gradient swapped (``segops::conv2d_grad_weight``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .._checks import FLOAT_DTYPES, ArgumentError, ArgumentTypeError
+from ..reference import conv_transpose as reference
+from .conv import _autocast, _conv2d, _conv2d_grad_weight, _pair, is_channels_last
+
+
+def _kernels():
+    from ..kernels import conv_transpose as kernels  # lazy: triton is slow to import
+    return kernels
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def _conv_padding(padding) -> list[int]:
+    return [padding[0], padding[0], padding[1], padding[1]]
+
+
+@torch.library.custom_op("segops::conv_transpose2d", mutates_args=())
+def _conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
+                      padding: list[int], output_padding: list[int], dilation: list[int],
+                      groups: int) -> Tensor:
+    args = (input, weight, bias, stride, padding, output_padding, dilation, groups)
+    if _dispatch.uses_kernel(input):
+        return _kernels().conv_transpose2d_forward(*args)
+    return reference.conv_transpose2d(*args).contiguous(memory_format=_memory_format(input))
+
+
+@_conv_transpose2d.register_fake
+def _(input, weight, bias, stride, padding, output_padding, dilation, groups):
+    out_hw = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
+                                   output_padding, dilation)
+    out = input.new_empty((input.shape[0], weight.shape[1] * groups, *out_hw))
+    return out.contiguous(memory_format=_memory_format(input))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, output_padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.geometry = (list(stride), _conv_padding(padding), list(dilation), groups)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grad(ctx, grad):
+    input, weight = ctx.saved_tensors
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _conv2d(grad, weight, None, *ctx.geometry, False)
+        if is_channels_last(input) != is_channels_last(grad_input):
+            grad_input = grad_input.contiguous(memory_format=_memory_format(input))
+    if ctx.needs_input_grad[1]:
+        # the convolution's weight gradient: the transposed conv's input plays
+        # the output gradient, its output gradient plays the input
+        grad_weight = _conv2d_grad_weight(input, grad, list(weight.shape), *ctx.geometry)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        grad_bias = grad.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+_conv_transpose2d.register_autograd(_grad, setup_context=_setup_context)
+
+
+def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ArgumentTypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype != input.dtype:
+            raise ArgumentTypeError(f"input ({input.dtype}) and {name} ({t.dtype}) must have "
+                                    "the same dtype")
+        if t.device != input.device:
+            raise ArgumentError(f"input is on {input.device} but {name} is on {t.device}")
+    if input.dim() != 4:
+        raise ArgumentError(f"input must be (N, C, H, W) or (C, H, W), got shape "
+                            f"{tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ArgumentError(f"weight must be (C_in, C_out / groups, KH, KW), got shape "
+                            f"{tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ArgumentError(f"groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups:
+        raise ArgumentError(f"groups={groups} must divide the input channels {weight.shape[0]} "
+                            f"(weight shape {tuple(weight.shape)})")
+    if input.shape[1] != weight.shape[0]:
+        raise ArgumentError(f"weight of shape {tuple(weight.shape)} expects {weight.shape[0]} "
+                            f"input channels, got input of shape {tuple(input.shape)} with "
+                            f"{input.shape[1]}")
+    C_out = weight.shape[1] * groups
+    if bias is not None and tuple(bias.shape) != (C_out,):
+        raise ArgumentError(f"bias must have shape ({C_out},), got {tuple(bias.shape)}")
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
+                     stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                     output_padding: int | tuple[int, int] = 0, groups: int = 1,
+                     dilation: int | tuple[int, int] = 1) -> Tensor:
+    """Transposed convolution with ``F.conv_transpose2d``'s signature and
+    results (see the module docstring).
+
+    Args:
+        input: ``(N, C_in, H, W)`` or ``(C_in, H, W)``.
+        weight: ``(C_in, C_out / groups, KH, KW)``.
+        bias: ``(C_out,)`` or None.
+        stride, dilation: int or pair, >= 1.
+        padding: int or pair, >= 0 (removed from each side of the output).
+        output_padding: int or pair added to the bottom/right of the output,
+            smaller than the stride or the dilation.
+        groups: divides C_in and C_out.
+    Returns:
+        ``(N, C_out, OH, OW)`` in the input's dtype and memory format.
+    """
+    if not isinstance(input, Tensor):
+        raise ArgumentTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    input, weight, bias = _autocast(input, weight, bias)
+    _check_tensors(input, weight, bias, groups)
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    padding = _pair("padding", padding, 0)
+    output_padding = _pair("output_padding", output_padding, 0)
+    for op, s, d in zip(output_padding, stride, dilation):
+        if op >= s and op >= d:
+            raise ArgumentError(f"output_padding {tuple(output_padding)} must be smaller than "
+                                f"either stride {tuple(stride)} or dilation {tuple(dilation)}")
+    out_hw = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
+                                   output_padding, dilation)
+    if min(out_hw) <= 0:
+        raise ArgumentError(f"output size {out_hw} is too small: input {tuple(input.shape[-2:])},"
+                            f" padding {tuple(padding)} removes more than the kernel adds")
+    out = _conv_transpose2d(input, weight, bias, stride, padding, output_padding, dilation,
+                            groups)
+    return out.squeeze(0) if unbatched else out
