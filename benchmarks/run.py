@@ -10,7 +10,7 @@ import torch
 
 from . import harness
 
-FAMILIES = ["overlap", "roi_align", "conv"]
+FAMILIES = ["overlap", "roi_align", "conv", "conv_transpose"]
 
 
 def main(args) -> int:

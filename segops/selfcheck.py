@@ -13,8 +13,10 @@ import torch
 from . import _dispatch
 from .ops import overlap
 from .ops.conv import atrous_conv2d
+from .ops.conv_transpose import conv_transpose2d
 from .ops.roi_align import roi_align
 from .reference import conv as conv_reference
+from .reference import conv_transpose as conv_transpose_reference
 from .reference import overlap as overlap_reference
 from .reference import roi_align as roi_align_reference
 
@@ -72,11 +74,24 @@ def _check_conv(device) -> float:
                _max_error(grad_w, conv_reference.conv2d_grad_weight(g, x, w.shape, *geometry)))
 
 
+def _check_conv_transpose(device) -> float:
+    errors = []
+    for k, s, p, op in ((2, 2, 0, 0), (3, 2, 1, 1)):  # one GEMM; residue gather
+        x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+        w = torch.randn(3, 4, k, k, dtype=torch.float64)
+        out = conv_transpose2d(x.to(device), w.to(device), None, s, p, op)
+        want = conv_transpose_reference.conv_transpose2d(x, w, None, [s, s], [p, p], [op, op],
+                                                         [1, 1], 1)
+        errors.append(_max_error(out, want))
+    return max(errors)
+
+
 CHECKS = {
     "overlap_sums (fwd+bwd)": _check_overlap,
     "confusion_matrix": _check_confusion,
     "roi_align (fwd+bwd)": _check_roi_align,
     "atrous_conv2d (fwd+bwd)": _check_conv,
+    "conv_transpose2d (fwd)": _check_conv_transpose,
 }
 
 

@@ -113,3 +113,24 @@ def test_conv_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     keys = {(r.direction, r.provider) for r in records}
     assert keys == {(d, p) for d in ("fwd", "fwd+bwd") for p in ("segops", "cudnn")}
     assert len(records) == 2 * 2 * 2
+
+
+def test_conv_transpose_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    """Smoke test of benchmarks/conv_transpose.py: both kernels (k == stride
+    and overlapping), both layouts and directions, each provider once."""
+    from segops.benchmarks import conv_transpose as bench
+
+    def call_once(fn, **_):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(bench, "SHAPES", [("up", 1, 4, 3, 2, 2, 2, 0, 0),
+                                          ("overlap", 1, 3, 3, 2, 3, 2, 1, 1)])
+    monkeypatch.setattr(bench, "DTYPES", [torch.float32])
+    monkeypatch.setattr(bench, "time_ms", call_once)
+    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    monkeypatch.setattr(bench, "_roofline", lambda dtype: 1.0)
+    records = bench.run(quick=False)
+    assert len(records) == 2 * 2 * 2 * 2
+    assert {r.provider for r in records} == {"segops", "cudnn"}

@@ -68,6 +68,10 @@ def _grad(ctx, grad):
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_input = _conv2d(grad, weight, None, *ctx.geometry, False)
+        # output_padding >= stride (allowed below the dilation) adds output
+        # rows that no input pixel reaches: the convolution then returns
+        # extra rows, dropped here
+        grad_input = grad_input[..., :input.shape[-2], :input.shape[-1]]
         if is_channels_last(input) != is_channels_last(grad_input):
             grad_input = grad_input.contiguous(memory_format=_memory_format(input))
     if ctx.needs_input_grad[1]:

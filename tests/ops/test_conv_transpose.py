@@ -1,0 +1,253 @@
+"""Transposed conv2d: kernels vs F.conv_transpose2d and the reference over a
+randomized grid (forward and all gradients), both forward kernels, dtypes,
+output_size, edges, errors, opcheck, compile, autocast, the module and the
+bilinear initialisation."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
+
+import segops
+from segops.kernels import conv_transpose as kernels
+from segops.reference import conv_transpose as ref
+
+F64 = RTOL[torch.float64]
+
+STRIDES = [1, 2, 3, (2, 1)]
+KERNELS = [1, 2, 3, 4, (2, 3)]
+DILATIONS = [1, 2]
+GROUPS = ["1", "2", "depthwise"]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def random_case(seed: int) -> dict:
+    rng = random.Random(seed)
+    stride = rng.choice(STRIDES)
+    kernel = rng.choice(KERNELS)
+    dilation = rng.choice(DILATIONS)
+    s = stride if isinstance(stride, tuple) else (stride, stride)
+    d = (dilation, dilation)
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    padding = tuple(rng.randint(0, (dd * (kk - 1)) // 2) for dd, kk in zip(d, k))
+    output_padding = tuple(rng.randint(0, max(ss, dd) - 1) for ss, dd in zip(s, d))
+    groups = rng.choice(GROUPS)
+    g = {"1": 1, "2": 2, "depthwise": 3}[groups]
+    c_in = g * (1 if groups == "depthwise" else rng.choice([1, 2, 3]))
+    c_out = g * rng.choice([1, 2])
+    return dict(N=rng.choice([1, 2]), C_in=c_in, C_out=c_out, H=rng.choice([3, 4, 5]),
+                W=rng.choice([4, 5, 7]), kernel=k, stride=stride, padding=padding,
+                output_padding=output_padding, dilation=dilation, groups=g,
+                bias=rng.random() < 0.6, layout=rng.choice(LAYOUTS))
+
+
+def make_tensors(case, dtype=torch.float64):
+    x = torch.randn(case["N"], case["C_in"], case["H"], case["W"], dtype=torch.float64)
+    w = torch.randn(case["C_in"], case["C_out"] // case["groups"], *case["kernel"],
+                    dtype=torch.float64)
+    b = torch.randn(case["C_out"], dtype=torch.float64) if case["bias"] else None
+    x = like_layout(x.to(dtype), case.get("layout", "contiguous")).to(DEVICE)
+    return x, w.to(dtype).to(DEVICE), None if b is None else b.to(dtype).to(DEVICE)
+
+
+def conv_args(case):
+    return dict(stride=case["stride"], padding=case["padding"],
+                output_padding=case["output_padding"], groups=case["groups"],
+                dilation=case["dilation"])
+
+
+def forward_and_grads(fn, x, w, b, grad):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    out = fn(*leaves, *([None] if b is None else []))
+    return out, torch.autograd.grad(out, leaves, grad)
+
+
+def check_against_f(case, dtype=torch.float64, rtol=F64):
+    x, w, b = make_tensors(case, dtype)
+    args = conv_args(case)
+    cpu = [None if t is None else t.double().cpu() for t in (x, w, b)]
+    want = F.conv_transpose2d(*cpu, **args)
+    grad = torch.randn_like(want).to(dtype)
+    out, grads = forward_and_grads(lambda *t: segops.ops.conv_transpose2d(*t, **args), x, w, b,
+                                   grad.to(DEVICE))
+    _, want_grads = forward_and_grads(lambda *t: F.conv_transpose2d(*t, **args), *cpu,
+                                      grad.double())
+    assert out.dtype == dtype
+    assert_close(out, want, rtol)
+    for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
+        assert got.dtype == dtype
+        assert_close(got, expected, rtol, name=f"grad_{name}")
+    return out, grads
+
+
+CASES = [random_case(seed) for seed in range(24)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_matches_f_conv_transpose2d(case):
+    out, grads = check_against_f(case)
+    if case["layout"] == "channels_last" and case["C_in"] > 1 and out.shape[1] > 1:
+        # (one channel is contiguous in both formats, so either is right)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+ONE_GEMM = dict(N=2, C_in=6, C_out=4, H=3, W=5, kernel=(2, 2), stride=2, padding=(0, 0),
+                output_padding=(0, 0), dilation=1, groups=1, bias=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kernel,groups", [((2, 2), 1), ((3, 3), 2), ((2, 3), 1)])
+def test_kernel_equals_stride_is_one_gemm(layout, kernel, groups):
+    """U-Net's and Mask R-CNN's up-convolutions take the one-GEMM kernel."""
+    case = dict(ONE_GEMM, kernel=kernel, stride=kernel, groups=groups, layout=layout)
+    assert kernels.is_one_gemm(kernel, kernel, (0, 0), (0, 0), (1, 1))
+    check_against_f(case)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
+@pytest.mark.parametrize("kernel,stride,padding,output_padding",
+                         [(2, 2, 0, 0), (3, 2, 1, 1)], ids=["k2s2", "k3s2p1op1"])
+def test_dtypes_against_float64(dtype, kernel, stride, padding, output_padding, monkeypatch):
+    """fp32 (TF32 off), fp16 and bf16 with fp32 accumulation; 21 channels as
+    FCN's score layers have (tiles padded by masking)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    case = dict(ONE_GEMM, C_in=21, C_out=21, kernel=(kernel, kernel), stride=stride,
+                padding=(padding, padding), output_padding=(output_padding, output_padding),
+                layout="channels_last")
+    check_against_f(case, dtype, RTOL[dtype])
+
+
+def test_fcn_upscore_k16_s8():
+    case = dict(ONE_GEMM, C_in=3, C_out=3, H=2, W=3, kernel=(16, 16), stride=8, padding=(4, 4))
+    check_against_f(case)
+
+
+def test_output_size_argument():
+    plain = torch.nn.ConvTranspose2d(4, 3, 3, stride=3, padding=1).double()
+    ours = segops.nn.ConvTranspose2d(4, 3, 3, stride=3, padding=1).double()
+    ours.load_state_dict(plain.state_dict())
+    plain, ours = plain.to(DEVICE), ours.to(DEVICE)
+    x = torch.randn(1, 4, 3, 4, dtype=torch.float64, device=DEVICE)
+    for size in ([7, 10], [8, 11], [9, 12]):
+        out = ours(x, output_size=size)
+        assert tuple(out.shape[-2:]) == tuple(size)
+        assert_close(out, plain(x, output_size=size), F64)
+    with pytest.raises(ValueError, match="output"):
+        ours(x, output_size=[12, 12])
+
+
+def test_module_loads_state_dict_and_shares_parameters():
+    plain = torch.nn.ConvTranspose2d(4, 6, (2, 3), stride=(2, 1), padding=(0, 1), groups=2,
+                                     dilation=(1, 2)).double().to(DEVICE)
+    ours = segops.nn.ConvTranspose2d(4, 6, (2, 3), stride=(2, 1), padding=(0, 1), groups=2,
+                                     dilation=(1, 2)).double().to(DEVICE)
+    ours.load_state_dict(plain.state_dict())
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=DEVICE)
+    assert_close(ours(x), plain(x), F64)
+    shared = segops.nn.ConvTranspose2d.from_conv_transpose(plain)
+    assert shared.weight is plain.weight
+    assert_close(shared(x), plain(x), F64)
+
+
+def test_bilinear_upsampling_init():
+    """A k4 s2 p1 layer initialised bilinear reproduces F.interpolate's
+    bilinear (align_corners=False) up-sampling away from the border."""
+    up = segops.nn.ConvTranspose2d(3, 3, 4, stride=2, padding=1, bias=False).double()
+    segops.nn.init.bilinear_upsampling_(up.weight)
+    x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
+    got = up.to(DEVICE)(x.to(DEVICE))
+    want = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    assert_close(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], F64)
+    assert torch.equal(up.weight[0, 1], torch.zeros(4, 4, dtype=torch.float64, device=DEVICE))
+    depthwise = torch.empty(5, 1, 3, 3)
+    segops.nn.init.bilinear_upsampling_(depthwise)
+    assert torch.allclose(depthwise[4, 0], segops.nn.init.bilinear_kernel(3))
+    assert segops.nn.init.bilinear_kernel(3)[1, 1] == 1.0
+
+
+def test_empty_batch_and_unbatched_input():
+    x, w, b = make_tensors(ONE_GEMM)
+    assert segops.ops.conv_transpose2d(x[:0], w, b, 2).shape == (0, 4, 6, 10)
+    single = segops.ops.conv_transpose2d(x[0], w, b, 2)
+    assert_close(single, F.conv_transpose2d(x[0].cpu(), w.cpu(), b.cpu(), 2), F64)
+
+
+def test_kernel_path_gradcheck():
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 3, 3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: segops.ops.conv_transpose2d(*t, stride=2, padding=1, output_padding=1),
+        (x, w, b))
+
+
+def test_opcheck():
+    x = torch.randn(2, 4, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.segops.conv_transpose2d.default,
+                          (x, w, b, [2, 1], [1, 0], [1, 0], [1, 2], 2))
+
+
+def test_compile_fullgraph_through_module():
+    up = segops.nn.ConvTranspose2d(4, 3, 2, stride=2).to(DEVICE, torch.float64)
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    backend = "inductor" if ON_GPU else "aot_eager"
+    compiled = torch.compile(up, fullgraph=True, backend=backend)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.sum(), (x, up.weight, up.bias))
+    want = F.conv_transpose2d(x, up.weight, up.bias, 2)
+    want_grads = torch.autograd.grad(want.sum(), (x, up.weight, up.bias))
+    assert_close(out, want, F64)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected, F64, name="grad")
+
+
+def test_autocast_like_aten():
+    half = torch.float16 if ON_GPU else torch.bfloat16
+    x = torch.randn(1, 3, 4, 4, device=DEVICE)
+    w = torch.randn(3, 2, 2, 2, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=half):
+        out = segops.ops.conv_transpose2d(x, w, stride=2)
+        want = F.conv_transpose2d(x, w, stride=2)
+    assert out.dtype == want.dtype == half
+    assert_close(out, want.float(), RTOL[half])
+
+
+BAD_CALLS = [
+    ("output_padding .* must be smaller", dict(stride=2, output_padding=2)),
+    ("expects 4 input channels", dict(x_channels=5)),
+    ("groups=3 must divide", dict(groups=3)),
+    ("stride must be positive", dict(stride=0)),
+    ("padding must be non-negative", dict(padding=-1)),
+    ("output size .* too small", dict(padding=4)),
+    ("bias must have shape \\(3,\\)", dict(bias=5)),
+]
+
+
+@pytest.mark.parametrize("match,options", BAD_CALLS, ids=[m for m, _ in BAD_CALLS])
+def test_bad_input_errors(match, options):
+    options = dict(options)
+    x = torch.randn(1, options.pop("x_channels", 4), 3, 3, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    bias = options.pop("bias", None)
+    bias = None if bias is None else torch.zeros(bias, device=DEVICE)
+    groups = options.get("groups", 1)
+    if groups == 3:
+        options["groups"] = 3
+    with pytest.raises(RuntimeError, match=match):
+        segops.ops.conv_transpose2d(x, w, bias, **options)
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=[f"case{i}" for i in range(4)])
+def test_reference_path_matches_f_conv_transpose2d(case):
+    """The CPU reference path (forward, and the backward through the
+    convolution ops' reference)."""
+    from segops import _dispatch
+    if ON_GPU:
+        pytest.skip("the reference path serves CPU tensors")
+    with _dispatch.reference_only():
+        check_against_f(case)
