@@ -1,0 +1,155 @@
+"""Fully convolutional networks: torchvision's FCN-ResNet50/101 (same
+modules and ``state_dict`` keys, dilated backbone on segops' AtrousConv2d)
+and the original FCN-8s of Long et al. (VGG16, transposed-convolution
+up-sampling on segops' ConvTranspose2d, initialised bilinear)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import ConvTranspose2d, init
+from .resnet import ResNet, resnet50, resnet101
+
+
+class FCNHead(nn.Sequential):
+    """3x3 conv to in_channels / 4, BN, ReLU, dropout 0.1, 1x1 conv to the
+    classes (torchvision's FCNHead)."""
+
+    def __init__(self, in_channels: int, channels: int):
+        inter = in_channels // 4
+        super().__init__(nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(inter), nn.ReLU(), nn.Dropout(0.1),
+                         nn.Conv2d(inter, channels, 1))
+
+
+class SegmentationModel(nn.Module):
+    """backbone -> classifier (and aux_classifier on layer3), each up-sampled
+    bilinearly to the input size; torchvision's _SimpleSegmentationModel.
+
+    forward(x ``(N, 3, H, W)``) -> {'out': ``(N, classes, H, W)``, 'aux': the
+    same from layer3 when there is an aux_classifier}.
+    """
+
+    def __init__(self, backbone: ResNet, classifier: nn.Module,
+                 aux_classifier: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+        self.aux_classifier = aux_classifier
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        result = OrderedDict()
+        result["out"] = F.interpolate(self.classifier(features["out"]), size=size,
+                                      mode="bilinear", align_corners=False)
+        if self.aux_classifier is not None:
+            result["aux"] = F.interpolate(self.aux_classifier(features["aux"]), size=size,
+                                          mode="bilinear", align_corners=False)
+        return result
+
+
+def dilated_backbone(depth: int) -> ResNet:
+    """ResNet-50/101 at output stride 8 (layer3 and layer4 dilated by 2 and
+    4), without avgpool and fc."""
+    make = {50: resnet50, 101: resnet101}[depth]
+    return make(replace_stride_with_dilation=[False, True, True], num_classes=None)
+
+
+def _fcn_resnet(depth: int, num_classes: int, aux_loss: bool) -> SegmentationModel:
+    aux = FCNHead(1024, num_classes) if aux_loss else None
+    return SegmentationModel(dilated_backbone(depth), FCNHead(2048, num_classes), aux)
+
+
+def fcn_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationModel:
+    """torchvision's ``fcn_resnet50`` architecture: loads its ``state_dict``
+    unchanged and gives its outputs. Input ``(N, 3, H, W)``; output
+    {'out': ``(N, num_classes, H, W)``[, 'aux': same]}."""
+    return _fcn_resnet(50, num_classes, aux_loss)
+
+
+def fcn_resnet101(num_classes: int = 21, aux_loss: bool = False) -> SegmentationModel:
+    """torchvision's ``fcn_resnet101`` architecture (see fcn_resnet50)."""
+    return _fcn_resnet(101, num_classes, aux_loss)
+
+
+# --------------------------------------------------------------------------
+# FCN-8s (Long, Shelhamer, Darrell 2015)
+# --------------------------------------------------------------------------
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _vgg16_stages(base: int) -> nn.ModuleList:
+    """VGG16's five conv stages, each ending in a 2x2 max pool; the first conv
+    pads by 100 as in the original, so any input size survives fc6's 7x7."""
+    stages, layers, channels = [], [], 3
+    for item in _VGG16:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+            stages.append(nn.Sequential(*layers))
+            layers = []
+            continue
+        width = item * base // 64
+        layers += [nn.Conv2d(channels, width, 3, padding=100 if channels == 3 else 1),
+                   nn.ReLU(inplace=True)]
+        channels = width
+    return nn.ModuleList(stages)
+
+
+class FCN8s(nn.Module):
+    """FCN-8s: VGG16 features, fc6/fc7 as convolutions, class scores at pool3,
+    pool4 and fc7, fused by summation after 2x, 2x and 8x transposed-
+    convolution up-sampling (initialised bilinear), cropped to the input.
+
+    forward(x ``(N, 3, H, W)``) -> ``(N, num_classes, H, W)``.
+    ``base_channels`` scales VGG's widths (64 is the paper's; fc6/fc7 have
+    64 * base_channels channels).
+    """
+
+    # crop offsets of the score maps for the 100-pixel input padding (Caffe's)
+    POOL4_OFFSET, POOL3_OFFSET, OUTPUT_OFFSET = 5, 9, 31
+
+    def __init__(self, num_classes: int, base_channels: int = 64):
+        super().__init__()
+        self.stages = _vgg16_stages(base_channels)
+        wide, c3, c4 = 64 * base_channels, 4 * base_channels, 8 * base_channels
+        self.fc6 = nn.Sequential(nn.Conv2d(c4, wide, 7), nn.ReLU(inplace=True), nn.Dropout2d())
+        self.fc7 = nn.Sequential(nn.Conv2d(wide, wide, 1), nn.ReLU(inplace=True), nn.Dropout2d())
+        self.score_fr = nn.Conv2d(wide, num_classes, 1)
+        self.score_pool4 = nn.Conv2d(c4, num_classes, 1)
+        self.score_pool3 = nn.Conv2d(c3, num_classes, 1)
+        self.upscore2 = ConvTranspose2d(num_classes, num_classes, 4, stride=2, bias=False)
+        self.upscore_pool4 = ConvTranspose2d(num_classes, num_classes, 4, stride=2, bias=False)
+        self.upscore8 = ConvTranspose2d(num_classes, num_classes, 16, stride=8, bias=False)
+        for up in (self.upscore2, self.upscore_pool4, self.upscore8):
+            init.bilinear_upsampling_(up.weight)
+        for score in (self.score_fr, self.score_pool4, self.score_pool3):
+            nn.init.zeros_(score.weight)
+            nn.init.zeros_(score.bias)
+
+    @staticmethod
+    def _crop(x: Tensor, offset: int, like: Tensor) -> Tensor:
+        return x[:, :, offset:offset + like.shape[-2], offset:offset + like.shape[-1]]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        pools = []
+        for stage in self.stages:
+            h = stage(h)
+            pools.append(h)
+        pool3, pool4 = pools[2], pools[3]
+        up2 = self.upscore2(self.score_fr(self.fc7(self.fc6(h))))
+        fused4 = up2 + self._crop(self.score_pool4(pool4), self.POOL4_OFFSET, up2)
+        up4 = self.upscore_pool4(fused4)
+        fused3 = up4 + self._crop(self.score_pool3(pool3), self.POOL3_OFFSET, up4)
+        return self._crop(self.upscore8(fused3), self.OUTPUT_OFFSET, x)
+
+
+def fcn8s(num_classes: int, backbone: str = "vgg16", *, base_channels: int = 64) -> FCN8s:
+    """FCN-8s on VGG16 (the only backbone of the paper). Input ``(N, 3, H,
+    W)``, output ``(N, num_classes, H, W)``."""
+    if backbone != "vgg16":
+        raise ValueError(f"fcn8s is defined on backbone='vgg16', got {backbone!r}")
+    return FCN8s(num_classes, base_channels)
