@@ -28,6 +28,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "tqdm",
         "triton; platform_system == 'Linux'",
     ],
     extras_require={

@@ -56,12 +56,27 @@ def bench(args) -> int:
     return bench_run.main(args)
 
 
+def demo(args) -> int:
+    from .demo import DemoConfig, run
+    config = DemoConfig(epochs=args.epochs, out=args.out, seed=args.seed,
+                        progress=not args.no_progress)
+    result = run(config)
+    print(f"done in {result['seconds']:.0f} s: validation mIoU {result['miou']:.3f}; "
+          f"picture at {result['png']}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="segops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, device and dispatch path")
     p_info.add_argument("--check", action="store_true", help="also run the self-check")
     sub.add_parser("check", help="run every kernel against its reference on tiny inputs")
+    p_demo = sub.add_parser("demo", help="train a small U-Net on synthetic shapes (CPU: < 3 min)")
+    p_demo.add_argument("--epochs", type=int, default=6)
+    p_demo.add_argument("--out", default="segops-demo.png", help="where to write the PNG grid")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_bench = sub.add_parser("bench", help="benchmark the ops against their baselines")
     p_bench.add_argument("--quick", action="store_true", help="a few shapes per op (minutes)")
     p_bench.add_argument("--ops", nargs="*", default=None, help="op families to run (default: all)")
@@ -72,6 +87,8 @@ def main(argv=None) -> int:
         return check() if args.check and code == 0 else code
     if args.command == "check":
         return check()
+    if args.command == "demo":
+        return demo(args)
     return bench(args)
 
 

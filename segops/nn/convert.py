@@ -1,0 +1,139 @@
+"""convert_model / revert_model: swap the layers of any nn.Module for their
+segops twins (and back), sharing parameters and buffers, so the state_dict
+and the outputs are unchanged."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from torch import nn
+
+from .conv import AtrousConv2d
+from .conv_transpose import ConvTranspose2d
+from .roi_align import MultiScaleRoIAlign, RoIAlign
+
+OPS = ("atrous_conv", "conv", "conv_transpose", "roi_align")
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What convert_model/revert_model replaced: (module name, old class,
+    new class) per layer, and the model (a copy when inplace=False)."""
+    model: nn.Module
+    replaced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        if not self.replaced:
+            return "nothing replaced"
+        lines = [f"{len(self.replaced)} layers replaced:"]
+        lines += [f"  {name}: {old} -> {new}" for name, old, new in self.replaced]
+        return "\n".join(lines)
+
+
+def _retype(module: nn.Module, cls: type) -> nn.Module:
+    """``module`` as an instance of ``cls``, sharing its parameters, buffers,
+    submodules and hooks (a shallow copy of its state, no tensor copied)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new
+
+
+def _torchvision_ops():
+    try:
+        import torchvision.ops
+    except ImportError:
+        return None
+    return torchvision.ops
+
+
+def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
+    if type(module) is nn.Conv2d:
+        dilated = max(module.dilation) > 1
+        if "conv" in ops or (dilated and "atrous_conv" in ops):
+            twin = _retype(module, AtrousConv2d)
+            twin.activation = None
+            return twin
+    if type(module) is nn.ConvTranspose2d and "conv_transpose" in ops:
+        return _retype(module, ConvTranspose2d)
+    tv = _torchvision_ops()
+    if tv is not None and "roi_align" in ops:
+        if type(module) is tv.RoIAlign:
+            return RoIAlign(module.output_size, module.spatial_scale, module.sampling_ratio,
+                            module.aligned)
+        if type(module) is tv.MultiScaleRoIAlign:
+            twin = MultiScaleRoIAlign(module.featmap_names, module.output_size,
+                                      module.sampling_ratio,
+                                      canonical_scale=module.canonical_scale,
+                                      canonical_level=module.canonical_level)
+            twin.scales = module.scales
+            return twin
+    return None
+
+
+def _torch_twin(module: nn.Module) -> nn.Module | None:
+    if type(module) is AtrousConv2d:
+        if module.activation is not None:
+            raise ValueError("an AtrousConv2d with a fused activation has no nn.Conv2d twin")
+        twin = _retype(module, nn.Conv2d)
+        del twin.activation
+        return twin
+    if type(module) is ConvTranspose2d:
+        return _retype(module, nn.ConvTranspose2d)
+    tv = _torchvision_ops()
+    if tv is None or type(module) not in (RoIAlign, MultiScaleRoIAlign):
+        return None
+    if module.pool_mode != "avg" or (module.aligned and type(module) is MultiScaleRoIAlign):
+        raise ValueError(f"{type(module).__name__}({module.extra_repr()}) has no torchvision twin")
+    if type(module) is RoIAlign:
+        return tv.RoIAlign(module.output_size, module.spatial_scale, module.sampling_ratio,
+                           module.aligned)
+    return tv.MultiScaleRoIAlign(module.featmap_names, module.output_size, module.sampling_ratio,
+                                 canonical_scale=module.canonical_scale,
+                                 canonical_level=module.canonical_level)
+
+
+def _swap(model: nn.Module, twin_of) -> list[tuple[str, str, str]]:
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            twin = twin_of(child)
+            if twin is None:
+                continue
+            setattr(parent, child_name, twin)
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            replaced.append((name, type(child).__name__, type(twin).__name__))
+    return replaced
+
+
+def convert_model(model: nn.Module, *, ops=("atrous_conv", "conv_transpose", "roi_align"),
+                  inplace: bool = True) -> ConversionReport:
+    """Replace, in any nn.Module, the layers segops has kernels for:
+
+    * ``'atrous_conv'``: ``nn.Conv2d`` with dilation > 1 -> AtrousConv2d;
+    * ``'conv'``: every ``nn.Conv2d`` -> AtrousConv2d;
+    * ``'conv_transpose'``: ``nn.ConvTranspose2d`` -> segops ConvTranspose2d;
+    * ``'roi_align'``: torchvision's ``RoIAlign`` / ``MultiScaleRoIAlign``.
+
+    Only those exact classes are replaced (a user subclass may change the
+    forward). The twins share the original parameters and buffers: the
+    state_dict is unchanged and the outputs match. With ``inplace=False`` a
+    deep copy is converted. Returns a :class:`ConversionReport` (``.model``
+    is the converted model).
+    """
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown ops {unknown}; choose from {OPS}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    return ConversionReport(model, _swap(model, lambda m: _segops_twin(m, ops)))
+
+
+def revert_model(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
+    """Undo :func:`convert_model`: every segops layer back to its torch /
+    torchvision class, parameters shared. Returns a ConversionReport."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    return ConversionReport(model, _swap(model, _torch_twin))

@@ -1,0 +1,143 @@
+"""A small training loop and evaluation for segmentation models: AMP on CUDA,
+channels_last, DDP-aware (metrics reduced across ranks, progress on rank 0)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .metrics import MeanIoU
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def logits_of(output) -> Tensor:
+    """The logits of a model output: a tensor, or torchvision's {'out': ...}."""
+    return output["out"] if isinstance(output, dict) else output
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _progress(iterable, total: int | None, description: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _to(batch, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    images, masks = batch
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks.to(device, non_blocking=True)
+
+
+def train_step(model: nn.Module, images: Tensor, masks: Tensor, loss_fn: Callable,
+               optimizer: torch.optim.Optimizer, *, amp: str | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimisation step; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(images.device, amp):
+        loss = loss_fn(logits_of(model(images)).float(), masks)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *,
+             device: torch.device | str | None = None, amp: str | None = None,
+             channels_last: bool = False, ignore_index: int | None = None,
+             progress: bool = False) -> Tensor:
+    """Per-class IoU over ``loader`` ((images, masks) batches), reduced
+    across DDP ranks; returns a (num_classes,) tensor (NaN for classes absent
+    from predictions and masks). Its nanmean is the mIoU."""
+    device = torch.device(device or next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    metric = MeanIoU(num_classes, ignore_index=ignore_index, average="none")
+    batches = _progress(loader, _length(loader), "eval", progress and _is_main_process())
+    for batch in batches:
+        images, masks = _to(batch, device, channels_last)
+        with _autocast(device, amp):
+            metric.update(logits_of(model(images)).float(), masks)
+    model.train(was_training)
+    return metric.compute()
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def fit(model: nn.Module, loader: Iterable, loss: Callable, epochs: int = 1, *,
+        optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
+        device: torch.device | str | None = None, amp: str | None = None,
+        channels_last: bool = False, val_loader: Iterable | None = None,
+        num_classes: int | None = None, progress: bool = True,
+        on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``model`` for ``epochs`` over ``loader`` ((images, masks)
+    batches) with ``loss(logits, masks)``.
+
+    Args:
+        optimizer: defaults to AdamW(lr).
+        amp: None, 'bf16' or 'fp16' (autocast; fp16 adds a GradScaler).
+        channels_last: move the model and each batch to channels_last.
+        val_loader, num_classes: evaluate mIoU after each epoch.
+        progress: a tqdm bar per epoch (rank 0 only).
+        on_epoch_end: called with each epoch's record.
+    Works on a DDP-wrapped model (the sampler's set_epoch is called when the
+    loader has one). Returns one record per epoch: {'epoch', 'loss'
+    (mean over batches), 'miou' and 'iou' when validated}.
+    """
+    device = torch.device(device or next(model.parameters()).device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    history = []
+    for epoch in range(epochs):
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        total, steps = 0.0, 0
+        bar = _progress(loader, _length(loader), f"epoch {epoch + 1}/{epochs}",
+                        progress and _is_main_process())
+        for batch in bar:
+            images, masks = _to(batch, device, channels_last)
+            total += train_step(model, images, masks, loss, optimizer, amp=amp, scaler=scaler)
+            steps += 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        record = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
+        if val_loader is not None and num_classes is not None:
+            iou = evaluate(model, val_loader, num_classes, device=device, amp=amp,
+                           channels_last=channels_last)
+            record.update(iou=iou.tolist(), miou=float(iou.nanmean()))
+        history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    return history
