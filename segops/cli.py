@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p_info.add_argument("--check", action="store_true", help="also run the self-check")
     sub.add_parser("check", help="run every kernel against its reference on tiny inputs")
     p_demo = sub.add_parser("demo", help="train a small U-Net on synthetic shapes (CPU: < 3 min)")
-    p_demo.add_argument("--epochs", type=int, default=6)
+    p_demo.add_argument("--epochs", type=int, default=10)
     p_demo.add_argument("--out", default="segops-demo.png", help="where to write the PNG grid")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -27,7 +27,7 @@ PALETTE = torch.tensor([[20, 20, 20], [230, 80, 60], [70, 160, 230], [250, 210, 
 
 @dataclasses.dataclass
 class DemoConfig:
-    epochs: int = 6
+    epochs: int = 10
     train_images: int = 768
     val_images: int = 128
     size: int = 64

@@ -1,0 +1,124 @@
+"""convert_model / revert_model: which layers are swapped, parameters shared,
+state_dict unchanged, outputs unchanged (torchvision FCN and DeepLabV3, a
+plain-torch U-Net, torchvision's RoIAlign poolers)."""
+import pytest
+import torch
+from helpers import DEVICE, RTOL, assert_close
+from torch import nn
+
+import segops
+from segops.nn import AtrousConv2d, ConvTranspose2d, MultiScaleRoIAlign, RoIAlign
+
+F64 = RTOL[torch.float64]
+segmentation = pytest.importorskip("torchvision.models.segmentation")
+
+
+class PlainUNet(nn.Module):
+    """A small U-Net written with plain torch layers, a dilated bottleneck."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 16, 3, padding=2, dilation=2), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        skip = self.enc(x)
+        h = self.up(self.mid(nn.functional.max_pool2d(skip, 2)))
+        return self.head(torch.cat([skip, h], 1))
+
+
+def _snapshot(model):
+    return {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, snapshot):
+    state = model.state_dict()
+    assert list(state) == list(snapshot)
+    for key, (pointer, value) in snapshot.items():
+        assert state[key].data_ptr() == pointer, key
+        assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_resnet50"])
+def test_torchvision_models_convert_with_unchanged_outputs(name):
+    model = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=3,
+                                        aux_loss=True).eval().double().to(DEVICE)
+    x = torch.randn(1, 3, 33, 30, dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        want = model(x)
+    snapshot = _snapshot(model)
+    report = segops.convert_model(model)
+    dilated = [n for n, old, new in report.replaced if new == "AtrousConv2d"]
+    assert report.model is model and len(dilated) >= 8  # dilated 3x3s of layer3/4 (+ ASPP)
+    assert all(max(m.dilation) > 1 for m in model.modules() if type(m) is AtrousConv2d)
+    assert not any(type(m) is nn.Conv2d and max(m.dilation) > 1 for m in model.modules())
+    _assert_same_state(model, snapshot)
+    with torch.no_grad():
+        got = model(x)
+    for key in want:
+        assert_close(got[key], want[key], F64, name=key)
+    reverted = segops.revert_model(model)
+    assert len(reverted) == len(report)
+    assert not any(type(m) is AtrousConv2d for m in model.modules())
+    _assert_same_state(model, snapshot)
+
+
+def test_plain_unet_all_convs_and_not_inplace():
+    model = PlainUNet().double().to(DEVICE)
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64, device=DEVICE)
+    want = model(x)
+    report = segops.convert_model(model, ops=("conv", "conv_transpose"), inplace=False)
+    assert report.model is not model
+    assert type(model.up) is nn.ConvTranspose2d  # the original is untouched
+    converted = report.model
+    assert type(converted.up) is ConvTranspose2d and type(converted.enc[0]) is AtrousConv2d
+    assert {new for _, _, new in report.replaced} == {"AtrousConv2d", "ConvTranspose2d"}
+    assert len(report) == 4 and "4 layers replaced" in str(report)
+    assert_close(converted(x), want, F64)
+    loss = converted(x).sum()
+    loss.backward()
+    assert converted.up.weight.grad is not None
+
+
+def test_default_ops_leave_undilated_convs():
+    model = PlainUNet()
+    report = segops.convert_model(model)
+    assert sorted(name for name, _, _ in report.replaced) == ["mid.0", "up"]
+    assert type(model.enc[0]) is nn.Conv2d
+
+
+def test_subclasses_are_not_replaced():
+    class Custom(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(Custom(2, 2, 3, dilation=2))
+    assert len(segops.convert_model(model)) == 0
+
+
+def test_roi_align_modules():
+    tv_ops = pytest.importorskip("torchvision.ops")
+    pooler = tv_ops.MultiScaleRoIAlign(["a", "b"], 3, 2)
+    model = nn.ModuleDict({"pool": pooler, "single": tv_ops.RoIAlign(2, 0.5, 2, aligned=True)})
+    features = {"a": torch.randn(1, 2, 16, 16, dtype=torch.float64, device=DEVICE),
+                "b": torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 63.0, 63.0]],
+                          dtype=torch.float64, device=DEVICE)]
+    want = model["pool"](features, boxes, [(64, 64)])
+    want_single = model["single"](features["a"], boxes)
+    report = segops.convert_model(model)
+    assert type(model["pool"]) is MultiScaleRoIAlign and type(model["single"]) is RoIAlign
+    assert len(report) == 2
+    assert_close(model["pool"](features, boxes, [(64, 64)]), want, F64)
+    assert_close(model["single"](features["a"], boxes), want_single, F64)
+    segops.revert_model(model)
+    assert type(model["pool"]) is tv_ops.MultiScaleRoIAlign
+
+
+def test_unknown_ops_and_unrevertible_layers():
+    with pytest.raises(ValueError, match="unknown ops"):
+        segops.convert_model(nn.Conv2d(1, 1, 1), ops=("attention",))
+    fused = nn.Sequential(AtrousConv2d(2, 2, 3, activation="relu"))
+    with pytest.raises(ValueError, match="fused activation"):
+        segops.revert_model(fused)

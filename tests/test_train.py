@@ -1,0 +1,109 @@
+"""SyntheticShapes, the training loop (fit/evaluate, DDP) and the demo's code
+path at tiny size."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import DEVICE
+from torch.utils.data import DataLoader
+
+import segops
+from segops import demo, models, train
+from segops.data import SyntheticShapes
+
+
+def test_synthetic_shapes_is_deterministic_and_labelled():
+    ds = SyntheticShapes(8, 32, seed=3)
+    image, mask = ds[5]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert mask.shape == (32, 32) and mask.dtype == torch.int64
+    assert torch.equal(ds[5][0], image) and torch.equal(SyntheticShapes(8, 32, seed=3)[5][1], mask)
+    assert not torch.equal(SyntheticShapes(8, 32, split="val", seed=3)[5][0], image)
+    labels = torch.cat([ds[i][1].flatten() for i in range(len(ds))]).unique().tolist()
+    assert labels[0] == 0 and set(labels) <= {0, 1, 2, 3} and len(labels) >= 3
+    with pytest.raises(IndexError):
+        ds[8]
+    with pytest.raises(ValueError, match="split"):
+        SyntheticShapes(split="holdout")
+
+
+def _loader(n=8, size=16, batch=4):
+    return DataLoader(SyntheticShapes(n, size), batch_size=batch)
+
+
+def test_fit_and_evaluate():
+    model = models.unet(3, 4, base_channels=4, depth=2)
+    history = train.fit(model, _loader(), segops.nn.DiceLoss("multiclass"), epochs=2,
+                        device=DEVICE, val_loader=_loader(4), num_classes=4, progress=False,
+                        channels_last=True)
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert all(0 <= r["miou"] <= 1 and len(r["iou"]) == 4 for r in history)
+    iou = train.evaluate(model, _loader(4), 4, device=DEVICE)
+    assert iou.shape == (4,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast training needs CUDA")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_fit_with_amp(amp):
+    model = models.unet(3, 4, base_channels=4, depth=2)
+    history = train.fit(model, _loader(), segops.nn.DiceLoss("multiclass"), device=DEVICE,
+                        amp=amp, channels_last=True, progress=False)
+    assert torch.isfinite(torch.tensor(history[0]["loss"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, results):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(models.unet(3, 4, 4, 2))
+        data = SyntheticShapes(8, 16)
+        sampler = torch.utils.data.distributed.DistributedSampler(data, shuffle=False)
+        loader = DataLoader(data, batch_size=4, sampler=sampler)
+        history = train.fit(model, loader, segops.nn.DiceLoss("multiclass"), epochs=1,
+                            val_loader=loader, num_classes=4, progress=False)
+        results[rank] = (history[0]["miou"],
+                         model.module.head.weight.detach().clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_step_keeps_ranks_in_sync():
+    """Two gloo processes, each with half the data: one epoch (one step)
+    leaves identical weights on both ranks and the same reduced mIoU."""
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_demo_code_path_at_tiny_size(tmp_path, capsys):
+    config = demo.DemoConfig(epochs=1, train_images=8, val_images=4, size=16, batch_size=4,
+                             base_channels=4, depth=2, out=str(tmp_path / "grid.png"),
+                             progress=False)
+    result = demo.run(config)
+    assert result["png"].exists() and result["png"].read_bytes().startswith(b"\x89PNG")
+    assert len(result["history"]) == 1 and 0 <= result["miou"] <= 1
+    out = capsys.readouterr().out
+    assert "epoch  1" in out and "mIoU" in out and "wrote" in out
+
+
+def test_png_encoder_round_trip():
+    pytest.importorskip("PIL")
+    import io
+
+    from PIL import Image
+    rgb = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
+    import numpy as np
+    decoded = Image.open(io.BytesIO(demo.encode_png(rgb))).convert("RGB")
+    assert torch.equal(torch.from_numpy(np.asarray(decoded).copy()), rgb)
