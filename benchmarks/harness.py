@@ -86,6 +86,7 @@ class Record:
     tflops: float | None = None
     roofline_fraction: float | None = None
     extra_memory_mb: float | None = None
+    items_per_s: float | None = None  # throughput where it means more (images/s for models)
     speedup: float | None = None  # baseline ms / segops ms, on the segops record
 
 
@@ -145,12 +146,14 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(records: list[Record]) -> str:
     header = f"{'op':<22} {'shape':<28} {'dtype':<9} {'dir':<8} {'provider':<22} " \
-             f"{'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'roof':>6} {'mem MB':>9} {'speedup':>8}"
+             f"{'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'roof':>6} {'mem MB':>9} {'items/s':>8} " \
+             f"{'speedup':>8}"
     lines = [header, "-" * len(header)]
     for r in records:
         lines.append(f"{r.op:<22} {r.shape:<28} {r.dtype:<9} {r.direction:<8} {r.provider:<22} "
                      f"{r.ms:>9.3f} {_fmt(r.gbs, '8.0f')} {_fmt(r.tflops, '8.1f')} "
                      f"{_fmt(r.roofline_fraction, '6.2f')} {_fmt(r.extra_memory_mb, '9.1f')} "
+                     f"{_fmt(r.items_per_s, '8.1f')} "
                      f"{_fmt(r.speedup, '7.2f') + ('x' if r.speedup else '')}")
     return "\n".join(lines)
 

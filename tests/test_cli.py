@@ -134,3 +134,27 @@ def test_conv_transpose_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     records = bench.run(quick=False)
     assert len(records) == 2 * 2 * 2 * 2
     assert {r.provider for r in records} == {"segops", "cudnn"}
+
+
+def test_models_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    """Smoke test of benchmarks/models.py: the U-Net pair (segops vs reverted
+    eager twin) and a torchvision pair, train and infer, each called once."""
+    pytest.importorskip("torchvision")
+    from segops.benchmarks import models as bench
+
+    def call_once(fn, **_):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(bench, "CASES", [("unet", 2, 16, 2), ("fcn_resnet50", 2, 16, 3)])
+    monkeypatch.setattr(bench, "UNET_WIDTH", 4)
+    monkeypatch.setattr(bench, "time_ms", call_once)
+    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    from segops import _dispatch
+    with _dispatch.reference_only():  # the code path, not the kernels, is under test
+        records = bench.run(quick=False)
+    assert len(records) == 2 * 2 * 2
+    assert {(r.provider, r.direction) for r in records} == {
+        (p, d) for p in ("segops", "eager") for d in ("train", "infer")}
+    assert all(r.items_per_s == 2e3 for r in records)
