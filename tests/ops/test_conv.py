@@ -346,6 +346,7 @@ def test_bad_input_errors(match, make):
     assert isinstance(error.value, (_checks.ArgumentError, _checks.ArgumentTypeError))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_same_padding_with_even_kernels():
     """An even dilated extent pads one more at the bottom/right, as PyTorch."""
     x = torch.randn(1, 2, 7, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
