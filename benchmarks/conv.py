@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import segops
 
-from .harness import Record, matmul_peak_tflops, peak_extra_memory, time_ms
+from . import harness
+from .harness import Record, matmul_peak_tflops
 
 # (name, N, C_in, size, C_out, kernel, dilation); stride 1, padding = dilation
 SHAPES = [
@@ -44,14 +45,6 @@ def _providers(dilation):
     }
 
 
-def _step(fn, x, w, backward: bool):
-    def run():
-        out = fn(x, w)
-        if backward:
-            out.backward(torch.ones_like(out))
-            x.grad = w.grad = None
-    return run
-
 
 def _roofline(dtype) -> float | None:
     return matmul_peak_tflops(dtype) if DEVICE == "cuda" else None
@@ -70,14 +63,10 @@ def run(quick: bool = False) -> list[Record]:
             x.requires_grad_(backward)
             w.requires_grad_(backward)
             for provider, fn in _providers(d).items():
-                step = _step(fn, x, w, backward)
-                ms = time_ms(step)
-                tflops = flops * (3 if backward else 1) / ms / 1e9
-                records.append(Record(
-                    op="atrous_conv2d", shape=shape, dtype=str(dtype).replace("torch.", ""),
-                    direction=direction, provider=provider, ms=ms, tflops=tflops,
-                    roofline_fraction=None if peak is None else tflops / peak,
-                    extra_memory_mb=peak_extra_memory(step) / 2**20))
+                step = harness.forward_backward(lambda fn=fn: fn(x, w), (x, w), backward)
+                records.append(harness.gemm_record(
+                    "atrous_conv2d", shape, dtype, direction, provider, step,
+                    flops * (3 if backward else 1), peak))
         del x, w
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

@@ -31,6 +31,29 @@ def time_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def forward_backward(fn, leaves, backward: bool):
+    """A callable running ``fn()`` and, with ``backward``, its backward pass
+    (ones as the output gradient), clearing the leaves' gradients after."""
+    def run():
+        out = fn()
+        if backward:
+            out.backward(torch.ones_like(out))
+            for leaf in leaves:
+                leaf.grad = None
+    return run
+
+
+def gemm_record(op, shape, dtype, direction, provider, step, flops, peak) -> Record:
+    """Time ``step`` and report TFLOP/s, fraction of ``peak`` (TFLOP/s or
+    None) and extra memory."""
+    ms = time_ms(step)
+    tflops = flops / ms / 1e9
+    return Record(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""),
+                  direction=direction, provider=provider, ms=ms, tflops=tflops,
+                  roofline_fraction=None if peak is None else tflops / peak,
+                  extra_memory_mb=peak_extra_memory(step) / 2**20)
+
+
 def peak_extra_memory(fn) -> int:
     """Bytes allocated by ``fn()`` beyond what was allocated before it."""
     torch.cuda.synchronize()

@@ -24,7 +24,7 @@ import torch
 
 import segops
 
-from .harness import Record, peak_extra_memory, time_ms
+from .harness import Record, forward_backward, peak_extra_memory, time_ms
 
 IMAGE = (800, 1216)
 LEVELS = [(200, 304), (100, 152), (50, 76), (25, 38)]
@@ -120,13 +120,11 @@ def _directions(quick: bool):
 
 
 def _step(fn, leaves, backward: bool, deterministic: bool):
+    step = forward_backward(fn, leaves, backward)
+
     def run():
         with _deterministic(deterministic):
-            out = fn()
-            if backward:
-                out.backward(torch.ones_like(out))
-                for leaf in leaves:
-                    leaf.grad = None
+            step()
     return run
 
 

@@ -167,6 +167,22 @@ def _argmax_sample(plane, y_start, x_start, bin_h, bin_w, ph, pw, grid_h, grid_w
     return best, best_y, best_x
 
 
+@triton.jit
+def _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_P: tl.constexpr):
+    """This program's RoI k, channels, bins (ph, pw), their mask, and the
+    RoI's level (grid: RoIs, channel blocks, bin blocks)."""
+    k = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (offs_c < C)[:, None] & (offs_p < PH * PW)[None, :]
+    if HAS_LEVELS:
+        lvl = tl.load(level_ptr + k).to(tl.int32)
+    else:
+        lvl = 0
+    return k, offs_c, offs_p // PW, offs_p % PW, mask, lvl
+
+
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
@@ -179,18 +195,7 @@ def _roi_align_fwd_kernel(
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    cmask = offs_c < C
-    pmask = offs_p < PH * PW
-    ph = offs_p // PW
-    pw = offs_p % PW
-
-    if HAS_LEVELS:
-        lvl = tl.load(level_ptr + k).to(tl.int32)
-    else:
-        lvl = 0
+    k, offs_c, ph, pw, mask, lvl = _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS, BLOCK_C, BLOCK_P)
     level_offset, H, W, stride_n, stride_c, stride_h, stride_w = _level_geometry(table_ptr, lvl)
     if CHANNELS_LAST:
         stride_c = 1
@@ -200,7 +205,6 @@ def _roi_align_fwd_kernel(
 
     plane = (x_ptr + level_offset + n.to(tl.int64) * stride_n
              + offs_c.to(tl.int64)[:, None] * stride_c)
-    mask = cmask[:, None] & pmask[None, :]
     if MAX_POOL:
         tile = tl.zeros([BLOCK_C, BLOCK_P], ACC)
         best, best_y, best_x = _argmax_sample(
@@ -234,19 +238,7 @@ def _roi_align_bwd_atomic_kernel(
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    cmask = offs_c < C
-    pmask = offs_p < PH * PW
-    ph = offs_p // PW
-    pw = offs_p % PW
-    mask = cmask[:, None] & pmask[None, :]
-
-    if HAS_LEVELS:
-        lvl = tl.load(level_ptr + k).to(tl.int32)
-    else:
-        lvl = 0
+    k, offs_c, ph, pw, mask, lvl = _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS, BLOCK_C, BLOCK_P)
     gx_offset, H, W, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_table_ptr, lvl)
     if CHANNELS_LAST:
         gx_sc = 1

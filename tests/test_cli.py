@@ -106,8 +106,8 @@ def test_conv_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(bench, "SHAPES", [("aspp d3", 1, 5, 6, 4, 3, 3)])
     monkeypatch.setattr(bench, "DTYPES", [torch.float32])
-    monkeypatch.setattr(bench, "time_ms", call_once)
-    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    monkeypatch.setattr(harness, "time_ms", call_once)
+    monkeypatch.setattr(harness, "peak_extra_memory", lambda fn: 0)
     monkeypatch.setattr(bench, "_roofline", lambda dtype: 1.0)
     records = bench.run(quick=False)
     keys = {(r.direction, r.provider) for r in records}
@@ -128,8 +128,8 @@ def test_conv_transpose_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     monkeypatch.setattr(bench, "SHAPES", [("up", 1, 4, 3, 2, 2, 2, 0, 0),
                                           ("overlap", 1, 3, 3, 2, 3, 2, 1, 1)])
     monkeypatch.setattr(bench, "DTYPES", [torch.float32])
-    monkeypatch.setattr(bench, "time_ms", call_once)
-    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    monkeypatch.setattr(harness, "time_ms", call_once)
+    monkeypatch.setattr(harness, "peak_extra_memory", lambda fn: 0)
     monkeypatch.setattr(bench, "_roofline", lambda dtype: 1.0)
     records = bench.run(quick=False)
     assert len(records) == 2 * 2 * 2 * 2

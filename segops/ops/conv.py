@@ -162,7 +162,10 @@ def resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
     return [ph, ph, pw, pw]
 
 
-def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
+def check_conv_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int,
+                       weight_layout: str) -> None:
+    """What a convolution and a transposed one check alike: tensors of one
+    floating dtype on one device, 4-D input and weight, positive int groups."""
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -179,10 +182,13 @@ def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: i
         raise ArgumentError(f"input must be (N, C, H, W) or (C, H, W), got shape "
                             f"{tuple(input.shape)}")
     if weight.dim() != 4:
-        raise ArgumentError(f"weight must be (C_out, C_in / groups, KH, KW), got shape "
-                            f"{tuple(weight.shape)}")
+        raise ArgumentError(f"weight must be {weight_layout}, got shape {tuple(weight.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ArgumentError(f"groups must be a positive int, got {groups!r}")
+
+
+def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
+    check_conv_tensors(input, weight, bias, groups, "(C_out, C_in / groups, KH, KW)")
     if weight.shape[0] % groups:
         raise ArgumentError(f"groups={groups} must divide the output channels "
                             f"{weight.shape[0]} (weight shape {tuple(weight.shape)})")

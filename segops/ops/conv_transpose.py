@@ -20,9 +20,16 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._checks import FLOAT_DTYPES, ArgumentError, ArgumentTypeError
+from .._checks import ArgumentError, ArgumentTypeError
 from ..reference import conv_transpose as reference
-from .conv import _autocast, _conv2d, _conv2d_grad_weight, _pair, is_channels_last
+from .conv import (
+    _autocast,
+    _conv2d,
+    _conv2d_grad_weight,
+    _pair,
+    check_conv_tensors,
+    is_channels_last,
+)
 
 
 def _kernels():
@@ -88,26 +95,7 @@ _conv_transpose2d.register_autograd(_grad, setup_context=_setup_context)
 
 
 def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
-    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ArgumentTypeError(f"{name} must be floating point, got {t.dtype}")
-        if t.dtype != input.dtype:
-            raise ArgumentTypeError(f"input ({input.dtype}) and {name} ({t.dtype}) must have "
-                                    "the same dtype")
-        if t.device != input.device:
-            raise ArgumentError(f"input is on {input.device} but {name} is on {t.device}")
-    if input.dim() != 4:
-        raise ArgumentError(f"input must be (N, C, H, W) or (C, H, W), got shape "
-                            f"{tuple(input.shape)}")
-    if weight.dim() != 4:
-        raise ArgumentError(f"weight must be (C_in, C_out / groups, KH, KW), got shape "
-                            f"{tuple(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ArgumentError(f"groups must be a positive int, got {groups!r}")
+    check_conv_tensors(input, weight, bias, groups, "(C_in, C_out / groups, KH, KW)")
     if weight.shape[0] % groups:
         raise ArgumentError(f"groups={groups} must divide the input channels {weight.shape[0]} "
                             f"(weight shape {tuple(weight.shape)})")

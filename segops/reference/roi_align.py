@@ -64,9 +64,11 @@ def _sample_bilinear(plane: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
     return value * (in_y[:, None] & in_x[None, :])
 
 
-def _pool_one(plane: Tensor, roi: Tensor, scale: float, pooled: tuple[int, int],
-              sampling_ratio: int, aligned: bool, pool_mode: str) -> Tensor:
-    """(C, PH, PW) for one RoI (x1, y1, x2, y2) on one image's (C, H, W)."""
+def _sample_grid(roi: Tensor, scale: float, pooled: tuple[int, int], sampling_ratio: int,
+                 aligned: bool, map_hw) -> tuple[Tensor, Tensor] | None:
+    """Sample coordinates of one RoI (x1, y1, x2, y2): rows (PH, grid_h) and
+    columns (PW, grid_w), in torchvision's arithmetic; None when the RoI has
+    no samples (or the map is empty)."""
     PH, PW = pooled
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (roi[i] * scale - offset for i in range(4))
@@ -75,11 +77,21 @@ def _pool_one(plane: Tensor, roi: Tensor, scale: float, pooled: tuple[int, int],
         width, height = width.clamp(min=1.0), height.clamp(min=1.0)
     grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(height.item() / PH)
     grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(width.item() / PW)
+    if grid_h <= 0 or grid_w <= 0 or 0 in tuple(map_hw):
+        return None
+    return _sample_axis(y1, height, PH, grid_h), _sample_axis(x1, width, PW, grid_w)
+
+
+def _pool_one(plane: Tensor, roi: Tensor, scale: float, pooled: tuple[int, int],
+              sampling_ratio: int, aligned: bool, pool_mode: str) -> Tensor:
+    """(C, PH, PW) for one RoI (x1, y1, x2, y2) on one image's (C, H, W)."""
+    PH, PW = pooled
     C = plane.shape[0]
-    if grid_h <= 0 or grid_w <= 0 or plane.shape[-1] == 0 or plane.shape[-2] == 0:
+    grid = _sample_grid(roi, scale, pooled, sampling_ratio, aligned, plane.shape[-2:])
+    if grid is None:
         return plane.new_zeros((C, PH, PW))
-    ys = _sample_axis(y1, height, PH, grid_h).reshape(-1)
-    xs = _sample_axis(x1, width, PW, grid_w).reshape(-1)
+    ys, xs = (coords.reshape(-1) for coords in grid)
+    grid_h, grid_w = grid[0].shape[1], grid[1].shape[1]
     samples = _sample_bilinear(plane, ys, xs).reshape(C, PH, grid_h, PW, grid_w)
     samples = samples.permute(0, 1, 3, 2, 4).reshape(C, PH, PW, grid_h * grid_w)
     if pool_mode == "max":
@@ -138,17 +150,11 @@ def _unpool_one(grad: Tensor, plane: Tensor, roi: Tensor, scale: float, sampling
     """Gradient on one image's (C, H, W) from one RoI's (C, PH, PW) gradient."""
     C, PH, PW = grad.shape
     H, W = plane.shape[-2:]
-    offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (roi[i] * scale - offset for i in range(4))
-    width, height = x2 - x1, y2 - y1
-    if not aligned:
-        width, height = width.clamp(min=1.0), height.clamp(min=1.0)
-    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(height.item() / PH)
-    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(width.item() / PW)
-    if grid_h <= 0 or grid_w <= 0 or H == 0 or W == 0:
+    grid = _sample_grid(roi, scale, (PH, PW), sampling_ratio, aligned, (H, W))
+    if grid is None:
         return torch.zeros_like(plane)
-    ys = _sample_axis(y1, height, PH, grid_h)
-    xs = _sample_axis(x1, width, PW, grid_w)
+    ys, xs = grid
+    grid_h, grid_w = ys.shape[1], xs.shape[1]
     if pool_mode == "avg":
         # bilinear weights and bounds both factor into a row and a column part
         rows, cols = _axis_matrix(ys, H), _axis_matrix(xs, W)
