@@ -297,6 +297,17 @@ def _precision(t: torch.Tensor) -> dict:
                 UPCAST=t.dtype == torch.bfloat16 and t.device.type != "cuda")
 
 
+def _gemm_weight(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (C_out, C_in, KH, KW) with one of its channel axes contiguous.
+    A default (contiguous) conv weight has neither for KH*KW > 1: its tiles
+    would be gathered with stride KH*KW. One small copy per call makes the
+    output channels contiguous (the view keeps the logical shape, the
+    kernels follow the strides)."""
+    if w.stride(0) == 1 or w.stride(1) == 1:
+        return w
+    return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
 def _conv_params(stride, padding, dilation):
     return (*stride, padding[0], padding[2], *dilation)
 
@@ -322,6 +333,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), groups)
 
+    w = _gemm_weight(w)
     args = (x, w, w if bias is None else bias, y, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *y.stride())
     constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, **_precision(x))
@@ -354,6 +366,7 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), groups,
                 residues)
 
+    w = _gemm_weight(w)
     args = (dy, w, w if bias is None else bias, dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *dy.stride(), *w.stride(), *dx.stride())
     constexprs = dict(HAS_BIAS=bias is not None, **_precision(dy))
