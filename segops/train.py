@@ -48,11 +48,16 @@ def _to(batch, device: torch.device, channels_last: bool) -> tuple[Tensor, Tenso
 
 def train_step(model: nn.Module, images: Tensor, masks: Tensor, loss_fn: Callable,
                optimizer: torch.optim.Optimizer, *, amp: str | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> float:
-    """One optimisation step; returns the loss."""
+               scaler: torch.amp.GradScaler | None = None, aux_weight: float = 0.0) -> float:
+    """One optimisation step; returns the loss. With ``aux_weight`` and a
+    model returning {'out', 'aux'} (torchvision's aux_loss=True), the loss
+    is loss(out) + aux_weight * loss(aux), as torchvision's recipe (0.5)."""
     optimizer.zero_grad(set_to_none=True)
     with _autocast(images.device, amp):
-        loss = loss_fn(logits_of(model(images)).float(), masks)
+        output = model(images)
+        loss = loss_fn(logits_of(output).float(), masks)
+        if aux_weight and isinstance(output, dict) and "aux" in output:
+            loss = loss + aux_weight * loss_fn(output["aux"].float(), masks)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -95,7 +100,7 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable, epochs: int = 1, *,
         optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
         device: torch.device | str | None = None, amp: str | None = None,
         channels_last: bool = False, val_loader: Iterable | None = None,
-        num_classes: int | None = None, progress: bool = True,
+        num_classes: int | None = None, progress: bool = True, aux_weight: float = 0.0,
         on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
     """Train ``model`` for ``epochs`` over ``loader`` ((images, masks)
     batches) with ``loss(logits, masks)``.
@@ -106,6 +111,7 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable, epochs: int = 1, *,
         channels_last: move the model and each batch to channels_last.
         val_loader, num_classes: evaluate mIoU after each epoch.
         progress: a tqdm bar per epoch (rank 0 only).
+        aux_weight: weight of the 'aux' output's loss (see train_step).
         on_epoch_end: called with each epoch's record.
     Works on a DDP-wrapped model (the sampler's set_epoch is called when the
     loader has one). Returns one record per epoch: {'epoch', 'loss'
@@ -128,7 +134,8 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable, epochs: int = 1, *,
                         progress and _is_main_process())
         for batch in bar:
             images, masks = _to(batch, device, channels_last)
-            total += train_step(model, images, masks, loss, optimizer, amp=amp, scaler=scaler)
+            total += train_step(model, images, masks, loss, optimizer, amp=amp, scaler=scaler,
+                                aux_weight=aux_weight)
             steps += 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / steps:.4f}")

@@ -45,6 +45,27 @@ def test_fit_and_evaluate():
     assert iou.shape == (4,)
 
 
+def test_aux_loss_is_added_with_its_weight():
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = torch.nn.Conv2d(3, 4, 1)
+            self.aux = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return {"out": self.out(x), "aux": self.aux(x)}
+
+    model = TwoHeads()
+    images, masks = next(iter(_loader()))
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        want = loss(model.out(images), masks) + 0.5 * loss(model.aux(images), masks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    got = train.train_step(model, images, masks, loss, optimizer, aux_weight=0.5)
+    assert abs(got - want.item()) < 1e-6
+    assert model.aux.weight.grad is not None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast training needs CUDA")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_fit_with_amp(amp):
