@@ -239,6 +239,122 @@ def _conv2d_bwd_weight_kernel(
 
 
 # --------------------------------------------------------------------------
+# depthwise (one input channel per group): direct kernels, no GEMM
+# --------------------------------------------------------------------------
+# With one input channel per group the GEMM's reduction is just the taps and
+# its N tile the channel multiplier (usually 1): tl.dot would pad both to 16.
+# These kernels vectorise over (pixels, channels) instead; channel co reads
+# input channel co // MULT.
+@triton.jit
+def _depthwise_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, MULT, OH, OW, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """y (N, C*MULT, OH, OW) from x (N, C, H, W) and w (C*MULT, 1, KH, KW)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mmask = offs_m < N * OH * OW
+    cmask = co < C * MULT
+    n, oh, ow = _split_pixels(offs_m, OH, OW)
+    x_base = x_ptr + n.to(tl.int64)[:, None] * sxn + (co // MULT).to(tl.int64)[None, :] * sxc
+    w_base = w_ptr + co.to(tl.int64) * swo
+    acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for r in range(0, KH):
+        ih = oh * stride_h - pad_h + r * dil_h
+        valid_h = mmask & (ih >= 0) & (ih < H)
+        for s in range(0, KW):
+            iw = ow * stride_w - pad_w + s * dil_w
+            valid = valid_h & (iw >= 0) & (iw < W)
+            pixel = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            xv = tl.load(x_base + pixel[:, None], mask=valid[:, None] & cmask[None, :], other=0.0)
+            wv = tl.load(w_base + r * swh + s * sww, mask=cmask, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, cmask, syn, syc, syh, syw,
+                    HAS_BIAS, RELU)
+
+
+@triton.jit
+def _depthwise_bwd_input_kernel(
+    dy_ptr, w_ptr, b_ptr, dx_ptr,
+    N, C, H, W, MULT, OH, OW, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw, swo, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """dx (N, C, H, W): for each input pixel, the taps whose output position
+    is integral and inside (OH, OW), over the MULT channels reading it. With
+    HAS_BIAS, b (C) is added: the depthwise transposed-convolution forward."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mmask = offs_m < N * H * W
+    cmask = ci < C
+    n, ih, iw = _split_pixels(offs_m, H, W)
+    dy_base = dy_ptr + n.to(tl.int64) * sdyn
+    acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for r in range(0, KH):
+        num_h = ih + pad_h - r * dil_h
+        oh = num_h // stride_h
+        valid_h = mmask & (num_h >= 0) & (num_h % stride_h == 0) & (oh < OH)
+        for s in range(0, KW):
+            num_w = iw + pad_w - s * dil_w
+            ow = num_w // stride_w
+            valid = valid_h & (num_w >= 0) & (num_w % stride_w == 0) & (ow < OW)
+            pixel = dy_base + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+            for j in range(0, MULT):
+                co = (ci * MULT + j).to(tl.int64)
+                g = tl.load(pixel[:, None] + co[None, :] * sdyc,
+                            mask=valid[:, None] & cmask[None, :], other=0.0)
+                wv = tl.load(w_ptr + co * swo + r * swh + s * sww, mask=cmask, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
+    _epilogue_store(acc, dx_ptr, b_ptr, n, ih, iw, ci, mmask, cmask, sdxn, sdxc, sdxh, sdxw,
+                    HAS_BIAS, False)
+
+
+@triton.jit
+def _depthwise_bwd_weight_kernel(
+    dy_ptr, x_ptr, part_ptr,
+    N, C, H, W, MULT, OH, OW, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw, split_pixels, split_stride,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Partial dw over one split of the output pixels, into part[split] of
+    shape (C*MULT, KH*KW), contiguous; program axis 1 is the tap."""
+    co = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tap // KW
+    s = tap % KW
+    cmask = co < C * MULT
+    dy_cols = dy_ptr + co.to(tl.int64) * sdyc
+    x_cols = x_ptr + (co // MULT).to(tl.int64) * sxc
+    pixels = N * OH * OW
+    start = split * split_pixels
+    stop = tl.minimum(start + split_pixels, pixels)
+    acc = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(start, stop, BLOCK_M):
+        offs = p0 + tl.arange(0, BLOCK_M)
+        pmask = offs < stop
+        n, oh, ow = _split_pixels(offs, OH, OW)
+        ih = oh * stride_h - pad_h + r * dil_h
+        iw = ow * stride_w - pad_w + s * dil_w
+        valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dy_rows = n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+        x_rows = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        g = tl.load(dy_cols[None, :] + dy_rows[:, None], mask=pmask[:, None] & cmask[None, :],
+                    other=0.0)
+        xv = tl.load(x_cols[None, :] + x_rows[:, None], mask=valid[:, None] & cmask[None, :],
+                     other=0.0)
+        acc += tl.sum(g.to(ACC) * xv.to(ACC), axis=0)
+    out = part_ptr + split.to(tl.int64) * split_stride + co.to(tl.int64) * (KH * KW) + tap
+    tl.store(out, acc, mask=cmask)
+
+
+# --------------------------------------------------------------------------
 # configs and autotuning
 # --------------------------------------------------------------------------
 # Hopper-sized tiles for the tuner; (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
@@ -329,6 +445,9 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     if y.numel() == 0:
         return y
     M = N * OH * OW
+    if C_in == 1:
+        _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu)
+        return y
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), groups)
@@ -359,6 +478,9 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
         if bias is not None:
             dx += bias.view(1, -1, 1, 1).to(dx.dtype)
         return dx
+    if C_in == 1:
+        _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation)
+        return dx
     residues = stride[0] * stride[1]
     M = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
 
@@ -385,6 +507,9 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     pixels = N * OH * OW
     if pixels == 0 or C_out_total * C_in * KH * KW == 0:
         return torch.zeros(weight_shape, dtype=acc_dtype, device=x.device)
+    if C_in == 1:
+        return _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_dtype,
+                                      splits)
     tiles = triton.cdiv(C_out, 64) * triton.cdiv(C_in, 64) * KH * KW * groups
     if splits is None:
         # enough programs for a few waves, each with at least 256 pixels
@@ -410,3 +535,63 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+# --------------------------------------------------------------------------
+# depthwise launchers
+# --------------------------------------------------------------------------
+def _depthwise_tile(channels: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C): wide in channels for channels_last (contiguous),
+    wide in pixels otherwise."""
+    if channels_last:
+        bc = min(64, max(next_pow2(channels), 4))
+        return max(4096 // bc, 16) if bc < 64 else 64, bc
+    return 128, min(16, next_pow2(channels))
+
+
+def _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> None:
+    N, C, H, W = x.shape
+    C_out, _, KH, KW = w.shape
+    OH, OW = y.shape[-2:]
+    bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
+    grid = (triton.cdiv(N * OH * OW, bm), triton.cdiv(C_out, bc))
+    _depthwise_fwd_kernel[grid](
+        x, w, w if bias is None else bias, y, N, C, H, W, C_out // C, OH, OW, KH, KW,
+        *_conv_params(stride, padding, dilation), *x.stride(), w.stride(0), w.stride(2),
+        w.stride(3), *y.stride(),
+        HAS_BIAS=bias is not None, RELU=relu, BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(x.dtype))
+
+
+def _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation) -> None:
+    N, C, H, W = dx.shape
+    C_out, _, KH, KW = w.shape
+    OH, OW = dy.shape[-2:]
+    bm, bc = _depthwise_tile(C, dx.stride(1) == 1)
+    grid = (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc))
+    _depthwise_bwd_input_kernel[grid](
+        dy, w, w if bias is None else bias, dx, N, C, H, W, C_out // C, OH, OW, KH, KW,
+        *_conv_params(stride, padding, dilation), *dy.stride(), w.stride(0), w.stride(2),
+        w.stride(3), *dx.stride(),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(dy.dtype))
+
+
+def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_dtype,
+                           splits: int | None) -> torch.Tensor:
+    N, C, H, W = x.shape
+    C_out, _, KH, KW = weight_shape
+    OH, OW = dy.shape[-2:]
+    pixels = N * OH * OW
+    bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
+    if splits is None:
+        tiles = triton.cdiv(C_out, bc) * KH * KW
+        splits = max(1, min(target_programs(x.device) // tiles, pixels // 1024))
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), bm) * bm
+    splits = triton.cdiv(pixels, per_split)
+    partial = empty((splits, C_out, KH * KW), dtype=acc_dtype, device=x.device)
+    grid = (triton.cdiv(C_out, bc), KH * KW, splits)
+    _depthwise_bwd_weight_kernel[grid](
+        dy, x, partial, N, C, H, W, C_out // C, OH, OW, KH, KW,
+        *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
+        partial.stride(0), BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(x.dtype))
+    total = partial[0] if splits == 1 else partial.sum(0)
+    return total.view(weight_shape)

@@ -90,7 +90,8 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
     KH, KW = w.shape[-2:]
     out_hw = output_size(x.shape[-2:], (KH, KW), stride, padding, output_padding, dilation)
     memory_format = conv._memory_format(x)
-    if not is_one_gemm((KH, KW), stride, padding, output_padding, dilation):
+    depthwise = groups > 1 and w.shape[1] == 1  # the gather has a direct kernel for it
+    if depthwise or not is_one_gemm((KH, KW), stride, padding, output_padding, dilation):
         return conv.conv_transpose_gather(x, w, bias, out_hw, stride,
                                           [padding[0], padding[0], padding[1], padding[1]],
                                           dilation, groups, memory_format, config=config)

@@ -104,6 +104,21 @@ def conv_variants():
                    dict(dy_ptr=f"*{dtype}", x_ptr=f"*{dtype}", part_ptr=f"*{acc}"), common, warps)
 
 
+def depthwise_variants():
+    for dtype, flags in [("bf16", True), ("fp16", False), ("fp32", True), ("fp64", False)]:
+        acc = tl.float64 if dtype == "fp64" else tl.float32
+        tile = dict(BLOCK_M=64, BLOCK_C=64, ACC=acc)
+        yield (conv._depthwise_fwd_kernel,
+               dict(x_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}"),
+               dict(HAS_BIAS=flags, RELU=flags, **tile))
+        yield (conv._depthwise_bwd_input_kernel,
+               dict(dy_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", dx_ptr=f"*{dtype}"),
+               dict(HAS_BIAS=flags, **tile))
+        yield (conv._depthwise_bwd_weight_kernel,
+               dict(dy_ptr=f"*{dtype}", x_ptr=f"*{dtype}",
+                    part_ptr="*fp64" if dtype == "fp64" else "*fp32"), tile)
+
+
 def conv_transpose_variants():
     for dtype, tf32, bias in [("bf16", False, True), ("fp16", False, False), ("fp32", True, True),
                               ("fp32", False, False), ("fp64", False, True)]:
@@ -114,7 +129,8 @@ def conv_transpose_variants():
                     BLOCK_N=64, BLOCK_K=32))
 
 
-VARIANTS = (overlap_variants, roi_align_variants, conv_variants, conv_transpose_variants)
+VARIANTS = (overlap_variants, roi_align_variants, conv_variants, depthwise_variants,
+            conv_transpose_variants)
 
 
 def main() -> int:

@@ -180,6 +180,41 @@ def test_tuned_tiles(tile):
     assert_close(dw, ref.conv2d_grad_weight(grad, cpu[0], w.shape, *geometry), tol)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_depthwise_direct_kernels(dtype, layout, monkeypatch):
+    """One input channel per group runs the direct depthwise kernels (no
+    GEMM): channel multiplier 2, dilation, stride, every gradient; and a
+    single-channel input (groups=1, C_in=1) takes the same path."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    case = dict(N=2, C_in=5, C_out=10, H=9, W=8, kernel=3, stride=(2, 1), padding=2,
+                dilation=2, groups=5, bias=True, layout=layout)
+    x, w, b = make_tensors(case, dtype)
+    args = conv_args(case)
+    cpu = [t.double().cpu() for t in (x, w, b)]
+    want = F.conv2d(*cpu, **args)
+    grad = torch.randn_like(want).to(dtype)
+    out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b,
+                                   grad.to(DEVICE))
+    _, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args), *cpu, grad.double())
+    assert_close(out, want, RTOL[dtype])
+    for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
+        assert_close(got, expected, RTOL[dtype], name=f"grad_{name}")
+    single = dict(case, C_in=1, C_out=4, groups=1)
+    x, w, b = make_tensors(single, dtype)
+    assert_close(segops.ops.atrous_conv2d(x, w, b, padding=1),
+                 F.conv2d(*(t.double().cpu() for t in (x, w, b)), padding=1), RTOL[dtype])
+
+
+def test_depthwise_weight_gradient_splits():
+    x = torch.randn(2, 3, 12, 11, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(2, 6, 12, 11, dtype=torch.float64, device=DEVICE)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 3)
+    dw = kernels.conv2d_grad_weight(grad, x, (6, 1, 3, 3), *geometry, splits=5)
+    want = ref.conv2d_grad_weight(grad.cpu(), x.cpu(), (6, 1, 3, 3), *geometry)
+    assert_close(dw, want, F64)
+
+
 # --------------------------------------------------------------------------
 # edges
 # --------------------------------------------------------------------------

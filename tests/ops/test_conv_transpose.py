@@ -251,3 +251,14 @@ def test_reference_path_matches_f_conv_transpose2d(case):
         pytest.skip("the reference path serves CPU tensors")
     with _dispatch.reference_only():
         check_against_f(case)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (4, 2, 1)])
+def test_depthwise_takes_the_direct_kernel(layout, kernel, stride, padding):
+    """groups == C_in with one output channel per group: the direct depthwise
+    gather, for the k == stride case too."""
+    case = dict(N=2, C_in=5, C_out=5, H=4, W=3, kernel=(kernel, kernel), stride=stride,
+                padding=(padding, padding), output_padding=(0, 0), dilation=1, groups=5,
+                bias=True, layout=layout)
+    check_against_f(case)
