@@ -104,7 +104,8 @@ def test_conv_benchmark_code_runs_at_tiny_sizes(monkeypatch):
         return 1.0
 
     monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-    monkeypatch.setattr(bench, "SHAPES", [("aspp d3", 1, 5, 6, 4, 3, 3)])
+    monkeypatch.setattr(bench, "SHAPES", [("aspp d3", 1, 5, 6, 4, 3, 3, 1),
+                                          ("sep d2", 1, 4, 6, 4, 3, 2, 4)])
     monkeypatch.setattr(bench, "DTYPES", [torch.float32])
     monkeypatch.setattr(harness, "time_ms", call_once)
     monkeypatch.setattr(harness, "peak_extra_memory", lambda fn: 0)
@@ -112,7 +113,7 @@ def test_conv_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     records = bench.run(quick=False)
     keys = {(r.direction, r.provider) for r in records}
     assert keys == {(d, p) for d in ("fwd", "fwd+bwd") for p in ("segops", "cudnn")}
-    assert len(records) == 2 * 2 * 2
+    assert len(records) == 2 * 2 * 2 * 2
 
 
 def test_conv_transpose_benchmark_code_runs_at_tiny_sizes(monkeypatch):
