@@ -395,3 +395,25 @@ def test_same_padding_with_even_kernels():
     expected = torch.autograd.grad(want, (xr, wr), grad)
     for g, e in zip(got, expected):
         assert_close(g, e, F64, name="grad")
+
+
+@pytest.mark.parametrize("weight_layout", ["channels_last", "transposed-view"])
+def test_weight_memory_layouts(weight_layout):
+    """Weights already laid out with a contiguous channel axis, or as a
+    non-contiguous view, give the same results and gradients."""
+    x = torch.randn(2, 6, 7, 8, dtype=torch.float64, device=DEVICE)
+    base = torch.randn(4, 6, 3, 3, dtype=torch.float64, device=DEVICE)
+    if weight_layout == "channels_last":
+        w = base.contiguous(memory_format=torch.channels_last)
+    else:
+        w = base.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(w, base)
+    leaf = w.detach().requires_grad_()
+    out = segops.ops.atrous_conv2d(x, leaf, padding=2, dilation=2)
+    want = F.conv2d(x.cpu(), base.cpu(), padding=2, dilation=2)
+    assert_close(out, want, F64)
+    grad = torch.randn_like(want)
+    (got,) = torch.autograd.grad(out, leaf, grad.to(DEVICE))
+    wr = base.cpu().requires_grad_()
+    (expected,) = torch.autograd.grad(F.conv2d(x.cpu(), wr, padding=2, dilation=2), wr, grad)
+    assert_close(got, expected, F64, name="grad_weight")
