@@ -202,11 +202,23 @@ def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: i
                             f"{tuple(bias.shape)}")
 
 
+MAX_PIXELS = 2**31 - 1
+
+
+def check_pixel_count(name: str, count: int) -> None:
+    """The kernels index pixels (N*H*W) with 32-bit integers; element
+    offsets are 64-bit, so it is the pixel count, not the tensor size, that
+    is bounded."""
+    if count > MAX_PIXELS:
+        raise ArgumentError(f"{name} has {count} pixels (N*H*W); the convolution kernels "
+                            f"support up to 2^31 - 1 (tensors past 2^31 elements are fine)")
+
+
 def _autocast(*tensors):
     """ATen's autocast policy for conv2d: float16/32 inputs go to the
     autocast dtype (float64 stays)."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16,
@@ -255,5 +267,7 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
             f"output size {OH}x{OW} is too small: input {tuple(input.shape[-2:])}, padding "
             f"{pads}, dilated kernel {[d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[-2:])]}, "
             f"stride {stride}")
+    check_pixel_count("input", input.shape[0] * input.shape[2] * input.shape[3])
+    check_pixel_count("output", input.shape[0] * OH * OW)
     out = _conv2d(input, weight, bias, stride, pads, dilation, groups, activation == "relu")
     return out.squeeze(0) if unbatched else out

@@ -28,6 +28,7 @@ from .conv import (
     _conv2d_grad_weight,
     _pair,
     check_conv_tensors,
+    check_pixel_count,
     is_channels_last,
 )
 
@@ -147,6 +148,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     if min(out_hw) <= 0:
         raise ArgumentError(f"output size {out_hw} is too small: input {tuple(input.shape[-2:])},"
                             f" padding {tuple(padding)} removes more than the kernel adds")
+    check_pixel_count("input", input.shape[0] * input.shape[2] * input.shape[3])
+    check_pixel_count("output", input.shape[0] * out_hw[0] * out_hw[1])
     out = _conv_transpose2d(input, weight, bias, stride, padding, output_padding, dilation,
                             groups)
     return out.squeeze(0) if unbatched else out

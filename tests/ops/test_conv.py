@@ -307,7 +307,9 @@ def test_autocast_like_f_conv2d():
         out = segops.ops.atrous_conv2d(x, w, padding=2, dilation=2)
         want = F.conv2d(x, w, padding=2, dilation=2)
     assert out.dtype == want.dtype == half
-    assert_close(out, want.float(), RTOL[half])
+    # against float64 on the autocast-rounded inputs: only our own rounding
+    exact = F.conv2d(x.to(half).double(), w.to(half).double(), padding=2, dilation=2)
+    assert_close(out, exact, RTOL[half])
 
 
 def test_module_loads_conv2d_state_dict():
@@ -335,13 +337,23 @@ def test_module_padding_modes():
 
 @pytest.mark.skipif(not ON_GPU, reason="2^31-element tensors: too slow for the interpreter")
 def test_offsets_past_2_to_the_31():
-    side = 46341
-    x = torch.zeros((1, 1, side, side), dtype=torch.bfloat16, device=DEVICE)
-    x[..., -6:, -6:] = torch.randn(6, 6, device=DEVICE).to(torch.bfloat16)
-    w = torch.randn(1, 1, 3, 3, device=DEVICE, dtype=torch.bfloat16)
+    """64 channels of 5793^2 (> 2^31 elements): the last rows are read through
+    64-bit offsets."""
+    side = 5793
+    x = torch.zeros((1, 64, side, side), dtype=torch.bfloat16, device=DEVICE)
+    x[..., -6:, -6:] = torch.randn(64, 6, 6, device=DEVICE).to(torch.bfloat16)
+    assert x.numel() > 2**31
+    w = torch.randn(1, 64, 3, 3, device=DEVICE, dtype=torch.bfloat16)
     out = segops.ops.atrous_conv2d(x, w, padding=2, dilation=2)
     want = F.conv2d(x[..., -10:, -10:].double(), w.double(), padding=2, dilation=2)
     assert_close(out[..., -8:, -8:], want[..., -8:, -8:], RTOL[torch.bfloat16])
+
+
+def test_more_than_2_to_the_31_pixels_is_a_clear_error():
+    x = torch.empty((1, 1, 46341, 46341), dtype=torch.bfloat16, device="meta")
+    w = torch.empty((1, 1, 1, 1), dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="2\\^31 - 1"):
+        segops.ops.atrous_conv2d(x, w)
 
 
 # --------------------------------------------------------------------------
