@@ -55,6 +55,23 @@ def _mma(acc, a, b, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tap_gemm(acc, a_rows, a_step, valid, b_cols, b_step, nmask, K, ALLOW_TF32: tl.constexpr,
+              UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A @ B over the K channels of one tap: A[m, k] at a_rows[m] +
+    k*a_step (rows where ``valid``), B[k, n] at b_cols[n] + k*b_step
+    (columns where ``nmask``); masked elements read 0."""
+    for c0 in range(0, K, BLOCK_K):
+        offs_k = c0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        a = tl.load(a_rows[:, None] + offs_k.to(tl.int64)[None, :] * a_step,
+                    mask=valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * b_step,
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
+    return acc
+
+
+@triton.jit
 def _split_pixels(offs, OH, OW):
     """Flat pixel index -> (n, row, column)."""
     n = offs // (OH * OW)
@@ -108,16 +125,9 @@ def _conv2d_fwd_kernel(
             iw = ow * stride_w - pad_w + s * dil_w
             valid = valid_h & (iw >= 0) & (iw < W)
             if tl.max(valid.to(tl.int32), axis=0) > 0:  # else the tap reads only padding
-                a_rows = x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-                b_cols = w_cols + r * swh + s * sww
-                for c0 in range(0, C_in, BLOCK_K):
-                    offs_k = c0 + tl.arange(0, BLOCK_K)
-                    kmask = offs_k < C_in
-                    a = tl.load(a_rows[:, None] + offs_k.to(tl.int64)[None, :] * sxc,
-                                mask=valid[:, None] & kmask[None, :], other=0.0)
-                    b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * swi,
-                                mask=kmask[:, None] & nmask[None, :], other=0.0)
-                    acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
+                acc = _tap_gemm(acc, x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw,
+                                sxc, valid, w_cols + r * swh + s * sww, swi, nmask, C_in,
+                                ALLOW_TF32, UPCAST, BLOCK_K)
     _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, nmask, syn, syc, syh, syw,
                     HAS_BIAS, RELU)
 
@@ -171,16 +181,10 @@ def _conv2d_bwd_input_kernel(
                     ow = num_w // stride_w
                     valid = valid_h & (num_w >= 0) & (ow < OW)
                     if tl.max(valid.to(tl.int32), axis=0) > 0:
-                        a_rows = dy_rows + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
-                        b_cols = w_cols + r * swh + s * sww
-                        for c0 in range(0, C_out, BLOCK_K):
-                            offs_k = c0 + tl.arange(0, BLOCK_K)
-                            kmask = offs_k < C_out
-                            a = tl.load(a_rows[:, None] + offs_k.to(tl.int64)[None, :] * sdyc,
-                                        mask=valid[:, None] & kmask[None, :], other=0.0)
-                            b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * swo,
-                                        mask=kmask[:, None] & nmask[None, :], other=0.0)
-                            acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
+                        acc = _tap_gemm(
+                            acc, dy_rows + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw,
+                            sdyc, valid, w_cols + r * swh + s * sww, swo, nmask, C_out,
+                            ALLOW_TF32, UPCAST, BLOCK_K)
     _epilogue_store(acc, dx_ptr, b_ptr, n, ih, iw, ci, mmask, nmask, sdxn, sdxc, sdxh, sdxw,
                     HAS_BIAS, False)
 

@@ -214,6 +214,17 @@ def check_pixel_count(name: str, count: int) -> None:
                             f"support up to 2^31 - 1 (tensors past 2^31 elements are fine)")
 
 
+def prepare_inputs(input, weight, bias):
+    """(input, weight, bias, unbatched): an unbatched (C, H, W) input gets a
+    batch dim, and autocast's casts are applied, as ATen does for convs."""
+    if not isinstance(input, Tensor):
+        raise ArgumentTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    return (*_autocast(input, weight, bias), unbatched)
+
+
 def _autocast(*tensors):
     """ATen's autocast policy for conv2d: float16/32 inputs go to the
     autocast dtype (float64 stays)."""
@@ -250,12 +261,7 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         ``(N, C_out, OH, OW)`` (or ``(C_out, OH, OW)``) in the input's dtype
         and memory format.
     """
-    if not isinstance(input, Tensor):
-        raise ArgumentTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-    input, weight, bias = _autocast(input, weight, bias)
+    input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
     _check_tensors(input, weight, bias, groups)
     _choice("activation", activation, ACTIVATIONS)
     stride = _pair("stride", stride, 1)

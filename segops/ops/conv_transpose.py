@@ -20,16 +20,16 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._checks import ArgumentError, ArgumentTypeError
+from .._checks import ArgumentError
 from ..reference import conv_transpose as reference
 from .conv import (
-    _autocast,
     _conv2d,
     _conv2d_grad_weight,
     _pair,
     check_conv_tensors,
     check_pixel_count,
     is_channels_last,
+    prepare_inputs,
 )
 
 
@@ -128,12 +128,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     Returns:
         ``(N, C_out, OH, OW)`` in the input's dtype and memory format.
     """
-    if not isinstance(input, Tensor):
-        raise ArgumentTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-    input, weight, bias = _autocast(input, weight, bias)
+    input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
     _check_tensors(input, weight, bias, groups)
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)
