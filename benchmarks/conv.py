@@ -65,14 +65,8 @@ def run(quick: bool = False) -> list[Record]:
         shape = f"{name} {N}x{C_in}x{size}^2->{C_out}" + (" cl" if channels_last else "")
         flops = 2 * N * size * size * C_out * (C_in // groups) * k * k
         peak = _roofline(dtype)
-        for direction, backward in (("fwd", False), ("fwd+bwd", True)):
-            x.requires_grad_(backward)
-            w.requires_grad_(backward)
-            for provider, fn in _providers(d, groups).items():
-                step = harness.forward_backward(lambda fn=fn: fn(x, w), (x, w), backward)
-                records.append(harness.gemm_record(
-                    "atrous_conv2d", shape, dtype, direction, provider, step,
-                    flops * (3 if backward else 1), peak))
+        records += harness.fwd_bwd_records("atrous_conv2d", shape, dtype, x, w,
+                                           _providers(d, groups), flops, peak)
         del x, w
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

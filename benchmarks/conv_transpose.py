@@ -62,14 +62,8 @@ def run(quick: bool = False) -> list[Record]:
         shape = f"{name} {N}x{C_in}x{size}^2 k{k}s{s}" + (" cl" if channels_last else "")
         flops = 2 * N * size * size * C_in * C_out * k * k
         peak = _roofline(dtype)
-        for direction, backward in (("fwd", False), ("fwd+bwd", True)):
-            x.requires_grad_(backward)
-            w.requires_grad_(backward)
-            for provider, fn in _providers(s, p, op).items():
-                step = harness.forward_backward(lambda fn=fn: fn(x, w), (x, w), backward)
-                records.append(harness.gemm_record(
-                    "conv_transpose2d", shape, dtype, direction, provider, step,
-                    flops * (3 if backward else 1), peak))
+        records += harness.fwd_bwd_records("conv_transpose2d", shape, dtype, x, w,
+                                           _providers(s, p, op), flops, peak)
         del x, w
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

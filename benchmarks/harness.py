@@ -54,6 +54,20 @@ def gemm_record(op, shape, dtype, direction, provider, step, flops, peak) -> Rec
                   extra_memory_mb=peak_extra_memory(step) / 2**20)
 
 
+def fwd_bwd_records(op, shape, dtype, x, w, providers: dict, flops: float, peak) -> list[Record]:
+    """Forward and forward+backward records of each ``providers[name](x, w)``
+    (a convolution-like op: backward costs twice the forward's ``flops``)."""
+    records = []
+    for direction, backward in (("fwd", False), ("fwd+bwd", True)):
+        x.requires_grad_(backward)
+        w.requires_grad_(backward)
+        for provider, fn in providers.items():
+            step = forward_backward(lambda fn=fn: fn(x, w), (x, w), backward)
+            records.append(gemm_record(op, shape, dtype, direction, provider, step,
+                                       flops * (3 if backward else 1), peak))
+    return records
+
+
 def peak_extra_memory(fn) -> int:
     """Bytes allocated by ``fn()`` beyond what was allocated before it."""
     torch.cuda.synchronize()

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._format import memory_format_of
+from ..reference.conv import output_size
 from ._layout import empty, next_pow2, target_programs
 
 _AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
@@ -442,10 +444,9 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     N, _, H, W = x.shape
     C_out_total, C_in, KH, KW = w.shape
     C_out = C_out_total // groups
-    OH = (H + padding[0] + padding[1] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + padding[2] + padding[3] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    OH, OW = output_size((H, W), (KH, KW), stride, padding, dilation)
     y = empty((N, C_out_total, OH, OW), dtype=x.dtype, device=x.device,
-              memory_format=_memory_format(x))
+              memory_format=memory_format_of(x))
     if y.numel() == 0:
         return y
     M = N * OH * OW
@@ -534,11 +535,6 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
             x.device)
     return partial[0] if splits == 1 else partial.sum(0)
 
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 # --------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._format import memory_format_of
+from ..reference.conv_transpose import output_size
 from . import conv
 from ._layout import empty
 
@@ -72,11 +74,6 @@ def _conv_transpose_k_eq_s_kernel(
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
-def output_size(input_hw, kernel_size, stride, padding, output_padding, dilation):
-    return tuple((size - 1) * s - 2 * p + d * (k - 1) + op + 1 for size, k, s, p, op, d in
-                 zip(input_hw, kernel_size, stride, padding, output_padding, dilation))
-
-
 def is_one_gemm(kernel_size, stride, padding, output_padding, dilation) -> bool:
     """kernel == stride, no padding, output padding or dilation."""
     return (tuple(kernel_size) == tuple(stride) and not any(padding)
@@ -89,7 +86,7 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
     The output keeps x's memory format."""
     KH, KW = w.shape[-2:]
     out_hw = output_size(x.shape[-2:], (KH, KW), stride, padding, output_padding, dilation)
-    memory_format = conv._memory_format(x)
+    memory_format = memory_format_of(x)
     depthwise = groups > 1 and w.shape[1] == 1  # the gather has a direct kernel for it
     if depthwise or not is_one_gemm((KH, KW), stride, padding, output_padding, dilation):
         return conv.conv_transpose_gather(x, w, bias, out_hw, stride,

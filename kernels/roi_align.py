@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._format import memory_format_of
 from ._layout import empty, next_pow2
 
 # adaptive sample counts are capped here before the int cast
@@ -401,14 +402,6 @@ def _level_table(tensors, base: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64, device=base.device)
 
 
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _channels_last(t) else torch.contiguous_format
-
-
 def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, int]:
     """Channels_last: wide in C (contiguous, vectorised loads); NCHW: wide in
     the bins of one channel plane."""
@@ -435,7 +428,7 @@ def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled
     """(K, C, PH, PW) in the first level's dtype and memory format."""
     K, C, N = rois.shape[0], features[0].shape[1], features[0].shape[0]
     out = empty((K, C, pooled_height, pooled_width), dtype=features[0].dtype,
-                device=features[0].device, memory_format=_memory_format(features[0]))
+                device=features[0].device, memory_format=memory_format_of(features[0]))
     if out.numel() == 0:
         return out
     _, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
@@ -455,7 +448,7 @@ def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled
 
 
 def _grad_buffers(features, dtype: torch.dtype) -> list[torch.Tensor]:
-    return [empty(f.shape, dtype=dtype, device=f.device, memory_format=_memory_format(f))
+    return [empty(f.shape, dtype=dtype, device=f.device, memory_format=memory_format_of(f))
             for f in features]
 
 

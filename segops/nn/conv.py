@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.conv import atrous_conv2d
+from ._share import retype
 
 
 class AtrousConv2d(nn.Conv2d):
@@ -26,8 +27,7 @@ class AtrousConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "AtrousConv2d":
         """An AtrousConv2d sharing ``conv``'s parameters (not a copy)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(conv.__dict__)
+        new = retype(conv, cls)
         new.activation = None
         return new
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..ops.conv_transpose import conv_transpose2d
+from ._share import retype
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -18,9 +19,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     @classmethod
     def from_conv_transpose(cls, conv: nn.ConvTranspose2d) -> "ConvTranspose2d":
         """A ConvTranspose2d sharing ``conv``'s parameters (not a copy)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(conv.__dict__)
-        return new
+        return retype(conv, cls)
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if self.padding_mode != "zeros":

@@ -8,6 +8,7 @@ import dataclasses
 
 from torch import nn
 
+from ._share import retype
 from .conv import AtrousConv2d
 from .conv_transpose import ConvTranspose2d
 from .roi_align import MultiScaleRoIAlign, RoIAlign
@@ -33,14 +34,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _retype(module: nn.Module, cls: type) -> nn.Module:
-    """``module`` as an instance of ``cls``, sharing its parameters, buffers,
-    submodules and hooks (a shallow copy of its state, no tensor copied)."""
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    return new
-
-
 def _torchvision_ops():
     try:
         import torchvision.ops
@@ -53,11 +46,9 @@ def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
     if type(module) is nn.Conv2d:
         dilated = max(module.dilation) > 1
         if "conv" in ops or (dilated and "atrous_conv" in ops):
-            twin = _retype(module, AtrousConv2d)
-            twin.activation = None
-            return twin
+            return AtrousConv2d.from_conv(module)
     if type(module) is nn.ConvTranspose2d and "conv_transpose" in ops:
-        return _retype(module, ConvTranspose2d)
+        return ConvTranspose2d.from_conv_transpose(module)
     tv = _torchvision_ops()
     if tv is not None and "roi_align" in ops:
         if type(module) is tv.RoIAlign:
@@ -77,11 +68,11 @@ def _torch_twin(module: nn.Module) -> nn.Module | None:
     if type(module) is AtrousConv2d:
         if module.activation is not None:
             raise ValueError("an AtrousConv2d with a fused activation has no nn.Conv2d twin")
-        twin = _retype(module, nn.Conv2d)
+        twin = retype(module, nn.Conv2d)
         del twin.activation
         return twin
     if type(module) is ConvTranspose2d:
-        return _retype(module, nn.ConvTranspose2d)
+        return retype(module, nn.ConvTranspose2d)
     tv = _torchvision_ops()
     if tv is None or type(module) not in (RoIAlign, MultiScaleRoIAlign):
         return None

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._format import is_channels_last, memory_format_of
 from .._checks import FLOAT_DTYPES, ArgumentError, ArgumentTypeError
 from ..reference import conv as reference
 
@@ -41,10 +42,6 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def is_channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 # --------------------------------------------------------------------------
 # custom ops: forward, grad_input, grad_weight
 # --------------------------------------------------------------------------
@@ -55,14 +52,14 @@ def _conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int
     if _dispatch.uses_kernel(input):
         return _kernels().conv2d_forward(*args)
     out = reference.conv2d(*args)
-    return out.contiguous(memory_format=_memory_format(is_channels_last(input)))
+    return out.contiguous(memory_format=memory_format_of(input))
 
 
 @_conv2d.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, relu):
     OH, OW = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[0], OH, OW))
-    return out.contiguous(memory_format=_memory_format(is_channels_last(input)))
+    return out.contiguous(memory_format=memory_format_of(input))
 
 
 @torch.library.custom_op("segops::conv2d_grad_input", mutates_args=())

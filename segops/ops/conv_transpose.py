@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._format import is_channels_last, memory_format_of
 from .._checks import ArgumentError
 from ..reference import conv_transpose as reference
 from .conv import (
@@ -28,7 +29,6 @@ from .conv import (
     _pair,
     check_conv_tensors,
     check_pixel_count,
-    is_channels_last,
     prepare_inputs,
 )
 
@@ -36,10 +36,6 @@ from .conv import (
 def _kernels():
     from ..kernels import conv_transpose as kernels  # lazy: triton is slow to import
     return kernels
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def _conv_padding(padding) -> list[int]:
@@ -53,7 +49,7 @@ def _conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride
     args = (input, weight, bias, stride, padding, output_padding, dilation, groups)
     if _dispatch.uses_kernel(input):
         return _kernels().conv_transpose2d_forward(*args)
-    return reference.conv_transpose2d(*args).contiguous(memory_format=_memory_format(input))
+    return reference.conv_transpose2d(*args).contiguous(memory_format=memory_format_of(input))
 
 
 @_conv_transpose2d.register_fake
@@ -61,7 +57,7 @@ def _(input, weight, bias, stride, padding, output_padding, dilation, groups):
     out_hw = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
                                    output_padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[1] * groups, *out_hw))
-    return out.contiguous(memory_format=_memory_format(input))
+    return out.contiguous(memory_format=memory_format_of(input))
 
 
 def _setup_context(ctx, inputs, output):
@@ -81,7 +77,7 @@ def _grad(ctx, grad):
         # extra rows, dropped here
         grad_input = grad_input[..., :input.shape[-2], :input.shape[-1]]
         if is_channels_last(input) != is_channels_last(grad_input):
-            grad_input = grad_input.contiguous(memory_format=_memory_format(input))
+            grad_input = grad_input.contiguous(memory_format=memory_format_of(input))
     if ctx.needs_input_grad[1]:
         # the convolution's weight gradient: the transposed conv's input plays
         # the output gradient, its output gradient plays the input

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._format import memory_format_of
 from .._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
 from ..reference import roi_align as reference
 
@@ -46,12 +47,6 @@ POOL_MODES = ("avg", "max")
 def _kernels():
     from ..kernels import roi_align as kernels  # lazy: triton is slow to import
     return kernels
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 # --------------------------------------------------------------------------
@@ -65,14 +60,14 @@ def _roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
             aligned, pool_mode)
     if _dispatch.uses_kernel(features[0]):
         return _kernels().roi_align_forward(*args)
-    return reference.roi_align(*args).contiguous(memory_format=_memory_format(features[0]))
+    return reference.roi_align(*args).contiguous(memory_format=memory_format_of(features[0]))
 
 
 @_roi_align.register_fake
 def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
       pool_mode):
     shape = (rois.shape[0], features[0].shape[1], pooled_height, pooled_width)
-    return features[0].new_empty(shape).contiguous(memory_format=_memory_format(features[0]))
+    return features[0].new_empty(shape).contiguous(memory_format=memory_format_of(features[0]))
 
 
 @torch.library.custom_op("segops::roi_align_backward", mutates_args=())
@@ -87,13 +82,13 @@ def _roi_align_backward(grad: Tensor, features: list[Tensor], rois: Tensor,
             return _kernels().roi_align_backward_deterministic(*args)
         return _kernels().roi_align_backward_atomic(*args)
     grads = reference.roi_align_backward(*args)
-    return [g.contiguous(memory_format=_memory_format(f)) for g, f in zip(grads, features)]
+    return [g.contiguous(memory_format=memory_format_of(f)) for g, f in zip(grads, features)]
 
 
 @_roi_align_backward.register_fake
 def _(grad, features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
       pool_mode, deterministic):
-    return [torch.empty_like(f, memory_format=_memory_format(f)) for f in features]
+    return [torch.empty_like(f, memory_format=memory_format_of(f)) for f in features]
 
 
 def _roi_align_setup_context(ctx, inputs, output):

@@ -100,6 +100,17 @@ def _pool_one(plane: Tensor, roi: Tensor, scale: float, pooled: tuple[int, int],
     return samples.sum(dim=-1) / (grid_h * grid_w)
 
 
+def _pooled_rois(rois: Tensor, levels: Tensor | None, N: int):
+    """(k, level, image, box (x1, y1, x2, y2)) for each RoI that pools
+    anything: finite coordinates and a batch index in [0, N) (truncated to
+    an int as torchvision does); the others pool zeros."""
+    for k in range(rois.shape[0]):
+        roi = rois[k]
+        batch = roi[0].item()
+        if bool(torch.isfinite(roi).all()) and 0 <= batch < N:
+            yield k, 0 if levels is None else int(levels[k]), int(batch), roi[1:]
+
+
 def roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
               scales: list[float], pooled_height: int, pooled_width: int,
               sampling_ratio: int, aligned: bool, pool_mode: str) -> Tensor:
@@ -118,17 +129,11 @@ def roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
     acc = coordinate_dtype(features[0].dtype)
     rois = rois.to(acc)
     K, C = rois.shape[0], features[0].shape[1]
-    rows = []
-    for k in range(K):
-        roi = rois[k]
-        batch = roi[0].item()
-        if not bool(torch.isfinite(roi).all()) or not 0 <= batch < features[0].shape[0]:
-            rows.append(features[0].new_zeros((C, pooled_height, pooled_width), dtype=acc))
-            continue
-        level = 0 if levels is None else int(levels[k])
-        plane = features[level][int(batch)].to(acc)
-        rows.append(_pool_one(plane, roi[1:], scales[level], (pooled_height, pooled_width),
-                              sampling_ratio, aligned, pool_mode))
+    rows = [features[0].new_zeros((C, pooled_height, pooled_width), dtype=acc)] * K
+    for k, level, batch, box in _pooled_rois(rois, levels, features[0].shape[0]):
+        plane = features[level][batch].to(acc)
+        rows[k] = _pool_one(plane, box, scales[level], (pooled_height, pooled_width),
+                            sampling_ratio, aligned, pool_mode)
     if not rows:
         return features[0].new_zeros((0, C, pooled_height, pooled_width))
     return torch.stack(rows).to(features[0].dtype)
@@ -188,16 +193,10 @@ def roi_align_backward(grad: Tensor, features: list[Tensor], rois: Tensor,
     rois = rois.to(acc)
     grad = grad.to(acc)
     grads = [torch.zeros(f.shape, dtype=acc) for f in features]
-    N = features[0].shape[0]
-    for k in range(rois.shape[0]):
-        roi = rois[k]
-        batch = roi[0].item()
-        if not bool(torch.isfinite(roi).all()) or not 0 <= batch < N:
-            continue
-        level = 0 if levels is None else int(levels[k])
-        plane = features[level][int(batch)].to(acc)
-        grads[level][int(batch)] += _unpool_one(grad[k], plane, roi[1:], scales[level],
-                                                sampling_ratio, aligned, pool_mode)
+    for k, level, batch, box in _pooled_rois(rois, levels, features[0].shape[0]):
+        plane = features[level][batch].to(acc)
+        grads[level][batch] += _unpool_one(grad[k], plane, box, scales[level], sampling_ratio,
+                                           aligned, pool_mode)
     return [g.to(f.dtype) for g, f in zip(grads, features)]
 
 
