@@ -1,10 +1,14 @@
-"""Argument checks shared by the ops. They raise TypeError/ValueError naming
-the argument (never ``assert``, which ``python -O`` removes)."""
+"""Argument checks shared by every op. They raise ``ArgumentError`` /
+``ArgumentTypeError`` naming the argument (never ``assert``, which
+``python -O`` removes), before any work is done."""
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
+
 
 class ArgumentError(ValueError, RuntimeError):
     """A bad argument value. Also a RuntimeError, so code written against
@@ -19,35 +23,92 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` values accumulate in: float64 for float64,
+    float32 for everything else (fp16/bf16 never accumulate in themselves)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_tensor(name: str, value, *, dims: Sequence[int] | None = None,
                  dtypes: Sequence[torch.dtype] | None = None) -> None:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if dims is not None and value.dim() not in dims:
         want = " or ".join(str(d) for d in dims)
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must have {want} dimensions, got shape {tuple(value.shape)}"
         )
     if dtypes is not None and value.dtype not in dtypes:
         want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({want}), got {value.dtype}")
+        raise ArgumentTypeError(f"{name} must have dtype in ({want}), got {value.dtype}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
+        raise ArgumentError(f"all tensors must be on one device, got {listing}")
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    try:
+        known = value in choices
+    except TypeError:  # e.g. an unhashable or tensor value
+        known = False
+    if not known:
+        raise ArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_int(name: str, value, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+def is_int(value) -> bool:
+    """A Python or numpy integer (not a bool), as the peers accept."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """``value`` as an int; numpy integers and 0-d integer tensors are accepted."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = int(value)
+    if not is_int(value):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ArgumentError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def int_pair(name: str, value, minimum: int, maximum: int | None = None) -> list[int]:
+    """An int or a 1- or 2-sequence of ints (numpy ints too) as a list of two,
+    each >= ``minimum`` (and <= ``maximum``), like F.conv2d's arguments."""
+    if is_int(value):
+        value = (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = (value[0], value[0])
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(is_int(v) for v in value)):
+        raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    value = [int(v) for v in value]
+    if min(value) < minimum:
+        kind = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+        raise ArgumentError(f"{name} must be {kind}, got {tuple(value)}")
+    if maximum is not None and max(value) > maximum:
+        raise ArgumentError(f"{name} must be <= {maximum}, got {tuple(value)}")
+    return value
+
+
+def check_number(name: str, value, *, minimum: float | None = None,
+                 positive: bool = False) -> float:
+    """A finite real number (Python or numpy)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ArgumentError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ArgumentError(f"{name} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
     return value

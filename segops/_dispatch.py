@@ -1,9 +1,13 @@
 """Which implementation runs an op (DESIGN.md, "Dispatch").
 
-| input                                              | path                      |
-| CUDA tensor                                        | Triton kernel             |
-| CPU tensor, TRITON_INTERPRET=1 set before import   | Triton kernel, interpreted|
-| anything else                                      | pure-PyTorch reference    |
+| input                                              | path                       |
+| CUDA tensor                                        | Triton kernel              |
+| CPU tensor, TRITON_INTERPRET=1 set before import   | Triton kernel, interpreted |
+| any other tensor                                   | native: ATen / torchvision |
+|                                                    | where an op with the same  |
+|                                                    | semantics exists, else the |
+|                                                    | pure-PyTorch reference     |
+| any non-CUDA tensor inside ``reference_only()``    | the reference              |
 
 The interpreter switch is read once, at import, because Triton itself decides
 at ``@triton.jit`` time whether a kernel is compiled or interpreted.
@@ -22,35 +26,53 @@ TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 KERNEL = "triton"
 INTERPRETER = "triton-interpreter"
+NATIVE = "native"
 REFERENCE = "reference"
-
 
 _local = threading.local()
 
 
 @contextlib.contextmanager
-def reference_only():
-    """Run every op on the pure-PyTorch reference inside the block (CPU tensors
-    only: CUDA tensors have no reference path). For debugging and for
-    gradcheck of the reference under the interpreter."""
-    previous = getattr(_local, "reference_only", False)
-    _local.reference_only = True
+def forced_path(path: str):
+    """Run every op on non-CUDA tensors through ``path`` (NATIVE or
+    REFERENCE) inside the block, whatever TRITON_INTERPRET says. CUDA tensors
+    always run the kernels (there is no slow path on the GPU)."""
+    if path not in (NATIVE, REFERENCE):
+        raise ValueError(f"path must be {NATIVE!r} or {REFERENCE!r}, got {path!r}")
+    previous = getattr(_local, "path", None)
+    _local.path = path
     try:
         yield
     finally:
-        _local.reference_only = previous
+        _local.path = previous
+
+
+def reference_only():
+    """Run every op on the pure-PyTorch reference inside the block (non-CUDA
+    tensors only). For debugging and for gradcheck of the reference."""
+    return forced_path(REFERENCE)
+
+
+def native_only():
+    """Run every op on its native (ATen/torchvision) implementation inside the
+    block where one exists, on non-CUDA tensors: what a CPU user gets without
+    TRITON_INTERPRET. The tests use it to check that path under the interpreter."""
+    return forced_path(NATIVE)
 
 
 def path_for(device: torch.device | str) -> str:
-    """Name of the implementation that runs ops on ``device``."""
+    """Name of the implementation that runs ops on ``device``. NATIVE means
+    the ATen/torchvision op for ops that have one and the reference for the
+    others (see each op's docstring)."""
     device = torch.device(device)
-    if device.type == "cpu" and getattr(_local, "reference_only", False):
-        return REFERENCE
     if device.type == "cuda":
         return KERNEL
+    forced = getattr(_local, "path", None)
+    if forced is not None:
+        return forced
     if device.type == "cpu" and INTERPRET and TRITON_AVAILABLE:
         return INTERPRETER
-    return REFERENCE
+    return NATIVE
 
 
 def uses_kernel(tensor: torch.Tensor) -> bool:
@@ -65,4 +87,10 @@ def uses_kernel(tensor: torch.Tensor) -> bool:
             "segops: CUDA tensors need Triton, which is not installed "
             "(pip install triton)"
         )
-    return path != REFERENCE
+    return path in (KERNEL, INTERPRETER)
+
+
+def uses_native(tensor: torch.Tensor) -> bool:
+    """True when an op that has a native (ATen/torchvision) implementation
+    should run it for ``tensor``."""
+    return path_for(tensor.device) == NATIVE

@@ -36,10 +36,21 @@ def info() -> int:
         device = "cpu"
     path = _dispatch.path_for(device)
     print(f"dispatch      {device} tensors -> {path}")
-    if path == _dispatch.REFERENCE:
+    if path in (_dispatch.NATIVE, _dispatch.REFERENCE):
+        for line in NATIVE_PATHS:
+            print(f"              {line}")
         print("              (set TRITON_INTERPRET=1 before importing segops to run the "
               "Triton kernels on CPU through the interpreter)")
     return 0
+
+
+# what each op runs off the GPU (DESIGN.md, "Dispatch")
+NATIVE_PATHS = (
+    "atrous_conv2d, conv_transpose2d -> ATen (F.conv2d, F.conv_transpose2d)",
+    "roi_align, multi_scale_roi_align (avg pooling) -> torchvision.ops.roi_align "
+    "when installed, else reference",
+    "Dice/IoU sums, confusion matrix, max-pool RoIAlign -> reference (no native op)",
+)
 
 
 def check() -> int:

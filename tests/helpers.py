@@ -34,10 +34,18 @@ def error_report(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, f
     return rel_rms, max_abs
 
 
+# how far one element may stray, in units of the dtype's relative tolerance,
+# from |expected| + RMS(expected) (the RMS term covers elements that are
+# ~0 after cancellation)
+ELEMENT_FACTOR = 8.0
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
                  atol: float = 0.0, name: str = "output") -> None:
-    """Same shape, NaN/inf in the same places, and relative RMS error <= rtol
-    (or every element within atol, for tensors that are ~0 everywhere)."""
+    """Same shape, NaN/inf in the same places, relative RMS error <= rtol
+    (or every element within atol, for tensors that are ~0 everywhere), and
+    every element within ELEMENT_FACTOR * rtol * (|expected| + RMS(expected))
+    + atol: one wrong element fails even when the RMS error is small."""
     assert tuple(actual.shape) == tuple(expected.shape), \
         f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
@@ -49,6 +57,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
     rel_rms, max_abs = error_report(a, e)
     ok = rel_rms <= rtol or max_abs <= atol
     assert ok, f"{name}: relative RMS error {rel_rms:.3e} > {rtol:.1e} (max abs error {max_abs:.3e})"
+    finite = torch.isfinite(e)
+    if not finite.any():
+        return
+    a, e = a[finite], e[finite]
+    rms = e.norm().item() / e.numel() ** 0.5
+    bound = ELEMENT_FACTOR * rtol * (e.abs() + rms) + atol
+    over = (a - e).abs() > bound
+    if over.any():
+        i = int(torch.nonzero(over)[0])
+        raise AssertionError(
+            f"{name}: {int(over.sum())} element(s) off by more than {ELEMENT_FACTOR:g} * rtol "
+            f"* (|expected| + RMS); first: {a[i].item():.6g} vs {e[i].item():.6g} "
+            f"(RMS of expected {rms:.3g})")
 
 
 def like_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
