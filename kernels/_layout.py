@@ -7,6 +7,13 @@ import os
 import torch
 import triton
 
+from .._checks import ArgumentError
+
+# CUDA's launch limits: 2^31 - 1 programs on grid axis 0, 65535 on axes 1, 2
+MAX_GRID = (2**31 - 1, 65535, 65535)
+# the smallest tile any config uses: grids built from META are largest with it
+_SMALLEST_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_C": 1, "BLOCK_P": 1}
+
 # Tests set SEGOPS_POISON_OUTPUTS=1 so that outputs start as NaN (or -1 for
 # integers): an element a kernel forgets to write then fails the comparison.
 _POISON = os.environ.get("SEGOPS_POISON_OUTPUTS", "0") == "1"
@@ -61,3 +68,15 @@ def target_programs(device: torch.device) -> int:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def check_grid(grid) -> None:
+    """Raise a clear error (before any launch) when a grid, or a grid function
+    of META at the smallest tile, exceeds CUDA's per-axis limits."""
+    sizes = grid(_SMALLEST_META) if callable(grid) else grid
+    for axis, (size, limit) in enumerate(zip(sizes, MAX_GRID)):
+        if size > limit:
+            raise ArgumentError(
+                f"segops: this call needs {size} programs on grid axis {axis}, past CUDA's "
+                f"limit of {limit}; the problem is too large for one launch (split the batch "
+                "or the channels)")

@@ -37,8 +37,9 @@ import triton
 import triton.language as tl
 
 from .._format import memory_format_of
-from ..reference.conv import output_size
-from ._layout import empty, next_pow2, target_programs
+from .._geometry import candidate_residue, reached_residues, residue_candidates
+from .._geometry import conv_output_size as output_size
+from ._layout import check_grid, empty, next_pow2, target_programs
 
 _AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
 
@@ -141,25 +142,34 @@ def _conv2d_fwd_kernel(
 def _conv2d_bwd_input_kernel(
     dy_ptr, w_ptr, b_ptr, dx_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, RES_W,
     sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
     HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
     """dx (N, C_in, H, W) of y = conv(x, w) with y (N, C_out, OH, OW), per
-    group (program axis 1) and stride residue class (axis 2). The reduction
-    runs over C_out. With HAS_BIAS, b (C_in * groups) is added: the
-    transposed-convolution forward."""
+    group (program axis 1) and stride residue class. The reduction runs
+    over C_out. With HAS_BIAS, b (C_in * groups) is added: the
+    transposed-convolution forward.
+
+    Axis 0 is (residue, tile). Only the residues some tap reaches get
+    programs: candidate (th, tw) is the residue that taps th, tw land on
+    (``segops._geometry.candidate_residue``, distinct for th < RES_H); the
+    launcher fills the classes no tap reaches."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
-    residue = tl.program_id(2)
-    rh = residue // stride_w
-    rw = residue % stride_w
-    rows_h = tl.cdiv(H - rh, stride_h)
-    rows_w = tl.cdiv(W - rw, stride_w)
     tiles_n = tl.cdiv(C_in, BLOCK_N)
-    offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tiles = tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w), BLOCK_M) * tiles_n
+    residue = pid // tiles
+    tile = pid % tiles
+    # (t*dil - pad) mod stride with non-negative operands: the compiler's %
+    # truncates like C, the interpreter's floors like Python
+    rh = ((residue // RES_W) * dil_h + stride_h - pad_h % stride_h) % stride_h
+    rw = ((residue % RES_W) * dil_w + stride_w - pad_w % stride_w) % stride_w
+    rows_h = tl.cdiv(H - rh, stride_h)  # 0 for a residue past the map (rh >= H)
+    rows_w = tl.cdiv(W - rw, stride_w)
+    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < N * rows_h * rows_w
     nmask = offs_n < C_in
     # a residue class can be empty (rh >= H): keep the divisions defined
@@ -204,14 +214,16 @@ def _conv2d_bwd_weight_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
     """Partial dw over one split of the pixels, into part[split] of shape
-    (C_out * groups, C_in, KH, KW), contiguous. Axis 1 is (group, tap)."""
-    pid = tl.program_id(0)
-    group_tap = tl.program_id(1)
+    (C_out * groups, C_in, KH, KW), contiguous. Axis 0 is (tap, tile),
+    axis 1 the group, axis 2 the split."""
+    group = tl.program_id(1)
     split = tl.program_id(2)
-    group = group_tap // (KH * KW)
-    r = (group_tap % (KH * KW)) // KW
-    s = group_tap % KW
     tiles_n = tl.cdiv(C_in, BLOCK_N)
+    tiles = tl.cdiv(C_out, BLOCK_M) * tiles_n
+    tap = tl.program_id(0) // tiles
+    pid = tl.program_id(0) % tiles
+    r = tap // KW
+    s = tap % KW
     offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels
     offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)   # input channels
     mmask = offs_m < C_out
@@ -329,10 +341,11 @@ def _depthwise_bwd_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     """Partial dw over one split of the output pixels, into part[split] of
-    shape (C*MULT, KH*KW), contiguous; program axis 1 is the tap."""
-    co = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tap = tl.program_id(1)
-    split = tl.program_id(2)
+    shape (C*MULT, KH*KW), contiguous; program axis 0 is (tap, channel block)."""
+    blocks_c = tl.cdiv(C * MULT, BLOCK_C)
+    tap = tl.program_id(0) // blocks_c
+    co = (tl.program_id(0) % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
     r = tap // KW
     s = tap % KW
     cmask = co < C * MULT
@@ -395,8 +408,11 @@ def default_config(M: int, N: int, K: int) -> dict:
 def _launch(kernel, grid_fn, args, constexprs, config, M, N, K, device, key=_SHAPE_KEY):
     """Run ``kernel`` with ``config`` (a dict of block sizes, optionally
     num_warps/num_stages), the autotuner (keyed on the arguments ``key``
-    names), or the default tile."""
-    if config is None and _AUTOTUNE and device.type == "cuda":
+    names), or the default tile. Under torch.use_deterministic_algorithms
+    the tuner is skipped: its pick (and with it BLOCK_K, the order of the
+    sums) could differ between processes."""
+    if (config is None and _AUTOTUNE and device.type == "cuda"
+            and not torch.are_deterministic_algorithms_enabled()):
         _tuned(kernel, tuple(key))[grid_fn](*args, **constexprs)
         return
     config = dict(config or default_config(M, N, K))
@@ -434,6 +450,41 @@ def _conv_params(stride, padding, dilation):
     return (*stride, padding[0], padding[2], *dilation)
 
 
+# programs a split-K reduction aims for under deterministic algorithms: an
+# H100's 4 x 132, fixed, so the split (and the order of the partial sums)
+# does not depend on the GPU the process runs on
+_DETERMINISTIC_SPLIT_TARGET = 528
+
+
+def _split_target(device) -> int:
+    if torch.are_deterministic_algorithms_enabled():
+        return _DETERMINISTIC_SPLIT_TARGET
+    return target_programs(device)
+
+
+def _bias_vector(bias, placeholder):
+    """The bias as the kernels read it (unit stride: a strided view is copied,
+    it has C elements), or a placeholder pointer when there is none."""
+    return placeholder if bias is None else bias.contiguous()
+
+
+def _fill_channels(out: torch.Tensor, bias) -> None:
+    """out[:, c] = bias[c] (or 0): the value of pixels no tap reaches."""
+    if bias is None:
+        out.zero_()
+    else:
+        out.copy_(bias.to(out.dtype).view(1, -1, 1, 1).expand_as(out))
+
+
+def _has_unreached_residues(input_hw, stride, padding, dilation, kernel_size) -> bool:
+    """Whether some stride residue class of the input rows or columns gets no
+    tap at all (possible when stride > kernel extent, e.g. FCN's k16 s8 does
+    not, a stride-3 1x1 conv does)."""
+    pads = (padding[0], padding[2])
+    return any(len(reached_residues(n, s, p, d, k)) < min(s, n)
+               for n, s, p, d, k in zip(input_hw, stride, pads, dilation, kernel_size))
+
+
 # --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
@@ -457,8 +508,9 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), groups)
 
+    check_grid(grid)
     w = _gemm_weight(w)
-    args = (x, w, w if bias is None else bias, y, N, C_in, H, W, C_out, OH, OW, KH, KW,
+    args = (x, w, _bias_vector(bias, w), y, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *y.stride())
     constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, **_precision(x))
     _launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device)
@@ -479,23 +531,26 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
     if dx.numel() == 0:
         return dx
     if C_out == 0 or dy.numel() == 0:
-        dx.zero_()
-        if bias is not None:
-            dx += bias.view(1, -1, 1, 1).to(dx.dtype)
+        _fill_channels(dx, bias)
         return dx
     if C_in == 1:
         _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation)
         return dx
-    residues = stride[0] * stride[1]
+    res_h = residue_candidates(stride[0], dilation[0], KH)
+    res_w = residue_candidates(stride[1], dilation[1], KW)
+    if _has_unreached_residues((H, W), stride, padding, dilation, (KH, KW)):
+        _fill_channels(dx, bias)
     M = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), groups,
-                residues)
+        return (res_h * res_w * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),
+                groups)
 
+    check_grid(grid)
     w = _gemm_weight(w)
-    args = (dy, w, w if bias is None else bias, dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
-            *_conv_params(stride, padding, dilation), *dy.stride(), *w.stride(), *dx.stride())
+    args = (dy, w, _bias_vector(bias, w), dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
+            *_conv_params(stride, padding, dilation), res_w,
+            *dy.stride(), *w.stride(), *dx.stride())
     constexprs = dict(HAS_BIAS=bias is not None, **_precision(dy))
     _launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device)
     return dx
@@ -518,15 +573,16 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     tiles = triton.cdiv(C_out, 64) * triton.cdiv(C_in, 64) * KH * KW * groups
     if splits is None:
         # enough programs for a few waves, each with at least 256 pixels
-        splits = max(1, min(target_programs(x.device) // max(tiles, 1), pixels // 256))
+        splits = max(1, min(_split_target(x.device) // max(tiles, 1), pixels // 256))
     per_split = triton.cdiv(triton.cdiv(pixels, splits), 64) * 64
     splits = triton.cdiv(pixels, per_split)
     partial = empty((splits, C_out_total, C_in, KH, KW), dtype=acc_dtype, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),
-                groups * KH * KW, splits)
+        return (KH * KW * triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),
+                groups, splits)
 
+    check_grid(grid)
     args = (dy, x, partial, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
             partial.stride(0))
@@ -555,8 +611,9 @@ def _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> 
     OH, OW = y.shape[-2:]
     bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
     grid = (triton.cdiv(N * OH * OW, bm), triton.cdiv(C_out, bc))
+    check_grid(grid)
     _depthwise_fwd_kernel[grid](
-        x, w, w if bias is None else bias, y, N, C, H, W, C_out // C, OH, OW, KH, KW,
+        x, w, _bias_vector(bias, w), y, N, C, H, W, C_out // C, OH, OW, KH, KW,
         *_conv_params(stride, padding, dilation), *x.stride(), w.stride(0), w.stride(2),
         w.stride(3), *y.stride(),
         HAS_BIAS=bias is not None, RELU=relu, BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(x.dtype))
@@ -568,8 +625,9 @@ def _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation) -> Non
     OH, OW = dy.shape[-2:]
     bm, bc = _depthwise_tile(C, dx.stride(1) == 1)
     grid = (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc))
+    check_grid(grid)
     _depthwise_bwd_input_kernel[grid](
-        dy, w, w if bias is None else bias, dx, N, C, H, W, C_out // C, OH, OW, KH, KW,
+        dy, w, _bias_vector(bias, w), dx, N, C, H, W, C_out // C, OH, OW, KH, KW,
         *_conv_params(stride, padding, dilation), *dy.stride(), w.stride(0), w.stride(2),
         w.stride(3), *dx.stride(),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(dy.dtype))
@@ -584,11 +642,12 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
     bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
     if splits is None:
         tiles = triton.cdiv(C_out, bc) * KH * KW
-        splits = max(1, min(target_programs(x.device) // tiles, pixels // 1024))
+        splits = max(1, min(_split_target(x.device) // tiles, pixels // 1024))
     per_split = triton.cdiv(triton.cdiv(pixels, splits), bm) * bm
     splits = triton.cdiv(pixels, per_split)
     partial = empty((splits, C_out, KH * KW), dtype=acc_dtype, device=x.device)
-    grid = (triton.cdiv(C_out, bc), KH * KW, splits)
+    grid = (KH * KW * triton.cdiv(C_out, bc), splits)
+    check_grid(grid)
     _depthwise_bwd_weight_kernel[grid](
         dy, x, partial, N, C, H, W, C_out // C, OH, OW, KH, KW,
         *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,

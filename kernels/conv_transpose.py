@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from .._format import memory_format_of
-from ..reference.conv_transpose import output_size
+from .._geometry import conv_transpose_output_size as output_size
 from . import conv
-from ._layout import empty
+from ._layout import check_grid, empty
 
 
 @triton.jit
@@ -99,13 +99,15 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
     if y.numel() == 0:
         return y
     if C_in == 0:
-        return y.zero_() if bias is None else y.copy_(bias.view(1, -1, 1, 1).expand_as(y))
+        conv._fill_channels(y, bias)
+        return y
     M, cols = N * H * W, C_out * KH * KW
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), groups)
 
-    args = (x, w, w if bias is None else bias, y, N, C_in, H, W, C_out, KH, KW,
+    check_grid(grid)
+    args = (x, w, conv._bias_vector(bias, w), y, N, C_in, H, W, C_out, KH, KW,
             *x.stride(), *w.stride(), *y.stride())
     constexprs = dict(HAS_BIAS=bias is not None, **conv._precision(x))
     conv._launch(_conv_transpose_k_eq_s_kernel, grid, args, constexprs, config, M, cols, C_in,

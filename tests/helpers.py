@@ -85,3 +85,90 @@ def like_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         wide[..., ::2] = t
         return wide[..., ::2]
     raise ValueError(layout)
+
+
+class LaunchRecorder:
+    """Records the Triton kernels a block of code launches, by name, with the
+    grid each launch used (evaluated with its block sizes): tests that claim
+    a kernel ran check this, not the predicate the dispatch uses."""
+
+    def __init__(self, module, names):
+        self.module = module
+        self.names = names
+        self.launches: list[tuple[str, tuple]] = []
+        self._saved = {}
+
+    def __enter__(self):
+        for name in self.names:
+            kernel = getattr(self.module, name)
+            self._saved[name] = kernel
+            setattr(self.module, name, _RecordingKernel(name, kernel, self.launches))
+        return self
+
+    def __exit__(self, *exc):
+        for name, kernel in self._saved.items():
+            setattr(self.module, name, kernel)
+
+    def names_launched(self) -> list[str]:
+        return [name for name, _ in self.launches]
+
+    def programs(self, name: str) -> int:
+        """Programs launched for kernel ``name`` in total."""
+        total = 0
+        for launched, grid in self.launches:
+            if launched == name:
+                count = 1
+                for size in grid:
+                    count *= size
+                total += count
+        return total
+
+
+class _RecordingKernel:
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            sizes = grid(kwargs) if callable(grid) else grid
+            self.launches.append((self.name, tuple(sizes)))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+    def __getattr__(self, attr):
+        return getattr(self.kernel, attr)
+
+
+def record_launches(module, *names) -> LaunchRecorder:
+    """``with record_launches(kernels_module, "_kernel_a", ...) as rec:``."""
+    return LaunchRecorder(module, names)
+
+
+VIEW_KINDS = ("stride2", "transposed", "slice")
+
+
+def non_contiguous(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """A non-contiguous view holding t's values: 'stride2' (stride 2 along the
+    last dim), 'transposed' (the last two dims stored swapped; for a vector,
+    a column of a (n, 2) matrix), 'slice' (a slice along dim 1, or dim 0 of
+    a vector, of a larger tensor)."""
+    if kind == "stride2":
+        return like_layout(t, "strided")
+    if kind == "transposed":
+        if t.dim() == 1:
+            wide = torch.randn(t.shape[0], 2, dtype=t.dtype, device=t.device)
+            wide[:, 1] = t
+            return wide[:, 1]
+        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        if view.is_contiguous():  # a 1-wide dim: fall back to a stride-2 view
+            return like_layout(t, "strided")
+        return view
+    if kind == "slice":
+        dim = 0 if t.dim() == 1 else 1
+        pad_shape = list(t.shape)
+        pad_shape[dim] = 3
+        big = torch.cat([torch.randn(pad_shape, dtype=t.dtype, device=t.device), t,
+                         torch.randn(pad_shape, dtype=t.dtype, device=t.device)], dim=dim)
+        view = big.narrow(dim, 3, t.shape[dim])
+        return view if not view.is_contiguous() else like_layout(t, "strided")
+    raise ValueError(kind)

@@ -23,11 +23,20 @@ Conventions (``F.conv2d``'s)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch
+from .._checks import (
+    FLOAT_DTYPES,
+    ArgumentError,
+    ArgumentTypeError,
+    accumulation_dtype,
+    check_choice,
+    int_pair,
+)
 from .._format import is_channels_last, memory_format_of
-from .._checks import FLOAT_DTYPES, ArgumentError, ArgumentTypeError
+from .._geometry import conv_output_size
 from ..reference import conv as reference
 
 ACTIVATIONS = (None, "relu")
@@ -57,7 +66,7 @@ def _conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int
 
 @_conv2d.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, relu):
-    OH, OW = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    OH, OW = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[0], OH, OW))
     return out.contiguous(memory_format=memory_format_of(input))
 
@@ -113,8 +122,7 @@ def _conv2d_grad(ctx, grad):
     if ctx.needs_input_grad[1]:
         grad_weight = _conv2d_grad_weight(grad, input, list(weight.shape), *ctx.geometry)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        grad_bias = grad.sum(dim=(0, 2, 3), dtype=torch.float32 if grad.dtype != torch.float64
-                             else torch.float64).to(ctx.bias_dtype)
+        grad_bias = grad.sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(ctx.bias_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -124,27 +132,19 @@ _conv2d.register_autograd(_conv2d_grad, setup_context=_conv2d_setup_context)
 # --------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+# The kernels compute pixel coordinates (oh * stride - pad + tap * dilation)
+# in 32 bits: every geometry value stays below 2^31.
+MAX_INT32 = 2**31 - 1
 
 
 def _pair(name: str, value, minimum: int) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise ArgumentTypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        kind = "positive" if minimum == 1 else "non-negative"
-        raise ArgumentError(f"{name} must be {kind}, got {tuple(value)}")
-    return [int(value[0]), int(value[1])]
+    return int_pair(name, value, minimum, MAX_INT32)
 
 
 def resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
     """(top, bottom, left, right) from an int, a pair, 'valid' or 'same'."""
     if isinstance(padding, str):
-        _choice("padding", padding, ("same", "valid"))
+        check_choice("padding", padding, ("same", "valid"))
         if padding == "valid":
             return [0, 0, 0, 0]
         if max(stride) > 1:
@@ -163,6 +163,8 @@ def check_conv_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, group
                        weight_layout: str) -> None:
     """What a convolution and a transposed one check alike: tensors of one
     floating dtype on one device, 4-D input and weight, positive int groups."""
+    if not isinstance(weight, Tensor):
+        raise ArgumentTypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -180,12 +182,21 @@ def check_conv_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, group
                             f"{tuple(input.shape)}")
     if weight.dim() != 4:
         raise ArgumentError(f"weight must be {weight_layout}, got shape {tuple(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ArgumentError(f"groups must be a positive int, got {groups!r}")
+    groups = int_pair("groups", groups, 1, MAX_INT32)[0]
+    if weight.shape[0] == 0:
+        raise ArgumentError(f"weight {weight_layout} has no channels along dim 0, got shape "
+                            f"{tuple(weight.shape)}")
+    if input.shape[0] * input.shape[1] and 0 in input.shape[2:]:
+        raise ArgumentError("input must have a non-zero height and width unless its batch or "
+                            f"channels are empty, got shape {tuple(input.shape)}")
+    if 0 in weight.shape[2:]:
+        raise ArgumentError(f"weight must have a non-empty kernel, got shape {tuple(weight.shape)}")
+    return groups
 
 
-def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
-    check_conv_tensors(input, weight, bias, groups, "(C_out, C_in / groups, KH, KW)")
+def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups) -> int:
+    """Checks, and returns groups as an int."""
+    groups = check_conv_tensors(input, weight, bias, groups, "(C_out, C_in / groups, KH, KW)")
     if weight.shape[0] % groups:
         raise ArgumentError(f"groups={groups} must divide the output channels "
                             f"{weight.shape[0]} (weight shape {tuple(weight.shape)})")
@@ -197,6 +208,18 @@ def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: i
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ArgumentError(f"bias must have shape ({weight.shape[0]},), got "
                             f"{tuple(bias.shape)}")
+    return groups
+
+
+def check_geometry(input_hw, kernel_hw, stride, pads, dilation) -> None:
+    """The padded input and the dilated kernel fit the kernels' 32-bit pixel
+    arithmetic (always true for real images; absurd values are refused)."""
+    for axis, (size, k, d, before, after) in enumerate(zip(input_hw, kernel_hw, dilation,
+                                                           pads[0::2], pads[1::2])):
+        if size + before + after > MAX_INT32 or d * (k - 1) + 1 > MAX_INT32:
+            raise ArgumentError(
+                f"input size {tuple(input_hw)} with padding {pads} and dilated kernel "
+                f"{d * (k - 1) + 1} along axis {axis} exceed 2^31 - 1")
 
 
 MAX_PIXELS = 2**31 - 1
@@ -259,12 +282,13 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         and memory format.
     """
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
-    _check_tensors(input, weight, bias, groups)
-    _choice("activation", activation, ACTIVATIONS)
+    groups = _check_tensors(input, weight, bias, groups)
+    check_choice("activation", activation, ACTIVATIONS)
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)
     pads = resolve_padding(padding, weight.shape[-2:], stride, dilation)
-    OH, OW = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, pads, dilation)
+    check_geometry(input.shape[-2:], weight.shape[-2:], stride, pads, dilation)
+    OH, OW = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, pads, dilation)
     if OH <= 0 or OW <= 0:
         raise ArgumentError(
             f"output size {OH}x{OW} is too small: input {tuple(input.shape[-2:])}, padding "
@@ -272,5 +296,33 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
             f"stride {stride}")
     check_pixel_count("input", input.shape[0] * input.shape[2] * input.shape[3])
     check_pixel_count("output", input.shape[0] * OH * OW)
-    out = _conv2d(input, weight, bias, stride, pads, dilation, groups, activation == "relu")
+    relu = activation == "relu"
+    if input.shape[1] == 0:
+        out = _no_input_channels(input, weight, bias, (OH, OW), relu)
+    elif _dispatch.uses_native(input):
+        out = _native_conv2d(input, weight, bias, stride, padding, pads, dilation, groups, relu)
+    else:
+        out = _conv2d(input, weight, bias, stride, pads, dilation, groups, relu)
     return out.squeeze(0) if unbatched else out
+
+
+def _native_conv2d(input, weight, bias, stride, padding, pads, dilation, groups, relu):
+    """ATen's F.conv2d (off the GPU): the same numbers and its own autograd.
+    Uneven pads only come from padding='same', which ATen takes as is."""
+    symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+    out = F.conv2d(input, weight, bias, stride, (pads[0], pads[2]) if symmetric else padding,
+                   dilation, groups)
+    return F.relu(out) if relu else out
+
+
+def _no_input_channels(input, weight, bias, out_hw, relu):
+    """C_in = 0: every output is its bias (or 0). (F.conv2d returns a tensor
+    with no channels here; segops returns the (N, C_out, OH, OW) that the
+    convolution's definition gives.) The empty input and weight join the
+    graph through a zero term, so autograd gives them (empty) gradients."""
+    fmt = memory_format_of(input)
+    out = input.new_zeros((input.shape[0], weight.shape[0], *out_hw)) \
+        + 0 * (input.sum() + weight.sum())
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return (out.relu() if relu else out).contiguous(memory_format=fmt)

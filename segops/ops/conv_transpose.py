@@ -17,17 +17,20 @@ Conventions (``F.conv_transpose2d``'s)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch
+from .._checks import ArgumentError, accumulation_dtype
 from .._format import is_channels_last, memory_format_of
-from .._checks import ArgumentError
+from .._geometry import conv_transpose_output_size, four_sided
 from ..reference import conv_transpose as reference
 from .conv import (
     _conv2d,
     _conv2d_grad_weight,
     _pair,
     check_conv_tensors,
+    check_geometry,
     check_pixel_count,
     prepare_inputs,
 )
@@ -36,10 +39,6 @@ from .conv import (
 def _kernels():
     from ..kernels import conv_transpose as kernels  # lazy: triton is slow to import
     return kernels
-
-
-def _conv_padding(padding) -> list[int]:
-    return [padding[0], padding[0], padding[1], padding[1]]
 
 
 @torch.library.custom_op("segops::conv_transpose2d", mutates_args=())
@@ -54,8 +53,8 @@ def _conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride
 
 @_conv_transpose2d.register_fake
 def _(input, weight, bias, stride, padding, output_padding, dilation, groups):
-    out_hw = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
-                                   output_padding, dilation)
+    out_hw = conv_transpose_output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
+                                        output_padding, dilation)
     out = input.new_empty((input.shape[0], weight.shape[1] * groups, *out_hw))
     return out.contiguous(memory_format=memory_format_of(input))
 
@@ -63,7 +62,7 @@ def _(input, weight, bias, stride, padding, output_padding, dilation, groups):
 def _setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, output_padding, dilation, groups = inputs
     ctx.save_for_backward(input, weight)
-    ctx.geometry = (list(stride), _conv_padding(padding), list(dilation), groups)
+    ctx.geometry = (list(stride), four_sided(padding), list(dilation), groups)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -83,16 +82,16 @@ def _grad(ctx, grad):
         # the output gradient, its output gradient plays the input
         grad_weight = _conv2d_grad_weight(input, grad, list(weight.shape), *ctx.geometry)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        grad_bias = grad.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)
+        grad_bias = grad.sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(ctx.bias_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 _conv_transpose2d.register_autograd(_grad, setup_context=_setup_context)
 
 
-def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> None:
-    check_conv_tensors(input, weight, bias, groups, "(C_in, C_out / groups, KH, KW)")
+def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups) -> int:
+    """Checks, and returns groups as an int."""
+    groups = check_conv_tensors(input, weight, bias, groups, "(C_in, C_out / groups, KH, KW)")
     if weight.shape[0] % groups:
         raise ArgumentError(f"groups={groups} must divide the input channels {weight.shape[0]} "
                             f"(weight shape {tuple(weight.shape)})")
@@ -103,6 +102,7 @@ def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups: i
     C_out = weight.shape[1] * groups
     if bias is not None and tuple(bias.shape) != (C_out,):
         raise ArgumentError(f"bias must have shape ({C_out},), got {tuple(bias.shape)}")
+    return groups
 
 
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -125,7 +125,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         ``(N, C_out, OH, OW)`` in the input's dtype and memory format.
     """
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
-    _check_tensors(input, weight, bias, groups)
+    groups = _check_tensors(input, weight, bias, groups)
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)
     padding = _pair("padding", padding, 0)
@@ -134,13 +134,19 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         if op >= s and op >= d:
             raise ArgumentError(f"output_padding {tuple(output_padding)} must be smaller than "
                                 f"either stride {tuple(stride)} or dilation {tuple(dilation)}")
-    out_hw = reference.output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
-                                   output_padding, dilation)
+    out_hw = conv_transpose_output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
+                                        output_padding, dilation)
     if min(out_hw) <= 0:
         raise ArgumentError(f"output size {out_hw} is too small: input {tuple(input.shape[-2:])},"
                             f" padding {tuple(padding)} removes more than the kernel adds")
     check_pixel_count("input", input.shape[0] * input.shape[2] * input.shape[3])
     check_pixel_count("output", input.shape[0] * out_hw[0] * out_hw[1])
-    out = _conv_transpose2d(input, weight, bias, stride, padding, output_padding, dilation,
-                            groups)
+    # the backward convolves the output gradient: its geometry must fit too
+    check_geometry(out_hw, weight.shape[-2:], stride, four_sided(padding), dilation)
+    if _dispatch.uses_native(input):
+        out = F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                                 dilation)
+    else:
+        out = _conv_transpose2d(input, weight, bias, stride, padding, output_padding, dilation,
+                                groups)
     return out.squeeze(0) if unbatched else out

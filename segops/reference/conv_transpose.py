@@ -8,20 +8,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .._geometry import conv_transpose_output_size as output_size
+from .._geometry import four_sided
 from . import conv
-
-
-def _conv_padding(padding) -> list[int]:
-    return [padding[0], padding[0], padding[1], padding[1]]
-
-
-def output_size(input_hw, kernel_size, stride, padding, output_padding, dilation):
-    return tuple((size - 1) * s - 2 * p + d * (k - 1) + op + 1 for size, k, s, p, op, d in
-                 zip(input_hw, kernel_size, stride, padding, output_padding, dilation))
 
 
 def conv_transpose2d(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding,
                      output_padding, dilation, groups: int) -> Tensor:
     out_hw = output_size(x.shape[-2:], w.shape[-2:], stride, padding, output_padding, dilation)
-    y = conv.conv2d_grad_input(x, w, out_hw, stride, _conv_padding(padding), dilation, groups)
+    y = conv.conv2d_grad_input(x, w, out_hw, stride, four_sided(padding), dilation, groups)
     return y if bias is None else y + bias.view(1, -1, 1, 1)

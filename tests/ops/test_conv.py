@@ -1,12 +1,25 @@
 """Atrous conv2d: kernels vs F.conv2d and the reference over a randomized grid
 of geometries (forward and all three gradients), dtypes, layouts, tiles,
 edges, errors, opcheck, compile, autocast and the module."""
+import contextlib
+import math
 import random
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
+from helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    ON_GPU,
+    RTOL,
+    VIEW_KINDS,
+    assert_close,
+    like_layout,
+    non_contiguous,
+    record_launches,
+)
 
 import segops
 from segops import _checks
@@ -429,3 +442,255 @@ def test_weight_memory_layouts(weight_layout):
     wr = base.cpu().requires_grad_()
     (expected,) = torch.autograd.grad(F.conv2d(x.cpu(), wr, padding=2, dilation=2), wr, grad)
     assert_close(got, expected, F64, name="grad_weight")
+
+
+# --------------------------------------------------------------------------
+# non-contiguous arguments (every tensor, the incoming gradient included)
+# --------------------------------------------------------------------------
+NONCONTIG_CASES = {
+    "gemm": dict(N=2, C_in=4, C_out=6, H=7, W=6, kernel=3, stride=(2, 1), padding=2,
+                 dilation=2, groups=2, bias=True),
+    "depthwise": dict(N=2, C_in=3, C_out=6, H=7, W=6, kernel=3, stride=1, padding=1,
+                      dilation=(1, 2), groups=3, bias=True),
+}
+
+
+@pytest.mark.parametrize("path", sorted(NONCONTIG_CASES))
+@pytest.mark.parametrize("argument", ["input", "weight", "bias", "grad"])
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_non_contiguous_arguments(path, argument, kind):
+    """Each argument as a non-contiguous view gives F.conv2d's output and
+    gradients (a strided bias was once read as if contiguous)."""
+    case = NONCONTIG_CASES[path]
+    x, w, b = make_tensors(case)
+    args = conv_args(case)
+    want = F.conv2d(x.cpu(), w.cpu(), b.cpu(), **args)
+    grad = torch.randn_like(want)
+    _, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args),
+                                      x.cpu(), w.cpu(), b.cpu(), grad)
+    views = {"input": x, "weight": w, "bias": b, "grad": grad.to(DEVICE)}
+    views[argument] = non_contiguous(views[argument], kind)
+    assert not views[argument].is_contiguous()
+    out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args),
+                                   views["input"], views["weight"], views["bias"],
+                                   views["grad"])
+    assert_close(out, want, F64)
+    for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
+        assert_close(got, expected, F64, name=f"grad_{name}")
+
+
+# --------------------------------------------------------------------------
+# launches: only reached residue classes, grids within CUDA's limits
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [
+    (100, 1, 1, 3),     # 9 of 10 000 residue classes reached
+    (4, 0, 2, 3),       # taps land on residues 0 and 2 only (dilation shares a factor)
+    (3, 0, 1, 1),       # 1x1: a single residue; the others are zero
+    ((2, 3), (1, 0), (1, 3), (3, 2)),
+])
+def test_grad_input_launches_only_reached_residues(stride, padding, dilation, kernel):
+    """A huge stride does not launch a program per residue class: the
+    classes no tap reaches are filled without a kernel, and the result is
+    still F.conv2d's."""
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    x = torch.randn(1, 4, 23, 21, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 4, *k, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    args = dict(stride=stride, padding=padding, dilation=dilation)
+    out = segops.ops.atrous_conv2d(x, w, **args)
+    grad = torch.randn_like(out)
+    with record_launches(kernels, "_conv2d_bwd_input_kernel") as launches:
+        gx, gw = torch.autograd.grad(out, (x, w), grad)
+    xr, wr = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    ex, ew = torch.autograd.grad(F.conv2d(xr, wr, **args), (xr, wr), grad.cpu())
+    assert_close(gx, ex, F64, name="grad_input")
+    assert_close(gw, ew, F64, name="grad_weight")
+    s = stride if isinstance(stride, tuple) else (stride, stride)
+    d = dilation if isinstance(dilation, tuple) else (dilation, dilation)
+    candidates = [min(kk, ss // math.gcd(ss, dd)) for kk, ss, dd in zip(k, s, d)]
+    tiles = launches.programs("_conv2d_bwd_input_kernel") // (candidates[0] * candidates[1])
+    assert launches.names_launched() == ["_conv2d_bwd_input_kernel"]
+    assert tiles * candidates[0] * candidates[1] == launches.programs("_conv2d_bwd_input_kernel")
+    assert candidates[0] * candidates[1] <= k[0] * k[1]
+
+
+def test_grids_past_cuda_limits_are_a_clear_error():
+    """65 536 groups would need 65 536 programs on grid axis 1: refused
+    before any launch (the native path, F.conv2d, has no such limit)."""
+    groups = 65536
+    x = torch.randn(1, 2 * groups, 1, 1, device=DEVICE)
+    w = torch.randn(groups, 2, 1, 1, device=DEVICE)
+    with pytest.raises(_checks.ArgumentError, match="grid axis 1"):
+        segops.ops.atrous_conv2d(x, w, groups=groups)
+
+
+def test_huge_stride_works_and_absurd_geometry_is_refused():
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64, device=DEVICE)
+    got = segops.ops.atrous_conv2d(x, w, stride=2**31 - 1, padding=1)
+    assert_close(got, F.conv2d(x.cpu(), w.cpu(), stride=2**31 - 1, padding=1), F64)
+    for kwargs, name in [(dict(stride=2**31), "stride"), (dict(dilation=(1, 2**40)), "dilation"),
+                         (dict(padding=2**31), "padding"), (dict(padding=2**30 + 5), "padding")]:
+        with pytest.raises(_checks.ArgumentError, match=name):
+            segops.ops.atrous_conv2d(x, w, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# arguments the peers accept, and clear errors for the others
+# --------------------------------------------------------------------------
+def test_numpy_ints_and_one_tuples_like_f_conv2d():
+    import numpy as np
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=DEVICE)
+    args = dict(stride=np.int64(2), padding=(1,), dilation=(np.int32(2),), groups=np.int64(2))
+    want = F.conv2d(x.cpu(), w.cpu(), None, 2, 1, 2, 2)
+    assert_close(segops.ops.atrous_conv2d(x, w, **args), want, F64)
+    module = segops.nn.AtrousConv2d(4, 6, 3, stride=np.int64(2), padding=1, dilation=2,
+                                    groups=2).double().to(DEVICE)
+    module.weight.data.copy_(w)
+    assert_close(module(x), want + module.bias.detach().cpu().view(1, -1, 1, 1), F64)
+
+
+@pytest.mark.parametrize("weight,kind", [(None, "weight must be a torch.Tensor"),
+                                         ("w", "weight must be a torch.Tensor")])
+def test_weight_that_is_not_a_tensor(weight, kind):
+    with pytest.raises(_checks.ArgumentTypeError, match=kind):
+        segops.ops.atrous_conv2d(_x(), weight)
+
+
+def test_groups_must_be_an_int():
+    with pytest.raises(_checks.ArgumentTypeError, match="groups"):
+        segops.ops.atrous_conv2d(_x(1, 4, 6, 6), _w(6, 2, 3, 3), groups=2.0)
+
+
+PATHS = ["kernel", "native", "reference"]
+
+
+def _on_path(path):
+    from segops import _dispatch
+    if path == "kernel":
+        return contextlib.nullcontext()
+    if ON_GPU:
+        pytest.skip("the native and reference paths serve non-CUDA tensors")
+    return _dispatch.native_only() if path == "native" else _dispatch.reference_only()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_batch_and_empty_input_channels_on_every_path(path):
+    """N = 0 is F.conv2d's empty output; C_in = 0 gives the bias (the
+    convolution's definition; F.conv2d returns no channels there); an empty
+    map with a non-empty batch is an error, as in F.conv2d."""
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with _on_path(path):
+        empty = segops.ops.atrous_conv2d(torch.randn(0, 3, 5, 5, dtype=torch.float64,
+                                                     device=DEVICE), w, b, padding=1)
+        assert empty.shape == (0, 4, 5, 5)
+        empty.sum().backward()
+        assert torch.equal(w.grad, torch.zeros_like(w))
+        x0 = torch.randn(2, 0, 5, 6, dtype=torch.float64, device=DEVICE)
+        out = segops.ops.atrous_conv2d(x0, torch.randn(4, 0, 3, 3, dtype=torch.float64,
+                                                       device=DEVICE), b, stride=2)
+        assert_close(out, b.detach().cpu().view(1, 4, 1, 1).expand(2, 4, 2, 2), F64)
+        with pytest.raises(_checks.ArgumentError, match="non-zero height and width"):
+            segops.ops.atrous_conv2d(torch.randn(2, 3, 0, 5, device=DEVICE), w.float(),
+                                     padding=1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("args", [dict(stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2),
+                                  dict(padding="same", dilation=(1, 2), groups=2)],
+                         ids=["strided", "same-even-kernel"])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_every_path_gives_f_conv2d(path, args):
+    """The native path is F.conv2d itself (bit for bit); the others agree
+    within float64 rounding, fused ReLU and its gradient included."""
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 2, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with _on_path(path):
+        out = segops.ops.atrous_conv2d(x, w, b, activation="relu", **args)
+        got = torch.autograd.grad(out.square().sum(), (x, w, b))
+    xr, wr, br = (t.detach().cpu().requires_grad_() for t in (x, w, b))
+    want = F.relu(F.conv2d(xr, wr, br, **args))
+    expected = torch.autograd.grad(want.square().sum(), (xr, wr, br))
+    if path == "native":
+        assert torch.equal(out, want)
+    assert_close(out, want, F64)
+    for g, e in zip(got, expected):
+        assert_close(g, e, F64, name="grad")
+
+
+# --------------------------------------------------------------------------
+# the dtypes users run, on the random geometry grid (GPU: tensor cores)
+# --------------------------------------------------------------------------
+GPU_GRID_DTYPES = ["bf16", "fp16", "tf32"] if ON_GPU else []
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16/fp16/TF32 tensor-core paths run on the GPU; the "
+                    "interpreter covers the grid in float64 and the dtypes on fixed cases")
+@pytest.mark.parametrize("dtype_name", GPU_GRID_DTYPES or ["bf16"])
+@pytest.mark.parametrize("case", CASES[:14], ids=[f"case{i}" for i in range(14)])
+def test_geometry_grid_in_gpu_dtypes(case, dtype_name, monkeypatch):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype_name]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype_name == "tf32")
+    x, w, b = make_tensors(case, dtype)
+    args = conv_args(case)
+    cpu = [None if t is None else t.double().cpu() for t in (x, w, b)]
+    want = F.conv2d(*cpu, **args)
+    grad = torch.randn_like(want).to(dtype)
+    out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b,
+                                   grad.to(DEVICE))
+    _, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args), *cpu, grad.double())
+    tol = TF32_RTOL if dtype_name == "tf32" else RTOL[dtype]
+    assert_close(out, want, tol)
+    for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
+        assert_close(got, expected, tol, name=f"grad_{name}")
+
+
+# --------------------------------------------------------------------------
+# tiles: the real autotuner, and fixed tiles under deterministic algorithms
+# --------------------------------------------------------------------------
+@pytest.mark.skipif(not ON_GPU, reason="the autotuner times configs on a GPU")
+def test_real_autotuner(monkeypatch):
+    monkeypatch.setattr(kernels, "_AUTOTUNE", True)
+    x = torch.randn(2, 64, 17, 19, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(64, 64, 3, 3, device=DEVICE, dtype=torch.bfloat16)
+    x, w = x.contiguous(memory_format=torch.channels_last), w
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    out = segops.ops.atrous_conv2d(xr, wr, padding=2, dilation=2)
+    gx, gw = torch.autograd.grad(out, (xr, wr), torch.ones_like(out))
+    x64, w64 = (t.double().requires_grad_() for t in (x, w))
+    want = F.conv2d(x64, w64, padding=2, dilation=2)
+    ex, ew = torch.autograd.grad(want, (x64, w64), torch.ones_like(want))
+    for got, expected in ((out, want), (gx, ex), (gw, ew)):
+        assert_close(got, expected, RTOL[torch.bfloat16])
+
+
+def test_deterministic_mode_fixes_tiles_and_splits(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the tile does not come
+    from the tuner and the split count does not depend on the GPU's SM
+    count, so two processes (or two GPUs) give the same bits."""
+    monkeypatch.setattr(kernels, "_AUTOTUNE", True)
+
+    def no_tuner(*args, **kwargs):
+        raise AssertionError("the autotuner ran in deterministic mode")
+
+    monkeypatch.setattr(kernels, "_tuned", no_tuner)
+    x = torch.randn(2, 20, 33, 17, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(2, 24, 33, 17, dtype=torch.float64, device=DEVICE)
+    geometry = ([1, 1], [2, 2, 2, 2], [2, 2], 1)
+    results = []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for sms in (4, 132):
+            monkeypatch.setattr(kernels, "target_programs", lambda device, sms=sms: 4 * sms)
+            results.append(kernels.conv2d_grad_weight(grad, x, (24, 20, 3, 3), *geometry))
+            if ON_GPU:
+                kernels.conv2d_forward(x.float(), x.new_ones(24, 20, 3, 3).float(), None,
+                                       *geometry)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert torch.equal(results[0], results[1])
+    want = ref.conv2d_grad_weight(grad.cpu(), x.cpu(), (24, 20, 3, 3), *geometry)
+    assert_close(results[0], want, F64)

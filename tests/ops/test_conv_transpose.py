@@ -2,14 +2,27 @@
 randomized grid (forward and all gradients), both forward kernels, dtypes,
 output_size, edges, errors, opcheck, compile, autocast, the module and the
 bilinear initialisation."""
+import contextlib
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
+from helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    ON_GPU,
+    RTOL,
+    VIEW_KINDS,
+    assert_close,
+    like_layout,
+    non_contiguous,
+    record_launches,
+)
 
 import segops
+from segops import _checks, _dispatch
+from segops.kernels import conv as conv_kernels
 from segops.kernels import conv_transpose as kernels
 from segops.reference import conv_transpose as ref
 
@@ -63,14 +76,30 @@ def forward_and_grads(fn, x, w, b, grad):
     return out, torch.autograd.grad(out, leaves, grad)
 
 
-def check_against_f(case, dtype=torch.float64, rtol=F64):
+FORWARD_KERNELS = ("_conv_transpose_k_eq_s_kernel", "_conv2d_bwd_input_kernel",
+                   "_depthwise_bwd_input_kernel")
+
+
+def check_against_f(case, dtype=torch.float64, rtol=F64, view=None):
+    """Output and every gradient against F.conv_transpose2d; ``view``
+    (argument, kind) passes that argument as a non-contiguous view. Returns
+    (output, grads, names of the kernels the forward launched)."""
     x, w, b = make_tensors(case, dtype)
     args = conv_args(case)
     cpu = [None if t is None else t.double().cpu() for t in (x, w, b)]
     want = F.conv_transpose2d(*cpu, **args)
-    grad = torch.randn_like(want).to(dtype)
-    out, grads = forward_and_grads(lambda *t: segops.ops.conv_transpose2d(*t, **args), x, w, b,
-                                   grad.to(DEVICE))
+    grad = torch.randn_like(want).to(dtype).to(DEVICE)
+    tensors = {"input": x, "weight": w, "bias": b, "grad": grad}
+    if view is not None:
+        tensors[view[0]] = non_contiguous(tensors[view[0]], view[1])
+        assert not tensors[view[0]].is_contiguous()
+    leaves = [t.detach().requires_grad_() for t in (tensors["input"], tensors["weight"],
+                                                    tensors["bias"]) if t is not None]
+    with record_launches(kernels, FORWARD_KERNELS[0]) as ours, \
+            record_launches(conv_kernels, *FORWARD_KERNELS[1:]) as gathers:
+        out = segops.ops.conv_transpose2d(*leaves, *([None] if b is None else []), **args)
+    launched = ours.names_launched() + gathers.names_launched()
+    grads = torch.autograd.grad(out, leaves, tensors["grad"])
     _, want_grads = forward_and_grads(lambda *t: F.conv_transpose2d(*t, **args), *cpu,
                                       grad.double())
     assert out.dtype == dtype
@@ -78,7 +107,7 @@ def check_against_f(case, dtype=torch.float64, rtol=F64):
     for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
         assert got.dtype == dtype
         assert_close(got, expected, rtol, name=f"grad_{name}")
-    return out, grads
+    return out, grads, launched
 
 
 CASES = [random_case(seed) for seed in range(24)]
@@ -86,7 +115,7 @@ CASES = [random_case(seed) for seed in range(24)]
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_matches_f_conv_transpose2d(case):
-    out, grads = check_against_f(case)
+    out, grads, _ = check_against_f(case)
     if case["layout"] == "channels_last" and case["C_in"] > 1 and out.shape[1] > 1:
         # (one channel is contiguous in both formats, so either is right)
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -102,8 +131,8 @@ ONE_GEMM = dict(N=2, C_in=6, C_out=4, H=3, W=5, kernel=(2, 2), stride=2, padding
 def test_kernel_equals_stride_is_one_gemm(layout, kernel, groups):
     """U-Net's and Mask R-CNN's up-convolutions take the one-GEMM kernel."""
     case = dict(ONE_GEMM, kernel=kernel, stride=kernel, groups=groups, layout=layout)
-    assert kernels.is_one_gemm(kernel, kernel, (0, 0), (0, 0), (1, 1))
-    check_against_f(case)
+    *_, launched = check_against_f(case)
+    assert launched == ["_conv_transpose_k_eq_s_kernel"]
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
@@ -262,4 +291,95 @@ def test_depthwise_takes_the_direct_kernel(layout, kernel, stride, padding):
     case = dict(N=2, C_in=5, C_out=5, H=4, W=3, kernel=(kernel, kernel), stride=stride,
                 padding=(padding, padding), output_padding=(0, 0), dilation=1, groups=5,
                 bias=True, layout=layout)
-    check_against_f(case)
+    *_, launched = check_against_f(case)
+    assert launched == ["_depthwise_bwd_input_kernel"]
+
+
+def test_general_case_takes_the_residue_gather():
+    *_, launched = check_against_f(dict(ONE_GEMM, kernel=(3, 3), stride=2, padding=(1, 1),
+                                        output_padding=(1, 1)))
+    assert launched == ["_conv2d_bwd_input_kernel"]
+
+
+# --------------------------------------------------------------------------
+# non-contiguous arguments (every tensor, the incoming gradient included)
+# --------------------------------------------------------------------------
+NONCONTIG_CASES = {
+    "one-gemm": dict(ONE_GEMM, groups=2, C_in=6, C_out=4),
+    "gather": dict(ONE_GEMM, kernel=(3, 3), stride=2, padding=(1, 1), output_padding=(1, 0)),
+    "depthwise": dict(ONE_GEMM, C_in=3, C_out=6, groups=3, kernel=(3, 2), stride=(2, 1),
+                      padding=(1, 0), dilation=2),
+}
+
+
+@pytest.mark.parametrize("path", sorted(NONCONTIG_CASES))
+@pytest.mark.parametrize("argument", ["input", "weight", "bias", "grad"])
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_non_contiguous_arguments(path, argument, kind):
+    check_against_f(NONCONTIG_CASES[path], view=(argument, kind))
+
+
+# --------------------------------------------------------------------------
+# every path: kernel, native (F.conv_transpose2d itself), reference
+# --------------------------------------------------------------------------
+PATHS = ["kernel", "native", "reference"]
+
+
+def _on_path(path):
+    if path == "kernel":
+        return contextlib.nullcontext()
+    if ON_GPU:
+        pytest.skip("the native and reference paths serve non-CUDA tensors")
+    return _dispatch.native_only() if path == "native" else _dispatch.reference_only()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("options", [
+    dict(stride=2, padding=1, output_padding=2, dilation=3),        # output_padding >= stride
+    dict(stride=(3, 2), padding=(0, 1), output_padding=(1, 0), groups=2),
+    dict(stride=7),                                                   # residues no tap reaches
+], ids=["output-padding-past-stride", "groups", "stride-past-kernel"])
+def test_every_path_gives_f_conv_transpose2d(path, options):
+    x = torch.randn(2, 4, 4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(3 * options.get("groups", 1), dtype=torch.float64, device=DEVICE,
+                    requires_grad=True)
+    with _on_path(path):
+        out = segops.ops.conv_transpose2d(x, w, b, **options)
+        got = torch.autograd.grad(out.square().sum(), (x, w, b))
+    xr, wr, br = (t.detach().cpu().requires_grad_() for t in (x, w, b))
+    want = F.conv_transpose2d(xr, wr, br, **options)
+    expected = torch.autograd.grad(want.square().sum(), (xr, wr, br))
+    if path == "native":
+        assert torch.equal(out, want)
+    assert_close(out, want, F64)
+    for g, e in zip(got, expected):
+        assert_close(g, e, F64, name="grad")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_batch_on_every_path(path):
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with _on_path(path):
+        out = segops.ops.conv_transpose2d(torch.randn(0, 3, 5, 5, dtype=torch.float64,
+                                                      device=DEVICE), w, stride=2)
+        assert out.shape == (0, 4, 11, 11)
+        out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_huge_stride_launches_only_reached_residues():
+    """Stride 300 with a 2x3 kernel: 6 residue classes of 90 000 get a
+    program; the rest are the bias, filled without a kernel."""
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(2, 3, 2, 3, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE)
+    with record_launches(conv_kernels, "_conv2d_bwd_input_kernel") as launches:
+        out = segops.ops.conv_transpose2d(x, w, b, stride=300, padding=1)
+    assert_close(out, F.conv_transpose2d(x.cpu(), w.cpu(), b.cpu(), stride=300, padding=1), F64)
+    assert launches.programs("_conv2d_bwd_input_kernel") <= 6 * 4
+
+
+def test_weight_that_is_not_a_tensor():
+    with pytest.raises(_checks.ArgumentTypeError, match="weight must be a torch.Tensor"):
+        segops.ops.conv_transpose2d(torch.randn(1, 3, 4, 4, device=DEVICE), None)
