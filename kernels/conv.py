@@ -29,9 +29,6 @@ TF32 only when ``torch.backends.cudnn.allow_tf32`` allows it, like F.conv2d.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -39,24 +36,22 @@ import triton.language as tl
 from .._format import memory_format_of
 from .._geometry import candidate_residue, reached_residues, residue_candidates
 from .._geometry import conv_output_size as output_size
+from ._gemm import (
+    bias_vector,
+    fill_channels,
+    gemm_weight,
+    launch,
+    mma,
+    precision,
+    tl_accumulation,
+    tune_bucket,
+)
 from ._layout import check_grid, empty, next_pow2, target_programs
-
-_AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
 
 
 # --------------------------------------------------------------------------
 # shared helpers
 # --------------------------------------------------------------------------
-@triton.jit
-def _mma(acc, a, b, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly: go through fp32
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if ALLOW_TF32:
-        return tl.dot(a, b, acc, input_precision="tf32")
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
 @triton.jit
 def _tap_gemm(acc, a_rows, a_step, valid, b_cols, b_step, nmask, K, ALLOW_TF32: tl.constexpr,
               UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -70,7 +65,7 @@ def _tap_gemm(acc, a_rows, a_step, valid, b_cols, b_step, nmask, K, ALLOW_TF32: 
                     mask=valid[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * b_step,
                     mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
+        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
     return acc
 
 
@@ -103,11 +98,12 @@ def _conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, tune_pixels,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
-    """C_in and C_out are per group; program axis 1 is the group."""
+    """C_in and C_out are per group; program axis 1 is the group.
+    ``tune_pixels`` only keys the autotuner (see _gemm.tune_bucket)."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     tiles_n = tl.cdiv(C_out, BLOCK_N)
@@ -143,7 +139,7 @@ def _conv2d_bwd_input_kernel(
     dy_ptr, w_ptr, b_ptr, dx_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, RES_W,
-    sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw, tune_pixels,
     HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -209,7 +205,7 @@ def _conv2d_bwd_weight_kernel(
     dy_ptr, x_ptr, part_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw, split_pixels, split_stride,
+    sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw, split_pixels, split_stride, tune_pixels,
     ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -248,7 +244,7 @@ def _conv2d_bwd_weight_kernel(
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(x_cols[None, :] + x_rows[:, None],
                     mask=valid[:, None] & nmask[None, :], other=0.0)
-        acc = _mma(acc, a, b, ALLOW_TF32, UPCAST)
+        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
 
     co = group * C_out + offs_m
     out = (part_ptr + split.to(tl.int64) * split_stride + co.to(tl.int64)[:, None] * (C_in * KH * KW)
@@ -376,74 +372,11 @@ def _depthwise_bwd_weight_kernel(
 # --------------------------------------------------------------------------
 # configs and autotuning
 # --------------------------------------------------------------------------
-# Hopper-sized tiles for the tuner; (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-_HOPPER_TILES = [
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3), (128, 128, 32, 4, 4),
-]
-_SHAPE_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW",
-              "stride_h", "stride_w", "dil_h", "dil_w"]
-
-
-def _configs():
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in _HOPPER_TILES]
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(kernel, key: tuple):
-    """The kernel behind triton.autotune, keyed on the shape (results are
-    cached per key, so a model's second step does not retune)."""
-    return triton.autotune(configs=_configs(), key=list(key))(kernel)
-
-
-def default_config(M: int, N: int, K: int) -> dict:
-    """One fixed tile (autotuning off, and the interpreter): no larger than
-    the problem, dims >= 16 as tl.dot needs (small channel counts are padded
-    by masking)."""
-    return {"BLOCK_M": min(64, max(next_pow2(M), 16)), "BLOCK_N": min(64, max(next_pow2(N), 16)),
-            "BLOCK_K": min(32, max(next_pow2(K), 16))}
-
-
-def _launch(kernel, grid_fn, args, constexprs, config, M, N, K, device, key=_SHAPE_KEY):
-    """Run ``kernel`` with ``config`` (a dict of block sizes, optionally
-    num_warps/num_stages), the autotuner (keyed on the arguments ``key``
-    names), or the default tile. Under torch.use_deterministic_algorithms
-    the tuner is skipped: its pick (and with it BLOCK_K, the order of the
-    sums) could differ between processes."""
-    if (config is None and _AUTOTUNE and device.type == "cuda"
-            and not torch.are_deterministic_algorithms_enabled()):
-        _tuned(kernel, tuple(key))[grid_fn](*args, **constexprs)
-        return
-    config = dict(config or default_config(M, N, K))
-    options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
-    kernel[grid_fn](*args, **constexprs, **config, **options)
-
-
-def _accumulation(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def allow_tf32(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-
-
-def _precision(t: torch.Tensor) -> dict:
-    """The dtype constexprs: TF32 per cuDNN's flag, fp32 (fp64) accumulation,
-    and the interpreter's bf16 detour (see _mma)."""
-    return dict(ALLOW_TF32=allow_tf32(t.dtype), ACC=_accumulation(t.dtype),
-                UPCAST=t.dtype == torch.bfloat16 and t.device.type != "cuda")
-
-
-def _gemm_weight(w: torch.Tensor) -> torch.Tensor:
-    """``w`` (C_out, C_in, KH, KW) with one of its channel axes contiguous.
-    A default (contiguous) conv weight has neither for KH*KW > 1: its tiles
-    would be gathered with stride KH*KW. One small copy per call makes the
-    output channels contiguous (the view keeps the logical shape, the
-    kernels follow the strides)."""
-    if w.stride(0) == 1 or w.stride(1) == 1:
-        return w
-    return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+# autotune keys: the size bucket, the layout (the channel stride is 1 in
+# channels_last), channels and geometry
+_GEOMETRY_KEY = ["C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w"]
+_FORWARD_KEY = ["tune_pixels", "sxc", *_GEOMETRY_KEY]
+_GRAD_INPUT_KEY = ["tune_pixels", "sdyc", *_GEOMETRY_KEY]
 
 
 def _conv_params(stride, padding, dilation):
@@ -460,20 +393,6 @@ def _split_target(device) -> int:
     if torch.are_deterministic_algorithms_enabled():
         return _DETERMINISTIC_SPLIT_TARGET
     return target_programs(device)
-
-
-def _bias_vector(bias, placeholder):
-    """The bias as the kernels read it (unit stride: a strided view is copied,
-    it has C elements), or a placeholder pointer when there is none."""
-    return placeholder if bias is None else bias.contiguous()
-
-
-def _fill_channels(out: torch.Tensor, bias) -> None:
-    """out[:, c] = bias[c] (or 0): the value of pixels no tap reaches."""
-    if bias is None:
-        out.zero_()
-    else:
-        out.copy_(bias.to(out.dtype).view(1, -1, 1, 1).expand_as(out))
 
 
 def _has_unreached_residues(input_hw, stride, padding, dilation, kernel_size) -> bool:
@@ -509,11 +428,13 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), groups)
 
     check_grid(grid)
-    w = _gemm_weight(w)
-    args = (x, w, _bias_vector(bias, w), y, N, C_in, H, W, C_out, OH, OW, KH, KW,
-            *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *y.stride())
-    constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, **_precision(x))
-    _launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device)
+    constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, **precision(x))
+    w = gemm_weight(w, 1 if constexprs["ALLOW_TF32"] else None)  # K: input channels
+    args = (x, w, bias_vector(bias, w), y, N, C_in, H, W, C_out, OH, OW, KH, KW,
+            *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *y.stride(),
+            tune_bucket(M))
+    launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device,
+           _FORWARD_KEY)
     return y
 
 
@@ -531,7 +452,7 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
     if dx.numel() == 0:
         return dx
     if C_out == 0 or dy.numel() == 0:
-        _fill_channels(dx, bias)
+        fill_channels(dx, bias)
         return dx
     if C_in == 1:
         _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation)
@@ -539,7 +460,7 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
     res_h = residue_candidates(stride[0], dilation[0], KH)
     res_w = residue_candidates(stride[1], dilation[1], KW)
     if _has_unreached_residues((H, W), stride, padding, dilation, (KH, KW)):
-        _fill_channels(dx, bias)
+        fill_channels(dx, bias)
     M = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
 
     def grid(meta):
@@ -547,12 +468,13 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
                 groups)
 
     check_grid(grid)
-    w = _gemm_weight(w)
-    args = (dy, w, _bias_vector(bias, w), dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
+    constexprs = dict(HAS_BIAS=bias is not None, **precision(dy))
+    w = gemm_weight(w, 0 if constexprs["ALLOW_TF32"] else None)  # K: output channels
+    args = (dy, w, bias_vector(bias, w), dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), res_w,
-            *dy.stride(), *w.stride(), *dx.stride())
-    constexprs = dict(HAS_BIAS=bias is not None, **_precision(dy))
-    _launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device)
+            *dy.stride(), *w.stride(), *dx.stride(), tune_bucket(M))
+    launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device,
+           _GRAD_INPUT_KEY)
     return dx
 
 
@@ -585,10 +507,10 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     check_grid(grid)
     args = (dy, x, partial, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
-            partial.stride(0))
-    constexprs = _precision(x)
-    _launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
-            x.device)
+            partial.stride(0), tune_bucket(pixels))
+    constexprs = precision(x)
+    launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
+           x.device, _FORWARD_KEY)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -613,10 +535,10 @@ def _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> 
     grid = (triton.cdiv(N * OH * OW, bm), triton.cdiv(C_out, bc))
     check_grid(grid)
     _depthwise_fwd_kernel[grid](
-        x, w, _bias_vector(bias, w), y, N, C, H, W, C_out // C, OH, OW, KH, KW,
+        x, w, bias_vector(bias, w), y, N, C, H, W, C_out // C, OH, OW, KH, KW,
         *_conv_params(stride, padding, dilation), *x.stride(), w.stride(0), w.stride(2),
         w.stride(3), *y.stride(),
-        HAS_BIAS=bias is not None, RELU=relu, BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(x.dtype))
+        HAS_BIAS=bias is not None, RELU=relu, BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(x.dtype))
 
 
 def _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation) -> None:
@@ -627,10 +549,10 @@ def _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation) -> Non
     grid = (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc))
     check_grid(grid)
     _depthwise_bwd_input_kernel[grid](
-        dy, w, _bias_vector(bias, w), dx, N, C, H, W, C_out // C, OH, OW, KH, KW,
+        dy, w, bias_vector(bias, w), dx, N, C, H, W, C_out // C, OH, OW, KH, KW,
         *_conv_params(stride, padding, dilation), *dy.stride(), w.stride(0), w.stride(2),
         w.stride(3), *dx.stride(),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(dy.dtype))
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(dy.dtype))
 
 
 def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_dtype,
@@ -651,6 +573,6 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
     _depthwise_bwd_weight_kernel[grid](
         dy, x, partial, N, C, H, W, C_out // C, OH, OW, KH, KW,
         *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
-        partial.stride(0), BLOCK_M=bm, BLOCK_C=bc, ACC=_accumulation(x.dtype))
+        partial.stride(0), BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(x.dtype))
     total = partial[0] if splits == 1 else partial.sum(0)
     return total.view(weight_shape)

@@ -21,6 +21,7 @@ import triton.language as tl
 from .._format import memory_format_of
 from .._geometry import conv_transpose_output_size as output_size
 from . import conv
+from ._gemm import bias_vector, fill_channels, gemm_weight, launch, mma, precision, tune_bucket
 from ._layout import check_grid, empty
 
 
@@ -28,13 +29,17 @@ from ._layout import check_grid, empty
 def _conv_transpose_k_eq_s_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, C_in, H, W, C_out, KH, KW,
-    sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    sxn, sxc, sxh, sxw, swi, swo, swh, sww, syn, syc, syh, syw, tune_pixels,
+    HAS_BIAS: tl.constexpr, FLAT_COLUMNS: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """y (N, C_out*g, H*KH, W*KW) from x (N, C_in*g, H, W); C_in and C_out
     per group (program axis 1). Columns j of the GEMM are (co, r, c) with
-    j = (co*KH + r)*KW + c."""
+    j = (co*KH + r)*KW + c. FLAT_COLUMNS: the weight's (co, r, c) axes are
+    contiguous (a default weight), so column j sits at offset j and the B
+    tile loads as vectors (through co*swo + r*swh + c*sww the compiler
+    cannot see that)."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     cols = C_out * KH * KW
@@ -50,7 +55,10 @@ def _conv_transpose_k_eq_s_kernel(
     r = (offs_n % (KH * KW)) // KW
     c = offs_n % KW
     a_rows = x_ptr + n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-    b_cols = w_ptr + co.to(tl.int64) * swo + r * swh + c * sww
+    if FLAT_COLUMNS:
+        b_cols = w_ptr + offs_n.to(tl.int64)
+    else:
+        b_cols = w_ptr + co.to(tl.int64) * swo + r * swh + c * sww
     ci0 = group * C_in
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
@@ -62,7 +70,7 @@ def _conv_transpose_k_eq_s_kernel(
                     other=0.0)
         b = tl.load(b_cols[None, :] + ci[:, None] * swi, mask=kmask[:, None] & nmask[None, :],
                     other=0.0)
-        acc = conv._mma(acc, a, b, ALLOW_TF32, UPCAST)
+        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
 
     channel = group * C_out + co
     if HAS_BIAS:
@@ -99,7 +107,7 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
     if y.numel() == 0:
         return y
     if C_in == 0:
-        conv._fill_channels(y, bias)
+        fill_channels(y, bias)
         return y
     M, cols = N * H * W, C_out * KH * KW
 
@@ -107,12 +115,14 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), groups)
 
     check_grid(grid)
-    args = (x, w, conv._bias_vector(bias, w), y, N, C_in, H, W, C_out, KH, KW,
-            *x.stride(), *w.stride(), *y.stride())
-    constexprs = dict(HAS_BIAS=bias is not None, **conv._precision(x))
-    conv._launch(_conv_transpose_k_eq_s_kernel, grid, args, constexprs, config, M, cols, C_in,
-                 x.device, key=_KEY)
+    constexprs = dict(HAS_BIAS=bias is not None, **precision(x))
+    w = gemm_weight(w, 0) if constexprs["ALLOW_TF32"] else w  # K: input channels
+    flat = w.stride(1) == KH * KW and w.stride(2) == KW and w.stride(3) == 1
+    args = (x, w, bias_vector(bias, w), y, N, C_in, H, W, C_out, KH, KW,
+            *x.stride(), *w.stride(), *y.stride(), tune_bucket(M))
+    launch(_conv_transpose_k_eq_s_kernel, grid, args, dict(constexprs, FLAT_COLUMNS=flat),
+           config, M, cols, C_in, x.device, _KEY)
     return y
 
 
-_KEY = ["N", "C_in", "H", "W", "C_out", "KH", "KW"]
+_KEY = ["tune_pixels", "sxc", "C_in", "C_out", "KH", "KW"]

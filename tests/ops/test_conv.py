@@ -23,6 +23,7 @@ from helpers import (
 
 import segops
 from segops import _checks
+from segops.kernels import _gemm as gemm
 from segops.kernels import conv as kernels
 from segops.reference import conv as ref
 
@@ -163,7 +164,7 @@ def test_tf32_follows_cudnn_flag(monkeypatch):
     x, w, b = make_tensors(SEG_CASE, torch.float32)
     want = F.conv2d(*(t.double() for t in (x, w, b)), padding=2, dilation=2)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert kernels.allow_tf32(torch.float32)
+    assert gemm.allow_tf32(torch.float32)
     assert_close(segops.ops.atrous_conv2d(x, w, b, padding=2, dilation=2), want, TF32_RTOL)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert_close(segops.ops.atrous_conv2d(x, w, b, padding=2, dilation=2), want,
@@ -652,7 +653,7 @@ def test_geometry_grid_in_gpu_dtypes(case, dtype_name, monkeypatch):
 # --------------------------------------------------------------------------
 @pytest.mark.skipif(not ON_GPU, reason="the autotuner times configs on a GPU")
 def test_real_autotuner(monkeypatch):
-    monkeypatch.setattr(kernels, "_AUTOTUNE", True)
+    monkeypatch.setattr(gemm, "AUTOTUNE", True)
     x = torch.randn(2, 64, 17, 19, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(64, 64, 3, 3, device=DEVICE, dtype=torch.bfloat16)
     x, w = x.contiguous(memory_format=torch.channels_last), w
@@ -670,12 +671,12 @@ def test_deterministic_mode_fixes_tiles_and_splits(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the tile does not come
     from the tuner and the split count does not depend on the GPU's SM
     count, so two processes (or two GPUs) give the same bits."""
-    monkeypatch.setattr(kernels, "_AUTOTUNE", True)
+    monkeypatch.setattr(gemm, "AUTOTUNE", True)
 
     def no_tuner(*args, **kwargs):
         raise AssertionError("the autotuner ran in deterministic mode")
 
-    monkeypatch.setattr(kernels, "_tuned", no_tuner)
+    monkeypatch.setattr(gemm, "tuned", no_tuner)
     x = torch.randn(2, 20, 33, 17, dtype=torch.float64, device=DEVICE)
     grad = torch.randn(2, 24, 33, 17, dtype=torch.float64, device=DEVICE)
     geometry = ([1, 1], [2, 2, 2, 2], [2, 2], 1)

@@ -1,0 +1,150 @@
+"""GEMM pieces the convolution kernels share (kernels/conv.py,
+kernels/conv_transpose.py): the tensor-core multiply, precision flags, the
+tuner's tiles and their pruning, the fixed tile, the launch, and the weight
+and bias layouts the kernels read."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import accumulation_dtype
+from ._layout import next_pow2
+
+AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
+
+# Hopper-sized tiles for the tuner; (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+# 128x256 / 256x128 are left out: with a 128-register-per-thread fp32
+# accumulator they spill (codegen report, issue 11).
+HOPPER_TILES = [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 3), (128, 128, 32, 4, 4),
+]
+# an H100/H200 SM's shared memory per block (227 KB)
+SHARED_MEMORY_LIMIT = 227 * 1024
+
+
+@triton.jit
+def mma(acc, a, b, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b on tensor cores (TF32 only when allowed)."""
+    if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly: go through fp32
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ALLOW_TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+def tl_accumulation(dtype: torch.dtype):
+    """The Triton accumulator dtype for inputs of ``dtype`` (segops._checks'
+    rule: float64 for float64, float32 otherwise)."""
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+def precision(t: torch.Tensor) -> dict:
+    """The dtype constexprs: TF32 per cuDNN's flag, fp32 (fp64) accumulation,
+    and the interpreter's bf16 detour (see mma)."""
+    return dict(ALLOW_TF32=allow_tf32(t.dtype), ACC=tl_accumulation(t.dtype),
+                UPCAST=t.dtype == torch.bfloat16 and t.device.type != "cuda")
+
+
+def shared_memory_bytes(block_m: int, block_n: int, block_k: int, stages: int,
+                        element_size: int) -> int:
+    """Shared memory the pipelined A (M x K) and B (K x N) tiles take."""
+    return stages * (block_m * block_k + block_k * block_n) * element_size
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop the tiles whose pipelined operands do not fit an SM's shared
+    memory for this launch's dtype (fp32 tiles take twice bf16's)."""
+    size = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
+    fits = [c for c in configs
+            if shared_memory_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                   c.num_stages, size) <= SHARED_MEMORY_LIMIT]
+    return fits or configs[-1:]
+
+
+def tuner_configs() -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in HOPPER_TILES]
+
+
+@functools.lru_cache(maxsize=None)
+def tuned(kernel, key: tuple):
+    """The kernel behind triton.autotune, keyed on the arguments ``key``
+    names (results are cached per key, so a model's second step does not
+    retune); tiles that cannot fit are pruned before timing."""
+    return triton.autotune(configs=tuner_configs(), key=list(key),
+                           prune_configs_by={"early_config_prune": prune_configs})(kernel)
+
+
+def default_config(M: int, N: int, K: int) -> dict:
+    """One fixed tile (autotuning off, deterministic mode, the interpreter):
+    no larger than the problem, dims >= 16 as tl.dot needs (small channel
+    counts are padded by masking)."""
+    return {"BLOCK_M": min(64, max(next_pow2(M), 16)), "BLOCK_N": min(64, max(next_pow2(N), 16)),
+            "BLOCK_K": min(32, max(next_pow2(K), 16))}
+
+
+def launch(kernel, grid_fn, args, constexprs, config, M, N, K, device, key) -> None:
+    """Run ``kernel`` with ``config`` (a dict of block sizes, optionally
+    num_warps/num_stages), the autotuner (keyed on the arguments ``key``
+    names), or the default tile. Under torch.use_deterministic_algorithms
+    the tuner is skipped: its pick (and with it BLOCK_K, the order of the
+    sums) could differ between processes."""
+    if (config is None and AUTOTUNE and device.type == "cuda"
+            and not torch.are_deterministic_algorithms_enabled()):
+        tuned(kernel, tuple(key))[grid_fn](*args, **constexprs)
+        return
+    config = dict(config or default_config(M, N, K))
+    options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    kernel[grid_fn](*args, **constexprs, **config, **options)
+
+
+def tune_bucket(pixels: int) -> int:
+    """The autotune key's size bucket: a new image size within the same
+    power of two reuses the tuned tile instead of retuning."""
+    return next_pow2(pixels)
+
+
+def gemm_weight(w: torch.Tensor, tf32_k_dim: int | None = None) -> torch.Tensor:
+    """``w`` (4-D: two channel axes, then KH, KW) with a contiguous channel
+    axis, as a GEMM operand wants it. Tensor cores take 16-bit tiles with
+    either axis contiguous, so any weight that has one is used as is, and a
+    default (contiguous) conv weight, which has neither for KH*KW > 1, gets
+    dim 0 made contiguous by one small copy. TF32 needs the reduction axis
+    contiguous (else Triton transposes the tile through 4-byte scalar
+    loads): ``tf32_k_dim`` names it. The view keeps the logical shape: the
+    kernels follow the strides."""
+    if tf32_k_dim is None:
+        if w.stride(0) == 1 or w.stride(1) == 1:
+            return w
+        contiguous = 0
+    elif w.stride(tf32_k_dim) == 1:
+        return w
+    else:
+        contiguous = tf32_k_dim
+    order = (2, 3, 1 - contiguous, contiguous)
+    inverse = [order.index(i) for i in range(4)]
+    return w.permute(*order).contiguous().permute(*inverse)
+
+
+def bias_vector(bias, placeholder):
+    """The bias as the kernels read it (unit stride: a strided view is copied,
+    it has C elements), or a placeholder pointer when there is none."""
+    return placeholder if bias is None else bias.contiguous()
+
+
+def fill_channels(out: torch.Tensor, bias) -> None:
+    """out[:, c] = bias[c] (or 0): the value of pixels no tap reaches."""
+    if bias is None:
+        out.zero_()
+    else:
+        out.copy_(bias.to(out.dtype).view(1, -1, 1, 1).expand_as(out))
