@@ -16,7 +16,13 @@ Three kernels:
 
 Every tensor is addressed as (n, c, s) with three strides, the spatial dims
 merged into one (see ``_layout.flatten_trailing``); the same code therefore
-reads NCHW, channels_last and channels_last_3d memory.
+reads NCHW, channels_last and channels_last_3d memory. Pixel offsets within a
+sample are 64-bit, so a sample may hold more than 2^31 pixels; the one 32-bit
+quantity left is the program id of the flat grids (``check_programs``).
+
+``ignore_index`` follows ``target != ignore_index`` in torch: it is first
+converted to the target's dtype (integers wrap, so -1 is 255 for uint8
+labels; floats round), then compared exactly with the raw target value.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import ArgumentError
 from ._layout import empty, empty_like, flatten_trailing, next_pow2, target_programs
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
@@ -73,6 +80,22 @@ def _probabilities(x, m, l, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _is_ignored(raw, ignore_index):
+    """raw == ignore_index as torch compares them: in raw's own dtype.
+    Integer ignore values arrive already wrapped into raw's range (host side),
+    so the int64 comparison is exact; float targets get ignore_index rounded
+    to their dtype (through float32, as torch converts an int to a half)."""
+    if raw.dtype.is_floating():
+        if raw.dtype == tl.float64:
+            value = tl.full([1], ignore_index, tl.float64)
+        else:
+            value = tl.full([1], ignore_index, tl.float32).to(raw.dtype)
+        return raw == value
+    else:
+        return raw.to(tl.int64) == ignore_index
+
+
+@triton.jit
 def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                  stride_tc, stride_ts,
                  DENSE_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, ACC: tl.constexpr):
@@ -83,14 +106,15 @@ def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
     if DENSE_TARGET:
         ptrs = (t_row + offs_c.to(tl.int64)[:, None] * stride_tc
                 + offs_s64[None, :] * stride_ts)
-        t = tl.load(ptrs, mask=valid, other=0).to(ACC)
+        raw = tl.load(ptrs, mask=valid, other=0)
         if HAS_IGNORE:
-            valid = valid & (t != ignore_index)
-        t = tl.where(valid, t, 0.0)
+            valid = valid & ~_is_ignored(raw, ignore_index)
+        t = tl.where(valid, raw.to(ACC), 0.0)
     else:
-        label = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0).to(tl.int64)
+        raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
         if HAS_IGNORE:
-            valid = valid & (label != ignore_index)[None, :]
+            valid = valid & ~_is_ignored(raw, ignore_index)[None, :]
+        label = raw.to(tl.int64)
         t = tl.where(valid & (label[None, :] == offs_c[:, None]), 1.0, 0.0).to(ACC)
     return t, valid
 
@@ -117,7 +141,7 @@ def _overlap_sums_fwd_kernel(
     num_p = tl.num_programs(1)
     x_row = x_ptr + pid_n.to(tl.int64) * stride_xn
     t_row = t_ptr + pid_n.to(tl.int64) * stride_tn
-    s_begin = pid_p * S_PER_PROG
+    s_begin = pid_p.to(tl.int64) * S_PER_PROG
     s_end = tl.minimum(s_begin + S_PER_PROG, S)
     part_row = part_ptr + (pid_n * num_p + pid_p).to(tl.int64) * C
     plane = (num_n * num_p).to(tl.int64) * C
@@ -128,9 +152,8 @@ def _overlap_sums_fwd_kernel(
         acc_p = tl.zeros([BLOCK_C], ACC)
         acc_t = tl.zeros([BLOCK_C], ACC)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            smask = offs_s < s_end
-            offs_s64 = offs_s.to(tl.int64)
+            offs_s64 = s0 + tl.arange(0, BLOCK_S)  # int64, as s_begin is
+            smask = offs_s64 < s_end
             if ACTIVATION == 2:
                 m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc,
                                       stride_xs, BLOCK_C, BLOCK_S, ACC)
@@ -203,9 +226,8 @@ def _overlap_sums_bwd_kernel(
     g_row = gx_ptr + pid_n.to(tl.int64) * stride_gn
     gi_row = gi_ptr + pid_n.to(tl.int64) * C
     gp_row = gp_ptr + pid_n.to(tl.int64) * C
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = offs_s < S
-    offs_s64 = offs_s.to(tl.int64)
+    offs_s64 = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = offs_s64 < S
 
     if ACTIVATION == 2:
         m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
@@ -250,6 +272,29 @@ def _overlap_sums_bwd_kernel(
 # confusion matrix
 # --------------------------------------------------------------------------
 @triton.jit
+def _argmax_classes(p_row, C, offs_s64, smask, stride_pc, stride_ps,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_S] int64 argmax over the C classes, chunk by chunk, with
+    torch.argmax's rule: NaN is the maximum (the first NaN wins), otherwise
+    the first index of the maximum. (tl.argmax has no NaN rule.)"""
+    best = tl.full([BLOCK_S], float("-inf"), ACC)
+    label = tl.zeros([BLOCK_S], tl.int32)
+    first_nan = tl.full([BLOCK_S], C, tl.int32)   # C: no NaN seen
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x = _load_scores(p_row, offs_c, offs_s64, C, smask, stride_pc, stride_ps, ACC)
+        is_nan = x != x
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(is_nan, offs_c[:, None], C), axis=0))
+        x = tl.where(is_nan, float("-inf"), x)
+        chunk_best = tl.max(x, axis=0)
+        chunk_label = tl.min(tl.where(x == chunk_best[None, :], offs_c[:, None], C), axis=0)
+        # strict: on a tie the earlier chunk keeps it
+        label = tl.where(chunk_best > best, chunk_label, label)
+        best = tl.maximum(best, chunk_best)
+    return tl.where(first_nan < C, first_nan, label).to(tl.int64)
+
+
+@triton.jit
 def _confusion_matrix_kernel(
     pred_ptr, t_ptr, cm_ptr,
     C, S, NUM_S_BLOCKS, ignore_index,
@@ -266,44 +311,68 @@ def _confusion_matrix_kernel(
     pid_s = pid % NUM_S_BLOCKS
     p_row = pred_ptr + pid_n.to(tl.int64) * stride_pn
     t_row = t_ptr + pid_n.to(tl.int64) * stride_tn
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = offs_s < S
-    offs_s64 = offs_s.to(tl.int64)
+    offs_s64 = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = offs_s64 < S
 
     if PRED_IS_SCORES:
-        # argmax over classes, first index on ties like torch.argmax
-        best = tl.full([BLOCK_S], float("-inf"), ACC)
-        label = tl.zeros([BLOCK_S], tl.int32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            x = _load_scores(p_row, offs_c, offs_s64, C, smask, stride_pc, stride_ps, ACC)
-            chunk_best = tl.max(x, axis=0)
-            chunk_label = tl.argmax(x, axis=0).to(tl.int32) + c0
-            label = tl.where(chunk_best > best, chunk_label, label)
-            best = tl.maximum(best, chunk_best)
+        label = _argmax_classes(p_row, C, offs_s64, smask, stride_pc, stride_ps,
+                                BLOCK_C, BLOCK_S, ACC)
     else:
-        label = tl.load(p_row + offs_s64 * stride_ps, mask=smask, other=0).to(tl.int32)
+        # full width: a label of 2**32 + 1 is out of range, not class 1
+        label = tl.load(p_row + offs_s64 * stride_ps, mask=smask, other=0).to(tl.int64)
 
-    truth = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0).to(tl.int64)
+    raw_truth = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
+    truth = raw_truth.to(tl.int64)
     valid = smask & (truth >= 0) & (truth < C) & (label >= 0) & (label < C)
     if HAS_IGNORE:
-        valid = valid & (truth != ignore_index)
-    bins = truth.to(tl.int32) * C + label
+        valid = valid & ~_is_ignored(raw_truth, ignore_index)
+    bins = truth * C + label
     if NUM_BINS > 0:
         # small C: histogram in registers first, one atomic per non-empty bin
-        bins = tl.where(valid, bins, NUM_BINS - 1)
+        bins = tl.where(valid, bins, NUM_BINS - 1).to(tl.int32)
         counts = tl.histogram(bins, NUM_BINS)
         offs_b = tl.arange(0, NUM_BINS)
         tl.atomic_add(cm_ptr + offs_b, counts.to(tl.int64),
                       mask=(offs_b < C * C) & (counts > 0), sem="relaxed")
     else:
         ones = tl.full([BLOCK_S], 1, tl.int64)
-        tl.atomic_add(cm_ptr + bins.to(tl.int64), ones, mask=valid, sem="relaxed")
+        tl.atomic_add(cm_ptr + bins, ones, mask=valid, sem="relaxed")
 
 
 # --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
+# grid axis 0 holds up to 2^31 - 1 programs (CUDA's limit; program ids are int32)
+MAX_PROGRAMS = 2**31 - 1
+
+
+def max_programs_ok(programs: int) -> bool:
+    return programs <= MAX_PROGRAMS
+
+
+def check_programs(name: str, tensor: torch.Tensor, programs: int) -> None:
+    """Raise before any launch or allocation when a flat grid of ``programs``
+    programs (one per sample and pixel block) would pass grid axis 0."""
+    if not max_programs_ok(programs):
+        raise ArgumentError(
+            f"{name} of shape {tuple(tensor.shape)} needs {programs} programs, past the "
+            f"2^31 - 1 a kernel grid allows; split the batch")
+
+
+def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
+    """The ignore_index argument the kernels compare with: torch's
+    ``target != ignore_index`` converts the scalar to the target's dtype,
+    which for integer dtypes wraps it into their range (-1 is 255 for
+    uint8). Float targets get the int itself (the kernel rounds it)."""
+    if ignore_index is None:
+        return 0
+    if dtype.is_floating_point:
+        return ignore_index
+    bits = torch.iinfo(dtype).bits
+    low = torch.iinfo(dtype).min
+    return (ignore_index - low) % (1 << bits) + low
+
+
 def _accumulation_dtype(x: torch.Tensor):
     """float64 inputs accumulate in float64 (the interpreter tests compare in
     float64); everything else in float32, never in the input's half type."""
@@ -348,13 +417,14 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
         return torch.zeros((3, N, C), device=input.device, dtype=sums_dtype(input))
     BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
     s_blocks = triton.cdiv(S, BLOCK_S)
+    check_programs("input", input, N)
     programs_per_sample = max(1, min(s_blocks, triton.cdiv(target_programs(input.device), N)))
     s_per_prog = triton.cdiv(s_blocks, programs_per_sample) * BLOCK_S
     P = triton.cdiv(S, s_per_prog)
     part = empty((3, N, P, C), device=input.device, dtype=sums_dtype(input))
     _overlap_sums_fwd_kernel[(N, P)](
         x, t, part,
-        C, S, s_per_prog, 0 if ignore_index is None else ignore_index,
+        C, S, s_per_prog, ignore_value(ignore_index, target.dtype),
         x.stride(0), x.stride(1), x.stride(2),
         t.stride(0), t.stride(1), t.stride(2),
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
@@ -375,14 +445,15 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
     N, C = input.shape[:2]
     x, t, dense = _as_ncs(input, target)
     S = x.shape[2]
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
+    s_blocks = triton.cdiv(S, BLOCK_S)
+    check_programs("input", input, N * s_blocks)
     grad = empty_like(x)
     if grad.numel() == 0:
         return grad.view(input.shape)
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
-    s_blocks = triton.cdiv(S, BLOCK_S)
     _overlap_sums_bwd_kernel[(N * s_blocks,)](
         x, t, grad_intersection, grad_pred_sum, grad,
-        C, S, s_blocks, 0 if ignore_index is None else ignore_index,
+        C, S, s_blocks, ignore_value(ignore_index, target.dtype),
         x.stride(0), x.stride(1), x.stride(2),
         t.stride(0), t.stride(1), t.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2),
@@ -403,20 +474,21 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     equal to ``ignore_index`` are not counted.
     """
     C = num_classes
-    cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
     scores = pred.dim() == target.dim() + 1
     p = flatten_trailing(pred, 2) if scores else flatten_trailing(pred, 1).unsqueeze(1)
     t = flatten_trailing(target, 1)
     N, S = t.shape
     if N == 0 or S == 0 or C == 0:
-        return cm
+        return torch.zeros((C, C), device=target.device, dtype=torch.int64)
     BLOCK_C = block_c or min(next_pow2(C), 256)
     BLOCK_S = block_s or (max(16, min(1024, 8192 // BLOCK_C)) if scores else 1024)
     num_bins = next_pow2(C * C + 1)
     s_blocks = triton.cdiv(S, BLOCK_S)
+    check_programs("target", target, N * s_blocks)
+    cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
     _confusion_matrix_kernel[(N * s_blocks,)](
         p, t, cm,
-        C, S, s_blocks, 0 if ignore_index is None else ignore_index,
+        C, S, s_blocks, ignore_value(ignore_index, target.dtype),
         p.stride(0), p.stride(1), p.stride(2),
         t.stride(0), t.stride(1),
         PRED_IS_SCORES=scores, HAS_IGNORE=ignore_index is not None,

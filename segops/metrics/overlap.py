@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_choice, check_int
 from ..ops import overlap as F
 
 
@@ -15,15 +16,18 @@ class _ConfusionMetric:
                  average: str = "macro", *, validate_args: bool = True):
         """Args:
             num_classes: C; labels lie in [0, C).
-            ignore_index: target label whose pixels are not counted.
+            ignore_index: target label whose pixels are not counted (for
+                MeanIoU, a class in [0, C) is also left out of the macro
+                and micro averages, like torchmetrics).
             average: 'micro', 'macro' (classes absent from prediction and
                 target are left out), 'weighted' or 'none' (per class).
-            validate_args: check label ranges on every update (a GPU sync).
+            validate_args: check label ranges on every update (on CUDA a
+                device-side assert, without a host sync).
         """
-        if average not in F.AVERAGES:
-            raise ValueError(f"average must be one of {F.AVERAGES}, got {average!r}")
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+        check_choice("average", average, F.AVERAGES)
         self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        self.ignore_index = F._check_ignore_index(ignore_index)
         self.average = average
         self.validate_args = validate_args
         self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64)
@@ -39,7 +43,8 @@ class _ConfusionMetric:
 
     def compute(self) -> Tensor:
         """The score over everything seen since the last reset, on every rank."""
-        return type(self)._score(self.synced_confusion(), self.average)
+        return type(self)._score(self.synced_confusion(), self.average,
+                                 ignore_index=self.ignore_index)
 
     def synced_confusion(self) -> Tensor:
         """The confusion matrix summed over all ranks of the default group (a
@@ -60,7 +65,9 @@ class _ConfusionMetric:
 
 class MeanIoU(_ConfusionMetric):
     """Mean intersection over union (``average='macro'``) accumulated in int64
-    over batches; see :func:`segops.ops.iou_score` for the averages."""
+    over batches; see :func:`segops.ops.iou_score` for the averages. Gives
+    torchmetrics' ``MulticlassJaccardIndex`` numbers, except that classes
+    absent from prediction and target are NaN in ``'none'`` (torchmetrics: 0)."""
     _score = staticmethod(F.iou_score)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .._checks import ArgumentError, check_choice
 from ..ops import overlap as F
 
 
@@ -19,10 +20,9 @@ class _OverlapLoss(nn.Module):
                  skip_empty: bool = True, intersection: str = "min", reduction: str = "mean",
                  validate_args: bool = True):
         super().__init__()
-        if mode not in F.MODES:
-            raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
+        check_choice("mode", mode, F.MODES)
         if classes is not None and mode == "binary":
-            raise ValueError("classes cannot be used with mode='binary'")
+            raise ArgumentError("classes cannot be used with mode='binary'")
         self.mode = mode
         self.options = dict(classes=classes, log_loss=log_loss, from_logits=from_logits,
                             smooth=smooth, ignore_index=ignore_index, eps=eps, batch=batch,

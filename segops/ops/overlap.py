@@ -11,6 +11,9 @@ Conventions
 * Sums accumulate in float32 whatever the input dtype (float64 for float64).
 * ``ignore_index``: index targets: pixels with that label count in no sum.
   Dense targets: elements equal to it count in no sum (smp's convention).
+  It is compared as ``target != ignore_index`` compares in torch (and so in
+  smp and torchmetrics): converted to the target's dtype first, so -1 drops
+  the 255s of a uint8 target. It must fit in int64.
 * The target never receives a gradient.
 
 Where the conventions of other libraries differ (all offered here):
@@ -34,13 +37,14 @@ class weights        weighted mean             multiply, then mean          --
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_int, check_same_device, check_tensor
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError, check_choice,
+                       check_int, check_number, check_same_device, check_tensor)
 from ..reference import overlap as reference
 
 MODES = ("binary", "multiclass", "multilabel")
@@ -142,45 +146,55 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int | None,
                   validate_args: bool) -> None:
     """Shape and dtype of ``target`` against ``input``; with ``validate_args``,
     also that index targets hold class ids in [0, C) or ``ignore_index``
-    (this reads the values, so it synchronises with the GPU)."""
+    (see ``_check_labels``)."""
     check_tensor("target", target)
     check_same_device(input=input, target=target)
     N, C = input.shape[:2]
     spatial = tuple(input.shape[2:])
     if target.dim() == input.dim():
         if tuple(target.shape) != tuple(input.shape):
-            raise ValueError(f"dense target must have the input's shape {tuple(input.shape)}, "
-                             f"got {tuple(target.shape)}")
+            raise ArgumentError(f"dense target must have the input's shape "
+                                f"{tuple(input.shape)}, got {tuple(target.shape)}")
         if target.dtype.is_complex:
-            raise TypeError(f"target must be real, got {target.dtype}")
+            raise ArgumentTypeError(f"target must be real, got {target.dtype}")
         return
     if tuple(target.shape) != (N, *spatial):
-        raise ValueError(f"target must have shape (N, *spatial) = {(N, *spatial)} for class "
-                         f"indices or {tuple(input.shape)} for a dense mask, got {tuple(target.shape)}")
+        raise ArgumentError(f"target must have shape (N, *spatial) = {(N, *spatial)} for class "
+                            f"indices or {tuple(input.shape)} for a dense mask, got "
+                            f"{tuple(target.shape)}")
     if target.dtype not in INDEX_DTYPES:
-        raise TypeError(f"an index target (N, *spatial) must have an integer dtype, got "
-                        f"{target.dtype}; pass dense (N, C, *spatial) masks for float targets")
+        raise ArgumentTypeError(f"an index target (N, *spatial) must have an integer dtype, got "
+                                f"{target.dtype}; pass dense (N, C, *spatial) masks for float "
+                                f"targets")
     if validate_args and not _compiling():
         _check_labels("target", target, C, ignore_index)
 
 
 def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -> None:
+    """Labels in [0, C) or equal to ``ignore_index``. On CUDA a device-side
+    assert (no host sync; a failure surfaces at the next sync, as CUDA
+    errors do); elsewhere an ArgumentError naming the first bad label."""
     bad = (labels < 0) | (labels >= C)
     if ignore_index is not None:
         bad &= labels != ignore_index
+    allowed = f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+    if labels.is_cuda:
+        torch._assert_async(~bad.any(), f"segops: {name} holds a label outside {allowed}")
+        return
     if bool(bad.any()):
         value = labels[bad].reshape(-1)[0].item()
-        allowed = f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-        raise ValueError(f"{name} holds label {value}, outside {allowed}")
+        raise ArgumentError(f"{name} holds label {value}, outside {allowed}")
 
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_ignore_index(ignore_index) -> None:
-    if ignore_index is not None:
-        check_int("ignore_index", ignore_index)
+def _check_ignore_index(ignore_index) -> int | None:
+    """An int in int64's range (torch's comparison would overflow beyond)."""
+    if ignore_index is None:
+        return None
+    return check_int("ignore_index", ignore_index, minimum=-(2**63), maximum=2**63 - 1)
 
 
 # --------------------------------------------------------------------------
@@ -203,7 +217,8 @@ def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
         intersection: ``'product'``: ``sum(p*t)``; ``'min'``: the fuzzy
             ``sum(min(p, t))`` (= ``(sum p + sum t - |p - t|_1) / 2``) that
             segmentation-models-pytorch >= 0.6 uses. Equal for 0/1 targets.
-        validate_args: check index targets lie in ``[0, C)`` (a GPU sync).
+        validate_args: check index targets lie in ``[0, C)`` (on CUDA a
+            device-side assert, without a host sync).
 
     Returns:
         ``(3, N, C)`` float32 (float64 for float64 input): intersection
@@ -213,7 +228,7 @@ def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
     """
     _check_scores(input)
     check_choice("activation", activation, ACTIVATIONS)
-    _check_ignore_index(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     check_choice("intersection", intersection, INTERSECTIONS)
     _check_target(input, target, ignore_index, validate_args)
     if target.dtype == torch.bool:
@@ -229,20 +244,20 @@ def _prepare_loss_inputs(input: Tensor, target: Tensor, mode: str, from_logits: 
     check_tensor("target", target)
     if mode == "binary":
         if input.shape[1] != 1:
-            raise ValueError(f"mode='binary' needs input of shape (N, 1, *spatial), "
-                             f"got {tuple(input.shape)}")
+            raise ArgumentError(f"mode='binary' needs input of shape (N, 1, *spatial), "
+                                f"got {tuple(input.shape)}")
         if target.numel() != input.numel():
-            raise ValueError(f"mode='binary' needs a target with the input's "
-                             f"{input.numel()} elements, got shape {tuple(target.shape)}")
+            raise ArgumentError(f"mode='binary' needs a target with the input's "
+                                f"{input.numel()} elements, got shape {tuple(target.shape)}")
         target = target.reshape(input.shape)
     elif mode == "multiclass" and target.dim() == input.dim():
-        raise ValueError("mode='multiclass' takes class indices (N, *spatial); for dense "
-                         "(N, C, *spatial) masks use mode='multilabel'")
+        raise ArgumentError("mode='multiclass' takes class indices (N, *spatial) as target; for "
+                            "dense (N, C, *spatial) masks use mode='multilabel'")
     elif mode == "multiclass" and target.dtype.is_floating_point:
-        raise TypeError(f"mode='multiclass' needs an integer target, got {target.dtype}")
+        raise ArgumentTypeError(f"mode='multiclass' needs an integer target, got {target.dtype}")
     elif mode == "multilabel" and target.dim() != input.dim():
-        raise ValueError(f"mode='multilabel' needs a target of shape {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
+        raise ArgumentError(f"mode='multilabel' needs a target of shape {tuple(input.shape)}, "
+                            f"got {tuple(target.shape)}")
     if not from_logits:
         activation = "none"
     else:
@@ -250,36 +265,65 @@ def _prepare_loss_inputs(input: Tensor, target: Tensor, mode: str, from_logits: 
     return input, target, activation
 
 
-def _selected_classes(C: int, classes, include_background: bool, mode: str,
-                      device) -> Tensor | None:
-    """Indices of the classes that enter the loss (None: all)."""
+def _selected_classes(C: int, classes, include_background: bool, mode: str) -> list[int] | None:
+    """Indices in [0, C) of the classes that enter the loss (None: all).
+    ``classes`` may count from the end (-1 is the last class), as smp's
+    tensor indexing allows."""
     if classes is not None and mode == "binary":
-        raise ValueError("classes cannot be used with mode='binary'")
+        raise ArgumentError("classes cannot be used with mode='binary'")
     if classes is not None and not include_background:
-        raise ValueError("pass either classes or include_background=False, not both")
+        raise ArgumentError("pass either classes or include_background=False, not both")
     if not include_background:
-        return torch.arange(1, C, device=device)
-    if classes is not None:
-        return torch.as_tensor(classes, dtype=torch.long, device=device).reshape(-1)
-    return None
+        return list(range(1, C))
+    if classes is None:
+        return None
+    try:
+        classes = list(classes)
+    except TypeError:  # a single class
+        classes = [classes]
+    return [check_int("classes", c, minimum=-C, maximum=C - 1) % C for c in classes]
 
 
-def _reduce(loss: Tensor, selected: Tensor | None, class_weights, reduction: str) -> Tensor:
+def _pick(values: Tensor, classes: list[int] | None) -> Tensor:
+    """values[..., classes] without building an index tensor on the device
+    (a host-to-device copy that would synchronise)."""
+    if classes is None:
+        return values
+    start = classes[0] if classes else 0
+    if classes == list(range(start, start + len(classes))):
+        return values.narrow(-1, start, len(classes))
+    return torch.stack([values.select(-1, c) for c in classes], dim=-1)
+
+
+def _class_weights(class_weights, C: int, like: Tensor) -> Tensor:
+    """(C,) weights in ``like``'s dtype and device. A sequence of numbers is
+    copied with non_blocking=True: a blocking host-to-device copy would wait
+    for the GPU."""
+    if isinstance(class_weights, Tensor):
+        weights = class_weights.to(like.device, like.dtype)
+    elif isinstance(class_weights, Iterable):   # list, tuple, numpy array
+        values = [check_number("class_weights", w) for w in class_weights]
+        weights = torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+    else:
+        raise ArgumentTypeError(f"class_weights must be a sequence of numbers or a tensor, "
+                                f"got {type(class_weights).__name__}")
+    if weights.dim() != 1 or weights.numel() != C:
+        raise ArgumentError(f"class_weights must hold one weight per class ({C}), "
+                            f"got shape {tuple(weights.shape)}")
+    return weights
+
+
+def _reduce(loss: Tensor, selected: list[int] | None, class_weights, reduction: str) -> Tensor:
     """Select classes, weight them, reduce. Weights are given per class (C of
     them) and selected with the classes, like smp; 'mean' with weights is the
     weighted mean sum(w*l)/sum(w) (smp's; MONAI divides by the count)."""
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     C = loss.shape[-1]
-    if selected is not None:
-        loss = loss.index_select(-1, selected)
-    if class_weights is None:
+    weights = None if class_weights is None else _class_weights(class_weights, C, loss)
+    loss = _pick(loss, selected)
+    if weights is None:
         return {"mean": loss.mean, "sum": loss.sum}.get(reduction, lambda: loss)()
-    weights = torch.as_tensor(class_weights, dtype=loss.dtype, device=loss.device)
-    if weights.dim() != 1 or weights.numel() != C:
-        raise ValueError(f"class_weights must hold one weight per class ({C}), "
-                         f"got shape {tuple(weights.shape)}")
-    if selected is not None:
-        weights = weights.index_select(0, selected)
+    weights = _pick(weights, selected)
     if reduction == "mean":
         return (loss * weights).sum() / weights.sum()
     return (loss * weights).sum() if reduction == "sum" else loss * weights
@@ -291,8 +335,7 @@ def _overlap_loss(kind: str, input: Tensor, target: Tensor, mode: str, *, classe
                   squared_pred: bool, class_weights, skip_empty: bool, intersection: str,
                   reduction: str, validate_args: bool) -> Tensor:
     input, target, activation = _prepare_loss_inputs(input, target, mode, from_logits)
-    selected = _selected_classes(input.shape[1], classes, include_background, mode,
-                                 input.device)
+    selected = _selected_classes(input.shape[1], classes, include_background, mode)
     sums = overlap_sums(input, target, activation=activation, ignore_index=ignore_index,
                         squared=squared_pred, intersection=intersection,
                         validate_args=validate_args)
@@ -380,15 +423,17 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
             index on ties like ``torch.argmax``).
         target: labels ``(N, *spatial)``.
         ignore_index: target label whose pixels are not counted.
-        validate_args: check that labels lie in ``[0, C)`` (a GPU sync);
-            without it, out-of-range pairs are silently not counted.
+        validate_args: check that labels lie in ``[0, C)`` (on CUDA a
+            device-side assert, without a host sync); without it,
+            out-of-range pairs are silently not counted. Labels are compared
+            at their full width (int64 2**32 + 1 is out of range, not 1).
 
     Deterministic: counts are integers, so the kernel's atomic adds give the
     same matrix in any order (no one-hot fallback under
     ``torch.use_deterministic_algorithms``).
     """
-    check_int("num_classes", num_classes, minimum=1)
-    _check_ignore_index(ignore_index)
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    ignore_index = _check_ignore_index(ignore_index)
     check_tensor("target", target, dims=(2, 3, 4), dtypes=INDEX_DTYPES)
     check_tensor("pred", pred)
     check_same_device(pred=pred, target=target)
@@ -396,18 +441,18 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
         check_tensor("pred", pred, dtypes=FLOAT_DTYPES)
         expected = (target.shape[0], num_classes, *target.shape[1:])
         if tuple(pred.shape) != expected:
-            raise ValueError(f"pred scores must have shape {expected}, got {tuple(pred.shape)}")
+            raise ArgumentError(f"pred scores must have shape {expected}, got {tuple(pred.shape)}")
         pred = pred.detach()
     elif pred.dim() == target.dim():
         check_tensor("pred", pred, dtypes=INDEX_DTYPES)
         if pred.shape != target.shape:
-            raise ValueError(f"pred labels must have the target's shape {tuple(target.shape)}, "
-                             f"got {tuple(pred.shape)}")
+            raise ArgumentError(f"pred labels must have the target's shape "
+                                f"{tuple(target.shape)}, got {tuple(pred.shape)}")
         if validate_args and not _compiling():
             _check_labels("pred", pred, num_classes, None)
     else:
-        raise ValueError(f"pred must be labels shaped like target {tuple(target.shape)} or scores "
-                         f"(N, C, *spatial), got {tuple(pred.shape)}")
+        raise ArgumentError(f"pred must be labels shaped like target {tuple(target.shape)} or "
+                            f"scores (N, C, *spatial), got {tuple(pred.shape)}")
     if validate_args and not _compiling():
         _check_labels("target", target, num_classes, ignore_index)
     return _confusion_matrix(pred, target, num_classes, ignore_index)
@@ -416,7 +461,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
 def _confusion_counts(confusion: Tensor):
     check_tensor("confusion", confusion, dims=(2,))
     if confusion.shape[0] != confusion.shape[1]:
-        raise ValueError(f"confusion must be square (C, C), got {tuple(confusion.shape)}")
+        raise ArgumentError(f"confusion must be square (C, C), got {tuple(confusion.shape)}")
     confusion = confusion.double()
     tp = confusion.diagonal()
     fp = confusion.sum(dim=0) - tp
@@ -424,34 +469,57 @@ def _confusion_counts(confusion: Tensor):
     return tp, fp, fn
 
 
-def _average(numerator: Tensor, denominator: Tensor, support: Tensor, average: str) -> Tensor:
+def _average(numerator: Tensor, denominator: Tensor, support: Tensor, average: str,
+             dropped: int | None = None) -> Tensor:
     """Per-class ratios, averaged. Classes absent from both prediction and
     target (denominator 0) are NaN in ``'none'`` and left out of ``'macro'``
-    and ``'weighted'``; with no class present at all the result is NaN."""
+    and ``'weighted'``; with no class present at all the result is NaN.
+    Class ``dropped`` is left out of ``'macro'`` and ``'micro'``. No value is
+    read back to the host."""
     check_choice("average", average, AVERAGES)
+    keep = torch.ones_like(denominator, dtype=torch.bool)
+    if dropped is not None:
+        keep[dropped] = False
     if average == "micro":
-        return numerator.sum() / denominator.sum()
+        return numerator.sum() / torch.where(keep, denominator, 0).sum()
     present = denominator > 0
     per_class = torch.where(present, numerator / denominator.clamp_min(1), float("nan"))
     if average == "none":
         return per_class
-    if average == "macro":
-        return per_class[present].mean() if bool(present.any()) else per_class.new_tensor(float("nan"))
-    weights = torch.where(present, support, 0)
+    weights = (present & keep).to(per_class.dtype) if average == "macro" else \
+        torch.where(present, support, 0)
     return (torch.nan_to_num(per_class) * weights).sum() / weights.sum()
 
 
-def iou_score(confusion: Tensor, average: str = "macro") -> Tensor:
+def _class_to_drop(ignore_index, C: int) -> int | None:
+    ignore_index = _check_ignore_index(ignore_index)
+    return ignore_index if ignore_index is not None and 0 <= ignore_index < C else None
+
+
+def iou_score(confusion: Tensor, average: str = "macro", *,
+              ignore_index: int | None = None) -> Tensor:
     """Intersection over union ``tp / (tp + fp + fn)`` from a confusion matrix
     (rows = target). ``average``: ``'micro'`` (pooled counts), ``'macro'``
     (mean over present classes: mIoU), ``'weighted'`` (by target support),
-    ``'none'`` (per class, ``(C,)``). float64 result."""
+    ``'none'`` (per class, ``(C,)``). float64 result.
+
+    ``ignore_index`` (the one the matrix was counted with): when it is a
+    class in [0, C), that class is left out of ``'macro'`` and ``'micro'``,
+    as torchmetrics' ``MulticlassJaccardIndex`` does (its target pixels were
+    not counted; its false positives would otherwise pull the mean down).
+    ``'none'`` still reports it (0 where it was predicted, else NaN).
+    """
     tp, fp, fn = _confusion_counts(confusion)
-    return _average(tp, tp + fp + fn, tp + fn, average)
+    dropped = _class_to_drop(ignore_index, confusion.shape[0])
+    return _average(tp, tp + fp + fn, tp + fn, average, dropped)
 
 
-def dice_score(confusion: Tensor, average: str = "macro") -> Tensor:
+def dice_score(confusion: Tensor, average: str = "macro", *,
+               ignore_index: int | None = None) -> Tensor:
     """Dice / F1 ``2tp / (2tp + fp + fn)`` from a confusion matrix; ``average``
-    as in :func:`iou_score`."""
+    as in :func:`iou_score`. ``ignore_index`` is accepted for symmetry and
+    changes nothing: torchmetrics' ``MulticlassF1Score`` keeps an ignored
+    class in every average, and so does this."""
+    _check_ignore_index(ignore_index)
     tp, fp, fn = _confusion_counts(confusion)
     return _average(2 * tp, 2 * tp + fp + fn, tp + fn, average)

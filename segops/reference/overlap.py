@@ -97,16 +97,18 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
     pred is (N, *spatial) labels or (N, C, *spatial) scores (argmax taken).
     Pairs with either label outside [0, C), or target == ignore_index, are
-    not counted.
+    not counted. ``target != ignore_index`` is taken in the target's own
+    dtype, as torchmetrics does (for uint8 labels -1 means 255).
     """
     C = num_classes
     if pred.dim() == target.dim() + 1:
         pred = pred.argmax(dim=1)
     pred = pred.reshape(-1).long()
-    target = target.reshape(-1).long()
-    keep = (target >= 0) & (target < C) & (pred >= 0) & (pred < C)
-    if ignore_index is not None:
-        keep &= target != ignore_index
+    target = target.reshape(-1)
+    ignored = torch.zeros_like(target, dtype=torch.bool) if ignore_index is None \
+        else target == ignore_index
+    target = target.long()
+    keep = (target >= 0) & (target < C) & (pred >= 0) & (pred < C) & ~ignored
     bins = target[keep] * C + pred[keep]
     return torch.bincount(bins, minlength=C * C).reshape(C, C)
 

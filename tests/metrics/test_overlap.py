@@ -34,8 +34,85 @@ def test_dice_score_per_class():
     t = torch.randint(0, 3, (2, 5, 5))
     metric.update(t.to(DEVICE), t.to(DEVICE))  # perfect labels
     assert torch.equal(metric.compute().cpu(), torch.ones(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="average"):
+    with pytest.raises(segops.ArgumentError, match="average"):
         segops.metrics.DiceScore(num_classes=3, average="median")
+
+
+@pytest.mark.parametrize("num_classes,error", [(-1, segops.ArgumentError),
+                                               (0, segops.ArgumentError),
+                                               (2.5, segops.ArgumentTypeError),
+                                               (None, segops.ArgumentTypeError)])
+def test_num_classes_errors_name_the_argument(num_classes, error):
+    for metric in (segops.metrics.MeanIoU, segops.metrics.DiceScore):
+        with pytest.raises(error, match="num_classes"):
+            metric(num_classes)
+    with pytest.raises(segops.ArgumentTypeError, match="ignore_index"):
+        segops.metrics.MeanIoU(3, ignore_index=1.5)
+
+
+def _batches(C, ignore, seed_batches=2):
+    scores = [torch.randn(2, C, 5, 6) for _ in range(seed_batches)]
+    targets = [torch.randint(0, C, (2, 5, 6)) for _ in range(seed_batches)]
+    return scores, targets
+
+
+AVERAGES = ["macro", "micro", "weighted", "none"]
+
+
+@pytest.mark.parametrize("average", AVERAGES)
+@pytest.mark.parametrize("ignore", [1, 255, None])
+def test_mean_iou_ignore_index_class_is_dropped_like_torchmetrics(average, ignore):
+    """ignore_index = a valid class c: its target pixels are not counted and
+    (torchmetrics' MulticlassJaccardIndex rule) class c leaves the macro and
+    micro averages instead of adding an IoU of 0 from its predictions."""
+    tm = pytest.importorskip("torchmetrics.classification")
+    C = 4
+    scores, targets = _batches(C, ignore)
+    ours = segops.metrics.MeanIoU(C, ignore_index=ignore, average=average)
+    theirs = tm.MulticlassJaccardIndex(num_classes=C, ignore_index=ignore, average=average)
+    for s, t in zip(scores, targets):
+        if ignore == 255:
+            t[0, 0] = 255
+        ours.update(s.to(DEVICE), t.to(DEVICE))
+        theirs.update(s, t)
+    got, want = ours.compute().cpu(), theirs.compute().double()
+    present = ~torch.isnan(got)   # 'none': NaN where torchmetrics says 0 (absent)
+    assert torch.equal(present | (want == 0), torch.ones_like(present))
+    assert_close(got[present], want[present], 1e-6)
+
+
+def test_mean_iou_ignored_class_by_hand():
+    """Class 1 ignored: its row is not counted, its false positives (column
+    1) would give IoU 0; macro and micro leave class 1 out."""
+    cm = torch.tensor([[3, 2, 0], [0, 0, 0], [1, 1, 4]])   # rows: target
+    iou0, iou2 = 3 / (3 + 1 + 2), 4 / (4 + 0 + 2)
+    iou = segops.ops.iou_score
+
+    def f64(value):
+        return torch.tensor(value, dtype=torch.float64)
+    assert_close(iou(cm, "macro", ignore_index=1), f64((iou0 + iou2) / 2), 1e-12)
+    assert_close(iou(cm, "macro"), f64((iou0 + iou2) / 3), 1e-12)
+    tp, denom = 7, (3 + 1 + 2) + (4 + 0 + 2)
+    assert_close(iou(cm, "micro", ignore_index=1), f64(tp / denom), 1e-12)
+    assert iou(cm, "none", ignore_index=1)[1] == 0
+    assert_close(iou(cm, "weighted", ignore_index=1), iou(cm, "weighted"), 1e-12)
+
+
+@pytest.mark.parametrize("average", AVERAGES)
+def test_dice_score_ignore_index_like_torchmetrics_f1(average):
+    """torchmetrics' MulticlassF1Score keeps the ignored class in its
+    averages (unlike its Jaccard index); DiceScore gives its numbers."""
+    tm = pytest.importorskip("torchmetrics.classification")
+    C = 4
+    scores, targets = _batches(C, 1)
+    ours = segops.metrics.DiceScore(C, ignore_index=1, average=average)
+    theirs = tm.MulticlassF1Score(num_classes=C, ignore_index=1, average=average)
+    for s, t in zip(scores, targets):
+        ours.update(s.to(DEVICE), t.to(DEVICE))
+        theirs.update(s, t)
+    got, want = ours.compute().cpu(), theirs.compute().double()
+    present = ~torch.isnan(got)
+    assert_close(got[present], want[present], 1e-6)
 
 
 def _free_port() -> int:

@@ -133,12 +133,11 @@ def test_fp16_sums_do_not_overflow():
     assert sums.flatten().tolist() == [80_000.0] * 3
 
 
-def test_150_classes_and_deterministic():
+def test_150_classes():
     x, t = make_case(2, 150, (4, 5), False, "softmax", ignore_index=7, dtype=KERNEL_DTYPES[0])
     x, t = x.to(DEVICE), t.to(DEVICE)
-    first = ops.overlap_sums(x, t, ignore_index=7)
-    assert_close(first, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", 7, False), TOL)
-    assert torch.equal(first, ops.overlap_sums(x, t, ignore_index=7))
+    sums = ops.overlap_sums(x, t, ignore_index=7)
+    assert_close(sums, ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", 7, False), TOL)
 
 
 def test_reference_backward_is_the_gradient_of_reference_forward():
@@ -416,15 +415,17 @@ def test_confusion_matrix_class_chunks_and_ties():
 
 
 def test_confusion_matrix_deterministic_mode():
-    scores = torch.randn(2, 6, 20, 20, device=DEVICE)
-    t = torch.randint(0, 6, (2, 20, 20), device=DEVICE)
+    """Under use_deterministic_algorithms the op neither raises (no ATen op
+    without a deterministic CUDA kernel) nor falls back: exact counts."""
+    scores = torch.randn(2, 6, 20, 20)
+    t = torch.randint(0, 6, (2, 20, 20))
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        first = ops.confusion_matrix(scores, t, 6)
-        assert torch.equal(first, ops.confusion_matrix(scores, t, 6))
+        cm = ops.confusion_matrix(scores.to(DEVICE), t.to(DEVICE), 6)
     finally:
         torch.use_deterministic_algorithms(prev)
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(scores, t, 6, None))
 
 
 def f64(*values):
@@ -467,3 +468,351 @@ def test_iou_matches_torchmetrics_package():
     assert_close(ops.iou_score(cm, "none"), theirs.double(), 1e-6)
     theirs = tm.MulticlassJaccardIndex(num_classes=C, average="micro")(scores, t)
     assert_close(ops.iou_score(cm, "micro"), theirs.double(), 1e-6)
+
+
+# --------------------------------------------------------------------------
+# regression tests: fuzz findings (issue 16) and limits (issue 10)
+# --------------------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+# per-pixel score vectors (C = 5) and the class torch.argmax picks: NaN is
+# the maximum, the first NaN or first maximum wins; with BLOCK_C = 2 the
+# deciding values sit in different class chunks
+ARGMAX_CASES = [
+    [0.0, NAN, 1.0, 0.0, 0.0],
+    [INF, NAN, 0.0, 0.0, 0.0],
+    [NAN, NAN, 0.0, 0.0, 0.0],
+    [0.0, 1.0, 2.0, 2.0, NAN],
+    [NAN, INF, INF, 0.0, 0.0],
+    [1.0, 1.0, 0.0, 1.0, 1.0],
+    [0.0, 0.0, 3.0, 0.0, 3.0],
+    [-INF, -INF, -INF, -INF, -INF],
+    [-INF, -INF, -INF, -INF, -1.0],
+    [INF, 0.0, 0.0, 0.0, INF],
+    [0.0, 0.0, 0.0, 0.0, NAN],
+]
+
+
+@pytest.mark.parametrize("block_c", [None, 2], ids=["one-chunk", "chunks-of-2"])
+def test_confusion_matrix_argmax_nan_and_ties_like_torch(block_c):
+    """torch.argmax's rule (torchmetrics and the reference use it): NaN is
+    the maximum, the first NaN wins, and ties go to the first index."""
+    rows = torch.tensor(ARGMAX_CASES, dtype=KERNEL_DTYPES[0])  # (P, 5)
+    scores = rows.t().reshape(1, 5, 1, -1)                     # one pixel per case
+    want_labels = rows.argmax(1)
+    for target_label in range(5):
+        t = torch.full((1, 1, len(ARGMAX_CASES)), target_label)
+        cm = kernels.confusion_matrix(scores.to(DEVICE), t.to(DEVICE), 5, None, block_c=block_c)
+        assert torch.equal(cm[target_label].cpu(), torch.bincount(want_labels, minlength=5))
+        assert torch.equal(cm.cpu(), ref.confusion_matrix(scores, t, 5, None))
+
+
+def test_confusion_matrix_nan_score_matches_torchmetrics():
+    tm = pytest.importorskip("torchmetrics.classification")
+    scores = torch.tensor([0.0, NAN, 1.0]).reshape(1, 3, 1, 1)
+    t = torch.ones(1, 1, 1, dtype=torch.long)
+    cm = ops.confusion_matrix(scores.to(DEVICE, KERNEL_DTYPES[0]), t.to(DEVICE), 3)
+    theirs = tm.MulticlassConfusionMatrix(num_classes=3, validate_args=False)(scores, t)
+    assert torch.equal(cm.cpu(), theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_confusion_matrix_wide_labels_are_not_truncated(dtype):
+    """Labels are compared at their full width: 2**32 + 1 is out of range,
+    not class 1 (documented rule: out-of-range pairs are not counted)."""
+    info = torch.iinfo(dtype)
+    wide = [info.max, info.min, 2**31 - 1, -(2**31)]
+    if dtype == torch.int64:
+        wide += [2**32 + 1, 2**32, -(2**32) + 2]
+    pred = torch.tensor([1, 2, 0, *wide] + [1] * len(wide), dtype=dtype).reshape(1, 1, -1)
+    t = torch.tensor([1, 2, 0] + [1] * len(wide) + wide, dtype=dtype).reshape(1, 1, -1)
+    cm = ops.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), 3, validate_args=False)
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, 3, None))
+    assert cm.sum() == 3 and torch.equal(cm.diagonal().cpu(), torch.ones(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype,ignore", [(torch.uint8, -1), (torch.int8, 255),
+                                          (torch.int16, -1), (torch.uint8, 255 - 512),
+                                          (torch.uint8, 258), (torch.int8, 2 - 256)])
+def test_index_target_ignore_index_wraps_like_torch(dtype, ignore):
+    """`target != ignore_index` converts ignore_index to the target's dtype
+    (uint8: -1 is 255, 258 is class 2): torch, smp, torchmetrics and the
+    reference drop those pixels, and so must the kernels."""
+    C = 4
+    x, t = make_case(2, C, (5, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    t = t.to(dtype)
+    wrapped = torch.tensor(ignore).to(dtype)  # torch's conversion of the scalar
+    t[:, ::2, 1] = wrapped
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    sums = ops.overlap_sums(x, t, ignore_index=ignore)
+    want = ref.overlap_sums(x.cpu().double(), t.cpu(), "softmax", ignore, False)
+    assert_close(sums, want, TOL)
+    assert sums[2].sum() == (t != wrapped).sum()   # target sum: the kept pixels
+    cm = ops.confusion_matrix(x, t, C, ignore)
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(x.cpu(), t.cpu(), C, ignore))
+    assert cm.sum() == (t != wrapped).sum()
+    tm = pytest.importorskip("torchmetrics.classification")
+    theirs = tm.MulticlassConfusionMatrix(C, ignore_index=ignore, validate_args=False)
+    assert torch.equal(cm.cpu(), theirs(x.cpu(), t.cpu()))
+
+
+def test_uint8_ignore_minus_one_dice_matches_smp():
+    smp_losses = pytest.importorskip("segmentation_models_pytorch.losses")
+    x, t = make_case(2, 4, (5, 6), False, "softmax", dtype=torch.float32)
+    t = t.to(torch.uint8)
+    t[:, 0] = 255
+    xd = x.to(DEVICE).requires_grad_()
+    ours = ops.dice_loss(xd, t.to(DEVICE), ignore_index=-1)
+    ours.backward()
+    x.requires_grad_()
+    theirs = smp_losses.DiceLoss("multiclass", ignore_index=-1)(x, t)
+    theirs.backward()
+    assert_close(ours, theirs, 1e-5)
+    assert_close(xd.grad, x.grad, 1e-5, name="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64, torch.float32,
+                                   torch.float16, torch.uint8])
+def test_dense_target_compared_with_ignore_index_in_its_own_dtype(dtype):
+    """Dense targets: elements equal to ignore_index (converted to the
+    target's dtype, as `t != ignore_index` does) count in no sum; an integer
+    target is compared exactly, not after a cast to float32."""
+    ignore = {torch.float16: 2049, torch.uint8: -1}.get(dtype, 2**24 + 1)
+    near = {torch.float16: [2048, 2050], torch.uint8: [254, 255]}.get(dtype, [2**24, 2**24 + 2])
+    x = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    t = torch.randint(0, 2, (2, 3, 4, 5)).to(dtype)
+    t[0, :, 0] = torch.tensor(near, dtype=torch.float64).repeat(3)[:5].to(dtype)
+    if dtype.is_floating_point or dtype == torch.uint8:
+        t[1, 1, 1] = torch.tensor(ignore).to(dtype)
+    else:
+        t[1, 1, 1] = ignore
+    # float32 input: the sums (and, before the fix, the comparison) are float32
+    x, t = x.to(DEVICE, torch.float32), t.to(DEVICE)
+    sums = ops.overlap_sums(x, t, activation="none", ignore_index=ignore)
+    want = ref.overlap_sums(x.cpu().double(), t.cpu(), "none", ignore, False)
+    assert_close(sums, want, RTOL[torch.float32])
+
+
+def _nocontig(t: torch.Tensor, view: str) -> torch.Tensor:
+    """The same values as a non-contiguous view: 'stride2' (stride 2 along the
+    last dim), 'transposed' (last two dims swapped in memory) or 'slice' (a
+    slice of a larger tensor along dim 1, the channels for 4-D tensors)."""
+    if view == "stride2":
+        out = like_layout(t, "strided")
+    elif view == "transposed":
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:
+        pad = torch.zeros_like(t.narrow(1, 0, 1))
+        out = torch.cat([pad, t, pad], dim=1).narrow(1, 1, t.shape[1])
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+VIEWS = ["stride2", "transposed", "slice"]
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("dense", [False, True], ids=["index", "dense"])
+def test_noncontiguous_input_target_and_grad(view, dense):
+    """Every tensor argument of overlap_sums as a non-contiguous view: input,
+    target and the incoming gradient of backward."""
+    x, t = make_case(2, 5, (4, 6), dense, "softmax", ignore_index=2, dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    xv = _nocontig(x, view).requires_grad_()
+    sums = ops.overlap_sums(xv, _nocontig(t, view), ignore_index=2)
+    g = torch.randn(3, 2, 5, dtype=torch.float64)
+    gv = _nocontig(g.to(DEVICE, sums.dtype), view)
+    (grad,) = torch.autograd.grad(sums, xv, gv)
+    want_sums, want_grad = reference_sums_and_grad(x, t, "softmax", 2, False, g)
+    assert_close(sums, want_sums, TOL)
+    assert_close(grad, want_grad, TOL, name="grad")
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("pred_kind", ["scores", "labels"])
+def test_noncontiguous_confusion_matrix(view, pred_kind):
+    scores = torch.randn(2, 5, 4, 6, dtype=KERNEL_DTYPES[0])
+    t = torch.randint(0, 5, (2, 4, 6))
+    pred = scores if pred_kind == "scores" else scores.argmax(1)
+    cm = ops.confusion_matrix(_nocontig(pred.to(DEVICE), view), _nocontig(t.to(DEVICE), view), 5)
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, 5, None))
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: records the keyword arguments
+    (constexprs) of every launch, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# C -> the launch variant: NUM_BINS of the shared-memory histogram, 0 for
+# one atomic per pixel. 12..45 classes use 256..2048 bins.
+HISTOGRAM_CASES = [(12, 256), (23, 1024), (45, 2048), (46, 0), (150, 0)]
+
+
+@pytest.mark.parametrize("C,bins", HISTOGRAM_CASES, ids=[f"C{c}" for c, _ in HISTOGRAM_CASES])
+@pytest.mark.parametrize("pred_kind", ["scores", "labels"])
+def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, pred_kind):
+    """12 to 45 classes run the 256..2048-bin histogram, 46 and 150 the
+    per-pixel atomics (recorded from the launch), against the reference and
+    torchmetrics."""
+    recorder = _LaunchRecorder(kernels._confusion_matrix_kernel)
+    monkeypatch.setattr(kernels, "_confusion_matrix_kernel", recorder)
+    scores = torch.randn(2, C, 5, 7, dtype=KERNEL_DTYPES[0])
+    t = torch.randint(0, C, (2, 5, 7))
+    t[0, 0, :3] = 255
+    pred = scores if pred_kind == "scores" else scores.argmax(1).to(torch.int32)
+    cm = ops.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, 255)
+    assert [launch["NUM_BINS"] for launch in recorder.launches] == [bins]
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, 255))
+    tm = pytest.importorskip("torchmetrics.classification")
+    theirs = tm.MulticlassConfusionMatrix(num_classes=C, ignore_index=255)(pred, t)
+    assert torch.equal(cm.cpu(), theirs)
+
+
+def test_grid_limit_raises_before_any_allocation():
+    """The kernels index pixels with 64-bit offsets; the one 32-bit quantity
+    left is the number of programs on grid axis 0. Past it: ArgumentError,
+    raised before any buffer is allocated (expanded, stride-0 inputs of
+    ~2^36 pixels cost no memory)."""
+    x = torch.zeros(1, 1, 1, dtype=KERNEL_DTYPES[0], device=DEVICE).expand(2**12, 1, 2**24)
+    t = torch.zeros(1, 1, dtype=torch.uint8, device=DEVICE).expand(2**12, 2**24)
+    g = torch.zeros(2**12, 1, dtype=kernels.sums_dtype(x), device=DEVICE)
+    with pytest.raises(segops.ArgumentError, match="input.*2\\^31"):
+        kernels.overlap_sums_backward(g, g, x, t, "sigmoid", None, False, block_s=16)
+    big = t.unsqueeze(0).expand(2**6, 2**12, 2**24).reshape(2**18, 2**24)
+    with pytest.raises(segops.ArgumentError, match="target.*2\\^31"):
+        kernels.confusion_matrix(big, big, 3, None)
+    assert kernels.max_programs_ok(2**31 - 1) and not kernels.max_programs_ok(2**31)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="2^31 pixels take hours in the interpreter")
+def test_more_than_2_31_pixels_per_sample():
+    """One sample of 2^31 + 37 pixels (2 GiB of uint8 each): 64-bit pixel
+    offsets count the pixels past 2^31 and read none beyond the end."""
+    S = 2**31 + 37
+    pred = torch.zeros(1, S, dtype=torch.uint8, device=DEVICE)
+    t = torch.zeros(1, S, dtype=torch.uint8, device=DEVICE)
+    pred[0, -5:] = 1
+    t[0, -3:] = 2
+    cm = ops.confusion_matrix(pred, t, 3)
+    assert torch.equal(cm, torch.tensor([[S - 5, 2, 0], [0, 0, 0], [0, 3, 0]], device=DEVICE))
+    del pred
+    x = torch.full((1, 1, S), 0.5, dtype=torch.float16, device=DEVICE)
+    intersection, pred_sum, target_sum = ops.overlap_sums(
+        x, t.view(1, 1, S) == 2, activation="none").flatten().tolist()
+    assert (intersection, target_sum) == (1.5, 3.0)   # the last 3 pixels were read
+    assert abs(pred_sum - S * 0.5) <= 1e-6 * S        # a float32 sum of 2^30
+    x.requires_grad_()   # d(prediction sum)/dx: sigmoid' where the dense target is not 0
+    pred_sums = ops.overlap_sums(x, t.view(1, 1, S), activation="sigmoid", ignore_index=0)[1]
+    (grad,) = torch.autograd.grad(pred_sums.sum(), x)
+    p = torch.tensor(0.5, dtype=torch.float64).sigmoid().item()
+    assert grad[0, 0, -1].item() == pytest.approx(p * (1 - p), rel=1e-3)
+    assert grad[0, 0, 0].item() == 0.0   # ignored pixel (label 0)
+
+
+# --------------------------------------------------------------------------
+# errors name the argument (issue 16)
+# --------------------------------------------------------------------------
+def test_ignore_index_out_of_int64_is_an_argument_error():
+    x = torch.randn(1, 3, 2, 2, device=DEVICE)
+    t = torch.zeros(1, 2, 2, dtype=torch.long, device=DEVICE)
+    for call in (lambda: ops.overlap_sums(x, t, ignore_index=2**64),
+                 lambda: ops.dice_loss(x, t, ignore_index=-(2**63) - 1),
+                 lambda: ops.confusion_matrix(x, t, 3, 2**63),
+                 lambda: segops.metrics.MeanIoU(3, ignore_index=2**64)):
+        with pytest.raises(segops.ArgumentError, match="ignore_index"):
+            call()
+    with pytest.raises(segops.ArgumentTypeError, match="ignore_index"):
+        ops.overlap_sums(x, t, ignore_index=1.5)
+
+
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+def test_classes_out_of_range_and_negative_like_smp(kind):
+    fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
+    x, t = make_case(2, 5, (4, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    for bad in ([5], [0, -6], (7,)):
+        with pytest.raises(segops.ArgumentError, match="classes"):
+            fn(x, t, classes=bad)
+    with pytest.raises(segops.ArgumentTypeError, match="classes"):
+        fn(x, t, classes=[1.5])
+    # negative classes count from the end, as smp's tensor indexing does
+    assert_close(fn(x, t, classes=[-1, 0]), fn(x, t, classes=[4, 0]), TOL)
+    assert_close(fn(x, t, classes=[-1], class_weights=[1, 2, 3, 4, 5.0]),
+                 fn(x, t, classes=[4]), TOL)
+    want = ref.smp_overlap_loss(kind, x.cpu().double(), t.cpu(), "multiclass", classes=[-1, 2],
+                                class_weights=[1.0, 2.0, 3.0, 4.0, 5.0])
+    assert_close(fn(x, t, classes=[-1, 2], class_weights=[1.0, 2.0, 3.0, 4.0, 5.0]), want, TOL)
+    smp_losses = pytest.importorskip("segmentation_models_pytorch.losses")
+    name = "DiceLoss" if kind == "dice" else "JaccardLoss"
+    theirs = getattr(smp_losses, name)("multiclass", classes=[-1, 2])(x.cpu().float(), t.cpu())
+    ours = getattr(segops.nn, name)("multiclass", classes=[-1, 2])(x.float(), t)
+    assert_close(ours, theirs, 1e-5)
+
+
+# --------------------------------------------------------------------------
+# no host synchronisation in the hot path (issue 10)
+# --------------------------------------------------------------------------
+def _count_segops_syncs(monkeypatch) -> list:
+    """Record every .item(), .tolist(), bool/int/float(tensor) that segops
+    code (not the tests, not the Triton interpreter) calls: each one waits
+    for the GPU."""
+    import sys
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("segops"):
+                calls.append(f"{_name} in {caller}")
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_hot_paths_do_not_synchronise(monkeypatch):
+    """With validate_args=False (and for the scores always) no op reads a
+    value back to the host; the validate_args=True checks do so only on
+    non-CUDA devices (on CUDA they are device-side asserts, tested below)."""
+    x, t = make_case(2, 4, (5, 6), False, "softmax", ignore_index=255, dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE).requires_grad_(), t.to(DEVICE)
+    calls = _count_segops_syncs(monkeypatch)
+    loss = ops.dice_loss(x, t, ignore_index=255, classes=[0, -1], class_weights=[1.0, 2, 3, 4],
+                         validate_args=False)
+    loss = loss + ops.jaccard_loss(x, t, ignore_index=255, include_background=False,
+                                   validate_args=False)
+    loss.backward()
+    metric = segops.metrics.MeanIoU(4, ignore_index=255, validate_args=False)
+    metric.update(x.detach(), t)
+    metric.compute()
+    for average in ops.AVERAGES:
+        ops.iou_score(metric.confusion, average)
+        ops.dice_score(metric.confusion, average, ignore_index=1)
+    assert calls == []
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA sync debug mode")
+def test_validate_args_does_not_synchronise_on_cuda():
+    x, t = make_case(2, 4, (5, 6), False, "softmax", ignore_index=255, dtype=torch.float32)
+    x, t = x.cuda().requires_grad_(), t.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = ops.dice_loss(x, t, ignore_index=255, classes=[0, 2], class_weights=[1.0, 2, 3, 4])
+        loss.backward()
+        metric = segops.metrics.MeanIoU(4, ignore_index=255)
+        metric.update(x.detach(), t)
+        metric.update(x.detach().argmax(1), t)
+        metric.compute()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
