@@ -29,6 +29,8 @@ TF32 only when ``torch.backends.cudnn.allow_tf32`` allows it, like F.conv2d.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -53,20 +55,35 @@ from ._layout import check_grid, empty, next_pow2, target_programs
 # shared helpers
 # --------------------------------------------------------------------------
 @triton.jit
-def _tap_gemm(acc, a_rows, a_step, valid, b_cols, b_step, nmask, K, ALLOW_TF32: tl.constexpr,
-              UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += A @ B over the K channels of one tap: A[m, k] at a_rows[m] +
-    k*a_step (rows where ``valid``), B[k, n] at b_cols[n] + k*b_step
-    (columns where ``nmask``); masked elements read 0."""
-    for c0 in range(0, K, BLOCK_K):
-        offs_k = c0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        a = tl.load(a_rows[:, None] + offs_k.to(tl.int64)[None, :] * a_step,
-                    mask=valid[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_cols[None, :] + offs_k.to(tl.int64)[:, None] * b_step,
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
-    return acc
+def _tap_interval(first, last, dil, taps):
+    """[t_lo, t_hi): the taps t in [0, taps) with first <= t * dil <= last
+    (every operand of a division is kept non-negative: the compiler's
+    integer division truncates, the interpreter's floors)."""
+    t_lo = tl.where(first <= 0, 0, (tl.maximum(first, 0) + dil - 1) // dil)
+    t_hi = tl.where(last < 0, 0, tl.minimum(tl.maximum(last, 0) // dil + 1, taps))
+    return t_lo, tl.maximum(t_hi, t_lo)
+
+
+@triton.jit
+def _residue_taps(i_min, i_max, t0, period, pad, dil, stride, out_len, taps):
+    """[j_lo, j_hi): the taps t0 + j*period of one stride residue class that
+    can reach an output position in [0, out_len) from an input pixel in
+    [i_min, i_max] (t*dil between i_min + pad - (out_len-1)*stride and
+    i_max + pad)."""
+    t_lo, t_hi = _tap_interval(i_min + pad - (out_len - 1) * stride, i_max + pad, dil, taps)
+    j_lo = tl.where(t_lo <= t0, 0, (tl.maximum(t_lo - t0, 0) + period - 1) // period)
+    j_hi = tl.where(t_hi <= t0, 0, (tl.maximum(t_hi - t0, 0) + period - 1) // period)
+    return j_lo, tl.maximum(j_hi, j_lo)
+
+
+@triton.jit
+def _lane_range(values, mask):
+    """(min, max) of the non-negative ``values`` over the lanes in ``mask``,
+    and whether ``mask`` is empty (then (0, 0))."""
+    lo = tl.min(tl.where(mask, values, 2147483647), axis=0)
+    hi = tl.max(tl.where(mask, values, -1), axis=0)
+    empty = hi < 0
+    return tl.where(empty, 0, lo), tl.where(empty, 0, hi), empty
 
 
 @triton.jit
@@ -116,17 +133,36 @@ def _conv2d_fwd_kernel(
     x_rows = x_ptr + n.to(tl.int64) * sxn + (group * C_in).to(tl.int64) * sxc
     w_cols = w_ptr + co.to(tl.int64) * swo
 
+    # the taps whose rows / columns can land inside the map for this tile's
+    # pixels (the others read only padding: at dilation 36 on a 65x65 map
+    # most of a 3x3 kernel), then one loop over (tap, channel block), so the
+    # software pipeline runs across taps instead of restarting at each
+    oh_min, oh_max, empty = _lane_range(oh, mmask)
+    ow_min, ow_max, _ = _lane_range(ow, mmask)
+    r_lo, r_hi = _tap_interval(pad_h - oh_max * stride_h, H - 1 + pad_h - oh_min * stride_h,
+                               dil_h, KH)
+    s_lo, s_hi = _tap_interval(pad_w - ow_max * stride_w, W - 1 + pad_w - ow_min * stride_w,
+                               dil_w, KW)
+    cols = s_hi - s_lo
+    k_blocks = tl.cdiv(C_in, BLOCK_K)
+    steps = tl.where(empty, 0, (r_hi - r_lo) * cols * k_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for r in range(0, KH):
+    for step in range(0, steps):
+        tap = step // k_blocks
+        r = r_lo + tap // cols
+        s = s_lo + tap % cols
+        offs_k = (step % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = offs_k < C_in
         ih = oh * stride_h - pad_h + r * dil_h
-        valid_h = mmask & (ih >= 0) & (ih < H)
-        for s in range(0, KW):
-            iw = ow * stride_w - pad_w + s * dil_w
-            valid = valid_h & (iw >= 0) & (iw < W)
-            if tl.max(valid.to(tl.int32), axis=0) > 0:  # else the tap reads only padding
-                acc = _tap_gemm(acc, x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw,
-                                sxc, valid, w_cols + r * swh + s * sww, swi, nmask, C_in,
-                                ALLOW_TF32, UPCAST, BLOCK_K)
+        iw = ow * stride_w - pad_w + s * dil_w
+        valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_rows[:, None] + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+                    + offs_k.to(tl.int64)[None, :] * sxc,
+                    mask=valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + (r * swh + s * sww)
+                    + offs_k.to(tl.int64)[:, None] * swi,
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
     _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, nmask, syn, syc, syh, syw,
                     HAS_BIAS, RELU)
 
@@ -138,7 +174,7 @@ def _conv2d_fwd_kernel(
 def _conv2d_bwd_input_kernel(
     dy_ptr, w_ptr, b_ptr, dx_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, RES_W,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, RES_W, period_h, period_w,
     sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw, tune_pixels,
     HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -176,23 +212,37 @@ def _conv2d_bwd_input_kernel(
     dy_rows = dy_ptr + n.to(tl.int64) * sdyn + (group * C_out).to(tl.int64) * sdyc
     w_cols = w_ptr + (group * C_out).to(tl.int64) * swo + offs_n.to(tl.int64) * swi
 
+    # the taps of this residue class are th + j*period_h (th the candidate
+    # index): step j over those that can reach an output row / column for
+    # this tile's pixels, then one loop over (tap, channel block)
+    th = residue // RES_W
+    tw = residue % RES_W
+    ih_min, ih_max, empty = _lane_range(ih, mmask)
+    iw_min, iw_max, _ = _lane_range(iw, mmask)
+    jh_lo, jh_hi = _residue_taps(ih_min, ih_max, th, period_h, pad_h, dil_h, stride_h, OH, KH)
+    jw_lo, jw_hi = _residue_taps(iw_min, iw_max, tw, period_w, pad_w, dil_w, stride_w, OW, KW)
+    cols = jw_hi - jw_lo
+    k_blocks = tl.cdiv(C_out, BLOCK_K)
+    steps = tl.where(empty, 0, (jh_hi - jh_lo) * cols * k_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for r in range(0, KH):
-        # only the taps of this residue class land on these rows
-        if (rh + pad_h - r * dil_h) % stride_h == 0:
-            num_h = ih + pad_h - r * dil_h
-            oh = num_h // stride_h
-            valid_h = mmask & (num_h >= 0) & (oh < OH)
-            for s in range(0, KW):
-                if (rw + pad_w - s * dil_w) % stride_w == 0:
-                    num_w = iw + pad_w - s * dil_w
-                    ow = num_w // stride_w
-                    valid = valid_h & (num_w >= 0) & (ow < OW)
-                    if tl.max(valid.to(tl.int32), axis=0) > 0:
-                        acc = _tap_gemm(
-                            acc, dy_rows + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw,
-                            sdyc, valid, w_cols + r * swh + s * sww, swo, nmask, C_out,
-                            ALLOW_TF32, UPCAST, BLOCK_K)
+    for step in range(0, steps):
+        tap = step // k_blocks
+        r = th + (jh_lo + tap // cols) * period_h
+        s = tw + (jw_lo + tap % cols) * period_w
+        offs_k = (step % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = offs_k < C_out
+        num_h = ih + pad_h - r * dil_h  # a multiple of stride_h for this residue
+        num_w = iw + pad_w - s * dil_w
+        oh = num_h // stride_h
+        ow = num_w // stride_w
+        valid = mmask & (num_h >= 0) & (oh < OH) & (num_w >= 0) & (ow < OW)
+        a = tl.load(dy_rows[:, None] + (oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw)[:, None]
+                    + offs_k.to(tl.int64)[None, :] * sdyc,
+                    mask=valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + (r * swh + s * sww)
+                    + offs_k.to(tl.int64)[:, None] * swo,
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
     _epilogue_store(acc, dx_ptr, b_ptr, n, ih, iw, ci, mmask, nmask, sdxn, sdxc, sdxh, sdxw,
                     HAS_BIAS, False)
 
@@ -472,6 +522,7 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
     w = gemm_weight(w, 0 if constexprs["ALLOW_TF32"] else None)  # K: output channels
     args = (dy, w, bias_vector(bias, w), dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), res_w,
+            *(s // math.gcd(s, d) for s, d in zip(stride, dilation)),
             *dy.stride(), *w.stride(), *dx.stride(), tune_bucket(M))
     launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device,
            _GRAD_INPUT_KEY)
