@@ -17,6 +17,7 @@ setup(
         "segops.reference",
         "segops.nn",
         "segops.metrics",
+        "segops.models",
         "segops.kernels",
         "segops.benchmarks",
     ],

@@ -61,6 +61,8 @@ def check_choice(name: str, value, choices: Sequence) -> None:
 
 def is_int(value) -> bool:
     """A Python or numpy integer (not a bool), as the peers accept."""
+    if type(value) is int:  # the common case, without the ABC check's cost
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -92,7 +92,8 @@ def _vgg16_stages(base: int) -> nn.ModuleList:
             layers = []
             continue
         width = item * base // 64
-        layers += [nn.Conv2d(channels, width, 3, padding=100 if channels == 3 else 1),
+        first = not stages and not layers  # conv1_1 only (never a later 3-channel conv)
+        layers += [nn.Conv2d(channels, width, 3, padding=100 if first else 1),
                    nn.ReLU(inplace=True)]
         channels = width
     return nn.ModuleList(stages)
@@ -108,7 +109,12 @@ class FCN8s(nn.Module):
     64 * base_channels channels).
     """
 
-    # crop offsets of the score maps for the 100-pixel input padding (Caffe's)
+    # Crop offsets aligning each map's pixel centres with the up-sampled map's
+    # (Caffe's crop layers): in input coordinates pool4 is 16u - 91.5, pool3
+    # 8u - 95.5, upscore2 16u - 11.5, upscore_pool4 8u - 23.5 and upscore8
+    # u - 31 (the 100-pixel padding, 2x2 pools, fc6's 7x7, the 4/2 and 16/8
+    # transposed convs), so (91.5 - 11.5) / 16 = 5, (95.5 - 23.5) / 8 = 9, 31.
+    # tests/models/test_models.py derives them independently.
     POOL4_OFFSET, POOL3_OFFSET, OUTPUT_OFFSET = 5, 9, 31
 
     def __init__(self, num_classes: int, base_channels: int = 64):

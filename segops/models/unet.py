@@ -38,6 +38,18 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """``x`` zero-padded at the bottom/right to H, W multiples of ``multiple``
+    (``x`` itself when they are). A leaf of torch.fx traces: the test on the
+    sizes needs concrete sizes."""
+    H, W = x.shape[-2:]
+    pad_h, pad_w = -H % multiple, -W % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+torch.fx.wrap("pad_to_multiple")
+
+
 class UNet(nn.Module):
     """U-Net: ``depth`` 2x down-samplings (max pool, double conv, channels
     doubling from ``base_channels``) and as many up-samplings with skip
@@ -68,11 +80,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
-        multiple = 2 ** self.depth
-        pad_h, pad_w = -H % multiple, -W % multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        skips = [self.inc(x)]
+        skips = [self.inc(pad_to_multiple(x, 2 ** self.depth))]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         h = skips.pop()

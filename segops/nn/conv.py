@@ -1,11 +1,14 @@
 """AtrousConv2d: an nn.Conv2d whose forward runs segops' convolution kernels."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.conv import atrous_conv2d
 from ._share import retype
+
+torch.fx.wrap("atrous_conv2d")  # a graph leaf for torch.fx.symbolic_trace
 
 
 class AtrousConv2d(nn.Conv2d):

@@ -1,10 +1,13 @@
 """ConvTranspose2d: an nn.ConvTranspose2d whose forward runs segops' kernels."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..ops.conv_transpose import conv_transpose2d
 from ._share import retype
+
+torch.fx.wrap("conv_transpose2d")  # a graph leaf for torch.fx.symbolic_trace
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):

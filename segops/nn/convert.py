@@ -8,12 +8,41 @@ import dataclasses
 
 from torch import nn
 
+from .._checks import ArgumentError, ArgumentTypeError
 from ._share import retype
 from .conv import AtrousConv2d
 from .conv_transpose import ConvTranspose2d
 from .roi_align import MultiScaleRoIAlign, RoIAlign
 
 OPS = ("atrous_conv", "conv", "conv_transpose", "roi_align")
+
+
+def _check_model(function: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"{function}: model must be a torch.nn.Module, "
+                                f"got {type(model).__name__}")
+
+
+def _check_inplace(function: str, inplace) -> None:
+    if not isinstance(inplace, bool):
+        raise ArgumentTypeError(f"{function}: inplace must be a bool, got {type(inplace).__name__}")
+
+
+def _check_ops(ops) -> tuple[str, ...]:
+    """``ops`` as a tuple of names; one name alone is accepted too."""
+    if isinstance(ops, str):
+        ops = (ops,)
+    try:
+        ops = tuple(ops)
+    except TypeError:
+        raise ArgumentTypeError(f"convert_model: ops must be a sequence of names from {OPS}, "
+                                f"got {type(ops).__name__}") from None
+    if not all(isinstance(op, str) for op in ops):
+        raise ArgumentTypeError(f"convert_model: ops must be names from {OPS}, got {ops!r}")
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise ArgumentError(f"convert_model: unknown ops {unknown}; choose from {OPS}")
+    return ops
 
 
 @dataclasses.dataclass
@@ -67,7 +96,8 @@ def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
 def _torch_twin(module: nn.Module) -> nn.Module | None:
     if type(module) is AtrousConv2d:
         if module.activation is not None:
-            raise ValueError("an AtrousConv2d with a fused activation has no nn.Conv2d twin")
+            raise ArgumentError("revert_model: model holds an AtrousConv2d with a fused "
+                                "activation, which has no nn.Conv2d twin")
         twin = retype(module, nn.Conv2d)
         del twin.activation
         return twin
@@ -77,7 +107,8 @@ def _torch_twin(module: nn.Module) -> nn.Module | None:
     if tv is None or type(module) not in (RoIAlign, MultiScaleRoIAlign):
         return None
     if module.pool_mode != "avg" or (module.aligned and type(module) is MultiScaleRoIAlign):
-        raise ValueError(f"{type(module).__name__}({module.extra_repr()}) has no torchvision twin")
+        raise ArgumentError(f"revert_model: model holds {type(module).__name__}"
+                            f"({module.extra_repr()}), which has no torchvision twin")
     if type(module) is RoIAlign:
         return tv.RoIAlign(module.output_size, module.spatial_scale, module.sampling_ratio,
                            module.aligned)
@@ -108,15 +139,17 @@ def convert_model(model: nn.Module, *, ops=("atrous_conv", "conv_transpose", "ro
     * ``'conv_transpose'``: ``nn.ConvTranspose2d`` -> segops ConvTranspose2d;
     * ``'roi_align'``: torchvision's ``RoIAlign`` / ``MultiScaleRoIAlign``.
 
+    ``ops`` is a sequence of those names (or one name).
+
     Only those exact classes are replaced (a user subclass may change the
     forward). The twins share the original parameters and buffers: the
     state_dict is unchanged and the outputs match. With ``inplace=False`` a
     deep copy is converted. Returns a :class:`ConversionReport` (``.model``
     is the converted model).
     """
-    unknown = sorted(set(ops) - set(OPS))
-    if unknown:
-        raise ValueError(f"unknown ops {unknown}; choose from {OPS}")
+    _check_model("convert_model", model)
+    ops = _check_ops(ops)
+    _check_inplace("convert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
     return ConversionReport(model, _swap(model, lambda m: _segops_twin(m, ops)))
@@ -125,6 +158,8 @@ def convert_model(model: nn.Module, *, ops=("atrous_conv", "conv_transpose", "ro
 def revert_model(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
     """Undo :func:`convert_model`: every segops layer back to its torch /
     torchvision class, parameters shared. Returns a ConversionReport."""
+    _check_model("revert_model", model)
+    _check_inplace("revert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
     return ConversionReport(model, _swap(model, _torch_twin))

@@ -24,3 +24,12 @@ __all__ = [
     "overlap_sums",
     "roi_align",
 ]
+
+# torch.fx.symbolic_trace keeps a call to segops.ops.<name>(...) as one graph node
+# (as torchvision's ops do): wrap registers each name in this module's globals,
+# which the tracer patches while it traces.
+from torch import fx as _fx  # noqa: E402
+
+for _name in __all__:
+    _fx.wrap(_name)
+del _name

@@ -150,3 +150,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         out = _conv_transpose2d(input, weight, bias, stride, padding, output_padding, dilation,
                                 groups)
     return out.squeeze(0) if unbatched else out
+
+
+# graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)
+torch.fx.wrap("conv_transpose2d")

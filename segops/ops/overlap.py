@@ -523,3 +523,12 @@ def dice_score(confusion: Tensor, average: str = "macro", *,
     _check_ignore_index(ignore_index)
     tp, fp, fn = _confusion_counts(confusion)
     return _average(2 * tp, 2 * tp + fp + fn, tp + fn, average)
+
+
+# graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)
+torch.fx.wrap("overlap_sums")
+torch.fx.wrap("dice_loss")
+torch.fx.wrap("jaccard_loss")
+torch.fx.wrap("confusion_matrix")
+torch.fx.wrap("iou_score")
+torch.fx.wrap("dice_score")

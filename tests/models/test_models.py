@@ -97,6 +97,154 @@ def test_fcn8s_output_is_cropped_to_the_input(size, path):
         models.fcn8s(5, backbone="resnet50")
 
 
+# --- FCN-8s crop offsets, derived independently of the model --------------
+# A feature map's pixel u has its centre at input coordinate a * u + b; each
+# layer maps (a, b) of its output to its input's (kind, kernel, stride, pad):
+# a conv or pool's output pixel u is centred on its input's s * u - p + (k - 1) / 2,
+# a transposed conv's on its input's (u + p - (k - 1) / 2) / s.
+
+
+def _centre_map(layers):
+    """(a, b) with input coordinate = a * u + b for the last layer's pixel u
+    (exact fractions); layers are (kind, kernel, stride, padding), input first."""
+    from fractions import Fraction
+    a, b = Fraction(1), Fraction(0)
+    for kind, k, s, p in layers:
+        if kind == "up":
+            a, b = a / s, b + a * Fraction(2 * p - (k - 1), 2 * s)
+        else:
+            a, b = a * s, b + a * Fraction(k - 1 - 2 * p, 2)
+    return a, b
+
+
+def _crop_offset(of, to):
+    """The crop offset o with map ``of``'s pixel u + o centred where map
+    ``to``'s pixel u is (both (a, b) with the same a)."""
+    (a, b), (a2, b2) = of, to
+    assert a == a2, (a, a2)
+    offset = (b2 - b) / a
+    assert offset.denominator == 1, f"no integer crop aligns {of} with {to}"
+    return int(offset)
+
+
+def _fcn8s_offsets(trunk, pool3_at, pool4_at, heads):
+    """(pool4, pool3, output) crop offsets from the VGG trunk (layers up to
+    pool5), the indices of pool3 and pool4 in it, and the heads: fc6, fc7,
+    score_fr, then upscore2, upscore_pool4 and upscore8."""
+    fr = trunk + heads[:3]
+    up2 = fr + [heads[3]]
+    pool4, pool3 = trunk[:pool4_at + 1], trunk[:pool3_at + 1]
+    up4 = up2 + [heads[4]]  # score_pool4 + upscore2 -> upscore_pool4 (upscore2's grid)
+    out = up4 + [heads[5]]
+    return (_crop_offset(_centre_map(pool4), _centre_map(up2)),
+            _crop_offset(_centre_map(pool3), _centre_map(up4)),
+            _crop_offset(_centre_map(out), (1, 0)))
+
+
+def _paper_fcn8s_layers():
+    """VGG16 as in Long et al.'s voc-fcn8s prototxt, written out by hand."""
+    trunk = [("conv", 3, 1, 100), ("conv", 3, 1, 1), ("pool", 2, 2, 0)]
+    trunk += [("conv", 3, 1, 1)] * 2 + [("pool", 2, 2, 0)]
+    for _ in range(3):  # stages 3, 4 and 5: three 3x3 convs and a pool each
+        trunk += [("conv", 3, 1, 1)] * 3 + [("pool", 2, 2, 0)]
+    heads = [("conv", 7, 1, 0), ("conv", 1, 1, 0), ("conv", 1, 1, 0),
+             ("up", 4, 2, 0), ("up", 4, 2, 0), ("up", 16, 8, 0)]
+    pools = [i for i, layer in enumerate(trunk) if layer[0] == "pool"]
+    return trunk, pools[2], pools[3], heads
+
+
+def _model_fcn8s_layers(model):
+    """The same list read from a built model's modules."""
+    def geometry(m):
+        kind = {torch.nn.MaxPool2d: "pool"}.get(type(m), "up" if isinstance(
+            m, torch.nn.ConvTranspose2d) else "conv")
+        pair = (lambda v: v if isinstance(v, tuple) else (v, v))
+        (k, k2), (s, s2), (p, p2) = (pair(m.kernel_size), pair(m.stride), pair(m.padding))
+        assert (k, s, p) == (k2, s2, p2), "square geometry expected"
+        if kind == "conv":
+            assert pair(m.dilation) == (1, 1)
+        return (kind, k, s, p)
+
+    trunk, pools = [], []
+    for stage in model.stages:
+        for m in stage:
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+                trunk.append(geometry(m))
+        pools.append(len(trunk) - 1)
+    heads = [geometry(model.fc6[0]), geometry(model.fc7[0]), geometry(model.score_fr),
+             geometry(model.upscore2), geometry(model.upscore_pool4), geometry(model.upscore8)]
+    for score in (model.score_pool3, model.score_pool4):
+        assert geometry(score) == ("conv", 1, 1, 0)
+    return trunk, pools[2], pools[3], heads
+
+
+def test_fcn8s_crop_offsets_match_the_receptive_field_alignment():
+    """Propagate pixel centres through the paper's layers: the crops that
+    align the maps are Caffe's 5, 9 and 31, and the model's constants."""
+    want = _fcn8s_offsets(*_paper_fcn8s_layers())
+    assert want == (5, 9, 31)
+    model = models.FCN8s
+    assert (model.POOL4_OFFSET, model.POOL3_OFFSET, model.OUTPUT_OFFSET) == want
+
+
+@pytest.mark.parametrize("base_channels", [1, 2, 3, 4, 64])
+def test_fcn8s_built_layers_give_the_model_offsets(base_channels):
+    """The same derivation from the layers the model builds (conv1_1 alone
+    pads by 100, whatever the widths: base_channels=3 gives 3-channel convs)."""
+    model = models.fcn8s(2, base_channels=base_channels)
+    got = _fcn8s_offsets(*_model_fcn8s_layers(model))
+    assert got == (model.POOL4_OFFSET, model.POOL3_OFFSET, model.OUTPUT_OFFSET)
+
+
+def _coordinate_fcn8s(base_channels, score):
+    """An FCN-8s whose layers carry the input's pixel coordinate: channels 0
+    and 1 hold K + r and K - r (identity 3x3 / 7x7 / 1x1 convs at the centre
+    tap; a 2x2 max pool gives K + centre + 1/2 and K - centre + 1/2), the
+    score layer named ``score`` outputs (c0 - c1) / 2 = the input coordinate
+    of its pixel's centre and the other two score layers are zero, the
+    bilinear up-sampling reproduces a linear ramp exactly. Correct crops then
+    give back the input ramp in the interior of the output."""
+    model = models.fcn8s(1, base_channels=base_channels).double().eval()
+    with torch.no_grad():
+        convs = [m for stage in model.stages for m in stage if isinstance(m, torch.nn.Conv2d)]
+        for conv in convs + [model.fc6[0], model.fc7[0]]:
+            conv.weight.zero_()
+            conv.bias.zero_()
+            centre = conv.kernel_size[0] // 2
+            for c in (0, 1):
+                conv.weight[c, c, centre, centre] = 1
+        for name in ("score_fr", "score_pool4", "score_pool3"):
+            layer = getattr(model, name)
+            layer.weight.zero_()
+            layer.bias.zero_()
+            if name == score:
+                layer.weight[0, 0], layer.weight[0, 1] = 0.5, -0.5
+    return model
+
+
+@pytest.mark.parametrize("score", ["score_fr", "score_pool4", "score_pool3"])
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_fcn8s_maps_each_input_pixel_to_the_same_output_pixel(score, axis):
+    """An input carrying its own pixel coordinate comes out unchanged through
+    each of the three score paths: every crop aligns the maps exactly (an
+    offset off by one shifts the ramp by 1, 8 or 16 pixels)."""
+    model = _coordinate_fcn8s(3, score)  # 3: the width that once padded conv1_2 too
+    long, short, K = 192, 96, 1000.0
+    H, W = (short, long) if axis == "x" else (long, short)
+    ramp = torch.arange(long, dtype=torch.float64)
+    ramp = ramp.expand(H, W) if axis == "x" else ramp[:, None].expand(H, W)
+    x = torch.stack([K + ramp, K - ramp, torch.zeros_like(ramp)])[None]
+    with torch.no_grad(), _dispatch.reference_only():  # geometry only: the kernels are tested elsewhere
+        out = model(x)[0, 0]
+    # the interior (pools and up-sampling near the border see the zero padding)
+    rows, cols = slice(H // 2 - 16, H // 2 + 16), slice(W // 2 - 16, W // 2 + 16)
+    if axis == "x":
+        cols = slice(W // 2 - 32, W // 2 + 32)
+    else:
+        rows = slice(H // 2 - 32, H // 2 + 32)
+    torch.testing.assert_close(out[rows, cols], ramp[rows, cols], rtol=0, atol=1e-9)
+
+
 def test_fcn8s_upscore_layers_start_bilinear():
     model = models.fcn8s(3, base_channels=4)
     kernel = segops.nn.init.bilinear_kernel(16)
@@ -154,3 +302,22 @@ def test_compile_unet_forward_and_backward():
     assert_close(out, want, F64)
     for g, w in zip(grads, want_grads):
         assert_close(g, w, F64, name="grad")
+
+
+def test_cpu_benchmark_rows_run_at_tiny_sizes(capsys, monkeypatch):
+    """Smoke test of benchmarks/models.py's CPU rows (converted vs
+    unconverted on the native path): the code runs and gives one record per
+    model and case; no timing is asserted."""
+    pytest.importorskip("torchvision")
+    from segops.benchmarks import models as bench
+    monkeypatch.setattr(bench, "CPU_UNET_WIDTH", 4)
+    cases = [("unet", "train", 2, 16, 2, ("conv", "conv_transpose")),
+             ("deeplabv3_resnet50", "infer", 1, 24, 3, ("atrous_conv",))]
+    records = bench.run_cpu(cases=cases, warmup=0, rep=1)
+    assert [(r.shape.split()[0], r.direction, r.provider) for r in records] == [
+        ("unet", "train", "segops"), ("unet", "train", "eager"),
+        ("deeplabv3_resnet50", "infer", "segops"), ("deeplabv3_resnet50", "infer", "eager")]
+    assert all(r.ms > 0 and r.op == "model-cpu" for r in records)
+    printed = capsys.readouterr().out
+    assert printed.count("converted / unconverted") == 2
+    assert "(23 conv.)" in records[0].shape  # every conv of the U-Net went through segops

@@ -120,5 +120,33 @@ def test_unknown_ops_and_unrevertible_layers():
     with pytest.raises(ValueError, match="unknown ops"):
         segops.convert_model(nn.Conv2d(1, 1, 1), ops=("attention",))
     fused = nn.Sequential(AtrousConv2d(2, 2, 3, activation="relu"))
-    with pytest.raises(ValueError, match="fused activation"):
+    with pytest.raises(segops.ArgumentError, match="fused activation"):
         segops.revert_model(fused)
+
+
+@pytest.mark.parametrize("function", [segops.convert_model, segops.revert_model])
+@pytest.mark.parametrize("model", [None, "resnet50", {"conv": nn.Conv2d(1, 1, 1)},
+                                   [nn.Conv2d(1, 1, 1)], nn.Conv2d])
+def test_a_non_module_is_an_argument_type_error(function, model):
+    """Not an AttributeError from deep inside: an ArgumentTypeError naming
+    the argument (a class, not an instance, is refused too)."""
+    with pytest.raises(segops.ArgumentTypeError, match="model must be a torch.nn.Module"):
+        function(model)
+    with pytest.raises(segops.ArgumentTypeError, match="model"):
+        function(model, inplace=False)
+
+
+def test_ops_and_inplace_are_checked():
+    conv = nn.Sequential(nn.Conv2d(1, 1, 3, dilation=2))
+    with pytest.raises(segops.ArgumentError, match="unknown ops"):
+        segops.convert_model(conv, ops=("conv", "attention"))
+    with pytest.raises(segops.ArgumentTypeError, match="ops"):
+        segops.convert_model(conv, ops=3)
+    with pytest.raises(segops.ArgumentTypeError, match="ops"):
+        segops.convert_model(conv, ops=[None])
+    with pytest.raises(segops.ArgumentTypeError, match="inplace"):
+        segops.convert_model(conv, inplace="no")
+    with pytest.raises(segops.ArgumentTypeError, match="inplace"):
+        segops.revert_model(conv, inplace=None)
+    report = segops.convert_model(conv, ops="atrous_conv")  # one name alone
+    assert type(conv[0]) is AtrousConv2d and len(report) == 1
