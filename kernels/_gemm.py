@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._checks import accumulation_dtype
-from ._layout import next_pow2
+from ._layout import empty, next_pow2
 
 AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
 
@@ -134,6 +134,24 @@ def gemm_weight(w: torch.Tensor, tf32_k_dim: int | None = None) -> torch.Tensor:
     order = (2, 3, 1 - contiguous, contiguous)
     inverse = [order.index(i) for i in range(4)]
     return w.permute(*order).contiguous().permute(*inverse)
+
+
+# NCHW operands are converted to channels_last for the GEMM kernels: with the
+# channel (reduction) axis strided, the operand tiles load as 2-byte scalars and
+# the kernel spills (codegen report, issue 11); one copy is cheaper. The
+# kernels then write a channels_last result that is copied into the NCHW
+# output (a coalesced pass instead of scattered 2-byte stores).
+def channels_last_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, H, W) with its channel axis contiguous (a copy if it is not)."""
+    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+
+
+def channels_last_output(out: torch.Tensor) -> torch.Tensor:
+    """``out`` itself when its channel axis is contiguous, else a channels_last
+    buffer the kernel writes and the launcher copies into ``out``."""
+    if out.stride(1) == 1:
+        return out
+    return empty(out.shape, dtype=out.dtype, device=out.device, memory_format=torch.channels_last)
 
 
 def bias_vector(bias, placeholder):

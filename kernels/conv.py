@@ -40,6 +40,8 @@ from .._geometry import candidate_residue, reached_residues, residue_candidates
 from .._geometry import conv_output_size as output_size
 from ._gemm import (
     bias_vector,
+    channels_last_operand,
+    channels_last_output,
     fill_channels,
     gemm_weight,
     launch,
@@ -478,6 +480,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), groups)
 
     check_grid(grid)
+    x, y, result = channels_last_operand(x), channels_last_output(y), y
     constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, **precision(x))
     w = gemm_weight(w, 1 if constexprs["ALLOW_TF32"] else None)  # K: input channels
     args = (x, w, bias_vector(bias, w), y, N, C_in, H, W, C_out, OH, OW, KH, KW,
@@ -485,7 +488,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
             tune_bucket(M))
     launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device,
            _FORWARD_KEY)
-    return y
+    return result.copy_(y) if y is not result else y
 
 
 def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, groups: int,
@@ -509,8 +512,6 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
         return dx
     res_h = residue_candidates(stride[0], dilation[0], KH)
     res_w = residue_candidates(stride[1], dilation[1], KW)
-    if _has_unreached_residues((H, W), stride, padding, dilation, (KH, KW)):
-        fill_channels(dx, bias)
     M = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
 
     def grid(meta):
@@ -518,15 +519,18 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
                 groups)
 
     check_grid(grid)
+    dy, out = channels_last_operand(dy), channels_last_output(dx)
+    if _has_unreached_residues((H, W), stride, padding, dilation, (KH, KW)):
+        fill_channels(out, bias)
     constexprs = dict(HAS_BIAS=bias is not None, **precision(dy))
     w = gemm_weight(w, 0 if constexprs["ALLOW_TF32"] else None)  # K: output channels
-    args = (dy, w, bias_vector(bias, w), dx, N, C_in, H, W, C_out, OH, OW, KH, KW,
+    args = (dy, w, bias_vector(bias, w), out, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), res_w,
             *(s // math.gcd(s, d) for s, d in zip(stride, dilation)),
-            *dy.stride(), *w.stride(), *dx.stride(), tune_bucket(M))
+            *dy.stride(), *w.stride(), *out.stride(), tune_bucket(M))
     launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device,
            _GRAD_INPUT_KEY)
-    return dx
+    return dx.copy_(out) if out is not dx else dx
 
 
 def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: int, *,
@@ -550,6 +554,7 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     per_split = triton.cdiv(triton.cdiv(pixels, splits), 64) * 64
     splits = triton.cdiv(pixels, per_split)
     partial = empty((splits, C_out_total, C_in, KH, KW), dtype=acc_dtype, device=x.device)
+    x, dy = channels_last_operand(x), channels_last_operand(dy)
 
     def grid(meta):
         return (KH * KW * triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),

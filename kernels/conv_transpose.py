@@ -21,7 +21,17 @@ import triton.language as tl
 from .._format import memory_format_of
 from .._geometry import conv_transpose_output_size as output_size
 from . import conv
-from ._gemm import bias_vector, fill_channels, gemm_weight, launch, mma, precision, tune_bucket
+from ._gemm import (
+    bias_vector,
+    channels_last_operand,
+    channels_last_output,
+    fill_channels,
+    gemm_weight,
+    launch,
+    mma,
+    precision,
+    tune_bucket,
+)
 from ._layout import check_grid, empty
 
 
@@ -115,6 +125,7 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), groups)
 
     check_grid(grid)
+    x, y, result = channels_last_operand(x), channels_last_output(y), y
     constexprs = dict(HAS_BIAS=bias is not None, **precision(x))
     w = gemm_weight(w, 0) if constexprs["ALLOW_TF32"] else w  # K: input channels
     flat = w.stride(1) == KH * KW and w.stride(2) == KW and w.stride(3) == 1
@@ -122,7 +133,7 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
             *x.stride(), *w.stride(), *y.stride(), tune_bucket(M))
     launch(_conv_transpose_k_eq_s_kernel, grid, args, dict(constexprs, FLAT_COLUMNS=flat),
            config, M, cols, C_in, x.device, _KEY)
-    return y
+    return result.copy_(y) if y is not result else y
 
 
 _KEY = ["tune_pixels", "sxc", "C_in", "C_out", "KH", "KW"]
