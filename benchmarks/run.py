@@ -20,10 +20,7 @@ def main(args) -> int:
         print(f"unknown op families {unknown}; choose from {FAMILIES}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
-        from .. import cli
-        print("No CUDA device: benchmarks need a GPU, so no timings or speedups are reported.\n"
-              "Running the kernels' self-check through Triton's interpreter instead.\n")
-        return cli.check()
+        return _without_gpu(families, args)
     torch.backends.cudnn.benchmark = True
     records = []
     for family in families:
@@ -38,3 +35,20 @@ def main(args) -> int:
     if picture:
         print(f"wrote {picture}")
     return 0
+
+
+def _without_gpu(families, args) -> int:
+    """No kernel timings off the GPU: the interpreter self-check, then (with
+    the models family) the CPU rows, a converted model against the
+    unconverted one on the native path (target: within 5%)."""
+    from .. import cli
+    print("No CUDA device: kernel benchmarks need a GPU, so no kernel timings or speedups are "
+          "reported.\nRunning the kernels' self-check through Triton's interpreter instead.\n")
+    code = cli.check()
+    if "models" in families:
+        from . import models
+        print("\n== models on this CPU (native path): converted / unconverted", flush=True)
+        records = models.run_cpu(args.quick)
+        harness.add_speedups(records)
+        print(harness.format_table(records))
+    return code

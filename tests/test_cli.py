@@ -159,3 +159,19 @@ def test_models_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     assert {(r.provider, r.direction) for r in records} == {
         (p, d) for p in ("segops", "eager") for d in ("train", "infer")}
     assert all(r.items_per_s == 2e3 for r in records)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_bench_without_gpu_runs_the_self_check_and_the_cpu_model_rows(monkeypatch, capsys):
+    from segops.benchmarks import models
+    calls = []
+    monkeypatch.setattr(cli, "check", lambda: calls.append("check") or 0)
+    monkeypatch.setattr(models, "run_cpu", lambda quick: calls.append(("cpu", quick)) or [
+        harness.Record("model-cpu", "tiny", "float32", "infer", "segops", ms=1.0),
+        harness.Record("model-cpu", "tiny", "float32", "infer", "eager", ms=1.0)])
+    assert cli.main(["bench", "--ops", "models", "--quick"]) == 0
+    assert calls == ["check", ("cpu", True)]
+    assert "model-cpu" in capsys.readouterr().out
+    calls.clear()
+    assert cli.main(["bench", "--ops", "conv"]) == 0
+    assert calls == ["check"]
