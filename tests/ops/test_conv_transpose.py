@@ -383,3 +383,14 @@ def test_huge_stride_launches_only_reached_residues():
 def test_weight_that_is_not_a_tensor():
     with pytest.raises(_checks.ArgumentTypeError, match="weight must be a torch.Tensor"):
         segops.ops.conv_transpose2d(torch.randn(1, 3, 4, 4, device=DEVICE), None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16/fp16/TF32 tensor-core paths run on the GPU; the "
+                    "interpreter covers the grid in float64 and the dtypes on fixed cases")
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16", "tf32"])
+@pytest.mark.parametrize("case", CASES[:12], ids=[f"case{i}" for i in range(12)])
+def test_geometry_grid_in_gpu_dtypes(case, dtype_name, monkeypatch):
+    """The random geometry grid in the dtypes users run (tensor cores)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype_name]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype_name == "tf32")
+    check_against_f(case, dtype, 3e-3 if dtype_name == "tf32" else RTOL[dtype])
