@@ -32,8 +32,8 @@ import triton.language as tl
 from .._format import memory_format_of
 from ._layout import empty, next_pow2
 
-# adaptive sample counts are capped here before the int cast
-_MAX_GRID = tl.constexpr(float(1 << 30))
+# adaptive sample counts from here up do not fit torchvision's int: no samples
+_INT32_LIMIT = tl.constexpr(float(1 << 31))
 
 
 # --------------------------------------------------------------------------
@@ -46,6 +46,15 @@ def _level_geometry(table_ptr, lvl):
     row = table_ptr + lvl * 8
     return (tl.load(row + 0), tl.load(row + 1).to(tl.int32), tl.load(row + 2).to(tl.int32),
             tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6))
+
+
+@triton.jit
+def _adaptive_grid(roi_size, bins):
+    """ceil(roi_size / bins) samples per bin, 0 when that is <= 0, NaN or past
+    int32 (torchvision's int overflows there and pools nothing)."""
+    grid = tl.ceil(roi_size / bins)
+    grid = tl.where((grid > 0.0) & (grid < _INT32_LIMIT), grid, 0.0)
+    return grid.to(tl.int32)
 
 
 @triton.jit
@@ -62,7 +71,8 @@ def _roi_geometry(rois_ptr, k, scale, N, PH, PW, sampling_ratio,
     y2 = tl.load(roi + 4)
     inf = float("inf")
     valid = (tl.abs(x1) < inf) & (tl.abs(y1) < inf) & (tl.abs(x2) < inf) & (tl.abs(y2) < inf)
-    valid = valid & (b >= 0) & (b < N)
+    # the index is truncated toward zero as torchvision does: (-1, N) is valid
+    valid = valid & (b > -1.0) & (b < N)
     n = tl.where(valid, b, 0.0).to(tl.int32)
     x_start = x1 * scale
     y_start = y1 * scale
@@ -80,10 +90,8 @@ def _roi_geometry(rois_ptr, k, scale, N, PH, PW, sampling_ratio,
         roi_h = tl.maximum(roi_h, 1.0)
     bin_h = roi_h / PH
     bin_w = roi_w / PW
-    adaptive_h = tl.ceil(tl.minimum(tl.where(valid, roi_h, 0.0) / PH, _MAX_GRID))
-    adaptive_w = tl.ceil(tl.minimum(tl.where(valid, roi_w, 0.0) / PW, _MAX_GRID))
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.maximum(adaptive_h, 0.0).to(tl.int32))
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.maximum(adaptive_w, 0.0).to(tl.int32))
+    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, _adaptive_grid(roi_h, PH))
+    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, _adaptive_grid(roi_w, PW))
     grid_h = tl.where(valid, grid_h, 0)
     grid_w = tl.where(valid, grid_w, 0)
     return n, y_start, x_start, bin_h, bin_w, grid_h, grid_w
@@ -152,7 +160,8 @@ def _scatter_bilinear(plane, g, y, x, H, W, stride_h, stride_w, mask, ACC: tl.co
 def _argmax_sample(plane, y_start, x_start, bin_h, bin_w, ph, pw, grid_h, grid_w, H, W,
                    stride_h, stride_w, mask, SHAPE_LIKE, ACC: tl.constexpr):
     """Max pooling: the first sample with the largest value, as its raw
-    coordinates (y, x), per lane of ``mask``'s shape."""
+    coordinates (y, x), per lane of ``mask``'s shape. NaN propagates as in
+    torch's max pooling: the first NaN sample wins (and gets the gradient)."""
     best = tl.full(SHAPE_LIKE.shape, float("-inf"), ACC)
     best_y = tl.zeros(SHAPE_LIKE.shape, ACC)
     best_x = tl.zeros(SHAPE_LIKE.shape, ACC)
@@ -161,7 +170,8 @@ def _argmax_sample(plane, y_start, x_start, bin_h, bin_w, ph, pw, grid_h, grid_w
         for ix in range(0, grid_w):
             x = _sample_coord(x_start, pw, bin_w, ix, grid_w, ACC)
             val = _bilinear(plane, y, x, H, W, stride_h, stride_w, mask, ACC)
-            better = val > best
+            # the first sample always counts (all samples may be -inf)
+            better = (val > best) | ((val != val) & (best == best)) | (iy + ix == 0)
             best = tl.where(better, val, best)
             best_y = tl.where(better, y, best_y)
             best_x = tl.where(better, x, best_x)
@@ -276,9 +286,12 @@ def _roi_align_bwd_atomic_kernel(
 # deterministic backward: gather per input tile
 # --------------------------------------------------------------------------
 @triton.jit
-def _rows_touched(lo, hi, length, first, last):
-    """Whether samples with coordinates in [lo, hi] can touch the pixels
-    first..last along an axis of ``length`` (conservative by one pixel)."""
+def _rows_touched(a, b, length, first, last):
+    """Whether samples with coordinates between a and b (either order: bins of
+    reversed boxes have negative sizes) can touch the pixels first..last
+    along an axis of ``length`` (conservative by one pixel)."""
+    lo = tl.minimum(a, b)
+    hi = tl.maximum(a, b)
     top = length.to(lo.dtype) - 1.0
     touched_lo = tl.minimum(tl.floor(tl.maximum(lo, 0.0)), top) - 1.0
     touched_hi = tl.minimum(tl.floor(tl.maximum(hi, 0.0)) + 1.0, top) + 1.0

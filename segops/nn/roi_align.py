@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
+from .._checks import ArgumentError
 from ..ops.roi_align import multi_scale_roi_align, roi_align
+
+# graph leaves for torch.fx.symbolic_trace (as torchvision's ops)
+torch.fx.wrap("roi_align")
+torch.fx.wrap("multi_scale_roi_align")
 
 
 class RoIAlign(nn.Module):
@@ -28,12 +34,22 @@ class RoIAlign(nn.Module):
 
     def forward(self, input: Tensor, rois) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale,
-                             self.sampling_ratio, self.aligned, pool_mode=self.pool_mode)
+                         self.sampling_ratio, self.aligned, pool_mode=self.pool_mode)
 
     def extra_repr(self) -> str:
+        # torchvision's repr, then the options torchvision does not have
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, "
-                f"pool_mode={self.pool_mode!r}")
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+                + _extras(pool_mode=self.pool_mode))
+
+
+_DEFAULTS = {"aligned": False, "pool_mode": "avg"}
+
+
+def _extras(**options) -> str:
+    """", name=value" for each segops-only option that is not its default."""
+    return "".join(f", {name}={value!r}" for name, value in options.items()
+                   if value != _DEFAULTS[name])
 
 
 def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
@@ -41,6 +57,19 @@ def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
     power of 2 (taken from the height)."""
     approx = float(feature.shape[-2]) / float(original_size[0])
     return 2.0 ** round(math.log2(approx))
+
+
+@torch.fx.wrap
+def _filter_features(x: dict[str, Tensor], featmap_names: list[str]) -> list[Tensor]:
+    """The maps of ``x`` named in ``featmap_names``, in ``x``'s order (a
+    torch.fx leaf: a traced ``x`` is one Proxy)."""
+    return [v for k, v in x.items() if k in featmap_names]
+
+
+@torch.fx.wrap
+def _setup_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
+    """MultiScaleRoIAlign.setup_scales as a torch.fx leaf (it needs sizes)."""
+    return MultiScaleRoIAlign.setup_scales(features, image_shapes)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -53,7 +82,9 @@ class MultiScaleRoIAlign(nn.Module):
 
     The maps named in ``featmap_names`` are used in ``x``'s order. Scales are
     inferred on the first call from the largest image size and kept, as
-    torchvision does. ``aligned=True`` gives Detectron2's ROIAlignV2;
+    torchvision does, and so are its level rules: maps need not be one level
+    apart, and a box whose level matches no map (past the last one, or NaN
+    for a box reversed along one axis) gives zeros. ``aligned=True`` gives Detectron2's ROIAlignV2;
     ``pool_mode='max'`` mmcv's max pooling.
     """
 
@@ -74,22 +105,27 @@ class MultiScaleRoIAlign(nn.Module):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if self.scales is None:
-            self.scales = self.setup_scales(features, image_shapes)
+        features = _filter_features(x, self.featmap_names)
+        scales = self.scales
+        if scales is None:
+            scales = _setup_scales(features, image_shapes)
+            if not isinstance(scales, torch.fx.Proxy):  # traced: recomputed by the graph
+                self.scales = scales
         return multi_scale_roi_align(
-            features, boxes, self.output_size, self.scales, self.sampling_ratio,
+            features, boxes, self.output_size, scales, self.sampling_ratio,
             canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
             aligned=self.aligned, pool_mode=self.pool_mode)
 
     @staticmethod
     def setup_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
         if not image_shapes:
-            raise ValueError("image_shapes is empty: pass the (height, width) of each image")
+            raise ArgumentError("image_shapes is empty: pass the (height, width) of each "
+                                "image")
         original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
         return [infer_scale(f, original) for f in features]
 
     def extra_repr(self) -> str:
+        # torchvision's repr, then the options torchvision does not have
         return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, "
-                f"pool_mode={self.pool_mode!r}")
+                f"sampling_ratio={self.sampling_ratio}"
+                + _extras(aligned=self.aligned, pool_mode=self.pool_mode))

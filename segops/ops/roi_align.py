@@ -18,18 +18,36 @@ Conventions (torchvision's ``roi_align``)
   <= 0`` (per RoI).
 * ``aligned=False``: box corners are scaled as is and RoIs are at least 1x1;
   ``aligned=True``: shifted by half a pixel (pixel centres at +0.5, Detectron2's
-  ROIAlignV2), no minimum size.
+  ROIAlignV2), no minimum size. A reversed box (x2 < x1 or y2 < y1) then
+  has negative bin sizes: with ``sampling_ratio > 0`` it is sampled as
+  torchvision does, with adaptive sampling its bins are empty.
 * Samples with y < -1, y > H, x < -1 or x > W contribute 0; others are clamped
   into the map. Empty bins (possible with ``aligned=True`` and degenerate
-  boxes) give 0 in both modes.
+  boxes) give 0 in both modes, as does an adaptive sample count past int32
+  (e.g. ``spatial_scale=1e30``; torchvision's int overflows there).
+* Max pooling: NaN propagates, as in torch's max pooling. A bin with a NaN
+  sample is NaN and its gradient goes to its first NaN sample's neighbours;
+  otherwise to the first largest sample's.
 * A box with a NaN or infinite coordinate gives zeros and no gradient
-  (torchvision's kernels are undefined there).
+  (torchvision's kernels are undefined there). Batch indices are truncated
+  toward zero as torchvision does (so -0.5 pools image 0); one that does not
+  truncate into [0, N) gives zeros and no gradient (``validate_args=True``,
+  the default, refuses non-integral or out-of-range indices instead).
 * Under ``torch.use_deterministic_algorithms(True)`` the backward runs a
   gather kernel without atomics: bit-identical results, memory O(input +
   output).
+
+Paths (``segops._dispatch``): the Triton kernels on CUDA (and on CPU under
+``TRITON_INTERPRET=1``); elsewhere torchvision's own ``roi_align`` kernels
+(forward and backward) for average pooling when torchvision is installed,
+per level and on the RoIs that pool anything (the others are zeros, so
+NaN boxes and bad indices never reach it), in float32 for fp16/bf16
+features; the pure-PyTorch reference otherwise (max pooling, no
+torchvision) or inside ``segops.reference_only()``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -37,8 +55,10 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._checks import (FLOAT_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
+                       check_choice, check_int, check_number, check_same_device, check_tensor,
+                       int_pair)
 from .._format import memory_format_of
-from .._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
 from ..reference import roi_align as reference
 
 POOL_MODES = ("avg", "max")
@@ -60,6 +80,8 @@ def _roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
             aligned, pool_mode)
     if _dispatch.uses_kernel(features[0]):
         return _kernels().roi_align_forward(*args)
+    if _native_applies(features[0], pool_mode, deterministic=False):
+        return _native_forward(*args[:-1])
     return reference.roi_align(*args).contiguous(memory_format=memory_format_of(features[0]))
 
 
@@ -81,6 +103,8 @@ def _roi_align_backward(grad: Tensor, features: list[Tensor], rois: Tensor,
         if deterministic:
             return _kernels().roi_align_backward_deterministic(*args)
         return _kernels().roi_align_backward_atomic(*args)
+    if _native_applies(features[0], pool_mode, deterministic):
+        return _native_backward(*args[:-1])
     grads = reference.roi_align_backward(*args)
     return [g.contiguous(memory_format=memory_format_of(f)) for g, f in zip(grads, features)]
 
@@ -112,6 +136,100 @@ _roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup_con
 
 
 # --------------------------------------------------------------------------
+# native path: torchvision's kernels, off the GPU
+# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _torchvision_ops():
+    """torch.ops.torchvision when torchvision's compiled RoIAlign ops are
+    installed, else None."""
+    try:
+        import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+    except ImportError:
+        return None
+    ops = torch.ops.torchvision
+    try:
+        ops.roi_align, ops._roi_align_backward
+    except (AttributeError, RuntimeError):
+        return None
+    return ops
+
+
+def _native_applies(x: Tensor, pool_mode: str, deterministic: bool) -> bool:
+    """torchvision has average pooling only; its kernels on devices other
+    than the CPU use atomics in the backward."""
+    return (_dispatch.uses_native(x) and pool_mode == "avg" and _torchvision_ops() is not None
+            and (x.device.type == "cpu" or not deterministic))
+
+
+def _native_rows(features, rois, levels, scales, pooled, sampling_ratio, aligned):
+    """[(level, rows)]: the RoIs each level pools with torchvision: those
+    that pool anything in segops' rules (finite box and scaled box, batch
+    index truncating into [0, N), a matched level, an adaptive sample count
+    in [1, 2^31)); rows is None for all K RoIs. The others stay zeros:
+    torchvision would read out of bounds or throw on them."""
+    batch = rois[:, 0]
+    pools = torch.isfinite(rois).all(1) & (batch > -1) & (batch < features[0].shape[0])
+    offset = 0.5 if aligned else 0.0
+    groups = []
+    for level, (f, scale) in enumerate(zip(features, scales)):
+        if 0 in f.shape[2:]:
+            continue
+        ok = pools if levels is None else pools & (levels == level)
+        corners = rois[:, 1:] * scale - offset
+        ok = ok & torch.isfinite(corners).all(1)
+        if sampling_ratio <= 0:
+            for size, bins in ((corners[:, 2] - corners[:, 0], pooled[1]),
+                               (corners[:, 3] - corners[:, 1], pooled[0])):
+                grid = torch.ceil((size if aligned else size.clamp(min=1.0)) / bins)
+                ok = ok & (grid > 0) & (grid < 2 ** 31)
+        rows = None if levels is None and bool(ok.all()) else torch.nonzero(ok).flatten()
+        groups.append((level, rows))
+    return groups
+
+
+def _native_forward(features, rois, levels, scales, pooled_height, pooled_width,
+                    sampling_ratio, aligned) -> Tensor:
+    """torchvision's RoIAlign forward per level, in the accumulation dtype."""
+    x = features[0]
+    acc = accumulation_dtype(x.dtype)
+    rois = rois.to(acc)
+    fmt = memory_format_of(x)
+    shape = (rois.shape[0], x.shape[1], pooled_height, pooled_width)
+    groups = _native_rows(features, rois, levels, scales, shape[2:], sampling_ratio, aligned)
+    if math.prod(shape) == 0 or not groups:
+        return x.new_zeros(shape).contiguous(memory_format=fmt)
+    results = [(rows, _torchvision_ops().roi_align(
+        features[level].to(acc), rois if rows is None else rois[rows], scales[level],
+        pooled_height, pooled_width, sampling_ratio, aligned)) for level, rows in groups]
+    if results[0][0] is None:  # one level, every RoI: torchvision's output as it is
+        return results[0][1].to(x.dtype).contiguous(memory_format=fmt)
+    out = x.new_zeros(shape).contiguous(memory_format=fmt)
+    for rows, result in results:
+        out[rows] = result.to(x.dtype)
+    return out
+
+
+def _native_backward(grad, features, rois, levels, scales, pooled_height, pooled_width,
+                     sampling_ratio, aligned) -> list[Tensor]:
+    """torchvision's RoIAlign backward per level, in the accumulation dtype."""
+    acc = accumulation_dtype(features[0].dtype)
+    rois, grad = rois.to(acc), grad.to(acc)
+    grads = [None] * len(features)
+    pooled = (pooled_height, pooled_width)
+    groups = _native_rows(features, rois, levels, scales, pooled, sampling_ratio, aligned)
+    for level, rows in groups if grad.numel() else ():
+        if rows is not None and rows.numel() == 0:
+            continue
+        N, C, H, W = features[level].shape
+        grads[level] = _torchvision_ops()._roi_align_backward(
+            grad if rows is None else grad[rows], rois if rows is None else rois[rows],
+            scales[level], pooled_height, pooled_width, N, C, H, W, sampling_ratio, aligned)
+    return [torch.zeros_like(f, memory_format=memory_format_of(f)) if g is None
+            else g.to(f.dtype).contiguous(memory_format=memory_format_of(f))
+            for g, f in zip(grads, features)]
+
+
+# --------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------
 def _check_features(name: str, features: Sequence[Tensor]) -> None:
@@ -119,36 +237,37 @@ def _check_features(name: str, features: Sequence[Tensor]) -> None:
         label = name if len(features) == 1 else f"{name}[{i}]"
         check_tensor(label, f, dims=(4,), dtypes=FLOAT_DTYPES)
         if f.dtype != features[0].dtype:
-            raise TypeError(f"{label} has dtype {f.dtype}, {name}[0] has {features[0].dtype}")
+            raise ArgumentTypeError(f"{label} has dtype {f.dtype}, {name}[0] has "
+                                    f"{features[0].dtype}")
         if f.shape[:2] != features[0].shape[:2]:
-            raise ValueError(f"{label} has (N, C) = {tuple(f.shape[:2])}, {name}[0] has "
-                             f"{tuple(features[0].shape[:2])}")
+            raise ArgumentError(f"{label} has (N, C) = {tuple(f.shape[:2])}, {name}[0] has "
+                                f"{tuple(features[0].shape[:2])}")
         check_same_device(**{f"{name}[0]": features[0], label: f})
 
 
 def _check_box_dtype(name: str, t: Tensor) -> None:
     if t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold real coordinates, got {t.dtype}")
+        raise ArgumentTypeError(f"{name} must hold real coordinates, got {t.dtype}")
 
 
 def _as_rois(boxes) -> Tensor:
     """(K, 5) rois from a Tensor[K, 5] or a list of Tensor[L_i, 4]."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError("boxes as a tensor must have shape (K, 5) = (batch index, x1, y1, "
-                             f"x2, y2) per row, got {tuple(boxes.shape)}")
+            raise ArgumentError("boxes as a tensor must have shape (K, 5) = (batch index, x1, "
+                                f"y1, x2, y2) per row, got {tuple(boxes.shape)}")
         _check_box_dtype("boxes", boxes)
         return boxes
     if not isinstance(boxes, (list, tuple)):
-        raise TypeError("boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got "
-                        f"{type(boxes).__name__}")
+        raise ArgumentTypeError("boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got "
+                                f"{type(boxes).__name__}")
     if not boxes:
-        raise ValueError("boxes is an empty list: pass one Tensor[L, 4] per image")
+        raise ArgumentError("boxes is an empty list: pass one Tensor[L, 4] per image")
     for i, b in enumerate(boxes):
         check_tensor(f"boxes[{i}]", b)
         if b.dim() != 2 or b.shape[1] != 4:
-            raise ValueError(f"boxes[{i}] must have shape (L, 4) = (x1, y1, x2, y2) per row, "
-                             f"got {tuple(b.shape)}")
+            raise ArgumentError(f"boxes[{i}] must have shape (L, 4) = (x1, y1, x2, y2) per "
+                                f"row, got {tuple(b.shape)}")
         _check_box_dtype(f"boxes[{i}]", b)
         check_same_device(**{"boxes[0]": boxes[0], f"boxes[{i}]": b})
     dtype = boxes[0].dtype if boxes[0].is_floating_point() else torch.float32
@@ -158,45 +277,30 @@ def _as_rois(boxes) -> Tensor:
 
 
 def _check_batch_indices(rois: Tensor, N: int) -> None:
-    """Batch indices integral and in [0, N) (reads the values: one sync)."""
+    """Batch indices integral and in [0, N). On CUDA a device-side assert
+    (no host sync); elsewhere reading them is free and the error is clear."""
     index = rois[:, 0]
     bad = ~torch.isfinite(index) | (index != torch.floor(index)) | (index < 0) | (index >= N)
+    if index.is_cuda:
+        torch._assert_async(~bad.any(), "segops roi_align: boxes hold a batch index that is "
+                            f"not an integer in [0, N) = [0, {N})")
+        return
     if bool(bad.any()):
         value = index[bad][0].item()
-        raise ValueError(f"boxes hold batch index {value}: batch indices must be integers in "
-                         f"[0, N) = [0, {N})")
-
-
-def _pair(name: str, value) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    for v in value:
-        if v <= 0:
-            raise ValueError(f"{name} must be positive, got {tuple(value)}")
-    return int(value[0]), int(value[1])
-
-
-def _check_scale(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return float(value)
+        raise ArgumentError(f"boxes hold batch index {value}: batch indices must be integers "
+                            f"in [0, N) = [0, {N})")
 
 
 def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_args):
     _check_features("input", features)
     rois = _as_rois(boxes)
     check_same_device(input=features[0], boxes=rois)
-    pooled = _pair("output_size", output_size)
-    check_int("sampling_ratio", sampling_ratio)
+    pooled = int_pair("output_size", output_size, 1)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     check_choice("pool_mode", pool_mode, POOL_MODES)
     if validate_args and not torch.compiler.is_compiling():
         _check_batch_indices(rois, features[0].shape[0])
-    return rois, pooled
+    return rois, pooled, sampling_ratio
 
 
 # --------------------------------------------------------------------------
@@ -212,27 +316,50 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
         boxes: ``Tensor[K, 5]`` (batch index, x1, y1, x2, y2) or a list of N
             ``Tensor[L_i, 4]`` (x1, y1, x2, y2).
         output_size: ``PH`` or ``(PH, PW)`` bins per RoI.
-        spatial_scale: feature-map size / image size (e.g. 1/16).
+        spatial_scale: feature-map size / image size (e.g. 1/16), >= 0.
         sampling_ratio: samples per bin and axis; ``<= 0`` is adaptive.
         aligned: shift boxes by -0.5 pixel (see the module docstring).
         pool_mode: ``'avg'`` (torchvision) or ``'max'`` (mmcv's max mode:
-            the largest bilinear sample of each bin; the gradient goes to
-            that sample's four neighbours).
-        validate_args: check that batch indices are integers in [0, N); this
-            reads them (one device sync). Without it a bad index gives zeros.
+            the largest bilinear sample of each bin, NaN if any is NaN; the
+            gradient goes to that sample's four neighbours).
+        validate_args: check that batch indices are integers in [0, N): a
+            clear error on the CPU, a device-side assert on CUDA (no sync).
+            Without it an index is truncated toward zero as in torchvision,
+            and one outside [0, N) then gives zeros.
     Returns:
         ``(K, C, PH, PW)`` in the input's dtype and memory format.
     """
-    spatial_scale = _check_scale("spatial_scale", spatial_scale)
-    rois, (ph, pw) = _prepare([input], boxes, output_size, sampling_ratio, pool_mode,
-                              validate_args)
+    spatial_scale = check_number("spatial_scale", spatial_scale, minimum=0)
+    rois, (ph, pw), sampling_ratio = _prepare([input], boxes, output_size, sampling_ratio,
+                                              pool_mode, validate_args)
     return _roi_align([input], rois, None, [spatial_scale], ph, pw, sampling_ratio,
                       bool(aligned), pool_mode)
 
 
 def level_range(scales: Sequence[float]) -> tuple[int, int]:
-    """(k_min, k_max): the FPN levels of the first and last scale (2^-k)."""
+    """(k_min, k_max): the FPN levels of the first and last scale, as
+    torchvision's: int(-log2(scale)), truncated toward zero (so a scale that
+    is not a power of 2 takes the level above it in size)."""
     return int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+
+
+def _assign_levels(rois: Tensor, scales: list[float], canonical_scale: float,
+                   canonical_level: int) -> tuple[Tensor, Tensor]:
+    """(rois, levels) for several feature maps, torchvision's rule: each box
+    gets LevelMapper's level in [0, k_max - k_min] and is pooled on
+    ``features[level]`` by position. A box whose level matches no map (the
+    level is past the list when the maps are not one level apart, or NaN:
+    a box with x2 < x1 or y2 < y1 but not both) pools zeros in torchvision:
+    its batch index becomes -1, so every path pools nothing for it, and its
+    level 0 keeps the table lookup in range."""
+    if not rois.is_floating_point():
+        rois = rois.float()
+    k_min, k_max = level_range(scales)
+    levels = reference.map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
+    matched = (levels >= 0) & (levels < len(scales))
+    batch = torch.where(matched, rois[:, 0], -1.0)
+    rois = torch.cat([batch[:, None], rois[:, 1:]], dim=1)
+    return rois, torch.where(matched, levels, 0)
 
 
 def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tensor],
@@ -240,37 +367,48 @@ def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tenso
                           sampling_ratio: int = -1, *, canonical_scale: float = 224,
                           canonical_level: int = 4, aligned: bool = False,
                           pool_mode: str = "avg", validate_args: bool = True) -> Tensor:
-    """RoIAlign of each box on its FPN level, every level in one kernel launch.
+    """RoIAlign of each box on its FPN level, every level in one kernel launch,
+    with torchvision's MultiScaleRoIAlign's numbers.
 
     The level of a box is torchvision's (FPN eq. 1): floor(canonical_level +
-    log2(sqrt(area) / canonical_scale) + 1e-6), clamped to the levels of
-    ``scales`` (areas in image coordinates).
+    log2(sqrt(area) / canonical_scale) + 1e-6), clamped to [k_min, k_max]
+    with k = int(-log2(scale)) of ``scales[0]`` and ``scales[-1]``, minus
+    k_min; the box is pooled on ``features[level]`` with ``scales[level]``.
+    Maps need not be one level apart: as in torchvision, a box whose level
+    index is past the last map gives zeros, and so does a box with x2 < x1
+    or y2 < y1 (but not both: its area is negative, its level NaN). With one
+    map every box is pooled on it (no level mapping).
 
     Args:
         features: L maps ``(N, C, H_l, W_l)``, finest first, same N, C, dtype.
         boxes: as in :func:`roi_align`.
-        scales: L spatial scales, powers of 2 (e.g. 1/4, 1/8, 1/16, 1/32).
+        scales: L positive spatial scales, normally powers of 2 (e.g. 1/4,
+            1/8, 1/16, 1/32).
     Returns:
         ``(K, C, PH, PW)`` in ``features[0]``'s dtype and memory format.
     """
+    if isinstance(features, Tensor) or not isinstance(features, Sequence):
+        raise ArgumentTypeError(f"features must be a list of tensors, got "
+                                f"{type(features).__name__}")
     features = list(features)
     if not features:
-        raise ValueError("features is empty: pass at least one feature map")
+        raise ArgumentError("features is empty: pass at least one feature map")
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):
+        raise ArgumentTypeError(f"scales must be a list of numbers, got {type(scales).__name__}")
     if len(scales) != len(features):
-        raise ValueError(f"got {len(scales)} scales for {len(features)} feature maps")
-    scales = [_check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
-    rois, (ph, pw) = _prepare(features, boxes, output_size, sampling_ratio, pool_mode,
-                              validate_args)
+        raise ArgumentError(f"got {len(scales)} scales for {len(features)} feature maps")
+    scales = [check_number(f"scales[{i}]", s, positive=True) for i, s in enumerate(scales)]
+    canonical_scale = check_number("canonical_scale", canonical_scale, positive=True)
+    canonical_level = check_int("canonical_level", canonical_level)
+    rois, (ph, pw), sampling_ratio = _prepare(features, boxes, output_size, sampling_ratio,
+                                              pool_mode, validate_args)
     levels = None
     if len(features) > 1:
-        k_min, k_max = level_range(scales)
-        if k_max - k_min + 1 != len(features):
-            raise ValueError(f"scales {scales} must be consecutive powers of 2 (one level "
-                             "apart), finest first, like an FPN's")
-        levels = reference.map_levels(rois[:, 1:], k_min, k_max, canonical_scale,
-                                      canonical_level)
-        # a box with a non-finite area maps to no level: keep it in range
-        # (it pools zeros anyway)
-        levels = levels.clamp(0, len(features) - 1)
+        rois, levels = _assign_levels(rois, scales, canonical_scale, canonical_level)
     return _roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, bool(aligned),
                       pool_mode)
+
+
+# graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)
+torch.fx.wrap("roi_align")
+torch.fx.wrap("multi_scale_roi_align")

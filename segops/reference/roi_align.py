@@ -27,8 +27,8 @@ def _sample_axis(start: Tensor, size: Tensor, bins: int, grid: int) -> Tensor:
     """Sample coordinates along one axis, shape (bins, grid), with
     torchvision's operation order: start + p*bin + (i + .5)*bin/grid."""
     bin_size = size / bins
-    p = torch.arange(bins, dtype=start.dtype).view(bins, 1)
-    i = torch.arange(grid, dtype=start.dtype).view(1, grid)
+    p = torch.arange(bins, dtype=start.dtype, device=start.device).view(bins, 1)
+    i = torch.arange(grid, dtype=start.dtype, device=start.device).view(1, grid)
     return start + p * bin_size + (i + 0.5) * bin_size / grid
 
 
@@ -37,7 +37,8 @@ def _bilinear_axis(coord: Tensor, length: int):
     indices, their weights and whether the coordinate is inside [-1, length]
     (torchvision's bounds: samples further out contribute 0)."""
     inside = (coord >= -1.0) & (coord <= length)
-    c = coord.clamp(min=0)
+    # clamp (and drop NaN) before the int cast: far-away samples would overflow it
+    c = torch.where(inside, coord, 0.0).clamp(min=0)
     low = c.floor().long()
     at_edge = low >= length - 1
     low = torch.where(at_edge, torch.full_like(low, length - 1), low)
@@ -61,7 +62,18 @@ def _sample_bilinear(plane: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
              + hy[:, None] * lx[None, :] * corner(y0, x1)
              + ly[:, None] * hx[None, :] * corner(y1, x0)
              + ly[:, None] * lx[None, :] * corner(y1, x1))
-    return value * (in_y[:, None] & in_x[None, :])
+    # where, not a product: out-of-bounds samples read clamped pixels, which
+    # may be NaN or inf
+    return torch.where(in_y[:, None] & in_x[None, :], value, 0.0)
+
+
+def _adaptive_grid(size: float, bins: int) -> int:
+    """ceil(size / bins) samples per bin; 0 when that is <= 0, NaN or past
+    int32 (torchvision's int overflows there and pools nothing)."""
+    grid = size / bins
+    if not math.isfinite(grid) or math.ceil(grid) >= 2 ** 31:
+        return 0
+    return max(math.ceil(grid), 0)
 
 
 def _sample_grid(roi: Tensor, scale: float, pooled: tuple[int, int], sampling_ratio: int,
@@ -75,8 +87,8 @@ def _sample_grid(roi: Tensor, scale: float, pooled: tuple[int, int], sampling_ra
     width, height = x2 - x1, y2 - y1
     if not aligned:
         width, height = width.clamp(min=1.0), height.clamp(min=1.0)
-    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(height.item() / PH)
-    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(width.item() / PW)
+    grid_h = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(height.item(), PH)
+    grid_w = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(width.item(), PW)
     if grid_h <= 0 or grid_w <= 0 or 0 in tuple(map_hw):
         return None
     return _sample_axis(y1, height, PH, grid_h), _sample_axis(x1, width, PW, grid_w)
@@ -95,19 +107,28 @@ def _pool_one(plane: Tensor, roi: Tensor, scale: float, pooled: tuple[int, int],
     samples = _sample_bilinear(plane, ys, xs).reshape(C, PH, grid_h, PW, grid_w)
     samples = samples.permute(0, 1, 3, 2, 4).reshape(C, PH, PW, grid_h * grid_w)
     if pool_mode == "max":
-        # first maximum, like the kernels' strict '>' update
-        return samples.max(dim=-1).values
+        return _first_max(samples)[0]
     return samples.sum(dim=-1) / (grid_h * grid_w)
+
+
+def _first_max(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the max over the last dim: the first largest
+    sample, or the first NaN if there is one (NaN propagates)."""
+    nan = torch.isnan(samples)
+    first_nan = nan.to(torch.uint8).argmax(dim=-1)
+    first_max = torch.where(nan, -math.inf, samples).argmax(dim=-1)
+    index = torch.where(nan.any(dim=-1), first_nan, first_max)
+    return samples.gather(-1, index.unsqueeze(-1)).squeeze(-1), index
 
 
 def _pooled_rois(rois: Tensor, levels: Tensor | None, N: int):
     """(k, level, image, box (x1, y1, x2, y2)) for each RoI that pools
-    anything: finite coordinates and a batch index in [0, N) (truncated to
-    an int as torchvision does); the others pool zeros."""
+    anything: finite coordinates and a batch index that truncates (toward
+    zero, as torchvision does) into [0, N); the others pool zeros."""
     for k in range(rois.shape[0]):
         roi = rois[k]
         batch = roi[0].item()
-        if bool(torch.isfinite(roi).all()) and 0 <= batch < N:
+        if bool(torch.isfinite(roi).all()) and -1 < batch < N:
             yield k, 0 if levels is None else int(levels[k]), int(batch), roi[1:]
 
 
@@ -167,15 +188,15 @@ def _unpool_one(grad: Tensor, plane: Tensor, roi: Tensor, scale: float, sampling
     # max: the whole gradient of a bin goes to its first largest sample
     samples = _sample_bilinear(plane, ys.reshape(-1), xs.reshape(-1))
     samples = samples.reshape(C, PH, grid_h, PW, grid_w).permute(0, 1, 3, 2, 4)
-    best = samples.reshape(C, PH, PW, grid_h * grid_w).max(dim=-1).indices
-    ph = torch.arange(PH).view(1, PH, 1)
-    pw = torch.arange(PW).view(1, 1, PW)
+    best = _first_max(samples.reshape(C, PH, PW, grid_h * grid_w))[1]
+    ph = torch.arange(PH, device=grad.device).view(1, PH, 1)
+    pw = torch.arange(PW, device=grad.device).view(1, 1, PW)
     y = ys[ph, best // grid_w]
     x = xs[pw, best % grid_w]
     y0, y1_, hy, ly, in_y = _bilinear_axis(y, H)
     x0, x1_, hx, lx, in_x = _bilinear_axis(x, W)
     g = grad * (in_y & in_x)
-    c = torch.arange(C).view(C, 1, 1).expand_as(y0)
+    c = torch.arange(C, device=grad.device).view(C, 1, 1).expand_as(y0)
     out = torch.zeros_like(plane)
     for yi, xi, w in ((y0, x0, hy * hx), (y0, x1_, hy * lx), (y1_, x0, ly * hx),
                       (y1_, x1_, ly * lx)):
@@ -192,7 +213,7 @@ def roi_align_backward(grad: Tensor, features: list[Tensor], rois: Tensor,
     acc = coordinate_dtype(features[0].dtype)
     rois = rois.to(acc)
     grad = grad.to(acc)
-    grads = [torch.zeros(f.shape, dtype=acc) for f in features]
+    grads = [torch.zeros(f.shape, dtype=acc, device=f.device) for f in features]
     for k, level, batch, box in _pooled_rois(rois, levels, features[0].shape[0]):
         plane = features[level][batch].to(acc)
         grads[level][batch] += _unpool_one(grad[k], plane, box, scales[level], sampling_ratio,
@@ -204,9 +225,12 @@ def map_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 2
                canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
     """FPN level of each (x1, y1, x2, y2) box (Lin et al., eq. 1), as
     torchvision's LevelMapper: floor(canonical_level + log2(sqrt(area) /
-    canonical_scale) + eps) clamped to [k_min, k_max], minus k_min (int64)."""
+    canonical_scale) + eps) clamped to [k_min, k_max], minus k_min (int64).
+    A box with a NaN level (negative area: x2 < x1 or y2 < y1, but not both)
+    gets -1, a level no feature map has (torchvision pools it nowhere)."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     s = torch.sqrt(area)
     level = torch.floor(canonical_level + torch.log2(s / canonical_scale)
                         + torch.tensor(eps, dtype=s.dtype))
-    return (torch.clamp(level, min=k_min, max=k_max).to(torch.int64) - k_min)
+    level = torch.clamp(level, min=k_min, max=k_max) - k_min
+    return torch.where(torch.isnan(level), -1.0, level).to(torch.int64)

@@ -2,7 +2,10 @@
 branch), both backward paths, multi-level pooling, dtypes, layouts, edges,
 errors, opcheck, compile and autocast."""
 import collections
+import contextlib
+import importlib
 
+import numpy as np
 import pytest
 import torch
 from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
@@ -14,6 +17,7 @@ from segops.ops.roi_align import _as_rois
 from segops.reference import roi_align as ref
 
 torchvision = pytest.importorskip("torchvision")
+ops_module = importlib.import_module("segops.ops.roi_align")  # segops.ops.roi_align: the function
 
 F64 = RTOL[torch.float64]
 
@@ -53,6 +57,57 @@ def kernel_and_reference(features, rois, levels, scales, pooled, sampling_ratio,
     determ = kernels.roi_align_backward_deterministic(grad.to(DEVICE), *args)
     want_grad = ref.roi_align_backward(grad, *cpu_args)
     return out, want, atomic, determ, want_grad
+
+
+class Launches:
+    """Stands in for a Triton kernel object and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """{name: Launches} for the three RoIAlign kernels, patched in place."""
+    names = ("_roi_align_fwd_kernel", "_roi_align_bwd_atomic_kernel",
+             "_roi_align_bwd_deterministic_kernel")
+    recorded = {}
+    for name in names:
+        recorded[name] = Launches(getattr(kernels, name))
+        monkeypatch.setattr(kernels, name, recorded[name])
+    return recorded
+
+
+@contextlib.contextmanager
+def deterministic(enabled=True):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+# the three ways an op can run off the GPU; "kernel" is CUDA or the interpreter
+PATHS = ["kernel", "native", "reference"]
+
+
+def on_path(path):
+    """A context that runs the ops on ``path`` (the kernel path is the
+    default here: CUDA or TRITON_INTERPRET)."""
+    if path == "native":
+        return _dispatch.native_only()
+    if path == "reference":
+        return _dispatch.reference_only()
+    return contextlib.nullcontext()
+
+
+def path_device(path):
+    return DEVICE if path == "kernel" else torch.device("cpu")
 
 
 def check_all(out, want, atomic, determ, want_grad, tol):
@@ -204,17 +259,15 @@ def test_multi_scale_one_level_and_names_filter():
 # --------------------------------------------------------------------------
 # determinism
 # --------------------------------------------------------------------------
-def test_deterministic_mode_is_bit_identical():
+def test_deterministic_mode_is_bit_identical(launches):
     x = torch.randn(2, 4, 8, 8, dtype=KERNEL_DTYPES[0], device=DEVICE, requires_grad=True)
     rois = make_rois(8, 2, 8, 8).to(DEVICE)
     grad = torch.randn(8, 4, 2, 2, dtype=x.dtype, device=DEVICE)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         runs = [torch.autograd.grad(segops.ops.roi_align(x, rois, 2, 1.0, 2), x, grad)[0]
                 for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    assert launches["_roi_align_bwd_deterministic_kernel"].count == 2
+    assert launches["_roi_align_bwd_atomic_kernel"].count == 0
     assert torch.equal(runs[0], runs[1])
     want = ref.roi_align_backward(grad.cpu(), [x.detach().cpu()], rois.cpu(), None, [1.0], 2, 2,
                                   2, False, "avg")[0]
@@ -294,14 +347,17 @@ def test_kernel_path_gradcheck():
     assert torch.autograd.gradcheck(lambda t: segops.ops.roi_align(t, rois, 2, 1.0, 1), (x,))
 
 
-def test_opcheck():
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    rois = make_rois(3, 2, 5, 4, seed_kinds=False).to(DEVICE)
+@pytest.mark.parametrize("path", ["kernel", "native"])
+def test_opcheck(path):
+    device = path_device(path)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    rois = make_rois(3, 2, 5, 4, seed_kinds=False).to(device)
     options = ([1.0], 2, 2, 2, False, "avg")
-    torch.library.opcheck(torch.ops.segops.roi_align.default, ([x], rois, None, *options))
-    grad = torch.randn(3, 3, 2, 2, dtype=torch.float64, device=DEVICE)
-    torch.library.opcheck(torch.ops.segops.roi_align_backward.default,
-                          (grad, [x.detach()], rois, None, *options, True))
+    grad = torch.randn(3, 3, 2, 2, dtype=torch.float64, device=device)
+    with on_path(path):
+        torch.library.opcheck(torch.ops.segops.roi_align.default, ([x], rois, None, *options))
+        torch.library.opcheck(torch.ops.segops.roi_align_backward.default,
+                              (grad, [x.detach()], rois, None, *options, True))
 
 
 class _BoxHead(torch.nn.Module):
@@ -347,7 +403,8 @@ def test_autocast_keeps_input_dtype():
 
 def test_module_repr_and_state():
     m = segops.nn.RoIAlign((7, 7), 0.25, 2, aligned=True)
-    assert "aligned=True" in repr(m) and m.state_dict() == {}
+    assert repr(m) == repr(torchvision.ops.RoIAlign((7, 7), 0.25, 2, aligned=True))
+    assert m.state_dict() == {}
     x = torch.randn(1, 2, 8, 8, device=DEVICE, dtype=KERNEL_DTYPES[0])
     rois = make_rois(2, 1, 32, 32, seed_kinds=False).to(DEVICE, KERNEL_DTYPES[0])
     want = torchvision.ops.RoIAlign((7, 7), 0.25, 2, aligned=True)(x, rois)
@@ -362,30 +419,34 @@ def _x():
 
 
 BAD_CALLS = [
-    ("boxes as a tensor must have shape", ValueError, lambda: ((_x(), torch.zeros(3, 4)), {})),
-    ("must have shape \\(L, 4\\)", ValueError, lambda: ((_x(), [torch.zeros(3, 5)]), {})),
-    ("empty list", ValueError, lambda: ((_x(), []), {})),
-    ("must be a Tensor\\[K, 5\\]", TypeError, lambda: ((_x(), "boxes"), {})),
-    ("batch index 2.0", ValueError,
+    ("boxes as a tensor must have shape", segops.ArgumentError,
+     lambda: ((_x(), torch.zeros(3, 4)), {})),
+    ("must have shape \\(L, 4\\)", segops.ArgumentError,
+     lambda: ((_x(), [torch.zeros(3, 5)]), {})),
+    ("empty list", segops.ArgumentError, lambda: ((_x(), []), {})),
+    ("must be a Tensor\\[K, 5\\]", segops.ArgumentTypeError,
+     lambda: ((_x(), "boxes"), {})),
+    ("batch index 2.0", segops.ArgumentError,
      lambda: ((_x(), torch.tensor([[2.0, 0, 0, 1, 1]])), {})),
-    ("batch index 0.5", ValueError,
+    ("batch index 0.5", segops.ArgumentError,
      lambda: ((_x(), torch.tensor([[0.5, 0, 0, 1, 1]])), {})),
-    ("batch index nan", ValueError,
+    ("batch index nan", segops.ArgumentError,
      lambda: ((_x(), torch.tensor([[float("nan"), 0, 0, 1, 1]])), {})),
-    ("real coordinates", TypeError, lambda: ((_x(), torch.zeros(1, 5, dtype=torch.bool)), {})),
-    ("spatial_scale must be finite and >= 0", ValueError,
+    ("real coordinates", segops.ArgumentTypeError,
+     lambda: ((_x(), torch.zeros(1, 5, dtype=torch.bool)), {})),
+    ("spatial_scale must be >= 0", segops.ArgumentError,
      lambda: ((_x(), torch.zeros(1, 5)), {"spatial_scale": -1.0})),
-    ("output_size must be positive", ValueError,
+    ("output_size must be positive", segops.ArgumentError,
      lambda: ((_x(), torch.zeros(1, 5)), {"output_size": (0, 2)})),
-    ("output_size must be an int or a pair", TypeError,
+    ("output_size must be an int or a pair", segops.ArgumentTypeError,
      lambda: ((_x(), torch.zeros(1, 5)), {"output_size": 2.5})),
-    ("sampling_ratio must be an int", TypeError,
+    ("sampling_ratio must be an int", segops.ArgumentTypeError,
      lambda: ((_x(), torch.zeros(1, 5)), {"sampling_ratio": 1.5})),
-    ("pool_mode must be one of", ValueError,
+    ("pool_mode must be one of", segops.ArgumentError,
      lambda: ((_x(), torch.zeros(1, 5)), {"pool_mode": "sum"})),
-    ("input must have 4 dimensions", ValueError,
+    ("input must have 4 dimensions", segops.ArgumentError,
      lambda: ((torch.randn(3, 5, 5), torch.zeros(1, 5)), {})),
-    ("input must have dtype", TypeError,
+    ("input must have dtype", segops.ArgumentTypeError,
      lambda: ((torch.zeros(1, 2, 3, 3, dtype=torch.int32), torch.zeros(1, 5)), {})),
 ]
 
@@ -403,11 +464,16 @@ def test_bad_input_errors(match, error, make):
 def test_bad_multi_scale_input_errors():
     features, boxes, _ = fpn_case()
     maps = list(features.values())
-    with pytest.raises(ValueError, match="consecutive powers of 2"):
-        segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, [1 / 4, 1 / 16])
-    with pytest.raises(ValueError, match="2 scales for 4"):
+    with pytest.raises(segops.ArgumentError, match="2 scales for 4"):
         segops.ops.multi_scale_roi_align(maps, boxes, 2, [1 / 4, 1 / 8])
-    with pytest.raises(TypeError, match="dtype"):
+    for bad in (0, 0.0, -0.25):
+        with pytest.raises(segops.ArgumentError, match=r"scales\[1\] must be > 0"):
+            segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, [1 / 4, bad])
+    with pytest.raises(segops.ArgumentError, match=r"scales\[0\] must be finite"):
+        segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, [float("nan"), 1 / 8])
+    with pytest.raises(segops.ArgumentTypeError, match=r"scales\[0\] must be a number"):
+        segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, ["1/4", 1 / 8])
+    with pytest.raises(segops.ArgumentTypeError, match="dtype"):
         segops.ops.multi_scale_roi_align([maps[0], maps[1].float()], boxes, 2, [1 / 4, 1 / 8])
     with pytest.raises(ValueError, match="image_shapes is empty"):
         segops.nn.MultiScaleRoIAlign(["p0"], 2, 2)(features, boxes, [])
@@ -437,3 +503,474 @@ def test_offsets_past_2_to_the_31():
     local[:, 1:] -= side - 8
     want = ref.roi_align([corner.double()], local, None, [1.0], 2, 2, 2, False, "avg")
     assert_close(out, want, RTOL[torch.bfloat16])
+
+
+# --------------------------------------------------------------------------
+# reversed and degenerate boxes (negative and zero bin sizes)
+# --------------------------------------------------------------------------
+# (x1, y1, x2, y2) in a 10x11 map (two 8x8 tiles of the deterministic kernel
+# per axis, which the boxes cross): x reversed, y reversed, both, zero-size,
+# zero width, and a normal box for contrast
+ODD_BOXES = [[9.5, 1.0, 1.2, 9.0], [1.0, 9.2, 10.0, 0.7], [10.0, 9.5, 0.5, 1.5],
+             [8.5, 2.5, 8.5, 2.5], [3.0, 0.5, 3.0, 9.5], [0.5, 1.0, 9.0, 9.0]]
+
+
+def odd_rois(dtype=torch.float64):
+    boxes = torch.tensor(ODD_BOXES, dtype=torch.float64)
+    batch = torch.arange(len(ODD_BOXES), dtype=torch.float64)[:, None] % 2
+    return torch.cat([batch, boxes], 1).to(dtype)
+
+
+def torchvision_rows(rois, sampling_ratio, aligned):
+    """Rows torchvision's CPU kernel accepts: with aligned adaptive sampling
+    it throws on a box reversed along one axis only."""
+    if not aligned or sampling_ratio > 0:
+        return torch.arange(rois.shape[0])
+    reversed_x = rois[:, 3] < rois[:, 1]
+    reversed_y = rois[:, 4] < rois[:, 2]
+    return torch.nonzero(reversed_x == reversed_y).flatten()
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["legacy", "aligned"])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
+def test_reversed_and_degenerate_boxes(aligned, sampling_ratio, launches):
+    """Forward and both backward kernels against the reference, and the op
+    (atomic and deterministic backward) against torchvision itself."""
+    x = torch.randn(2, 3, 10, 11, dtype=torch.float64)
+    rois = odd_rois()
+    results = kernel_and_reference([x.to(DEVICE)], rois.to(DEVICE), None, [1.0], (2, 3),
+                                   sampling_ratio, aligned, "avg")
+    check_all(*results, F64)
+
+    rows = torchvision_rows(rois, sampling_ratio, aligned)
+    xt = x.clone().requires_grad_()
+    want = torchvision.ops.roi_align(xt, rois[rows], (2, 3), 1.0, sampling_ratio, aligned)
+    grad = torch.randn(rois.shape[0], 3, 2, 3, dtype=torch.float64)
+    (want_grad,) = torch.autograd.grad(want, xt, grad[rows])
+    xd = x.to(DEVICE).requires_grad_()
+    for determ in (False, True):
+        with deterministic(determ):
+            out = segops.ops.roi_align(xd, rois.to(DEVICE), (2, 3), 1.0, sampling_ratio, aligned)
+            (got_grad,) = torch.autograd.grad(out, xd, grad.to(DEVICE))
+        assert_close(out[rows.to(DEVICE)], want, F64)
+        assert_close(got_grad, want_grad, F64, name=f"grad, deterministic={determ}")
+    assert launches["_roi_align_bwd_deterministic_kernel"].count == 2  # helper + op
+    assert launches["_roi_align_bwd_atomic_kernel"].count == 2
+
+    # the native path keeps torchvision away from the rows it throws on
+    xn = x.clone().requires_grad_()
+    with _dispatch.native_only():
+        out = segops.ops.roi_align(xn, rois, (2, 3), 1.0, sampling_ratio, aligned)
+        (got_grad,) = torch.autograd.grad(out, xn, grad)
+    assert_close(out[rows], want, F64)
+    assert_close(out, results[1], F64, name="native vs reference")
+    assert_close(got_grad, want_grad, F64, name="native grad")
+
+
+# --------------------------------------------------------------------------
+# multi-scale: maps not one level apart, boxes with no level
+# --------------------------------------------------------------------------
+def sparse_pyramid_case():
+    """torchvision's MultiScaleRoIAlign docstring example: maps at 1/8 and
+    1/32 of a 512x512 image (levels 3 and 5; level 4 is missing), with boxes
+    on every level index (0, 1 and 2, which matches no map), boxes reversed
+    along one axis (NaN level) and along both (positive area)."""
+    features = collections.OrderedDict([
+        ("feat1", torch.randn(2, 3, 64, 64, dtype=torch.float64)),
+        ("feat2", torch.randn(2, 3, 32, 32, dtype=torch.float64)),  # not pooled
+        ("feat3", torch.randn(2, 3, 16, 16, dtype=torch.float64)),
+    ])
+    boxes = [torch.tensor([[10.0, 20.0, 60.0, 70.0],      # small: level 3 -> index 0
+                           [0.0, 0.0, 300.0, 260.0],      # level 4 -> index 1 (feat3)
+                           [5.0, 5.0, 500.0, 510.0],      # level 5 -> index 2: zeros
+                           [200.0, 20.0, 40.0, 300.0],    # x reversed: NaN level, zeros
+                           [300.0, 400.0, 100.0, 90.0]],  # both reversed: pooled
+                          dtype=torch.float64),
+             torch.tensor([[100.0, 120.0, 130.0, 400.0], [30.0, 300.0, 31.0, 100.0]],
+                          dtype=torch.float64)]
+    return features, boxes, [(512, 512), (500, 480)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_multi_scale_levels_not_one_apart(path, launches):
+    device = path_device(path)
+    features, boxes, shapes = sparse_pyramid_case()
+    names = ["feat1", "feat3"]
+    leaves = {k: v.clone().requires_grad_() for k, v in features.items()}
+    want = torchvision.ops.MultiScaleRoIAlign(names, 3, 2)(leaves, boxes, shapes)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [leaves[n] for n in names], grad)
+    assert torch.equal(want[[2, 3]], torch.zeros_like(want[[2, 3]]))
+    assert want[[0, 1, 4]].abs().amin(dim=(1, 2, 3)).gt(0).all()  # pooled, on both maps
+
+    ours = {k: v.to(device).requires_grad_() for k, v in features.items()}
+    module = segops.nn.MultiScaleRoIAlign(names, 3, 2)
+    for determ in (False, True):
+        with on_path(path), deterministic(determ):
+            out = module(ours, [b.to(device) for b in boxes], shapes)
+            got_grads = torch.autograd.grad(out, [ours[n] for n in names], grad.to(device))
+        assert_close(out, want, F64)
+        for level, (g, w) in enumerate(zip(got_grads, want_grads)):
+            assert_close(g, w, F64, name=f"grad, level {level}, deterministic={determ}")
+    if path == "kernel":  # one launch for all levels, each direction
+        assert launches["_roi_align_fwd_kernel"].count == 2
+        assert launches["_roi_align_bwd_atomic_kernel"].count == 1
+        assert launches["_roi_align_bwd_deterministic_kernel"].count == 1
+
+
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_multi_scale_unmatched_boxes_on_both_backward_kernels(pool_mode):
+    """The rois/levels the op builds for a sparse pyramid, through the kernels
+    and the reference directly: unmatched boxes pool nothing on any path."""
+    features, boxes, _ = sparse_pyramid_case()
+    maps = [features["feat1"], features["feat3"]]
+    rois, levels = ops_module._assign_levels(_as_rois(boxes), [1 / 8, 1 / 32], 224, 4)
+    assert rois[[2, 3], 0].eq(-1).all() and levels.lt(2).all()
+    results = kernel_and_reference([m.to(DEVICE) for m in maps], rois.to(DEVICE),
+                                   levels.to(DEVICE), [1 / 8, 1 / 32], (2, 2), 2, False,
+                                   pool_mode)
+    check_all(*results, F64)
+    assert torch.equal(results[1][[2, 3]], torch.zeros_like(results[1][[2, 3]]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_multi_scale_scales_not_powers_of_two(path):
+    """Scales 0.3 and 0.1: levels int(-log2 s) = 1 and 3, as torchvision's
+    LevelMapper (truncation); boxes on level index 2 match no map."""
+    from torchvision.ops import poolers
+
+    device = path_device(path)
+    maps = [torch.randn(1, 2, 29, 29, dtype=torch.float64),
+            torch.randn(1, 2, 10, 10, dtype=torch.float64)]
+    boxes = [torch.tensor([[1.0, 2.0, 9.0, 12.0], [3.0, 3.0, 40.0, 50.0],
+                           [0.0, 0.0, 95.0, 90.0]], dtype=torch.float64)]
+    scales = [0.3, 0.1]
+    mapper = poolers.LevelMapper(1, 3, canonical_scale=32, canonical_level=2)
+    assert mapper(boxes).tolist() == [0, 1, 2]
+    want = poolers._multiscale_roi_align(maps, boxes, (2, 2), 2, scales, mapper)
+    with on_path(path):
+        out = segops.ops.multi_scale_roi_align([m.to(device) for m in maps],
+                                               [b.to(device) for b in boxes], 2, scales, 2,
+                                               canonical_scale=32, canonical_level=2)
+    assert_close(out, want, F64)
+
+
+def test_multi_scale_one_map_pools_reversed_boxes():
+    """One map: no level mapping (torchvision calls roi_align directly), so a
+    box reversed along one axis is pooled, not dropped."""
+    features, boxes, shapes = sparse_pyramid_case()
+    want = torchvision.ops.MultiScaleRoIAlign(["feat2"], 2, 2)(features, boxes, shapes)
+    ours = {k: v.to(DEVICE) for k, v in features.items()}
+    out = segops.nn.MultiScaleRoIAlign(["feat2"], 2, 2)(ours, [b.to(DEVICE) for b in boxes],
+                                                        shapes)
+    assert_close(out, want, F64)
+    assert want[3].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------
+# max pooling: NaN propagates
+# --------------------------------------------------------------------------
+def _nan_case():
+    """4x4 maps; one RoI, one bin, samples at (1, 1), (1, 3), (3, 1), (3, 3)
+    (integers: each reads one pixel with weight 1). Channel 0 has NaN at
+    pixels (3, 3) and (1, 1): the bin is NaN and its gradient goes to (1, 1),
+    the first NaN sample. Channel 1 is -inf at samples' pixels... no: channel
+    1 is finite, its max at (3, 1)."""
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    x[0, 0, 3, 3] = float("nan")
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1] = torch.arange(16, dtype=torch.float64).view(4, 4) * 0.1
+    x[0, 1, 3, 1] = 5.0
+    rois = torch.tensor([[0, 0.0, 0.0, 4.0, 4.0]], dtype=torch.float64)
+    return x, rois
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_max_pool_nan_propagates(path):
+    x, rois = _nan_case()
+    device = path_device(path)
+    xd = x.to(device).requires_grad_()
+    with on_path(path):
+        out = segops.ops.roi_align(xd, rois.to(device), 1, 1.0, 2, pool_mode="max")
+        for determ in (False, True):
+            with deterministic(determ):
+                (grad,) = torch.autograd.grad(out, xd, torch.full_like(out, 2.0),
+                                              retain_graph=True)
+            want = torch.zeros_like(x)
+            want[0, 0, 1, 1] = 2.0
+            want[0, 1, 3, 1] = 2.0
+            assert torch.equal(grad.cpu(), want), f"deterministic={determ}"
+    assert torch.isnan(out[0, 0, 0, 0]) and out[0, 1, 0, 0].item() == 5.0
+
+
+def test_max_pool_all_minus_inf_bin_gradient_to_first_sample():
+    """A bin whose samples are all -inf: the output is -inf and the gradient
+    goes to the first sample (at (1.25, 1.25): fractional, so its four
+    weights are all non-zero and no 0 * inf NaN appears)."""
+    x = torch.full((1, 1, 4, 4), -float("inf"), dtype=torch.float64)
+    rois = torch.tensor([[0, 0.5, 0.5, 3.5, 3.5]], dtype=torch.float64)
+    results = kernel_and_reference([x.to(DEVICE)], rois.to(DEVICE), None, [1.0], (1, 1), 2,
+                                   False, "max", grad=torch.ones(1, 1, 1, 1, dtype=torch.float64))
+    check_all(*results, F64)
+    want = torch.zeros(4, 4, dtype=torch.float64)
+    want[1:3, 1:3] = torch.tensor([[0.75 * 0.75, 0.75 * 0.25], [0.25 * 0.75, 0.25 * 0.25]])
+    assert torch.equal(results[4][0][0, 0], want)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_max_pool_nan_kernels_match_reference(layout):
+    """Random maps with NaN pixels, every kind of box: forward (NaN in the
+    same places) and both backward kernels against the reference."""
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    x.view(-1)[torch.randperm(x.numel())[:6]] = float("nan")
+    x[:, :, 2:4, 3] = float("nan")
+    x = like_layout(x, layout).to(DEVICE)
+    rois = make_rois(8, 2, 6, 8).to(DEVICE)
+    results = kernel_and_reference([x], rois, None, [1.0], (2, 2), 2, True, "max")
+    check_all(*results, F64)
+    assert torch.isnan(results[1]).any() and not torch.isnan(results[1]).all()
+
+
+# --------------------------------------------------------------------------
+# far boxes, huge scales, fractional batch indices
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_far_boxes_and_huge_scale_match_torchvision(path, sampling_ratio, dtype):
+    """A box at 1e30 and spatial_scale=1e30 pool zeros, as in torchvision
+    (the adaptive count for 1e30 is past int32: no samples)."""
+    device = path_device(path)
+    x = torch.randn(1, 2, 5, 6, dtype=dtype)
+    cases = [(torch.tensor([[0, 1e30, 1e30, 1e30 + 5, 1e30 + 5], [0, 1.0, 1.0, 4.0, 3.0],
+                            [0, 0.0, 0.0, 1e30, 1e30]], dtype=dtype), 1.0),
+             (torch.tensor([[0, 0.0, 0.0, 1.0, 1.0], [0, -1e30, 0.0, 1.0, 1.0]],
+                           dtype=dtype), 1e30)]
+    for rois, scale in cases:
+        xt = x.clone().requires_grad_()
+        want = torchvision.ops.roi_align(xt, rois, 2, scale, sampling_ratio)
+        (want_grad,) = torch.autograd.grad(want.sum(), xt)
+        xd = x.to(device).requires_grad_()
+        with on_path(path):
+            out = segops.ops.roi_align(xd, rois.to(device), 2, scale, sampling_ratio)
+            (grad,) = torch.autograd.grad(out.sum(), xd)
+        assert_close(out, want, RTOL[dtype])
+        assert_close(grad, want_grad, RTOL[dtype], name="grad")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fractional_batch_indices_truncate_like_torchvision(path):
+    """validate_args=False: indices are truncated toward zero (-0.5 -> 0,
+    1.9 -> 1); one that truncates outside [0, N) pools zeros (torchvision
+    reads out of bounds there, so it is left out of the comparison)."""
+    device = path_device(path)
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    rois = torch.tensor([[-0.5, 0.5, 1.0, 4.0, 3.5], [0.7, 1.0, 0.0, 5.0, 4.0],
+                         [1.9, 0.0, 1.5, 3.0, 4.5], [2.0, 0.0, 0.0, 3.0, 3.0],
+                         [-1.0, 0.0, 0.0, 3.0, 3.0]], dtype=torch.float64)
+    xt = x.clone().requires_grad_()
+    want = torchvision.ops.roi_align(xt, rois[:3], 2, 1.0, 2)
+    grad = torch.randn(5, 2, 2, 2, dtype=torch.float64)
+    (want_grad,) = torch.autograd.grad(want, xt, grad[:3])
+    xd = x.to(device).requires_grad_()
+    with on_path(path):
+        out = segops.ops.roi_align(xd, rois.to(device), 2, 1.0, 2, validate_args=False)
+        for determ in (False, True):
+            with deterministic(determ):
+                (got,) = torch.autograd.grad(out, xd, grad.to(device), retain_graph=True)
+            assert_close(got, want_grad, F64, name=f"grad, deterministic={determ}")
+    assert_close(out[:3], want, F64)
+    assert torch.equal(out[3:].cpu(), torch.zeros(2, 2, 2, 2, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------
+# non-contiguous views of every tensor argument
+# --------------------------------------------------------------------------
+def input_view(x, view):
+    """x's values as a non-contiguous view."""
+    if view == "stride2":
+        return like_layout(x, "strided")
+    if view == "transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    N, C, H, W = x.shape
+    fmt = torch.channels_last if view == "channel_slice_cl" else torch.contiguous_format
+    wide = torch.randn(N, C + 3, H, W, dtype=x.dtype).contiguous(memory_format=fmt)
+    wide[:, 2:2 + C] = x
+    return wide[:, 2:2 + C]
+
+
+@pytest.mark.parametrize("view", ["stride2", "transposed", "channel_slice", "channel_slice_cl"])
+def test_non_contiguous_views(view):
+    """Input, boxes (a strided Tensor[K, 5], a list of strided Tensor[L, 4])
+    and the incoming gradient as non-contiguous views: forward, both backward
+    kernels and the op against torchvision."""
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    xv = input_view(x, view).to(DEVICE)
+    assert not xv.is_contiguous() and torch.equal(xv.cpu(), x)
+    rois = make_rois(8, 2, 6, 5)
+    rois_view = like_layout(rois, "strided").to(DEVICE)
+    grad = torch.randn(8, 3, 2, 2, dtype=torch.float64)
+    grad_view = grad.transpose(2, 3).contiguous().transpose(2, 3).to(DEVICE)
+    assert not rois_view.is_contiguous() and not grad_view.is_contiguous()
+    results = kernel_and_reference([xv], rois_view, None, [1.0], (2, 2), 2, True, "avg",
+                                   grad=grad_view)
+    check_all(*results, F64)
+
+    per_image = [like_layout(rois[rois[:, 0] == i, 1:], "strided").to(DEVICE) for i in (0, 1)]
+    order = torch.argsort(rois[:, 0], stable=True)
+    xt = x.clone().requires_grad_()
+    want = torchvision.ops.roi_align(xt, rois[order], 2, 1.0, 2, True)
+    (want_grad,) = torch.autograd.grad(want, xt, grad[order])
+    leaf = xv.detach().requires_grad_()
+    for determ in (False, True):
+        with deterministic(determ):
+            out = segops.ops.roi_align(leaf, per_image, 2, 1.0, 2, True)
+            (got,) = torch.autograd.grad(out, leaf, grad_view[order.to(DEVICE)])
+        assert_close(out, want, F64)
+        assert_close(got, want_grad, F64, name=f"grad, deterministic={determ}")
+
+
+# --------------------------------------------------------------------------
+# native path (off the GPU without the interpreter)
+# --------------------------------------------------------------------------
+class TorchvisionCalls:
+    """Stands in for torch.ops.torchvision and counts RoIAlign calls."""
+
+    def __init__(self, ops):
+        self.ops, self.forward, self.backward = ops, 0, 0
+
+    def roi_align(self, *args):
+        self.forward += 1
+        return self.ops.roi_align(*args)
+
+    def _roi_align_backward(self, *args):
+        self.backward += 1
+        return self.ops._roi_align_backward(*args)
+
+
+@pytest.fixture
+def tv_calls(monkeypatch):
+    calls = TorchvisionCalls(ops_module._torchvision_ops())
+    monkeypatch.setattr(ops_module, "_torchvision_ops", lambda: calls)
+    return calls
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["legacy", "aligned"])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_native_path_runs_torchvision(aligned, sampling_ratio, layout, tv_calls):
+    x = like_layout(torch.randn(2, 3, 7, 9, dtype=torch.float64), layout).requires_grad_()
+    rois = make_rois(9, 2, 7, 9, scale=0.5)
+    with _dispatch.native_only(), deterministic(sampling_ratio > 0):
+        out = segops.ops.roi_align(x, rois, (2, 3), 0.5, sampling_ratio, aligned)
+        grad = torch.randn(out.shape, dtype=torch.float64)
+        (got,) = torch.autograd.grad(out, x, grad)
+    assert (tv_calls.forward, tv_calls.backward) == (1, 1)
+    assert out.is_contiguous(memory_format=memory_format(layout))
+    assert got.is_contiguous(memory_format=memory_format(layout))
+    xt = x.detach().clone().requires_grad_()
+    want = torchvision.ops.roi_align(xt, rois, (2, 3), 0.5, sampling_ratio, aligned)
+    (want_grad,) = torch.autograd.grad(want, xt, grad)
+    assert torch.equal(out, want) and torch.equal(got, want_grad)
+
+
+def memory_format(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_native_path_half_dtypes_in_float32(dtype, tv_calls):
+    """fp16/bf16 (torchvision's CPU kernel has no bf16) run torchvision in
+    float32 coordinates and sums, like the kernels."""
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64).to(dtype).requires_grad_()
+    rois = make_rois(8, 2, 6, 8)
+    with _dispatch.native_only():
+        out = segops.ops.roi_align(x, rois, 2, 1.0, 2)
+        grad = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+        (got,) = torch.autograd.grad(out, x, grad)
+    assert tv_calls.forward == 1 and out.dtype == got.dtype == dtype
+    cpu = ([x.detach().double()], rois.float(), None, [1.0], 2, 2, 2, False, "avg")
+    assert_close(out, ref.roi_align(*cpu), RTOL[dtype])
+    assert_close(got, ref.roi_align_backward(grad.double(), *cpu)[0], RTOL[dtype], name="grad")
+
+
+@pytest.mark.parametrize("case", ["max_pool", "nan_box", "bad_index", "overflowing_box"])
+def test_native_path_falls_back_or_skips_to_reference_answer(case, tv_calls):
+    """Max pooling runs the reference; NaN boxes, out-of-range indices and
+    boxes whose scaled corners overflow float32 are kept away from
+    torchvision (zeros, as the reference gives)."""
+    dtype = torch.float32 if case == "overflowing_box" else torch.float64
+    x = torch.randn(2, 3, 6, 8, dtype=dtype, requires_grad=True)
+    rois = make_rois(8, 2, 6, 8, dtype=dtype)
+    scale = 1.0
+    if case == "overflowing_box":
+        rois[4, 3:] = 1e10
+        scale = 1e30
+    mode = "max" if case == "max_pool" else "avg"
+    if case == "nan_box":
+        rois[3, 2] = float("nan")
+    if case == "bad_index":
+        rois[2, 0], rois[5, 0] = 2.0, -3.0
+    with _dispatch.native_only():
+        out = segops.ops.roi_align(x, rois, 2, scale, 2, pool_mode=mode, validate_args=False)
+        grad = torch.randn(out.shape, dtype=dtype)
+        (got,) = torch.autograd.grad(out, x, grad)
+    assert tv_calls.forward == (0 if case == "max_pool" else 1)
+    cpu = ([x.detach()], rois, None, [scale], 2, 2, 2, False, mode)
+    assert_close(out, ref.roi_align(*cpu), RTOL[dtype])
+    assert_close(got, ref.roi_align_backward(grad, *cpu)[0], RTOL[dtype], name="grad")
+
+
+def test_native_path_empty_map_and_zero_rois(tv_calls):
+    """torchvision crashes on a 0-row map: the native path never calls it
+    there; zero RoIs give an empty output."""
+    with _dispatch.native_only():
+        x = torch.randn(1, 2, 0, 5, dtype=torch.float64, requires_grad=True)
+        out = segops.ops.roi_align(x, torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]]), 2, 1.0, 2)
+        out.sum().backward()
+        empty = segops.ops.roi_align(torch.randn(1, 2, 4, 4), torch.zeros(0, 5), 2)
+    assert torch.equal(out, torch.zeros(1, 2, 2, 2, dtype=torch.float64))
+    assert x.grad.shape == x.shape and empty.shape == (0, 2, 2, 2)
+    assert tv_calls.forward == 0
+
+
+# --------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("output_size", [np.int64(2), (2,), (np.int32(2), 3), [2, 3]],
+                         ids=["numpy int", "1-tuple", "numpy pair", "list"])
+def test_output_size_forms_like_torchvision(output_size):
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE)
+    rois = make_rois(2, 1, 5, 5, seed_kinds=False).to(DEVICE)
+    out = segops.ops.roi_align(x, rois, output_size, 1.0, 2)
+    size = tuple(int(v) for v in np.atleast_1d(output_size))
+    size = size * 2 if len(size) == 1 else size
+    assert_close(out, torchvision.ops.roi_align(x, rois, size, 1.0, 2), F64)
+
+
+def test_batch_index_check_stays_on_cpu_error():
+    """validate_args on the CPU: an ArgumentError naming the bad index."""
+    with pytest.raises(segops.ArgumentError, match="batch index -1.0"):
+        segops.ops.roi_align(torch.randn(1, 1, 4, 4), torch.tensor([[-1.0, 0, 0, 2, 2]]), 2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host-device syncs exist only with a GPU")
+def test_batch_index_check_does_not_sync_on_cuda():
+    rois = torch.tensor([[0.0, 0, 0, 2, 2], [1.0, 1, 1, 3, 3]], device="cuda")
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops_module._check_batch_indices(rois, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+def test_multi_scale_module_repr_matches_torchvision():
+    names = ["p0", "p1"]
+    m = segops.nn.MultiScaleRoIAlign(names, 7, 2)
+    assert repr(m) == repr(torchvision.ops.MultiScaleRoIAlign(names, 7, 2))
+    extra = segops.nn.MultiScaleRoIAlign(names, (7, 7), 2, aligned=True, pool_mode="max")
+    assert repr(extra) == repr(m)[:-1] + ", aligned=True, pool_mode='max')"
+    single = segops.nn.RoIAlign(7, 0.5, -1, pool_mode="max")
+    assert repr(single) == repr(torchvision.ops.RoIAlign(7, 0.5, -1))[:-1] + ", pool_mode='max')"
