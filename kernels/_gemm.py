@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import accumulation_dtype
-from ._layout import empty, next_pow2
+from ._layout import empty, next_pow2, tl_accumulation  # noqa: F401 (re-exported)
 
 AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
 
@@ -36,12 +35,6 @@ def mma(acc, a, b, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
     if ALLOW_TF32:
         return tl.dot(a, b, acc, input_precision="tf32")
     return tl.dot(a, b, acc, input_precision="ieee")
-
-
-def tl_accumulation(dtype: torch.dtype):
-    """The Triton accumulator dtype for inputs of ``dtype`` (segops._checks'
-    rule: float64 for float64, float32 otherwise)."""
-    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 def allow_tf32(dtype: torch.dtype) -> bool:

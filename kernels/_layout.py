@@ -7,7 +7,7 @@ import os
 import torch
 import triton
 
-from .._checks import ArgumentError
+from .._checks import ArgumentError, accumulation_dtype
 
 # CUDA's launch limits: 2^31 - 1 programs on grid axis 0, 65535 on axes 1, 2
 MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -64,6 +64,13 @@ def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * multiprocessor_count(device.index or torch.cuda.current_device())
     return 4
+
+
+def tl_accumulation(dtype: torch.dtype):
+    """The Triton accumulator dtype for inputs of ``dtype``: segops._checks'
+    rule (float64 for float64, float32 otherwise, never a half type)."""
+    import triton.language as tl
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 def next_pow2(n: int) -> int:

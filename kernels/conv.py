@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import accumulation_dtype
 from .._format import memory_format_of
 from .._geometry import candidate_residue, reached_residues, residue_candidates
 from .._geometry import conv_output_size as output_size
@@ -540,7 +541,7 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     _, _, OH, OW = dy.shape
     C_out_total, C_in, KH, KW = weight_shape
     C_out = C_out_total // groups
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(x.dtype)
     pixels = N * OH * OW
     if pixels == 0 or C_out_total * C_in * KH * KW == 0:
         return torch.zeros(weight_shape, dtype=acc_dtype, device=x.device)

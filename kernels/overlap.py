@@ -30,8 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import ArgumentError
-from ._layout import empty, empty_like, flatten_trailing, next_pow2, target_programs
+from .._checks import ArgumentError, accumulation_dtype
+from ._layout import (
+    empty,
+    empty_like,
+    flatten_trailing,
+    next_pow2,
+    target_programs,
+    tl_accumulation,
+)
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
 _SOFTMAX = 2
@@ -373,12 +380,6 @@ def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
     return (ignore_index - low) % (1 << bits) + low
 
 
-def _accumulation_dtype(x: torch.Tensor):
-    """float64 inputs accumulate in float64 (the interpreter tests compare in
-    float64); everything else in float32, never in the input's half type."""
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
 def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
     256 classes (chunked beyond), ~8K elements per tile."""
@@ -389,7 +390,7 @@ def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, i
 
 
 def sums_dtype(input: torch.Tensor) -> torch.dtype:
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(input.dtype)
 
 
 def _as_ncs(input: torch.Tensor, target: torch.Tensor):
@@ -429,7 +430,7 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
         t.stride(0), t.stride(1), t.stride(2),
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
-        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=_accumulation_dtype(input),
+        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype),
         num_warps=num_warps,
     )
     return part.sum(dim=2)
@@ -459,7 +460,7 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
         grad.stride(0), grad.stride(1), grad.stride(2),
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
-        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=_accumulation_dtype(input),
+        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype),
         num_warps=num_warps,
     )
     return grad.view(input.shape)
@@ -494,6 +495,6 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
         PRED_IS_SCORES=scores, HAS_IGNORE=ignore_index is not None,
         BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
         NUM_BINS=num_bins if num_bins <= 2048 else 0,
-        ACC=_accumulation_dtype(pred), num_warps=4,
+        ACC=tl_accumulation(pred.dtype), num_warps=4,
     )
     return cm

@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import accumulation_dtype
 from .._format import memory_format_of
-from ._layout import empty, next_pow2
+from ._layout import empty, next_pow2, tl_accumulation
 
 # adaptive sample counts from here up do not fit torchvision's int: no samples
 _INT32_LIMIT = tl.constexpr(float(1 << 31))
@@ -397,9 +398,8 @@ def _roi_align_bwd_deterministic_kernel(
 # launchers
 # --------------------------------------------------------------------------
 def _accumulation(features) -> tuple[torch.dtype, object]:
-    if features[0].dtype == torch.float64:
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
+    """(torch, Triton) accumulation dtypes of the features (segops' one rule)."""
+    return accumulation_dtype(features[0].dtype), tl_accumulation(features[0].dtype)
 
 
 def _level_table(tensors, base: torch.Tensor) -> torch.Tensor:

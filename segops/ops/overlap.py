@@ -43,8 +43,18 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError, check_choice,
-                       check_int, check_number, check_same_device, check_tensor)
+from .._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    ArgumentError,
+    ArgumentTypeError,
+    accumulation_dtype,
+    check_choice,
+    check_int,
+    check_number,
+    check_same_device,
+    check_tensor,
+)
 from ..reference import overlap as reference
 
 MODES = ("binary", "multiclass", "multilabel")
@@ -61,7 +71,7 @@ def _kernels():
 
 
 def _sums_dtype(input: Tensor) -> torch.dtype:
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(input.dtype)
 
 
 # --------------------------------------------------------------------------

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import accumulation_dtype
+
 
 def _flat(input: torch.Tensor, target: torch.Tensor):
     """(N, C, S) scores in the accumulation dtype and the target, flattened."""
     N, C = input.shape[:2]
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(input.dtype)
     x = input.reshape(N, C, -1).to(dtype)
     dense = target.dim() == input.dim()
     t = target.reshape(N, C, -1) if dense else target.reshape(N, -1)

@@ -15,12 +15,14 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import accumulation_dtype
+
 
 def coordinate_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """Boxes, sample coordinates and sums: float64 for float64 input, float32
     otherwise (torchvision computes them in the input dtype, which for fp16
     loses pixels on large images)."""
-    return torch.float64 if input_dtype == torch.float64 else torch.float32
+    return accumulation_dtype(input_dtype)
 
 
 def _sample_axis(start: Tensor, size: Tensor, bins: int, grid: int) -> Tensor:
