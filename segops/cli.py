@@ -63,8 +63,28 @@ def check() -> int:
 
 
 def bench(args) -> int:
+    if args.codegen:
+        return codegen(args)
     from .benchmarks import run as bench_run
     return bench_run.main(args)
+
+
+def codegen(args) -> int:
+    """`segops bench --codegen`: the codegen report (segops.benchmarks.codegen)
+    in a child process without TRITON_INTERPRET, which would replace the
+    compiler."""
+    argv = [] if args.out is None else ["--json", args.out]
+    if args.ops:
+        from .benchmarks.codegen import OPS
+        ops = [op for op in args.ops if op in OPS]
+        if not ops:
+            print(f"--codegen covers the op families {list(OPS)}", file=sys.stderr)
+            return 2
+        argv += ["--ops", *ops]
+    if args.quick:
+        argv.append("--ci")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.call([sys.executable, "-m", "segops.benchmarks.codegen", *argv], env=env)
 
 
 def demo(args) -> int:
@@ -91,7 +111,12 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="benchmark the ops against their baselines")
     p_bench.add_argument("--quick", action="store_true", help="a few shapes per op (minutes)")
     p_bench.add_argument("--ops", nargs="*", default=None, help="op families to run (default: all)")
-    p_bench.add_argument("--out", default=None, help="folder for <gpu>.json and the plot")
+    p_bench.add_argument("--out", default=None, help="folder for <gpu>.json and the plot "
+                         "(with --codegen: the JSON file to write)")
+    p_bench.add_argument("--codegen", action="store_true",
+                         help="no timings: compile every kernel variant at the benchmark "
+                         "shapes for sm_90 and report registers, spills, shared memory and "
+                         "instructions from the SASS (needs no GPU; --quick: the CI subset)")
     args = parser.parse_args(argv)
     if args.command == "info":
         code = info()
