@@ -10,7 +10,7 @@ import torch
 
 from . import harness
 
-FAMILIES = ["overlap", "roi_align", "conv", "conv_transpose", "models"]
+FAMILIES = ["overlap", "roi_align", "conv", "conv_transpose", "boxes", "models"]
 
 
 def main(args) -> int:

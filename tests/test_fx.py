@@ -113,6 +113,26 @@ OPS = {
     "dice_score": (
         lambda m, x, y: segops.ops.dice_score(segops.ops.confusion_matrix(x, y, 3), "micro"),
         _scores_and_labels),
+    "box_iou": (
+        lambda m, a, b: segops.ops.box_iou(a, b).double(),
+        lambda: (_boxes()[:, 1:], _boxes()[:1, 1:] + 1)),
+    "clip_boxes_to_image": (
+        lambda m, a, _: segops.ops.clip_boxes_to_image(a, (8, 10)),
+        lambda: (_boxes()[:, 1:], torch.zeros(1))),
+    "decode_boxes": (
+        lambda m, codes, boxes: segops.ops.decode_boxes(codes, boxes, (10.0, 10.0, 5.0, 5.0)),
+        lambda: (torch.randn(2, 4, **D), _boxes()[:, 1:])),
+    "nms": (
+        lambda m, boxes, scores: segops.ops.nms(boxes, scores, 0.5).double(),
+        lambda: (_boxes()[:, 1:], torch.tensor([0.9, 0.8], **D))),
+    "batched_nms": (
+        lambda m, boxes, scores: segops.ops.batched_nms(
+            boxes, scores, torch.tensor([0, 1], device=DEVICE), 0.5).double(),
+        lambda: (_boxes()[:, 1:], torch.tensor([0.9, 0.8], **D))),
+    "batched_nms_per_image": (
+        lambda m, boxes, scores: segops.ops.batched_nms_per_image(
+            boxes, scores, None, torch.tensor([0, 1], device=DEVICE), 0.5, num_images=2)[1].double(),
+        lambda: (_boxes()[:, 1:], torch.tensor([0.9, 0.8], **D))),
 }
 
 

@@ -1,5 +1,13 @@
 """The public functional API: every op checks its arguments, then runs the
 Triton kernel or the reference (see segops._dispatch)."""
+from .boxes import (
+    batched_nms,
+    batched_nms_per_image,
+    box_iou,
+    clip_boxes_to_image,
+    decode_boxes,
+    nms,
+)
 from .conv import atrous_conv2d
 from .conv_transpose import conv_transpose2d
 from .overlap import (
@@ -14,6 +22,12 @@ from .roi_align import multi_scale_roi_align, roi_align
 
 __all__ = [
     "atrous_conv2d",
+    "batched_nms",
+    "batched_nms_per_image",
+    "box_iou",
+    "clip_boxes_to_image",
+    "decode_boxes",
+    "nms",
     "confusion_matrix",
     "conv_transpose2d",
     "dice_loss",

@@ -1,0 +1,445 @@
+"""Box ops: pairwise IoU, box decoding, clipping, and segmented NMS.
+
+Kernels:
+
+* ``_box_iou_kernel``: one program per (BLOCK_M x BLOCK_N) tile of the IoU
+  matrix, torchvision's ``box_iou`` formula (NaN propagates as torch.max).
+* ``_decode_kernel``: one program per BLOCK rows x BLOCK_K classes of
+  ``rel_codes (N, 4K)``; BoxCoder.decode_single's arithmetic, optionally
+  clipped to the image in the same pass.
+* ``_clip_kernel``: elementwise clamp of the x (even) and y (odd) columns.
+* NMS, two launches for any number of segments (images x classes/levels):
+  the boxes are sorted on the host side of the launch (device sorts, no
+  sync) by (segment, -score, index), so each segment is a contiguous run
+  ``[seg_start, seg_end)``.
+
+  - ``_nms_mask_kernel``: program (row tile, column word w) writes, for each
+    row i of its tile, the 64-bit word ``mask[i, w]`` whose bit t says
+    "box i suppresses box seg_start(i) + 64 w + t" (IoU > threshold, column
+    after i, same segment). Columns are counted from the row's own segment
+    start, so a word never mixes segments and a tile whose words lie past
+    every row's segment (or wholly before the rows) exits at once: only
+    tile pairs within a segment do IoU work. No N x N float matrix exists;
+    the bitmask is N x ceil(N/64) int64 words, written only within segments.
+  - ``_nms_scan_kernel``: program p scans every segment that starts in rows
+    [64 p, 64 p + 64), 64 rows at a time: the block's own words (the
+    diagonal) are resolved in registers, one row per step, then the words of
+    the kept rows are OR-ed into the segment's ``removed`` words for the
+    later blocks (vectorised). Segments run in parallel, one program each.
+
+The IoU used by NMS is torchvision's CPU kernel's, operation for operation
+(``std::max``/``std::min`` semantics, so a NaN coordinate gives NaN area and
+NaN IoU, which never exceeds the threshold), computed in float32 (float64
+for float64 boxes); the threshold is compared exactly as torchvision's
+double comparison does (see ``_threshold_bits``).
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import check_grid, empty
+
+WORD = 64           # bits per mask word (columns per column tile)
+NMS_BLOCK_M = 64    # rows per mask program
+SCAN_BLOCK_W = 16   # later words OR-ed at a time by the scan
+IOU_BLOCK = 32      # box_iou tile
+ELEM_BLOCK = 256    # clip / decode rows per program
+
+
+# --------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------
+@triton.jit
+def _tv_max(a, b):
+    """std::max(a, b) = a < b ? b : a (a NaN b gives a)."""
+    return tl.where(a < b, b, a)
+
+
+@triton.jit
+def _tv_min(a, b):
+    """std::min(a, b) = b < a ? b : a (a NaN b gives a)."""
+    return tl.where(b < a, b, a)
+
+
+@triton.jit
+def _nan_max(a, b):
+    """torch.max(a, b): NaN if either is NaN."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _nan_min(a, b):
+    """torch.min(a, b): NaN if either is NaN."""
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+def scalar_bits(value: float, dtype: torch.dtype) -> int:
+    """A Python float as the kernels take it: the bit pattern of ``value``
+    rounded to ``dtype`` (float64 or float32, as torch casts a Python scalar
+    for a tensor of that dtype), read back in the kernel by ``_from_bits``.
+    Triton would pass a Python float as float32, losing float64 digits."""
+    if dtype == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    rounded = float(torch.tensor(value, dtype=torch.float32))
+    return struct.unpack("<i", struct.pack("<f", rounded))[0]
+
+
+@triton.jit
+def _from_bits(bits, ACC: tl.constexpr):
+    if ACC == tl.float64:
+        return bits.to(tl.int64).to(tl.float64, bitcast=True)
+    else:
+        return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
+    """The bit pattern of the threshold the kernel compares IoUs with, so
+    that ``iou > t`` in the kernel's dtype equals torchvision's comparison of
+    the IoU with the double ``t``: float64 as is; for float32 the largest
+    float32 <= t (an fp32 IoU exceeds t exactly when it exceeds that)."""
+    if dtype == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", threshold))[0]
+    t32 = struct.unpack("<f", struct.pack("<f", threshold))[0]
+    if t32 > threshold:
+        t32 = float(torch.nextafter(torch.tensor(t32, dtype=torch.float32),
+                                    torch.tensor(-math.inf, dtype=torch.float32)))
+    if math.isinf(t32) and not math.isinf(threshold):  # past float32's range
+        t32 = math.copysign(3.4028234663852886e38, threshold)
+    return struct.unpack("<i", struct.pack("<f", t32))[0]
+
+
+# --------------------------------------------------------------------------
+# box_iou
+# --------------------------------------------------------------------------
+@triton.jit
+def _box_iou_kernel(a_ptr, b_ptr, out_ptr, N, M, sa0, sa1, sb0, sb1,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    rows = pm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rows < N
+    cm = cols < M
+    ra = a_ptr + rows * sa0
+    cb = b_ptr + cols * sb0
+    ax1 = tl.load(ra, mask=rm, other=0).to(ACC)
+    ay1 = tl.load(ra + sa1, mask=rm, other=0).to(ACC)
+    ax2 = tl.load(ra + 2 * sa1, mask=rm, other=0).to(ACC)
+    ay2 = tl.load(ra + 3 * sa1, mask=rm, other=0).to(ACC)
+    bx1 = tl.load(cb, mask=cm, other=0).to(ACC)
+    by1 = tl.load(cb + sb1, mask=cm, other=0).to(ACC)
+    bx2 = tl.load(cb + 2 * sb1, mask=cm, other=0).to(ACC)
+    by2 = tl.load(cb + 3 * sb1, mask=cm, other=0).to(ACC)
+    area_a = (ax2 - ax1) * (ay2 - ay1)
+    area_b = (bx2 - bx1) * (by2 - by1)
+    w = _nan_min(ax2[:, None], bx2[None, :]) - _nan_max(ax1[:, None], bx1[None, :])
+    h = _nan_min(ay2[:, None], by2[None, :]) - _nan_max(ay1[:, None], by1[None, :])
+    w = tl.where(w < 0, 0.0, w)  # clamp(min=0), NaN kept
+    h = tl.where(h < 0, 0.0, h)
+    inter = w * h
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou = inter / union
+    offs = rows[:, None] * M + cols[None, :]
+    tl.store(out_ptr + offs, iou.to(out_ptr.dtype.element_ty), mask=rm[:, None] & cm[None, :])
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(N, M) IoU of a (N, 4) and b (M, 4), computed in float32 (float64 for
+    float64 boxes) and written as ``out_dtype``."""
+    N, M = a.shape[0], b.shape[0]
+    out = empty(N, M, dtype=out_dtype, device=a.device)
+    if N == 0 or M == 0:
+        return out
+    acc = tl.float64 if torch.float64 in (a.dtype, b.dtype) else tl.float32
+    grid = (triton.cdiv(N, IOU_BLOCK), triton.cdiv(M, IOU_BLOCK))
+    check_grid(grid)
+    _box_iou_kernel[grid](a, b, out, N, M, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                          ACC=acc, BLOCK_M=IOU_BLOCK, BLOCK_N=IOU_BLOCK)
+    return out
+
+
+# --------------------------------------------------------------------------
+# clip_boxes_to_image and decode_boxes
+# --------------------------------------------------------------------------
+@triton.jit
+def _clip(v, limit):
+    """Tensor.clamp(min=0, max=limit): NaN stays NaN."""
+    v = tl.where(v < 0, 0.0, v)
+    return tl.where(v > limit, limit, v)
+
+
+@triton.jit
+def _clip_kernel(in_ptr, out_ptr, R, C, s0, s1, height, width,
+                 ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(R, C) boxes, C even: x at even columns, y at odd ones."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    m = (rows[:, None] < R) & (cols[None, :] < C)
+    v = tl.load(in_ptr + rows[:, None] * s0 + cols[None, :] * s1, mask=m, other=0).to(ACC)
+    limit = tl.where((cols % 2) == 0, _from_bits(width, ACC), _from_bits(height, ACC))
+    v = _clip(v, limit[None, :])
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor:
+    """boxes (..., C) with C even, clipped; a contiguous tensor of boxes' dtype."""
+    shape = boxes.shape
+    flat = boxes.reshape(-1, shape[-1]) if boxes.dim() != 2 else boxes
+    R, C = flat.shape
+    out = empty(R, C, dtype=boxes.dtype, device=boxes.device)
+    if R and C:
+        block_c = triton.next_power_of_2(C)
+        block_r = max(1, ELEM_BLOCK // block_c)
+        acc = tl.float64 if boxes.dtype == torch.float64 else tl.float32
+        grid = (triton.cdiv(R, block_r),)
+        check_grid(grid)
+        dt = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+        _clip_kernel[grid](flat, out, R, C, flat.stride(0), flat.stride(1),
+                           scalar_bits(height, dt), scalar_bits(width, dt), ACC=acc,
+                           BLOCK_R=block_r, BLOCK_C=block_c)
+    return out.view(shape)
+
+
+@triton.jit
+def _decode_kernel(codes_ptr, boxes_ptr, out_ptr, N, K, sc0, sc1, sb0, sb1,
+                   wx, wy, ww, wh, clip, height, width,
+                   CLIP_TO_IMAGE: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pn = tl.program_id(0)
+    pk = tl.program_id(1)
+    rows = pn.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pk.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = rows < N
+    m = rm[:, None] & (ks[None, :] < K)
+    rb = boxes_ptr + rows * sb0
+    x1 = tl.load(rb, mask=rm, other=0).to(ACC)
+    y1 = tl.load(rb + sb1, mask=rm, other=0).to(ACC)
+    x2 = tl.load(rb + 2 * sb1, mask=rm, other=0).to(ACC)
+    y2 = tl.load(rb + 3 * sb1, mask=rm, other=0).to(ACC)
+    widths = x2 - x1
+    heights = y2 - y1
+    ctr_x = x1 + 0.5 * widths
+    ctr_y = y1 + 0.5 * heights
+    c = codes_ptr + rows[:, None] * sc0 + (ks[None, :] * 4) * sc1
+    dx = tl.load(c, mask=m, other=0).to(ACC) / _from_bits(wx, ACC)
+    dy = tl.load(c + sc1, mask=m, other=0).to(ACC) / _from_bits(wy, ACC)
+    dw = tl.load(c + 2 * sc1, mask=m, other=0).to(ACC) / _from_bits(ww, ACC)
+    dh = tl.load(c + 3 * sc1, mask=m, other=0).to(ACC) / _from_bits(wh, ACC)
+    clip = _from_bits(clip, ACC)
+    dw = tl.where(dw > clip, clip, dw)  # clamp(max=clip), NaN kept
+    dh = tl.where(dh > clip, clip, dh)
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    pred_w = tl.exp(dw) * widths[:, None]
+    pred_h = tl.exp(dh) * heights[:, None]
+    half_w = 0.5 * pred_w
+    half_h = 0.5 * pred_h
+    o1 = pred_ctr_x - half_w
+    o2 = pred_ctr_y - half_h
+    o3 = pred_ctr_x + half_w
+    o4 = pred_ctr_y + half_h
+    if CLIP_TO_IMAGE:
+        w_lim = _from_bits(width, ACC)
+        h_lim = _from_bits(height, ACC)
+        o1 = _clip(o1, w_lim)
+        o2 = _clip(o2, h_lim)
+        o3 = _clip(o3, w_lim)
+        o4 = _clip(o4, h_lim)
+    o = out_ptr + rows[:, None] * (4 * K) + ks[None, :] * 4
+    ty = out_ptr.dtype.element_ty
+    tl.store(o, o1.to(ty), mask=m)
+    tl.store(o + 1, o2.to(ty), mask=m)
+    tl.store(o + 2, o3.to(ty), mask=m)
+    tl.store(o + 3, o4.to(ty), mask=m)
+
+
+def decode_boxes(rel_codes: torch.Tensor, boxes: torch.Tensor, weights, clip: float,
+                 image_size=None) -> torch.Tensor:
+    """rel_codes (N, 4K) against boxes (N, 4): (N, 4K) in rel_codes' dtype,
+    computed in float32 (float64 for float64 codes)."""
+    N, C = rel_codes.shape
+    K = C // 4
+    out = empty(N, C, dtype=rel_codes.dtype, device=rel_codes.device)
+    if N == 0 or K == 0:
+        return out
+    acc = tl.float64 if rel_codes.dtype == torch.float64 else tl.float32
+    block_k = min(triton.next_power_of_2(K), 32)
+    block_n = max(1, ELEM_BLOCK // block_k)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    check_grid(grid)
+    height, width = (0.0, 0.0) if image_size is None else image_size
+    dt = torch.float64 if rel_codes.dtype == torch.float64 else torch.float32
+    scalars = [scalar_bits(float(v), dt) for v in (*weights, clip, height, width)]
+    _decode_kernel[grid](rel_codes, boxes, out, N, K, rel_codes.stride(0), rel_codes.stride(1),
+                         boxes.stride(0), boxes.stride(1), *scalars,
+                         CLIP_TO_IMAGE=image_size is not None, ACC=acc,
+                         BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+# --------------------------------------------------------------------------
+# NMS: in-segment IoU bitmask, then a per-segment scan
+# --------------------------------------------------------------------------
+@triton.jit
+def _nms_mask_kernel(boxes_ptr, seg_start_ptr, seg_end_ptr, mask_ptr, N, W, thr_bits,
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, WORD_BITS: tl.constexpr):
+    pm = tl.program_id(0)
+    pw = tl.program_id(1)
+    rows = pm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < N
+    a = tl.load(seg_start_ptr + rows, mask=rm, other=0)
+    e = tl.load(seg_end_ptr + rows, mask=rm, other=0)
+    first_col = a + pw.to(tl.int64) * WORD_BITS
+    # this word holds columns of some row's segment, and not only columns at
+    # or before every row (the scan reads words from the row's own block on)
+    needed = rm & (first_col < e) & (first_col + WORD_BITS > rows - (rows - a) % WORD_BITS)
+    if tl.max(needed.to(tl.int32), axis=0) > 0:
+        thr = _from_bits(thr_bits, ACC)
+        t = tl.arange(0, WORD_BITS)
+        cols = first_col[:, None] + t[None, :]
+        cm = rm[:, None] & (cols < e[:, None]) & (cols > rows[:, None])
+        cols = tl.where(cm, cols, 0)
+        rb = boxes_ptr + rows * 4
+        ix1 = tl.load(rb, mask=rm, other=0)
+        iy1 = tl.load(rb + 1, mask=rm, other=0)
+        ix2 = tl.load(rb + 2, mask=rm, other=0)
+        iy2 = tl.load(rb + 3, mask=rm, other=0)
+        cb = boxes_ptr + cols * 4
+        x1 = tl.load(cb, mask=cm, other=0)
+        y1 = tl.load(cb + 1, mask=cm, other=0)
+        x2 = tl.load(cb + 2, mask=cm, other=0)
+        y2 = tl.load(cb + 3, mask=cm, other=0)
+        # torchvision's CPU nms kernel, operation for operation
+        iarea = (ix2 - ix1) * (iy2 - iy1)
+        area = (x2 - x1) * (y2 - y1)
+        xx1 = _tv_max(ix1[:, None], x1)
+        yy1 = _tv_max(iy1[:, None], y1)
+        xx2 = _tv_min(ix2[:, None], x2)
+        yy2 = _tv_min(iy2[:, None], y2)
+        w = _tv_max(0.0, xx2 - xx1)
+        h = _tv_max(0.0, yy2 - yy1)
+        inter = w * h
+        ovr = inter / (iarea[:, None] + area - inter)
+        sup = cm & (ovr > thr)
+        bits = tl.where(sup, tl.full([1, WORD_BITS], 1, tl.int64) << t.to(tl.int64)[None, :], 0)
+        word = tl.reduce(bits, 1, _or)
+        tl.store(mask_ptr + rows * W + pw, word, mask=rm)
+
+
+@triton.jit
+def _scan_segment(mask_ptr, removed_ptr, keep_ptr, a, e, W,
+                  WORD_BITS: tl.constexpr, BLOCK_W: tl.constexpr):
+    r = tl.arange(0, WORD_BITS)
+    r64 = r.to(tl.int64)
+    one = tl.full([], 1, tl.int64)
+    nblocks = (e - a + WORD_BITS - 1) // WORD_BITS
+    for k in range(0, nblocks):
+        base = a + k * WORD_BITS
+        rows = base + r64
+        rvalid = rows < e
+        diag = tl.load(mask_ptr + rows * W + k, mask=rvalid, other=0)
+        removed = tl.load(removed_ptr + a + k)
+        kept = tl.zeros([], tl.int64)
+        nrows = tl.minimum(e - base, WORD_BITS)
+        for i in range(0, nrows):
+            row_word = tl.sum(tl.where(r == i, diag, 0), axis=0)
+            bit = one << i
+            alive = (removed & bit) == 0
+            removed = tl.where(alive, removed | row_word, removed)
+            kept = tl.where(alive, kept | bit, kept)
+        flags = ((kept >> r64) & 1) != 0
+        tl.store(keep_ptr + rows, flags.to(tl.int8), mask=rvalid)
+        live = flags & rvalid
+        for w0 in range(k + 1, nblocks, BLOCK_W):
+            ws = w0 + tl.arange(0, BLOCK_W).to(tl.int64)
+            wvalid = ws < nblocks
+            words = tl.load(mask_ptr + rows[:, None] * W + ws[None, :],
+                            mask=live[:, None] & wvalid[None, :], other=0)
+            hit = tl.reduce(words, 0, _or)
+            old = tl.load(removed_ptr + a + ws, mask=wvalid, other=0)
+            tl.store(removed_ptr + a + ws, old | hit, mask=wvalid)
+        tl.debug_barrier()  # the next block reads what this one stored
+
+
+@triton.jit
+def _nms_scan_kernel(mask_ptr, seg_start_ptr, seg_end_ptr, removed_ptr, keep_ptr, N, W,
+                     WORD_BITS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Program p scans the segments that start in rows [64 p, 64 p + 64).
+    ``removed`` holds a segment's words at [seg_start, seg_start + blocks),
+    inside its own rows, so segments never share one."""
+    p = tl.program_id(0)
+    lo = p.to(tl.int64) * WORD_BITS
+    hi = tl.minimum(lo + WORD_BITS, N)
+    pos = lo
+    while pos < hi:
+        a = tl.load(seg_start_ptr + pos)
+        e = tl.load(seg_end_ptr + pos)
+        if a == pos:
+            _scan_segment(mask_ptr, removed_ptr, keep_ptr, a, e, W, WORD_BITS, BLOCK_W)
+        pos = e
+
+
+def sort_segments(scores: torch.Tensor, keys: list[torch.Tensor]):
+    """(order, sorted_order, seg_start, seg_end), all on the device, no sync:
+    ``order`` sorts by (-score, index) (NaN scores first, as torch.sort
+    descending and torchvision do); ``sorted_order`` by (keys..., -score,
+    index), the most significant key first; ``seg_start``/``seg_end`` bound
+    each sorted position's run of equal keys."""
+    n = scores.shape[0]
+    order = torch.sort(scores, descending=True, stable=True).indices
+    sorted_order = order
+    for key in reversed(keys):
+        sorted_order = sorted_order[torch.sort(key[sorted_order], stable=True).indices]
+    positions = torch.arange(n, device=scores.device)
+    boundary = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if n:
+        boundary[0] = True
+    for key in keys:
+        k = key[sorted_order]
+        boundary[1:] |= k[1:] != k[:-1]
+    seg_start = torch.where(boundary, positions, 0).cummax(0).values
+    # the end of a run: the next boundary after each position, or n
+    next_boundary = torch.full_like(positions, n)
+    next_boundary[:-1] = torch.where(boundary[1:], positions[1:], n)
+    seg_end = next_boundary.flip(0).cummin(0).values.flip(0)
+    return order, sorted_order, seg_start, seg_end
+
+
+def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, keys: list[torch.Tensor],
+             iou_threshold: float):
+    """(order, keep): ``order`` the (-score, index) permutation, ``keep`` a
+    bool per box (original index) saying whether segmented NMS keeps it.
+    Two launches whatever the number of segments; no host sync."""
+    n = boxes.shape[0]
+    device = boxes.device
+    order, sorted_order, seg_start, seg_end = sort_segments(scores, keys)
+    if n == 0:
+        return order, torch.zeros(0, dtype=torch.bool, device=device)
+    acc = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    sorted_boxes = boxes[sorted_order].to(acc).contiguous()
+    W = triton.cdiv(n, WORD)
+    mask = empty(n, W, dtype=torch.int64, device=device)
+    grid = (triton.cdiv(n, NMS_BLOCK_M), W)
+    check_grid(grid)
+    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
+    _nms_mask_kernel[grid](sorted_boxes, seg_start, seg_end, mask, n, W,
+                           _threshold_bits(iou_threshold, acc), ACC=tl_acc,
+                           BLOCK_M=NMS_BLOCK_M, WORD_BITS=WORD)
+    removed = torch.zeros(n, dtype=torch.int64, device=device)
+    keep_sorted = empty(n, dtype=torch.int8, device=device)
+    _nms_scan_kernel[(W,)](mask, seg_start, seg_end, removed, keep_sorted, n, W,
+                           WORD_BITS=WORD, BLOCK_W=SCAN_BLOCK_W, num_warps=1)
+    keep = torch.empty(n, dtype=torch.bool, device=device)
+    keep[sorted_order] = keep_sorted.bool()
+    return order, keep
