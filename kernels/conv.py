@@ -62,9 +62,11 @@ def _tap_interval(first, last, dil, taps):
     """[t_lo, t_hi): the taps t in [0, taps) with first <= t * dil <= last
     (every operand of a division is kept non-negative: the compiler's
     integer division truncates, the interpreter's floors)."""
+    first = first.to(tl.int64)  # first + dil can pass 2^31
+    last = last.to(tl.int64)
     t_lo = tl.where(first <= 0, 0, (tl.maximum(first, 0) + dil - 1) // dil)
     t_hi = tl.where(last < 0, 0, tl.minimum(tl.maximum(last, 0) // dil + 1, taps))
-    return t_lo, tl.maximum(t_hi, t_lo)
+    return t_lo.to(tl.int32), tl.maximum(t_hi, t_lo).to(tl.int32)
 
 
 @triton.jit
@@ -77,6 +79,13 @@ def _residue_taps(i_min, i_max, t0, period, pad, dil, stride, out_len, taps):
     j_lo = tl.where(t_lo <= t0, 0, (tl.maximum(t_lo - t0, 0) + period - 1) // period)
     j_hi = tl.where(t_hi <= t0, 0, (tl.maximum(t_hi - t0, 0) + period - 1) // period)
     return j_lo, tl.maximum(j_hi, j_lo)
+
+
+@triton.jit
+def _rows_of(length, residue, stride):
+    """How many of 0..length-1 are congruent to ``residue`` mod ``stride``,
+    without forming length + stride (which passes 2^31 for huge strides)."""
+    return tl.where(residue < length, (length - 1 - residue) // stride + 1, 0)
 
 
 @triton.jit
@@ -104,7 +113,7 @@ def _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, channels, mmask, cmask,
         bias = tl.load(b_ptr + channels, mask=cmask, other=0.0).to(acc.dtype)
         acc = acc + bias[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as F.relu keeps it
     rows = n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     ptrs = y_ptr + rows[:, None] + channels.to(tl.int64)[None, :] * syc
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
@@ -194,15 +203,17 @@ def _conv2d_bwd_input_kernel(
     pid = tl.program_id(0)
     group = tl.program_id(1)
     tiles_n = tl.cdiv(C_in, BLOCK_N)
-    tiles = tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w), BLOCK_M) * tiles_n
+    tiles = tl.cdiv(N * _rows_of(H, 0, stride_h) * _rows_of(W, 0, stride_w), BLOCK_M) * tiles_n
     residue = pid // tiles
     tile = pid % tiles
     # (t*dil - pad) mod stride with non-negative operands: the compiler's %
     # truncates like C, the interpreter's floors like Python
-    rh = ((residue // RES_W) * dil_h + stride_h - pad_h % stride_h) % stride_h
-    rw = ((residue % RES_W) * dil_w + stride_w - pad_w % stride_w) % stride_w
-    rows_h = tl.cdiv(H - rh, stride_h)  # 0 for a residue past the map (rh >= H)
-    rows_w = tl.cdiv(W - rw, stride_w)
+    rh = (((residue // RES_W) * dil_h).to(tl.int64) + stride_h - pad_h % stride_h) % stride_h
+    rw = (((residue % RES_W) * dil_w).to(tl.int64) + stride_w - pad_w % stride_w) % stride_w
+    rh = rh.to(tl.int32)
+    rw = rw.to(tl.int32)
+    rows_h = _rows_of(H, rh, stride_h)  # 0 for a residue past the map (rh >= H)
+    rows_w = _rows_of(W, rw, stride_w)
     offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < N * rows_h * rows_w

@@ -172,7 +172,7 @@ def _overlap_sums_fwd_kernel(
                                     stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
             p = tl.where(valid, _probabilities(x, m, l, ACTIVATION), 0.0)
             if MIN_INTERSECTION:
-                acc_i += tl.sum(tl.minimum(p, t), axis=1)
+                acc_i += tl.sum(tl.minimum(p, t, propagate_nan=tl.PropagateNan.ALL), axis=1)
             else:
                 acc_i += tl.sum(p * t, axis=1)
             if SQUARED:

@@ -33,6 +33,7 @@ from .._checks import (
     ArgumentTypeError,
     accumulation_dtype,
     check_choice,
+    check_int,
     int_pair,
 )
 from .._format import is_channels_last, memory_format_of
@@ -114,7 +115,8 @@ def _conv2d_setup_context(ctx, inputs, output):
 def _conv2d_grad(ctx, grad):
     input, weight, output = ctx.saved_tensors
     if ctx.relu:
-        grad = grad * (output > 0)
+        # F.relu's rule: the gradient passes where the output is not <= 0 (NaN too)
+        grad = torch.where(output <= 0, 0, grad)
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_input = _conv2d_grad_input(grad, weight, list(input.shape[-2:]), *ctx.geometry,
@@ -182,7 +184,7 @@ def check_conv_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, group
                             f"{tuple(input.shape)}")
     if weight.dim() != 4:
         raise ArgumentError(f"weight must be {weight_layout}, got shape {tuple(weight.shape)}")
-    groups = int_pair("groups", groups, 1, MAX_INT32)[0]
+    groups = check_int("groups", groups, minimum=1, maximum=MAX_INT32)
     if weight.shape[0] == 0:
         raise ArgumentError(f"weight {weight_layout} has no channels along dim 0, got shape "
                             f"{tuple(weight.shape)}")

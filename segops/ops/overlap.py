@@ -242,6 +242,10 @@ def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
     check_choice("intersection", intersection, INTERSECTIONS)
     _check_target(input, target, ignore_index, validate_args)
     if target.dtype == torch.bool:
+        # torch's `target != ignore_index` promotes a bool target: only 0 and
+        # 1 can match, any other value ignores nothing (it must not wrap)
+        if ignore_index not in (0, 1):
+            ignore_index = None
         target = target.view(torch.uint8)
     return _overlap_sums(input, target, activation, ignore_index, bool(squared),
                          intersection == "min")

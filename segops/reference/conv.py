@@ -47,6 +47,8 @@ def conv2d_grad_input(grad: Tensor, w: Tensor, input_hw, stride, padding, dilati
     _, C_in_g, KH, KW = w.shape
     H, W = input_hw
     top, bottom, left, right = padding
+    if grad.numel() == 0:  # nothing to fold (F.fold refuses empty inputs)
+        return grad.new_zeros((N, groups * C_in_g, H, W))
     weights = w.reshape(groups, C_out // groups, C_in_g * KH * KW)
     dy = grad.reshape(N, groups, C_out // groups, OH * OW)
     cols = torch.einsum("gok,ngop->ngkp", weights, dy)

@@ -7,6 +7,8 @@ class indices (N, *spatial).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._checks import accumulation_dtype
@@ -15,10 +17,11 @@ from .._checks import accumulation_dtype
 def _flat(input: torch.Tensor, target: torch.Tensor):
     """(N, C, S) scores in the accumulation dtype and the target, flattened."""
     N, C = input.shape[:2]
+    S = math.prod(input.shape[2:])
     dtype = accumulation_dtype(input.dtype)
-    x = input.reshape(N, C, -1).to(dtype)
+    x = input.reshape(N, C, S).to(dtype)  # explicit S: -1 is ambiguous for N = 0
     dense = target.dim() == input.dim()
-    t = target.reshape(N, C, -1) if dense else target.reshape(N, -1)
+    t = target.reshape(N, C, S) if dense else target.reshape(N, S)
     return x, t, dense
 
 

@@ -72,10 +72,9 @@ def conv_calls(draw):
     call = dict(
         N=n, C_in=c_in, C_out=c_out, H=draw(st.integers(1, 6)), W=draw(st.integers(1, 6)),
         kernel=draw(pairs(1, 3)), groups=groups,
-        # huge strides too; up to 2**31 - 16, where H + stride stays in int32
-        # (past it: test_grad_input_with_stride_near_2_to_the_31, an open finding)
+        # huge strides too, up to the largest the kernels take (2**31 - 1)
         stride=draw(st.one_of(pairs(1, 3), st.sampled_from([(7, 7), (100, 100),
-                                                              (2**31 - 16, 1)]))),
+                                                              (2**31 - 16, 1), (1, 2**31 - 1)]))),
         dilation=draw(pairs(1, 3)),
         padding=draw(st.one_of(pairs(0, 2), st.sampled_from(["same", "valid"]))),
         bias=draw(st.booleans()), activation=draw(st.sampled_from([None, "relu"])),
@@ -92,9 +91,6 @@ def conv_calls(draw):
         else draw(pair_spellings(call["padding"])),
         "groups": draw(spelled(groups)),
     }
-    if call["special"] in ("nan", "inf"):
-        # NaN through the fused ReLU: an open finding (test_fused_relu_keeps_nan_like_f_relu)
-        call["activation"] = None
     return call
 
 
@@ -339,11 +335,8 @@ def test_issue16_item12_empty_batch_with_empty_map(path):
 
 
 # --------------------------------------------------------------------------
-# fuzz findings (open): xfail until fixed, strict so they flip when fixed
+# fuzz findings, fixed: regression tests
 # --------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="fuzz finding: groups=(2, 3) is taken as groups=2 (the "
-                   "pair spelling of stride/padding leaks into groups); F.conv2d raises "
-                   "TypeError for a sequence groups")
 @pytest.mark.parametrize("groups", [(2, 3), [2, 2]])
 def test_groups_sequence_of_two_is_refused(groups):
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64, device=DEVICE)
@@ -352,10 +345,6 @@ def test_groups_sequence_of_two_is_refused(groups):
         segops.ops.atrous_conv2d(x, w, groups=groups)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding: the grad_input gather kernel computes "
-                   "cdiv(H - rh, stride_h) (and H + stride) in int32: with H + stride_h - 1 "
-                   ">= 2**31 the input gradient is left unwritten/zero (the depthwise kernel "
-                   "and the forward are right); such a stride must work or be refused")
 @pytest.mark.parametrize("stride,shape", [((2**31 - 1, 1), (1, 2, 2, 1)),
                                           ((1, 2**31 - 1), (1, 2, 1, 2)),
                                           ((2**31 - 2, 1), (1, 2, 3, 1))])
@@ -372,14 +361,8 @@ def test_grad_input_with_stride_near_2_to_the_31(stride, shape):
     assert_close(got, expected, tolerance(torch.float64), name="grad_input")
 
 
-RELU_NAN = pytest.mark.xfail(
-    strict=True, reason="fuzz finding: the fused ReLU maps a NaN output to 0 on the kernel path "
-    "(F.relu and the native/reference paths keep NaN), and the kernel and reference backward "
-    "zero the gradient at a NaN output (grad * (out > 0)) where F.relu's passes it")
 
-
-@pytest.mark.parametrize("path", [pytest.param("kernel", marks=RELU_NAN), "native",
-                                  pytest.param("reference", marks=RELU_NAN)])
+@pytest.mark.parametrize("path", ["kernel", "native", "reference"])
 def test_fused_relu_keeps_nan_like_f_relu(path):
     if path != "kernel" and DEVICE.type != "cpu":
         pytest.skip("the native and reference paths serve CPU tensors")

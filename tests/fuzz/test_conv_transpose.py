@@ -278,15 +278,10 @@ def test_issue16_item11_module_output_size_numpy_ints():
         assert_close(ours(x.to(DEVICE), size), theirs(x, size), tolerance(torch.float64))
 
 
-EMPTY_MAP_REFERENCE = pytest.mark.xfail(
-    strict=True, reason="fuzz finding (issue 16 item 12, reference path): N = 0 with H = 0 "
-    "fails inside F.fold with a RuntimeError ('Expected 2D or 3D (batch mode) tensor ... got: "
-    "[0, 18, 0]'); F.conv_transpose2d and the other paths return shape (0, 2, 2, 10)")
-
 
 @pytest.mark.parametrize("path,shape", [
     ("kernel", (0, 3, 0, 4)), ("native", (0, 3, 0, 4)),
-    pytest.param("reference", (0, 3, 0, 4), marks=EMPTY_MAP_REFERENCE),
+    ("reference", (0, 3, 0, 4)),
     ("kernel", (0, 3, 1, 1)), ("native", (0, 3, 1, 1)), ("reference", (0, 3, 1, 1))])
 def test_issue16_item12_empty_batch_with_small_or_empty_map(path, shape):
     """Item 12: N = 0 (an empty map too) on every path: F.conv_transpose2d's

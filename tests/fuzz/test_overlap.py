@@ -70,11 +70,7 @@ def overlap_calls(draw):
 
 
 def fix_call(call):
-    """Leave out the combinations of an open finding (see the xfail tests)."""
-    if call["special"] in ("nan", "inf") and call["intersection"] == "min":
-        call = dict(call, intersection="product")   # test_min_intersection_propagates_nan
-    if call["target_dtype"] == torch.bool and call["ignore_index"] in (300, 2**40):
-        call = dict(call, ignore_index=None)     # test_bool_target_ignore_index_not_wrapped
+    """The combinations of open findings would be left out here (none open)."""
     return call
 
 
@@ -165,17 +161,11 @@ def test_overlap_sums_matches_reference_or_names_the_argument(call):
     event("compared")
     x64 = x.double().requires_grad_()
     paths = ("kernel", "reference") if DEVICE.type == "cpu" else ("kernel",)
-    if call["N"] == 0:
-        # the reference cannot reshape an empty batch: an open finding
-        # (test_empty_batch_on_the_cpu_paths); the kernel path is checked here
-        want = x64.new_zeros(3, 0, call["C"])
-        paths = ("kernel",)
-    else:
-        # the reference in the input's accumulation dtype (float32 below
-        # float64: huge values overflow there as in the kernel)
-        x64 = x.detach().requires_grad_()
-        want = ref.overlap_sums(x64, t, call["activation"], call["ignore_index"],
-                                call["squared"], call["intersection"] == "min")
+    # the reference in the input's accumulation dtype (float32 below
+    # float64: huge values overflow there as in the kernel)
+    x64 = x.detach().requires_grad_()
+    want = ref.overlap_sums(x64, t, call["activation"], call["ignore_index"],
+                            call["squared"], call["intersection"] == "min")
     grad = random_tensor(want.shape, want.dtype, call["seed"] + 2)
     (want_grad,) = torch.autograd.grad(want, x64, grad) if want.numel() and want.requires_grad \
         else (torch.zeros_like(x64),)
@@ -344,16 +334,10 @@ def test_confusion_matrix_and_iou_match_torchmetrics(call):
 
 
 # --------------------------------------------------------------------------
-# fuzz findings (open): xfail until fixed, strict so they flip when fixed
+# fuzz findings, fixed: regression tests
 # --------------------------------------------------------------------------
-EMPTY_BATCH = pytest.mark.xfail(
-    strict=True, reason="fuzz finding: on the native/reference path (the default CPU path) "
-    "an empty batch fails inside the reference with RuntimeError 'cannot reshape tensor of 0 "
-    "elements into shape [0, 3, -1]'; the kernel path returns (3, 0, C) sums and loss 0")
 
-
-@pytest.mark.parametrize("path", ["kernel", pytest.param("native", marks=EMPTY_BATCH),
-                                  pytest.param("reference", marks=EMPTY_BATCH)])
+@pytest.mark.parametrize("path", ["kernel", "native", "reference"])
 @pytest.mark.parametrize("fn", ["overlap_sums", "dice_loss", "jaccard_loss"])
 def test_empty_batch_on_the_cpu_paths(path, fn):
     if path != "kernel" and DEVICE.type != "cpu":
@@ -370,10 +354,6 @@ def test_empty_batch_on_the_cpu_paths(path, fn):
             result.backward()
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding: intersection='min' on the kernel path "
-                   "drops a NaN probability (min(NaN, t) gives t), so the intersection sum is "
-                   "finite where the reference (torch.minimum) and smp's |p - t| formula give "
-                   "NaN; intersection='product' propagates it")
 @pytest.mark.parametrize("C", [1, 2])
 def test_min_intersection_propagates_nan(C):
     x = torch.zeros(1, C, 1, dtype=torch.float64)
@@ -384,10 +364,6 @@ def test_min_intersection_propagates_nan(C):
     assert_close(sums, want, sums_tolerance(torch.float64))
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding: a bool dense target is viewed as uint8, "
-                   "so ignore_index=256 (or 2**40) wraps to 0 and drops the False elements; "
-                   "torch's (and smp's) `target != 256` promotes to int64 and ignores nothing, "
-                   "as the reference given the bool target does")
 @pytest.mark.parametrize("ignore", [256, 2**40])
 def test_bool_target_ignore_index_not_wrapped(ignore):
     x = torch.ones(1, 1, 2, dtype=torch.float64)
