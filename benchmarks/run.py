@@ -10,7 +10,7 @@ import torch
 
 from . import harness
 
-FAMILIES = ["overlap", "roi_align", "conv", "conv_transpose", "boxes", "models"]
+FAMILIES = ["overlap", "roi_align", "conv", "conv_transpose", "boxes", "masks", "models"]
 
 
 def main(args) -> int:

@@ -113,6 +113,14 @@ OPS = {
     "dice_score": (
         lambda m, x, y: segops.ops.dice_score(segops.ops.confusion_matrix(x, y, 3), "micro"),
         _scores_and_labels),
+    "paste_masks": (
+        lambda m, masks, boxes: segops.ops.paste_masks(masks, boxes, (12, 14)),
+        lambda: (torch.rand(2, 1, 5, 5, **D), _boxes()[:, 1:])),
+    "mask_targets": (
+        lambda m, gt, rois: segops.ops.mask_targets(gt, rois, torch.tensor([1, 0], device=DEVICE),
+                                                    4).double(),
+        lambda: ((torch.rand(2, 12, 13, device=DEVICE) > 0.5).to(torch.uint8),
+                 _boxes()[:, 1:])),
     "box_iou": (
         lambda m, a, b: segops.ops.box_iou(a, b).double(),
         lambda: (_boxes()[:, 1:], _boxes()[:1, 1:] + 1)),

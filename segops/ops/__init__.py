@@ -10,6 +10,7 @@ from .boxes import (
 )
 from .conv import atrous_conv2d
 from .conv_transpose import conv_transpose2d
+from .masks import mask_targets, paste_masks
 from .overlap import (
     confusion_matrix,
     dice_loss,
@@ -34,8 +35,10 @@ __all__ = [
     "dice_score",
     "iou_score",
     "jaccard_loss",
+    "mask_targets",
     "multi_scale_roi_align",
     "overlap_sums",
+    "paste_masks",
     "roi_align",
 ]
 

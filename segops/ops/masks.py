@@ -1,0 +1,265 @@
+"""Mask R-CNN's mask ops with torchvision's numbers: pasting predicted masks
+into the image (inference) and building mask targets (training).
+
+``paste_masks(masks, boxes, image_shape, padding=1, *, threshold=None)``
+-------------------------------------------------------------------------
+Equal to ``torchvision.models.detection.roi_heads.paste_masks_in_image``,
+in one kernel launch for all masks and with no host synchronisation:
+
+* ``masks`` ``(N, 1, MH, MW)`` float (usually 28 x 28 probabilities) is
+  zero-padded by ``padding`` on each side; the box ``(x0, y0, x1, y1)`` is
+  expanded about its centre by ``(MW + 2 * padding) / MW`` (torchvision's
+  ``expand_masks`` scale uses the mask's width for both axes) and truncated
+  toward zero to integers (``.to(torch.int64)``: -0.7 becomes 0).
+* The padded mask is resized with ``F.interpolate(mode='bilinear',
+  align_corners=False)`` to ``max(y1 - y0 + 1, 1)`` x ``max(x1 - x0 + 1, 1)``
+  and written at ``(y0, x0)``, clipped to the ``(H, W)`` image: pixel
+  ``(y, x)`` with ``x0 <= x <= x1`` and ``y0 <= y <= y1`` gets the resized
+  mask's ``(y - y0, x - x0)``; every other pixel is 0. The kernel computes
+  each pixel's source in the padded mask directly (ATen's
+  ``area_pixel_compute_source_index``: ``scale * (dst + 0.5) - 0.5``,
+  clamped at 0; the last row/column repeats at the edge); neither the padded
+  nor the resized mask is built.
+* Returns ``(N, 1, H, W)`` in the masks' dtype, or with ``threshold`` a bool
+  mask equal to torchvision's result ``> threshold`` (the comparison torch
+  makes: the value in the masks' dtype against the threshold cast to it).
+
+Box arithmetic runs in float32 (float64 for float64 boxes); torchvision runs
+it in the boxes' dtype, so fp16/bf16 boxes may truncate differently (they
+are unusual here: the box head predicts float32). Where segops and
+torchvision differ: torchvision's Python slicing raises a size-mismatch
+error for a box wholly left of the image by more than a pixel or wholly
+right of it (a negative slice end wraps around); segops pastes nothing for
+those. A box with a non-finite coordinate pastes nothing (torchvision's
+cast of it is undefined). Coordinates are clamped to +-2^40 before the cast
+(torchvision would allocate a mask that large). Not differentiable.
+
+``mask_targets(gt_masks, rois, matched_idxs, M)``
+-------------------------------------------------
+Equal to torchvision's ``roi_heads.project_masks_on_boxes``:
+``roi_align(gt_masks[:, None].to(rois), cat([matched_idxs, rois]), (M, M),
+spatial_scale=1.0, sampling_ratio=-1, aligned=False)[:, 0]``, for one image:
+
+* ``gt_masks``: ``(G, H, W)`` uint8, bool or float, the image's GT masks
+  (read as they are: no float copy is made on the kernel path).
+* ``rois``: ``(K, 4)`` float ``(x1, y1, x2, y2)`` in that image's pixels.
+* ``matched_idxs``: ``(K,)`` integer, the GT mask of each RoI, in [0, G)
+  (checked: a clear error on the CPU, a device-side assert on CUDA; a
+  RoI with an index outside [0, G) gives zeros when unchecked).
+* ``M``: output size. Returns ``(K, M, M)`` float32 (float64 for float64
+  RoIs, as torchvision's ``.to(rois)``): bilinear weights and sums in that
+  dtype. A RoI with a non-finite coordinate gives zeros.
+
+Lists (torchvision's per-image form): ``gt_masks``, ``rois`` and
+``matched_idxs`` may each be a list with one entry per image; the result is
+the images' targets concatenated, as ``maskrcnn_loss`` builds them (one
+launch per image).
+
+Paths (``segops._dispatch``): the Triton kernels on CUDA and under
+``TRITON_INTERPRET=1``; elsewhere the reference for ``paste_masks`` (the
+same per-mask ``F.interpolate`` torchvision runs, without its wrap-around
+slicing) and torchvision's own ``roi_align`` on the float masks for
+``mask_targets`` when torchvision is installed (the reference otherwise).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError,
+                       check_int, check_number, check_same_device, check_tensor)
+from ..reference import masks as reference
+
+GT_MASK_DTYPES = (torch.uint8, torch.bool, *FLOAT_DTYPES)
+
+
+def _kernels():
+    from ..kernels import masks as kernels  # lazy: triton is slow to import
+    return kernels
+
+
+# --------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------
+@torch.library.custom_op("segops::paste_masks", mutates_args=())
+def _paste_masks(masks: Tensor, boxes: Tensor, image_height: int, image_width: int,
+                 padding: int, threshold: float | None) -> Tensor:
+    args = (masks, boxes, image_height, image_width, padding, threshold)
+    if _dispatch.uses_kernel(masks):
+        return _kernels().paste_masks(*args)
+    return reference.paste_masks(*args)
+
+
+@_paste_masks.register_fake
+def _(masks, boxes, image_height, image_width, padding, threshold):
+    dtype = torch.bool if threshold is not None else masks.dtype
+    return masks.new_empty((masks.shape[0], 1, image_height, image_width), dtype=dtype)
+
+
+@torch.library.custom_op("segops::mask_targets", mutates_args=())
+def _mask_targets(gt_masks: Tensor, rois: Tensor, matched_idxs: Tensor, M: int) -> Tensor:
+    out_dtype = reference.box_dtype(rois.dtype)
+    if _dispatch.uses_kernel(rois):
+        return _kernels().mask_targets(gt_masks, rois, matched_idxs, M, out_dtype)
+    if _dispatch.uses_native(rois) and _torchvision_roi_align() is not None:
+        return _native_mask_targets(gt_masks, rois, matched_idxs, M, out_dtype)
+    return reference.mask_targets(gt_masks, rois, matched_idxs, M, out_dtype)
+
+
+@_mask_targets.register_fake
+def _(gt_masks, rois, matched_idxs, M):
+    return rois.new_empty((rois.shape[0], M, M), dtype=reference.box_dtype(rois.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision_roi_align():
+    try:
+        import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+        return torch.ops.torchvision.roi_align
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def _native_mask_targets(gt_masks, rois, matched_idxs, M, out_dtype):
+    """torchvision's project_masks_on_boxes, on the RoIs that pool anything
+    (finite, index in [0, G)); the others are zeros."""
+    K, G = rois.shape[0], gt_masks.shape[0]
+    rois = rois.to(out_dtype)
+    ok = torch.isfinite(rois).all(1) & (matched_idxs >= 0) & (matched_idxs < G)
+    out = torch.zeros((K, M, M), dtype=out_dtype, device=rois.device)
+    if K == 0 or 0 in gt_masks.shape or not bool(ok.any()):
+        return out
+    rows = torch.nonzero(ok).flatten()
+    full = torch.cat([matched_idxs[rows].to(out_dtype)[:, None], rois[rows]], dim=1)
+    pooled = _torchvision_roi_align()(gt_masks[:, None].to(out_dtype), full, 1.0, M, M, -1,
+                                      False)
+    out[rows] = pooled[:, 0]
+    return out
+
+
+# --------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------
+def _image_shape(image_shape) -> tuple[int, int]:
+    if isinstance(image_shape, torch.Size):
+        image_shape = tuple(image_shape)
+    if not isinstance(image_shape, (tuple, list)) or len(image_shape) != 2:
+        raise ArgumentTypeError(f"image_shape must be a pair (height, width) of ints, got "
+                                f"{image_shape!r}")
+    return (check_int("image_shape[0] (height)", image_shape[0], minimum=0),
+            check_int("image_shape[1] (width)", image_shape[1], minimum=0))
+
+
+def _check_boxes(name: str, boxes, count: int | None, what: str) -> None:
+    check_tensor(name, boxes, dims=(2,), dtypes=FLOAT_DTYPES)
+    if boxes.shape[1] != 4:
+        raise ArgumentError(f"{name} must have shape (K, 4) = (x1, y1, x2, y2) per row, got "
+                            f"{tuple(boxes.shape)}")
+    if count is not None and boxes.shape[0] != count:
+        raise ArgumentError(f"{name} has {boxes.shape[0]} rows for {count} {what}")
+
+
+def _check_indices(matched_idxs: Tensor, G: int, name: str) -> None:
+    """Indices in [0, G): a device-side assert on CUDA (no host sync), a
+    clear error elsewhere."""
+    bad = (matched_idxs < 0) | (matched_idxs >= G)
+    if matched_idxs.is_cuda:
+        torch._assert_async(~bad.any(), "segops mask_targets: matched_idxs holds an index "
+                            f"outside [0, G) = [0, {G})")
+        return
+    if bool(bad.any()):
+        value = int(matched_idxs[bad][0])
+        raise ArgumentError(f"{name} holds {value}: indices must be in [0, G) = "
+                            f"[0, {G}) for {G} GT masks")
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+def paste_masks(masks: Tensor, boxes: Tensor, image_shape, padding: int = 1, *,
+                threshold: float | None = None) -> Tensor:
+    """Paste each mask into its box of an image, as torchvision's
+    ``paste_masks_in_image`` (see this module's docstring), in one launch.
+
+    Args:
+        masks: ``(N, 1, MH, MW)`` float masks (probabilities).
+        boxes: ``(N, 4)`` float boxes ``(x0, y0, x1, y1)`` in image pixels.
+        image_shape: ``(H, W)``.
+        padding: pixels of zeros around each mask before resizing (>= 0).
+        threshold: if given, return ``result > threshold`` as bool.
+    Returns:
+        ``(N, 1, H, W)`` in the masks' dtype, or bool with ``threshold``.
+    """
+    check_tensor("masks", masks, dims=(4,), dtypes=FLOAT_DTYPES)
+    if masks.shape[1] != 1:
+        raise ArgumentError(f"masks must have shape (N, 1, MH, MW), got {tuple(masks.shape)}")
+    if masks.shape[0] > 0 and 0 in masks.shape[2:]:
+        raise ArgumentError(f"masks must not be empty in MH or MW, got {tuple(masks.shape)}")
+    _check_boxes("boxes", boxes, masks.shape[0], "masks")
+    check_same_device(masks=masks, boxes=boxes)
+    height, width = _image_shape(image_shape)
+    padding = check_int("padding", padding, minimum=0)
+    if threshold is not None:
+        threshold = check_number("threshold", threshold)
+    return _paste_masks(masks, boxes, height, width, padding, threshold)
+
+
+def _mask_targets_one(gt_masks, rois, matched_idxs, M, validate_args, suffix=""):
+    check_tensor(f"gt_masks{suffix}", gt_masks, dims=(3,), dtypes=GT_MASK_DTYPES)
+    _check_boxes(f"rois{suffix}", rois, None, "")
+    check_tensor(f"matched_idxs{suffix}", matched_idxs, dims=(1,), dtypes=INDEX_DTYPES)
+    if matched_idxs.shape[0] != rois.shape[0]:
+        raise ArgumentError(f"matched_idxs{suffix} has {matched_idxs.shape[0]} entries for "
+                            f"{rois.shape[0]} rois")
+    check_same_device(**{f"gt_masks{suffix}": gt_masks, f"rois{suffix}": rois,
+                         f"matched_idxs{suffix}": matched_idxs})
+    if validate_args and not torch.compiler.is_compiling():
+        _check_indices(matched_idxs, gt_masks.shape[0], f"matched_idxs{suffix}")
+    return _mask_targets(gt_masks, rois, matched_idxs, M)
+
+
+def mask_targets(gt_masks: Tensor | Sequence[Tensor], rois: Tensor | Sequence[Tensor],
+                 matched_idxs: Tensor | Sequence[Tensor], M: int, *,
+                 validate_args: bool = True) -> Tensor:
+    """Mask R-CNN's mask targets, as torchvision's ``project_masks_on_boxes``
+    (see this module's docstring), reading uint8/bool GT masks directly.
+
+    Args:
+        gt_masks: ``(G, H, W)`` uint8, bool or float masks of one image, or a
+            list of those (one per image).
+        rois: ``(K, 4)`` positive proposals ``(x1, y1, x2, y2)`` of that
+            image, or a list.
+        matched_idxs: ``(K,)`` integer index of each RoI's GT mask, or a list.
+        M: output size (28 in Mask R-CNN).
+        validate_args: check that the indices are in [0, G).
+    Returns:
+        ``(K, M, M)`` float32 (float64 for float64 RoIs); with lists, the
+        images' results concatenated.
+    """
+    M = check_int("M", M, minimum=1)
+    if isinstance(gt_masks, Tensor):
+        return _mask_targets_one(gt_masks, rois, matched_idxs, M, validate_args)
+    if not isinstance(gt_masks, (list, tuple)):
+        raise ArgumentTypeError(f"gt_masks must be a Tensor[G, H, W] or a list of them, got "
+                                f"{type(gt_masks).__name__}")
+    for name, value in (("rois", rois), ("matched_idxs", matched_idxs)):
+        if not isinstance(value, (list, tuple)):
+            raise ArgumentTypeError(f"{name} must be a list like gt_masks, got "
+                                    f"{type(value).__name__}")
+        if len(value) != len(gt_masks):
+            raise ArgumentError(f"{name} has {len(value)} entries for {len(gt_masks)} images "
+                                "in gt_masks")
+    if not gt_masks:
+        raise ArgumentError("gt_masks is an empty list: pass one Tensor[G, H, W] per image")
+    results = [_mask_targets_one(g, r, i, M, validate_args, f"[{n}]")
+               for n, (g, r, i) in enumerate(zip(gt_masks, rois, matched_idxs))]
+    return torch.cat(results, dim=0)
+
+
+# graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)
+torch.fx.wrap("paste_masks")
+torch.fx.wrap("mask_targets")

@@ -1,0 +1,456 @@
+"""Mask pasting and mask targets: kernels vs torchvision's own functions
+(paste_masks_in_image, project_masks_on_boxes) vs the reference, every
+branch (boxes partly and wholly outside, 1-pixel, reversed, huge, truncation
+toward zero of negative coordinates), thresholds, GT mask dtypes, views,
+edges, errors, opcheck, one launch, and the benchmark's code at tiny sizes."""
+import importlib
+
+import pytest
+import torch
+from helpers import DEVICE, RTOL, VIEW_KINDS, assert_close, non_contiguous, record_launches
+
+from segops import _dispatch
+from segops.kernels import masks as kernels
+from segops.reference import masks as ref
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.detection.roi_heads import (  # noqa: E402
+    paste_masks_in_image,
+    project_masks_on_boxes,
+)
+
+ops_module = importlib.import_module("segops.ops.masks")
+paste_masks, mask_targets = ops_module.paste_masks, ops_module.mask_targets
+
+H, W = 40, 57  # small image: the interpreter is slow
+F64 = RTOL[torch.float64]
+F32 = RTOL[torch.float32]
+
+
+def paste_boxes(dtype=torch.float64):
+    """Boxes torchvision pastes without error, covering every branch: inside,
+    across each border, a fractional negative corner (truncated toward zero,
+    not floored), 1-pixel and sub-pixel boxes, reversed boxes (paste nothing),
+    larger than the image, touching the right edge from outside."""
+    rows = [
+        [3.2, 4.7, 20.1, 30.3],      # inside
+        [-5.0, -3.0, 10.0, 8.0],     # across the top-left corner
+        [45.0, 30.0, 70.0, 50.0],    # across the bottom-right corner
+        [5.0, 5.0, 5.3, 5.2],        # sub-pixel: a 1-pixel paste
+        [12.0, 9.0, 12.0, 9.0],      # degenerate point
+        [-10.0, -10.0, 80.0, 60.0],  # larger than the image
+        [10.6, -0.9, 14.2, 0.3],     # y0 expands to about -1.5 -> -1, y1 -> 0
+        [-0.9, 20.0, 0.2, 25.0],     # x0 -> -1 (trunc), x1 -> 0: one column
+        [30.0, 20.0, 22.0, 10.0],    # reversed in both
+        [30.0, 10.0, 22.0, 20.0],    # reversed in x only
+        [55.5, 2.0, 56.5, 6.0],      # at the right edge
+        [-1.3, 35.0, 3.0, 45.0],     # across the bottom-left
+    ]
+    return torch.tensor(rows, dtype=dtype)
+
+
+def outside_boxes(dtype=torch.float64):
+    """Boxes wholly outside on which torchvision's negative slice ends wrap
+    around and it raises a size mismatch: segops pastes nothing."""
+    return torch.tensor([[60.0, 3.0, 95.0, 20.0],     # right of the image
+                         [-40.0, 3.0, -10.0, 20.0],   # left of it
+                         [3.0, 60.0, 20.0, 90.0],     # below
+                         [3.0, -50.0, 20.0, -12.0]],  # above
+                        dtype=dtype)
+
+
+def rand_masks(n, mh=7, mw=7, dtype=torch.float64):
+    return torch.rand(n, 1, mh, mw, dtype=torch.float64).to(dtype)
+
+
+def mask_rois(dtype=torch.float32):
+    """RoIs for the mask targets: inside, across borders, tiny (below 1 px:
+    the aligned=False minimum size), huge (many samples per bin), reversed,
+    wholly outside."""
+    rows = [
+        [3.2, 4.7, 20.1, 30.3],
+        [-5.0, -3.0, 10.0, 8.0],
+        [30.0, 20.0, 70.0, 50.0],
+        [5.0, 5.0, 5.3, 5.2],
+        [-20.0, -15.0, 90.0, 70.0],
+        [30.0, 20.0, 22.0, 10.0],
+        [70.0, 50.0, 90.0, 60.0],
+        [0.0, 0.0, 56.0, 39.0],
+    ]
+    return torch.tensor(rows, dtype=dtype)
+
+
+def gt_masks(G, dtype=torch.uint8):
+    masks = torch.rand(G, H, W) > 0.5
+    if dtype == torch.bool:
+        return masks
+    return masks.to(dtype)
+
+
+def any_view(t, kind):
+    """helpers.non_contiguous for any dtype (integer and bool tensors too)."""
+    if t.is_floating_point():
+        return non_contiguous(t, kind)
+    if kind == "stride2":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if kind == "transposed":
+        if t.dim() == 1:
+            wide = torch.zeros(t.shape[0], 2, dtype=t.dtype, device=t.device)
+            wide[:, 1] = t
+            return wide[:, 1]
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if t.dim() == 1:  # a slice of a vector is contiguous: a column instead
+        return any_view(t, "transposed")
+    dim = 1
+    pad = list(t.shape)
+    pad[dim] = 3
+    zeros = torch.zeros(pad, dtype=t.dtype, device=t.device)
+    return torch.cat([zeros, t, zeros], dim=dim).narrow(dim, 3, t.shape[dim])
+
+
+# --------------------------------------------------------------------------
+# paste_masks
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("padding,shape", [(1, (7, 7)), (0, (5, 5)), (2, (4, 6))])
+def test_paste_matches_torchvision(dtype, padding, shape):
+    boxes = paste_boxes(dtype)
+    masks = rand_masks(boxes.shape[0], *shape, dtype=dtype)
+    want = paste_masks_in_image(masks, boxes, (H, W), padding=padding)
+    with record_launches(kernels, "_paste_masks_kernel") as rec:
+        got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W), padding)
+    assert rec.names_launched() == ["_paste_masks_kernel"]  # one launch, all masks
+    assert rec.launches[0][1][0] == boxes.shape[0]
+    assert got.dtype == dtype and got.shape == (boxes.shape[0], 1, H, W)
+    assert_close(got, want, RTOL[dtype])
+    # which pixels are pasted is exact (truncation, clipping)
+    assert torch.equal(got.cpu() != 0, want != 0)
+
+
+def test_paste_box_dtype_differs_from_mask_dtype():
+    """float32 masks with float64 boxes: box arithmetic in float64, the
+    interpolation in float32, as torchvision."""
+    boxes = paste_boxes(torch.float64) + 0.37
+    masks = rand_masks(boxes.shape[0], dtype=torch.float32)
+    want = paste_masks_in_image(masks, boxes, (H, W))
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W))
+    assert_close(got, want, F32)
+    assert torch.equal(got.cpu() != 0, want != 0)
+
+
+def test_paste_truncation_boundaries_float32():
+    """Expanded corners landing exactly on and next to integers, in float32:
+    the truncation must see torchvision's exact float32 arithmetic."""
+    base = torch.arange(0, 24, dtype=torch.float32)
+    boxes = torch.stack([base * 1.75 - 3.5, base * 1.5 - 2.25, base * 1.75 + 7.0,
+                         base * 1.5 + 4.75], 1)
+    boxes = torch.cat([boxes, torch.nextafter(boxes, boxes + 1),
+                       torch.nextafter(boxes, boxes - 1)])
+    masks = rand_masks(boxes.shape[0], 28, 28, torch.float32)
+    want = paste_masks_in_image(masks, boxes, (H, W))
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W))
+    assert torch.equal(got.cpu() != 0, want != 0)
+    assert_close(got, want, F32)
+
+
+def test_paste_boxes_wholly_outside_paste_nothing():
+    boxes = outside_boxes()
+    masks = rand_masks(boxes.shape[0])
+    for i in range(boxes.shape[0]):  # torchvision raises on each of them
+        with pytest.raises(RuntimeError):
+            paste_masks_in_image(masks[i:i + 1], boxes[i:i + 1], (H, W), padding=0)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W), 0)
+    assert torch.equal(got.cpu(), torch.zeros(boxes.shape[0], 1, H, W, dtype=torch.float64))
+    with _dispatch.reference_only():
+        assert torch.equal(paste_masks(masks, boxes, (H, W), 0), got.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.0])
+def test_paste_threshold(dtype, threshold):
+    boxes = paste_boxes(dtype)
+    masks = rand_masks(boxes.shape[0], dtype=dtype)
+    masks[0, 0, 2:4, 2:4] = 0.3  # exactly at a threshold (float32: 0.3 rounded)
+    want = paste_masks_in_image(masks, boxes, (H, W)) > threshold
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W),
+                                 threshold=threshold)
+    assert got.dtype == torch.bool
+    assert torch.equal(got.cpu(), want)
+
+
+def test_paste_threshold_is_exact_in_float64():
+    """A float64 threshold is not rounded to float32: values 1e-12 above 0.3
+    are above it (they are below float32's 0.3, 0.30000001)."""
+    boxes = paste_boxes()[:3]
+    masks = torch.full((3, 1, 6, 6), 0.3 + 1e-12, dtype=torch.float64)
+    want = paste_masks_in_image(masks, boxes, (H, W)) > 0.3
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W), threshold=0.3)
+    assert want.sum() > 50
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("which", ["masks", "boxes"])
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_paste_non_contiguous(which, kind):
+    boxes = paste_boxes().to(DEVICE)
+    masks = rand_masks(boxes.shape[0], 5, 6).to(DEVICE)
+    want = ref.paste_masks(masks.cpu(), boxes.cpu(), H, W, 1, None)
+    if which == "masks":
+        masks = non_contiguous(masks, kind)
+    else:
+        boxes = non_contiguous(boxes, kind)
+    assert not (masks.is_contiguous() and boxes.is_contiguous())
+    got = paste_masks(masks, boxes, (H, W))
+    assert_close(got, want, F64)
+
+
+@pytest.mark.parametrize("block_h,block_w", [(2, 16), (32, 64)])
+def test_paste_kernel_tiles_match_reference(block_h, block_w):
+    """Tiles much smaller than the image (many programs per mask, tiles that
+    miss the box) and larger than it (row and column tails)."""
+    boxes = torch.cat([paste_boxes(), outside_boxes()])
+    masks = rand_masks(boxes.shape[0])
+    got = kernels.paste_masks(masks.to(DEVICE), boxes.to(DEVICE), H, W, 1, None,
+                              block_h=block_h, block_w=block_w)
+    assert_close(got, ref.paste_masks(masks, boxes, H, W, 1, None), F64)
+    got = kernels.paste_masks(masks.to(DEVICE), boxes.to(DEVICE), H, W, 1, 0.4,
+                              block_h=block_h, block_w=block_w)
+    assert torch.equal(got.cpu(), ref.paste_masks(masks, boxes, H, W, 1, 0.4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_paste_half_masks(dtype):
+    boxes = paste_boxes(torch.float32)
+    masks = rand_masks(boxes.shape[0], dtype=dtype)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W))
+    assert got.dtype == dtype
+    want = paste_masks_in_image(masks.double(), boxes.double(), (H, W))
+    assert_close(got, want, RTOL[dtype])
+
+
+def test_paste_non_finite_boxes_paste_nothing():
+    boxes = paste_boxes()[:3].clone()
+    boxes[0, 2] = float("nan")
+    boxes[1, 0] = -float("inf")
+    masks = rand_masks(3)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W)).cpu()
+    assert torch.equal(got[:2], torch.zeros(2, 1, H, W, dtype=torch.float64))
+    assert_close(got[2:], paste_masks_in_image(masks[2:], boxes[2:], (H, W)), F64)
+    with _dispatch.reference_only():
+        assert_close(paste_masks(masks, boxes, (H, W)), got, F64)
+
+
+def test_paste_empty():
+    masks, boxes = torch.zeros(0, 1, 28, 28), torch.zeros(0, 4)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W))
+    assert got.shape == paste_masks_in_image(masks, boxes, (H, W)).shape == (0, 1, H, W)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W), threshold=0.5)
+    assert got.shape == (0, 1, H, W) and got.dtype == torch.bool
+    got = paste_masks(rand_masks(2).to(DEVICE), paste_boxes()[:2].to(DEVICE), (0, 5))
+    assert got.shape == (2, 1, 0, 5)
+
+
+def test_paste_reference_path_matches_torchvision():
+    boxes = paste_boxes(torch.float32)
+    masks = rand_masks(boxes.shape[0], dtype=torch.float32)
+    want = paste_masks_in_image(masks, boxes, (H, W))
+    with _dispatch.native_only():  # off the GPU without the interpreter: the reference
+        got = paste_masks(masks, boxes, (H, W))
+    assert_close(got, want, F32)
+
+
+# --------------------------------------------------------------------------
+# mask_targets
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.bool, torch.float32], ids=str)
+@pytest.mark.parametrize("roi_dtype", [torch.float32, torch.float64], ids=str)
+def test_mask_targets_match_torchvision(mask_dtype, roi_dtype):
+    masks = gt_masks(3, mask_dtype)
+    rois = mask_rois(roi_dtype)
+    idx = torch.tensor([0, 2, 1, 2, 0, 1, 2, 1])
+    want = project_masks_on_boxes(masks, rois, idx, 6)
+    with record_launches(kernels, "_mask_targets_kernel") as rec:
+        got = mask_targets(masks.to(DEVICE), rois.to(DEVICE), idx.to(DEVICE), 6)
+    assert rec.names_launched() == ["_mask_targets_kernel"]
+    assert rec.launches[0][1][0] == rois.shape[0]
+    assert got.dtype == roi_dtype and got.shape == (8, 6, 6)
+    assert_close(got, want, RTOL[roi_dtype])
+
+
+@pytest.mark.parametrize("which", ["gt_masks", "rois", "matched_idxs"])
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_mask_targets_non_contiguous(which, kind):
+    args = {"gt_masks": gt_masks(2).to(DEVICE), "rois": mask_rois(torch.float64).to(DEVICE),
+            "matched_idxs": torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], device=DEVICE)}
+    want = ref.mask_targets(*(a.cpu() for a in args.values()), 5, torch.float64)
+    view = any_view(args[which], kind)
+    args[which] = view
+    assert not view.is_contiguous()
+    got = mask_targets(*args.values(), 5)
+    assert_close(got, want, F64)
+
+
+def test_mask_targets_kernel_blocks_and_bool_view():
+    """Bin blocks smaller than M*M (several programs per RoI, a tail) and a
+    bool mask read through its uint8 view."""
+    masks = gt_masks(2, torch.bool)
+    rois = mask_rois(torch.float64)
+    idx = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0])
+    got = kernels.mask_targets(masks.to(DEVICE), rois.to(DEVICE), idx.to(DEVICE), 5,
+                               torch.float64, block_p=8)
+    assert_close(got, ref.mask_targets(masks, rois, idx, 5, torch.float64), F64)
+
+
+def test_mask_targets_list_form():
+    masks = [gt_masks(2), gt_masks(3)[:, :30, :50]]
+    rois = [mask_rois()[:3], mask_rois()[3:]]
+    idx = [torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1, 2, 0])]
+    got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
+                                  [i.to(DEVICE) for i in idx], 4)
+    want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
+    assert_close(got, want, F32)
+
+
+def test_mask_targets_non_finite_rois_and_empty():
+    rois = mask_rois(torch.float64)[:3].clone()
+    rois[0, 1] = float("nan")
+    masks, idx = gt_masks(2), torch.tensor([0, 1, 0])
+    got = mask_targets(masks.to(DEVICE), rois.to(DEVICE), idx.to(DEVICE), 4).cpu()
+    assert torch.equal(got[0], torch.zeros(4, 4, dtype=torch.float64))
+    assert_close(got[1:], project_masks_on_boxes(masks, rois[1:], idx[1:], 4), F64)
+    with _dispatch.native_only():
+        assert_close(mask_targets(masks, rois, idx, 4), got, F64)
+    empty = mask_targets(masks.to(DEVICE), torch.zeros(0, 4, device=DEVICE),
+                                    torch.zeros(0, dtype=torch.int64, device=DEVICE), 28)
+    assert empty.shape == (0, 28, 28) and empty.dtype == torch.float32
+    zero_g = mask_targets(torch.zeros(0, H, W, dtype=torch.uint8, device=DEVICE),
+                                     torch.zeros(0, 4, device=DEVICE),
+                                     torch.zeros(0, dtype=torch.int64, device=DEVICE), 3)
+    assert zero_g.shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("path", ["native", "reference"])
+def test_mask_targets_cpu_paths(path):
+    masks, rois = gt_masks(3), mask_rois()
+    idx = torch.tensor([0, 2, 1, 2, 0, 1, 2, 1])
+    with _dispatch.forced_path(_dispatch.NATIVE if path == "native" else _dispatch.REFERENCE):
+        got = mask_targets(masks, rois, idx, 5)
+    assert_close(got, project_masks_on_boxes(masks, rois, idx, 5), F32)
+
+
+# --------------------------------------------------------------------------
+# op contract: opcheck, errors
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["kernel", "native"])
+def test_opcheck(path):
+    device = DEVICE if path == "kernel" else "cpu"
+    if path == "native" and DEVICE.type == "cuda":
+        pytest.skip("the native path runs on CPU tensors")
+    boxes = paste_boxes()[:4].to(device)
+    masks = rand_masks(4, 5, 5).to(device)
+    with _dispatch.native_only() if path == "native" else _nullcontext():
+        torch.library.opcheck(torch.ops.segops.paste_masks.default,
+                              (masks, boxes, 12, 15, 1, None))
+        torch.library.opcheck(torch.ops.segops.paste_masks.default,
+                              (masks.float(), boxes.float(), 12, 15, 1, 0.5))
+        torch.library.opcheck(torch.ops.segops.mask_targets.default,
+                              (gt_masks(2).to(device), mask_rois()[:3].to(device),
+                               torch.tensor([0, 1, 1], device=device), 4))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bad_paste_cases():
+    m, b = torch.rand(2, 1, 5, 5), torch.rand(2, 4)
+    return [
+        ("masks must be a torch.Tensor", TypeError, lambda: paste_masks([1], b, (4, 4))),
+        ("masks must have 4 dimensions", ValueError,
+         lambda: paste_masks(m[:, 0], b, (4, 4))),
+        ("masks must have dtype", TypeError,
+         lambda: paste_masks(m.to(torch.uint8), b, (4, 4))),
+        (r"masks must have shape \(N, 1", ValueError,
+         lambda: paste_masks(m.expand(2, 3, 5, 5), b, (4, 4))),
+        ("boxes has 3 rows for 2 masks", ValueError,
+         lambda: paste_masks(m, torch.rand(3, 4), (4, 4))),
+        (r"boxes must have shape \(K, 4\)", ValueError,
+         lambda: paste_masks(m, torch.rand(2, 5), (4, 4))),
+        ("boxes must have dtype", TypeError,
+         lambda: paste_masks(m, b.long(), (4, 4))),
+        ("image_shape must be a pair", TypeError, lambda: paste_masks(m, b, 4)),
+        (r"image_shape\[0\] \(height\) must be >= 0", ValueError,
+         lambda: paste_masks(m, b, (-1, 4))),
+        ("padding must be >= 0", ValueError, lambda: paste_masks(m, b, (4, 4), -1)),
+        ("threshold must be finite", ValueError,
+         lambda: paste_masks(m, b, (4, 4), threshold=float("nan"))),
+        ("threshold must be a number", TypeError,
+         lambda: paste_masks(m, b, (4, 4), threshold="0.5")),
+    ]
+
+
+def _bad_target_cases():
+    g, r, i = gt_masks(2), mask_rois()[:2], torch.tensor([0, 1])
+    mt = mask_targets
+    return [
+        ("gt_masks must have 3 dimensions", ValueError, lambda: mt(g[None], r, i, 4)),
+        ("gt_masks must have dtype", TypeError, lambda: mt(g.to(torch.int32), r, i, 4)),
+        (r"rois must have shape \(K, 4\)", ValueError, lambda: mt(g, r[:, :3], i, 4)),
+        ("matched_idxs must have dtype", TypeError, lambda: mt(g, r, i.float(), 4)),
+        ("matched_idxs has 1 entries for 2 rois", ValueError, lambda: mt(g, r, i[:1], 4)),
+        (r"matched_idxs holds 2: indices must be in \[0, G\)", ValueError,
+         lambda: mt(g, r, torch.tensor([0, 2]), 4)),
+        ("matched_idxs holds -1", ValueError, lambda: mt(g, r, torch.tensor([-1, 0]), 4)),
+        ("M must be >= 1", ValueError, lambda: mt(g, r, i, 0)),
+        ("M must be an int", TypeError, lambda: mt(g, r, i, 2.5)),
+        ("rois has 1 entries for 2 images", ValueError, lambda: mt([g, g], [r], [i, i], 4)),
+        (r"matched_idxs\[1\] holds 5", ValueError,
+         lambda: mt([g, g], [r, r], [i, torch.tensor([0, 5])], 4)),
+        ("gt_masks must be a Tensor", TypeError, lambda: mt("g", r, i, 4)),
+    ]
+
+
+@pytest.mark.parametrize("match,error,make", _bad_paste_cases() + _bad_target_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_errors(match, error, make):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_unchecked_bad_index_gives_zeros():
+    masks, rois = gt_masks(2), mask_rois()[:2]
+    idx = torch.tensor([0, 7])
+    got = mask_targets(masks.to(DEVICE), rois.to(DEVICE), idx.to(DEVICE), 3,
+                                  validate_args=False).cpu()
+    assert torch.equal(got[1], torch.zeros(3, 3))
+    assert_close(got[:1], project_masks_on_boxes(masks, rois[:1], idx[:1], 3), F32)
+
+
+# --------------------------------------------------------------------------
+# the benchmark's code at tiny sizes
+# --------------------------------------------------------------------------
+def test_masks_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    from segops.benchmarks import masks as bench
+
+    def call_once(fn, **kwargs):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench, "DEVICE", DEVICE.type)
+    monkeypatch.setattr(bench, "IMAGE", (24, 31))
+    monkeypatch.setattr(bench, "PASTE_MASKS", 3)
+    monkeypatch.setattr(bench, "TARGET_ROIS", 4)
+    monkeypatch.setattr(bench, "GT_MASKS", 2)
+    monkeypatch.setattr(bench, "M", 5)
+    monkeypatch.setattr(bench, "time_ms", call_once)
+    monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
+    records = bench.run(quick=False)
+    assert {r.op for r in records} == {"paste_masks", "mask_targets"}
+    assert {r.provider for r in records} == {"segops", "torchvision"}
+    assert all(r.ms == 1.0 for r in records)
