@@ -186,6 +186,32 @@ def test_dtypes_against_float64(dtype, layout):
     assert_close(got_grad, want_grad, RTOL[dtype], name="grad")
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the fp16/bf16/fp32 kernels users run are the GPU's; "
+                    "the interpreter covers this grid in float64 (test_matches_torchvision)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["legacy", "aligned"])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_geometry_grid_in_gpu_dtypes(dtype, aligned, sampling_ratio, layout):
+    """The torchvision grid (random and edge boxes, both alignments, fixed
+    and adaptive sampling) in the dtypes users run, forward and both
+    backward kernels, against the float64 reference on the rounded inputs."""
+    x = like_layout(torch.randn(2, 16, 7, 9, dtype=torch.float64).to(dtype), layout)
+    rois = make_rois(9, 2, 7, 9, scale=0.5)
+    want = ref.roi_align([x.double()], rois, None, [0.5], 2, 3, sampling_ratio, aligned, "avg")
+    grad = torch.randn(want.shape, dtype=torch.float64).to(dtype)
+    want_grad = ref.roi_align_backward(grad.double(), [x.double()], rois, None, [0.5], 2, 3,
+                                       sampling_ratio, aligned, "avg")[0]
+    for mode in (False, True):
+        xd = x.to(DEVICE).requires_grad_()
+        with deterministic(mode):
+            out = segops.ops.roi_align(xd, rois.to(DEVICE), (2, 3), 0.5, sampling_ratio, aligned)
+            (got_grad,) = torch.autograd.grad(out, xd, grad.to(DEVICE))
+        assert out.dtype == got_grad.dtype == dtype
+        assert_close(out, want, RTOL[dtype])
+        assert_close(got_grad, want_grad, RTOL[dtype], name=f"grad (deterministic={mode})")
+
+
 def test_half_boxes_are_cast_not_rounded_to_half():
     """float32 boxes stay float32 coordinates with fp16 features: a box at
     x = 1000.3 keeps its fraction (fp16 would round it to 1000.5, as
