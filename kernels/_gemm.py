@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import empty, next_pow2, tl_accumulation  # noqa: F401 (re-exported)
+from ._layout import block_size, empty, next_pow2, tl_accumulation  # noqa: F401 (re-exported)
 
 AUTOTUNE = os.environ.get("SEGOPS_AUTOTUNE", "1") != "0"
 
@@ -82,8 +82,8 @@ def default_config(M: int, N: int, K: int) -> dict:
     """One fixed tile (autotuning off, deterministic mode, the interpreter):
     no larger than the problem, dims >= 16 as tl.dot needs (small channel
     counts are padded by masking)."""
-    return {"BLOCK_M": min(64, max(next_pow2(M), 16)), "BLOCK_N": min(64, max(next_pow2(N), 16)),
-            "BLOCK_K": min(32, max(next_pow2(K), 16))}
+    return {"BLOCK_M": block_size(M, 64, 16), "BLOCK_N": block_size(N, 64, 16),
+            "BLOCK_K": block_size(K, 32, 16)}
 
 
 def launch(kernel, grid_fn, args, constexprs, config, M, N, K, device, key) -> None:

@@ -73,6 +73,17 @@ def tl_accumulation(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
+def block_size(n: int, cap: int, floor: int = 1) -> int:
+    """The launchers' one tile rule: ``n`` rounded up to a power of 2, at
+    least ``floor`` (tl.dot needs 16) and at most ``cap``."""
+    return min(max(next_pow2(n), floor), cap)
+
+
+def warps_for(elements: int) -> int:
+    """num_warps for an elementwise/reduction tile of ``elements``."""
+    return 8 if elements >= 8192 else 4
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 
 from ._layout import check_grid, empty
+from .._checks import accumulation_dtype
+from ._layout import tl_accumulation
 
 WORD = 64           # bits per mask word (columns per column tile)
 NMS_BLOCK_M = 64    # rows per mask program
@@ -160,7 +162,7 @@ def box_iou(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     out = empty(N, M, dtype=out_dtype, device=a.device)
     if N == 0 or M == 0:
         return out
-    acc = tl.float64 if torch.float64 in (a.dtype, b.dtype) else tl.float32
+    acc = tl_accumulation(torch.promote_types(a.dtype, b.dtype))
     grid = (triton.cdiv(N, IOU_BLOCK), triton.cdiv(M, IOU_BLOCK))
     check_grid(grid)
     _box_iou_kernel[grid](a, b, out, N, M, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -201,10 +203,10 @@ def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor
     if R and C:
         block_c = triton.next_power_of_2(C)
         block_r = max(1, ELEM_BLOCK // block_c)
-        acc = tl.float64 if boxes.dtype == torch.float64 else tl.float32
+        acc = tl_accumulation(boxes.dtype)
         grid = (triton.cdiv(R, block_r),)
         check_grid(grid)
-        dt = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+        dt = accumulation_dtype(boxes.dtype)
         _clip_kernel[grid](flat, out, R, C, flat.stride(0), flat.stride(1),
                            scalar_bits(height, dt), scalar_bits(width, dt), ACC=acc,
                            BLOCK_R=block_r, BLOCK_C=block_c)
@@ -273,13 +275,13 @@ def decode_boxes(rel_codes: torch.Tensor, boxes: torch.Tensor, weights, clip: fl
     out = empty(N, C, dtype=rel_codes.dtype, device=rel_codes.device)
     if N == 0 or K == 0:
         return out
-    acc = tl.float64 if rel_codes.dtype == torch.float64 else tl.float32
+    acc = tl_accumulation(rel_codes.dtype)
     block_k = min(triton.next_power_of_2(K), 32)
     block_n = max(1, ELEM_BLOCK // block_k)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     check_grid(grid)
     height, width = (0.0, 0.0) if image_size is None else image_size
-    dt = torch.float64 if rel_codes.dtype == torch.float64 else torch.float32
+    dt = accumulation_dtype(rel_codes.dtype)
     scalars = [scalar_bits(float(v), dt) for v in (*weights, clip, height, width)]
     _decode_kernel[grid](rel_codes, boxes, out, N, K, rel_codes.stride(0), rel_codes.stride(1),
                          boxes.stride(0), boxes.stride(1), *scalars,
@@ -426,13 +428,13 @@ def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, keys: list[torch.Tensor]
     order, sorted_order, seg_start, seg_end = sort_segments(scores, keys)
     if n == 0:
         return order, torch.zeros(0, dtype=torch.bool, device=device)
-    acc = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(boxes.dtype)
     sorted_boxes = boxes[sorted_order].to(acc).contiguous()
     W = triton.cdiv(n, WORD)
     mask = empty(n, W, dtype=torch.int64, device=device)
     grid = (triton.cdiv(n, NMS_BLOCK_M), W)
     check_grid(grid)
-    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
+    tl_acc = tl_accumulation(acc)
     _nms_mask_kernel[grid](sorted_boxes, seg_start, seg_end, mask, n, W,
                            _threshold_bits(iou_threshold, acc), ACC=tl_acc,
                            BLOCK_M=NMS_BLOCK_M, WORD_BITS=WORD)

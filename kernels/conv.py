@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .._checks import accumulation_dtype
 from .._format import memory_format_of
-from .._geometry import candidate_residue, reached_residues, residue_candidates
+from .._geometry import reached_residues, residue_candidates
 from .._geometry import conv_output_size as output_size
 from ._gemm import (
     bias_vector,
@@ -51,7 +51,7 @@ from ._gemm import (
     tl_accumulation,
     tune_bucket,
 )
-from ._layout import check_grid, empty, next_pow2, target_programs
+from ._layout import block_size, check_grid, empty, target_programs
 
 
 # --------------------------------------------------------------------------
@@ -590,9 +590,9 @@ def _depthwise_tile(channels: int, channels_last: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_C): wide in channels for channels_last (contiguous),
     wide in pixels otherwise."""
     if channels_last:
-        bc = min(64, max(next_pow2(channels), 4))
+        bc = block_size(channels, 64, 4)
         return max(4096 // bc, 16) if bc < 64 else 64, bc
-    return 128, min(16, next_pow2(channels))
+    return 128, block_size(channels, 16)
 
 
 def _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> None:

@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import check_grid, empty, next_pow2
+from ._layout import block_size, check_grid, empty
 from .roi_align import _adaptive_grid, _bilinear, _sample_coord
+from ._layout import tl_accumulation
 
 # box coordinates are clamped to +-2^40 before the int64 cast: far past any
 # image (torchvision would try to allocate a mask that size), and safe to cast
@@ -162,10 +163,6 @@ def _threshold_parts(threshold: float) -> tuple[float, float, float]:
     return hi, mid, lo
 
 
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_height: int, image_width: int,
                 padding: int, threshold: float | None, *, block_h: int | None = None,
                 block_w: int | None = None, num_warps: int = 4) -> torch.Tensor:
@@ -177,8 +174,8 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_height: int, ima
     out = empty((N, 1, H, W), dtype=dtype, device=masks.device)
     if out.numel() == 0:
         return out
-    bh = block_h or min(next_pow2(H), 8)
-    bw = block_w or min(next_pow2(W), 128)
+    bh = block_h or block_size(H, 8)
+    bw = block_w or block_size(W, 128)
     grid = (N, triton.cdiv(H, bh), triton.cdiv(W, bw))
     check_grid(grid)
     parts = _threshold_parts(threshold) if threshold is not None else (0.0, 0.0, 0.0)
@@ -187,7 +184,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_height: int, ima
         H, W, MH, MW, padding, *parts,
         masks.stride(0), masks.stride(2), masks.stride(3), boxes.stride(0), boxes.stride(1),
         THRESHOLD=threshold is not None, BLOCK_H=bh, BLOCK_W=bw,
-        ACC=_tl_acc(masks.dtype), BOX_ACC=_tl_acc(boxes.dtype),
+        ACC=tl_accumulation(masks.dtype), BOX_ACC=tl_accumulation(boxes.dtype),
         num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
@@ -250,12 +247,12 @@ def mask_targets(gt_masks: torch.Tensor, rois: torch.Tensor, matched_idxs: torch
         return out.zero_()
     if gt_masks.dtype == torch.bool:
         gt_masks = gt_masks.view(torch.uint8)  # same bytes, no copy
-    bp = block_p or min(next_pow2(M * M), 256)
+    bp = block_p or block_size(M * M, 256)
     grid = (K, triton.cdiv(M * M, bp))
     check_grid(grid)
     _mask_targets_kernel[grid](
         gt_masks, rois, matched_idxs, out, G, H, W, M,
         *gt_masks.stride(), *rois.stride(), matched_idxs.stride(0),
-        BLOCK_P=bp, ACC=_tl_acc(out_dtype), num_warps=num_warps,
+        BLOCK_P=bp, ACC=tl_accumulation(out_dtype), num_warps=num_warps,
     )
     return out

@@ -32,12 +32,14 @@ import triton.language as tl
 
 from .._checks import ArgumentError, accumulation_dtype
 from ._layout import (
+    block_size,
     empty,
     empty_like,
     flatten_trailing,
     next_pow2,
     target_programs,
     tl_accumulation,
+    warps_for,
 )
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
@@ -383,9 +385,9 @@ def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
 def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
     256 classes (chunked beyond), ~8K elements per tile."""
-    BLOCK_C = block_c or min(next_pow2(C), 256)
+    BLOCK_C = block_c or block_size(C, 256)
     BLOCK_S = block_s or max(16, min(1024, 8192 // BLOCK_C))
-    num_warps = 8 if BLOCK_C * BLOCK_S >= 8192 else 4
+    num_warps = warps_for(BLOCK_C * BLOCK_S)
     return BLOCK_C, BLOCK_S, num_warps
 
 
@@ -481,7 +483,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     N, S = t.shape
     if N == 0 or S == 0 or C == 0:
         return torch.zeros((C, C), device=target.device, dtype=torch.int64)
-    BLOCK_C = block_c or min(next_pow2(C), 256)
+    BLOCK_C = block_c or block_size(C, 256)
     BLOCK_S = block_s or (max(16, min(1024, 8192 // BLOCK_C)) if scores else 1024)
     num_bins = next_pow2(C * C + 1)
     s_blocks = triton.cdiv(S, BLOCK_S)

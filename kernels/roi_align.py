@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._checks import accumulation_dtype
 from .._format import memory_format_of
-from ._layout import empty, next_pow2, tl_accumulation
+from ._layout import block_size, empty, tl_accumulation
 
 # adaptive sample counts from here up do not fit torchvision's int: no samples
 _INT32_LIMIT = tl.constexpr(float(1 << 31))
@@ -419,11 +419,11 @@ def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, i
     """Channels_last: wide in C (contiguous, vectorised loads); NCHW: wide in
     the bins of one channel plane."""
     if channels_last:
-        bc = block_c or min(next_pow2(C), 64)
-        bp = block_p or min(next_pow2(P), max(1024 // bc, 1))
+        bc = block_c or block_size(C, 64)
+        bp = block_p or block_size(P, max(1024 // bc, 1))
     else:
-        bp = block_p or min(next_pow2(P), 64)
-        bc = block_c or min(next_pow2(C), max(1024 // bp, 1))
+        bp = block_p or block_size(P, 64)
+        bc = block_c or block_size(C, max(1024 // bp, 1))
     return bc, bp
 
 
@@ -519,7 +519,7 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
                           device=rois.device)
     order, segments = _segments(rois, levels, L, N)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
-    bc = block_c or min(next_pow2(C), 32)
+    bc = block_c or block_size(C, 32)
     grid = (total, triton.cdiv(C, bc))
     _roi_align_bwd_deterministic_kernel[grid](
         grad, features[0], rois, order, segments, prefix,

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError,
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
                        check_int, check_number, check_same_device, check_tensor)
 from ..reference import boxes as reference
 
@@ -70,16 +70,12 @@ def _torchvision_ops():
     return torchvision.ops
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------
 @torch.library.custom_op("segops::box_iou", mutates_args=())
 def _box_iou(a: Tensor, b: Tensor) -> Tensor:
-    out_dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    out_dtype = accumulation_dtype(torch.promote_types(a.dtype, b.dtype))
     if _dispatch.uses_kernel(a):
         return _kernels().box_iou(a, b, out_dtype)
     if _dispatch.uses_native(a) and _torchvision_ops() is not None:
@@ -89,7 +85,7 @@ def _box_iou(a: Tensor, b: Tensor) -> Tensor:
 
 @_box_iou.register_fake
 def _(a, b):
-    out_dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    out_dtype = accumulation_dtype(torch.promote_types(a.dtype, b.dtype))
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
@@ -206,7 +202,7 @@ def _native_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """torchvision's CPU nms (a stable sort, so ties by index), in float32
     for fp16/bf16 (which it does not implement) and with scores in the
     boxes' dtype (which it requires)."""
-    acc = _acc(boxes.dtype)
+    acc = accumulation_dtype(boxes.dtype)
     return _torchvision_ops().nms(boxes.to(acc), scores.to(acc), iou_threshold)
 
 

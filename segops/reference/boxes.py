@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._checks import accumulation_dtype
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """torchvision.ops.box_iou: (N, M), NaN propagating, in float32/float64."""
-    acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    acc = accumulation_dtype(torch.promote_types(a.dtype, b.dtype))
     a, b = a.to(acc), b.to(acc)
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
@@ -46,7 +43,7 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights, clip: float,
     """BoxCoder(weights, clip).decode_single(rel_codes, boxes): (N, 4K) in
     rel_codes' dtype, computed in float32 (float64 for float64 codes);
     optionally clipped to ``image_size = (height, width)``."""
-    acc = _acc(rel_codes.dtype)
+    acc = accumulation_dtype(rel_codes.dtype)
     codes = rel_codes.to(acc)
     boxes = boxes.to(acc)
     widths = boxes[:, 2] - boxes[:, 0]
@@ -105,7 +102,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None,
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     device = boxes.device
-    boxes = boxes.detach().cpu().to(_acc(boxes.dtype))
+    boxes = boxes.detach().cpu().to(accumulation_dtype(boxes.dtype))
     order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
     classes = torch.zeros(n, dtype=torch.int64) if idxs is None else idxs.cpu().long()
     suppressed = torch.zeros(n, dtype=torch.bool)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import roi_align as roi_align_reference
+from .._checks import accumulation_dtype
 
 # see kernels/masks.py: box coordinates are clamped to +-2^40 before the cast
 COORD_LIMIT = float(1 << 40)
@@ -20,7 +21,7 @@ COORD_LIMIT = float(1 << 40)
 
 def box_dtype(dtype: torch.dtype) -> torch.dtype:
     """The box arithmetic's dtype: float64 for float64 boxes, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return accumulation_dtype(dtype)
 
 
 def expanded_int_boxes(boxes: Tensor, mask_width: int, padding: int) -> tuple[Tensor, Tensor]:
@@ -45,7 +46,7 @@ def paste_one(mask: Tensor, box: list[int], im_h: int, im_w: int, padding: int) 
     """One (MH, MW) mask pasted into integer box (x0, y0, x1, y1) of an
     (im_h, im_w) image, in the mask's dtype (computed in float32, float64
     for float64)."""
-    acc = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(mask.dtype)
     out = torch.zeros((im_h, im_w), dtype=acc, device=mask.device)
     x0, y0, x1, y1 = box
     # the part of the box inside the image (a reversed box has none)
