@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import check_grid, empty
+from ._layout import check_grid, empty, tl_accumulation
 from .._checks import accumulation_dtype
-from ._layout import tl_accumulation
+from ._math import div
 
 WORD = 64           # bits per mask word (columns per column tile)
 NMS_BLOCK_M = 64    # rows per mask program
@@ -150,7 +150,7 @@ def _box_iou_kernel(a_ptr, b_ptr, out_ptr, N, M, sa0, sa1, sb0, sb1,
     h = tl.where(h < 0, 0.0, h)
     inter = w * h
     union = area_a[:, None] + area_b[None, :] - inter
-    iou = inter / union
+    iou = div(inter, union)
     offs = rows[:, None] * M + cols[None, :]
     tl.store(out_ptr + offs, iou.to(out_ptr.dtype.element_ty), mask=rm[:, None] & cm[None, :])
 
@@ -332,7 +332,7 @@ def _nms_mask_kernel(boxes_ptr, seg_start_ptr, seg_end_ptr, mask_ptr, N, W, thr_
         w = _tv_max(0.0, xx2 - xx1)
         h = _tv_max(0.0, yy2 - yy1)
         inter = w * h
-        ovr = inter / (iarea[:, None] + area - inter)
+        ovr = div(inter, iarea[:, None] + area - inter)
         sup = cm & (ovr > thr)
         bits = tl.where(sup, tl.full([1, WORD_BITS], 1, tl.int64) << t.to(tl.int64)[None, :], 0)
         word = tl.reduce(bits, 1, _or)
@@ -437,7 +437,8 @@ def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, keys: list[torch.Tensor]
     tl_acc = tl_accumulation(acc)
     _nms_mask_kernel[grid](sorted_boxes, seg_start, seg_end, mask, n, W,
                            _threshold_bits(iou_threshold, acc), ACC=tl_acc,
-                           BLOCK_M=NMS_BLOCK_M, WORD_BITS=WORD)
+                           BLOCK_M=NMS_BLOCK_M, WORD_BITS=WORD,
+                           enable_fp_fusion=False)  # torchvision's IoU, step for step (no FMA)
     removed = torch.zeros(n, dtype=torch.int64, device=device)
     keep_sorted = empty(n, dtype=torch.int8, device=device)
     _nms_scan_kernel[(W,)](mask, seg_start, seg_end, removed, keep_sorted, n, W,

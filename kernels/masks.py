@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import block_size, check_grid, empty
+from ._layout import block_size, check_grid, empty, tl_accumulation
+from ._math import div
 from .roi_align import _adaptive_grid, _bilinear, _sample_coord
-from ._layout import tl_accumulation
 
 # box coordinates are clamped to +-2^40 before the int64 cast: far past any
 # image (torchvision would try to allocate a mask that size), and safe to cast
@@ -54,7 +54,7 @@ def _expand_and_truncate(boxes_ptr, n, stride_bn, stride_bc, MW, padding,
     inf = float("inf")
     finite = (tl.abs(x0) < inf) & (tl.abs(y0) < inf) & (tl.abs(x1) < inf) & (tl.abs(y1) < inf)
     # expand_masks' scale: float(M + 2 * padding) / M, M the mask's width
-    scale = tl.cast(MW + 2 * padding, BOX_ACC) / tl.cast(MW, BOX_ACC)
+    scale = div(tl.cast(MW + 2 * padding, BOX_ACC), tl.cast(MW, BOX_ACC))
     w_half = (x1 - x0) * 0.5
     h_half = (y1 - y0) * 0.5
     x_c = (x1 + x0) * 0.5
@@ -77,7 +77,7 @@ def _source_axis(dst, size, in_size, ACC: tl.constexpr):
     indices ``dst`` of an axis resized from ``in_size`` to ``size``, the low
     and high input index and their weights (ATen's
     area_pixel_compute_source_index and its edge rule)."""
-    scale = tl.cast(in_size, ACC) / tl.cast(size, ACC)
+    scale = div(tl.cast(in_size, ACC), tl.cast(size, ACC))
     # ATen evaluates scale * (dst + 0.5) - 0.5 with a fused multiply-add
     # (nvcc, and gcc's contraction on the CPU): float64 reproduces that for
     # float32 (the product is exact in it) in the compiler and the interpreter

@@ -32,6 +32,7 @@ import triton.language as tl
 from .._checks import accumulation_dtype
 from .._format import memory_format_of
 from ._layout import block_size, empty, tl_accumulation
+from ._math import div
 
 # adaptive sample counts from here up do not fit torchvision's int: no samples
 _INT32_LIMIT = tl.constexpr(float(1 << 31))
@@ -53,7 +54,9 @@ def _level_geometry(table_ptr, lvl):
 def _adaptive_grid(roi_size, bins):
     """ceil(roi_size / bins) samples per bin, 0 when that is <= 0, NaN or past
     int32 (torchvision's int overflows there and pools nothing)."""
-    grid = tl.ceil(roi_size / bins)
+    # IEEE division (a plain / compiles to an approximate one): a quotient
+    # that is a whole number must not round up to another sample row
+    grid = tl.ceil(div(roi_size, tl.cast(bins, roi_size.dtype)))
     grid = tl.where((grid > 0.0) & (grid < _INT32_LIMIT), grid, 0.0)
     return grid.to(tl.int32)
 

@@ -104,6 +104,17 @@ def _(grad, input, weight_shape, stride, padding, dilation, groups):
     return input.new_empty(weight_shape)
 
 
+def gemm_operand_once(grad: Tensor, channels_per_group: int) -> Tensor:
+    """The output gradient in channels_last when both backward GEMM kernels
+    will read it: they each convert an NCHW operand (kernels/_gemm.py), so
+    converting here once saves a pass. Depthwise kernels (one channel per
+    group) read NCHW as is."""
+    if (_dispatch.uses_kernel(grad) and channels_per_group > 1 and grad.dim() == 4
+            and grad.stride(1) != 1):
+        return grad.contiguous(memory_format=torch.channels_last)
+    return grad
+
+
 def _conv2d_setup_context(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups, relu = inputs
     ctx.save_for_backward(input, weight, output if relu else None)
@@ -117,6 +128,8 @@ def _conv2d_grad(ctx, grad):
     if ctx.relu:
         # F.relu's rule: the gradient passes where the output is not <= 0 (NaN too)
         grad = torch.where(output <= 0, 0, grad)
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        grad = gemm_operand_once(grad, weight.shape[1])
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_input = _conv2d_grad_input(grad, weight, list(input.shape[-2:]), *ctx.geometry,

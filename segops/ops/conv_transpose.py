@@ -32,6 +32,7 @@ from .conv import (
     check_conv_tensors,
     check_geometry,
     check_pixel_count,
+    gemm_operand_once,
     prepare_inputs,
 )
 
@@ -68,6 +69,8 @@ def _setup_context(ctx, inputs, output):
 
 def _grad(ctx, grad):
     input, weight = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        grad = gemm_operand_once(grad, weight.shape[1])
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_input = _conv2d(grad, weight, None, *ctx.geometry, False)
