@@ -55,12 +55,15 @@ def shared_memory_bytes(block_m: int, block_n: int, block_k: int, stages: int,
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop the tiles whose pipelined operands do not fit an SM's shared
-    memory for this launch's dtype (fp32 tiles take twice bf16's)."""
+    """Drop the tiles that cannot run well for this launch's dtype: those
+    whose pipelined operands do not fit an SM's shared memory (fp32 tiles
+    take twice bf16's), and, for fp32 (TF32), 128-row tiles on 4 warps,
+    whose fp32 accumulator and operands spill (codegen report, issue 11)."""
     size = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
     fits = [c for c in configs
             if shared_memory_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                   c.num_stages, size) <= SHARED_MEMORY_LIMIT]
+                                   c.num_stages, size) <= SHARED_MEMORY_LIMIT
+            and not (size >= 4 and c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8)]
     return fits or configs[-1:]
 
 

@@ -50,8 +50,6 @@ CL, NCHW = "channels_last", "nchw"
 # shape name. Checks (segops.benchmarks.codegen.CHECKS): spills, smem,
 # tensor_core, async, async_width, vector. `python -m
 # segops.benchmarks.codegen --ci --pins` prints entries for what falls short.
-_TF32_4_WARPS = ("TF32 tiles of 128 rows on 4 warps: the fp32 accumulator and fp32 operand "
-                 "fragments need more than 255 registers; to prune per dtype (issue 11)")
 _DICE_CL = ("channels_last is not the overlap kernels' fast layout: the classes (21) are "
             "the contiguous axis, loaded as 2-byte scalars per class chunk, and the "
             "[32, 256] tiles spill (issue 12)")
@@ -60,8 +58,6 @@ _ROI_TABLE = ("RoIAlign reads H, W and the strides from the per-level device tab
               "scalar fp32 atomics, though the channel stride is 1 (issue 12)")
 KNOWN_SHORTFALLS: list[tuple[str, str, str, str, str, str, str]] = [
     # --- spills / stack -----------------------------------------------------------------
-    ("spills", "conv fwd", "tf32", CL, "M128 N128 K32 w4 s4", "*", _TF32_4_WARPS),
-    ("spills", "conv fwd", "tf32", CL, "M128 N64 K64 w4 s4", "*", _TF32_4_WARPS),
     ("spills", "overlap fwd", "bf16", CL, "*", "*", _DICE_CL),
     ("spills", "overlap bwd", "bf16", CL, "*", "*", _DICE_CL),
     ("spills", "confusion matrix", "bf16", CL, "*", "*", _DICE_CL),
