@@ -172,3 +172,41 @@ def non_contiguous(t: torch.Tensor, kind: str) -> torch.Tensor:
         view = big.narrow(dim, 3, t.shape[dim])
         return view if not view.is_contiguous() else like_layout(t, "strided")
     raise ValueError(kind)
+
+
+# the three ways an op can run; "kernel" is CUDA or the interpreter (the
+# tests' default), "native" and "reference" serve non-CUDA tensors only
+PATHS = ("kernel", "native", "reference")
+
+
+def on_path(path: str):
+    """A context running the ops on ``path`` for CPU tensors (the kernel path
+    needs nothing: it is the default under the tests)."""
+    import contextlib
+
+    from segops import _dispatch
+    if path == "kernel":
+        return contextlib.nullcontext()
+    return _dispatch.native_only() if path == "native" else _dispatch.reference_only()
+
+
+def skip_off_kernel_path_on_gpu(path: str) -> None:
+    """On a GPU only the kernel path exists for the tests' CUDA tensors."""
+    import pytest
+    if path != "kernel" and ON_GPU:
+        pytest.skip("the native and reference paths serve non-CUDA tensors")
+
+
+def deterministic(enabled: bool = True):
+    """A context with torch.use_deterministic_algorithms(enabled)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def switch():
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(enabled)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    return switch()

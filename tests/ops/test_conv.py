@@ -1,10 +1,8 @@
 """Atrous conv2d: kernels vs F.conv2d and the reference over a randomized grid
 of geometries (forward and all three gradients), dtypes, layouts, tiles,
 edges, errors, opcheck, compile, autocast and the module."""
-import contextlib
 import math
 import random
-import warnings
 
 import pytest
 import torch
@@ -17,8 +15,11 @@ from helpers import (
     VIEW_KINDS,
     assert_close,
     like_layout,
+    PATHS,
     non_contiguous,
+    on_path,
     record_launches,
+    skip_off_kernel_path_on_gpu,
 )
 
 import segops
@@ -563,16 +564,9 @@ def test_groups_must_be_an_int():
         segops.ops.atrous_conv2d(_x(1, 4, 6, 6), _w(6, 2, 3, 3), groups=2.0)
 
 
-PATHS = ["kernel", "native", "reference"]
-
-
 def _on_path(path):
-    from segops import _dispatch
-    if path == "kernel":
-        return contextlib.nullcontext()
-    if ON_GPU:
-        pytest.skip("the native and reference paths serve non-CUDA tensors")
-    return _dispatch.native_only() if path == "native" else _dispatch.reference_only()
+    skip_off_kernel_path_on_gpu(path)
+    return on_path(path)
 
 
 @pytest.mark.parametrize("path", PATHS)

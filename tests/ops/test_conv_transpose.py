@@ -2,7 +2,6 @@
 randomized grid (forward and all gradients), both forward kernels, dtypes,
 output_size, edges, errors, opcheck, compile, autocast, the module and the
 bilinear initialisation."""
-import contextlib
 import random
 
 import pytest
@@ -16,15 +15,17 @@ from helpers import (
     VIEW_KINDS,
     assert_close,
     like_layout,
+    PATHS,
     non_contiguous,
+    on_path,
     record_launches,
+    skip_off_kernel_path_on_gpu,
 )
 
 import segops
-from segops import _checks, _dispatch
+from segops import _checks
 from segops.kernels import conv as conv_kernels
 from segops.kernels import conv_transpose as kernels
-from segops.reference import conv_transpose as ref
 
 F64 = RTOL[torch.float64]
 
@@ -322,15 +323,9 @@ def test_non_contiguous_arguments(path, argument, kind):
 # --------------------------------------------------------------------------
 # every path: kernel, native (F.conv_transpose2d itself), reference
 # --------------------------------------------------------------------------
-PATHS = ["kernel", "native", "reference"]
-
-
 def _on_path(path):
-    if path == "kernel":
-        return contextlib.nullcontext()
-    if ON_GPU:
-        pytest.skip("the native and reference paths serve non-CUDA tensors")
-    return _dispatch.native_only() if path == "native" else _dispatch.reference_only()
+    skip_off_kernel_path_on_gpu(path)
+    return on_path(path)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -2,13 +2,22 @@
 branch), both backward paths, multi-level pooling, dtypes, layouts, edges,
 errors, opcheck, compile and autocast."""
 import collections
-import contextlib
 import importlib
 
 import numpy as np
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
+from helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    ON_GPU,
+    PATHS,
+    RTOL,
+    assert_close,
+    deterministic,
+    like_layout,
+    on_path,
+)
 
 import segops
 from segops import _dispatch
@@ -80,30 +89,6 @@ def launches(monkeypatch):
         recorded[name] = Launches(getattr(kernels, name))
         monkeypatch.setattr(kernels, name, recorded[name])
     return recorded
-
-
-@contextlib.contextmanager
-def deterministic(enabled=True):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(enabled)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-# the three ways an op can run off the GPU; "kernel" is CUDA or the interpreter
-PATHS = ["kernel", "native", "reference"]
-
-
-def on_path(path):
-    """A context that runs the ops on ``path`` (the kernel path is the
-    default here: CUDA or TRITON_INTERPRET)."""
-    if path == "native":
-        return _dispatch.native_only()
-    if path == "reference":
-        return _dispatch.reference_only()
-    return contextlib.nullcontext()
 
 
 def path_device(path):
