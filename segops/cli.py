@@ -49,7 +49,11 @@ NATIVE_PATHS = (
     "atrous_conv2d, conv_transpose2d -> ATen (F.conv2d, F.conv_transpose2d)",
     "roi_align, multi_scale_roi_align (avg pooling) -> torchvision.ops.roi_align "
     "when installed, else reference",
-    "Dice/IoU sums, confusion matrix, max-pool RoIAlign -> reference (no native op)",
+    "nms, batched_nms(_per_image), box_iou, clip_boxes_to_image -> torchvision.ops when "
+    "installed, else reference",
+    "mask_targets -> torchvision.ops.roi_align on the float masks when installed, else reference",
+    "Dice/IoU sums, confusion matrix, max-pool RoIAlign, decode_boxes, paste_masks -> "
+    "reference (no native op with the same semantics)",
 )
 
 
