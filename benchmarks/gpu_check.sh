@@ -11,7 +11,7 @@
 # fits the tests (cap 360 s) plus two or three families.
 set -u
 out="${1:-${OUT:-benchmarks/results/gpu_check}}"
-families="${2:-overlap roi_align conv conv_transpose models}"
+families="${2:-overlap roi_align conv conv_transpose boxes masks models}"
 test_cap="${3:-360}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
