@@ -73,6 +73,17 @@ def tl_accumulation(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=512)
+def device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant table (a tuple of numbers, or of equal-length tuples)
+    as a tensor on ``device``, built once per distinct content: a fresh
+    ``torch.tensor(..., device=cuda)`` is a pageable copy that blocks the host
+    on every call and cannot be captured in a CUDA graph. The key is the
+    content itself, so a hit is always exact. (Only a table's first use
+    copies; a graph captured after warm-up keeps using the cached tensor.)"""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def block_size(n: int, cap: int, floor: int = 1) -> int:
     """The launchers' one tile rule: ``n`` rounded up to a power of 2, at
     least ``floor`` (tl.dot needs 16) and at most ``cap``."""

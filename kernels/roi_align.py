@@ -25,13 +25,15 @@ pointer, H, W, strides) per level, and each RoI's level.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from .._checks import accumulation_dtype
 from .._format import memory_format_of
-from ._layout import block_size, empty, tl_accumulation
+from ._layout import block_size, device_table, empty, tl_accumulation
 from ._math import div
 
 # adaptive sample counts from here up do not fit torchvision's int: no samples
@@ -414,8 +416,8 @@ def _level_table(tensors, base: torch.Tensor) -> torch.Tensor:
         delta = t.data_ptr() - base.data_ptr()
         if delta % itemsize:
             raise RuntimeError("segops: feature levels are not aligned to their element size")
-        rows.append([delta // itemsize, t.shape[2], t.shape[3], *t.stride(), 0])
-    return torch.tensor(rows, dtype=torch.int64, device=base.device)
+        rows.append((delta // itemsize, t.shape[2], t.shape[3], *t.stride(), 0))
+    return device_table(tuple(rows), torch.int64, base.device)
 
 
 def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, int]:
@@ -433,7 +435,7 @@ def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, i
 def _common(features, rois, levels, scales):
     acc_dtype, acc = _accumulation(features)
     rois = rois.to(acc_dtype).contiguous()
-    scale_table = torch.tensor(list(scales), dtype=acc_dtype, device=rois.device)
+    scale_table = device_table(tuple(scales), acc_dtype, rois.device)
     level_arg = rois if levels is None else levels.contiguous()
     return acc_dtype, acc, rois, scale_table, level_arg
 
@@ -518,8 +520,7 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     total = sum(counts)
     if total == 0 or C == 0:
         return buffers
-    prefix = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64,
-                          device=rois.device)
+    prefix = device_table((0, *itertools.accumulate(counts)), torch.int64, rois.device)
     order, segments = _segments(rois, levels, L, N)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
     bc = block_c or block_size(C, 32)

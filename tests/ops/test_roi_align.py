@@ -985,3 +985,20 @@ def test_multi_scale_module_repr_matches_torchvision():
     assert repr(extra) == repr(m)[:-1] + ", aligned=True, pool_mode='max')"
     single = segops.nn.RoIAlign(7, 0.5, -1, pool_mode="max")
     assert repr(single) == repr(torchvision.ops.RoIAlign(7, 0.5, -1))[:-1] + ", pool_mode='max')"
+
+
+def test_forward_tables_are_built_once_per_layout():
+    """The scale and level tables are cached device tensors keyed on their
+    content: a second forward on the same maps builds none (a fresh
+    torch.tensor(..., device=cuda) per call blocks the host). The backward's
+    gradient buffers are new allocations, so their level table is still
+    built per call (issue 12)."""
+    from segops.kernels import _layout
+    feats = [torch.randn(2, 4, 16, 16, device=DEVICE), torch.randn(2, 4, 8, 8, device=DEVICE)]
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 200.0, 150.0]], device=DEVICE),
+             torch.tensor([[3.0, 3.0, 9.0, 12.0]], device=DEVICE)]
+    first = segops.ops.multi_scale_roi_align(feats, boxes, 2, [0.25, 0.125], 2)
+    misses = _layout.device_table.cache_info().misses
+    second = segops.ops.multi_scale_roi_align(feats, boxes, 2, [0.25, 0.125], 2)
+    assert _layout.device_table.cache_info().misses == misses
+    assert torch.equal(first, second)
