@@ -190,6 +190,7 @@ def _boxes(num_rois, images, image_hw):
 def _roi_align_cases():
     import torch
     import segops
+    from segops._dispatch import deterministic_algorithms
     from . import roi_align as bench
     for (head, num_rois, size), dtype, cl, multi in _product(
             bench.HEADS, ("bf16", "fp16", "fp32"), (True, False), (False, True)):
@@ -208,15 +209,11 @@ def _roi_align_cases():
             with phase("fwd"):
                 out = call()
             _backward(out, phase)
-            previous = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(True)
-            try:
+            with deterministic_algorithms():
                 with phase("fwd", record=False):
                     out = call()
                 with phase("bwd det"):
                     out.backward(torch.empty_like(out))
-            finally:
-                torch.use_deterministic_algorithms(previous)
         op = "multi_scale" if multi else "roi_align"
         yield Case("bench", "roi_align",
                    f"{op} {head} {num_rois}x{bench.CHANNELS}x{size}^2", _layout(cl), dtype, run)
@@ -249,6 +246,7 @@ def _coverage_cases():
     config, through the public ops (forward and backward)."""
     import torch
     from segops import ops
+    from segops._dispatch import deterministic_algorithms
 
     def case(op, shape, layout, dtype, fn):
         return Case("coverage", op, shape, layout, dtype, fn)
@@ -319,15 +317,11 @@ def _coverage_cases():
                 with phase("fwd"):
                     out = call()
                 _backward(out, phase)
-                previous = torch.are_deterministic_algorithms_enabled()
-                torch.use_deterministic_algorithms(True)
-                try:
+                with deterministic_algorithms():
                     with phase("fwd", record=False):
                         out = call()
                     with phase("bwd det"):
                         out.backward(torch.empty_like(out))
-                finally:
-                    torch.use_deterministic_algorithms(previous)
         yield case("roi_align", "coverage 2x24x12x16 (+levels, aligned, max)", "both", dtype,
                    run)
     for dtype in ("bf16", "fp64"):

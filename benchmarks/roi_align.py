@@ -17,12 +17,12 @@ bilinear samples read (4 per sample, as if uncached) and the output written.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import torch
 
 import segops
+from segops._dispatch import deterministic_algorithms
 
 from .harness import Record, forward_backward, peak_extra_memory, time_ms
 
@@ -84,16 +84,6 @@ def _names():
     return [f"p{i}" for i in range(len(LEVELS))]
 
 
-@contextlib.contextmanager
-def _deterministic(enabled: bool):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(enabled)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 def _bytes(out_numel: int, samples_per_bin: int, itemsize: int) -> int:
     return out_numel * itemsize * (1 + 4 * samples_per_bin)
 
@@ -123,7 +113,7 @@ def _step(fn, leaves, backward: bool, deterministic: bool):
     step = forward_backward(fn, leaves, backward)
 
     def run():
-        with _deterministic(deterministic):
+        with deterministic_algorithms(deterministic):
             step()
     return run
 

@@ -60,6 +60,19 @@ def native_only():
     return forced_path(NATIVE)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """torch.use_deterministic_algorithms(enabled) inside the block, restored
+    after. It selects segops' deterministic kernels (RoIAlign's gather
+    backward, fixed conv tiles and splits)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def path_for(device: torch.device | str) -> str:
     """Name of the implementation that runs ops on ``device``. NATIVE means
     the ATen/torchvision op for ops that have one and the reference for the

@@ -199,14 +199,5 @@ def skip_off_kernel_path_on_gpu(path: str) -> None:
 
 def deterministic(enabled: bool = True):
     """A context with torch.use_deterministic_algorithms(enabled)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def switch():
-        previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(enabled)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(previous)
-    return switch()
+    from segops import _dispatch
+    return _dispatch.deterministic_algorithms(enabled)

@@ -14,6 +14,7 @@ from helpers import (
     RTOL,
     VIEW_KINDS,
     assert_close,
+    deterministic,
     like_layout,
     PATHS,
     non_contiguous,
@@ -675,17 +676,13 @@ def test_deterministic_mode_fixes_tiles_and_splits(monkeypatch):
     grad = torch.randn(2, 24, 33, 17, dtype=torch.float64, device=DEVICE)
     geometry = ([1, 1], [2, 2, 2, 2], [2, 2], 1)
     results = []
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         for sms in (4, 132):
             monkeypatch.setattr(kernels, "target_programs", lambda device, sms=sms: 4 * sms)
             results.append(kernels.conv2d_grad_weight(grad, x, (24, 20, 3, 3), *geometry))
             if ON_GPU:
                 kernels.conv2d_forward(x.float(), x.new_ones(24, 20, 3, 3).float(), None,
                                        *geometry)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
     assert torch.equal(results[0], results[1])
     want = ref.conv2d_grad_weight(grad.cpu(), x.cpu(), (24, 20, 3, 3), *geometry)
     assert_close(results[0], want, F64)

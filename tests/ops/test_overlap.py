@@ -2,7 +2,7 @@
 smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, like_layout
+from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, deterministic, like_layout
 
 import segops
 from segops import _dispatch
@@ -419,12 +419,8 @@ def test_confusion_matrix_deterministic_mode():
     without a deterministic CUDA kernel) nor falls back: exact counts."""
     scores = torch.randn(2, 6, 20, 20)
     t = torch.randint(0, 6, (2, 20, 20))
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         cm = ops.confusion_matrix(scores.to(DEVICE), t.to(DEVICE), 6)
-    finally:
-        torch.use_deterministic_algorithms(prev)
     assert torch.equal(cm.cpu(), ref.confusion_matrix(scores, t, 6, None))
 
 

@@ -313,12 +313,8 @@ def test_zero_rois():
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
     x.grad = None
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         segops.ops.roi_align(x, [torch.zeros(0, 4, device=DEVICE)] * 2, 2).sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
