@@ -188,9 +188,7 @@ def _boxes(num_rois, images, image_hw):
 
 
 def _roi_align_cases():
-    import torch
     import segops
-    from segops._dispatch import deterministic_algorithms
     from . import roi_align as bench
     for (head, num_rois, size), dtype, cl, multi in _product(
             bench.HEADS, ("bf16", "fp16", "fp32"), (True, False), (False, True)):
@@ -206,17 +204,24 @@ def _roi_align_cases():
                 def call():
                     return segops.ops.roi_align(feats["p1"], boxes, size, 1 / 8,
                                                 bench.SAMPLING_RATIO, validate_args=False)
-            with phase("fwd"):
-                out = call()
-            _backward(out, phase)
-            with deterministic_algorithms():
-                with phase("fwd", record=False):
-                    out = call()
-                with phase("bwd det"):
-                    out.backward(torch.empty_like(out))
+            _roi_align_phases(call, phase)
         op = "multi_scale" if multi else "roi_align"
         yield Case("bench", "roi_align",
                    f"{op} {head} {num_rois}x{bench.CHANNELS}x{size}^2", _layout(cl), dtype, run)
+
+
+def _roi_align_phases(call, phase):
+    """Forward, atomic backward, then the deterministic backward of ``call``."""
+    import torch
+    from segops._dispatch import deterministic_algorithms
+    with phase("fwd"):
+        out = call()
+    _backward(out, phase)
+    with deterministic_algorithms():
+        with phase("fwd", record=False):
+            out = call()
+        with phase("bwd det"):
+            out.backward(torch.empty_like(out))
 
 
 def _overlap_cases():
@@ -246,7 +251,6 @@ def _coverage_cases():
     config, through the public ops (forward and backward)."""
     import torch
     from segops import ops
-    from segops._dispatch import deterministic_algorithms
 
     def case(op, shape, layout, dtype, fn):
         return Case("coverage", op, shape, layout, dtype, fn)
@@ -314,14 +318,7 @@ def _coverage_cases():
                                                          validate_args=False)
                     return ops.roi_align(feats[0], boxes, 3, 1.0, 2, aligned, pool_mode=pool,
                                          validate_args=False)
-                with phase("fwd"):
-                    out = call()
-                _backward(out, phase)
-                with deterministic_algorithms():
-                    with phase("fwd", record=False):
-                        out = call()
-                    with phase("bwd det"):
-                        out.backward(torch.empty_like(out))
+                _roi_align_phases(call, phase)
         yield case("roi_align", "coverage 2x24x12x16 (+levels, aligned, max)", "both", dtype,
                    run)
     for dtype in ("bf16", "fp64"):

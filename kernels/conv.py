@@ -58,6 +58,19 @@ from ._layout import block_size, check_grid, empty, target_programs
 # shared helpers
 # --------------------------------------------------------------------------
 @triton.jit
+def _tap_block(acc, a_rows, a_pixel, a_step, valid, b_cols, b_tap, b_step, offs_k, kmask, nmask,
+               ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += A @ B for one (tap, channel block): A[m, k] at a_rows[m] +
+    a_pixel[m] + k*a_step (rows where ``valid``: the tap lands inside the
+    map), B[k, n] at b_cols[n] + b_tap + k*b_step; masked elements read 0."""
+    a = tl.load(a_rows[:, None] + a_pixel[:, None] + offs_k.to(tl.int64)[None, :] * a_step,
+                mask=valid[:, None] & kmask[None, :], other=0.0)
+    b = tl.load(b_cols[None, :] + b_tap + offs_k.to(tl.int64)[:, None] * b_step,
+                mask=kmask[:, None] & nmask[None, :], other=0.0)
+    return mma(acc, a, b, ALLOW_TF32, UPCAST)
+
+
+@triton.jit
 def _tap_interval(first, last, dil, taps):
     """[t_lo, t_hi): the taps t in [0, taps) with first <= t * dil <= last
     (every operand of a division is kept non-negative: the compiler's
@@ -168,13 +181,8 @@ def _conv2d_fwd_kernel(
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_rows[:, None] + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
-                    + offs_k.to(tl.int64)[None, :] * sxc,
-                    mask=valid[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_cols[None, :] + (r * swh + s * sww)
-                    + offs_k.to(tl.int64)[:, None] * swi,
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
+        acc = _tap_block(acc, x_rows, ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw, sxc, valid,
+                         w_cols, r * swh + s * sww, swi, offs_k, kmask, nmask, ALLOW_TF32, UPCAST)
     _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, nmask, syn, syc, syh, syw,
                     HAS_BIAS, RELU)
 
@@ -250,13 +258,9 @@ def _conv2d_bwd_input_kernel(
         oh = num_h // stride_h
         ow = num_w // stride_w
         valid = mmask & (num_h >= 0) & (oh < OH) & (num_w >= 0) & (ow < OW)
-        a = tl.load(dy_rows[:, None] + (oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw)[:, None]
-                    + offs_k.to(tl.int64)[None, :] * sdyc,
-                    mask=valid[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_cols[None, :] + (r * swh + s * sww)
-                    + offs_k.to(tl.int64)[:, None] * swo,
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
+        acc = _tap_block(acc, dy_rows, oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw, sdyc,
+                         valid, w_cols, r * swh + s * sww, swo, offs_k, kmask, nmask,
+                         ALLOW_TF32, UPCAST)
     _epilogue_store(acc, dx_ptr, b_ptr, n, ih, iw, ci, mmask, nmask, sdxn, sdxc, sdxh, sdxw,
                     HAS_BIAS, False)
 
