@@ -18,6 +18,7 @@ setup(
         "segops.nn",
         "segops.metrics",
         "segops.models",
+        "segops.models.detection",
         "segops.kernels",
         "segops.benchmarks",
     ],

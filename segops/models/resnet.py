@@ -3,6 +3,8 @@
 segmentation, whose dilated 3x3 convolutions are segops' AtrousConv2d."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from ..nn import AtrousConv2d
@@ -21,15 +23,16 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None, dilation: int = 1):
+                 downsample: nn.Module | None = None, dilation: int = 1,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         width = planes
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(width)
         self.conv2 = conv3x3(width, width, stride, dilation)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -52,16 +55,20 @@ class ResNet(nn.Module):
             dilation (DeepLab's output stride 8 is [False, True, True]).
         num_classes: size of the classifier ``fc``; None drops ``avgpool``
             and ``fc`` (a backbone).
+        norm_layer: the normalisation after each convolution (torchvision's
+            detection models pass FrozenBatchNorm2d for trained weights).
     forward(x ``(N, 3, H, W)``) -> logits ``(N, num_classes)``, or the
     feature dict of :meth:`features` for a backbone.
     """
 
     def __init__(self, layers: list[int], replace_stride_with_dilation=(False, False, False),
-                 num_classes: int | None = 1000):
+                 num_classes: int | None = 1000,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.inplanes, self.dilation = 64, 1
+        self.norm_layer = norm_layer
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         dilate = (False, *replace_stride_with_dilation)
@@ -83,11 +90,12 @@ class ResNet(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride,
                           bias=False),
-                nn.BatchNorm2d(planes * Bottleneck.expansion))
-        layers = [Bottleneck(self.inplanes, planes, stride, downsample, previous_dilation)]
+                self.norm_layer(planes * Bottleneck.expansion))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample, previous_dilation,
+                             self.norm_layer)]
         self.inplanes = planes * Bottleneck.expansion
-        layers += [Bottleneck(self.inplanes, planes, dilation=self.dilation)
-                   for _ in range(1, blocks)]
+        layers += [Bottleneck(self.inplanes, planes, dilation=self.dilation,
+                              norm_layer=self.norm_layer) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
