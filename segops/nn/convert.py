@@ -14,7 +14,12 @@ from .conv import AtrousConv2d
 from .conv_transpose import ConvTranspose2d
 from .roi_align import MultiScaleRoIAlign, RoIAlign
 
-OPS = ("atrous_conv", "conv", "conv_transpose", "roi_align")
+OPS = ("atrous_conv", "conv", "conv_transpose", "roi_align", "detection")
+
+# torchvision.models.detection classes whose segops twins (same attribute
+# names) run segops' NMS, box decoding, mask targets and mask pasting
+DETECTION_CLASSES = ("AnchorGenerator", "GeneralizedRCNNTransform", "RegionProposalNetwork",
+                     "RoIHeads")
 
 
 def _check_model(function: str, model) -> None:
@@ -71,7 +76,59 @@ def _torchvision_ops():
     return torchvision.ops
 
 
+def _torchvision_detection() -> dict | None:
+    """torchvision's detection classes by name, plus its BoxCoder and box_iou."""
+    try:
+        from torchvision.models.detection import _utils, anchor_utils, roi_heads, rpn, transform
+        from torchvision.ops import box_iou
+    except ImportError:
+        return None
+    return {"AnchorGenerator": anchor_utils.AnchorGenerator,
+            "GeneralizedRCNNTransform": transform.GeneralizedRCNNTransform,
+            "RegionProposalNetwork": rpn.RegionProposalNetwork, "RoIHeads": roi_heads.RoIHeads,
+            "BoxCoder": _utils.BoxCoder, "box_iou": box_iou}
+
+
+def _segops_detection() -> dict:
+    from ..models.detection import _utils, anchors, roi_heads, rpn, transform
+    from ..ops import box_iou
+    return {"AnchorGenerator": anchors.AnchorGenerator,
+            "GeneralizedRCNNTransform": transform.GeneralizedRCNNTransform,
+            "RegionProposalNetwork": rpn.RegionProposalNetwork, "RoIHeads": roi_heads.RoIHeads,
+            "BoxCoder": _utils.BoxCoder, "box_iou": box_iou}
+
+
+def _detection_twin(module: nn.Module, to_segops: bool) -> nn.Module | None:
+    """The twin of a torchvision detection part (or back): the same state
+    (``__dict__`` shared shallowly: heads, pools, matchers and samplers are
+    the same objects), with the box coder and IoU function of the other
+    library."""
+    tv = _torchvision_detection()
+    if tv is None:
+        return None
+    source, target = (tv, _segops_detection()) if to_segops else (_segops_detection(), tv)
+    for name in DETECTION_CLASSES:
+        if type(module) is source[name]:
+            twin = retype(module, target[name])
+            if hasattr(twin, "box_coder"):
+                twin.box_coder = target["BoxCoder"](twin.box_coder.weights,
+                                                    twin.box_coder.bbox_xform_clip)
+            if hasattr(twin, "box_similarity"):
+                twin.box_similarity = target["box_iou"]
+            if name == "AnchorGenerator":
+                twin.__dict__.setdefault("_cache", {})
+            if name == "RoIHeads":  # torchvision's also has (empty) keypoint parts
+                for part in ("keypoint_roi_pool", "keypoint_head", "keypoint_predictor"):
+                    twin.__dict__.setdefault(part, None)
+            return twin
+    return None
+
+
 def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
+    if "detection" in ops:
+        twin = _detection_twin(module, to_segops=True)
+        if twin is not None:
+            return twin
     if type(module) is nn.Conv2d:
         dilated = max(module.dilation) > 1
         if "conv" in ops or (dilated and "atrous_conv" in ops):
@@ -94,6 +151,9 @@ def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
 
 
 def _torch_twin(module: nn.Module) -> nn.Module | None:
+    twin = _detection_twin(module, to_segops=False)
+    if twin is not None:
+        return twin
     if type(module) is AtrousConv2d:
         if module.activation is not None:
             raise ArgumentError("revert_model: model holds an AtrousConv2d with a fused "
@@ -117,27 +177,34 @@ def _torch_twin(module: nn.Module) -> nn.Module | None:
                                  canonical_level=module.canonical_level)
 
 
-def _swap(model: nn.Module, twin_of) -> list[tuple[str, str, str]]:
+def _swap(model: nn.Module, twin_of, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Replace each child that has a twin, then recurse into the live child
+    (a twin's children are swapped in the twin, not in the replaced module)."""
     replaced = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            twin = twin_of(child)
-            if twin is None:
-                continue
-            setattr(parent, child_name, twin)
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
+    for child_name, child in list(model.named_children()):
+        name = f"{prefix}{child_name}"
+        twin = twin_of(child)
+        if twin is not None:
+            setattr(model, child_name, twin)
             replaced.append((name, type(child).__name__, type(twin).__name__))
+            child = twin
+        replaced += _swap(child, twin_of, name + ".")
     return replaced
 
 
-def convert_model(model: nn.Module, *, ops=("atrous_conv", "conv_transpose", "roi_align"),
+def convert_model(model: nn.Module, *,
+                  ops=("atrous_conv", "conv_transpose", "roi_align", "detection"),
                   inplace: bool = True) -> ConversionReport:
     """Replace, in any nn.Module, the layers segops has kernels for:
 
     * ``'atrous_conv'``: ``nn.Conv2d`` with dilation > 1 -> AtrousConv2d;
     * ``'conv'``: every ``nn.Conv2d`` -> AtrousConv2d;
     * ``'conv_transpose'``: ``nn.ConvTranspose2d`` -> segops ConvTranspose2d;
-    * ``'roi_align'``: torchvision's ``RoIAlign`` / ``MultiScaleRoIAlign``.
+    * ``'roi_align'``: torchvision's ``RoIAlign`` / ``MultiScaleRoIAlign``;
+    * ``'detection'``: torchvision's detection ``AnchorGenerator``,
+      ``RegionProposalNetwork``, ``RoIHeads`` and ``GeneralizedRCNNTransform``
+      -> segops' (batch-wide NMS, box decoding, mask targets and mask
+      pasting on segops' kernels; heads and matchers shared).
 
     ``ops`` is a sequence of those names (or one name).
 

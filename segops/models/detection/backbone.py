@@ -50,6 +50,12 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{type(self).__name__}({self.weight.shape[0]}, eps={self.eps})"
 
 
+def saved_before_version_2(local_metadata: dict) -> bool:
+    """A checkpoint of a module from before its ``_version = 2`` renames (or
+    one with no version metadata, which torchvision also migrates)."""
+    return local_metadata.get("version") is None or local_metadata["version"] < 2
+
+
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, *,
                   norm_layer: Callable[[int], nn.Module] | None = None, activation: bool = True,
                   padding: int | None = None, dilation: int = 1) -> nn.Sequential:
@@ -109,7 +115,7 @@ class FeaturePyramidNetwork(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if local_metadata.get("version", 2) < 2:  # pre-0.13 names: inner_blocks.i.weight
+        if saved_before_version_2(local_metadata):  # pre-0.13 names: inner_blocks.i.weight
             for block in ("inner_blocks", "layer_blocks"):
                 for i in range(len(self.inner_blocks)):
                     for kind in ("weight", "bias"):
@@ -220,3 +226,42 @@ def resnet50_fpn_backbone(norm_layer: Callable[[int], nn.Module], trainable_laye
     """ResNet-50 (no classifier) + FPN, as torchvision's Mask R-CNN builds it."""
     return resnet_fpn_extractor(resnet50(num_classes=None, norm_layer=norm_layer),
                                 trainable_layers, fpn_norm_layer)
+
+
+class SmallConvNet(nn.Module):
+    """A light ResNet-shaped trunk for small images and CPU training: a
+    stride-2 stem, then four stages of two 3x3 conv-BN-ReLU (the first with
+    stride 2), channels ``width * (1, 2, 4, 8)``; named ``conv1``, ``bn1``,
+    ``layer1``..``layer4`` so :class:`BackboneBody` and the trainable-layer
+    rule apply unchanged. Outputs of layer1..4 are at strides 4, 8, 16, 32."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        channels = width
+        for i in range(4):
+            out = width * 2 ** i
+            setattr(self, f"layer{i + 1}", nn.Sequential(_conv_bn_relu(channels, out, stride=2),
+                                                         _conv_bn_relu(out, out)))
+            channels = out
+        self.out_channels_list = [width * 2 ** i for i in range(4)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1,
+                                   bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def small_fpn_backbone(width: int = 16, out_channels: int = 64) -> BackboneWithFPN:
+    """:class:`SmallConvNet` + FPN (``out_channels`` wide) + LastLevelMaxPool:
+    the same five maps ``'0'``..``'3'``, ``'pool'`` as the ResNet-50-FPN."""
+    trunk = SmallConvNet(width)
+    return BackboneWithFPN(trunk, RETURN_LAYERS, trunk.out_channels_list, out_channels,
+                           LastLevelMaxPool())

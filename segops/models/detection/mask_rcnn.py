@@ -20,6 +20,8 @@ from .backbone import (
     FrozenBatchNorm2d,
     conv_norm_act,
     resnet50_fpn_backbone,
+    saved_before_version_2,
+    small_fpn_backbone,
     validate_trainable_layers,
 )
 from .roi_heads import RoIHeads
@@ -106,7 +108,7 @@ class MaskRCNNHeads(nn.Sequential):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if local_metadata.get("version", 2) < 2:
+        if saved_before_version_2(local_metadata):
             for i in range(len(self)):
                 for kind in ("weight", "bias"):
                     old = f"{prefix}mask_fcn{i + 1}.{kind}"
@@ -342,3 +344,27 @@ def maskrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True,
     if weights is not None:
         _load_weights(model, weights)
     return model
+
+
+def maskrcnn_small(*, num_classes: int = 4, width: int = 16, fpn_channels: int = 64,
+                   **kwargs) -> MaskRCNN:
+    """A light Mask R-CNN for ~128-pixel images that trains on a CPU in
+    minutes (the demo's model): :func:`small_fpn_backbone` (stride-2 stages
+    of ``width * (1, 2, 4, 8)`` channels, an ``fpn_channels``-wide FPN),
+    anchors 8-128 pixels, a 256-wide box head, a two-conv mask head, and
+    proposal/detection counts scaled to small images. Every default can be
+    overridden through :class:`MaskRCNN`'s keywords."""
+    backbone = small_fpn_backbone(width, fpn_channels)
+    options = dict(
+        min_size=128, max_size=128,
+        rpn_anchor_generator=AnchorGenerator(((8,), (16,), (32,), (64,), (128,)),
+                                             ((0.5, 1.0, 2.0),) * 5),
+        rpn_pre_nms_top_n_train=600, rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=100,
+        box_batch_size_per_image=128, box_detections_per_img=20,
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        mask_head=MaskRCNNHeads(fpn_channels, [fpn_channels] * 2),
+        mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes))
+    options.update(kwargs)
+    return MaskRCNN(backbone, None, **options)

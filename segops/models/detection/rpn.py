@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ...ops import batched_nms_per_image, box_iou
 from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from .anchors import AnchorGenerator
-from .backbone import conv_norm_act
+from .backbone import conv_norm_act, saved_before_version_2
 from .transform import ImageList
 
 
@@ -39,7 +39,7 @@ class RPNHead(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if local_metadata.get("version", 2) < 2:  # pre-0.13 name: conv.weight
+        if saved_before_version_2(local_metadata):  # pre-0.13 name: conv.weight
             for kind in ("weight", "bias"):
                 old = f"{prefix}conv.{kind}"
                 if old in state_dict:

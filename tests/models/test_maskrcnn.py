@@ -1,0 +1,323 @@
+"""Mask R-CNN: torchvision's keys and checkpoints load, eval and training
+match torchvision in float64 (detections present, not vacuous), the kernel
+path matches the reference path, convert_model on torchvision's model,
+errors, compile."""
+import copy
+
+import pytest
+import torch
+from helpers import DEVICE, RTOL, assert_close
+
+import segops
+from segops import _dispatch
+from segops.models import detection, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2, \
+    maskrcnn_small
+
+tv_detection = pytest.importorskip("torchvision.models.detection")
+F64 = RTOL[torch.float64]
+SMALL = dict(num_classes=4, min_size=64, max_size=96, box_score_thresh=0.0,
+             box_detections_per_img=12, rpn_post_nms_top_n_test=60)
+
+
+# ------------------------------------------------------------------ helpers
+def calibrate(model):
+    """Meaningful BatchNorm statistics (one train-mode pass over random
+    images, random affine parameters), and head weights large enough that
+    objectness and class scores are spread out (torchvision's init gives
+    ~equal scores: ties whose order no one specifies) but deltas stay small
+    (so proposals do not all clip to the image border)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.reset_running_stats()
+                m.momentum = None
+        model.backbone.train()(torch.rand(4, 3, 64, 64) * 2 - 1)
+        model.rpn.head.cls_logits.weight.normal_(0, 0.001)
+        model.rpn.head.bbox_pred.weight.mul_(0.01)
+        predictor = model.roi_heads.box_predictor
+        predictor.cls_score.weight.normal_(0, 0.002)
+        predictor.bbox_pred.weight.mul_(0.1)
+    return model
+
+
+def torchvision_pair(version="v1", **kwargs):
+    """(torchvision's model, segops' with its state_dict), float64, eval."""
+    build = {"v1": (tv_detection.maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn),
+             "v2": (tv_detection.maskrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2)}[version]
+    options = {**SMALL, **kwargs}
+    theirs = calibrate(build[0](weights=None, weights_backbone=None, **options))
+    ours = build[1](**options)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs.double().eval().to(DEVICE), ours.double().eval().to(DEVICE)
+
+
+def detect(model, x):
+    """Eval outputs on the native path off the GPU (the interpreter would
+    take minutes on ResNet-50 heads; the kernel path has its own test)."""
+    with torch.no_grad(), _dispatch.native_only():
+        return model(x)
+
+
+def images(*sizes, generator=None):
+    return [torch.rand(3, h, w, dtype=torch.float64, generator=generator).to(DEVICE)
+            for h, w in sizes]
+
+
+def assert_same_detections(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert set(g) == set(w) == {"boxes", "labels", "scores", "masks"}
+        assert torch.equal(g["labels"], w["labels"])
+        for key in ("boxes", "scores", "masks"):
+            assert g[key].shape == w[key].shape, key
+            assert g[key].dtype == w[key].dtype, key
+            assert_close(g[key], w[key], F64, name=key)
+
+
+class FirstSampler:
+    """A deterministic fg/bg sampler (the first positives and negatives in
+    index order) to inject into both models: their random streams differ."""
+
+    def __init__(self, batch_size_per_image, positive_fraction):
+        self.batch_size = batch_size_per_image
+        self.fraction = positive_fraction
+
+    def __call__(self, labels):
+        positives, negatives = [], []
+        for label in labels:
+            pos, neg = torch.where(label >= 1)[0], torch.where(label == 0)[0]
+            num_pos = min(pos.numel(), int(self.batch_size * self.fraction))
+            num_neg = min(neg.numel(), self.batch_size - num_pos)
+            for chosen, out in ((pos[:num_pos], positives), (neg[:num_neg], negatives)):
+                mask = torch.zeros_like(label, dtype=torch.uint8)
+                mask[chosen] = 1
+                out.append(mask)
+        return positives, negatives
+
+
+def rectangle_targets(sizes, counts, generator, dtype=torch.float64):
+    targets = []
+    for (h, w), k in zip(sizes, counts):
+        masks = torch.zeros(k, h, w, dtype=torch.uint8)
+        boxes = []
+        for i in range(k):
+            x0, y0 = (int(torch.randint(0, s // 2, (1,), generator=generator)) for s in (w, h))
+            x1 = x0 + 8 + int(torch.randint(0, w // 2 - 8, (1,), generator=generator))
+            y1 = y0 + 8 + int(torch.randint(0, h // 2 - 8, (1,), generator=generator))
+            masks[i, y0:y1, x0 + 2:x1] = 1  # the mask need not fill its box
+            boxes.append([x0, y0, x1, y1])
+        targets.append({"boxes": torch.tensor(boxes, dtype=dtype).reshape(-1, 4).to(DEVICE),
+                        "labels": torch.randint(1, 4, (k,), generator=generator).to(DEVICE),
+                        "masks": masks.to(DEVICE)})
+    return targets
+
+
+def train_losses_and_grads(model, imgs, targets):
+    model.train()
+    model.rpn.fg_bg_sampler = FirstSampler(256, 0.5)
+    model.roi_heads.fg_bg_sampler = FirstSampler(64, 0.25)
+    model.zero_grad()
+    with _dispatch.native_only():
+        losses = model(imgs, copy.deepcopy(targets))
+        sum(losses.values()).backward()
+    return losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------- keys and loading
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_state_dict_keys_and_shapes_are_torchvisions(version):
+    build = {"v1": (tv_detection.maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn),
+             "v2": (tv_detection.maskrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2)}[version]
+    theirs = build[0](weights=None, weights_backbone=None).state_dict()
+    ours = build[1]().state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    if version == "v1":
+        assert len(ours) == 360 and sum(k.endswith("num_batches_tracked") for k in ours) == 53
+
+
+def frozen_torchvision_v1(num_classes=91):
+    """torchvision's v1 as built for trained weights (FrozenBatchNorm2d,
+    307 keys), without downloading any."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+    backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
+    return tv_detection.MaskRCNN(backbone, num_classes=num_classes)
+
+
+def test_loads_a_frozen_batch_norm_checkpoint_both_ways():
+    state = frozen_torchvision_v1().state_dict()
+    assert len(state) == 307
+    maskrcnn_resnet50_fpn().load_state_dict(state, strict=True)  # BatchNorm2d model
+    trained = maskrcnn_resnet50_fpn(weights=state)
+    frozen = [m for m in trained.modules() if isinstance(m, detection.FrozenBatchNorm2d)]
+    assert len(frozen) == 53 and all(m.eps == 0.0 for m in frozen)
+    trainable = {n.split(".")[1] for n, p in trained.backbone.named_parameters()
+                 if p.requires_grad and n.startswith("body.")}
+    assert trainable == {"layer2", "layer3", "layer4"}  # trainable_backbone_layers=3
+
+
+def test_loads_torchvision_pre_0_13_key_names():
+    theirs = tv_detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    state = theirs.state_dict()
+    old = type(state)()
+    renames = {"rpn.head.conv.0.0.": "rpn.head.conv."}
+    renames.update({f"roi_heads.mask_head.{i}.0.": f"roi_heads.mask_head.mask_fcn{i + 1}."
+                    for i in range(4)})
+    renames.update({f"backbone.fpn.{b}.{i}.0.": f"backbone.fpn.{b}.{i}."
+                    for b in ("inner_blocks", "layer_blocks") for i in range(4)})
+    for key, value in state.items():
+        for new, legacy in renames.items():
+            if key.startswith(new):
+                key = legacy + key[len(new):]
+        old[key] = value
+    old._metadata = {k: dict(v) for k, v in state._metadata.items()}
+    for prefix in ("rpn.head", "roi_heads.mask_head", "backbone.fpn"):
+        old._metadata[prefix]["version"] = 1
+    assert "roi_heads.mask_head.mask_fcn1.weight" in old and "rpn.head.conv.weight" in old
+    ours = maskrcnn_resnet50_fpn()
+    ours.load_state_dict(old, strict=True)
+    for key, value in state.items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_backbone_weights_and_trainable_layers():
+    body = maskrcnn_resnet50_fpn().backbone.body.state_dict()
+    classifier = {k: torch.randn_like(v, dtype=torch.float32) if v.is_floating_point() else v
+                  for k, v in body.items() if not k.endswith("num_batches_tracked")}
+    classifier["fc.weight"] = torch.zeros(1000, 2048)
+    model = maskrcnn_resnet50_fpn(weights_backbone=classifier, trainable_backbone_layers=5)
+    assert torch.equal(model.backbone.body.conv1.weight, classifier["conv1.weight"])
+    assert isinstance(model.backbone.body.bn1, detection.FrozenBatchNorm2d)
+    assert all(p.requires_grad for p in model.backbone.body.parameters())
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        maskrcnn_resnet50_fpn(weights_backbone=classifier, trainable_backbone_layers=6)
+    with pytest.warns(UserWarning, match="trainable_backbone_layers"):
+        maskrcnn_resnet50_fpn(trainable_backbone_layers=2)
+
+
+# ------------------------------------------------------------------- parity
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_eval_matches_torchvision_in_float64(version):
+    theirs, ours = torchvision_pair(version)
+    x = images((70, 90), (96, 64))
+    want, got = detect(theirs, x), detect(ours, x)
+    assert all(len(w["boxes"]) == SMALL["box_detections_per_img"] for w in want)
+    assert want[0]["masks"].shape[-2:] == (70, 90) and want[1]["masks"].shape[-2:] == (96, 64)
+    assert_same_detections(got, want)
+
+
+def test_eval_with_no_detections_matches_torchvision():
+    theirs, ours = torchvision_pair(box_score_thresh=1.0)
+    x = images((64, 80))
+    want, got = detect(theirs, x), detect(ours, x)
+    assert want[0]["boxes"].shape == (0, 4) and want[0]["masks"].shape == (0, 1, 64, 80)
+    assert_same_detections(got, want)
+
+
+@pytest.mark.parametrize("counts", [(3, 2), (2, 0)], ids=["gt", "image-without-gt"])
+def test_training_losses_and_gradients_match_torchvision(counts):
+    theirs, ours = torchvision_pair()
+    g = torch.Generator().manual_seed(1)
+    sizes = [(70, 90), (96, 64)]
+    x = images(*sizes, generator=g)
+    targets = rectangle_targets(sizes, counts, g)
+    want_losses, want_grads = train_losses_and_grads(theirs, x, targets)
+    got_losses, got_grads = train_losses_and_grads(ours, x, targets)
+    assert set(got_losses) == {"loss_classifier", "loss_box_reg", "loss_mask",
+                               "loss_objectness", "loss_rpn_box_reg"}
+    assert all(v > 0 for v in want_losses.values())
+    for key, value in want_losses.items():
+        assert_close(got_losses[key], value, F64, name=key)
+    assert set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        assert_close(got_grads[name], grad, F64, name=name)
+
+
+def test_degenerate_gt_box_raises_torchvisions_error():
+    _, ours = torchvision_pair()
+    ours.train()
+    target = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 5.0, 9.0]],
+                                    dtype=torch.float64, device=DEVICE),
+              "labels": torch.tensor([1, 2], device=DEVICE),
+              "masks": torch.zeros(2, 64, 64, dtype=torch.uint8, device=DEVICE)}
+    message = "All bounding boxes should have positive height and width. Found invalid box"
+    with pytest.raises(AssertionError, match=message) as info:
+        with _dispatch.native_only():
+            ours(images((64, 64)), [target])
+    assert isinstance(info.value, ValueError) and "at index 0" in str(info.value)
+
+
+def test_training_argument_errors():
+    model = maskrcnn_small()
+    model.train()
+    with pytest.raises(ValueError, match="targets should not be none"):
+        model([torch.rand(3, 32, 32)])
+    with pytest.raises(ValueError, match=r"shape \[N, 4\]"):
+        model([torch.rand(3, 32, 32)], [{"boxes": torch.zeros(4), "labels": torch.zeros(1)}])
+    with pytest.raises(ValueError, match="num_classes should be None"):
+        detection.MaskRCNN(detection.small_fpn_backbone(), 3,
+                           box_predictor=detection.FastRCNNPredictor(1024, 3))
+    with pytest.raises(TypeError, match="floating type"):
+        model.eval()([torch.zeros(3, 32, 32, dtype=torch.uint8)])
+
+
+# ---------------------------------------------------- kernel path, convert
+def test_kernel_path_matches_the_reference_path():
+    """The small model (segops' RoIAlign, transposed conv, NMS, paste) on the
+    Triton kernels equals the same model on the references."""
+    torch.manual_seed(0)
+    model = calibrate(maskrcnn_small(num_classes=3, width=4, fpn_channels=8,
+                                     min_size=48, max_size=48, box_score_thresh=0.0,
+                                     box_detections_per_img=4, rpn_post_nms_top_n_test=12))
+    model = model.eval().to(DEVICE)
+    x = [torch.rand(3, 40, 48, device=DEVICE)]
+    with torch.no_grad(), _dispatch.reference_only():
+        want = model(x)
+    with torch.no_grad():  # the kernels (interpreted off the GPU)
+        got = model(x)
+    assert len(want[0]["boxes"]) == 4
+    assert torch.equal(got[0]["labels"], want[0]["labels"])
+    for key in ("boxes", "scores", "masks"):
+        assert_close(got[0][key], want[0][key], RTOL[torch.float32], name=key)
+
+
+def test_convert_model_runs_torchvisions_maskrcnn_on_segops_and_back():
+    theirs, _ = torchvision_pair()
+    x = images((70, 90), (96, 64))
+    want = detect(theirs, x)
+    parameters = dict(theirs.named_parameters())
+    report = segops.convert_model(theirs, inplace=False)
+    converted = report.model
+    replaced = {name: new for name, _, new in report.replaced}
+    assert replaced["rpn"] == "RegionProposalNetwork" and replaced["roi_heads"] == "RoIHeads"
+    assert replaced["transform"] == "GeneralizedRCNNTransform"
+    assert replaced["roi_heads.box_roi_pool"] == "MultiScaleRoIAlign"
+    assert replaced["roi_heads.mask_predictor.conv5_mask"] == "ConvTranspose2d"
+    assert type(converted.roi_heads).__module__.startswith("segops")
+    assert_same_detections(detect(converted, x), want)
+    shared = segops.convert_model(theirs)  # in place: the very same parameters
+    assert all(p is parameters[n] for n, p in shared.model.named_parameters())
+    back = segops.revert_model(theirs).model
+    assert type(back.roi_heads).__module__.startswith("torchvision")
+    assert type(back.roi_heads.box_roi_pool).__module__.startswith("torchvision")
+    assert_same_detections(detect(back, x), want)
+
+
+def test_compile_backbone_and_heads_fullgraph():
+    model = maskrcnn_small(width=4, fpn_channels=8).eval()
+    x = torch.rand(1, 3, 64, 64)
+    rois = torch.rand(3, 8, 14, 14)
+    with torch.no_grad():
+        want_features = model.backbone(x)
+        want_masks = model.roi_heads.mask_predictor(model.roi_heads.mask_head(rois))
+        features = torch.compile(model.backbone, fullgraph=True)(x)
+        masks = torch.compile(torch.nn.Sequential(model.roi_heads.mask_head,
+                                                  model.roi_heads.mask_predictor),
+                              fullgraph=True)(rois)
+    for key, value in want_features.items():
+        assert_close(features[key], value, RTOL[torch.float32], name=key)
+    assert_close(masks, want_masks, RTOL[torch.float32])
