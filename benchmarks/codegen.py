@@ -3,7 +3,7 @@
 Without a device the only view of a kernel's performance is the machine code
 the compiler makes of it. This module runs the public ops at the benchmark
 shapes of DESIGN.md (the cases of benchmarks/conv.py, conv_transpose.py,
-roi_align.py and overlap.py) on CPU tensors of the real sizes
+roi_align.py, overlap.py, boxes.py and masks.py) on CPU tensors of the real sizes
 (``torch.empty``: nothing is touched), in bf16, fp16 and fp32 (TF32 where
 the GEMMs use it), NCHW and channels_last, forward and backward, with the
 ops switched onto their GPU path. Every kernel launch is intercepted
@@ -88,6 +88,13 @@ FAMILIES = {
     "_overlap_sums_fwd_kernel": "overlap fwd",
     "_overlap_sums_bwd_kernel": "overlap bwd",
     "_confusion_matrix_kernel": "confusion matrix",
+    "_box_iou_kernel": "box_iou",
+    "_decode_kernel": "decode_boxes",
+    "_clip_kernel": "clip_boxes",
+    "_nms_mask_kernel": "nms iou mask",
+    "_nms_scan_kernel": "nms scan",
+    "_paste_masks_kernel": "paste_masks",
+    "_mask_targets_kernel": "mask_targets",
 }
 # families whose kernels are GEMMs (tl.dot): they must run on tensor cores
 GEMM_FAMILIES = ("conv fwd", "conv grad_input", "conv grad_weight", "conv_transpose k==s")
@@ -99,7 +106,11 @@ MEMORY_BOUND_FAST_LAYOUT = {
     "overlap fwd": "nchw",
     "overlap bwd": "nchw",
     "confusion matrix": "nchw",
+    "paste_masks": "nchw",
 }
+# memory-bound families whose traffic is the output they write: their loads
+# are gathers (paste_masks: taps of a 28x28 mask, cached), only stores count
+STORE_BOUND = ("paste_masks",)
 
 
 def default_cache_dir() -> Path:
@@ -115,7 +126,7 @@ class Case:
     suite: str        # "bench" (the fast paths) or "coverage" (compile-only variants)
     op: str           # benchmark family: conv, conv_transpose, roi_align, overlap
     shape: str
-    layout: str       # "nchw" or "channels_last"
+    layout: str       # "nchw" or "channels_last" ("rows" for (N, 4) boxes)
     dtype: str        # the input dtype: bf16, fp16, fp32, fp64
     run: object       # run(phase): calls the op; phase("fwd"/"bwd") tags its launches
 
@@ -243,6 +254,80 @@ def _overlap_cases():
                    dtype, run)
 
 
+def _boxes_cases():
+    """The box ops as Mask R-CNN runs them (benchmarks/boxes.py), float32
+    boxes: batched NMS per image (RPN levels, box-head classes), decoding
+    with and without the fused clip, the clip of (N, classes, 4) boxes, and
+    the IoU matrix of 20 GT boxes against an 800x1216 image's anchors."""
+    import torch
+    from segops import ops
+    from . import boxes as bench
+
+    def nms_run(images, levels, per_level, threshold, cap):
+        def run(phase):
+            n = images * levels * per_level
+            idxs = torch.arange(levels).repeat_interleave(per_level).repeat(images)
+            image_ids = torch.arange(images).repeat_interleave(levels * per_level)
+            with phase("fwd"):
+                ops.batched_nms_per_image(bench._boxes(n, torch.Generator().manual_seed(0)),
+                                          torch.rand(n), idxs, image_ids, threshold, cap,
+                                          num_images=images)
+        return run
+    images = bench.RPN_IMAGES[0]
+    yield Case("bench", "boxes", f"nms rpn {images}x{bench.RPN_LEVELS}x{bench.RPN_PER_LEVEL}",
+               "rows", "fp32", nms_run(images, bench.RPN_LEVELS, bench.RPN_PER_LEVEL, 0.7,
+                                       1000))
+    proposals, classes = bench.BOX_HEAD
+    yield Case("bench", "boxes", f"nms box head {classes}x40", "rows", "fp32",
+               nms_run(1, classes, 40, 0.5, 100))  # ~3 600 boxes pass the 0.05 score
+
+    def decode_run(phase):
+        codes = _empty((bench.DECODE_ROWS, 4 * (classes + 1)), "fp32", False)
+        boxes = _empty((bench.DECODE_ROWS, 4), "fp32", False)
+        with phase("fwd"):
+            ops.decode_boxes(codes, boxes, (10.0, 10.0, 5.0, 5.0))
+            decoded = ops.decode_boxes(codes, boxes, (10.0, 10.0, 5.0, 5.0),
+                                       image_size=bench.IMAGE)
+            ops.clip_boxes_to_image(decoded.view(bench.DECODE_ROWS, classes + 1, 4),
+                                    bench.IMAGE)
+    yield Case("bench", "boxes", f"decode, clip {bench.DECODE_ROWS}x{classes + 1}", "rows",
+               "fp32", decode_run)
+
+    def iou_run(phase):
+        with phase("fwd"):
+            ops.box_iou(_empty((20, 4), "fp32", False), _empty((242991, 4), "fp32", False))
+    yield Case("bench", "boxes", "box_iou 20x242991 anchors", "rows", "fp32", iou_run)
+
+
+def _masks_cases():
+    """benchmarks/masks.py: 100 masks of 28^2 pasted into 800x1216 (float and
+    thresholded), and the mask targets of 512 RoIs against 20 uint8 GT masks
+    at 800x1216, M = 28."""
+    import torch
+    from segops import ops
+    from . import masks as bench
+    height, width = bench.IMAGE
+
+    def paste_run(phase, threshold):
+        masks = _empty((bench.PASTE_MASKS, 1, bench.MASK_SIZE, bench.MASK_SIZE), "fp32", False)
+        boxes = _empty((bench.PASTE_MASKS, 4), "fp32", False)
+        with phase("fwd"):
+            ops.paste_masks(masks, boxes, bench.IMAGE, threshold=threshold)
+    for kind, threshold in (("float", None), ("bool", bench.THRESHOLD)):
+        yield Case("bench", "masks", f"paste {kind} {bench.PASTE_MASKS}x{bench.MASK_SIZE}^2 -> "
+                   f"{height}x{width}", "nchw", "fp32",
+                   functools.partial(paste_run, threshold=threshold))
+
+    def targets_run(phase):
+        gt = torch.empty((bench.GT_MASKS, height, width), dtype=torch.uint8)
+        rois = _empty((bench.TARGET_ROIS, 4), "fp32", False)
+        idx = torch.zeros(bench.TARGET_ROIS, dtype=torch.int64)
+        with phase("fwd"):
+            ops.mask_targets(gt, rois, idx, bench.M, validate_args=False)
+    yield Case("bench", "masks", f"mask_targets {bench.TARGET_ROIS} rois, {bench.GT_MASKS}x"
+               f"{height}x{width} u8", "nchw", "fp32", targets_run)
+
+
 def _coverage_cases():
     """What tests/compile_sm90.py compiled and no benchmark launches: float64,
     fp32 without TF32, bias/ReLU epilogues, every RoIAlign mode (aligned, max,
@@ -350,6 +435,37 @@ def _coverage_cases():
                                      validate_args=False)
     yield case("overlap", "coverage confusion 5 and 60 classes, labels and scores", "nchw",
                "fp16", run)
+    yield from _detection_coverage(case)
+
+
+def _detection_coverage(case):
+    """Box and mask kernels in the dtypes no benchmark runs: float64 (its
+    bit-cast scalars and thresholds), half inputs (float32 arithmetic), bool
+    and float GT masks."""
+    import torch
+    from segops import ops
+    for dtype in ("fp64", "bf16", "fp16"):
+        def boxes_run(phase, dtype=dtype):
+            b = _empty((70, 4), dtype, False)
+            with phase("fwd"):
+                ops.box_iou(b, b[:9])
+                ops.decode_boxes(_empty((70, 12), dtype, False), b, (10.0, 10.0, 5.0, 5.0))
+                ops.decode_boxes(_empty((70, 12), dtype, False), b, image_size=(50, 60))
+                ops.clip_boxes_to_image(b, (50, 60))
+                ops.batched_nms(b, _empty((70,), dtype, False), torch.arange(70) % 3, 0.5)
+        yield case("boxes", "coverage 70 boxes, 3 classes", "rows", dtype, boxes_run)
+
+        def masks_run(phase, dtype=dtype):
+            masks, boxes = _empty((5, 1, 7, 7), dtype, False), _empty((5, 4), dtype, False)
+            gt = torch.empty((3, 20, 24), dtype=torch.bool)
+            with phase("fwd"):
+                ops.paste_masks(masks, boxes, (20, 24))
+                ops.paste_masks(masks, boxes, (20, 24), threshold=0.5)
+                ops.mask_targets(gt, boxes, torch.zeros(5, dtype=torch.int64), 4,
+                                 validate_args=False)
+                ops.mask_targets(gt.to(_torch_dtype(dtype)), boxes,
+                                 torch.zeros(5, dtype=torch.int32), 4, validate_args=False)
+        yield case("masks", "coverage 5 masks, bool and float GT masks", "nchw", dtype, masks_run)
 
 
 def _layout(channels_last: bool) -> str:
@@ -361,7 +477,7 @@ def _product(*iterables):
     return itertools.product(*iterables)
 
 
-OPS = ("conv", "conv_transpose", "roi_align", "overlap")
+OPS = ("conv", "conv_transpose", "roi_align", "overlap", "boxes", "masks")
 
 # The CI gate's subset (--ci), chosen to stay within a few minutes on two
 # cores from a cold cache (the full report compiles ~1 500 binaries, ~40 CPU
@@ -387,6 +503,8 @@ CI_CASES = {
                                      ("fp32", "channels_last")},
     ("roi_align", "multi_scale box"): {("bf16", "channels_last")},
     ("overlap", "16x21x"): {("bf16", "nchw"), ("bf16", "channels_last"), ("fp32", "nchw")},
+    ("boxes", ""): {("fp32", "rows")},  # every case: a few small binaries
+    ("masks", ""): {("fp32", "nchw")},
 }
 CI_ALL_CONFIGS = {  # (op, family, dtype, layout)
     *[("conv", family, "bf16", "channels_last")
@@ -414,7 +532,8 @@ def _in_ci(case) -> bool:
 
 def cases(ops=OPS, ci=False, coverage=True) -> list[Case]:
     makers = {"conv": _conv_cases, "conv_transpose": _conv_transpose_cases,
-              "roi_align": _roi_align_cases, "overlap": _overlap_cases}
+              "roi_align": _roi_align_cases, "overlap": _overlap_cases,
+              "boxes": _boxes_cases, "masks": _masks_cases}
     out = []
     for op in ops:
         out += list(makers[op]())
@@ -907,7 +1026,9 @@ VECTOR_STORES = ("roi_align fwd", "roi_align bwd deterministic", "overlap bwd")
 def _vector_short(r) -> bool:
     """No 128-bit global load on the data path; for kernels that write a
     tile, no 128-bit store; for the atomic RoIAlign backward, only scalar
-    atomics."""
+    atomics; for the store-bound kernels, no 128-bit store."""
+    if r["family"] in STORE_BOUND:
+        return r["st128"] == 0
     if r["ld128"] == 0:
         return True
     if r["family"] in VECTOR_STORES and r["st128"] == 0:
@@ -988,6 +1109,9 @@ def suggest_pins(report) -> str:
     return "\n".join(lines)
 
 
+LAYOUT_NAMES = {"channels_last": "NHWC", "nchw": "NCHW"}  # "rows": (N, 4) boxes
+
+
 def markdown_table(report) -> str:
     """README-ready: one line per shipped (kernel family, dtype, layout,
     config), worst case over the benchmark shapes."""
@@ -1003,7 +1127,7 @@ def markdown_table(report) -> str:
         loads = ("yes" if worst["async_copies"] and not worst["ld_global"]
                  else "partly" if worst["async_copies"] else "no")
         lines.append(
-            f"| {family} | {dtype} | {'NHWC' if layout == 'channels_last' else 'NCHW'} | "
+            f"| {family} | {dtype} | {LAYOUT_NAMES.get(layout, layout)} | "
             f"{config} | {max(r['regs'] for r in group)} | "
             f"{max(r['spills'] for r in group)} | "
             f"{max(r['smem_total'] for r in group) // 1024} KB | "

@@ -8,7 +8,9 @@
 * ``mask_targets``: 512 positive RoIs against 20 uint8 GT masks at 800x1216,
   M = 28: mask_targets (reads the uint8 masks) vs
   torchvision's project_masks_on_boxes (a float copy of every GT mask, then
-  roi_align). The extra-memory column shows the float copy.
+  roi_align). The extra-memory column shows the float copy. And the same
+  for two images passed as lists (maskrcnn_loss' form): one launch over the
+  concatenated uint8 GT masks vs torchvision's per-image loop.
 
 GB/s counts the output written plus, for the mask targets, 4 bytes read per
 bilinear sample (as if uncached).
@@ -86,8 +88,20 @@ def _target_records(quick: bool) -> list[Record]:
         "segops": lambda: mask_targets(gt, rois, idx, M),
         "torchvision": lambda: project_masks_on_boxes(gt, rois, idx, M),
     }
-    return [_record("mask_targets", shape, "fwd", provider, fn, nbytes)
-            for provider, fn in providers.items()]
+    records = [_record("mask_targets", shape, "fwd", provider, fn, nbytes)
+               for provider, fn in providers.items()]
+    if quick:
+        return records
+    # two images as maskrcnn_loss passes them (lists): segops' one launch over
+    # the concatenated GT masks vs torchvision's loop
+    gts, rois2, idxs = [gt, gt.clone()], [rois, rois.flip(0)], [idx, idx.flip(0)]
+    providers = {
+        "segops": lambda: mask_targets(gts, rois2, idxs, M),
+        "torchvision": lambda: torch.cat([project_masks_on_boxes(*one, M)
+                                          for one in zip(gts, rois2, idxs)]),
+    }
+    return records + [_record("mask_targets", "2 images x " + shape, "fwd", provider, fn,
+                              2 * nbytes) for provider, fn in providers.items()]
 
 
 def run(quick: bool = False) -> list[Record]:

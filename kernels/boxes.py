@@ -13,14 +13,23 @@ Kernels:
   sync) by (segment, -score, index), so each segment is a contiguous run
   ``[seg_start, seg_end)``.
 
+  - The bitmask is stored per segment: each row (sorted box) of a segment
+    of n_s boxes holds that segment's ``ceil(n_s / 64)`` 64-bit words, the
+    segments' rows one after another, so the buffer holds
+    sum_s n_s * ceil(n_s / 64) words, not N * ceil(N / 64) (~1 GB for 90 000
+    boxes in 90 classes). Row offsets are an int64 cumulative sum on the
+    device (``bitmask_layout``). The exact total needs a host sync, so a launch
+    is sized without one (``bitmask_size``): for segments of up to
+    ``GUESS_SEGMENT`` boxes (at most 32 words per box), exactly for a
+    single segment. Segments that do not fit are skipped, and the caller,
+    which reads the needed size with the result counts (its one sync),
+    launches again sized exactly; see segops/ops/boxes.py.
   - ``_nms_mask_kernel``: program (row tile, column word w) writes, for each
-    row i of its tile, the 64-bit word ``mask[i, w]`` whose bit t says
-    "box i suppresses box seg_start(i) + 64 w + t" (IoU > threshold, column
-    after i, same segment). Columns are counted from the row's own segment
-    start, so a word never mixes segments and a tile whose words lie past
-    every row's segment (or wholly before the rows) exits at once: only
-    tile pairs within a segment do IoU work. No N x N float matrix exists;
-    the bitmask is N x ceil(N/64) int64 words, written only within segments.
+    row i of its tile, the word w of row i, whose bit t says "box i
+    suppresses box seg_start(i) + 64 w + t" (IoU > threshold, column after
+    i, same segment). A program whose word lies past every row's segment,
+    or wholly before the rows, exits at once: only tile pairs within a
+    segment do IoU work. No N x N float matrix exists.
   - ``_nms_scan_kernel``: program p scans every segment that starts in rows
     [64 p, 64 p + 64), 64 rows at a time: the block's own words (the
     diagonal) are resolved in registers, one row per step, then the words of
@@ -48,8 +57,10 @@ from ._math import div
 
 WORD = 64           # bits per mask word (columns per column tile)
 NMS_BLOCK_M = 64    # rows per mask program
+NMS_CHUNK = 8       # columns per step of a mask program
 SCAN_BLOCK_W = 16   # later words OR-ed at a time by the scan
 IOU_BLOCK = 32      # box_iou tile
+GUESS_SEGMENT = 2048  # boxes per segment a launch sizes its bitmask for without a sync
 ELEM_BLOCK = 256    # clip / decode rows per program
 
 
@@ -294,54 +305,71 @@ def decode_boxes(rel_codes: torch.Tensor, boxes: torch.Tensor, weights, clip: fl
 # NMS: in-segment IoU bitmask, then a per-segment scan
 # --------------------------------------------------------------------------
 @triton.jit
-def _nms_mask_kernel(boxes_ptr, seg_start_ptr, seg_end_ptr, mask_ptr, N, W, thr_bits,
-                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, WORD_BITS: tl.constexpr):
+def _suppresses(boxes_ptr, ix1, iy1, ix2, iy2, rows, cols, needed, e, thr):
+    """[rows, cols]: whether row box i suppresses column box j (a later box of
+    its segment with IoU > thr), with torchvision's CPU nms IoU, operation
+    for operation."""
+    cm = needed[:, None] & (cols < e[:, None]) & (cols > rows[:, None])
+    cb = boxes_ptr + tl.where(cm, cols, 0) * 4
+    x1 = tl.load(cb, mask=cm, other=0)
+    y1 = tl.load(cb + 1, mask=cm, other=0)
+    x2 = tl.load(cb + 2, mask=cm, other=0)
+    y2 = tl.load(cb + 3, mask=cm, other=0)
+    iarea = (ix2 - ix1) * (iy2 - iy1)
+    area = (x2 - x1) * (y2 - y1)
+    xx1 = _tv_max(ix1[:, None], x1)
+    yy1 = _tv_max(iy1[:, None], y1)
+    xx2 = _tv_min(ix2[:, None], x2)
+    yy2 = _tv_min(iy2[:, None], y2)
+    w = _tv_max(0.0, xx2 - xx1)
+    h = _tv_max(0.0, yy2 - yy1)
+    inter = w * h
+    ovr = div(inter, iarea[:, None] + area - inter)
+    return cm & (ovr > thr)
+
+
+@triton.jit
+def _nms_mask_kernel(boxes_ptr, seg_start_ptr, seg_end_ptr, row_offset_ptr, mask_ptr, N,
+                     capacity, thr_bits,
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, WORD_BITS: tl.constexpr,
+                     CHUNK: tl.constexpr):
     pm = tl.program_id(0)
     pw = tl.program_id(1)
     rows = pm.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     a = tl.load(seg_start_ptr + rows, mask=rm, other=0)
     e = tl.load(seg_end_ptr + rows, mask=rm, other=0)
-    first_col = a + pw.to(tl.int64) * WORD_BITS
-    # this word holds columns of some row's segment, and not only columns at
-    # or before every row (the scan reads words from the row's own block on)
-    needed = rm & (first_col < e) & (first_col + WORD_BITS > rows - (rows - a) % WORD_BITS)
+    words = (e - a + WORD_BITS - 1) // WORD_BITS  # per row of the row's segment
+    first = tl.load(row_offset_ptr + rows, mask=rm, other=0)  # the row's first word
+    # word pw holds columns of the row's segment, not only columns before the
+    # row's own 64-row block (the scan reads words from that block on), and
+    # the row fits the buffer (else the caller launches again, sized exactly)
+    needed = (rm & (pw < words) & (pw >= (rows - a) // WORD_BITS)
+              & (first + words <= capacity))
     if tl.max(needed.to(tl.int32), axis=0) > 0:
         thr = _from_bits(thr_bits, ACC)
-        t = tl.arange(0, WORD_BITS)
-        cols = first_col[:, None] + t[None, :]
-        cm = rm[:, None] & (cols < e[:, None]) & (cols > rows[:, None])
-        cols = tl.where(cm, cols, 0)
         rb = boxes_ptr + rows * 4
         ix1 = tl.load(rb, mask=rm, other=0)
         iy1 = tl.load(rb + 1, mask=rm, other=0)
         ix2 = tl.load(rb + 2, mask=rm, other=0)
         iy2 = tl.load(rb + 3, mask=rm, other=0)
-        cb = boxes_ptr + cols * 4
-        x1 = tl.load(cb, mask=cm, other=0)
-        y1 = tl.load(cb + 1, mask=cm, other=0)
-        x2 = tl.load(cb + 2, mask=cm, other=0)
-        y2 = tl.load(cb + 3, mask=cm, other=0)
-        # torchvision's CPU nms kernel, operation for operation
-        iarea = (ix2 - ix1) * (iy2 - iy1)
-        area = (x2 - x1) * (y2 - y1)
-        xx1 = _tv_max(ix1[:, None], x1)
-        yy1 = _tv_max(iy1[:, None], y1)
-        xx2 = _tv_min(ix2[:, None], x2)
-        yy2 = _tv_min(iy2[:, None], y2)
-        w = _tv_max(0.0, xx2 - xx1)
-        h = _tv_max(0.0, yy2 - yy1)
-        inter = w * h
-        ovr = div(inter, iarea[:, None] + area - inter)
-        sup = cm & (ovr > thr)
-        bits = tl.where(sup, tl.full([1, WORD_BITS], 1, tl.int64) << t.to(tl.int64)[None, :], 0)
-        word = tl.reduce(bits, 1, _or)
-        tl.store(mask_ptr + rows * W + pw, word, mask=rm)
+        first_col = a + pw.to(tl.int64) * WORD_BITS
+        word = tl.zeros([BLOCK_M], tl.int64)
+        # CHUNK columns at a time: a [BLOCK_M, 64] tile spills on sm_90
+        for c in range(0, WORD_BITS, CHUNK):
+            t = (c + tl.arange(0, CHUNK)).to(tl.int64)
+            sup = _suppresses(boxes_ptr, ix1, iy1, ix2, iy2, rows,
+                              first_col[:, None] + t[None, :], needed, e, thr)
+            bits = tl.where(sup, tl.full([1, CHUNK], 1, tl.int64) << t[None, :], 0)
+            word += tl.sum(bits, axis=1)  # distinct bits: their sum is their OR
+        tl.store(mask_ptr + first + pw, word, mask=needed)
 
 
 @triton.jit
-def _scan_segment(mask_ptr, removed_ptr, keep_ptr, a, e, W,
+def _scan_segment(seg_mask, removed_ptr, keep_ptr, a, e,
                   WORD_BITS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Segment [a, e), whose rows' words start at ``seg_mask``: ``nblocks``
+    words per row, which is also its number of 64-row blocks."""
     r = tl.arange(0, WORD_BITS)
     r64 = r.to(tl.int64)
     one = tl.full([], 1, tl.int64)
@@ -350,7 +378,8 @@ def _scan_segment(mask_ptr, removed_ptr, keep_ptr, a, e, W,
         base = a + k * WORD_BITS
         rows = base + r64
         rvalid = rows < e
-        diag = tl.load(mask_ptr + rows * W + k, mask=rvalid, other=0)
+        row_mask = seg_mask + (rows - a) * nblocks
+        diag = tl.load(row_mask + k, mask=rvalid, other=0)
         removed = tl.load(removed_ptr + a + k)
         kept = tl.zeros([], tl.int64)
         nrows = tl.minimum(e - base, WORD_BITS)
@@ -366,7 +395,7 @@ def _scan_segment(mask_ptr, removed_ptr, keep_ptr, a, e, W,
         for w0 in range(k + 1, nblocks, BLOCK_W):
             ws = w0 + tl.arange(0, BLOCK_W).to(tl.int64)
             wvalid = ws < nblocks
-            words = tl.load(mask_ptr + rows[:, None] * W + ws[None, :],
+            words = tl.load(row_mask[:, None] + ws[None, :],
                             mask=live[:, None] & wvalid[None, :], other=0)
             hit = tl.reduce(words, 0, _or)
             old = tl.load(removed_ptr + a + ws, mask=wvalid, other=0)
@@ -375,11 +404,14 @@ def _scan_segment(mask_ptr, removed_ptr, keep_ptr, a, e, W,
 
 
 @triton.jit
-def _nms_scan_kernel(mask_ptr, seg_start_ptr, seg_end_ptr, removed_ptr, keep_ptr, N, W,
+def _nms_scan_kernel(mask_ptr, seg_start_ptr, seg_end_ptr, row_offset_ptr, removed_ptr,
+                     keep_ptr, N, capacity, max_words,
                      WORD_BITS: tl.constexpr, BLOCK_W: tl.constexpr):
     """Program p scans the segments that start in rows [64 p, 64 p + 64).
     ``removed`` holds a segment's words at [seg_start, seg_start + blocks),
-    inside its own rows, so segments never share one."""
+    inside its own rows, so segments never share one. A segment the mask
+    launch did not cover (more than ``max_words`` words per row, or past
+    ``capacity``) is skipped: the caller launches again, sized exactly."""
     p = tl.program_id(0)
     lo = p.to(tl.int64) * WORD_BITS
     hi = tl.minimum(lo + WORD_BITS, N)
@@ -388,7 +420,11 @@ def _nms_scan_kernel(mask_ptr, seg_start_ptr, seg_end_ptr, removed_ptr, keep_ptr
         a = tl.load(seg_start_ptr + pos)
         e = tl.load(seg_end_ptr + pos)
         if a == pos:
-            _scan_segment(mask_ptr, removed_ptr, keep_ptr, a, e, W, WORD_BITS, BLOCK_W)
+            first = tl.load(row_offset_ptr + a)
+            words = (e - a + WORD_BITS - 1) // WORD_BITS
+            if (words <= max_words) & (first + (e - a) * words <= capacity):
+                _scan_segment(mask_ptr + first, removed_ptr, keep_ptr, a, e, WORD_BITS,
+                              BLOCK_W)
         pos = e
 
 
@@ -418,31 +454,59 @@ def sort_segments(scores: torch.Tensor, keys: list[torch.Tensor]):
     return order, sorted_order, seg_start, seg_end
 
 
+def bitmask_layout(seg_start: torch.Tensor, seg_end: torch.Tensor):
+    """(row_offset, needed), int64 on the device, no sync: each sorted box's
+    first word in the bitmask (a segment's rows hold ceil(n_s / 64) words
+    each, segment after segment), and ``[longest segment, total words]``,
+    the size a launch needs to cover every segment."""
+    lengths = seg_end - seg_start
+    row_words = (lengths + WORD - 1) // WORD
+    ends = torch.cumsum(row_words, 0)
+    return ends - row_words, torch.stack([lengths.max(), ends[-1]])
+
+
+def bitmask_size(n: int, segmented: bool) -> tuple[int, int]:
+    """(longest, words): the bitmask size a launch assumes before the real
+    one is known on the host: exact for one segment; for several, enough for
+    segments of up to GUESS_SEGMENT boxes (n * ceil(min(n, GUESS_SEGMENT) /
+    64) words bound sum n_s * ceil(n_s / 64) when no n_s is longer)."""
+    longest = min(n, GUESS_SEGMENT) if segmented else n
+    return longest, n * triton.cdiv(longest, WORD)
+
+
 def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, keys: list[torch.Tensor],
-             iou_threshold: float):
-    """(order, keep): ``order`` the (-score, index) permutation, ``keep`` a
-    bool per box (original index) saying whether segmented NMS keeps it.
-    Two launches whatever the number of segments; no host sync."""
+             iou_threshold: float, size: tuple[int, int] | None = None):
+    """(order, keep, needed, size). ``order`` is the (-score, index)
+    permutation, ``keep`` a bool per box (original index) saying whether
+    segmented NMS keeps it. ``size`` = (longest segment, words) is what the
+    bitmask was sized for (``bitmask_size`` when not given) and ``needed`` the
+    int64 device pair the boxes need: ``keep`` is exact when needed[0] <=
+    size[0]; else launch again with ``size=needed``. Two launches whatever
+    the number of segments; no host sync."""
     n = boxes.shape[0]
     device = boxes.device
     order, sorted_order, seg_start, seg_end = sort_segments(scores, keys)
     if n == 0:
-        return order, torch.zeros(0, dtype=torch.bool, device=device)
+        return (order, torch.zeros(0, dtype=torch.bool, device=device),
+                torch.zeros(2, dtype=torch.int64, device=device), (0, 0))
+    row_offset, needed = bitmask_layout(seg_start, seg_end)
+    longest, capacity = size if size is not None else bitmask_size(n, bool(keys))
+    max_words = triton.cdiv(longest, WORD)
     acc = accumulation_dtype(boxes.dtype)
     sorted_boxes = boxes[sorted_order].to(acc).contiguous()
-    W = triton.cdiv(n, WORD)
-    mask = empty(n, W, dtype=torch.int64, device=device)
-    grid = (triton.cdiv(n, NMS_BLOCK_M), W)
+    mask = empty(capacity, dtype=torch.int64, device=device)
+    grid = (triton.cdiv(n, NMS_BLOCK_M), max_words)
     check_grid(grid)
-    tl_acc = tl_accumulation(acc)
-    _nms_mask_kernel[grid](sorted_boxes, seg_start, seg_end, mask, n, W,
-                           _threshold_bits(iou_threshold, acc), ACC=tl_acc,
-                           BLOCK_M=NMS_BLOCK_M, WORD_BITS=WORD,
+    _nms_mask_kernel[grid](sorted_boxes, seg_start, seg_end, row_offset, mask, n, capacity,
+                           _threshold_bits(iou_threshold, acc), ACC=tl_accumulation(acc),
+                           BLOCK_M=NMS_BLOCK_M, WORD_BITS=WORD, CHUNK=NMS_CHUNK,
                            enable_fp_fusion=False)  # torchvision's IoU, step for step (no FMA)
     removed = torch.zeros(n, dtype=torch.int64, device=device)
     keep_sorted = empty(n, dtype=torch.int8, device=device)
-    _nms_scan_kernel[(W,)](mask, seg_start, seg_end, removed, keep_sorted, n, W,
-                           WORD_BITS=WORD, BLOCK_W=SCAN_BLOCK_W, num_warps=1)
+    _nms_scan_kernel[(triton.cdiv(n, WORD),)](mask, seg_start, seg_end, row_offset, removed,
+                                              keep_sorted, n, capacity, max_words,
+                                              WORD_BITS=WORD, BLOCK_W=SCAN_BLOCK_W,
+                                              num_warps=1)
     keep = torch.empty(n, dtype=torch.bool, device=device)
     keep[sorted_order] = keep_sorted.bool()
-    return order, keep
+    return order, keep, needed, (longest, capacity)

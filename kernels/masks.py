@@ -98,7 +98,9 @@ def _padded_tap(mask_plane, r, c, MH, MW, padding, stride_mh, stride_mw, active)
     return tl.load(mask_plane + r * stride_mh + c * stride_mw, mask=ok, other=0.0)
 
 
-@triton.jit(do_not_specialize=["H", "W", "MH", "MW", "padding"])
+# W is specialised (divisible by 16 or not): rows of such a width start
+# 16-byte aligned, and the float output is written with 128-bit stores
+@triton.jit(do_not_specialize=["H", "MH", "MW", "padding"])
 def _paste_masks_kernel(
     masks_ptr, boxes_ptr, out_ptr, H, W, MH, MW, padding,
     t_hi, t_mid, t_lo,

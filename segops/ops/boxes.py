@@ -25,7 +25,12 @@ NMS conventions
   index), as torchvision's ``batched_nms`` returns them. Boxes in any float
   dtype; IoU in float32 (float64 for float64 boxes), compared with the
   threshold as torchvision compares with its double threshold.
-* One host sync per call (the number of kept boxes), none before it.
+* One host sync per call (the number of kept boxes), none before it. The
+  kernel path's IoU bitmask holds sum over segments of n_s * ceil(n_s / 64)
+  64-bit words; it is sized without a sync for segments of up to 2 048
+  boxes (32 words per box at most), and a call with a longer segment (in
+  ``batched_nms``/``batched_nms_per_image``; ``nms`` is one segment, sized
+  exactly) runs the two kernels again, sized exactly, at one more sync.
 
 Paths (``segops._dispatch``): the Triton kernels on CUDA and under
 ``TRITON_INTERPRET=1`` (one segmented computation: two launches however
@@ -122,8 +127,8 @@ def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None,
                  iou_threshold: float) -> Tensor:
     if _dispatch.uses_kernel(boxes):
         keys = [] if idxs is None else [idxs]
-        order, keep = _kernels().nms_keep(boxes, scores, keys, iou_threshold)
-        return order[keep[order]]  # the one host sync: the number kept
+        order, kept, counts = _kernel_nms(boxes, scores, keys, iou_threshold, _select_all)
+        return _take(order, kept, counts)[0]
     if _dispatch.uses_native(boxes) and _torchvision_ops() is not None:
         return _native_batched_nms(boxes, scores, idxs, iou_threshold)
     return reference.batched_nms(boxes, scores, idxs, iou_threshold)
@@ -142,8 +147,10 @@ def _batched_nms_per_image(boxes: Tensor, scores: Tensor, idxs: Tensor | None,
     cap = None if max_per_image < 0 else max_per_image
     if _dispatch.uses_kernel(boxes):
         keys = [image_ids] if idxs is None else [image_ids, idxs]
-        _, keep = _kernels().nms_keep(boxes, scores, keys, iou_threshold)
-        return _split_per_image(scores, keep, image_ids, cap, num_images)
+
+        def select(order, keep):
+            return _select_per_image(order, keep, image_ids, cap, num_images)
+        return _take(*_kernel_nms(boxes, scores, keys, iou_threshold, select))
     if _dispatch.uses_native(boxes) and _torchvision_ops() is not None:
         results = []
         for image in range(num_images):
@@ -166,30 +173,63 @@ def _(boxes, scores, idxs, image_ids, iou_threshold, max_per_image, num_images):
 # --------------------------------------------------------------------------
 # assembling results on the device (kernel path)
 # --------------------------------------------------------------------------
-def _split_per_image(scores: Tensor, keep: Tensor, image_ids: Tensor, cap: int | None,
-                     num_images: int) -> list[Tensor]:
-    """Per image, the kept indices in (-score, index) order, the first
-    ``cap``: ranks and counts on the device, then one host sync (the counts)."""
-    device = scores.device
-    n = scores.shape[0]
-    order = torch.sort(scores, descending=True, stable=True).indices
-    order = order[torch.sort(image_ids[order], stable=True).indices]  # (image, -score, index)
+def _kernel_nms(boxes: Tensor, scores: Tensor, keys: list[Tensor], iou_threshold: float,
+                select) -> tuple[Tensor, Tensor, list[int]]:
+    """Segmented NMS by the kernels, then ``select(order, keep) -> (order,
+    kept, counts)`` on the device and ``counts`` read on the host: the call's
+    one host sync. The bitmask's needed size rides along in that read: the
+    kernels size it without a sync for segments of up to
+    ``kernels.GUESS_SEGMENT`` boxes (exactly for a single segment), and
+    skip longer ones; only then does NMS run again, sized exactly (two more
+    launches and a second sync). Sizing exactly up front would need a sync
+    before the launches as well as the one for the counts after them."""
+    kernels = _kernels()
+    order, keep, needed, size = kernels.nms_keep(boxes, scores, keys, iou_threshold)
+    order, kept, counts = select(order, keep)
+    *counts, longest, words = torch.cat([counts, needed]).tolist()  # the one host sync
+    if longest > size[0]:
+        order, keep, _, _ = kernels.nms_keep(boxes, scores, keys, iou_threshold,
+                                             size=(longest, words))
+        order, kept, counts = select(order, keep)
+        counts = counts.tolist()
+    return order, kept, counts
+
+
+def _select_all(order: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every kept box, in (-score, index) order."""
     kept = keep[order]
+    return order, kept, kept.sum().view(1)
+
+
+def _select_per_image(order: Tensor, keep: Tensor, image_ids: Tensor, cap: int | None,
+                      num_images: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, kept, counts) on the device: ``order``, the (-score, index)
+    permutation, re-sorted by (image, -score, index), ``kept`` marking its
+    positions returned (the first ``cap`` kept boxes of each image),
+    ``counts`` how many per image."""
+    device = keep.device
+    n = keep.shape[0]
+    order = order[torch.sort(image_ids[order], stable=True).indices]
+    kept = keep[order]
+    images = image_ids[order].long()
     if cap is not None:
-        images = image_ids[order].long()
         running = torch.cumsum(kept.long(), 0)
         # kept boxes before each image's first position
         first = torch.searchsorted(images, images, side="left")
         before = torch.where(first > 0, running[(first - 1).clamp(min=0)], 0)
         kept = kept & (running - before <= cap)
-    images = image_ids[order].long()
     bounds = torch.searchsorted(images, torch.arange(num_images + 1, device=device),
                                 side="left")
     running = torch.zeros(n + 1, dtype=torch.int64, device=device)
     running[1:] = torch.cumsum(kept.long(), 0)
-    counts = (running[bounds[1:]] - running[bounds[:-1]]).tolist()  # the one host sync
+    return order, kept, running[bounds[1:]] - running[bounds[:-1]]
+
+
+def _take(order: Tensor, kept: Tensor, counts: list[int]) -> list[Tensor]:
+    """The positions of ``order`` marked ``kept``, in order, split by
+    ``counts`` (already on the host: no sync)."""
     total = sum(counts)
-    # kept positions first, in order (a stable sort: no second sync)
+    # kept positions first, in order (a stable sort: no sync for their number)
     picked = order[torch.sort((~kept).to(torch.uint8), stable=True).indices[:total]]
     # separate tensors (a custom op's outputs may not alias one another)
     return [part.clone() for part in torch.split(picked, counts)]

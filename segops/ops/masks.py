@@ -52,8 +52,14 @@ spatial_scale=1.0, sampling_ratio=-1, aligned=False)[:, 0]``, for one image:
 
 Lists (torchvision's per-image form): ``gt_masks``, ``rois`` and
 ``matched_idxs`` may each be a list with one entry per image; the result is
-the images' targets concatenated, as ``maskrcnn_loss`` builds them (one
-launch per image).
+the images' targets concatenated, as ``maskrcnn_loss`` builds them. When
+the images' GT masks share (H, W), dtype (bool counts as uint8) and device
+and their RoIs share a dtype, all images run in one launch: the GT masks
+are concatenated (one copy in their own dtype: one byte per pixel for
+uint8/bool, never a float copy), the RoIs too, and each RoI's index is
+shifted by its image's first mask. Otherwise (GT masks of different sizes,
+e.g. torchvision's transform resizes each image's masks without padding
+them) the images run one launch each.
 
 Paths (``segops._dispatch``): the Triton kernels on CUDA and under
 ``TRITON_INTERPRET=1``; elsewhere the reference for ``paste_masks`` (the
@@ -208,7 +214,9 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_shape, padding: int = 1, *,
     return _paste_masks(masks, boxes, height, width, padding, threshold)
 
 
-def _mask_targets_one(gt_masks, rois, matched_idxs, M, validate_args, suffix=""):
+def _check_targets(gt_masks, rois, matched_idxs, validate_args, suffix="") -> bool:
+    """Argument checks of one image's mask targets; whether its indices were
+    checked to be in [0, G)."""
     check_tensor(f"gt_masks{suffix}", gt_masks, dims=(3,), dtypes=GT_MASK_DTYPES)
     _check_boxes(f"rois{suffix}", rois, None, "")
     check_tensor(f"matched_idxs{suffix}", matched_idxs, dims=(1,), dtypes=INDEX_DTYPES)
@@ -217,9 +225,54 @@ def _mask_targets_one(gt_masks, rois, matched_idxs, M, validate_args, suffix="")
                             f"{rois.shape[0]} rois")
     check_same_device(**{f"gt_masks{suffix}": gt_masks, f"rois{suffix}": rois,
                          f"matched_idxs{suffix}": matched_idxs})
-    if validate_args and not torch.compiler.is_compiling():
-        _check_indices(matched_idxs, gt_masks.shape[0], f"matched_idxs{suffix}")
-    return _mask_targets(gt_masks, rois, matched_idxs, M)
+    if not validate_args or torch.compiler.is_compiling():
+        return False
+    _check_indices(matched_idxs, gt_masks.shape[0], f"matched_idxs{suffix}")
+    return True
+
+
+def _as_bytes(gt_masks: Tensor) -> Tensor:
+    return gt_masks.view(torch.uint8) if gt_masks.dtype == torch.bool else gt_masks
+
+
+def _one_launch(gt_masks, rois) -> bool:
+    """Whether the images' targets can be computed together: GT masks of one
+    size, dtype (bool as uint8) and device, RoIs of one dtype."""
+    first, kind = gt_masks[0], _as_bytes(gt_masks[0]).dtype
+    return (all(g.shape[1:] == first.shape[1:] and _as_bytes(g).dtype == kind
+                and g.device == first.device for g in gt_masks)
+            and all(r.dtype == rois[0].dtype for r in rois))
+
+
+def _mask_targets_together(gt_masks, rois, matched_idxs, M, checked) -> Tensor:
+    """Every image's targets in one launch: the GT masks concatenated (one
+    copy in their own dtype), each RoI's index shifted to its image's first
+    mask. An index not checked to be in [0, G_i) becomes -1 (zeros), so it
+    never reaches another image's masks."""
+    shifted, offset = [], 0
+    for g, i, ok in zip(gt_masks, matched_idxs, checked):
+        index = i.long() + offset
+        if not ok:
+            index = torch.where((i >= 0) & (i < g.shape[0]), index, -1)
+        shifted.append(index)
+        offset += g.shape[0]
+    masks = torch.cat([_as_bytes(g) for g in gt_masks])
+    return _mask_targets(masks, torch.cat(list(rois)), torch.cat(shifted), M)
+
+
+def _check_lists(gt_masks, rois, matched_idxs) -> None:
+    if not isinstance(gt_masks, (list, tuple)):
+        raise ArgumentTypeError(f"gt_masks must be a Tensor[G, H, W] or a list of them, got "
+                                f"{type(gt_masks).__name__}")
+    for name, value in (("rois", rois), ("matched_idxs", matched_idxs)):
+        if not isinstance(value, (list, tuple)):
+            raise ArgumentTypeError(f"{name} must be a list like gt_masks, got "
+                                    f"{type(value).__name__}")
+        if len(value) != len(gt_masks):
+            raise ArgumentError(f"{name} has {len(value)} entries for {len(gt_masks)} images "
+                                "in gt_masks")
+    if not gt_masks:
+        raise ArgumentError("gt_masks is an empty list: pass one Tensor[G, H, W] per image")
 
 
 def mask_targets(gt_masks: Tensor | Sequence[Tensor], rois: Tensor | Sequence[Tensor],
@@ -238,26 +291,22 @@ def mask_targets(gt_masks: Tensor | Sequence[Tensor], rois: Tensor | Sequence[Te
         validate_args: check that the indices are in [0, G).
     Returns:
         ``(K, M, M)`` float32 (float64 for float64 RoIs); with lists, the
-        images' results concatenated.
+        images' results concatenated. Lists whose GT masks share (H, W),
+        dtype (bool and uint8 alike) and device, with RoIs of one dtype, run
+        in one launch (the GT masks are concatenated: one copy in their own
+        dtype, never a float one); otherwise one launch per image.
     """
     M = check_int("M", M, minimum=1)
     if isinstance(gt_masks, Tensor):
-        return _mask_targets_one(gt_masks, rois, matched_idxs, M, validate_args)
-    if not isinstance(gt_masks, (list, tuple)):
-        raise ArgumentTypeError(f"gt_masks must be a Tensor[G, H, W] or a list of them, got "
-                                f"{type(gt_masks).__name__}")
-    for name, value in (("rois", rois), ("matched_idxs", matched_idxs)):
-        if not isinstance(value, (list, tuple)):
-            raise ArgumentTypeError(f"{name} must be a list like gt_masks, got "
-                                    f"{type(value).__name__}")
-        if len(value) != len(gt_masks):
-            raise ArgumentError(f"{name} has {len(value)} entries for {len(gt_masks)} images "
-                                "in gt_masks")
-    if not gt_masks:
-        raise ArgumentError("gt_masks is an empty list: pass one Tensor[G, H, W] per image")
-    results = [_mask_targets_one(g, r, i, M, validate_args, f"[{n}]")
+        _check_targets(gt_masks, rois, matched_idxs, validate_args)
+        return _mask_targets(gt_masks, rois, matched_idxs, M)
+    _check_lists(gt_masks, rois, matched_idxs)
+    checked = [_check_targets(g, r, i, validate_args, f"[{n}]")
                for n, (g, r, i) in enumerate(zip(gt_masks, rois, matched_idxs))]
-    return torch.cat(results, dim=0)
+    if _one_launch(gt_masks, rois):
+        return _mask_targets_together(gt_masks, rois, matched_idxs, M, checked)
+    return torch.cat([_mask_targets(g, r, i, M)
+                      for g, r, i in zip(gt_masks, rois, matched_idxs)], dim=0)
 
 
 # graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)

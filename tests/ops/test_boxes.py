@@ -135,6 +135,92 @@ def test_nms_long_segment_several_blocks_and_word_chunks(monkeypatch):
     assert torch.equal(got.cpu(), ref.batched_nms(b, s, idxs, 0.4))
 
 
+def many_segments(sizes, seed):
+    """Boxes in segments (classes) of the given sizes, shuffled, and scores
+    with ties."""
+    g = torch.Generator().manual_seed(seed)
+    idxs = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    idxs = idxs[torch.randperm(len(idxs), generator=g)]
+    b = random_boxes(len(idxs), scale=40.0, generator=g)
+    s = torch.randint(0, 8, (len(idxs),), generator=g).double() / 8
+    return b, s, idxs
+
+
+def record_mask_words(monkeypatch):
+    """The sizes of the int64 buffers the NMS launcher allocates (the bitmask)."""
+    sizes = []
+    real_empty = kernels.empty
+
+    def recording(*shape, **kwargs):
+        out = real_empty(*shape, **kwargs)
+        if kwargs.get("dtype") == torch.int64:
+            sizes.append(out.numel())
+        return out
+    monkeypatch.setattr(kernels, "empty", recording)
+    return sizes
+
+
+def test_nms_bitmask_is_sized_per_segment(monkeypatch):
+    """Many small segments: each box's row holds its own segment's words (one
+    here), not ceil(N / 64); one launch of each kernel, results exact."""
+    monkeypatch.setattr(kernels, "GUESS_SEGMENT", 64)
+    b, s, idxs = many_segments([7, 1, 30, 64, 12, 50, 3, 40, 64, 20, 9, 33], seed=11)
+    n = len(b)
+    sizes = record_mask_words(monkeypatch)
+    with record_launches(kernels, "_nms_mask_kernel", "_nms_scan_kernel") as rec:
+        got = boxes_ops.batched_nms(b.to(DEVICE), s.to(DEVICE), idxs.to(DEVICE), 0.3)
+    assert torch.equal(got.cpu(), tv_batched(b, s, idxs, 0.3))
+    assert rec.names_launched() == ["_nms_mask_kernel", "_nms_scan_kernel"]
+    assert sizes == [n]  # one word per box, where N * ceil(N / 64) held 6 per box
+
+
+def test_nms_segment_past_the_guess_runs_again_sized_exactly(monkeypatch):
+    """A segment longer than the sync-free guess: the first launch skips it,
+    the second is sized exactly (sum n_s * ceil(n_s / 64) words), and the
+    result equals torchvision's, for batched_nms and per image."""
+    monkeypatch.setattr(kernels, "GUESS_SEGMENT", 64)
+    sizes_ = [150, 5, 70, 1, 20]
+    b, s, idxs = many_segments(sizes_, seed=12)
+    n = len(b)
+    words = sum(k * math.ceil(k / 64) for k in sizes_)
+    sizes = record_mask_words(monkeypatch)
+    with record_launches(kernels, "_nms_mask_kernel", "_nms_scan_kernel") as rec:
+        got = boxes_ops.batched_nms(b.to(DEVICE), s.to(DEVICE), idxs.to(DEVICE), 0.4)
+    assert torch.equal(got.cpu(), tv_batched(b, s, idxs, 0.4))
+    assert rec.names_launched() == ["_nms_mask_kernel", "_nms_scan_kernel"] * 2
+    assert sizes == [n, words]
+    image_ids = (idxs % 2).to(DEVICE)
+    per = boxes_ops.batched_nms_per_image(b.to(DEVICE), s.to(DEVICE), idxs.to(DEVICE),
+                                          image_ids, 0.4, 9, num_images=2)
+    for i, kept in enumerate(per):
+        rows = torch.nonzero(image_ids.cpu() == i).flatten()
+        assert torch.equal(kept.cpu(), rows[tv_batched(b[rows], s[rows], idxs[rows], 0.4)][:9])
+
+
+def test_nms_bitmask_layout_and_size_at_the_box_head_scale():
+    """Row offsets and the needed size on the device (no kernel runs): 90 000
+    boxes in 90 classes of 1 000 need 16 words per box, and the launch sized
+    without a sync allocates at most 32 per box (23 MB), not ceil(N / 64) =
+    1 407 (1 GB)."""
+    lengths = torch.tensor([1000] * 90)
+    seg_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    seg_end = torch.repeat_interleave(torch.cumsum(lengths, 0), lengths)
+    row_offset, needed = kernels.bitmask_layout(seg_start, seg_end)
+    assert needed.tolist() == [1000, 90_000 * 16]
+    assert row_offset[:3].tolist() == [0, 16, 32] and row_offset[1000].item() == 16_000
+    assert row_offset[-1].item() == 90_000 * 16 - 16
+    longest, words = kernels.bitmask_size(90_000, segmented=True)
+    assert longest == kernels.GUESS_SEGMENT and words == 90_000 * 32
+    assert kernels.bitmask_size(300, segmented=False) == (300, 300 * 5)  # one segment: exact
+    lengths = torch.tensor([3, 64, 65, 1, 200])  # the words of odd lengths
+    seg_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    seg_end = torch.repeat_interleave(torch.cumsum(lengths, 0), lengths)
+    row_offset, needed = kernels.bitmask_layout(seg_start, seg_end)
+    assert needed.tolist() == [200, 3 + 64 + 65 * 2 + 1 + 200 * 4]
+    rows = [0, 3, 67, 68, 131, 132, 133, 134]
+    assert row_offset[rows].tolist() == [0, 3, 67, 69, 195, 197, 198, 202]
+
+
 def test_score_ties_by_index():
     b = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.]])
     s = torch.tensor([0.5, 0.5, 0.5, 0.5])
@@ -446,6 +532,42 @@ def test_opcheck(path):
         torch.library.opcheck(ops.batched_nms_per_image.default,
                               (b, s, idxs, idxs, 0.5, 4, 3),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+COMPILE_BACKEND = "inductor" if ON_GPU else "aot_eager"  # aot_eager: the ops run eagerly
+
+
+def test_compile_fullgraph_fixed_size_ops():
+    """box_iou, decode_boxes (with the fused clip) and clip_boxes_to_image in
+    one graph, no break."""
+    b = random_boxes(11).float().to(DEVICE)
+    codes = torch.randn(11, 8).to(DEVICE)
+
+    def fn(b, codes):
+        decoded = boxes_ops.decode_boxes(codes, b, (10.0, 10.0, 5.0, 5.0), image_size=(60, 70))
+        clipped = boxes_ops.clip_boxes_to_image(decoded.reshape(-1, 4), (50, 65))
+        return boxes_ops.box_iou(clipped, b) * 2
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+    assert_close(compiled(b, codes), fn(b, codes), RTOL[torch.float32])
+
+
+def test_compile_fullgraph_nms_dynamic_sizes():
+    """nms, batched_nms and batched_nms_per_image return data-dependent sizes:
+    their fake kernels make them unbacked symbolic sizes, so a graph that
+    indexes with the kept indices compiles whole (fullgraph: no break)."""
+    b, s, idxs, image_ids = per_image_case(13, n=40)
+    b, s, idxs, image_ids = (t.to(DEVICE) for t in (b.float(), s.float(), idxs, image_ids))
+
+    def fn(b, s, idxs, image_ids):
+        keep = boxes_ops.nms(b, s, 0.5)
+        keep_b = boxes_ops.batched_nms(b, s, idxs, 0.5)
+        per = boxes_ops.batched_nms_per_image(b, s, idxs, image_ids, 0.5, 5, num_images=3)
+        return b[keep], s[keep_b] * 2, [s[k] for k in per]
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILE_BACKEND)
+    got, want = compiled(b, s, idxs, image_ids), fn(b, s, idxs, image_ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(got[2]) == 3 and all(torch.equal(g, w) for g, w in zip(got[2], want[2]))
+    assert len(want[0]) > 0 and sum(len(k) for k in want[2]) > 0
 
 
 def test_kernel_path_syncs_once(monkeypatch):

@@ -304,11 +304,55 @@ def test_mask_targets_kernel_blocks_and_bool_view():
 
 
 def test_mask_targets_list_form():
+    """GT masks of different sizes: one launch per image."""
     masks = [gt_masks(2), gt_masks(3)[:, :30, :50]]
     rois = [mask_rois()[:3], mask_rois()[3:]]
     idx = [torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1, 2, 0])]
-    got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
-                                  [i.to(DEVICE) for i in idx], 4)
+    with record_launches(kernels, "_mask_targets_kernel") as rec:
+        got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
+                           [i.to(DEVICE) for i in idx], 4)
+    assert [grid[0] for _, grid in rec.launches] == [3, 5]
+    want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
+    assert_close(got, want, F32)
+
+
+@pytest.mark.parametrize("validate_args", [True, False])
+def test_mask_targets_list_form_is_one_launch(validate_args):
+    """GT masks of one size (uint8 and bool together): one launch for every
+    image's RoIs, equal to the images' own results; unchecked indices out of
+    an image's range give zeros, never another image's masks."""
+    masks = [gt_masks(2), gt_masks(3, torch.bool), gt_masks(1), gt_masks(0)]
+    small = mask_rois()[[0, 1, 2, 3, 5, 6]]  # no huge RoI: the interpreter is slow
+    rois = [small[:3], small[1:], small[1:3], small[:0]]
+    idx = [torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1, 2, 0]), torch.tensor([0, 0]),
+           torch.zeros(0, dtype=torch.int32)]
+    if not validate_args:
+        idx[0][1] = 2   # image 1's first mask once shifted
+        idx[2][0] = -1  # image 1's last
+    args = [[t.to(DEVICE) for t in ts] for ts in (masks, rois, idx)]
+    with record_launches(kernels, "_mask_targets_kernel") as rec:
+        got = mask_targets(*args, 4, validate_args=validate_args)
+    assert rec.names_launched() == ["_mask_targets_kernel"]
+    assert rec.launches[0][1][0] == 10
+    want = torch.cat([mask_targets(*one, 4, validate_args=validate_args)
+                      for one in zip(*args)])
+    assert torch.equal(got, want)
+    if validate_args:
+        tv = torch.cat([project_masks_on_boxes(m, r, i, 4)
+                        for m, r, i in zip(masks[:3], rois[:3], idx[:3])])
+        assert_close(got, tv, F32)
+    else:
+        assert not got[[1, 8]].any() and got[[0, 2, 9]].any(dim=(1, 2)).all()
+
+
+def test_mask_targets_list_form_mixed_roi_dtypes_run_per_image():
+    masks = [gt_masks(2), gt_masks(2)]
+    rois = [mask_rois(torch.float32)[:3], mask_rois(torch.float64)[[3, 5, 6]]]
+    idx = [torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])]
+    with record_launches(kernels, "_mask_targets_kernel") as rec:
+        got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
+                           [i.to(DEVICE) for i in idx], 4)
+    assert len(rec.launches) == 2 and got.dtype == torch.float64
     want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
     assert_close(got, want, F32)
 
@@ -358,6 +402,27 @@ def test_opcheck(path):
         torch.library.opcheck(torch.ops.segops.mask_targets.default,
                               (gt_masks(2).to(device), mask_rois()[:3].to(device),
                                torch.tensor([0, 1, 1], device=device), 4))
+
+
+def test_compile_fullgraph():
+    """paste_masks (float and thresholded) and mask_targets (one image and
+    the one-launch list form) in one graph, no break."""
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"  # aot_eager: eager ops
+    boxes = paste_boxes(torch.float32)[:4].to(DEVICE)
+    masks = rand_masks(4, 5, 5, torch.float32).to(DEVICE)
+    gts = [gt_masks(2).to(DEVICE), gt_masks(3).to(DEVICE)]
+    rois = [mask_rois()[:3].to(DEVICE), mask_rois()[[3, 5]].to(DEVICE)]
+    idx = [torch.tensor([0, 1, 1], device=DEVICE), torch.tensor([2, 0], device=DEVICE)]
+
+    def fn(masks, boxes, gts, rois, idx):
+        pasted = paste_masks(masks, boxes, (12, 15))
+        binary = paste_masks(masks, boxes, (12, 15), threshold=0.5)
+        one = mask_targets(gts[0], rois[0], idx[0], 4)
+        every = mask_targets(gts, rois, idx, 4)
+        return pasted * 2, binary, one + 1, every
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    for got, want in zip(compiled(masks, boxes, gts, rois, idx), fn(masks, boxes, gts, rois, idx)):
+        assert torch.equal(got, want)
 
 
 class _nullcontext:
