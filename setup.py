@@ -43,6 +43,7 @@ setup(
             # peers whose numbers the tests compare against (skipped if absent)
             "torchmetrics",
             "segmentation-models-pytorch>=0.6",
+            "pycocotools",  # COCOeval: the peer of segops.metrics.MeanAveragePrecision
         ],
         "bench": ["matplotlib", "tqdm"],
     },
