@@ -92,12 +92,27 @@ def codegen(args) -> int:
 
 
 def demo(args) -> int:
+    if args.model == "maskrcnn":
+        return _demo_maskrcnn(args)
     from .demo import DemoConfig, run
-    config = DemoConfig(epochs=args.epochs, out=args.out, seed=args.seed,
-                        progress=not args.no_progress)
+    config = DemoConfig(epochs=args.epochs or DemoConfig.epochs, out=args.out or DemoConfig.out,
+                        seed=args.seed, progress=not args.no_progress)
     result = run(config)
     print(f"done in {result['seconds']:.0f} s: validation mIoU {result['miou']:.3f}; "
           f"picture at {result['png']}")
+    return 0
+
+
+def _demo_maskrcnn(args) -> int:
+    from .demo_maskrcnn import MaskRCNNDemoConfig, run
+    defaults = MaskRCNNDemoConfig()
+    config = MaskRCNNDemoConfig(epochs=args.epochs or defaults.epochs,
+                                out=args.out or defaults.out, seed=args.seed,
+                                progress=not args.no_progress)
+    result = run(config)
+    metrics = result["metrics"]
+    print(f"done in {result['seconds']:.0f} s: mask AP50 {metrics['segm_map_50']:.3f}, box AP50 "
+          f"{metrics['bbox_map_50']:.3f}; picture at {result['png']}")
     return 0
 
 
@@ -107,9 +122,13 @@ def main(argv=None) -> int:
     p_info = sub.add_parser("info", help="versions, device and dispatch path")
     p_info.add_argument("--check", action="store_true", help="also run the self-check")
     sub.add_parser("check", help="run every kernel against its reference on tiny inputs")
-    p_demo = sub.add_parser("demo", help="train a small U-Net on synthetic shapes (CPU: < 3 min)")
-    p_demo.add_argument("--epochs", type=int, default=10)
-    p_demo.add_argument("--out", default="segops-demo.png", help="where to write the PNG grid")
+    p_demo = sub.add_parser("demo", help="train a small U-Net (CPU: < 3 min) or Mask R-CNN "
+                            "(CPU: ~5 min) on synthetic shapes")
+    p_demo.add_argument("model", nargs="?", default="unet", choices=("unet", "maskrcnn"))
+    p_demo.add_argument("--epochs", type=int, default=None,
+                        help="default: 10 (unet), 12 (maskrcnn)")
+    p_demo.add_argument("--out", default=None, help="where to write the PNG (default: "
+                        "segops-demo.png / segops-maskrcnn-demo.png)")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_bench = sub.add_parser("bench", help="benchmark the ops against their baselines")

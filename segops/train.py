@@ -1,5 +1,15 @@
-"""A small training loop and evaluation for segmentation models: AMP on CUDA,
-channels_last, DDP-aware (metrics reduced across ranks, progress on rank 0)."""
+"""A small training loop and evaluation for segmentation and detection
+models: AMP on CUDA, channels_last, DDP-aware (metrics reduced across ranks,
+progress on rank 0).
+
+Two kinds of batch go through the same loop:
+
+* segmentation: ``(images (N, 3, H, W), masks (N, H, W))``, with a
+  ``loss(logits, masks)``;
+* detection (torchvision's convention, e.g. segops' Mask R-CNN): ``(list of
+  images (3, H_i, W_i), list of target dicts)``; the model returns its loss
+  dict in training and the total is minimised (no ``loss`` argument).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -38,26 +48,58 @@ def _autocast(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
-def _to(batch, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
-    images, masks = batch
+def is_detection_batch(images) -> bool:
+    """A detection batch holds a list of images (sizes may differ)."""
+    return isinstance(images, (list, tuple))
+
+
+def _to(batch, device: torch.device, channels_last: bool):
+    images, targets = batch
+    if is_detection_batch(images):  # the model batches (and lays out) the images itself
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                    for k, v in t.items()} for t in targets]
+        return images, targets
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, masks.to(device, non_blocking=True)
+    return images, targets.to(device, non_blocking=True)
 
 
-def train_step(model: nn.Module, images: Tensor, masks: Tensor, loss_fn: Callable,
+def _device_of(images) -> torch.device:
+    return images[0].device if is_detection_batch(images) else images.device
+
+
+def _loss(model: nn.Module, images, targets, loss_fn: Callable | None,
+          aux_weight: float) -> Tensor:
+    if is_detection_batch(images):
+        return sum(model(list(images), list(targets)).values())
+    output = model(images)
+    loss = loss_fn(logits_of(output).float(), targets)
+    if aux_weight and isinstance(output, dict) and "aux" in output:
+        loss = loss + aux_weight * loss_fn(output["aux"].float(), targets)
+    return loss
+
+
+def train_step(model: nn.Module, images, masks, loss_fn: Callable | None,
                optimizer: torch.optim.Optimizer, *, amp: str | None = None,
                scaler: torch.amp.GradScaler | None = None, aux_weight: float = 0.0) -> float:
-    """One optimisation step; returns the loss. With ``aux_weight`` and a
-    model returning {'out', 'aux'} (torchvision's aux_loss=True), the loss
-    is loss(out) + aux_weight * loss(aux), as torchvision's recipe (0.5)."""
+    """One optimisation step; returns the loss.
+
+    Segmentation: ``images (N, 3, H, W)``, ``masks (N, H, W)``, the loss is
+    ``loss_fn(logits, masks)``; with ``aux_weight`` and a model returning
+    {'out', 'aux'} (torchvision's aux_loss=True) it is loss(out) +
+    aux_weight * loss(aux), as torchvision's recipe (0.5).
+    Detection: ``images`` a list of ``(3, H_i, W_i)``, ``masks`` the list of
+    target dicts, ``loss_fn`` None: the loss is the sum of the model's loss
+    dict.
+    """
+    if loss_fn is None and not is_detection_batch(images):
+        raise ValueError("loss_fn is required for segmentation batches (only detection "
+                         "models, given lists of images, compute their own losses)")
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(images.device, amp):
-        output = model(images)
-        loss = loss_fn(logits_of(output).float(), masks)
-        if aux_weight and isinstance(output, dict) and "aux" in output:
-            loss = loss + aux_weight * loss_fn(output["aux"].float(), masks)
+    with _autocast(_device_of(images), amp):
+        loss = _loss(model, images, masks, loss_fn, aux_weight)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -89,6 +131,29 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *,
     return metric.compute()
 
 
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, loader: Iterable, *,
+                       iou_type=("bbox", "segm"), device: torch.device | str | None = None,
+                       amp: str | None = None, progress: bool = False) -> dict[str, Tensor]:
+    """COCO-style AP/AR of a detector over ``loader`` (detection batches:
+    lists of images and target dicts), with
+    :class:`segops.metrics.MeanAveragePrecision` (pycocotools' numbers):
+    returns its dict (``bbox_map``, ``bbox_map_50``, ``segm_map``, ...)."""
+    from .metrics import MeanAveragePrecision
+    device = torch.device(device or next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    metric = MeanAveragePrecision(iou_type=iou_type)
+    batches = _progress(loader, _length(loader), "eval", progress and _is_main_process())
+    for batch in batches:
+        images, targets = _to(batch, device, False)
+        with _autocast(device, amp):
+            predictions = model(images)
+        metric.update(predictions, targets)
+    model.train(was_training)
+    return metric.compute()
+
+
 def _length(loader) -> int | None:
     try:
         return len(loader)
@@ -96,20 +161,23 @@ def _length(loader) -> int | None:
         return None
 
 
-def fit(model: nn.Module, loader: Iterable, loss: Callable, epochs: int = 1, *,
+def fit(model: nn.Module, loader: Iterable, loss: Callable | None = None, epochs: int = 1, *,
         optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
         device: torch.device | str | None = None, amp: str | None = None,
         channels_last: bool = False, val_loader: Iterable | None = None,
         num_classes: int | None = None, progress: bool = True, aux_weight: float = 0.0,
         on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
     """Train ``model`` for ``epochs`` over ``loader`` ((images, masks)
-    batches) with ``loss(logits, masks)``.
+    batches) with ``loss(logits, masks)``, or over detection batches (lists
+    of images and target dicts, ``loss`` None: the model's loss dict summed).
 
     Args:
         optimizer: defaults to AdamW(lr).
         amp: None, 'bf16' or 'fp16' (autocast; fp16 adds a GradScaler).
         channels_last: move the model and each batch to channels_last.
-        val_loader, num_classes: evaluate mIoU after each epoch.
+        val_loader, num_classes: evaluate mIoU after each epoch
+            (segmentation only; evaluate detectors with
+            :func:`evaluate_detection`).
         progress: a tqdm bar per epoch (rank 0 only).
         aux_weight: weight of the 'aux' output's loss (see train_step).
         on_epoch_end: called with each epoch's record.
@@ -140,7 +208,7 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable, epochs: int = 1, *,
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / steps:.4f}")
         record = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
-        if val_loader is not None and num_classes is not None:
+        if val_loader is not None and num_classes is not None and loss is not None:
             iou = evaluate(model, val_loader, num_classes, device=device, amp=amp,
                            channels_last=channels_last)
             record.update(iou=iou.tolist(), miou=float(iou.nanmean()))

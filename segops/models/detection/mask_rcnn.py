@@ -210,7 +210,7 @@ class MaskRCNN(nn.Module):
         image_list, targets = self.transform(images, targets)
         if targets is not None:
             _check_degenerate_boxes(targets)
-        features = self.backbone(image_list.tensors)
+        features = self.backbone(_like_the_weights(image_list.tensors, self.backbone))
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
         proposals, proposal_losses = self.rpn(image_list, features, targets)
@@ -221,6 +221,17 @@ class MaskRCNN(nn.Module):
         if self.training:
             return {**detector_losses, **proposal_losses}
         return detections
+
+
+def _like_the_weights(batch: Tensor, backbone: nn.Module) -> Tensor:
+    """The padded batch in channels_last when the backbone's first
+    convolution is (``model.to(memory_format=torch.channels_last)``): the
+    transform builds it NCHW."""
+    conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and not conv.weight.is_contiguous() and \
+            conv.weight.is_contiguous(memory_format=torch.channels_last):
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def _check_num_classes(num_classes, predictor, name: str) -> None:
