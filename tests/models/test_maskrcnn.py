@@ -321,3 +321,31 @@ def test_compile_backbone_and_heads_fullgraph():
     for key, value in want_features.items():
         assert_close(features[key], value, RTOL[torch.float32], name=key)
     assert_close(masks, want_masks, RTOL[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels and bf16 autocast "
+                    "need CUDA; float64 parity above covers the semantics everywhere")
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_detections_match_torchvision_by_iou(amp):
+    """fp32 / bf16-autocast detections on the kernels against torchvision's
+    fp32 ones: most of torchvision's confident detections are found with the
+    same label at IoU >= 0.9 (bf16: 0.8) and a close score."""
+    from torchvision.ops import box_iou
+    theirs, ours = torchvision_pair(box_detections_per_img=50, rpn_post_nms_top_n_test=200)
+    theirs, ours = theirs.float(), ours.float()
+    x = [t.float() for t in images((200, 256), (256, 192))]
+    with torch.no_grad():
+        want = theirs(x)
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            got = ours(x)
+    min_iou, score_tol = (0.9, 0.02) if amp is None else (0.8, 0.08)
+    for g, w in zip(got, want):
+        confident = w["scores"] >= w["scores"].median()
+        assert confident.sum() > 0
+        iou = box_iou(w["boxes"][confident], g["boxes"].float())
+        same_label = w["labels"][confident][:, None] == g["labels"][None, :]
+        best, index = (iou * same_label).max(dim=1)
+        matched = best >= min_iou
+        assert matched.float().mean() >= 0.9, f"{int(matched.sum())}/{len(matched)} matched"
+        score_error = (w["scores"][confident][matched] - g["scores"].float()[index[matched]]).abs()
+        assert score_error.max() <= score_tol
