@@ -10,8 +10,12 @@ from helpers import DEVICE, RTOL, assert_close
 
 import segops
 from segops import _dispatch
-from segops.models import detection, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2, \
-    maskrcnn_small
+from segops.models import (
+    detection,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn_v2,
+    maskrcnn_small,
+)
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
 F64 = RTOL[torch.float64]
@@ -245,9 +249,8 @@ def test_degenerate_gt_box_raises_torchvisions_error():
               "labels": torch.tensor([1, 2], device=DEVICE),
               "masks": torch.zeros(2, 64, 64, dtype=torch.uint8, device=DEVICE)}
     message = "All bounding boxes should have positive height and width. Found invalid box"
-    with pytest.raises(AssertionError, match=message) as info:
-        with _dispatch.native_only():
-            ours(images((64, 64)), [target])
+    with pytest.raises(AssertionError, match=message) as info, _dispatch.native_only():
+        ours(images((64, 64)), [target])
     assert isinstance(info.value, ValueError) and "at index 0" in str(info.value)
 
 

@@ -56,6 +56,27 @@ def saved_before_version_2(local_metadata: dict) -> bool:
     return local_metadata.get("version") is None or local_metadata["version"] < 2
 
 
+class RenamedInVersion2:
+    """Mixin for torchvision modules whose ``_version = 2`` (torchvision 0.13)
+    renamed their parameters: an older checkpoint's keys are migrated on
+    load, as torchvision's own ``_load_from_state_dict`` does. Subclasses
+    list the (old, new) name pairs in ``_renamed()``."""
+
+    _version = 2
+
+    def _renamed(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if saved_before_version_2(local_metadata):
+            for old, new in self._renamed():
+                for kind in ("weight", "bias"):
+                    if f"{prefix}{old}.{kind}" in state_dict:
+                        state_dict[f"{prefix}{new}.{kind}"] = \
+                            state_dict.pop(f"{prefix}{old}.{kind}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, *,
                   norm_layer: Callable[[int], nn.Module] | None = None, activation: bool = True,
                   padding: int | None = None, dilation: int = 1) -> nn.Sequential:
@@ -81,7 +102,7 @@ class LastLevelMaxPool(nn.Module):
         return results + [F.max_pool2d(results[-1], 1, 2, 0)], names + ["pool"]
 
 
-class FeaturePyramidNetwork(nn.Module):
+class FeaturePyramidNetwork(RenamedInVersion2, nn.Module):
     """torchvision's ``ops.FeaturePyramidNetwork``: 1x1 lateral convs
     (``inner_blocks.i.0``), nearest top-down up-sampling to each lateral's
     size, 3x3 output convs (``layer_blocks.i.0``); BatchNorm after each conv
@@ -91,8 +112,6 @@ class FeaturePyramidNetwork(nn.Module):
     OrderedDict of ``(N, out_channels, H_i, W_i)`` with the same names, and
     ``'pool'`` when ``extra_blocks`` is LastLevelMaxPool.
     """
-
-    _version = 2
 
     def __init__(self, in_channels_list: list[int], out_channels: int,
                  extra_blocks: nn.Module | None = None,
@@ -113,17 +132,9 @@ class FeaturePyramidNetwork(nn.Module):
                     nn.init.zeros_(m.bias)
         self.extra_blocks = extra_blocks
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        if saved_before_version_2(local_metadata):  # pre-0.13 names: inner_blocks.i.weight
-            for block in ("inner_blocks", "layer_blocks"):
-                for i in range(len(self.inner_blocks)):
-                    for kind in ("weight", "bias"):
-                        old = f"{prefix}{block}.{i}.{kind}"
-                        if old in state_dict:
-                            state_dict[f"{prefix}{block}.{i}.0.{kind}"] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _renamed(self) -> list[tuple[str, str]]:  # inner_blocks.i -> inner_blocks.i.0
+        return [(f"{block}.{i}", f"{block}.{i}.0") for block in ("inner_blocks", "layer_blocks")
+                for i in range(len(self.inner_blocks))]
 
     def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
         names, features = list(x.keys()), list(x.values())

@@ -18,9 +18,9 @@ from .anchors import AnchorGenerator
 from .backbone import (
     BackboneWithFPN,
     FrozenBatchNorm2d,
+    RenamedInVersion2,
     conv_norm_act,
     resnet50_fpn_backbone,
-    saved_before_version_2,
     small_fpn_backbone,
     validate_trainable_layers,
 )
@@ -89,12 +89,10 @@ class FastRCNNPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-class MaskRCNNHeads(nn.Sequential):
+class MaskRCNNHeads(RenamedInVersion2, nn.Sequential):
     """3x3 conv (+ norm) + ReLU layers over the pooled RoI features (keys
     ``{i}.0``; torchvision's pre-0.13 ``mask_fcn{i+1}`` migrated on load).
     forward(``(K, C, 14, 14)``) -> ``(K, layers[-1], 14, 14)``."""
-
-    _version = 2
 
     def __init__(self, in_channels: int, layers: list[int], dilation: int = 1,
                  norm_layer: Callable[[int], nn.Module] | None = None):
@@ -106,16 +104,8 @@ class MaskRCNNHeads(nn.Sequential):
         super().__init__(*blocks)
         _kaiming_conv_init(self)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        if saved_before_version_2(local_metadata):
-            for i in range(len(self)):
-                for kind in ("weight", "bias"):
-                    old = f"{prefix}mask_fcn{i + 1}.{kind}"
-                    if old in state_dict:
-                        state_dict[f"{prefix}{i}.0.{kind}"] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _renamed(self) -> list[tuple[str, str]]:
+        return [(f"mask_fcn{i + 1}", f"{i}.0") for i in range(len(self))]
 
 
 class MaskRCNNPredictor(nn.Sequential):

@@ -11,11 +11,11 @@ from torch import Tensor, nn
 from ...ops import batched_nms_per_image, box_iou
 from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from .anchors import AnchorGenerator
-from .backbone import conv_norm_act, saved_before_version_2
+from .backbone import RenamedInVersion2, conv_norm_act
 from .transform import ImageList
 
 
-class RPNHead(nn.Module):
+class RPNHead(RenamedInVersion2, nn.Module):
     """``conv_depth`` 3x3 conv + ReLU layers (``conv.i.0``), then per
     location A objectness logits (``cls_logits``) and 4A deltas
     (``bbox_pred``); weights N(0, 0.01), biases 0.
@@ -23,8 +23,6 @@ class RPNHead(nn.Module):
     forward(features: list of ``(N, C, H_l, W_l)``) -> (list of ``(N, A,
     H_l, W_l)``, list of ``(N, 4A, H_l, W_l)``).
     """
-
-    _version = 2
 
     def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1):
         super().__init__()
@@ -37,15 +35,8 @@ class RPNHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        if saved_before_version_2(local_metadata):  # pre-0.13 name: conv.weight
-            for kind in ("weight", "bias"):
-                old = f"{prefix}conv.{kind}"
-                if old in state_dict:
-                    state_dict[f"{prefix}conv.0.0.{kind}"] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _renamed(self) -> list[tuple[str, str]]:
+        return [("conv", "conv.0.0")]
 
     def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = [], []

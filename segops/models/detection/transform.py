@@ -18,7 +18,7 @@ class ImageList:
         self.tensors = tensors
         self.image_sizes = image_sizes
 
-    def to(self, device) -> "ImageList":
+    def to(self, device) -> ImageList:
         return ImageList(self.tensors.to(device), self.image_sizes)
 
 
