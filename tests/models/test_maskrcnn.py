@@ -352,3 +352,19 @@ def test_cuda_detections_match_torchvision_by_iou(amp):
         assert matched.float().mean() >= 0.9, f"{int(matched.sum())}/{len(matched)} matched"
         score_error = (w["scores"][confident][matched] - g["scores"].float()[index[matched]]).abs()
         assert score_error.max() <= score_tol
+
+
+def test_compile_whole_model_matches_eager():
+    """The whole detector under torch.compile: the graph breaks only where
+    sizes depend on data (proposal and detection filtering, NMS), and the
+    detections equal eager's."""
+    torch.manual_seed(0)
+    model = maskrcnn_small(width=4, fpn_channels=8, box_score_thresh=0.0).eval()
+    x = [torch.rand(3, 64, 64)]
+    with torch.no_grad(), _dispatch.native_only():
+        want = model(x)
+        got = torch.compile(model)(x)
+    assert len(want[0]["boxes"]) > 0
+    assert torch.equal(got[0]["labels"], want[0]["labels"])
+    for key in ("boxes", "scores", "masks"):
+        assert_close(got[0][key], want[0][key], RTOL[torch.float32], name=key)

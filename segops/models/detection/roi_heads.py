@@ -154,8 +154,8 @@ class RoIHeads(nn.Module):
         pred_boxes = self.box_coder.decode(box_regression, proposals)
         pred_scores = F.softmax(class_logits, -1)
         counts = [len(p) for p in proposals]
-        image_ids = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                            torch.tensor(counts, device=device))
+        image_ids = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
+                               for i, n in enumerate(counts)])
         limits = torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=pred_boxes.dtype,
                               device=device)[image_ids]
         boxes = torch.minimum(pred_boxes.clamp(min=0), limits[:, None, :])[:, 1:]
