@@ -5,9 +5,7 @@ minutes on a 2-core CPU."""
 from __future__ import annotations
 
 import dataclasses
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ._draw import encode_png, title_row, upscale, write_text
 from .data import SyntheticShapes
 from .models import unet
 from .nn import DiceLoss
@@ -101,31 +100,52 @@ class _stepping:
 
 
 @torch.no_grad()
-def write_grid(model, dataset: SyntheticShapes, path: str | Path, device, rows: int = 4) -> Path:
-    """PNG of ``rows`` validation images: image | ground truth | prediction."""
+def write_grid(model, dataset: SyntheticShapes, path: str | Path, device, rows: int = 4,
+               tile: int = 128) -> Path:
+    """PNG of ``rows`` validation images under a title row: image | ground
+    truth | prediction (labelled with the image's mIoU), each scaled to at
+    least ``tile`` pixels, and a legend of the class colours."""
     model.eval()
-    tiles = []
+    scale = max(1, -(-tile // dataset.size))
+    gap = 4
+    lines = []
     for i in range(min(rows, len(dataset))):
         image, mask = dataset[i]
         pred = logits_of(model(image[None].to(device))).argmax(1)[0].cpu()
         shown = image - image.amin()
         shown = (shown / shown.amax().clamp(min=1e-6) * 255).to(torch.uint8).permute(1, 2, 0)
-        tiles.append(torch.cat([shown, PALETTE[mask], PALETTE[pred]], dim=1))
-    grid = torch.cat(tiles, dim=0)
+        tiles = [upscale(t, scale) for t in (shown, PALETTE[mask], PALETTE[pred])]
+        tiles[2] = tiles[2].clone()
+        write_text(tiles[2], f"MIOU {image_miou(pred, mask, len(PALETTE)):.2f}", 3, 3,
+                   torch.tensor([255, 255, 255], dtype=torch.uint8), size=2)
+        white = torch.full((tiles[0].shape[0], gap, 3), 255, dtype=torch.uint8)
+        lines.append(torch.cat([tiles[0], white, tiles[1], white, tiles[2]], dim=1))
+        lines.append(torch.full((gap, lines[-1].shape[1], 3), 255, dtype=torch.uint8))
+    width = lines[0].shape[1]
+    column = dataset.size * scale + gap
+    grid = torch.cat([title_row(["image", "ground truth", "prediction"], width, column),
+                      *lines, _legend(width)], dim=0)
     path = Path(path)
     path.write_bytes(encode_png(grid))
     return path.resolve()
 
 
-def encode_png(rgb: Tensor) -> bytes:
-    """A (H, W, 3) uint8 tensor as PNG bytes (no imaging library needed)."""
-    height, width, _ = rgb.shape
-    raw = b"".join(b"\x00" + bytes(row.contiguous().view(-1).tolist()) for row in rgb)
+def image_miou(pred: Tensor, mask: Tensor, num_classes: int) -> float:
+    """Mean IoU over the classes present in the prediction or the mask."""
+    ious = []
+    for c in range(num_classes):
+        union = ((pred == c) | (mask == c)).sum()
+        if union > 0:
+            ious.append(float(((pred == c) & (mask == c)).sum()) / float(union))
+    return sum(ious) / len(ious)
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b""))
+def _legend(width: int) -> Tensor:
+    """A white strip with a swatch and the name of each class."""
+    strip = torch.full((16, width, 3), 255, dtype=torch.uint8)
+    x = 4
+    for name, colour in zip(SyntheticShapes.CLASSES, PALETTE):
+        strip[3:13, x:x + 10] = colour
+        write_text(strip, name, x + 14, 3, torch.zeros(3, dtype=torch.uint8), size=2)
+        x += 14 + 8 * len(name) + 12
+    return strip

@@ -11,7 +11,7 @@ from helpers import DEVICE
 from torch.utils.data import DataLoader
 
 import segops
-from segops import _dispatch, demo, models, train
+from segops import _dispatch, _draw, demo, models, train
 from segops.data import SyntheticShapes
 
 
@@ -113,10 +113,25 @@ def test_demo_code_path_at_tiny_size(tmp_path, capsys):
                              base_channels=4, depth=2, out=str(tmp_path / "grid.png"),
                              progress=False)
     result = demo.run(config)
-    assert result["png"].exists() and result["png"].read_bytes().startswith(b"\x89PNG")
+    png = result["png"].read_bytes()
+    assert png.startswith(b"\x89PNG")
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width == 3 * 128 + 2 * 4  # image | truth | prediction, 16 px scaled to 128
+    assert height == 16 + 4 * (128 + 4) + 16  # titles, 4 rows, legend
     assert len(result["history"]) == 1 and 0 <= result["miou"] <= 1
     out = capsys.readouterr().out
     assert "epoch  1" in out and "mIoU" in out and "wrote" in out
+
+
+def test_demo_picture_has_titles_legend_and_per_image_miou():
+    rgb = demo._legend(400)
+    assert (rgb[3:13, 4:14] == demo.PALETTE[0]).all()  # the background swatch
+    row = _draw.title_row(["image", "ground truth"], 300, 150)
+    ink = (row == 0).all(dim=-1)
+    assert ink[:, :140].any() and ink[:, 150:].any() and not ink[:, 140:150].any()
+    pred = torch.tensor([[0, 1], [1, 1]])
+    mask = torch.tensor([[0, 1], [0, 1]])
+    assert demo.image_miou(pred, mask, 4) == (1 / 2 + 2 / 3) / 2
 
 
 def test_png_encoder_round_trip():
