@@ -368,3 +368,29 @@ def test_compile_whole_model_matches_eager():
     assert torch.equal(got[0]["labels"], want[0]["labels"])
     for key in ("boxes", "scores", "masks"):
         assert_close(got[0][key], want[0][key], RTOL[torch.float32], name=key)
+
+
+def test_boxes_stay_float32_under_bf16_autocast():
+    """Anchors, proposals and detections are float32 under autocast (a
+    departure from torchvision, whose bf16 boxes step by 8 pixels past
+    1024); training under autocast gives finite losses."""
+    torch.manual_seed(0)
+    model = calibrate(maskrcnn_small(width=4, fpn_channels=8, box_score_thresh=0.0,
+                                     min_size=96, max_size=96)).eval().to(DEVICE)
+    x = [torch.rand(3, 96, 96, device=DEVICE)]
+    autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    with torch.no_grad(), _dispatch.native_only(), autocast:
+        image_list, _ = model.transform(x)
+        features = model.backbone(image_list.tensors)
+        assert features["0"].dtype == torch.bfloat16
+        anchors = model.rpn.anchor_generator(image_list, list(features.values()))
+        proposals, _ = model.rpn(image_list, features)
+        detections = model(x)
+    assert anchors[0].dtype == proposals[0].dtype == torch.float32
+    assert detections[0]["boxes"].dtype == torch.float32 and len(detections[0]["boxes"]) > 0
+    g = torch.Generator().manual_seed(0)
+    targets = rectangle_targets([(96, 96)], [2], g, dtype=torch.float32)
+    model.train()
+    with _dispatch.native_only(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        losses = model(x, targets)
+    assert all(torch.isfinite(v) for v in losses.values())

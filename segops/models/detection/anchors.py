@@ -22,13 +22,24 @@ def base_anchors(scales, aspect_ratios, dtype: torch.dtype = torch.float32,
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
 
 
+def box_dtype(feature_dtype: torch.dtype) -> torch.dtype:
+    """The dtype boxes are computed in: the features' (as torchvision), but
+    float32 for fp16/bf16 features. A departure from torchvision under
+    autocast, where anchors, proposals and detections inherit bf16's 8-bit
+    mantissa (an 8-pixel step past x = 1024); segops keeps every box in
+    float32 and runs only the convolutions and RoIAlign in reduced
+    precision."""
+    return torch.float32 if feature_dtype in (torch.float16, torch.bfloat16) else feature_dtype
+
+
 class AnchorGenerator(nn.Module):
     """Anchors for each feature level: ``sizes[l]`` x ``aspect_ratios[l]``
     at every grid cell of level l, the cell's top-left corner at
     (x * stride_w, y * stride_h).
 
     forward(image_list, feature_maps) -> one ``(sum_l H_l W_l A_l, 4)``
-    tensor per image, in the feature maps' dtype.
+    tensor per image, in the feature maps' dtype (float32 for fp16/bf16
+    features: see :func:`box_dtype`).
     """
 
     def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)):
@@ -70,7 +81,7 @@ class AnchorGenerator(nn.Module):
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         grid_sizes = [tuple(int(s) for s in f.shape[-2:]) for f in feature_maps]
         image_size = image_list.tensors.shape[-2:]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        dtype, device = box_dtype(feature_maps[0].dtype), feature_maps[0].device
         strides = [(int(image_size[0]) // g[0], int(image_size[1]) // g[1]) for g in grid_sizes]
         key = (tuple(grid_sizes), tuple(strides), dtype, device)
         levels = self._cache.get(key)

@@ -39,7 +39,8 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
         return mask_logits.sum() * 0
     targets = mask_targets(list(gt_masks), list(proposals), list(matched_idxs), size)
     logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    dtype = torch.promote_types(logits.dtype, targets.dtype)  # float32 targets stay float32
+    return F.binary_cross_entropy_with_logits(logits.to(dtype), targets.to(dtype))
 
 
 def maskrcnn_inference(x: Tensor, labels: list[Tensor]) -> list[Tensor]:
@@ -151,7 +152,7 @@ class RoIHeads(nn.Module):
         detections_per_img per image."""
         device = class_logits.device
         num_classes = class_logits.shape[-1]
-        pred_boxes = self.box_coder.decode(box_regression, proposals)
+        pred_boxes = self.box_coder.decode(box_regression.to(proposals[0].dtype), proposals)
         pred_scores = F.softmax(class_logits, -1)
         counts = [len(p) for p in proposals]
         image_ids = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)

@@ -117,7 +117,8 @@ class RegionProposalNetwork(nn.Module):
         and sigmoid scores ``(L_i,)`` per image."""
         num_images = proposals.shape[0]
         device = proposals.device
-        objectness = objectness.detach().reshape(num_images, -1)
+        # scores in the boxes' dtype (float32 under autocast: fewer ties than bf16)
+        objectness = objectness.detach().to(proposals.dtype).reshape(num_images, -1)
         levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
                             for i, n in enumerate(num_anchors_per_level)])
         top = self._top_n_idx(objectness, num_anchors_per_level)
@@ -179,7 +180,8 @@ class RegionProposalNetwork(nn.Module):
         num_images = len(anchors)
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-        proposals = self.box_coder.decode(deltas.detach(), anchors).view(num_images, -1, 4)
+        proposals = self.box_coder.decode(deltas.detach().to(anchors[0].dtype), anchors)
+        proposals = proposals.view(num_images, -1, 4)
         boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes,
                                          num_anchors_per_level)
         losses = {}
