@@ -6,7 +6,11 @@ from torch import nn
 
 def retype(module: nn.Module, cls: type) -> nn.Module:
     """``module`` as an instance of ``cls``, sharing its parameters, buffers,
-    submodules and hooks (a shallow copy of its state, no tensor copied)."""
+    submodules and hooks (a shallow copy of its state, no tensor copied).
+    The parameter, buffer and submodule dicts are copied, so a later swap of
+    a child in one of the two does not show in the other."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
+    for name in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])
     return new

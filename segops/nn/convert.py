@@ -109,11 +109,13 @@ def _detection_twin(module: nn.Module, to_segops: bool) -> nn.Module | None:
     source, target = (tv, _segops_detection()) if to_segops else (_segops_detection(), tv)
     for name in DETECTION_CLASSES:
         if type(module) is source[name]:
+            if name == "RoIHeads" and getattr(module, "keypoint_predictor", None) is not None:
+                return None  # Keypoint R-CNN: segops' RoIHeads has no keypoint branch
             twin = retype(module, target[name])
-            if hasattr(twin, "box_coder"):
+            if type(getattr(twin, "box_coder", None)) is source["BoxCoder"]:
                 twin.box_coder = target["BoxCoder"](twin.box_coder.weights,
                                                     twin.box_coder.bbox_xform_clip)
-            if hasattr(twin, "box_similarity"):
+            if getattr(twin, "box_similarity", None) is source["box_iou"]:
                 twin.box_similarity = target["box_iou"]
             if name == "AnchorGenerator":
                 twin.__dict__.setdefault("_cache", {})

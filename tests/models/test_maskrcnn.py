@@ -394,3 +394,52 @@ def test_boxes_stay_float32_under_bf16_autocast():
     with _dispatch.native_only(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         losses = model(x, targets)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_convert_keeps_keypoint_rcnn_whole():
+    """A Keypoint R-CNN converts (transform, RPN, pools) but keeps
+    torchvision's RoIHeads, which owns the keypoint branch: keypoints are
+    still predicted, resized to the image, and equal the original's."""
+    theirs = tv_detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                    num_classes=2, num_keypoints=3,
+                                                    min_size=64, max_size=96,
+                                                    box_score_thresh=0.0,
+                                                    box_detections_per_img=5).eval().double()
+    x = images((70, 90))
+    want = detect(theirs, x)
+    report = segops.convert_model(theirs, inplace=False)
+    replaced = {name for name, _, _ in report.replaced}
+    assert {"transform", "rpn"} <= replaced and "roi_heads" not in replaced
+    got = detect(report.model, x)
+    assert got[0]["keypoints"].shape == want[0]["keypoints"].shape == (5, 3, 3)
+    for key in ("boxes", "scores", "keypoints", "keypoints_scores"):
+        assert_close(got[0][key], want[0][key], F64, name=key)
+
+
+def test_constructor_defaults_are_fresh_and_none_means_default():
+    import numpy as np
+    a = maskrcnn_small(image_mean=np.array([0.5, 0.5, 0.5]))
+    b, c = maskrcnn_small(), maskrcnn_small()
+    b.transform.image_mean[0] = 0.0
+    b.roi_heads.box_roi_pool.featmap_names.append("pool")
+    assert c.transform.image_mean[0] == 0.485 and c.roi_heads.box_roi_pool.featmap_names == \
+        ["0", "1", "2", "3"]
+    assert list(a.transform.image_mean) == [0.5, 0.5, 0.5]
+    empty = torch.nn.Sequential()
+    assert maskrcnn_small(mask_head=empty).roi_heads.mask_head is empty
+    custom = detection.MaskRCNN(detection.small_fpn_backbone(), 3,
+                                bbox_reg_weights=torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    assert custom.roi_heads.box_coder.weights[0] == 1.0
+
+
+def test_anchor_cache_follows_the_cell_anchors_and_images_get_their_own():
+    generator = detection.AnchorGenerator(((8,),), ((1.0,),))
+    image_list = detection.ImageList(torch.zeros(2, 3, 32, 32), [(32, 32), (32, 32)])
+    feature = [torch.zeros(2, 4, 4, 4)]
+    first = generator(image_list, feature)
+    assert first[0] is not first[1] and torch.equal(first[0], first[1])
+    base = generator.cell_anchors[0].clone()
+    generator.cell_anchors[0].mul_(2)  # in place: the cache must notice
+    again = generator(image_list, feature)
+    shifts = first[0] - base  # the grid offsets of each cell
+    assert torch.equal(again[0], shifts + 2 * base)

@@ -83,14 +83,14 @@ class AnchorGenerator(nn.Module):
         image_size = image_list.tensors.shape[-2:]
         dtype, device = box_dtype(feature_maps[0].dtype), feature_maps[0].device
         strides = [(int(image_size[0]) // g[0], int(image_size[1]) // g[1]) for g in grid_sizes]
-        key = (tuple(grid_sizes), tuple(strides), dtype, device)
+        cells = tuple((c.data_ptr(), c._version, tuple(c.shape)) for c in self.cell_anchors)
+        key = (tuple(grid_sizes), tuple(strides), dtype, device, cells)
         levels = self._cache.get(key)
         if levels is None:
             levels = self.grid_anchors(grid_sizes, strides, dtype, device)
             if not torch.compiler.is_compiling():
                 self._cache = {key: levels}  # one entry: the last grid (sizes vary in training)
-        anchors = torch.cat(levels)
-        return [anchors for _ in image_list.image_sizes]
+        return [torch.cat(levels) for _ in image_list.image_sizes]  # one tensor per image
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, aspect_ratios={self.aspect_ratios}"

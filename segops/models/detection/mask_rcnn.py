@@ -33,9 +33,13 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 FPN_LEVELS = ["0", "1", "2", "3"]
 
 
-class DegenerateBoxError(ValueError, AssertionError):
-    """A GT box with no positive width or height. torchvision raises an
-    AssertionError (``torch._assert``) with this message; this is both."""
+class InvalidTargetError(ValueError, AssertionError):
+    """Missing or malformed training targets. torchvision raises an
+    AssertionError (``torch._assert``) with the same message; this is both."""
+
+
+class DegenerateBoxError(InvalidTargetError):
+    """A GT box with no positive width or height (torchvision's message)."""
 
 
 # ------------------------------------------------------------------- heads
@@ -165,10 +169,12 @@ class MaskRCNN(nn.Module):
         _check_num_classes(num_classes, box_predictor, "box_predictor")
         _check_num_classes(num_classes, mask_predictor, "mask_predictor")
         channels = backbone.out_channels
-        anchor_generator = rpn_anchor_generator or default_anchor_generator()
-        rpn_head = rpn_head or RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
+        anchor_generator = _default(rpn_anchor_generator, default_anchor_generator)
+        rpn_head = _default(rpn_head, lambda: RPNHead(
+            channels, anchor_generator.num_anchors_per_location()[0]))
         self.transform = GeneralizedRCNNTransform(
-            min_size, max_size, image_mean or IMAGENET_MEAN, image_std or IMAGENET_STD, **kwargs)
+            min_size, max_size, _default(image_mean, lambda: list(IMAGENET_MEAN)),
+            _default(image_std, lambda: list(IMAGENET_STD)), **kwargs)
         self.backbone = backbone
         self.rpn = RegionProposalNetwork(
             anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh,
@@ -176,17 +182,17 @@ class MaskRCNN(nn.Module):
             {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
             rpn_nms_thresh, score_thresh=rpn_score_thresh)
-        box_roi_pool = box_roi_pool or MultiScaleRoIAlign(FPN_LEVELS, 7, 2)
+        box_roi_pool = _default(box_roi_pool, lambda: MultiScaleRoIAlign(list(FPN_LEVELS), 7, 2))
         resolution = box_roi_pool.output_size[0]
-        box_head = box_head or TwoMLPHead(channels * resolution ** 2, 1024)
-        box_predictor = box_predictor or FastRCNNPredictor(1024, num_classes)
+        box_head = _default(box_head, lambda: TwoMLPHead(channels * resolution ** 2, 1024))
+        box_predictor = _default(box_predictor, lambda: FastRCNNPredictor(1024, num_classes))
         self.roi_heads = RoIHeads(
             box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh,
             box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh,
             box_nms_thresh, box_detections_per_img,
-            mask_roi_pool or MultiScaleRoIAlign(FPN_LEVELS, 14, 2),
-            mask_head or MaskRCNNHeads(channels, [256] * 4, 1),
-            mask_predictor or MaskRCNNPredictor(256, 256, num_classes))
+            _default(mask_roi_pool, lambda: MultiScaleRoIAlign(list(FPN_LEVELS), 14, 2)),
+            _default(mask_head, lambda: MaskRCNNHeads(channels, [256] * 4, 1)),
+            _default(mask_predictor, lambda: MaskRCNNPredictor(256, 256, num_classes)))
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training:
@@ -224,6 +230,12 @@ def _like_the_weights(batch: Tensor, backbone: nn.Module) -> Tensor:
     return batch
 
 
+def _default(value, build):
+    """``value``, or ``build()`` when it is None (not when it is merely
+    falsy: an empty nn.Sequential or a numpy mean are real arguments)."""
+    return build() if value is None else value
+
+
 def _check_num_classes(num_classes, predictor, name: str) -> None:
     if predictor is not None and num_classes is not None:
         raise ValueError(f"num_classes should be None when {name} is specified")
@@ -233,13 +245,14 @@ def _check_num_classes(num_classes, predictor, name: str) -> None:
 
 def _check_training_targets(targets) -> None:
     if targets is None:
-        raise ValueError("targets should not be none when in training mode")
+        raise InvalidTargetError("targets should not be none when in training mode")
     for target in targets:
         boxes = target["boxes"]
         if not isinstance(boxes, Tensor):
-            raise TypeError(f"Expected target boxes to be of type Tensor, got {type(boxes)}.")
+            raise InvalidTargetError("Expected target boxes to be of type Tensor, got "
+                                     f"{type(boxes)}.")
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError("Expected target boxes to be a tensor of shape [N, 4], got "
+            raise InvalidTargetError("Expected target boxes to be a tensor of shape [N, 4], got "
                              f"{boxes.shape}.")
 
 

@@ -37,7 +37,9 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     labels = torch.cat([gt[idx] for gt, idx in zip(gt_labels, matched_idxs)], dim=0)
     if labels.numel() == 0:
         return mask_logits.sum() * 0
-    targets = mask_targets(list(gt_masks), list(proposals), list(matched_idxs), size)
+    gt_masks = [m if m.dtype in (torch.uint8, torch.bool) or m.is_floating_point()
+                else m.float() for m in gt_masks]  # e.g. int64 masks with _skip_resize
+    targets = mask_targets(gt_masks, list(proposals), list(matched_idxs), size)
     logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
     dtype = torch.promote_types(logits.dtype, targets.dtype)  # float32 targets stay float32
     return F.binary_cross_entropy_with_logits(logits.to(dtype), targets.to(dtype))
@@ -72,7 +74,8 @@ class RoIHeads(nn.Module):
                                         allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image,
                                                              positive_fraction)
-        self.box_coder = BoxCoder(bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))
+        self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0) if bbox_reg_weights is None
+                                  else bbox_reg_weights)
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
         self.box_predictor = box_predictor

@@ -3,6 +3,8 @@ normalise, batch) and its inverse on the detections (boxes back to the
 original size, masks pasted with segops' one-launch ``paste_masks``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +53,19 @@ def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
         for s, s_orig in zip(new_size, original_size))
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+def resize_keypoints(keypoints: Tensor, original_size, new_size) -> Tensor:
+    """Scale ``(N, K, 3)`` keypoints' x, y from ``original_size`` to
+    ``new_size`` (h, w), as torchvision's (for a converted Keypoint R-CNN)."""
+    ratio_h, ratio_w = (
+        torch.tensor(s, dtype=torch.float32, device=keypoints.device)
+        / torch.tensor(s_orig, dtype=torch.float32, device=keypoints.device)
+        for s, s_orig in zip(new_size, original_size))
+    resized = keypoints.clone()
+    resized[..., 0] *= ratio_w
+    resized[..., 1] *= ratio_h
+    return resized
 
 
 class GeneralizedRCNNTransform(nn.Module):
@@ -118,6 +133,9 @@ class GeneralizedRCNNTransform(nn.Module):
                                                  self.fixed_size)
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+            if "keypoints" in target:
+                target["keypoints"] = resize_keypoints(target["keypoints"], (h, w),
+                                                       image.shape[-2:])
         return image, target
 
     def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
@@ -125,8 +143,8 @@ class GeneralizedRCNNTransform(nn.Module):
         multiple of ``size_divisible``."""
         height = max(int(img.shape[-2]) for img in images)
         width = max(int(img.shape[-1]) for img in images)
-        height = -(-height // size_divisible) * size_divisible
-        width = -(-width // size_divisible) * size_divisible
+        height = int(math.ceil(height / float(size_divisible)) * size_divisible)
+        width = int(math.ceil(width / float(size_divisible)) * size_divisible)
         batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
         for image, slot in zip(images, batch):
             slot[:, :image.shape[1], :image.shape[2]].copy_(image)
@@ -142,6 +160,8 @@ class GeneralizedRCNNTransform(nn.Module):
             pred["boxes"] = resize_boxes(pred["boxes"], size, original)
             if "masks" in pred:
                 pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original)
+            if "keypoints" in pred:
+                pred["keypoints"] = resize_keypoints(pred["keypoints"], size, original)
         return result
 
     def extra_repr(self) -> str:
