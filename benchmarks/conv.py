@@ -6,10 +6,12 @@ channels_last and NCHW, forward and forward+backward (input and weight
 gradients). TFLOP/s count the nominal 2*N*OH*OW*C_out*C_in*KH*KW/groups
 multiply-adds per pass (x3 for forward+backward), padding taps included. The
 depthwise row is memory-bound: its TFLOP/s and roofline fraction say little,
-its time and speedup are what count.
+its time and speedup are what count. Target: >= 1.2x (geomean) on the
+dilated shapes.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 import segops
 
 from . import harness
+from .cases import Case, Step, dtype_name, layout_name, run_cases, shared
 from .harness import Record, matmul_peak_tflops
 
 # (name, N, C_in, size, C_out, kernel, dilation, groups); stride 1, padding = dilation
@@ -33,6 +36,9 @@ SHAPES = [
 QUICK_SHAPES = [SHAPES[4], SHAPES[6], SHAPES[8]]
 DTYPES = [torch.bfloat16, torch.float32]
 DEVICE = "cuda"  # the smoke test runs this module on CPU at tiny sizes
+DIRECTIONS = [("fwd", False), ("fwd+bwd", True)]
+PROVIDERS = ["segops", "cudnn"]
+TARGET = 1.2
 
 
 def _tensors(N, C_in, size, C_out, k, groups, dtype, channels_last):
@@ -51,23 +57,41 @@ def _providers(dilation, groups):
     }
 
 
-
 def _roofline(dtype) -> float | None:
     return matmul_peak_tflops(dtype) if DEVICE == "cuda" else None
 
 
-def run(quick: bool = False) -> list[Record]:
-    records = []
+def _setup(spec, dtype, channels_last, backward, provider) -> Step:
+    """One call of ``provider``'s convolution (and its backward) on the
+    shape's shared input and weight."""
+    name, N, C_in, size, C_out, k, d, groups = spec
+    x, w = shared(("conv", spec, dtype, channels_last, DEVICE),
+                  lambda: _tensors(N, C_in, size, C_out, k, groups, dtype, channels_last))
+    x.requires_grad_(backward)
+    w.requires_grad_(backward)
+    fn = _providers(d, groups)[provider]
+    flops = 2 * N * size * size * C_out * (C_in // groups) * k * k
+    return Step(harness.forward_backward(lambda: fn(x, w), (x, w), backward),
+                flops=flops * (3 if backward else 1), peak=lambda: _roofline(dtype))
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """Every shape x dtype x layout (quick: three shapes, channels_last) x
+    pass x provider."""
+    out = []
     layouts = (True,) if quick else (True, False)
-    for (name, N, C_in, size, C_out, k, d, groups), dtype, channels_last in itertools.product(
+    for spec, dtype, channels_last in itertools.product(
             QUICK_SHAPES if quick else SHAPES, DTYPES, layouts):
-        x, w = _tensors(N, C_in, size, C_out, k, groups, dtype, channels_last)
-        shape = f"{name} {N}x{C_in}x{size}^2->{C_out}" + (" cl" if channels_last else "")
-        flops = 2 * N * size * size * C_out * (C_in // groups) * k * k
-        peak = _roofline(dtype)
-        records += harness.fwd_bwd_records("atrous_conv2d", shape, dtype, x, w,
-                                           _providers(d, groups), flops, peak)
-        del x, w
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    return records
+        name, N, C_in, size, C_out, k, d, groups = spec
+        shape = f"{name} {N}x{C_in}x{size}^2->{C_out}"
+        for (direction, backward), provider in itertools.product(DIRECTIONS, PROVIDERS):
+            out.append(Case("conv", "atrous_conv2d", shape, dtype_name(dtype),
+                            layout_name(channels_last), direction, provider,
+                            functools.partial(_setup, spec, dtype, channels_last, backward,
+                                              provider),
+                            target=TARGET if d > 1 else None))
+    return out
+
+
+def run(quick: bool = False) -> list[Record]:
+    return run_cases(cases(quick))

@@ -5,10 +5,12 @@ up-convolutions at four levels, FCN-8s's upscore layers (k4 s2 and k16 s8,
 s2) and a decoder layer with overlap (k3 s2 p1 output_padding 1). fp32
 (TF32 on both sides, PyTorch's default) and bf16, channels_last and NCHW,
 forward and forward+backward. TFLOP/s count 2*N*H*W*C_in*C_out*KH*KW/groups
-per pass (x3 for forward+backward).
+per pass (x3 for forward+backward). Targets: >= 1.5x where kernel == stride,
+>= 1.0x with overlap.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 import segops
 
 from . import harness
+from .cases import Case, Step, dtype_name, layout_name, run_cases, shared
 from .harness import Record, matmul_peak_tflops
 
 # (name, N, C_in, size, C_out, kernel, stride, padding, output_padding)
@@ -31,6 +34,8 @@ SHAPES = [
 QUICK_SHAPES = [SHAPES[1], SHAPES[6], SHAPES[7]]
 DTYPES = [torch.bfloat16, torch.float32]
 DEVICE = "cuda"  # the smoke test runs this module on CPU at tiny sizes
+DIRECTIONS = [("fwd", False), ("fwd+bwd", True)]
+PROVIDERS = ["segops", "cudnn"]
 
 
 def _tensors(N, C_in, size, C_out, k, dtype, channels_last):
@@ -48,23 +53,41 @@ def _providers(stride, padding, output_padding):
     }
 
 
-
 def _roofline(dtype) -> float | None:
     return matmul_peak_tflops(dtype) if DEVICE == "cuda" else None
 
 
-def run(quick: bool = False) -> list[Record]:
-    records = []
+def _setup(spec, dtype, channels_last, backward, provider) -> Step:
+    """One call of ``provider``'s transposed convolution (and its backward)
+    on the shape's shared input and weight."""
+    name, N, C_in, size, C_out, k, s, p, op = spec
+    x, w = shared(("conv_transpose", spec, dtype, channels_last, DEVICE),
+                  lambda: _tensors(N, C_in, size, C_out, k, dtype, channels_last))
+    x.requires_grad_(backward)
+    w.requires_grad_(backward)
+    fn = _providers(s, p, op)[provider]
+    flops = 2 * N * size * size * C_in * C_out * k * k
+    return Step(harness.forward_backward(lambda: fn(x, w), (x, w), backward),
+                flops=flops * (3 if backward else 1), peak=lambda: _roofline(dtype))
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """Every shape x dtype x layout (quick: three shapes, channels_last) x
+    pass x provider."""
+    out = []
     layouts = (True,) if quick else (True, False)
-    for (name, N, C_in, size, C_out, k, s, p, op), dtype, channels_last in itertools.product(
+    for spec, dtype, channels_last in itertools.product(
             QUICK_SHAPES if quick else SHAPES, DTYPES, layouts):
-        x, w = _tensors(N, C_in, size, C_out, k, dtype, channels_last)
-        shape = f"{name} {N}x{C_in}x{size}^2 k{k}s{s}" + (" cl" if channels_last else "")
-        flops = 2 * N * size * size * C_in * C_out * k * k
-        peak = _roofline(dtype)
-        records += harness.fwd_bwd_records("conv_transpose2d", shape, dtype, x, w,
-                                           _providers(s, p, op), flops, peak)
-        del x, w
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    return records
+        name, N, C_in, size, C_out, k, s, p, op = spec
+        shape = f"{name} {N}x{C_in}x{size}^2 k{k}s{s}"
+        for (direction, backward), provider in itertools.product(DIRECTIONS, PROVIDERS):
+            out.append(Case("conv_transpose", "conv_transpose2d", shape, dtype_name(dtype),
+                            layout_name(channels_last), direction, provider,
+                            functools.partial(_setup, spec, dtype, channels_last, backward,
+                                              provider),
+                            target=1.5 if k == s else 1.0))
+    return out
+
+
+def run(quick: bool = False) -> list[Record]:
+    return run_cases(cases(quick))

@@ -2,23 +2,37 @@
 # One GPU check for a lent device (no network): install segops without
 # dependencies (torch, triton, torchvision and pytest are already there), run
 # the whole test suite on CUDA (4 xdist workers when pytest-xdist is there:
-# kernel compilation is the slow part), then the quick benchmark of each op family, each in its own
-# folder and under its own time cap so a slow family cannot lose the others.
+# kernel compilation is the slow part), then the quick benchmark of each op
+# family through the pytest front end, each under its own time cap so a slow
+# family cannot lose the others.
 #   benchmarks/gpu_check.sh [OUTDIR] [FAMILIES] [TEST_CAP_S]
 # OUTDIR defaults to $OUT, else benchmarks/results/gpu_check; FAMILIES is a
-# space-separated list (default: all, about 7 minutes); FAMILIES="none"
-# runs the tests only, TEST_CAP_S=0 the benchmarks only. A 600 s device call
-# fits the tests (cap 360 s) plus two or three families.
+# space-separated list (default: all, Mask R-CNN in `models`, about 9
+# minutes); FAMILIES="none" runs the tests only, TEST_CAP_S=0 the benchmarks
+# only. A 600 s device call fits the tests (cap 360 s) plus two or three
+# families.
+#
+# Per family F the benchmark run
+#   * is saved in pytest-benchmark's format as
+#     benchmarks/results/<card>/<machine>/NNNN_<commit>_F.json (copied to
+#     OUTDIR/results/<card>/<machine>/ too, to bring back from a device);
+#   * is compared with the last saved run of the same card and family: the
+#     cases whose median got slower by more than BENCH_FAIL_PCT percent
+#     (default 10) are printed and fail the check (--benchmark-compare-fail);
+#   * writes the harness's <card>.json, <card>.png (speedup per case, 1.0 and
+#     target lines) and table.txt in OUTDIR/F/.
 set -u
 out="${1:-${OUT:-benchmarks/results/gpu_check}}"
 families="${2:-overlap roi_align conv conv_transpose boxes masks models}"
 test_cap="${3:-360}"
+fail_pct="${BENCH_FAIL_PCT:-10}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $commit"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
 } | tee "$out/env.txt"
 
@@ -37,16 +51,34 @@ if [ "$test_cap" -gt 0 ]; then
   tail -40 "$out/tests.log"
 fi
 
+card="$(python -c 'from segops.benchmarks.harness import gpu_slug; print(gpu_slug())')"
+store="benchmarks/results/$card"
 bench_rc=0
 for family in $families; do
   [ "$family" = "none" ] && break
   cap=90
-  case "$family" in conv|models) cap=150 ;; esac
-  echo "== quick benchmark: $family (cap ${cap} s)"
+  case "$family" in conv) cap=150 ;; models) cap=240 ;; esac
   mkdir -p "$out/$family"
-  timeout "$cap" python -m segops bench --quick --ops "$family" --out "$out/$family" \
+  previous="$(python -m segops.benchmarks.compare --latest "$store" --family "$family")"
+  compare=()
+  if [ -n "$previous" ]; then
+    compare=(--benchmark-compare="$previous" --benchmark-compare-fail="median:${fail_pct}%")
+    echo "== quick benchmark: $family (cap ${cap} s), compared with $previous"
+  else
+    echo "== quick benchmark: $family (cap ${cap} s), no earlier run of this card to compare"
+  fi
+  timeout "$cap" python -m pytest benchmarks/ -q -p no:xdist -p no:cacheprovider \
+    --benchmark-only --bench-quick --bench-family "$family" --bench-out "$out/$family" \
+    --benchmark-storage "file://$store" --benchmark-save "${commit}_${family}" \
+    --benchmark-columns min,median,max,rounds ${compare[@]+"${compare[@]}"} \
     > "$out/$family/bench.log" 2>&1 || bench_rc=$?
-  cat "$out/$family/bench.log"
+  grep -v '^  File \|^    ' "$out/$family/bench.log"
+  saved="$(python -m segops.benchmarks.compare --latest "$store" --family "$family")"
+  if [ -n "$saved" ] && [ "$saved" != "$previous" ]; then
+    dest="$out/results/$card/$(basename "$(dirname "$saved")")"
+    mkdir -p "$dest" && cp "$saved" "$dest/"
+    echo "saved $saved"
+  fi
 done
 
 echo "tests rc=$tests_rc bench rc=$bench_rc" | tee "$out/status.txt"

@@ -1,8 +1,12 @@
-"""Shared benchmark harness: timing, records, the JSON writer, the table.
+"""Shared benchmark harness: timing, records, the JSON writer, the table, the plot.
 
 Timing uses CUDA events through ``triton.testing.do_bench`` (median of many
-runs after warm-up). There is no CPU timing: without a GPU the suite only
-self-checks the kernels and reports no speedups.
+runs after warm-up). There is no CPU timing of kernels: without a GPU the
+suite self-checks the kernels and reports no kernel speedups (the CPU model
+rows of models.py time whole models with the wall clock instead).
+
+The cases themselves (what is timed) are defined once, in cases.py and the
+family modules; this module only measures and reports.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SEGOPS = "segops"  # the provider every other provider of a group is compared with
 
 
 class NoGPU(RuntimeError):
@@ -24,7 +29,9 @@ class NoGPU(RuntimeError):
 
 
 def time_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds of ``fn()`` on the GPU."""
+    """Median milliseconds of ``fn()`` on the GPU: CUDA events around each
+    call, L2 flushed between calls (``triton.testing.do_bench``); ``warmup``
+    and ``rep`` are milliseconds of warm-up and of timed calls."""
     if not torch.cuda.is_available():
         raise NoGPU("timings need a CUDA device; on CPU the suite only self-checks")
     import triton.testing
@@ -41,31 +48,6 @@ def forward_backward(fn, leaves, backward: bool):
             for leaf in leaves:
                 leaf.grad = None
     return run
-
-
-def gemm_record(op, shape, dtype, direction, provider, step, flops, peak) -> Record:
-    """Time ``step`` and report TFLOP/s, fraction of ``peak`` (TFLOP/s or
-    None) and extra memory."""
-    ms = time_ms(step)
-    tflops = flops / ms / 1e9
-    return Record(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""),
-                  direction=direction, provider=provider, ms=ms, tflops=tflops,
-                  roofline_fraction=None if peak is None else tflops / peak,
-                  extra_memory_mb=peak_extra_memory(step) / 2**20)
-
-
-def fwd_bwd_records(op, shape, dtype, x, w, providers: dict, flops: float, peak) -> list[Record]:
-    """Forward and forward+backward records of each ``providers[name](x, w)``
-    (a convolution-like op: backward costs twice the forward's ``flops``)."""
-    records = []
-    for direction, backward in (("fwd", False), ("fwd+bwd", True)):
-        x.requires_grad_(backward)
-        w.requires_grad_(backward)
-        for provider, fn in providers.items():
-            step = forward_backward(lambda fn=fn: fn(x, w), (x, w), backward)
-            records.append(gemm_record(op, shape, dtype, direction, provider, step,
-                                       flops * (3 if backward else 1), peak))
-    return records
 
 
 def peak_extra_memory(fn) -> int:
@@ -112,11 +94,11 @@ def copy_bandwidth_gbs() -> float:
 
 @dataclasses.dataclass
 class Record:
-    """One measurement: op/shape/dtype/direction/provider."""
+    """One measurement: op/shape/dtype/direction/provider (and layout)."""
     op: str
     shape: str
     dtype: str
-    direction: str  # 'fwd' | 'fwd+bwd' | ...
+    direction: str  # the pass: 'fwd' | 'fwd+bwd' | 'train' | 'infer' | ...
     provider: str   # 'segops' or the baseline's name
     ms: float
     gbs: float | None = None
@@ -124,34 +106,52 @@ class Record:
     roofline_fraction: float | None = None
     extra_memory_mb: float | None = None
     items_per_s: float | None = None  # throughput where it means more (images/s for models)
-    speedup: float | None = None  # baseline ms / segops ms, on the segops record
+    speedup: float | None = None  # fastest baseline ms / segops ms, on the segops record
+    layout: str | None = None  # 'channels_last' | 'nchw' | 'rows' | ...
+    target: float | None = None  # the speedup DESIGN.md asks for (None: no target)
+    extra: dict | None = None  # case-specific numbers (e.g. Mask R-CNN's time per op)
+
+
+def group_key(r: Record) -> tuple:
+    """The rows compared with each other: same op, shape, dtype, layout, pass."""
+    return r.op, r.shape, r.dtype, r.layout, r.direction
 
 
 def add_speedups(records: list[Record]) -> None:
-    """Fill ``speedup`` on each segops record: the first baseline measured for
-    the same op/shape/dtype/direction in the same run, divided by segops."""
+    """Fill ``speedup`` on each segops record: the fastest baseline measured
+    for the same op/shape/dtype/layout/pass in the same run, divided by
+    segops' time (the strictest comparison when a group has several baselines)."""
     groups: dict[tuple, list[Record]] = {}
     for r in records:
-        groups.setdefault((r.op, r.shape, r.dtype, r.direction), []).append(r)
+        groups.setdefault(group_key(r), []).append(r)
     for group in groups.values():
-        ours = [r for r in group if r.provider == "segops"]
-        base = [r for r in group if r.provider != "segops"]
-        if ours and base:
-            ours[0].speedup = base[0].ms / ours[0].ms
+        ours = [r for r in group if r.provider == SEGOPS]
+        base = [r.ms for r in group if r.provider != SEGOPS]
+        if ours and base and ours[0].ms > 0:
+            ours[0].speedup = min(base) / ours[0].ms
+
+
+def git_commit() -> str:
+    """The short commit of the checkout benchmarks/ lives in ('unknown' outside git)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=False)
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def card_name() -> str:
+    """The GPU's name, or 'cpu'."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def environment() -> dict:
     import triton
-    commit = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip() or commit
-    except OSError:
-        pass
     return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpu": card_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": git_commit(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
@@ -160,8 +160,8 @@ def environment() -> dict:
 
 
 def gpu_slug() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower()
+    """The card's name as a file name: 'nvidia_h100_80gb_hbm3', or 'cpu'."""
+    return "".join(ch if ch.isalnum() else "_" for ch in card_name()).strip("_").lower()
 
 
 def write_results(records: list[Record], out_dir: str | os.PathLike | None = None) -> Path:
@@ -181,22 +181,57 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+_LAYOUTS = {"channels_last": "cl", "nchw": "nchw", None: "-"}
+
+
 def format_table(records: list[Record]) -> str:
-    header = f"{'op':<22} {'shape':<28} {'dtype':<9} {'dir':<8} {'provider':<22} " \
-             f"{'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'roof':>6} {'mem MB':>9} {'items/s':>8} " \
-             f"{'speedup':>8}"
+    """One line per record; speedup (on segops' rows) = fastest baseline / segops."""
+    shape_w = max([34] + [len(r.shape) for r in records])
+    provider_w = max([12] + [len(r.provider) for r in records])
+    header = f"{'op':<18} {'shape':<{shape_w}} {'dtype':<13} {'lay':<5} {'pass':<11} " \
+             f"{'provider':<{provider_w}} {'ms':>9} {'GB/s':>7} {'TFLOP/s':>7} {'roof':>5} " \
+             f"{'mem MB':>8} {'items/s':>8} {'speedup':>7} {'target':>6}"
     lines = [header, "-" * len(header)]
     for r in records:
-        lines.append(f"{r.op:<22} {r.shape:<28} {r.dtype:<9} {r.direction:<8} {r.provider:<22} "
-                     f"{r.ms:>9.3f} {_fmt(r.gbs, '8.0f')} {_fmt(r.tflops, '8.1f')} "
-                     f"{_fmt(r.roofline_fraction, '6.2f')} {_fmt(r.extra_memory_mb, '9.1f')} "
-                     f"{_fmt(r.items_per_s, '8.1f')} "
-                     f"{_fmt(r.speedup, '7.2f') + ('x' if r.speedup else '')}")
+        layout = _LAYOUTS.get(r.layout, r.layout)
+        lines.append(f"{r.op:<18} {r.shape:<{shape_w}} {r.dtype:<13} {layout:<5} "
+                     f"{r.direction:<11} {r.provider:<{provider_w}} {r.ms:>9.3f} "
+                     f"{_fmt(r.gbs, '7.0f'):>7} {_fmt(r.tflops, '7.1f'):>7} "
+                     f"{_fmt(r.roofline_fraction, '5.2f'):>5} "
+                     f"{_fmt(r.extra_memory_mb, '8.1f'):>8} {_fmt(r.items_per_s, '8.1f'):>8} "
+                     f"{_fmt(r.speedup, '.2f') + ('x' if r.speedup else ''):>7} "
+                     f"{_fmt(r.target, '.2f') + ('x' if r.target else ''):>6}")
+    lines += _format_extra(records)
     return "\n".join(lines)
 
 
-def plot(records: list[Record], path: Path) -> Path | None:
-    """Bar chart of speedups (needs matplotlib, the `bench` extra)."""
+def _format_extra(records: list[Record]) -> list[str]:
+    """The records' case-specific numbers (e.g. time per op inside a model), one line each."""
+    lines = []
+    for r in records:
+        if r.extra:
+            items = ", ".join(f"{k} {_fmt(v, '.3f') if isinstance(v, float) else v}"
+                              for k, v in r.extra.items())
+            lines.append(f"  {r.op} {r.shape} {r.direction} {r.provider}: {items}")
+    return ["", "details:"] + lines if lines else []
+
+
+def _label(r: Record) -> str:
+    layout = "" if r.layout in (None, "rows") else f" {_LAYOUTS.get(r.layout, r.layout)}"
+    return f"{r.op} {r.shape} {r.dtype}{layout} {r.direction}"
+
+
+def _colour(r: Record) -> str:
+    if not r.target:
+        return "tab:gray"
+    return "tab:blue" if r.speedup >= r.target else "tab:orange"
+
+
+def plot(records: list[Record], path: Path, title: str | None = None) -> Path | None:
+    """Horizontal bars of segops' speedup over the fastest baseline, one per
+    case, with the 1.0 line (parity) and a red tick at each case's target;
+    blue bars meet their target, orange ones miss it, grey ones have none. Needs matplotlib (the
+    `bench` extra): returns None without it or without any speedup."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -206,12 +241,32 @@ def plot(records: list[Record], path: Path) -> Path | None:
     rows = [r for r in records if r.speedup]
     if not rows:
         return None
-    labels = [f"{r.op} {r.shape} {r.dtype} {r.direction}" for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.5))
-    ax.barh(labels, [r.speedup for r in rows])
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speedup over baseline (same run)")
-    ax.set_title(f"segops on {environment()['gpu']}")
+    from matplotlib.patches import Patch
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(rows) + 1.8))
+    ys = list(range(len(rows)))
+    # bars from parity: to the right when faster than the baseline, to the left when slower
+    ax.barh(ys, [r.speedup - 1.0 for r in rows], left=1.0, color=[_colour(r) for r in rows])
+    for y, r in zip(ys, rows):
+        ax.annotate(f"{r.speedup:.2f}x", (r.speedup, y), xytext=(3 if r.speedup >= 1 else -3, 0),
+                    textcoords="offset points", va="center", fontsize=6,
+                    ha="left" if r.speedup >= 1 else "right")
+    ax.set_yticks(ys, [_label(r) for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=1.0)
+    targets = [(y, r.target) for y, r in zip(ys, rows) if r.target]
+    if targets:
+        ax.scatter([t for _, t in targets], [y for y, _ in targets], marker="|", s=160,
+                   color="red", zorder=3)
+    ax.legend(handles=[Patch(color="tab:blue", label="meets its target"),
+                       Patch(color="tab:orange", label="below its target"),
+                       Patch(color="tab:gray", label="no target"),
+                       plt.Line2D([], [], color="black", label="1.0: as fast as the baseline"),
+                       plt.Line2D([], [], color="red", marker="|", linestyle="none",
+                                  markersize=12, label="target (DESIGN.md)")],
+              loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup over the fastest baseline (same run, log scale)")
+    ax.set_title(title or f"segops on {card_name()} at {git_commit()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

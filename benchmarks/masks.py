@@ -13,14 +13,17 @@
   concatenated uint8 GT masks vs torchvision's per-image loop.
 
 GB/s counts the output written plus, for the mask targets, 4 bytes read per
-bilinear sample (as if uncached).
+bilinear sample (as if uncached). Targets: pasting >= 20x, mask targets >= 5x.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from segops.ops.masks import mask_targets, paste_masks
 
+from .cases import Case, Step, run_cases, shared
 from .harness import Record, peak_extra_memory, time_ms
 
 IMAGE = (800, 1216)
@@ -31,6 +34,9 @@ GT_MASKS = 20
 M = 28
 THRESHOLD = 0.5
 DEVICE = "cuda"  # the smoke test runs this module on CPU at tiny sizes
+PROVIDERS = ["segops", "torchvision"]
+PASTE_TARGET = 20.0
+TARGETS_TARGET = 5.0
 
 
 def make_boxes(count: int, seed: int) -> torch.Tensor:
@@ -44,36 +50,29 @@ def make_boxes(count: int, seed: int) -> torch.Tensor:
     return torch.cat([corner, corner + sides], 1).to(DEVICE)
 
 
-def _record(op, shape, direction, provider, fn, nbytes) -> Record:
-    ms = time_ms(fn)
-    return Record(op=op, shape=shape, dtype="float32", direction=direction, provider=provider,
-                  ms=ms, gbs=nbytes / ms / 1e6, extra_memory_mb=peak_extra_memory(fn) / 2**20)
+def _paste_inputs():
+    return (torch.rand(PASTE_MASKS, 1, MASK_SIZE, MASK_SIZE, device=DEVICE),
+            make_boxes(PASTE_MASKS, 0))
 
 
-def _paste_records(quick: bool) -> list[Record]:
+def _paste_setup(direction, provider) -> Step:
+    """One paste of the masks into the image: float (``direction`` 'float')
+    or thresholded to bool ('bool'; torchvision: its float result > 0.5)."""
     from torchvision.models.detection.roi_heads import paste_masks_in_image
-    height, width = IMAGE
-    masks = torch.rand(PASTE_MASKS, 1, MASK_SIZE, MASK_SIZE, device=DEVICE)
-    boxes = make_boxes(PASTE_MASKS, 0)
-    shape = f"{PASTE_MASKS}x{MASK_SIZE}^2 -> {height}x{width}"
-    pixels = PASTE_MASKS * height * width
-    records = []
-    variants = [("float", None, 4)] + ([] if quick else [("bool", THRESHOLD, 1)])
-    for direction, threshold, itemsize in variants:
-        providers = {
-            "segops": lambda t=threshold: paste_masks(masks, boxes, IMAGE,
-                                                                 threshold=t),
-            "torchvision": (lambda: paste_masks_in_image(masks, boxes, IMAGE)) if threshold
-            is None else (lambda t=threshold: paste_masks_in_image(masks, boxes, IMAGE) > t),
-        }
-        for provider, fn in providers.items():
-            records.append(_record("paste_masks", shape, direction, provider, fn,
-                                   pixels * itemsize))
-    return records
+    masks, boxes = shared(("paste", PASTE_MASKS, MASK_SIZE, IMAGE, DEVICE), _paste_inputs)
+    threshold, itemsize = (None, 4) if direction == "float" else (THRESHOLD, 1)
+
+    def ours():
+        return paste_masks(masks, boxes, IMAGE, threshold=threshold)
+
+    def theirs():
+        pasted = paste_masks_in_image(masks, boxes, IMAGE)
+        return pasted if threshold is None else pasted > threshold
+    fn = ours if provider == "segops" else theirs
+    return Step(fn, nbytes=PASTE_MASKS * IMAGE[0] * IMAGE[1] * itemsize)
 
 
-def _target_records(quick: bool) -> list[Record]:
-    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+def _target_inputs():
     height, width = IMAGE
     generator = torch.Generator().manual_seed(1)
     gt = (torch.rand(GT_MASKS, height, width, generator=generator) > 0.5).to(torch.uint8)
@@ -83,29 +82,46 @@ def _target_records(quick: bool) -> list[Record]:
     sides = (rois[:, 2:] - rois[:, :2]).clamp(min=1.0)
     samples = float(torch.ceil(sides / M).prod(1).sum()) * M * M
     nbytes = TARGET_ROIS * M * M * 4 + 4 * samples
+    # two images as maskrcnn_loss passes them (lists)
+    two = ([gt, gt.clone()], [rois, rois.flip(0)], [idx, idx.flip(0)])
+    return gt, rois, idx, two, nbytes
+
+
+def _target_setup(images, provider) -> Step:
+    """One computation of the mask targets: one image (segops: mask_targets
+    on the uint8 masks; torchvision: project_masks_on_boxes) or two images as
+    lists (segops: one launch over the concatenated masks; torchvision: its loop)."""
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+    gt, rois, idx, (gts, rois2, idxs), nbytes = shared(
+        ("targets", GT_MASKS, TARGET_ROIS, M, IMAGE, DEVICE), _target_inputs)
+    if images == 1:
+        fn = {"segops": lambda: mask_targets(gt, rois, idx, M),
+              "torchvision": lambda: project_masks_on_boxes(gt, rois, idx, M)}[provider]
+    else:
+        fn = {"segops": lambda: mask_targets(gts, rois2, idxs, M),
+              "torchvision": lambda: torch.cat([project_masks_on_boxes(*one, M)
+                                                for one in zip(gts, rois2, idxs)])}[provider]
+    return Step(fn, nbytes=images * nbytes)
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """Pasting (float; bool too unless quick), mask targets (one image; two
+    as lists too unless quick); segops and torchvision each."""
+    height, width = IMAGE
+    out = []
+    for direction in ("float",) if quick else ("float", "bool"):
+        out += [Case("masks", "paste_masks", f"{PASTE_MASKS}x{MASK_SIZE}^2 -> {height}x{width}",
+                     "float32", "nchw", direction, provider,
+                     functools.partial(_paste_setup, direction, provider), target=PASTE_TARGET)
+                for provider in PROVIDERS]
     shape = f"{TARGET_ROIS} rois, {GT_MASKS}x{height}x{width} u8, M={M}"
-    providers = {
-        "segops": lambda: mask_targets(gt, rois, idx, M),
-        "torchvision": lambda: project_masks_on_boxes(gt, rois, idx, M),
-    }
-    records = [_record("mask_targets", shape, "fwd", provider, fn, nbytes)
-               for provider, fn in providers.items()]
-    if quick:
-        return records
-    # two images as maskrcnn_loss passes them (lists): segops' one launch over
-    # the concatenated GT masks vs torchvision's loop
-    gts, rois2, idxs = [gt, gt.clone()], [rois, rois.flip(0)], [idx, idx.flip(0)]
-    providers = {
-        "segops": lambda: mask_targets(gts, rois2, idxs, M),
-        "torchvision": lambda: torch.cat([project_masks_on_boxes(*one, M)
-                                          for one in zip(gts, rois2, idxs)]),
-    }
-    return records + [_record("mask_targets", "2 images x " + shape, "fwd", provider, fn,
-                              2 * nbytes) for provider, fn in providers.items()]
+    for images in (1,) if quick else (1, 2):
+        prefix = "" if images == 1 else f"{images} images x "
+        out += [Case("masks", "mask_targets", prefix + shape, "float32", "nchw", "fwd", provider,
+                     functools.partial(_target_setup, images, provider), target=TARGETS_TARGET)
+                for provider in PROVIDERS]
+    return out
 
 
 def run(quick: bool = False) -> list[Record]:
-    records = _paste_records(quick) + _target_records(quick)
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-    return records
+    return run_cases(cases(quick), timer=time_ms, memory=peak_extra_memory)

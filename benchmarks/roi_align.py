@@ -14,9 +14,12 @@ ratio 2.
 torchvision has no bf16 kernel: its bf16 rows cast the features to fp32 and
 the result back, which is what a bf16 model has to do. GB/s counts the
 bilinear samples read (4 per sample, as if uncached) and the output written.
+Targets: roi_align >= 2x (forward >= 2x and backward >= 3x make forward+backward
+>= 2x too), MultiScaleRoIAlign >= 3x.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -24,6 +27,7 @@ import torch
 import segops
 from segops._dispatch import deterministic_algorithms
 
+from .cases import Case, Step, dtype_name, layout_name, run_cases, shared
 from .harness import Record, forward_backward, peak_extra_memory, time_ms
 
 IMAGE = (800, 1216)
@@ -37,6 +41,9 @@ SAMPLING_RATIO = 2
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUICK_DTYPES = [torch.float32, torch.bfloat16]
 DEVICE = "cuda"  # the smoke test runs this module on CPU at tiny sizes
+OPS = ["roi_align", "multi_scale"]
+PROVIDERS = ["segops", "torchvision"]
+TARGETS = {"roi_align": 2.0, "multi_scale": 3.0}
 
 
 def make_boxes(num_rois: int) -> list[torch.Tensor]:
@@ -88,20 +95,6 @@ def _bytes(out_numel: int, samples_per_bin: int, itemsize: int) -> int:
     return out_numel * itemsize * (1 + 4 * samples_per_bin)
 
 
-def _measure(op, shape, dtype, direction, provider, fn, nbytes) -> Record | None:
-    try:
-        ms = time_ms(fn)
-        extra = peak_extra_memory(fn) / 2**20
-    except torch.OutOfMemoryError:
-        print(f"  {provider} {op} {shape} {direction}: out of memory, left out")
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-        return None
-    return Record(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""),
-                  direction=direction, provider=provider, ms=ms, gbs=nbytes / ms / 1e6,
-                  extra_memory_mb=extra)
-
-
 def _directions(quick: bool):
     directions = [("fwd", False, False), ("fwd+bwd", True, False)]
     if not quick:
@@ -118,44 +111,66 @@ def _step(fn, leaves, backward: bool, deterministic: bool):
     return run
 
 
-def _cases(quick: bool):
+def _inputs(head, dtype, channels_last):
+    """The features, boxes and poolers one head x dtype x layout shares."""
+    _, num_rois, size = head
+
+    def make():
+        tv_roi_align, tv_multi_scale = _torchvision_providers(dtype)
+        return {"feats": make_features(dtype, channels_last), "boxes": make_boxes(num_rois),
+                "shapes": [IMAGE] * IMAGES, "tv_roi_align": tv_roi_align,
+                "ours_multi": segops.nn.MultiScaleRoIAlign(_names(), size, SAMPLING_RATIO),
+                "theirs_multi": tv_multi_scale(size)}
+    return shared(("roi_align", head, dtype, channels_last, DEVICE, IMAGE, tuple(LEVELS),
+                   CHANNELS, IMAGES), make)
+
+
+def _call(op, provider, inputs, size):
+    """(the call, its leaves): one level (stride 8) or every level."""
+    feats, boxes, shapes = inputs["feats"], inputs["boxes"], inputs["shapes"]
+    level = feats["p1"]
+    if op == "roi_align":
+        if provider == "segops":
+            return (lambda: segops.ops.roi_align(level, boxes, size, 1 / 8, SAMPLING_RATIO)), \
+                [level]
+        return (lambda: inputs["tv_roi_align"](level, boxes, size, 1 / 8)), [level]
+    module = inputs["ours_multi" if provider == "segops" else "theirs_multi"]
+    return (lambda: module(feats, boxes, shapes)), list(feats.values())
+
+
+def _setup(head, dtype, channels_last, direction, op, provider) -> Step:
+    """One call of ``provider``'s ``op`` in ``direction`` (forward; forward
+    and atomic backward; forward and deterministic backward)."""
+    _, num_rois, size = head
+    inputs = _inputs(head, dtype, channels_last)
+    _, backward, deterministic = next(d for d in _directions(False) if d[0] == direction)
+    for leaf in inputs["feats"].values():
+        leaf.requires_grad_(backward)
+    fn, leaves = _call(op, provider, inputs, size)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return Step(_step(fn, leaves, backward, deterministic),
+                nbytes=_bytes(num_rois * CHANNELS * size * size, SAMPLING_RATIO ** 2, itemsize))
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """Every head x dtype x layout (quick: the box head and 512 mask RoIs,
+    fp32 and bf16, channels_last) x pass x op x provider."""
     heads = QUICK_HEADS if quick else HEADS
     layouts = (True,) if quick else (False, True)
-    return itertools.product(heads, QUICK_DTYPES if quick else DTYPES, layouts)
+    out = []
+    for head, dtype, channels_last in itertools.product(
+            heads, QUICK_DTYPES if quick else DTYPES, layouts):
+        name, num_rois, size = head
+        shape = f"{name} {num_rois}x{CHANNELS}x{size}^2"
+        for (direction, _, _), op, provider in itertools.product(
+                _directions(quick), OPS, PROVIDERS):
+            out.append(Case("roi_align", op, shape, dtype_name(dtype),
+                            layout_name(channels_last), direction, provider,
+                            functools.partial(_setup, head, dtype, channels_last, direction,
+                                              op, provider),
+                            target=TARGETS[op]))
+    return out
 
 
 def run(quick: bool = False) -> list[Record]:
-    records = []
-    for (head, num_rois, size), dtype, channels_last in _cases(quick):
-        feats = make_features(dtype, channels_last)
-        boxes = make_boxes(num_rois)
-        shapes = [IMAGE] * IMAGES
-        tv_roi_align, tv_multi_scale = _torchvision_providers(dtype)
-        ours_multi_scale = segops.nn.MultiScaleRoIAlign(_names(), size, SAMPLING_RATIO)
-        theirs_multi_scale = tv_multi_scale(size)
-        level = feats["p1"]
-        shape = f"{head} {num_rois}x{CHANNELS}x{size}^2" + (" cl" if channels_last else "")
-        itemsize = level.element_size()
-        nbytes = _bytes(num_rois * CHANNELS * size * size, SAMPLING_RATIO ** 2, itemsize)
-        for direction, backward, deterministic in _directions(quick):
-            for leaf in feats.values():
-                leaf.requires_grad_(backward)
-            single = {
-                "segops": lambda: segops.ops.roi_align(level, boxes, size, 1 / 8, SAMPLING_RATIO),
-                "torchvision": lambda: tv_roi_align(level, boxes, size, 1 / 8),
-            }
-            multi = {
-                "segops": lambda: ours_multi_scale(feats, boxes, shapes),
-                "torchvision": lambda: theirs_multi_scale(feats, boxes, shapes),
-            }
-            for op, providers, leaves in (("roi_align", single, [level]),
-                                          ("multi_scale", multi, list(feats.values()))):
-                for provider, fn in providers.items():
-                    record = _measure(op, shape, dtype, direction, provider,
-                                      _step(fn, leaves, backward, deterministic), nbytes)
-                    if record is not None:
-                        records.append(record)
-        del feats, level
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    return records
+    return run_cases(cases(quick), timer=time_ms, memory=peak_extra_memory)

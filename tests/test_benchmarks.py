@@ -1,0 +1,367 @@
+"""The benchmark suite as users run it (benchmarks/cases.py, plugin.py,
+compare.py, harness.py): one set of cases behind `segops bench` and
+`pytest benchmarks/ --benchmark-only`, pytest-benchmark's JSON with the
+derived numbers, the comparison of saved runs, the plot. Timings are never
+asserted (the CPU is shared); the code paths and the numbers' bookkeeping are."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segops.benchmarks import cases, compare, harness, plugin
+from segops.benchmarks.run import codegen_table
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU = "no CUDA device"
+
+
+def pytest_benchmarks(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m pytest benchmarks/ ARGS` from the repo root in a child
+    process, without this run's xdist, interpreter or pytest variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_", "TRITON_INTERPRET"))}
+    return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "-p", "no:xdist",
+                           "-p", "no:randomly", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+# ----------------------------------------------------------------------------
+# one set of cases
+# ----------------------------------------------------------------------------
+def test_every_family_lists_cases_with_unique_ids_and_a_baseline_per_group():
+    everything = cases.collect()
+    ids = [c.id for c in everything]
+    assert len(ids) == len(set(ids))
+    assert {c.family for c in everything} == set(cases.FAMILIES)
+    groups = {}
+    for c in everything:
+        groups.setdefault((c.group, c.device), set()).add(c.provider)
+    for (group, _), providers in groups.items():
+        assert "segops" in providers and len(providers) >= 2, group
+    quick = {c.id for c in cases.collect(quick=True)}
+    assert quick < set(ids)
+
+
+def test_mask_rcnn_is_in_the_models_family_and_its_quick_run():
+    for quick in (False, True):
+        rows = [c for c in cases.collect(["models"], quick=quick)
+                if c.shape.startswith("maskrcnn_resnet50_fpn 2x3x800x1216")]
+        assert {(c.direction, c.provider, c.target) for c in rows} == {
+            ("infer", "segops", 1.3), ("infer", "torchvision", 1.3),
+            ("train", "segops", 1.2), ("train", "torchvision", 1.2)}
+    cpu_rows = [c for c in cases.collect(["models"], tiny=True) if c.device == cases.CPU]
+    assert any(c.shape.startswith("maskrcnn_resnet50_fpn") for c in cpu_rows)
+
+
+def test_pytest_collects_exactly_the_cases_segops_bench_runs(tmp_path):
+    done = pytest_benchmarks("--collect-only", "-q", "--bench-quick", "--bench-family", "boxes",
+                             "--bench-family", "masks", f"--benchmark-storage=file://{tmp_path}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    collected = [line.split("[", 1)[1].rstrip("]") for line in done.stdout.splitlines()
+                 if line.startswith("benchmarks/test_cases.py::test_case[")]
+    assert collected == [c.id for c in cases.collect(["boxes", "masks"], quick=True)]
+
+
+def test_shared_inputs_are_built_once_per_key():
+    made = []
+    first = cases.shared("a", lambda: made.append("a") or ["a"])
+    assert cases.shared("a", lambda: made.append("again") or None) is first
+    cases.shared("b", lambda: made.append("b") or ["b"])
+    cases.release()
+    assert made == ["a", "b"]
+
+
+def test_measure_derives_the_row_and_leaves_out_what_runs_out_of_memory(capsys):
+    def setup():
+        return cases.Step(lambda: None, flops=4e9, nbytes=2e6, items=8, peak=lambda: 2.0,
+                          info={"candidates": 3}, note="7 conv.")
+    ok = cases.Case("x", "op", "shape", "float32", "nchw", "fwd", "segops", setup, target=2.0)
+    record = cases.measure(ok, timer=lambda fn, **_: 2.0, memory=lambda fn: 2**20)
+    assert (record.tflops, record.gbs, record.roofline_fraction) == (2.0, 1.0, 1.0)
+    assert (record.items_per_s, record.extra_memory_mb, record.target) == (4000.0, 1.0, 2.0)
+    assert record.shape == "shape (7 conv.)" and record.extra == {"candidates": 3}
+
+    def oom():
+        raise torch.OutOfMemoryError("test")
+    gone = cases.Case("x", "op", "shape", "float32", "nchw", "fwd", "segops", oom)
+    kept = cases.run_cases([gone, ok], timer=lambda fn, **_: 1.0, memory=lambda fn: 0)
+    assert [r.op for r in kept] == ["op"]
+    assert "out of memory, left out" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------
+# the pytest front end, off the GPU
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """`pytest benchmarks/ --benchmark-only --bench-tiny` with --benchmark-json
+    and --bench-out, once for the tests below."""
+    folder = tmp_path_factory.mktemp("bench")
+    done = pytest_benchmarks("--benchmark-only", "--bench-tiny", "-rs",
+                             f"--benchmark-json={folder / 'run.json'}",
+                             f"--benchmark-storage=file://{folder / 'storage'}",
+                             f"--bench-out={folder / 'out'}")
+    return done, folder
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_pytest_front_end_times_the_cpu_rows_and_skips_kernel_cases(cpu_run):
+    done, folder = cpu_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert NO_GPU in done.stdout and "skipped" in done.stdout
+    data = json.loads((folder / "run.json").read_text())
+    rows = data["benchmarks"]
+    expected = [c for c in cases.collect(tiny=True) if c.device == cases.CPU]
+    assert sorted(r["param"] for r in rows) == sorted(c.id for c in expected)
+    assert data["machine_info"]["card"] == "cpu"
+    for row in rows:
+        info = row["extra_info"]
+        assert row["group"] == info["group"] and row["stats"]["median"] > 0
+        assert info["card"] == "cpu" and info["commit"] == harness.git_commit()
+        assert info["ms"] == pytest.approx(row["stats"]["median"] * 1e3)
+        assert info["items_per_s"] > 0 and "conv.)" in info["shape"]
+    for row in rows:
+        if row["extra_info"]["provider"] == "segops":
+            twin = next(r for r in rows if r["group"] == row["group"] and r is not row)
+            assert row["extra_info"]["speedup"] == pytest.approx(
+                twin["stats"]["median"] / row["stats"]["median"])
+        else:
+            assert "speedup" not in row["extra_info"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_pytest_front_end_prints_tables_and_writes_the_harness_files(cpu_run):
+    done, folder = cpu_run
+    out = done.stdout
+    assert "segops benchmark table" in out and "model-cpu" in out
+    table = codegen_table()
+    assert table in out and "| kernel |" in table and "speedup" not in table.lower()
+    saved = json.loads((folder / "out" / "cpu.json").read_text())
+    assert {r["op"] for r in saved["records"]} == {"model-cpu"}
+    assert "model-cpu" in (folder / "out" / "table.txt").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_compare_fail_flags_a_regression_against_a_saved_run(cpu_run, tmp_path):
+    """A saved run 100x faster than now: --benchmark-compare-fail fails the
+    session and names the slower rows; the harness comparison agrees."""
+    _, folder = cpu_run
+    data = json.loads((folder / "run.json").read_text())
+    data["benchmarks"] = [b for b in data["benchmarks"] if "/unet_" in b["param"]]
+    for bench in data["benchmarks"]:
+        for field in ("min", "max", "mean", "median", "q1", "q3"):
+            bench["stats"][field] /= 100
+    machine = tmp_path / "storage" / "machine"
+    machine.mkdir(parents=True)
+    (machine / "0001_fast.json").write_text(json.dumps(data))
+    done = pytest_benchmarks("--benchmark-only", "--bench-tiny", "-k", "unet",
+                             f"--benchmark-storage=file://{tmp_path / 'storage'}",
+                             f"--benchmark-compare={machine / '0001_fast.json'}",
+                             "--benchmark-compare-fail=median:10%")
+    assert done.returncode != 0
+    assert "Performance has regressed" in done.stdout + done.stderr
+    assert "unet_1x3x64^2/float32/nchw/train/segops" in done.stdout + done.stderr
+    assert compare.main([str(machine / "0001_fast.json"), str(folder / "run.json")]) == 1
+
+
+# ----------------------------------------------------------------------------
+# comparing two saved runs
+# ----------------------------------------------------------------------------
+def _saved(path: Path, medians: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmarks": [
+        {"fullname": name, "stats": {"median": ms / 1e3}} for name, ms in medians.items()]}))
+    return path
+
+
+def test_compare_two_saved_runs(tmp_path, capsys):
+    old = _saved(tmp_path / "old.json", {"a": 1.0, "b": 2.0, "gone": 1.0})
+    new = _saved(tmp_path / "new.json", {"a": 1.05, "b": 3.0, "added": 1.0})
+    changes, gone, added = compare.compare(old, new)
+    assert {c.name: round(c.percent, 6) for c in changes} == {"a": 5.0, "b": 50.0}
+    assert (gone, added) == (["gone"], ["added"])
+    assert [c.name for c in compare.regressions(changes, 10)] == ["b"]
+    assert compare.main([str(old), str(new), "--threshold", "60"]) == 0
+    assert compare.main([str(old), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "1 regressions beyond 10%" in out
+
+
+def test_latest_saved_run_per_family(tmp_path, capsys):
+    store = tmp_path / "nvidia_h100"
+    for name in ("0001_abc_conv.json", "0002_abc_models.json", "0003_def_conv.json",
+                 "notes.json"):
+        _saved(store / "Linux-CPython-3.12-64bit" / name, {})
+    assert compare.latest(store).name == "0003_def_conv.json"
+    assert compare.latest(store, "models").name == "0002_abc_models.json"
+    assert compare.latest(store, "boxes") is None and compare.latest(tmp_path / "none") is None
+    assert compare.main(["--latest", str(store), "--family", "conv"]) == 0
+    assert capsys.readouterr().out.strip().endswith("0003_def_conv.json")
+
+
+# ----------------------------------------------------------------------------
+# the pieces of the pytest front end
+# ----------------------------------------------------------------------------
+def test_fill_speedups_uses_the_fastest_baseline_of_each_group():
+    def row(group, provider, median):
+        return {"stats": {"median": median},
+                "extra_info": {"group": group, "provider": provider}}
+    rows = [row("g", "segops", 1.0), row("g", "slow", 4.0), row("g", "fast", 2.0),
+            row("alone", "segops", 1.0), {"stats": {"median": 1.0}, "extra_info": {}}]
+    plugin.fill_speedups(rows)
+    assert rows[0]["extra_info"]["speedup"] == 2.0
+    assert rows[0]["extra_info"]["baseline"] == "fast"
+    assert "speedup" not in rows[1]["extra_info"] and "speedup" not in rows[3]["extra_info"]
+
+
+def test_cuda_event_timer_gives_the_interval_between_two_readings(monkeypatch):
+    """The runner reads the timer twice a round: 0 at the start, the
+    event-to-event seconds at the end (fake events off the GPU)."""
+    clock = iter(range(100))
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.t = next(clock)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return float(end.t - self.t) * 1e3  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = plugin.CudaEventTimer()
+    assert [timer(), timer(), timer(), timer()] == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_rounds_fill_the_step_budget():
+    step = cases.Step(lambda: None, warmup=25, rep=100)
+    assert plugin.rounds_for(step, 10.0) == (3, 10)
+    assert plugin.rounds_for(step, 500.0) == (1, plugin.MIN_ROUNDS)
+    assert plugin.rounds_for(step, 0.0) == (plugin.MAX_ROUNDS, plugin.MAX_ROUNDS)
+
+
+def test_skip_reasons(monkeypatch):
+    gpu_case = cases.Case("x", "op", "s", "float32", "nchw", "fwd", "segops", None)
+    cpu_case = cases.Case("x", "op", "s", "float32", "nchw", "fwd", "segops", None,
+                          device=cases.CPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert NO_GPU in plugin.skip_reason(gpu_case) and plugin.skip_reason(cpu_case) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plugin.skip_reason(gpu_case) is None and "GPU" in plugin.skip_reason(cpu_case)
+
+
+# ----------------------------------------------------------------------------
+# harness: speedups, table, plot
+# ----------------------------------------------------------------------------
+def _records():
+    R = harness.Record
+    return [R("paste_masks", "100", "float32", "float", "segops", ms=1.0, layout="nchw",
+              target=20.0),
+            R("paste_masks", "100", "float32", "float", "torchvision", ms=30.0, layout="nchw"),
+            R("paste_masks", "100", "float32", "float", "other", ms=10.0, layout="nchw"),
+            R("conv", "s", "bfloat16", "fwd", "segops", ms=2.0, layout="channels_last",
+              target=1.2),
+            R("conv", "s", "bfloat16", "fwd", "cudnn", ms=1.0, layout="channels_last"),
+            R("conv", "s", "bfloat16", "fwd", "cudnn", ms=9.0, layout="nchw")]
+
+
+def test_speedups_per_layout_against_the_fastest_baseline():
+    records = _records()
+    harness.add_speedups(records)
+    assert records[0].speedup == 10.0 and records[3].speedup == 0.5
+    assert all(r.speedup is None for r in records if r.provider != "segops")
+    table = harness.format_table(records)
+    assert "10.00x" in table and "20.00x" in table and " cl " in table
+
+
+def test_plot_shows_speedups_parity_and_targets(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = _records()
+    harness.add_speedups(records)
+    path = harness.plot(records, tmp_path / "plot.png", title="test")
+    assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert harness.plot(_records(), tmp_path / "none.png") is None  # no speedups: no plot
+
+
+def test_plot_without_matplotlib_returns_none(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    records = _records()
+    harness.add_speedups(records)
+    assert harness.plot(records, tmp_path / "plot.png") is None
+    assert not (tmp_path / "plot.png").exists()
+
+
+# ----------------------------------------------------------------------------
+# Mask R-CNN benchmark code at toy sizes
+# ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_mask_rcnn_benchmark_code_runs_at_tiny_sizes(monkeypatch):
+    """Both Mask R-CNNs (segops' loading torchvision's calibrated weights,
+    strict), eval and train step, each called instead of timed; the parts
+    measure NMS, RoI pooling, pasting (eval) and mask targets (train) in
+    both, with detections present and the same count in both; the wrapped
+    call sites are restored."""
+    pytest.importorskip("torchvision")
+    import torchvision.ops.boxes as tv_boxes
+
+    from segops import _dispatch
+    from segops.benchmarks import models as bench
+    from segops.models.detection import roi_heads, rpn, transform
+    sites = (rpn.batched_nms_per_image, roi_heads.batched_nms_per_image, roi_heads.mask_targets,
+             transform.paste_masks, tv_boxes.batched_nms)
+
+    def call_once(fn, **_):
+        fn()
+        return 1.0
+    monkeypatch.setattr(bench, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(bench, "CASES", [("maskrcnn_resnet50_fpn", 2, (64, 96), 5)])
+    monkeypatch.setattr(bench, "DETECTION_KWARGS", {
+        "min_size": 64, "max_size": 96, "rpn_pre_nms_top_n_test": 100,
+        "rpn_post_nms_top_n_test": 30, "rpn_pre_nms_top_n_train": 100,
+        "rpn_post_nms_top_n_train": 30, "box_detections_per_img": 6,
+        "box_batch_size_per_image": 16})
+    monkeypatch.setattr(bench, "PART_RUNS", 1)
+    with _dispatch.native_only():
+        records = bench.run_cases(bench.cases(), timer=call_once, memory=lambda fn: 0)
+    assert [(r.direction, r.provider) for r in records] == [
+        ("infer", "segops"), ("infer", "torchvision"), ("train", "segops"),
+        ("train", "torchvision")]
+    assert all(r.items_per_s == 2e3 and r.shape == "maskrcnn_resnet50_fpn 2x3x64x96"
+               for r in records)
+    infer, train = records[:2], records[2:]
+    assert infer[0].extra["detections"] == infer[1].extra["detections"] == 12
+    for r in infer:
+        assert r.extra["nms_ms"] > 0 and r.extra["roi_align_ms"] > 0 and r.extra["paste_ms"] > 0
+    for r in train:
+        assert r.extra["mask_targets_ms"] > 0 and r.extra["paste_ms"] == 0
+    assert (rpn.batched_nms_per_image, roi_heads.batched_nms_per_image, roi_heads.mask_targets,
+            transform.paste_masks, tv_boxes.batched_nms) == sites
+
+
+# ----------------------------------------------------------------------------
+# `segops bench` off the GPU
+# ----------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_bench_without_gpu_prints_the_codegen_report_as_a_table(monkeypatch, capsys):
+    from segops import cli
+    monkeypatch.setattr(cli, "check", lambda: 0)
+    assert cli.main(["bench", "--ops", "conv"]) == 0
+    out = capsys.readouterr().out
+    report = out[out.index("== codegen report"):]
+    assert "no timings" in report and codegen_table() in report
+    assert "speedup" not in report.lower()
