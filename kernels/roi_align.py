@@ -20,8 +20,11 @@ Three kernels:
   instead of O(samples_h * samples_w).
 
 Several levels in one launch: the level maps stay where they are; the
-kernels get the first map's pointer and a table of (element offset from that
-pointer, H, W, strides) per level, and each RoI's level.
+kernels get a tuple of their pointers (kernel arguments, so a new
+allocation costs nothing), a device table of (H, W, strides) per level
+(cached on its content: shapes and strides, not addresses) and each RoI's
+level. Nothing in a launch copies from the host or waits for the device once
+a layout has been seen, so the calls can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -44,12 +47,27 @@ _INT32_LIMIT = tl.constexpr(float(1 << 31))
 # shared helpers
 # --------------------------------------------------------------------------
 @triton.jit
-def _level_geometry(table_ptr, lvl):
-    """Row ``lvl`` of a level table: (element offset, H, W, and the n, c, h, w
-    strides); see ``_level_table``."""
-    row = table_ptr + lvl * 8
-    return (tl.load(row + 0), tl.load(row + 1).to(tl.int32), tl.load(row + 2).to(tl.int32),
-            tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6))
+def _level_geometry(ptrs, table_ptr, lvl, CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr):
+    """Level ``lvl``'s map: its pointer (``ptrs`` holds one per level), H, W
+    and its n, c, h, w strides (row ``lvl`` of ``_level_table``). VEC > 1:
+    the launcher proved the n, h, w strides multiples of VEC
+    (``_vector_width``), which the compiler cannot see in a loaded value."""
+    base = ptrs[0]
+    for i in tl.static_range(1, len(ptrs)):
+        base = tl.where(lvl == i, ptrs[i], base)
+    row = table_ptr + lvl * 6
+    stride_n = tl.load(row + 2)
+    stride_c = tl.load(row + 3)
+    stride_h = tl.load(row + 4)
+    stride_w = tl.load(row + 5)
+    if CHANNELS_LAST:
+        stride_c = 1
+    if VEC > 1:
+        stride_n = tl.multiple_of(stride_n, VEC)
+        stride_h = tl.multiple_of(stride_h, VEC)
+        stride_w = tl.multiple_of(stride_w, VEC)
+    return (base, tl.load(row + 0).to(tl.int32), tl.load(row + 1).to(tl.int32),
+            stride_n, stride_c, stride_h, stride_w)
 
 
 @triton.jit
@@ -185,14 +203,23 @@ def _argmax_sample(plane, y_start, x_start, bin_h, bin_w, ph, pw, grid_h, grid_w
 
 
 @triton.jit
-def _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS: tl.constexpr, BLOCK_C: tl.constexpr,
-              BLOCK_P: tl.constexpr):
+def _channel_mask(offs_c, C, VEC: tl.constexpr):
+    """offs_c < C; with VEC > 1 the launcher proved C a multiple of VEC, so
+    the mask is uniform over each vector of VEC channels."""
+    if VEC > 1:
+        C = tl.multiple_of(C, VEC)
+    return offs_c < C
+
+
+@triton.jit
+def _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS: tl.constexpr, VEC: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """This program's RoI k, channels, bins (ph, pw), their mask, and the
     RoI's level (grid: RoIs, channel blocks, bin blocks)."""
     k = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = (offs_c < C)[:, None] & (offs_p < PH * PW)[None, :]
+    mask = _channel_mask(offs_c, C, VEC)[:, None] & (offs_p < PH * PW)[None, :]
     if HAS_LEVELS:
         lvl = tl.load(level_ptr + k).to(tl.int32)
     else:
@@ -205,23 +232,22 @@ def _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS: tl.constexpr, BLOCK_C: tl.conste
 # --------------------------------------------------------------------------
 @triton.jit
 def _roi_align_fwd_kernel(
-    x_ptr, rois_ptr, level_ptr, table_ptr, scale_ptr, out_ptr,
+    x_ptrs, rois_ptr, level_ptr, table_ptr, scale_ptr, out_ptr,
     C, PH, PW, N, sampling_ratio,
     stride_ok, stride_oc, stride_oh, stride_ow,
     ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, HAS_LEVELS: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
-    k, offs_c, ph, pw, mask, lvl = _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS, BLOCK_C, BLOCK_P)
-    level_offset, H, W, stride_n, stride_c, stride_h, stride_w = _level_geometry(table_ptr, lvl)
-    if CHANNELS_LAST:
-        stride_c = 1
+    k, offs_c, ph, pw, mask, lvl = _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS, VEC, BLOCK_C,
+                                             BLOCK_P)
+    x_ptr, H, W, stride_n, stride_c, stride_h, stride_w = _level_geometry(
+        x_ptrs, table_ptr, lvl, CHANNELS_LAST, VEC)
     scale = tl.load(scale_ptr + lvl)
     n, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
         rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
 
-    plane = (x_ptr + level_offset + n.to(tl.int64) * stride_n
-             + offs_c.to(tl.int64)[:, None] * stride_c)
+    plane = x_ptr + n.to(tl.int64) * stride_n + offs_c.to(tl.int64)[:, None] * stride_c
     if MAX_POOL:
         tile = tl.zeros([BLOCK_C, BLOCK_P], ACC)
         best, best_y, best_x = _argmax_sample(
@@ -248,17 +274,17 @@ def _roi_align_fwd_kernel(
 # --------------------------------------------------------------------------
 @triton.jit
 def _roi_align_bwd_atomic_kernel(
-    grad_ptr, x_ptr, rois_ptr, level_ptr, x_table_ptr, gx_table_ptr, scale_ptr, gx_ptr,
+    grad_ptr, x_ptrs, rois_ptr, level_ptr, x_table_ptr, gx_table_ptr, scale_ptr, gx_ptrs,
     C, PH, PW, N, sampling_ratio,
     stride_gk, stride_gc, stride_gh, stride_gw,
     ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, HAS_LEVELS: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
-    k, offs_c, ph, pw, mask, lvl = _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS, BLOCK_C, BLOCK_P)
-    gx_offset, H, W, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_table_ptr, lvl)
-    if CHANNELS_LAST:
-        gx_sc = 1
+    k, offs_c, ph, pw, mask, lvl = _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS, VEC, BLOCK_C,
+                                             BLOCK_P)
+    gx_ptr, H, W, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(
+        gx_ptrs, gx_table_ptr, lvl, CHANNELS_LAST, VEC)
     scale = tl.load(scale_ptr + lvl)
     n, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
         rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
@@ -266,13 +292,11 @@ def _roi_align_bwd_atomic_kernel(
     g = tl.load(grad_ptr + k.to(tl.int64) * stride_gk + offs_c.to(tl.int64)[:, None] * stride_gc
                 + (ph.to(tl.int64) * stride_gh + pw.to(tl.int64) * stride_gw)[None, :],
                 mask=mask, other=0.0).to(ACC)
-    gx_plane = (gx_ptr + gx_offset + n.to(tl.int64) * gx_sn
-                + offs_c.to(tl.int64)[:, None] * gx_sc)
+    gx_plane = gx_ptr + n.to(tl.int64) * gx_sn + offs_c.to(tl.int64)[:, None] * gx_sc
     if MAX_POOL:
-        x_offset, _, _, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_table_ptr, lvl)
-        if CHANNELS_LAST:
-            x_sc = 1
-        plane = x_ptr + x_offset + n.to(tl.int64) * x_sn + offs_c.to(tl.int64)[:, None] * x_sc
+        x_ptr, _, _, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_ptrs, x_table_ptr, lvl,
+                                                              CHANNELS_LAST, VEC)
+        plane = x_ptr + n.to(tl.int64) * x_sn + offs_c.to(tl.int64)[:, None] * x_sc
         best, best_y, best_x = _argmax_sample(
             plane, y_start, x_start, bin_h, bin_w, ph[None, :], pw[None, :], grid_h, grid_w,
             H, W, x_sh, x_sw, mask, g, ACC)
@@ -315,27 +339,25 @@ def _axis_weights_on(pixels, coord, length, ACC: tl.constexpr):
 
 @triton.jit
 def _roi_align_bwd_deterministic_kernel(
-    grad_ptr, x_ptr, rois_ptr, order_ptr, segment_ptr, tiles_ptr,
-    x_table_ptr, gx_table_ptr, scale_ptr, gx_ptr,
-    C, PH, PW, N, L, sampling_ratio,
+    grad_ptr, x_ptrs, rois_ptr, order_ptr, segment_ptr, tiles_ptr,
+    x_table_ptr, gx_table_ptr, scale_ptr, gx_ptrs,
+    C, PH, PW, N, sampling_ratio,
     stride_gk, stride_gc, stride_gh, stride_gw,
     ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
+    cmask = _channel_mask(offs_c, C, VEC)
 
     # which level, image and tile this program owns (tiles_ptr: prefix counts)
     lvl = tl.full([], 0, tl.int32)
-    for i in range(1, L):
+    for i in tl.static_range(1, len(gx_ptrs)):
         lvl += (tile >= tl.load(tiles_ptr + i)).to(tl.int32)
     local = tile - tl.load(tiles_ptr + lvl)
-    gx_offset, H, W, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_table_ptr, lvl)
-    x_offset, _, _, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_table_ptr, lvl)
-    if CHANNELS_LAST:
-        gx_sc = 1
-        x_sc = 1
+    x_ptr, H, W, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_ptrs, x_table_ptr, lvl,
+                                                          CHANNELS_LAST, VEC)
     tiles_w = tl.cdiv(W, TILE_W)
     tiles_per_image = tl.cdiv(H, TILE_H) * tiles_w
     n = local // tiles_per_image
@@ -375,8 +397,7 @@ def _roi_align_bwd_deterministic_kernel(
                             g = tl.load(g_roi + ph * stride_gh + pw * stride_gw,
                                         mask=cmask, other=0.0).to(ACC)
                             if MAX_POOL:
-                                plane = (x_ptr + x_offset + n * x_sn
-                                         + offs_c.to(tl.int64) * x_sc)
+                                plane = x_ptr + n * x_sn + offs_c.to(tl.int64) * x_sc
                                 # per-channel coordinates (a vector, not a scalar:
                                 # the interpreter mis-types broadcast scalar float
                                 # comparisons)
@@ -394,7 +415,10 @@ def _roi_align_bwd_deterministic_kernel(
                                     col_w += _axis_weights_on(px, x, W, ACC)
                                 acc += (g * inv_count)[:, None] * (row_w * col_w)[None, :]
 
-    gx = (gx_ptr + gx_offset + n * gx_sn + offs_c.to(tl.int64)[:, None] * gx_sc
+    # the gradient's geometry only now: live across the loop it spilled
+    gx_ptr, _, _, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_ptrs, gx_table_ptr, lvl,
+                                                               CHANNELS_LAST, VEC)
+    gx = (gx_ptr + n * gx_sn + offs_c.to(tl.int64)[:, None] * gx_sc
           + (py.to(tl.int64) * gx_sh + px.to(tl.int64) * gx_sw)[None, :])
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=cmask[:, None] & tmask[None, :])
 
@@ -407,17 +431,34 @@ def _accumulation(features) -> tuple[torch.dtype, object]:
     return accumulation_dtype(features[0].dtype), tl_accumulation(features[0].dtype)
 
 
-def _level_table(tensors, base: torch.Tensor) -> torch.Tensor:
-    """(L, 8) int64: element offset of each level from ``base``, H, W and the
-    (n, c, h, w) strides. Levels stay in their own allocations."""
-    itemsize = base.element_size()
-    rows = []
-    for t in tensors:
-        delta = t.data_ptr() - base.data_ptr()
-        if delta % itemsize:
-            raise RuntimeError("segops: feature levels are not aligned to their element size")
-        rows.append((delta // itemsize, t.shape[2], t.shape[3], *t.stride(), 0))
-    return device_table(tuple(rows), torch.int64, base.device)
+def _level_table(tensors) -> torch.Tensor:
+    """(L, 6) int64 on the device: H, W and the (n, c, h, w) strides of each
+    level. It holds no addresses (those are kernel arguments, ``_pointers``),
+    so it is built once per layout."""
+    rows = tuple((t.shape[2], t.shape[3], *t.stride()) for t in tensors)
+    return device_table(rows, torch.int64, tensors[0].device)
+
+
+def _pointers(tensors) -> tuple[torch.Tensor, ...]:
+    """The level maps as a tuple kernel argument. An empty map (no element
+    is ever addressed: H or W is 0) stands in as a non-empty one, since a
+    null pointer is not a valid argument."""
+    filler = next((t for t in tensors if t.numel() > 0), tensors[0])
+    return tuple(t if t.numel() > 0 else filler for t in tensors)
+
+
+def _vector_width(tensors, C: int) -> int:
+    """VEC for the kernels: the channels of one 16-byte vector when every
+    access to ``tensors`` (the level maps, and gradient buffers) provably
+    splits into aligned vectors of them: channels_last, C and the n, h, w
+    strides multiples of it, 16-byte-aligned addresses. Else 1 (scalar
+    accesses): NCHW, other channel counts or strides, offset views."""
+    vec = 16 // tensors[0].element_size()
+    proven = C % vec == 0 and all(
+        t.stride(1) == 1 and t.data_ptr() % 16 == 0
+        and all(s % vec == 0 for s in (t.stride(0), t.stride(2), t.stride(3)))
+        for t in tensors)
+    return vec if proven else 1
 
 
 def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, int]:
@@ -450,17 +491,17 @@ def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled
     if out.numel() == 0:
         return out
     _, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
-    table = _level_table(features, features[0])
     channels_last = all(f.stride(1) == 1 for f in features)
     P = pooled_height * pooled_width
     bc, bp = _tile(C, P, channels_last, block_c, block_p)
     grid = (K, triton.cdiv(C, bc), triton.cdiv(P, bp))
     _roi_align_fwd_kernel[grid](
-        features[0], rois, level_arg, table, scale_table, out,
+        _pointers(features), rois, level_arg, _level_table(features), scale_table, out,
         C, pooled_height, pooled_width, N, sampling_ratio,
         *out.stride(),
         ALIGNED=aligned, MAX_POOL=pool_mode == "max", HAS_LEVELS=levels is not None,
-        CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_P=bp, ACC=acc,
+        CHANNELS_LAST=channels_last, VEC=_vector_width(features, C), BLOCK_C=bc, BLOCK_P=bp,
+        ACC=acc,
     )
     return out
 
@@ -479,18 +520,19 @@ def roi_align_backward_atomic(grad, features, rois, levels, scales, pooled_heigh
     acc_dtype, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
     buffers = [b.zero_() for b in _grad_buffers(features, acc_dtype)]
     K, C, N = rois.shape[0], features[0].shape[1], features[0].shape[0]
-    if grad.numel() > 0 and all(b.numel() > 0 for b in buffers):
+    if grad.numel() > 0 and any(b.numel() > 0 for b in buffers):
         channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
         P = pooled_height * pooled_width
         bc, bp = _tile(C, P, channels_last, block_c, block_p)
         grid = (K, triton.cdiv(C, bc), triton.cdiv(P, bp))
         _roi_align_bwd_atomic_kernel[grid](
-            grad, features[0], rois, level_arg, _level_table(features, features[0]),
-            _level_table(buffers, buffers[0]), scale_table, buffers[0],
+            grad, _pointers(features), rois, level_arg, _level_table(features),
+            _level_table(buffers), scale_table, _pointers(buffers),
             C, pooled_height, pooled_width, N, sampling_ratio,
             *grad.stride(),
             ALIGNED=aligned, MAX_POOL=pool_mode == "max", HAS_LEVELS=levels is not None,
-            CHANNELS_LAST=channels_last, BLOCK_C=bc, BLOCK_P=bp, ACC=acc,
+            CHANNELS_LAST=channels_last, VEC=_vector_width((*features, *buffers), C),
+            BLOCK_C=bc, BLOCK_P=bp, ACC=acc,
         )
     return [b.to(f.dtype) for b, f in zip(buffers, features)]
 
@@ -513,7 +555,7 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     """Gradients for every level without atomics: bit-identical run to run."""
     _, acc, rois, scale_table, _ = _common(features, rois, levels, scales)
     buffers = _grad_buffers(features, features[0].dtype)
-    C, N, L = features[0].shape[1], features[0].shape[0], len(features)
+    C, N = features[0].shape[1], features[0].shape[0]
     tile_h, tile_w = tile
     counts = [N * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w)
               for f in features]
@@ -521,17 +563,17 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     if total == 0 or C == 0:
         return buffers
     prefix = device_table((0, *itertools.accumulate(counts)), torch.int64, rois.device)
-    order, segments = _segments(rois, levels, L, N)
+    order, segments = _segments(rois, levels, len(features), N)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
     bc = block_c or block_size(C, 32)
     grid = (total, triton.cdiv(C, bc))
     _roi_align_bwd_deterministic_kernel[grid](
-        grad, features[0], rois, order, segments, prefix,
-        _level_table(features, features[0]), _level_table(buffers, buffers[0]),
-        scale_table, buffers[0],
-        C, pooled_height, pooled_width, N, L, sampling_ratio,
+        grad, _pointers(features), rois, order, segments, prefix,
+        _level_table(features), _level_table(buffers), scale_table, _pointers(buffers),
+        C, pooled_height, pooled_width, N, sampling_ratio,
         *grad.stride(),
         ALIGNED=aligned, MAX_POOL=pool_mode == "max", CHANNELS_LAST=channels_last,
-        TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=bc, ACC=acc,
+        VEC=_vector_width((*features, *buffers), C), TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=bc,
+        ACC=acc,
     )
     return buffers

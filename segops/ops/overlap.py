@@ -37,6 +37,7 @@ class weights        weighted mean             multiply, then mean          --
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -180,6 +181,14 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int | None,
         _check_labels("target", target, C, ignore_index)
 
 
+def _checks_on_device(t: Tensor) -> bool:
+    """Whether a check of the values of ``t`` stays on its device (an
+    asynchronous assert): on CUDA, reading them on the host would wait for
+    the GPU. Elsewhere the read is free and the error is clearer.
+    (tests/test_sync.py turns it on to count that path's syncs on the CPU.)"""
+    return t.is_cuda
+
+
 def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -> None:
     """Labels in [0, C) or equal to ``ignore_index``. On CUDA a device-side
     assert (no host sync; a failure surfaces at the next sync, as CUDA
@@ -188,7 +197,7 @@ def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -
     if ignore_index is not None:
         bad &= labels != ignore_index
     allowed = f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-    if labels.is_cuda:
+    if _checks_on_device(labels):
         torch._assert_async(~bad.any(), f"segops: {name} holds a label outside {allowed}")
         return
     if bool(bad.any()):
@@ -310,14 +319,12 @@ def _pick(values: Tensor, classes: list[int] | None) -> Tensor:
 
 
 def _class_weights(class_weights, C: int, like: Tensor) -> Tensor:
-    """(C,) weights in ``like``'s dtype and device. A sequence of numbers is
-    copied with non_blocking=True: a blocking host-to-device copy would wait
-    for the GPU."""
+    """(C,) weights in ``like``'s dtype and device."""
     if isinstance(class_weights, Tensor):
         weights = class_weights.to(like.device, like.dtype)
     elif isinstance(class_weights, Iterable):   # list, tuple, numpy array
-        values = [check_number("class_weights", w) for w in class_weights]
-        weights = torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+        values = tuple(check_number("class_weights", w) for w in class_weights)
+        weights = _constant(values, like.dtype, like.device)
     else:
         raise ArgumentTypeError(f"class_weights must be a sequence of numbers or a tensor, "
                                 f"got {type(class_weights).__name__}")
@@ -325,6 +332,23 @@ def _class_weights(class_weights, C: int, like: Tensor) -> Tensor:
         raise ArgumentError(f"class_weights must hold one weight per class ({C}), "
                             f"got shape {tuple(weights.shape)}")
     return weights
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` on ``device``, copied once per content: a copy per call
+    from pageable host memory blocks the host and cannot be captured in a
+    CUDA graph. Traced calls (torch.compile, fake tensors) build it afresh:
+    a cached fake tensor would outlive its trace. Callers must not write to
+    it."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # autograd may save it later, whatever the mode now
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _reduce(loss: Tensor, selected: list[int] | None, class_weights, reduction: str) -> Tensor:

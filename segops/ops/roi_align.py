@@ -276,12 +276,19 @@ def _as_rois(boxes) -> Tensor:
     return torch.cat([torch.cat(ids), torch.cat([b.to(dtype) for b in boxes])], dim=1)
 
 
+def _checks_on_device(t: Tensor) -> bool:
+    """Whether a check of the values of ``t`` stays on its device (an
+    asynchronous assert): on CUDA, reading them on the host would wait for
+    the GPU. Elsewhere the read is free and the error is clearer.
+    (tests/test_sync.py turns it on to count that path's syncs on the CPU.)"""
+    return t.is_cuda
+
+
 def _check_batch_indices(rois: Tensor, N: int) -> None:
-    """Batch indices integral and in [0, N). On CUDA a device-side assert
-    (no host sync); elsewhere reading them is free and the error is clear."""
+    """Batch indices integral and in [0, N)."""
     index = rois[:, 0]
     bad = ~torch.isfinite(index) | (index != torch.floor(index)) | (index < 0) | (index >= N)
-    if index.is_cuda:
+    if _checks_on_device(index):
         torch._assert_async(~bad.any(), "segops roi_align: boxes hold a batch index that is "
                             f"not an integer in [0, N) = [0, {N})")
         return

@@ -812,3 +812,29 @@ def test_validate_args_does_not_synchronise_on_cuda():
         metric.compute()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_class_weights_go_to_the_device_once():
+    """A list of class weights is copied to the device once per content (a
+    pageable copy per call blocks the host and cannot be captured in a CUDA
+    graph). The cached copy is an ordinary tensor even when first made under
+    inference_mode (a training step then saves it for backward), and a
+    traced call (fake tensors) does not leave a fake one in the cache."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    weights = [1.0, 2.0, 3.0, 4.25]   # content no other test uses
+    x, t = make_case(2, 4, (3, 4), False, "softmax", dtype=torch.float32)
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = ops.dice_loss(mode.from_tensor(x), mode.from_tensor(t), class_weights=weights,
+                             validate_args=False)
+    assert fake.shape == ()
+    with torch.inference_mode():
+        first = ops.dice_loss(x, t, class_weights=weights)
+    cached = ops._cached_constant.cache_info()
+    xg = x.clone().requires_grad_()
+    loss = ops.dice_loss(xg, t, class_weights=weights)
+    loss.backward()
+    assert ops._cached_constant.cache_info().hits == cached.hits + 1
+    assert ops._cached_constant.cache_info().misses == cached.misses
+    assert_close(loss, first, 1e-6)
+    assert xg.grad is not None

@@ -69,14 +69,19 @@ def kernel_and_reference(features, rois, levels, scales, pooled, sampling_ratio,
 
 
 class Launches:
-    """Stands in for a Triton kernel object and counts its launches."""
+    """Stands in for a Triton kernel object: counts its launches and keeps
+    each launch's keyword (constexpr) arguments."""
 
     def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
+        self.kernel, self.count, self.constexprs = kernel, 0, []
 
     def __getitem__(self, grid):
         self.count += 1
-        return self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.constexprs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.fixture
@@ -197,6 +202,65 @@ def test_geometry_grid_in_gpu_dtypes(dtype, aligned, sampling_ratio, layout):
         assert_close(got_grad, want_grad, RTOL[dtype], name=f"grad (deterministic={mode})")
 
 
+def _cl(shape, dtype=torch.bfloat16):
+    return torch.zeros(shape, dtype=dtype, device=DEVICE).contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_vector_width_is_proven_or_1():
+    """VEC (channels per aligned 16-byte vector) only where every map is
+    channels_last with C and its n, h, w strides multiples of it and a
+    16-byte-aligned address."""
+    width = kernels._vector_width
+    assert width([_cl((2, 16, 5, 6)), _cl((2, 16, 3, 3))], 16) == 8
+    assert width([_cl((2, 8, 5, 6), torch.float32)], 8) == 4
+    assert width([_cl((2, 4, 5, 6), torch.float64)], 4) == 2
+    assert width([_cl((2, 16, 5, 6)), _cl((2, 16, 3, 3), torch.float32)], 16) == 8
+    assert width([_cl((2, 16, 5, 6)).contiguous()], 16) == 1              # NCHW
+    assert width([_cl((2, 12, 5, 6))], 12) == 1                            # C % 8
+    assert width([_cl((2, 24, 5, 6))[:, 1:9]], 8) == 1                     # 2-byte offset
+    assert width([_cl((2, 24, 5, 6))[:, 4:12]], 8) == 1                    # 8-byte offset
+    assert width([_cl((2, 32, 5, 6))[:, 8:16]], 8) == 8                    # 16-byte offset
+    assert width([_cl((2, 16, 5, 6))[:, :, :, ::3]], 16) == 8              # w stride 48
+    assert width([_cl((2, 16, 5, 6))[:, :, ::2, ::3]], 16) == 8
+    assert width([torch.zeros(2, 5, 6, 24, dtype=torch.bfloat16,
+                              device=DEVICE).permute(0, 3, 1, 2)[:, :16]], 16) == 8
+    assert width([torch.zeros(2, 5, 6, 20, dtype=torch.bfloat16,
+                              device=DEVICE).permute(0, 3, 1, 2)], 20) == 1  # C % 8
+    assert width([torch.zeros(2, 5, 6, 17, dtype=torch.bfloat16,
+                              device=DEVICE).permute(0, 3, 1, 2)[:, :16]], 16) == 1  # w stride
+    assert width([_cl((2, 16, 5, 6)), _cl((2, 16, 6, 6))[:, :, :, 1:]], 16) == 8
+    assert width([_cl((2, 16, 5, 6)), _cl((2, 24, 6, 6))[:, 4:20]], 16) == 1  # one level off
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_vector_path_multi_level(dtype, pool_mode, launches):
+    """channels_last maps of 16 channels (aligned vectors: VEC > 1, the
+    alignment hints on a GPU) at four levels: forward and both backward
+    kernels against the float64 reference on the rounded inputs."""
+    features, boxes, _ = fpn_case(dtype, "channels_last", C=16)
+    features = list(features.values())
+    rois = _as_rois(boxes).float()
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    levels = ref.map_levels(rois[:, 1:], 2, 5, canonical_scale=28)
+    args = (features, rois, levels, scales, 2, 2, 2, True, pool_mode)
+    cpu = ([f.cpu().double() for f in features], rois.cpu().double(), levels.cpu(), *args[3:])
+    grad = torch.randn((rois.shape[0], 16, 2, 2), dtype=torch.float64).to(dtype)
+    out = kernels.roi_align_forward(*args)
+    grads = {"atomic": kernels.roi_align_backward_atomic(grad.to(DEVICE), *args),
+             "deterministic": kernels.roi_align_backward_deterministic(grad.to(DEVICE), *args)}
+    vec = 16 // features[0].element_size()
+    for name in ("_roi_align_fwd_kernel", "_roi_align_bwd_atomic_kernel",
+                 "_roi_align_bwd_deterministic_kernel"):
+        assert launches[name].constexprs[-1]["VEC"] == vec, name
+    assert_close(out, ref.roi_align(*cpu), RTOL[dtype])
+    want = ref.roi_align_backward(grad.double(), *cpu)
+    for kind, got in grads.items():
+        for level, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, RTOL[dtype], name=f"{kind} grad, level {level}")
+
+
 def test_half_boxes_are_cast_not_rounded_to_half():
     """float32 boxes stay float32 coordinates with fp16 features: a box at
     x = 1000.3 keeps its fraction (fp16 would round it to 1000.5, as
@@ -258,6 +322,23 @@ def test_multi_scale_aligned_and_deterministic(pool_mode):
     out = segops.ops.multi_scale_roi_align(features, boxes, 2, scales, 2, aligned=True,
                                            pool_mode=pool_mode, canonical_scale=28)
     assert_close(out, results[1], F64)
+
+
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_multi_level_with_an_empty_map(pool_mode):
+    """A 0-row map among the levels: its RoIs pool zeros and its gradient is
+    empty; the other levels are pooled and get their gradients from both
+    backward kernels."""
+    features, boxes, _ = fpn_case()
+    features = list(features.values())
+    features[1] = features[1][:, :, :0]
+    rois = _as_rois(boxes)
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    levels = ref.map_levels(rois[:, 1:], 2, 5, canonical_scale=28)
+    assert (levels == 1).any() and (levels != 1).any()
+    results = kernel_and_reference(features, rois, levels, scales, (2, 2), 2, False, pool_mode)
+    check_all(*results, F64)
+    assert results[2][0].abs().sum() > 0
 
 
 def test_multi_scale_one_level_and_names_filter():
@@ -983,18 +1064,28 @@ def test_multi_scale_module_repr_matches_torchvision():
     assert repr(single) == repr(torchvision.ops.RoIAlign(7, 0.5, -1))[:-1] + ", pool_mode='max')"
 
 
-def test_forward_tables_are_built_once_per_layout():
-    """The scale and level tables are cached device tensors keyed on their
-    content: a second forward on the same maps builds none (a fresh
-    torch.tensor(..., device=cuda) per call blocks the host). The backward's
-    gradient buffers are new allocations, so their level table is still
-    built per call (issue 12)."""
+def test_tables_are_built_once_per_layout():
+    """The scale, level and tile tables are device tensors cached on their
+    content (shapes and strides; the maps' addresses are kernel arguments):
+    a second forward and both backwards, on new maps and into new gradient
+    buffers of the same layout, build none (a fresh torch.tensor(...,
+    device=cuda) per call blocks the host)."""
     from segops.kernels import _layout
-    feats = [torch.randn(2, 4, 16, 16, device=DEVICE), torch.randn(2, 4, 8, 8, device=DEVICE)]
-    boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 200.0, 150.0]], device=DEVICE),
-             torch.tensor([[3.0, 3.0, 9.0, 12.0]], device=DEVICE)]
-    first = segops.ops.multi_scale_roi_align(feats, boxes, 2, [0.25, 0.125], 2)
+
+    def call():
+        feats = [torch.randn(2, 4, 16, 16, device=DEVICE, requires_grad=True),
+                 torch.randn(2, 4, 8, 8, device=DEVICE, requires_grad=True)]
+        boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 200.0, 150.0]], device=DEVICE),
+                 torch.tensor([[3.0, 3.0, 9.0, 12.0]], device=DEVICE)]
+        out = segops.ops.multi_scale_roi_align(feats, boxes, 2, [0.25, 0.125], 2)
+        grads = torch.autograd.grad(out, feats, torch.ones_like(out))
+        with deterministic():
+            out = segops.ops.multi_scale_roi_align(feats, boxes, 2, [0.25, 0.125], 2)
+            grads += torch.autograd.grad(out, feats, torch.ones_like(out))
+        return feats, out, grads
+
+    first = call()
     misses = _layout.device_table.cache_info().misses
-    second = segops.ops.multi_scale_roi_align(feats, boxes, 2, [0.25, 0.125], 2)
+    second = call()   # `first` keeps its tensors: the new ones live elsewhere
     assert _layout.device_table.cache_info().misses == misses
-    assert torch.equal(first, second)
+    assert first[0][0].data_ptr() != second[0][0].data_ptr()
