@@ -53,9 +53,9 @@ CL, NCHW = "channels_last", "nchw"
 _DICE_CL = ("channels_last is not the overlap kernels' fast layout: the classes (21) are "
             "the contiguous axis, loaded as 2-byte scalars per class chunk, and the "
             "[32, 256] tiles spill (issue 12)")
-_ROI_TABLE = ("RoIAlign reads H, W and the strides from the per-level device table, so the "
-              "compiler cannot prove alignment: scalar 2-byte (4-byte) loads and stores, "
-              "scalar fp32 atomics, though the channel stride is 1 (issue 12)")
+_ROI_GATHER = ("the deterministic RoIAlign backward stores its input-gradient tile 128 bits "
+               "wide, but loads each bin's output gradient as a vector of BLOCK_C = 32 "
+               "channels over 128 threads, one element per thread: scalar loads (issue 12)")
 KNOWN_SHORTFALLS: list[tuple[str, str, str, str, str, str, str]] = [
     # --- spills / stack -----------------------------------------------------------------
     ("spills", "overlap fwd", "bf16", CL, "*", "*", _DICE_CL),
@@ -65,19 +65,12 @@ KNOWN_SHORTFALLS: list[tuple[str, str, str, str, str, str, str]] = [
      "2 spill instructions, 8 B of stack (128 registers) with the argmax over 21 fp32 "
      "classes: appeared with the working tree's overlap rework (issue 12), to remove"),
     # --- asynchronous operands ----------------------------------------------------------
-    ("async", "conv_transpose k==s", "bf16", CL, "*", "*",
-     "the weight operand is addressed co*swo + r*swh + c*sww, which hides its contiguity: "
-     "synchronous 2-byte scalar loads (issue 11)"),
     ("async_width", "conv grad_weight", "tf32", CL, "*", "*",
      "TF32 grad_weight reduces over pixels, but channels are the contiguous axis: the "
      "operands are copied 4 bytes at a time (issue 11)"),
     # --- 128-bit accesses in memory-bound kernels ----------------------------------------
-    ("vector", "roi_align fwd", "bf16", CL, "*", "*", _ROI_TABLE),
-    ("vector", "roi_align bwd atomic", "bf16", CL, "*", "*", _ROI_TABLE),
-    ("vector", "roi_align bwd deterministic", "bf16", CL, "*", "*", _ROI_TABLE),
-    ("vector", "roi_align fwd", "fp32", CL, "*", "*", _ROI_TABLE),
-    ("vector", "roi_align bwd atomic", "fp32", CL, "*", "*", _ROI_TABLE),
-    ("vector", "roi_align bwd deterministic", "fp32", CL, "*", "*", _ROI_TABLE),
+    ("vector", "roi_align bwd deterministic", "bf16", CL, "*", "*", _ROI_GATHER),
+    ("vector", "roi_align bwd deterministic", "fp32", CL, "*", "*", _ROI_GATHER),
     ("vector", "paste_masks", "fp32", NCHW, "fixed", "paste bool *",
      "the bool output of a [8, 128] tile at 4 warps is 8 bytes per thread: 64-bit stores, "
      "a warp still writes 256 contiguous bytes; 128-bit stores need [8, 256] tiles, which "
@@ -176,6 +169,7 @@ SASS = """
         /*0170*/                   MUFU.EX2 R12, R13 ;
         /*0180*/                   RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R5 ;
         /*0190*/                   STG.E.128 desc[UR6][R2.64], R4 ;
+        /*01a0*/              @P1 REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R4 ;
 """
 
 
@@ -184,7 +178,8 @@ def test_sass_counts():
     assert (s["ld128"], s["ld16"], s["ld_global"]) == (1, 1, 2)
     assert (s["async_copies"], s["tensor_core"], s["st16"], s["st128"]) == (1, 1, 1, 1)
     assert (s["spill_stores"], s["spill_loads"], s["spills"]) == (1, 1, 2)
-    assert (s["mufu"], s["mufu_ex2"], s["atomics"], s["atomic32"]) == (1, 1, 1, 1)
+    assert (s["mufu"], s["mufu_ex2"], s["atomics"], s["atomic32"]) == (1, 1, 2, 1)
+    assert s["atomic128"] == 1  # a vector reduction
 
 
 def test_ctas_per_sm():

@@ -1,7 +1,9 @@
 """Transposed conv2d: kernels vs F.conv_transpose2d and the reference over a
-randomized grid (forward and all gradients), both forward kernels, dtypes,
-output_size, edges, errors, opcheck, compile, autocast, the module and the
-bilinear initialisation."""
+randomized grid (forward and all gradients), both forward kernels (and the
+one-GEMM kernel's two column orders), dtypes, output_size, edges, errors,
+opcheck, compile, autocast, the module and the bilinear initialisation."""
+import contextlib
+import math
 import random
 
 import pytest
@@ -147,6 +149,155 @@ def test_dtypes_against_float64(dtype, kernel, stride, padding, output_padding, 
                 padding=(padding, padding), output_padding=(output_padding, output_padding),
                 layout="channels_last")
     check_against_f(case, dtype, RTOL[dtype])
+
+
+@pytest.mark.parametrize("options", [dict(dilation=2), dict(padding=(1, 0)),
+                                     dict(output_padding=(0, 1), dilation=2)],
+                         ids=["dilation", "padding", "output-padding"])
+def test_kernel_equals_stride_with_more_takes_the_gather(options):
+    """kernel == stride is one GEMM only without dilation, padding and
+    output padding: otherwise output pixels receive several taps or none."""
+    case = dict(ONE_GEMM, kernel=(2, 3), stride=(2, 3), **options)
+    *_, launched = check_against_f(case)
+    assert launched == ["_conv2d_bwd_input_kernel"]
+
+
+# --------------------------------------------------------------------------
+# the one-GEMM kernel's column orders, weight operands and masks
+# --------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_gemm_launches():
+    """Records each launch of the one-GEMM kernel: its constexprs and block
+    sizes, ``args`` (the tensors and sizes it got) and ``programs``."""
+    real = kernels._conv_transpose_k_eq_s_kernel
+    calls = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(dict(kwargs, args=args, programs=math.prod(grid(kwargs))))
+                return real[grid](*args, **kwargs)
+            return launch
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    kernels._conv_transpose_k_eq_s_kernel = Recording()
+    try:
+        yield calls
+    finally:
+        kernels._conv_transpose_k_eq_s_kernel = real
+
+
+SMALL_TILE = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+
+
+def run_one_gemm(x, w, b, kernel, groups, dtype=torch.float64, rtol=F64):
+    """The launcher at 16x16x16 tiles (every program axis has several
+    programs and a tail: 30 pixels, 20 input and 19 output channels per
+    group) against F.conv_transpose2d in float64; returns the one launch."""
+    with one_gemm_launches() as calls:
+        out = kernels.conv_transpose2d_forward(x, w, b, kernel, (0, 0), (0, 0), (1, 1), groups,
+                                               config=dict(SMALL_TILE))
+    want = F.conv_transpose2d(x.double().cpu(), w.double().cpu(),
+                              None if b is None else b.double().cpu(), kernel, groups=groups)
+    assert out.dtype == dtype
+    assert_close(out, want, rtol)
+    assert len(calls) == 1
+    return out, calls[0]
+
+
+def one_gemm_tensors(kernel, x_layout, w_layout, dtype=torch.float64):
+    groups, C_in, C_out = 2, 20, 19
+    x = torch.randn(2, groups * C_in, 3, 5, dtype=dtype, device=DEVICE)
+    w = torch.randn(groups * C_in, C_out, *kernel, dtype=dtype, device=DEVICE)
+    b = torch.randn(groups * C_out, dtype=dtype, device=DEVICE)
+    return like_layout(x, x_layout), like_layout(w, w_layout), b, groups
+
+
+# (kernel, input layout, weight layout) -> (TAP_MAJOR, FLAT_WEIGHT, the weight
+# the kernel reads: "as is" or "ci-contiguous" (the launcher's copy), whether the
+# kernel writes the output itself or a channels_last buffer copied into it)
+ORDERS = {
+    ((2, 4), "channels_last", "channels_last"): (True, False, "as is", True),
+    ((2, 4), "channels_last", "contiguous"): (True, False, "ci-contiguous", True),
+    ((2, 4), "contiguous", "contiguous"): (False, True, "as is", True),
+    ((2, 4), "contiguous", "channels_last"): (False, False, "ci-contiguous", True),
+    ((4, 1), "contiguous", "contiguous"): (False, True, "as is", True),
+    # 6 taps: not a power of two, the NCHW epilogue cannot reorder the tile
+    ((3, 2), "contiguous", "contiguous"): (True, False, "ci-contiguous", False),
+    ((3, 2), "channels_last", "channels_last"): (True, False, "as is", True),
+}
+
+
+@pytest.mark.parametrize("kernel,x_layout,w_layout", list(ORDERS),
+                         ids=[f"k{k[0]}x{k[1]}-{x}-w_{w}" for k, x, w in ORDERS])
+def test_one_gemm_column_orders(kernel, x_layout, w_layout):
+    """channels_last output: one tap per program, channels along the tile
+    (vector stores); NCHW output: (co, r, c) columns reordered into output
+    rows by the epilogue; the weight read as is where one of its axes makes
+    the B tile contiguous, else as a ci-contiguous copy."""
+    tap_major, flat, weight, in_place = ORDERS[(kernel, x_layout, w_layout)]
+    x, w, b, groups = one_gemm_tensors(kernel, x_layout, w_layout)
+    out, call = run_one_gemm(x, w, b, kernel, groups)
+    assert out.is_contiguous(memory_format=torch.channels_last if x_layout == "channels_last"
+                             else torch.contiguous_format)
+    assert (call["TAP_MAJOR"], call["FLAT_WEIGHT"]) == (tap_major, flat)
+    assert (call["KH"], call["KW"]) == kernel
+    w_arg, y_arg = call["args"][1], call["args"][3]
+    if weight == "as is":
+        assert w_arg.data_ptr() == w.data_ptr() and w_arg.stride() == w.stride()
+    else:
+        assert w_arg.stride(0) == 1
+    assert (y_arg.data_ptr() == out.data_ptr()) == in_place
+    tiles_m, taps = 2, kernel[0] * kernel[1]
+    columns = 2 if tap_major else math.ceil(19 * taps / 16)  # N tiles per tap / in all
+    assert call["programs"] == tiles_m * (taps if tap_major else 1) * columns * groups
+
+
+@pytest.mark.parametrize("mode", ["tap-major", "flat"])
+def test_one_gemm_reads_only_its_channels(mode):
+    """Input and weight are channel slices of NaN-filled tensors, read in
+    place: a tile that reads past its group's input channels (a missing K
+    mask) or stores past its pixels or channels (a missing store mask) gives
+    NaN or overwrites results."""
+    kernel, groups, C_in, C_out = (2, 4), 2, 20, 19
+    x = torch.randn(2, groups * C_in, 3, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(groups * C_in, C_out, *kernel, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(groups * C_out, dtype=torch.float64, device=DEVICE)
+    big_w = torch.full((groups * C_in + 6, C_out + 6, *kernel), float("nan"),
+                       dtype=torch.float64, device=DEVICE)
+    if mode == "tap-major":  # channels_last input and weight
+        big_w = big_w.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        big_w[3:-3, 3:-3] = w
+        w = big_w[3:-3, 3:-3]
+    else:  # a channel slice of a channels_last input (an NCHW output), a flat weight
+        big_x = torch.full((2, groups * C_in + 6, 3, 5), float("nan"), dtype=torch.float64,
+                           device=DEVICE).contiguous(memory_format=torch.channels_last)
+        big_x[:, 3:-3] = x
+        x = big_x[:, 3:-3]
+        big_w[3:-3, :C_out] = w
+        w = big_w[3:-3, :C_out]
+    _, call = run_one_gemm(x, w, b, kernel, groups)
+    assert call["TAP_MAJOR"] == (mode == "tap-major")
+    assert call["args"][0].data_ptr() == x.data_ptr()
+    assert call["args"][1].data_ptr() == w.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_one_gemm_column_orders_in_kernel_dtypes(dtype, x_layout, monkeypatch):
+    """Both column orders in fp32 (TF32 off), fp16 and bf16, and TF32 (a
+    ci-contiguous weight, whatever the layout)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x, w, b, groups = one_gemm_tensors((2, 2), x_layout, "contiguous", dtype)
+    _, call = run_one_gemm(x, w, b, (2, 2), groups, dtype, RTOL[dtype])
+    assert call["TAP_MAJOR"] == (x_layout == "channels_last")
+    if dtype == torch.float32:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        _, call = run_one_gemm(x, w, b, (2, 2), groups, dtype, 3e-3)
+        assert call["ALLOW_TF32"] and call["args"][1].stride(0) == 1
 
 
 def test_fcn_upscore_k16_s8():
