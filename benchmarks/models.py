@@ -158,11 +158,12 @@ def _segmentation_setup(spec, direction, provider) -> Step:
 # Mask R-CNN
 # --------------------------------------------------------------------------
 def calibrate(model):
-    """As tests/models/test_maskrcnn.py's ``calibrate``: BatchNorm
-    statistics from one train-mode pass over random images (random affine
-    parameters), head weights that spread the objectness and class scores
-    (torchvision's init gives ~equal scores) with small deltas. BatchNorm's
-    momentum is left at its default afterwards."""
+    """A random-init Mask R-CNN made fit for parity checks (the tests and
+    this benchmark use it): BatchNorm statistics from one train-mode pass
+    over random images (random affine parameters), head weights that spread
+    the objectness and class scores (torchvision's init gives ~equal scores,
+    whose NMS order no one specifies) with small deltas. BatchNorm's momentum
+    is left at its default afterwards."""
     with torch.no_grad():
         norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         for m in norms:

@@ -10,6 +10,7 @@ from helpers import DEVICE, RTOL, assert_close
 
 import segops
 from segops import _dispatch
+from segops.benchmarks.models import calibrate  # BatchNorm statistics, spread-out scores
 from segops.models import (
     detection,
     maskrcnn_resnet50_fpn,
@@ -24,28 +25,6 @@ SMALL = dict(num_classes=4, min_size=64, max_size=96, box_score_thresh=0.0,
 
 
 # ------------------------------------------------------------------ helpers
-def calibrate(model):
-    """Meaningful BatchNorm statistics (one train-mode pass over random
-    images, random affine parameters), and head weights large enough that
-    objectness and class scores are spread out (torchvision's init gives
-    ~equal scores: ties whose order no one specifies) but deltas stay small
-    (so proposals do not all clip to the image border)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.reset_running_stats()
-                m.momentum = None
-        model.backbone.train()(torch.rand(4, 3, 64, 64) * 2 - 1)
-        model.rpn.head.cls_logits.weight.normal_(0, 0.001)
-        model.rpn.head.bbox_pred.weight.mul_(0.01)
-        predictor = model.roi_heads.box_predictor
-        predictor.cls_score.weight.normal_(0, 0.002)
-        predictor.bbox_pred.weight.mul_(0.1)
-    return model
-
-
 def torchvision_pair(version="v1", **kwargs):
     """(torchvision's model, segops' with its state_dict), float64, eval."""
     build = {"v1": (tv_detection.maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn),
