@@ -7,10 +7,12 @@
 # family cannot lose the others.
 #   benchmarks/gpu_check.sh [OUTDIR] [FAMILIES] [TEST_CAP_S]
 # OUTDIR defaults to $OUT, else benchmarks/results/gpu_check; FAMILIES is a
-# space-separated list (default: all, Mask R-CNN in `models`, about 9
+# space-separated list, each entry F or F:CAP_S (default: all, Mask R-CNN in `models`, about 9
 # minutes); FAMILIES="none" runs the tests only, TEST_CAP_S=0 the benchmarks
 # only. A 600 s device call fits the tests (cap 360 s) plus two or three
-# families.
+# families. Environment: TEST_WORKERS (xdist workers, default 4),
+# TEST_ARGS (extra pytest arguments, e.g. paths), BENCH_CAP_S (one cap for
+# every family instead of the per-family defaults), BENCH_FAIL_PCT.
 #
 # Per family F the benchmark run
 #   * is saved in pytest-benchmark's format as
@@ -44,9 +46,11 @@ tests_rc=0
 if [ "$test_cap" -gt 0 ]; then
   echo "== tests on CUDA"
   workers=""
-  python -c "import xdist" 2>/dev/null && workers="-n 4"
-  timeout "$test_cap" python -m pytest -q $workers --maxfail=25 --junitxml="$out/junit.xml" \
-    -p no:cacheprovider > "$out/tests.log" 2>&1
+  python -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-4}"
+  # -rfE: the failures' one-line summary; --durations: where the time went.
+  # shellcheck disable=SC2086
+  timeout "$test_cap" python -m pytest -q -rfE --durations=20 $workers --maxfail=25 \
+    --junitxml="$out/junit.xml" -p no:cacheprovider ${TEST_ARGS:-} > "$out/tests.log" 2>&1
   tests_rc=$?
   tail -40 "$out/tests.log"
 fi
@@ -54,10 +58,13 @@ fi
 card="$(python -c 'from segops.benchmarks.harness import gpu_slug; print(gpu_slug())')"
 store="benchmarks/results/$card"
 bench_rc=0
-for family in $families; do
-  [ "$family" = "none" ] && break
+for entry in $families; do
+  [ "$entry" = "none" ] && break
+  family="${entry%%:*}"  # FAMILY or FAMILY:CAP_S
   cap=90
   case "$family" in conv) cap=150 ;; models) cap=240 ;; esac
+  cap="${BENCH_CAP_S:-$cap}"
+  [ "$entry" != "$family" ] && cap="${entry#*:}"
   mkdir -p "$out/$family"
   previous="$(python -m segops.benchmarks.compare --latest "$store" --family "$family")"
   compare=()

@@ -28,13 +28,15 @@ SHARED_MEMORY_LIMIT = 227 * 1024
 
 @triton.jit
 def mma(acc, a, b, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b on tensor cores (TF32 only when allowed)."""
+    """acc += a @ b on tensor cores (TF32 only when allowed). out_dtype is
+    the accumulator's: Triton 3.6 defaults it to fp32 and rejects an fp64
+    accumulator otherwise."""
     if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly: go through fp32
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if ALLOW_TF32:
-        return tl.dot(a, b, acc, input_precision="tf32")
-    return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 def allow_tf32(dtype: torch.dtype) -> bool:
