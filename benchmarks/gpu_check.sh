@@ -12,7 +12,8 @@
 # only. A 600 s device call fits the tests (cap 360 s) plus two or three
 # families. Environment: TEST_WORKERS (xdist workers, default 4),
 # TEST_ARGS (extra pytest arguments, e.g. paths), BENCH_CAP_S (one cap for
-# every family instead of the per-family defaults), BENCH_FAIL_PCT.
+# every family instead of the per-family defaults), BENCH_FAIL_PCT, COMMIT
+# (the commit to name when the copy on the device has no usable .git).
 #
 # Per family F the benchmark run
 #   * is saved in pytest-benchmark's format as
@@ -31,14 +32,16 @@ fail_pct="${BENCH_FAIL_PCT:-10}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+commit="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $commit"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
 } | tee "$out/env.txt"
 
-pip install --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+# python -m pip: a bare `pip` can belong to another interpreter than `python`
+python -m pip install --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+  && python -c "import segops.kernels, segops.benchmarks" 2>> "$out/install.log" \
   || { echo "install failed, see $out/install.log"; tail -20 "$out/install.log"; exit 1; }
 python -m segops info | tee -a "$out/env.txt"
 
@@ -49,7 +52,8 @@ if [ "$test_cap" -gt 0 ]; then
   python -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-4}"
   # -rfE: the failures' one-line summary; --durations: where the time went.
   # shellcheck disable=SC2086
-  timeout "$test_cap" python -m pytest -q -rfE --durations=20 $workers --maxfail=25 \
+  # SIGINT at the cap: pytest stops as on Ctrl-C and still prints its summary
+  timeout -s INT -k 30 "$test_cap" python -m pytest -q -rfE --durations=20 $workers --maxfail=100 \
     --junitxml="$out/junit.xml" -p no:cacheprovider ${TEST_ARGS:-} > "$out/tests.log" 2>&1
   tests_rc=$?
   tail -40 "$out/tests.log"
@@ -74,7 +78,7 @@ for entry in $families; do
   else
     echo "== quick benchmark: $family (cap ${cap} s), no earlier run of this card to compare"
   fi
-  timeout "$cap" python -m pytest benchmarks/ -q -p no:xdist -p no:cacheprovider \
+  timeout -s INT -k 20 "$cap" python -m pytest benchmarks/ -q -p no:xdist -p no:cacheprovider \
     --benchmark-only --bench-quick --bench-family "$family" --bench-out "$out/$family" \
     --benchmark-storage "file://$store" --benchmark-save "${commit}_${family}" \
     --benchmark-columns min,median,max,rounds ${compare[@]+"${compare[@]}"} \
