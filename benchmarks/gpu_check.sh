@@ -33,14 +33,17 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
 commit="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export COMMIT="$commit"
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $commit"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
 } | tee "$out/env.txt"
 
-# python -m pip: a bare `pip` can belong to another interpreter than `python`
-python -m pip install --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+# python -m pip: a bare `pip` can belong to another interpreter than `python`;
+# --use-pep517: without it an older pip runs `setup.py develop`, which calls
+# pip again with build isolation and so needs the network
+python -m pip install --no-deps --no-build-isolation --use-pep517 -e . > "$out/install.log" 2>&1 \
   && python -c "import segops.kernels, segops.benchmarks" 2>> "$out/install.log" \
   || { echo "install failed, see $out/install.log"; tail -20 "$out/install.log"; exit 1; }
 python -m segops info | tee -a "$out/env.txt"

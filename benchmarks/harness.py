@@ -132,7 +132,10 @@ def add_speedups(records: list[Record]) -> None:
 
 
 def git_commit() -> str:
-    """The short commit of the checkout benchmarks/ lives in ('unknown' outside git)."""
+    """The short commit of the checkout benchmarks/ lives in ('unknown' outside
+    git); $COMMIT overrides it (gpu_check.sh on a copy whose .git is stale)."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, check=False)

@@ -260,11 +260,18 @@ def prepare_inputs(input, weight, bias):
     return (*_autocast(input, weight, bias), unbatched)
 
 
+# Read once at import: torch.compile (torch <= 2.11) cannot trace
+# torch.amp.is_autocast_available, while a set lookup traces.
+_AUTOCAST_DEVICES = frozenset(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "privateuseone")
+    if torch.amp.is_autocast_available(d))
+
+
 def _autocast(*tensors):
     """ATen's autocast policy for conv2d: float16/32 inputs go to the
     autocast dtype (float64 stays)."""
     device = tensors[0].device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16,

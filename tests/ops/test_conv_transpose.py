@@ -104,7 +104,7 @@ def check_against_f(case, dtype=torch.float64, rtol=F64, view=None):
     launched = ours.names_launched() + gathers.names_launched()
     grads = torch.autograd.grad(out, leaves, tensors["grad"])
     _, want_grads = forward_and_grads(lambda *t: F.conv_transpose2d(*t, **args), *cpu,
-                                      grad.double())
+                                      grad.double().cpu())
     assert out.dtype == dtype
     assert_close(out, want, rtol)
     for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):

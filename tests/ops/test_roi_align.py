@@ -3,6 +3,8 @@ branch), both backward paths, multi-level pooling, dtypes, layouts, edges,
 errors, opcheck, compile and autocast."""
 import collections
 import importlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -542,6 +544,8 @@ BAD_CALLS = [
 @pytest.mark.parametrize("match,error,make", BAD_CALLS, ids=[m for m, _, _ in BAD_CALLS])
 def test_bad_input_errors(match, error, make):
     (x, boxes), kwargs = make()
+    if match.startswith("batch index"):
+        x = x.cpu()  # on CUDA a device-side assert: test_bad_batch_index_asserts_on_cuda
     if isinstance(boxes, torch.Tensor):
         boxes = boxes.to(x.device)
     kwargs.setdefault("output_size", 2)
@@ -1040,6 +1044,33 @@ def test_batch_index_check_stays_on_cpu_error():
     """validate_args on the CPU: an ArgumentError naming the bad index."""
     with pytest.raises(segops.ArgumentError, match="batch index -1.0"):
         segops.ops.roi_align(torch.randn(1, 1, 4, 4), torch.tensor([[-1.0, 0, 0, 2, 2]]), 2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the device-side assert exists only on CUDA")
+@pytest.mark.parametrize("index,pools", [("2.0", "zeros"), ("float('nan')", "zeros"),
+                                         ("0.5", "image 0")])
+def test_bad_batch_index_asserts_on_cuda(index, pools):
+    """validate_args on CUDA checks without a sync (torch._assert_async):
+    a bad index fails the CUDA context, as torch's own index checks do, so
+    the call runs in a child process. Unchecked, an index outside [0, N)
+    pools zeros and a fractional one is truncated as in torchvision."""
+    expected = "torch.zeros(1, 3, 2, 2, device='cuda')" if pools == "zeros" else \
+        "segops.ops.roi_align(x, torch.tensor([[0.0, 0, 0, 1, 1]], device='cuda'), 2)"
+    code = ("import torch, segops\n"
+            "x = torch.rand(2, 3, 5, 5, device='cuda') + 1\n"
+            f"boxes = torch.tensor([[{index}, 0, 0, 1, 1]], device='cuda')\n"
+            "got = segops.ops.roi_align(x, boxes, 2, validate_args=False)\n"
+            f"assert torch.equal(got, {expected})\n"
+            "torch.cuda.synchronize()\n"
+            "print('unchecked call as documented', flush=True)\n"
+            "segops.ops.roi_align(x, boxes, 2)\n"
+            "torch.cuda.synchronize()\n"
+            "print('no error')\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=600)
+    assert "unchecked call as documented" in child.stdout, child.stderr[-2000:]
+    assert child.returncode != 0 and "no error" not in child.stdout
+    assert "device-side assert" in child.stderr, child.stderr[-2000:]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="host-device syncs exist only with a GPU")
