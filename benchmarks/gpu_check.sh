@@ -10,7 +10,8 @@
 # space-separated list, each entry F or F:CAP_S (default: all, Mask R-CNN in `models`, about 9
 # minutes); FAMILIES="none" runs the tests only, TEST_CAP_S=0 the benchmarks
 # only. A 600 s device call fits the tests (cap 360 s) plus two or three
-# families. Environment: TEST_WORKERS (xdist workers, default 4),
+# families. Environment: TEST_WORKERS (xdist workers, default 12 on
+# 16+ cores, else 4),
 # TEST_ARGS (extra pytest arguments, e.g. paths), BENCH_CAP_S (one cap for
 # every family instead of the per-family defaults), BENCH_FAIL_PCT, COMMIT
 # (the commit to name when the copy on the device has no usable .git).
@@ -52,7 +53,10 @@ tests_rc=0
 if [ "$test_cap" -gt 0 ]; then
   echo "== tests on CUDA"
   workers=""
-  python -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-4}"
+  # 12 workers on the 16-core device machines (kernel compilation is CPU-bound)
+default_workers=4
+[ "$(nproc)" -ge 16 ] && default_workers=12
+python -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-$default_workers}"
   # -rfE: the failures' one-line summary; --durations: where the time went.
   # shellcheck disable=SC2086
   # SIGINT at the cap: pytest stops as on Ctrl-C and still prints its summary
