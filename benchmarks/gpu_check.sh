@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # One GPU check for a lent device (no network): install segops without
 # dependencies (torch, triton, torchvision and pytest are already there), run
-# the whole test suite on CUDA (4 xdist workers when pytest-xdist is there:
+# the whole test suite on CUDA (in xdist workers when pytest-xdist is there:
 # kernel compilation is the slow part), then the quick benchmark of each op
 # family through the pytest front end, each under its own time cap so a slow
 # family cannot lose the others.
 #   benchmarks/gpu_check.sh [OUTDIR] [FAMILIES] [TEST_CAP_S]
 # OUTDIR defaults to $OUT, else benchmarks/results/gpu_check; FAMILIES is a
-# space-separated list, each entry F or F:CAP_S (default: all, Mask R-CNN in `models`, about 9
-# minutes); FAMILIES="none" runs the tests only, TEST_CAP_S=0 the benchmarks
-# only. A 600 s device call fits the tests (cap 360 s) plus two or three
-# families. Environment: TEST_WORKERS (xdist workers, default 12 on
-# 16+ cores, else 4),
-# TEST_ARGS (extra pytest arguments, e.g. paths), BENCH_CAP_S (one cap for
-# every family instead of the per-family defaults), BENCH_FAIL_PCT, COMMIT
-# (the commit to name when the copy on the device has no usable .git).
+# space-separated list, each entry F or F:CAP_S (a time cap in seconds;
+# default: all, Mask R-CNN in `models`, about 9 minutes); FAMILIES="none"
+# runs the tests only, TEST_CAP_S=0 the benchmarks only. A 600 s device
+# call fits the tests (cap 360 s) plus two or three families. Environment: TEST_WORKERS (xdist workers; default 12 on 16+
+# cores, else 4), TEST_ARGS (extra pytest arguments, e.g. paths),
+# BENCH_FAIL_PCT, COMMIT (the commit to name when the copy on the device has
+# no usable .git).
 #
 # Per family F the benchmark run
 #   * is saved in pytest-benchmark's format as
@@ -53,13 +52,12 @@ tests_rc=0
 if [ "$test_cap" -gt 0 ]; then
   echo "== tests on CUDA"
   workers=""
-  # 12 workers on the 16-core device machines (kernel compilation is CPU-bound)
-default_workers=4
-[ "$(nproc)" -ge 16 ] && default_workers=12
-python -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-$default_workers}"
-  # -rfE: the failures' one-line summary; --durations: where the time went.
-  # shellcheck disable=SC2086
+  default_workers=4  # 12 on the 16-core device machines: kernel compilation is CPU-bound
+  [ "$(nproc)" -ge 16 ] && default_workers=12
+  python -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-$default_workers}"
   # SIGINT at the cap: pytest stops as on Ctrl-C and still prints its summary
+  # (-rfE: the failures' one-line summary; --durations: where the time went)
+  # shellcheck disable=SC2086
   timeout -s INT -k 30 "$test_cap" python -m pytest -q -rfE --durations=20 $workers --maxfail=100 \
     --junitxml="$out/junit.xml" -p no:cacheprovider ${TEST_ARGS:-} > "$out/tests.log" 2>&1
   tests_rc=$?
@@ -74,7 +72,6 @@ for entry in $families; do
   family="${entry%%:*}"  # FAMILY or FAMILY:CAP_S
   cap=90
   case "$family" in conv) cap=150 ;; models) cap=240 ;; esac
-  cap="${BENCH_CAP_S:-$cap}"
   [ "$entry" != "$family" ] && cap="${entry#*:}"
   mkdir -p "$out/$family"
   previous="$(python -m segops.benchmarks.compare --latest "$store" --family "$family")"
