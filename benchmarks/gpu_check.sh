@@ -10,10 +10,10 @@
 # space-separated list, each entry F or F:CAP_S (a time cap in seconds;
 # default: all, Mask R-CNN in `models`, about 9 minutes); FAMILIES="none"
 # runs the tests only, TEST_CAP_S=0 the benchmarks only. A 600 s device
-# call fits the tests (cap 360 s) plus two or three families. Environment: TEST_WORKERS (xdist workers; default 12 on 16+
-# cores, else 4), TEST_ARGS (extra pytest arguments, e.g. paths),
-# BENCH_FAIL_PCT, COMMIT (the commit to name when the copy on the device has
-# no usable .git).
+# call fits the tests (cap 360 s) plus two or three families.
+# Environment: TEST_WORKERS (xdist workers; default 12 on 16+ cores, else
+# 4), TEST_ARGS (extra pytest arguments, e.g. paths), BENCH_FAIL_PCT, COMMIT
+# (the commit to name when the copy on the device has no usable .git).
 #
 # Per family F the benchmark run
 #   * is saved in pytest-benchmark's format as
