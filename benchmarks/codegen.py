@@ -1037,6 +1037,23 @@ def _vector_short(r) -> bool:
     return r["family"] == "roi_align bwd atomic" and r["atomics"] == r.get("atomic32", 0)
 
 
+# families whose activation (softmax/sigmoid) must cost one exp per element
+ONE_EXP = ("overlap fwd", "overlap bwd")
+
+
+def elements_per_thread(r) -> int:
+    """Elements of a [BLOCK_C, BLOCK_S] tile each thread holds (config
+    "C32 S128 w8 s3")."""
+    blocks = dict(re.findall(r"\b([A-Z])(\d+)\b", r["config"]))
+    return int(blocks["C"]) * int(blocks["S"]) // (32 * r["num_warps"])
+
+
+def _exp_short(r) -> bool:
+    """More MUFU.EX2 in the binary than one per element of a tile (plus 4:
+    a loop over class chunks, the chunked path's per-pixel rescaling)."""
+    return r.get("mufu_ex2", 0) > elements_per_thread(r) + 4
+
+
 CHECKS = {
     # name: (which shipped variants it applies to, falls_short(row), what it asks)
     "spills": (lambda r: True,
@@ -1058,6 +1075,8 @@ CHECKS = {
     "vector": (lambda r: MEMORY_BOUND_FAST_LAYOUT.get(r["family"]) == r["layout"],
                _vector_short,
                "memory-bound kernels use 128-bit accesses in their fast layout"),
+    "exp": (lambda r: r["family"] in ONE_EXP, _exp_short,
+            "one exp per element of a tile (MUFU.EX2 <= elements per thread + 4)"),
 }
 
 

@@ -39,7 +39,6 @@ from ._layout import (
     next_pow2,
     target_programs,
     tl_accumulation,
-    warps_for,
 )
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
@@ -51,13 +50,21 @@ _SIGMOID = 1
 # shared tile helpers
 # --------------------------------------------------------------------------
 @triton.jit
+def _tile_pointers(row, offs_c, offs_s64, stride_c, stride_s):
+    """[BLOCK_C, BLOCK_S] pointers, the pixel term first: the class term
+    added last keeps the 2-D sum inside the pixel loop (added first, the
+    compiler hoists a loop-invariant 2-D pointer tile: 2 registers per
+    element held across the loop)."""
+    return (row + offs_s64 * stride_s)[None, :] + offs_c.to(tl.int64)[:, None] * stride_c
+
+
+@triton.jit
 def _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC: tl.constexpr):
     """[BLOCK_C, BLOCK_S] tile in the accumulation dtype ACC; classes past C read -inf (so softmax and
     argmax ignore them), pixels past the end read 0 (so every column keeps a
     finite maximum)."""
     cmask = offs_c < C
-    ptrs = (x_row + offs_c.to(tl.int64)[:, None] * stride_xc
-            + offs_s64[None, :] * stride_xs)
+    ptrs = _tile_pointers(x_row, offs_c, offs_s64, stride_xc, stride_xs)
     x = tl.load(ptrs, mask=cmask[:, None] & smask[None, :], other=0.0)
     return tl.where(cmask[:, None], x.to(ACC), float("-inf"))
 
@@ -79,7 +86,39 @@ def _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
 
 @triton.jit
 def _probabilities(x, m, l, ACTIVATION: tl.constexpr):
+    """p of a score tile; softmax with the per-pixel max m and sum of exp l
+    over all classes (from _softmax_stats)."""
     if ACTIVATION == 2:
+        p = tl.exp(x - m[None, :]) / l[None, :]
+    elif ACTIVATION == 1:
+        p = tl.sigmoid(x)
+    else:
+        p = x
+    return p
+
+
+@triton.jit
+def _softmax_tile(x):
+    """Softmax over axis 0 of a tile that holds every class of its pixels:
+    one exp per element and one reciprocal per pixel (padded classes are
+    -inf and give 0)."""
+    e = tl.exp(x - tl.max(x, axis=0)[None, :])
+    return e * (1.0 / tl.sum(e, axis=0))[None, :]
+
+
+@triton.jit
+def _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
+                        ACTIVATION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """p of the [BLOCK_C, BLOCK_S] tile at (offs_c, offs_s64). With ONE_CHUNK
+    (C <= BLOCK_C) the logits are read once; otherwise softmax first makes
+    its statistics over every chunk of classes."""
+    x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+    if ACTIVATION == 2 and ONE_CHUNK:
+        p = _softmax_tile(x)
+    elif ACTIVATION == 2:
+        m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
+                              BLOCK_C, BLOCK_S, ACC)
         p = tl.exp(x - m[None, :]) / l[None, :]
     elif ACTIVATION == 1:
         p = tl.sigmoid(x)
@@ -113,8 +152,7 @@ def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
     cmask = offs_c < C
     valid = cmask[:, None] & smask[None, :]
     if DENSE_TARGET:
-        ptrs = (t_row + offs_c.to(tl.int64)[:, None] * stride_tc
-                + offs_s64[None, :] * stride_ts)
+        ptrs = _tile_pointers(t_row, offs_c, offs_s64, stride_tc, stride_ts)
         raw = tl.load(ptrs, mask=valid, other=0)
         if HAS_IGNORE:
             valid = valid & ~_is_ignored(raw, ignore_index)
@@ -128,6 +166,11 @@ def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
     return t, valid
 
 
+@triton.jit
+def _add_triples(a_i, a_p, a_t, b_i, b_p, b_t):
+    return a_i + b_i, a_p + b_p, a_t + b_t
+
+
 # --------------------------------------------------------------------------
 # forward: per-(sample, class) sums
 # --------------------------------------------------------------------------
@@ -139,7 +182,7 @@ def _overlap_sums_fwd_kernel(
     stride_tn, stride_tc, stride_ts,
     ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     # Program (n, p) reduces pixels [p*S_PER_PROG, (p+1)*S_PER_PROG) of sample
     # n into its own row of `part` [3, N, P, C]; the host sums over P. No
@@ -163,26 +206,25 @@ def _overlap_sums_fwd_kernel(
         for s0 in range(s_begin, s_end, BLOCK_S):
             offs_s64 = s0 + tl.arange(0, BLOCK_S)  # int64, as s_begin is
             smask = offs_s64 < s_end
-            if ACTIVATION == 2:
-                m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc,
-                                      stride_xs, BLOCK_C, BLOCK_S, ACC)
-            else:
-                m = tl.zeros([BLOCK_S], ACC)
-                l = tl.full([BLOCK_S], 1.0, ACC)
-            x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+            p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
+                                    ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
             t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                                     stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
-            p = tl.where(valid, _probabilities(x, m, l, ACTIVATION), 0.0)
+            p = tl.where(valid, p, 0.0)
             if MIN_INTERSECTION:
-                acc_i += tl.sum(tl.minimum(p, t, propagate_nan=tl.PropagateNan.ALL), axis=1)
+                inter = tl.minimum(p, t, propagate_nan=tl.PropagateNan.ALL)
             else:
-                acc_i += tl.sum(p * t, axis=1)
+                inter = p * t
             if SQUARED:
-                acc_p += tl.sum(p * p, axis=1)
-                acc_t += tl.sum(t * t, axis=1)
-            else:
-                acc_p += tl.sum(p, axis=1)
-                acc_t += tl.sum(t, axis=1)
+                p = p * p
+                t = t * t
+            # one reduction of the three terms: separate sums let the compiler
+            # lay the one-hot target out with every class in one thread (a
+            # cross-lane sum per class and 2 registers per class held)
+            sum_i, sum_p, sum_t = tl.reduce((inter, p, t), 1, _add_triples)
+            acc_i += sum_i
+            acc_p += sum_p
+            acc_t += sum_t
         cmask = offs_c < C
         tl.store(part_row + offs_c, acc_i, mask=cmask)
         tl.store(part_row + plane + offs_c, acc_p, mask=cmask)
@@ -215,6 +257,21 @@ def _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C,
 
 
 @triton.jit
+def _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc, stride_gs,
+                       ACTIVATION: tl.constexpr):
+    """dL/dx from dL/dp = g through the activation (softmax: p * (g - dot),
+    dot = sum_c g_c p_c over every class of the pixel)."""
+    if ACTIVATION == 2:
+        gx = p * (g - dot[None, :])
+    elif ACTIVATION == 1:
+        gx = g * p * (1.0 - p)
+    else:
+        gx = g
+    ptrs = _tile_pointers(g_row, offs_c, offs_s64, stride_gc, stride_gs)
+    tl.store(ptrs, gx.to(g_row.dtype.element_ty), mask=(offs_c < C)[:, None] & smask[None, :])
+
+
+@triton.jit
 def _overlap_sums_bwd_kernel(
     x_ptr, t_ptr, gi_ptr, gp_ptr, gx_ptr,
     C, S, NUM_S_BLOCKS, ignore_index,
@@ -223,7 +280,7 @@ def _overlap_sums_bwd_kernel(
     stride_gn, stride_gc, stride_gs,
     ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per (sample, pixel block); the flat 1-D grid avoids the
     # 65535 limit of grid axes 1 and 2 for large volumes.
@@ -238,11 +295,41 @@ def _overlap_sums_bwd_kernel(
     offs_s64 = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = offs_s64 < S
 
-    if ACTIVATION == 2:
-        m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
-                              BLOCK_C, BLOCK_S, ACC)
-        # softmax backward needs sum_c g_c p_c over all classes first
-        dot = tl.zeros([BLOCK_S], ACC)
+    if ONE_CHUNK:
+        # every class in one tile: the logits are read once, one exp each
+        offs_c = tl.arange(0, BLOCK_C)
+        p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
+                                ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
+        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+        g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
+                                MIN_INTERSECTION)
+        if ACTIVATION == 2:
+            dot = tl.sum(g * p, axis=0)
+        else:
+            dot = tl.zeros([BLOCK_S], ACC)
+        _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc, stride_gs,
+                           ACTIVATION)
+    else:
+        # class chunks: softmax's statistics, then sum_c g_c p_c over all
+        # classes, then the gradient: the logits are read three times
+        if ACTIVATION == 2:
+            m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
+                                  BLOCK_C, BLOCK_S, ACC)
+            dot = tl.zeros([BLOCK_S], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+                t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                        stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+                p = _probabilities(x, m, l, ACTIVATION)
+                g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
+                                        MIN_INTERSECTION)
+                dot += tl.sum(g * p, axis=0)
+        else:
+            m = tl.zeros([BLOCK_S], ACC)
+            l = tl.full([BLOCK_S], 1.0, ACC)
+            dot = tl.zeros([BLOCK_S], ACC)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
@@ -251,30 +338,8 @@ def _overlap_sums_bwd_kernel(
             p = _probabilities(x, m, l, ACTIVATION)
             g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
                                     MIN_INTERSECTION)
-            dot += tl.sum(g * p, axis=0)
-    else:
-        m = tl.zeros([BLOCK_S], ACC)
-        l = tl.full([BLOCK_S], 1.0, ACC)
-        dot = tl.zeros([BLOCK_S], ACC)
-
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
-        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
-                                stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
-        p = _probabilities(x, m, l, ACTIVATION)
-        g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
-                                    MIN_INTERSECTION)
-        if ACTIVATION == 2:
-            gx = p * (g - dot[None, :])
-        elif ACTIVATION == 1:
-            gx = g * p * (1.0 - p)
-        else:
-            gx = g
-        ptrs = (g_row + offs_c.to(tl.int64)[:, None] * stride_gc
-                + offs_s64[None, :] * stride_gs)
-        tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty),
-                 mask=(offs_c < C)[:, None] & smask[None, :])
+            _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc,
+                               stride_gs, ACTIVATION)
 
 
 # --------------------------------------------------------------------------
@@ -384,11 +449,16 @@ def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
 
 def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
-    256 classes (chunked beyond), ~8K elements per tile."""
+    256 classes (chunked beyond), 4096 elements per tile on 8 warps, 16 per
+    thread. (The codegen report: at 32 per thread the forward and the
+    confusion matrix take 128-255 registers, 1-2 CTAs per SM, and spill in
+    channels_last; at 16, 59-105 registers and 2-4 CTAs per SM.)"""
     BLOCK_C = block_c or block_size(C, 256)
-    BLOCK_S = block_s or max(16, min(1024, 8192 // BLOCK_C))
-    num_warps = warps_for(BLOCK_C * BLOCK_S)
-    return BLOCK_C, BLOCK_S, num_warps
+    BLOCK_S = block_s or max(16, min(1024, _TILE_ELEMENTS // BLOCK_C))
+    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= _TILE_ELEMENTS else 4
+
+
+_TILE_ELEMENTS = 4096
 
 
 def sums_dtype(input: torch.Tensor) -> torch.dtype:
@@ -432,8 +502,8 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
         t.stride(0), t.stride(1), t.stride(2),
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
-        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype),
-        num_warps=num_warps,
+        MIN_INTERSECTION=min_intersection, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
+        BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
     )
     return part.sum(dim=2)
 
@@ -462,8 +532,8 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
         grad.stride(0), grad.stride(1), grad.stride(2),
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
-        MIN_INTERSECTION=min_intersection, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype),
-        num_warps=num_warps,
+        MIN_INTERSECTION=min_intersection, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
+        BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
     )
     return grad.view(input.shape)
 
@@ -483,8 +553,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     N, S = t.shape
     if N == 0 or S == 0 or C == 0:
         return torch.zeros((C, C), device=target.device, dtype=torch.int64)
-    BLOCK_C = block_c or block_size(C, 256)
-    BLOCK_S = block_s or (max(16, min(1024, 8192 // BLOCK_C)) if scores else 1024)
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
+    if not scores:
+        BLOCK_S, num_warps = block_s or 1024, 4
     num_bins = next_pow2(C * C + 1)
     s_blocks = triton.cdiv(S, BLOCK_S)
     check_programs("target", target, N * s_blocks)
@@ -497,6 +568,6 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
         PRED_IS_SCORES=scores, HAS_IGNORE=ignore_index is not None,
         BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
         NUM_BINS=num_bins if num_bins <= 2048 else 0,
-        ACC=tl_accumulation(pred.dtype), num_warps=4,
+        ACC=tl_accumulation(pred.dtype), num_warps=num_warps,
     )
     return cm

@@ -52,21 +52,23 @@ def reference_sums_and_grad(x, t, activation, ignore_index, squared, grad_out,
 @pytest.mark.parametrize("squared", [False, True], ids=["linear", "squared"])
 @pytest.mark.parametrize("ignore_index", [None, 3])
 @pytest.mark.parametrize("min_intersection", [False, True], ids=["product", "min"])
+@pytest.mark.parametrize("block_c", [4, 16], ids=["chunks", "one-chunk"])
 def test_kernel_small_tiles_match_reference(activation, dense, squared, ignore_index,
-                                            min_intersection):
-    """Forced tiny tiles: several class chunks (C=10, BLOCK_C=4), several
-    pixel blocks per program and a ragged tail, several programs. Dense
-    targets are soft labels, where the two intersections differ."""
+                                            min_intersection, block_c):
+    """Forced tiny tiles: several class chunks (C=10, BLOCK_C=4) or every
+    class in one padded tile (BLOCK_C=16, the kernels' single-read path),
+    several pixel blocks per program and a ragged tail, several programs.
+    Dense targets are soft labels, where the two intersections differ."""
     x, t = make_case(2, 10, (5, 13), dense, activation, ignore_index, dtype=KERNEL_DTYPES[0])
     if dense:
         t = torch.where(t == ignore_index, t, torch.rand_like(t)) if ignore_index else torch.rand_like(t)
     x, t = x.to(DEVICE), t.to(DEVICE)
     grad_out = torch.randn(3, 2, 10, dtype=torch.float64)
     options = (activation, ignore_index, squared, min_intersection)
-    sums = kernels.overlap_sums_forward(x, t, *options, block_c=4, block_s=16)
+    sums = kernels.overlap_sums_forward(x, t, *options, block_c=block_c, block_s=16)
     gsum = grad_out.to(DEVICE, kernels.sums_dtype(x))
     grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(), x, t,
-                                         *options, block_c=4, block_s=16)
+                                         *options, block_c=block_c, block_s=16)
     want_sums, want_grad = reference_sums_and_grad(x, t, activation, ignore_index, squared,
                                                    grad_out, min_intersection)
     rtol = RTOL[x.dtype] if x.dtype == torch.float64 else 1e-5
