@@ -376,7 +376,7 @@ def _confusion_matrix_kernel(
     stride_tn, stride_ts,
     PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, NUM_BINS: tl.constexpr,
-    ACC: tl.constexpr,
+    DIAG_BINS: tl.constexpr, ACC: tl.constexpr,
 ):
     # Counts are integers, so atomic adds give the same result in any order:
     # the kernel is deterministic without the N*C^2 one-hot fallback.
@@ -409,6 +409,17 @@ def _confusion_matrix_kernel(
         tl.atomic_add(cm_ptr + offs_b, counts.to(tl.int64),
                       mask=(offs_b < C * C) & (counts > 0), sem="relaxed")
     else:
+        if DIAG_BINS > 0:
+            # many classes: the diagonal (the pixels predicted right, most of
+            # them in a trained model, all piling onto C counters) through a
+            # per-program histogram, one atomic per class hit; the mismatches,
+            # spread over C^2 - C counters, one atomic each
+            hit = valid & (truth == label)
+            counts = tl.histogram(tl.where(hit, truth, DIAG_BINS - 1).to(tl.int32), DIAG_BINS)
+            offs_d = tl.arange(0, DIAG_BINS)
+            tl.atomic_add(cm_ptr + offs_d * (C + 1), counts.to(tl.int64),
+                          mask=(offs_d < C) & (counts > 0), sem="relaxed")
+            valid = valid & ~hit
         ones = tl.full([BLOCK_S], 1, tl.int64)
         tl.atomic_add(cm_ptr + bins, ones, mask=valid, sem="relaxed")
 
@@ -459,6 +470,8 @@ def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, i
 
 
 _TILE_ELEMENTS = 4096
+# the largest register histogram the confusion matrix builds per program
+_MAX_BINS = 2048
 
 
 def sums_dtype(input: torch.Tensor) -> torch.dtype:
@@ -556,7 +569,11 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
     if not scores:
         BLOCK_S, num_warps = block_s or 1024, 4
+    # a register histogram of every (target, prediction) pair up to 45
+    # classes; beyond, of the diagonal only (up to 2047 classes); the last
+    # bin takes the pixels that do not count
     num_bins = next_pow2(C * C + 1)
+    diag_bins = next_pow2(C + 1)
     s_blocks = triton.cdiv(S, BLOCK_S)
     check_programs("target", target, N * s_blocks)
     cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
@@ -567,7 +584,8 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
         t.stride(0), t.stride(1),
         PRED_IS_SCORES=scores, HAS_IGNORE=ignore_index is not None,
         BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
-        NUM_BINS=num_bins if num_bins <= 2048 else 0,
+        NUM_BINS=num_bins if num_bins <= _MAX_BINS else 0,
+        DIAG_BINS=diag_bins if num_bins > _MAX_BINS and diag_bins <= _MAX_BINS else 0,
         ACC=tl_accumulation(pred.dtype), num_warps=num_warps,
     )
     return cm

@@ -651,26 +651,40 @@ class _LaunchRecorder:
         return launch
 
 
-# C -> the launch variant: NUM_BINS of the shared-memory histogram, 0 for
-# one atomic per pixel. 12..45 classes use 256..2048 bins.
-HISTOGRAM_CASES = [(12, 256), (23, 1024), (45, 2048), (46, 0), (150, 0)]
+# C -> the launch variant: NUM_BINS of the histogram of every (target,
+# prediction) pair (up to 45 classes), else DIAG_BINS of the diagonal's
+# histogram (up to 2047 classes), else 0 and 0: one atomic per pixel.
+HISTOGRAM_CASES = [(2, 8, 0), (12, 256, 0), (21, 512, 0), (23, 1024, 0), (45, 2048, 0),
+                   (46, 0, 64), (150, 0, 256), (1000, 0, 1024), (2047, 0, 2048), (2048, 0, 0)]
 
 
-@pytest.mark.parametrize("C,bins", HISTOGRAM_CASES, ids=[f"C{c}" for c, _ in HISTOGRAM_CASES])
+@pytest.mark.parametrize("C,bins,diag_bins", HISTOGRAM_CASES,
+                         ids=[f"C{c}" for c, _, _ in HISTOGRAM_CASES])
 @pytest.mark.parametrize("pred_kind", ["scores", "labels"])
-def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, pred_kind):
-    """12 to 45 classes run the 256..2048-bin histogram, 46 and 150 the
-    per-pixel atomics (recorded from the launch), against the reference and
-    torchmetrics."""
+def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, diag_bins,
+                                                         pred_kind):
+    """Each class count runs the variant the table above names (recorded from
+    the launch), against the reference and torchmetrics. About half the
+    pixels are predicted right, so the diagonal histogram counts many hits
+    (the same class several times) next to the per-pixel mismatches; the
+    ignored pixels predict the ignored value (a class from C = 256)."""
     recorder = _LaunchRecorder(kernels._confusion_matrix_kernel)
     monkeypatch.setattr(kernels, "_confusion_matrix_kernel", recorder)
     scores = torch.randn(2, C, 5, 7, dtype=KERNEL_DTYPES[0])
-    t = torch.randint(0, C, (2, 5, 7))
+    wins = torch.rand(2, 5, 7) < 0.4  # class 1 wins there: repeated hits of one class
+    scores[:, min(1, C - 1)] = torch.where(wins, scores.amax(1) + 1, scores[:, min(1, C - 1)])
+    if C > 255:  # ignored pixels predicted as class 255: not a hit
+        scores[0, 255, 0, :3] = scores.amax() + 2
+    labels = scores.argmax(1)
+    t = torch.where(torch.rand(labels.shape) < 0.5, labels, torch.randint(0, C, labels.shape))
     t[0, 0, :3] = 255
-    pred = scores if pred_kind == "scores" else scores.argmax(1).to(torch.int32)
+    pred = scores if pred_kind == "scores" else labels.to(torch.int32)
     cm = ops.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, 255)
-    assert [launch["NUM_BINS"] for launch in recorder.launches] == [bins]
-    assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, 255))
+    assert [(launch["NUM_BINS"], launch["DIAG_BINS"]) for launch in recorder.launches] == [
+        (bins, diag_bins)]
+    want = ref.confusion_matrix(pred, t, C, 255)
+    assert want.diagonal().sum() > 20 and want.diagonal().max() > 2
+    assert torch.equal(cm.cpu(), want)
     tm = pytest.importorskip("torchmetrics.classification")
     theirs = tm.MulticlassConfusionMatrix(num_classes=C, ignore_index=255)(pred, t)
     assert torch.equal(cm.cpu(), theirs)
