@@ -139,6 +139,18 @@ def test_kernels_match_reference(layout, pool_mode):
         assert all(g.is_contiguous(memory_format=torch.channels_last) for g in results[2])
 
 
+@pytest.mark.parametrize("C,P,channels_last,want", [
+    (256, 49, True, (256, 4)),    # 7x7: 52 lanes (16 would give 64, 23% masked)
+    (256, 196, True, (256, 4)),   # 14x14: no lane masked
+    (64, 196, True, (64, 16)),    # fewer channels: larger bin blocks
+    (256, 9, True, (256, 1)),     # 3x3: blocks of 4 or 2 would mask 1/4 or 1/10
+    (64, 12, True, (64, 4)),      # a divisor: nothing masked
+    (256, 49, False, (16, 64)),   # NCHW: the bins of one plane
+])
+def test_tile_sizes_bins_to_waste_few_lanes(C, P, channels_last, want):
+    assert kernels._tile(C, P, channels_last, None, None) == want
+
+
 @pytest.mark.parametrize("block_c,block_p,tile", [(2, 2, (4, 2)), (8, 16, (2, 8))])
 def test_other_tile_configs(block_c, block_p, tile):
     """Tiles smaller than the problem (several programs per RoI, channel and
