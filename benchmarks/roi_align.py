@@ -6,6 +6,11 @@ ratio 2.
 * ``roi_align``: one level (stride 8), segops vs torchvision.ops.roi_align.
 * ``multi_scale``: all levels, segops.nn.MultiScaleRoIAlign (one launch) vs
   torchvision.ops.MultiScaleRoIAlign (one launch and an index_put per level).
+* heads: the box and mask heads above, and (bf16 channels_last, backward
+  only; quick runs: segops' MultiScaleRoIAlign only) 2 000 and 10 000 RoIs
+  per image: the gather kernel of the deterministic backward scans its
+  image's RoIs per input tile, its cost against the atomic backward's is
+  the pair of segops rows (DESIGN.md bounds it at 3x).
 * directions: ``fwd``, ``fwd+bwd`` (atomic backward), ``fwd+bwd det``
   (under torch.use_deterministic_algorithms: segops' gather kernel vs
   torchvision's fallback, which materialises every sample and may run out
@@ -37,6 +42,10 @@ IMAGES = 2
 # (name, number of RoIs, output size)
 HEADS = [("box", 1000, 7), ("mask", 100, 14), ("mask", 512, 14)]
 QUICK_HEADS = HEADS[:1] + HEADS[2:]
+# 2 000 and 10 000 RoIs per image: the deterministic backward scans every RoI
+# of its (level, image) for each input tile, so its cost grows with the RoIs
+# per image; these rows bound it against the atomic backward
+DENSE_HEADS = [("box", 4000, 7), ("box", 20000, 7)]
 SAMPLING_RATIO = 2
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUICK_DTYPES = [torch.float32, torch.bfloat16]
@@ -160,16 +169,22 @@ def cases(quick: bool = False) -> list[Case]:
     out = []
     for head, dtype, channels_last in itertools.product(
             heads, QUICK_DTYPES if quick else DTYPES, layouts):
-        name, num_rois, size = head
-        shape = f"{name} {num_rois}x{CHANNELS}x{size}^2"
-        for (direction, _, _), op, provider in itertools.product(
-                _directions(quick), OPS, PROVIDERS):
-            out.append(Case("roi_align", op, shape, dtype_name(dtype),
-                            layout_name(channels_last), direction, provider,
-                            functools.partial(_setup, head, dtype, channels_last, direction,
-                                              op, provider),
-                            target=TARGETS[op]))
+        out += _head_cases(head, dtype, channels_last, _directions(quick))
+    for head in DENSE_HEADS:  # quick: segops' MultiScaleRoIAlign only
+        out += _head_cases(head, torch.bfloat16, True, _directions(False)[1:],
+                           OPS[1:] if quick else OPS, PROVIDERS[:1] if quick else PROVIDERS)
     return out
+
+
+def _head_cases(head, dtype, channels_last, directions, ops=OPS,
+                providers=PROVIDERS) -> list[Case]:
+    name, num_rois, size = head
+    shape = f"{name} {num_rois}x{CHANNELS}x{size}^2"
+    return [Case("roi_align", op, shape, dtype_name(dtype), layout_name(channels_last),
+                 direction, provider,
+                 functools.partial(_setup, head, dtype, channels_last, direction, op, provider),
+                 target=TARGETS[op])
+            for (direction, _, _), op, provider in itertools.product(directions, ops, providers)]
 
 
 def run(quick: bool = False) -> list[Record]:
