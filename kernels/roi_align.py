@@ -338,8 +338,57 @@ def _axis_weights_on(pixels, coord, length, ACC: tl.constexpr):
 
 
 @triton.jit
+def _gather_roi(acc, k, grad_ptr, rois_ptr, x_ptr, scale, n, H, W, N, PH, PW, sampling_ratio,
+                x_sn, x_sc, x_sh, x_sw, stride_gk, stride_gc, stride_gh, stride_gw,
+                offs_c, cmask, py, px, row0, row_end, col0, col_end,
+                ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, ACC: tl.constexpr):
+    """acc ([BLOCK_C, TILE_H * TILE_W]) plus RoI k's gradient on the tile's
+    pixels (py, px), rows row0..row_end, columns col0..col_end; only the
+    bins whose samples can reach the tile are visited."""
+    _, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
+        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
+    hit = (grid_h > 0) & (grid_w > 0)
+    hit = hit & _rows_touched(y_start, y_start + PH * bin_h, H, row0, row_end)
+    hit = hit & _rows_touched(x_start, x_start + PW * bin_w, W, col0, col_end)
+    if hit:
+        g_roi = grad_ptr + k.to(tl.int64) * stride_gk + offs_c.to(tl.int64) * stride_gc
+        inv_count = 1.0 / (grid_h * grid_w).to(ACC)
+        for ph in range(0, PH):
+            y_lo = y_start + ph * bin_h
+            if _rows_touched(y_lo, y_lo + bin_h, H, row0, row_end):
+                row_w = tl.zeros(py.shape, ACC)
+                if not MAX_POOL:
+                    for iy in range(0, grid_h):
+                        y = _sample_coord(y_start, ph, bin_h, iy, grid_h, ACC)
+                        row_w += _axis_weights_on(py, y, H, ACC)
+                for pw in range(0, PW):
+                    x_lo = x_start + pw * bin_w
+                    if _rows_touched(x_lo, x_lo + bin_w, W, col0, col_end):
+                        g = tl.load(g_roi + ph * stride_gh + pw * stride_gw,
+                                    mask=cmask, other=0.0).to(ACC)
+                        if MAX_POOL:
+                            plane = x_ptr + n * x_sn + offs_c.to(tl.int64) * x_sc
+                            # per-channel coordinates (a vector, not a scalar: the
+                            # interpreter mis-types broadcast scalar float comparisons)
+                            lane = tl.zeros(offs_c.shape, tl.int32)
+                            best, best_y, best_x = _argmax_sample(
+                                plane, y_start, x_start, bin_h, bin_w, ph + lane, pw + lane,
+                                grid_h, grid_w, H, W, x_sh, x_sw, cmask, g, ACC)
+                            wy = _axis_weights_on(py[None, :], best_y[:, None], H, ACC)
+                            wx = _axis_weights_on(px[None, :], best_x[:, None], W, ACC)
+                            acc += g[:, None] * (wy * wx)
+                        else:
+                            col_w = tl.zeros(px.shape, ACC)
+                            for ix in range(0, grid_w):
+                                x = _sample_coord(x_start, pw, bin_w, ix, grid_w, ACC)
+                                col_w += _axis_weights_on(px, x, W, ACC)
+                            acc += (g * inv_count)[:, None] * (row_w * col_w)[None, :]
+    return acc
+
+
+@triton.jit
 def _roi_align_bwd_deterministic_kernel(
-    grad_ptr, x_ptrs, rois_ptr, order_ptr, segment_ptr, tiles_ptr,
+    grad_ptr, x_ptrs, rois_ptr, order_ptr, reach_ptr, segment_ptr, tiles_ptr,
     x_table_ptr, gx_table_ptr, scale_ptr, gx_ptrs,
     C, PH, PW, N, sampling_ratio,
     stride_gk, stride_gc, stride_gh, stride_gw,
@@ -372,48 +421,20 @@ def _roi_align_bwd_deterministic_kernel(
 
     acc = tl.zeros([BLOCK_C, TILE_H * TILE_W], ACC)
     segment = lvl * N + n
+    row_end = row0 + TILE_H - 1
+    col_end = col0 + TILE_W - 1
     for j in range(tl.load(segment_ptr + segment), tl.load(segment_ptr + segment + 1)):
-        k = tl.load(order_ptr + j)
-        _, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
-            rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
-        hit = (grid_h > 0) & (grid_w > 0)
-        hit = hit & _rows_touched(y_start, y_start + PH * bin_h, H, row0, row0 + TILE_H - 1)
-        hit = hit & _rows_touched(x_start, x_start + PW * bin_w, W, col0, col0 + TILE_W - 1)
-        if hit:
-            g_roi = (grad_ptr + k.to(tl.int64) * stride_gk
-                     + offs_c.to(tl.int64) * stride_gc)
-            inv_count = 1.0 / (grid_h * grid_w).to(ACC)
-            for ph in range(0, PH):
-                y_lo = y_start + ph * bin_h
-                if _rows_touched(y_lo, y_lo + bin_h, H, row0, row0 + TILE_H - 1):
-                    row_w = tl.zeros([TILE_H * TILE_W], ACC)
-                    if not MAX_POOL:
-                        for iy in range(0, grid_h):
-                            y = _sample_coord(y_start, ph, bin_h, iy, grid_h, ACC)
-                            row_w += _axis_weights_on(py, y, H, ACC)
-                    for pw in range(0, PW):
-                        x_lo = x_start + pw * bin_w
-                        if _rows_touched(x_lo, x_lo + bin_w, W, col0, col0 + TILE_W - 1):
-                            g = tl.load(g_roi + ph * stride_gh + pw * stride_gw,
-                                        mask=cmask, other=0.0).to(ACC)
-                            if MAX_POOL:
-                                plane = x_ptr + n * x_sn + offs_c.to(tl.int64) * x_sc
-                                # per-channel coordinates (a vector, not a scalar:
-                                # the interpreter mis-types broadcast scalar float
-                                # comparisons)
-                                lane = tl.zeros([BLOCK_C], tl.int32)
-                                best, best_y, best_x = _argmax_sample(
-                                    plane, y_start, x_start, bin_h, bin_w, ph + lane, pw + lane,
-                                    grid_h, grid_w, H, W, x_sh, x_sw, cmask, g, ACC)
-                                wy = _axis_weights_on(py[None, :], best_y[:, None], H, ACC)
-                                wx = _axis_weights_on(px[None, :], best_x[:, None], W, ACC)
-                                acc += g[:, None] * (wy * wx)
-                            else:
-                                col_w = tl.zeros([TILE_H * TILE_W], ACC)
-                                for ix in range(0, grid_w):
-                                    x = _sample_coord(x_start, pw, bin_w, ix, grid_w, ACC)
-                                    col_w += _axis_weights_on(px, x, W, ACC)
-                                acc += (g * inv_count)[:, None] * (row_w * col_w)[None, :]
+        # one look at the RoI's reach (contiguous in j, shared by every tile
+        # of the segment) skips the far ones; written as "not outside", a
+        # NaN reach is kept for the exact test below
+        reach = reach_ptr + j * 4
+        near = ~((tl.load(reach + 1) < row0) | (tl.load(reach) > row_end)
+                 | (tl.load(reach + 3) < col0) | (tl.load(reach + 2) > col_end))
+        if near:
+            acc = _gather_roi(acc, tl.load(order_ptr + j), grad_ptr, rois_ptr, x_ptr, scale, n,
+                              H, W, N, PH, PW, sampling_ratio, x_sn, x_sc, x_sh, x_sw,
+                              stride_gk, stride_gc, stride_gh, stride_gw, offs_c, cmask, py, px,
+                              row0, row_end, col0, col_end, ALIGNED, MAX_POOL, ACC)
 
     # the gradient's geometry only now: live across the loop it spilled
     gx_ptr, _, _, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_ptrs, gx_table_ptr, lvl,
@@ -558,6 +579,17 @@ def _segments(rois, levels, num_levels: int, N: int):
     return order, torch.searchsorted(sorted_key, bounds)
 
 
+def _roi_reach(rois, levels, scale_table, order) -> torch.Tensor:
+    """(K, 4): y_lo, y_hi, x_lo, x_hi per RoI in the gather order, a box in
+    its level's pixels holding every pixel its samples can touch: the RoI
+    times its scale, 2 pixels wider each way (aligned's half-pixel shift, a
+    non-aligned RoI's 1-pixel minimum size, the bilinear neighbour)."""
+    scale = scale_table[0] if levels is None else scale_table[levels.to(torch.int64)[order]]
+    boxes = rois[order, 1:] * (scale if levels is None else scale[:, None])
+    x, y = boxes[:, 0::2], boxes[:, 1::2]
+    return torch.stack([y.amin(1) - 2, y.amax(1) + 2, x.amin(1) - 2, x.amax(1) + 2], 1)
+
+
 def roi_align_backward_deterministic(grad, features, rois, levels, scales,
                                      pooled_height: int, pooled_width: int,
                                      sampling_ratio: int, aligned: bool, pool_mode: str, *,
@@ -575,11 +607,12 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
         return buffers
     prefix = device_table((0, *itertools.accumulate(counts)), torch.int64, rois.device)
     order, segments = _segments(rois, levels, len(features), N)
+    reach = _roi_reach(rois, levels, scale_table, order)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
     bc = block_c or block_size(C, 32)
     grid = (total, triton.cdiv(C, bc))
     _roi_align_bwd_deterministic_kernel[grid](
-        grad, _pointers(features), rois, order, segments, prefix,
+        grad, _pointers(features), rois, order, reach, segments, prefix,
         _level_table(features), _level_table(buffers), scale_table, _pointers(buffers),
         C, pooled_height, pooled_width, N, sampling_ratio,
         *grad.stride(),

@@ -614,9 +614,13 @@ def test_offsets_past_2_to_the_31():
 # --------------------------------------------------------------------------
 # (x1, y1, x2, y2) in a 10x11 map (two 8x8 tiles of the deterministic kernel
 # per axis, which the boxes cross): x reversed, y reversed, both, zero-size,
-# zero width, and a normal box for contrast
+# zero width, a normal box for contrast, and two boxes whose samples reach
+# the next tile although the box itself stops short of it (what the gather
+# kernel's per-RoI reach must allow for): a 0.1-pixel box, which legacy mode
+# widens to 1 pixel, and a box from 8.2, which aligned mode shifts to 7.7
 ODD_BOXES = [[9.5, 1.0, 1.2, 9.0], [1.0, 9.2, 10.0, 0.7], [10.0, 9.5, 0.5, 1.5],
-             [8.5, 2.5, 8.5, 2.5], [3.0, 0.5, 3.0, 9.5], [0.5, 1.0, 9.0, 9.0]]
+             [8.5, 2.5, 8.5, 2.5], [3.0, 0.5, 3.0, 9.5], [0.5, 1.0, 9.0, 9.0],
+             [6.5, 6.5, 6.6, 6.6], [8.2, 8.2, 9.8, 9.8]]
 
 
 def odd_rois(dtype=torch.float64):
