@@ -96,7 +96,14 @@ def warps_for(elements: int) -> int:
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of 2 >= n (1 for n <= 1), in plain Python: Triton's
+    own is a ConstexprFunction, several microseconds a call from the host."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints (triton.cdiv costs what next_pow2's note says)."""
+    return -(-a // b)
 
 
 def check_grid(grid) -> None:

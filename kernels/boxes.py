@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import check_grid, empty, tl_accumulation
+from ._layout import cdiv, check_grid, empty, next_pow2, tl_accumulation
 from .._checks import accumulation_dtype
 from ._math import div
 
@@ -174,7 +174,7 @@ def box_iou(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     if N == 0 or M == 0:
         return out
     acc = tl_accumulation(torch.promote_types(a.dtype, b.dtype))
-    grid = (triton.cdiv(N, IOU_BLOCK), triton.cdiv(M, IOU_BLOCK))
+    grid = (cdiv(N, IOU_BLOCK), cdiv(M, IOU_BLOCK))
     check_grid(grid)
     _box_iou_kernel[grid](a, b, out, N, M, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                           ACC=acc, BLOCK_M=IOU_BLOCK, BLOCK_N=IOU_BLOCK)
@@ -212,10 +212,10 @@ def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor
     R, C = flat.shape
     out = empty(R, C, dtype=boxes.dtype, device=boxes.device)
     if R and C:
-        block_c = triton.next_power_of_2(C)
+        block_c = next_pow2(C)
         block_r = max(1, ELEM_BLOCK // block_c)
         acc = tl_accumulation(boxes.dtype)
-        grid = (triton.cdiv(R, block_r),)
+        grid = (cdiv(R, block_r),)
         check_grid(grid)
         dt = accumulation_dtype(boxes.dtype)
         _clip_kernel[grid](flat, out, R, C, flat.stride(0), flat.stride(1),
@@ -287,9 +287,9 @@ def decode_boxes(rel_codes: torch.Tensor, boxes: torch.Tensor, weights, clip: fl
     if N == 0 or K == 0:
         return out
     acc = tl_accumulation(rel_codes.dtype)
-    block_k = min(triton.next_power_of_2(K), 32)
+    block_k = min(next_pow2(K), 32)
     block_n = max(1, ELEM_BLOCK // block_k)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    grid = (cdiv(N, block_n), cdiv(K, block_k))
     check_grid(grid)
     height, width = (0.0, 0.0) if image_size is None else image_size
     dt = accumulation_dtype(rel_codes.dtype)
@@ -471,7 +471,7 @@ def bitmask_size(n: int, segmented: bool) -> tuple[int, int]:
     segments of up to GUESS_SEGMENT boxes (n * ceil(min(n, GUESS_SEGMENT) /
     64) words bound sum n_s * ceil(n_s / 64) when no n_s is longer)."""
     longest = min(n, GUESS_SEGMENT) if segmented else n
-    return longest, n * triton.cdiv(longest, WORD)
+    return longest, n * cdiv(longest, WORD)
 
 
 def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, keys: list[torch.Tensor],
@@ -491,11 +491,11 @@ def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, keys: list[torch.Tensor]
                 torch.zeros(2, dtype=torch.int64, device=device), (0, 0))
     row_offset, needed = bitmask_layout(seg_start, seg_end)
     longest, capacity = size if size is not None else bitmask_size(n, bool(keys))
-    max_words = triton.cdiv(longest, WORD)
+    max_words = cdiv(longest, WORD)
     acc = accumulation_dtype(boxes.dtype)
     sorted_boxes = boxes[sorted_order].to(acc).contiguous()
     mask = empty(capacity, dtype=torch.int64, device=device)
-    grid = (triton.cdiv(n, NMS_BLOCK_M), max_words)
+    grid = (cdiv(n, NMS_BLOCK_M), max_words)
     check_grid(grid)
     _nms_mask_kernel[grid](sorted_boxes, seg_start, seg_end, row_offset, mask, n, capacity,
                            _threshold_bits(iou_threshold, acc), ACC=tl_accumulation(acc),
@@ -503,7 +503,7 @@ def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, keys: list[torch.Tensor]
                            enable_fp_fusion=False)  # torchvision's IoU, step for step (no FMA)
     removed = torch.zeros(n, dtype=torch.int64, device=device)
     keep_sorted = empty(n, dtype=torch.int8, device=device)
-    _nms_scan_kernel[(triton.cdiv(n, WORD),)](mask, seg_start, seg_end, row_offset, removed,
+    _nms_scan_kernel[(cdiv(n, WORD),)](mask, seg_start, seg_end, row_offset, removed,
                                               keep_sorted, n, capacity, max_words,
                                               WORD_BITS=WORD, BLOCK_W=SCAN_BLOCK_W,
                                               num_warps=1)

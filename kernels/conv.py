@@ -51,7 +51,7 @@ from ._gemm import (
     tl_accumulation,
     tune_bucket,
 )
-from ._layout import block_size, check_grid, empty, target_programs
+from ._layout import block_size, cdiv, check_grid, empty, target_programs
 
 
 # --------------------------------------------------------------------------
@@ -493,7 +493,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
         return y
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), groups)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(C_out, meta["BLOCK_N"]), groups)
 
     check_grid(grid)
     x, y, result = channels_last_operand(x), channels_last_output(y), y
@@ -528,10 +528,10 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
         return dx
     res_h = residue_candidates(stride[0], dilation[0], KH)
     res_w = residue_candidates(stride[1], dilation[1], KW)
-    M = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
+    M = N * cdiv(H, stride[0]) * cdiv(W, stride[1])
 
     def grid(meta):
-        return (res_h * res_w * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),
+        return (res_h * res_w * cdiv(M, meta["BLOCK_M"]) * cdiv(C_in, meta["BLOCK_N"]),
                 groups)
 
     check_grid(grid)
@@ -563,17 +563,17 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     if C_in == 1:
         return _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_dtype,
                                       splits)
-    tiles = triton.cdiv(C_out, 64) * triton.cdiv(C_in, 64) * KH * KW * groups
+    tiles = cdiv(C_out, 64) * cdiv(C_in, 64) * KH * KW * groups
     if splits is None:
         # enough programs for a few waves, each with at least 256 pixels
         splits = max(1, min(_split_target(x.device) // max(tiles, 1), pixels // 256))
-    per_split = triton.cdiv(triton.cdiv(pixels, splits), 64) * 64
-    splits = triton.cdiv(pixels, per_split)
+    per_split = cdiv(cdiv(pixels, splits), 64) * 64
+    splits = cdiv(pixels, per_split)
     partial = empty((splits, C_out_total, C_in, KH, KW), dtype=acc_dtype, device=x.device)
     x, dy = channels_last_operand(x), channels_last_operand(dy)
 
     def grid(meta):
-        return (KH * KW * triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),
+        return (KH * KW * cdiv(C_out, meta["BLOCK_M"]) * cdiv(C_in, meta["BLOCK_N"]),
                 groups, splits)
 
     check_grid(grid)
@@ -604,7 +604,7 @@ def _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> 
     C_out, _, KH, KW = w.shape
     OH, OW = y.shape[-2:]
     bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
-    grid = (triton.cdiv(N * OH * OW, bm), triton.cdiv(C_out, bc))
+    grid = (cdiv(N * OH * OW, bm), cdiv(C_out, bc))
     check_grid(grid)
     _depthwise_fwd_kernel[grid](
         x, w, bias_vector(bias, w), y, N, C, H, W, C_out // C, OH, OW, KH, KW,
@@ -618,7 +618,7 @@ def _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation) -> Non
     C_out, _, KH, KW = w.shape
     OH, OW = dy.shape[-2:]
     bm, bc = _depthwise_tile(C, dx.stride(1) == 1)
-    grid = (triton.cdiv(N * H * W, bm), triton.cdiv(C, bc))
+    grid = (cdiv(N * H * W, bm), cdiv(C, bc))
     check_grid(grid)
     _depthwise_bwd_input_kernel[grid](
         dy, w, bias_vector(bias, w), dx, N, C, H, W, C_out // C, OH, OW, KH, KW,
@@ -635,12 +635,12 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
     pixels = N * OH * OW
     bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
     if splits is None:
-        tiles = triton.cdiv(C_out, bc) * KH * KW
+        tiles = cdiv(C_out, bc) * KH * KW
         splits = max(1, min(_split_target(x.device) // tiles, pixels // 1024))
-    per_split = triton.cdiv(triton.cdiv(pixels, splits), bm) * bm
-    splits = triton.cdiv(pixels, per_split)
+    per_split = cdiv(cdiv(pixels, splits), bm) * bm
+    splits = cdiv(pixels, per_split)
     partial = empty((splits, C_out, KH * KW), dtype=acc_dtype, device=x.device)
-    grid = (KH * KW * triton.cdiv(C_out, bc), splits)
+    grid = (KH * KW * cdiv(C_out, bc), splits)
     check_grid(grid)
     _depthwise_bwd_weight_kernel[grid](
         dy, x, partial, N, C, H, W, C_out // C, OH, OW, KH, KW,

@@ -51,7 +51,7 @@ from ._gemm import (
     precision,
     tune_bucket,
 )
-from ._layout import check_grid, empty
+from ._layout import cdiv, check_grid, empty
 
 
 @triton.jit
@@ -192,11 +192,11 @@ def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilati
                  or (config is not None and config["BLOCK_N"] < taps))
     if tap_major:
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * taps * triton.cdiv(C_out, meta["BLOCK_N"]),
+            return (cdiv(M, meta["BLOCK_M"]) * taps * cdiv(C_out, meta["BLOCK_N"]),
                     groups)
     else:
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out * taps, meta["BLOCK_N"]),
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(C_out * taps, meta["BLOCK_N"]),
                     groups)
 
     check_grid(grid)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import block_size, check_grid, empty, tl_accumulation
+from ._layout import block_size, cdiv, check_grid, empty, tl_accumulation
 from ._math import div
 from .roi_align import _adaptive_grid, _bilinear, _sample_coord
 
@@ -178,7 +178,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_height: int, ima
         return out
     bh = block_h or block_size(H, 8)
     bw = block_w or block_size(W, 128)
-    grid = (N, triton.cdiv(H, bh), triton.cdiv(W, bw))
+    grid = (N, cdiv(H, bh), cdiv(W, bw))
     check_grid(grid)
     parts = _threshold_parts(threshold) if threshold is not None else (0.0, 0.0, 0.0)
     _paste_masks_kernel[grid](
@@ -250,7 +250,7 @@ def mask_targets(gt_masks: torch.Tensor, rois: torch.Tensor, matched_idxs: torch
     if gt_masks.dtype == torch.bool:
         gt_masks = gt_masks.view(torch.uint8)  # same bytes, no copy
     bp = block_p or block_size(M * M, 256)
-    grid = (K, triton.cdiv(M * M, bp))
+    grid = (K, cdiv(M * M, bp))
     check_grid(grid)
     _mask_targets_kernel[grid](
         gt_masks, rois, matched_idxs, out, G, H, W, M,

@@ -33,6 +33,7 @@ import triton.language as tl
 from .._checks import ArgumentError, accumulation_dtype
 from ._layout import (
     block_size,
+    cdiv,
     empty,
     empty_like,
     flatten_trailing,
@@ -502,11 +503,11 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
     if N == 0 or C == 0 or S == 0:
         return torch.zeros((3, N, C), device=input.device, dtype=sums_dtype(input))
     BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
-    s_blocks = triton.cdiv(S, BLOCK_S)
+    s_blocks = cdiv(S, BLOCK_S)
     check_programs("input", input, N)
-    programs_per_sample = max(1, min(s_blocks, triton.cdiv(target_programs(input.device), N)))
-    s_per_prog = triton.cdiv(s_blocks, programs_per_sample) * BLOCK_S
-    P = triton.cdiv(S, s_per_prog)
+    programs_per_sample = max(1, min(s_blocks, cdiv(target_programs(input.device), N)))
+    s_per_prog = cdiv(s_blocks, programs_per_sample) * BLOCK_S
+    P = cdiv(S, s_per_prog)
     part = empty((3, N, P, C), device=input.device, dtype=sums_dtype(input))
     _overlap_sums_fwd_kernel[(N, P)](
         x, t, part,
@@ -532,7 +533,7 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
     x, t, dense = _as_ncs(input, target)
     S = x.shape[2]
     BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
-    s_blocks = triton.cdiv(S, BLOCK_S)
+    s_blocks = cdiv(S, BLOCK_S)
     check_programs("input", input, N * s_blocks)
     grad = empty_like(x)
     if grad.numel() == 0:
@@ -574,7 +575,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     # bin takes the pixels that do not count
     num_bins = next_pow2(C * C + 1)
     diag_bins = next_pow2(C + 1)
-    s_blocks = triton.cdiv(S, BLOCK_S)
+    s_blocks = cdiv(S, BLOCK_S)
     check_programs("target", target, N * s_blocks)
     cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
     _confusion_matrix_kernel[(N * s_blocks,)](

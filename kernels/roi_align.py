@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .._checks import accumulation_dtype
 from .._format import memory_format_of
-from ._layout import block_size, device_table, empty, tl_accumulation
+from ._layout import block_size, cdiv, device_table, empty, tl_accumulation
 from ._math import div
 
 # adaptive sample counts from here up do not fit torchvision's int: no samples
@@ -500,7 +500,7 @@ def _bin_block(P: int, most: int) -> int:
     """The largest power of 2 up to ``most`` whose blocks cover the P bins
     with at most 1/16 of the lanes masked, else the one that masks fewest."""
     sizes = [b for b in (1 << i for i in range(11)) if b <= max(most, 1)]
-    masked = {b: triton.cdiv(P, b) * b - P for b in sizes}
+    masked = {b: cdiv(P, b) * b - P for b in sizes}
     good = [b for b in sizes if masked[b] * 16 <= P]
     return max(good) if good else min(sizes, key=lambda b: (masked[b], -b))
 
@@ -526,7 +526,7 @@ def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled
     channels_last = all(f.stride(1) == 1 for f in features)
     P = pooled_height * pooled_width
     bc, bp = _tile(C, P, channels_last, block_c, block_p)
-    grid = (K, triton.cdiv(C, bc), triton.cdiv(P, bp))
+    grid = (K, cdiv(C, bc), cdiv(P, bp))
     _roi_align_fwd_kernel[grid](
         _pointers(features), rois, level_arg, _level_table(features), scale_table, out,
         C, pooled_height, pooled_width, N, sampling_ratio,
@@ -556,7 +556,7 @@ def roi_align_backward_atomic(grad, features, rois, levels, scales, pooled_heigh
         channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
         P = pooled_height * pooled_width
         bc, bp = _tile(C, P, channels_last, block_c, block_p)
-        grid = (K, triton.cdiv(C, bc), triton.cdiv(P, bp))
+        grid = (K, cdiv(C, bc), cdiv(P, bp))
         _roi_align_bwd_atomic_kernel[grid](
             grad, _pointers(features), rois, level_arg, _level_table(features),
             _level_table(buffers), scale_table, _pointers(buffers),
@@ -600,7 +600,7 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     buffers = _grad_buffers(features, features[0].dtype)
     C, N = features[0].shape[1], features[0].shape[0]
     tile_h, tile_w = tile
-    counts = [N * triton.cdiv(f.shape[2], tile_h) * triton.cdiv(f.shape[3], tile_w)
+    counts = [N * cdiv(f.shape[2], tile_h) * cdiv(f.shape[3], tile_w)
               for f in features]
     total = sum(counts)
     if total == 0 or C == 0:
@@ -610,7 +610,7 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     reach = _roi_reach(rois, levels, scale_table, order)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
     bc = block_c or block_size(C, 32)
-    grid = (total, triton.cdiv(C, bc))
+    grid = (total, cdiv(C, bc))
     _roi_align_bwd_deterministic_kernel[grid](
         grad, _pointers(features), rois, order, reach, segments, prefix,
         _level_table(features), _level_table(buffers), scale_table, _pointers(buffers),

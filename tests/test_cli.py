@@ -83,6 +83,7 @@ def test_roi_align_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     monkeypatch.setattr(bench, "LEVELS", [(8, 12), (4, 6), (2, 3), (1, 2)])
     monkeypatch.setattr(bench, "CHANNELS", 3)
     monkeypatch.setattr(bench, "HEADS", [("box", 5, 2)])
+    monkeypatch.setattr(bench, "DENSE_HEADS", [("box", 12, 2)])
     monkeypatch.setattr(bench, "DTYPES", [torch.bfloat16])
     monkeypatch.setattr(bench, "time_ms", call_once)
     monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
@@ -91,7 +92,10 @@ def test_roi_align_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     for op in ("roi_align", "multi_scale"):
         for direction in ("fwd", "fwd+bwd", "fwd+bwd det"):
             assert (op, direction, "segops") in keys and (op, direction, "torchvision") in keys
-    assert len(records) == 2 * 3 * 2 * 2
+    # the heads in both layouts, 3 directions; the dense head (bf16
+    # channels_last) in the 2 backward directions; 2 ops x 2 providers each
+    assert len(records) == (2 * 3 + 2) * 2 * 2
+    assert {r.shape for r in records if r.direction == "fwd"} == {"box 5x3x2^2"}
 
 
 def test_conv_benchmark_code_runs_at_tiny_sizes(monkeypatch):
