@@ -58,16 +58,31 @@ from ._layout import block_size, cdiv, check_grid, empty, target_programs
 # shared helpers
 # --------------------------------------------------------------------------
 @triton.jit
-def _tap_block(acc, a_rows, a_pixel, a_step, valid, b_cols, b_tap, b_step, offs_k, kmask, nmask,
+def _tap_block(acc, a_rows, a_tap, a_step, valid, b_cols, b_tap, b_step, offs_k, kmask, nmask,
                ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
     """acc += A @ B for one (tap, channel block): A[m, k] at a_rows[m] +
-    a_pixel[m] + k*a_step (rows where ``valid``: the tap lands inside the
-    map), B[k, n] at b_cols[n] + b_tap + k*b_step; masked elements read 0."""
-    a = tl.load(a_rows[:, None] + a_pixel[:, None] + offs_k.to(tl.int64)[None, :] * a_step,
+    a_tap + k*a_step (rows where ``valid``: the tap lands inside the map),
+    B[k, n] at b_cols[n] + b_tap + k*b_step; masked elements read 0. The
+    tap offsets are scalars: the per-row part of an address is computed
+    once, outside the loop (as int64 products per row and tap, it was
+    a third of the loop's instructions)."""
+    a = tl.load(a_rows[:, None] + (a_tap + offs_k.to(tl.int64) * a_step)[None, :],
                 mask=valid[:, None] & kmask[None, :], other=0.0)
-    b = tl.load(b_cols[None, :] + b_tap + offs_k.to(tl.int64)[:, None] * b_step,
+    b = tl.load(b_cols[None, :] + (b_tap + offs_k.to(tl.int64) * b_step)[:, None],
                 mask=kmask[:, None] & nmask[None, :], other=0.0)
     return mma(acc, a, b, ALLOW_TF32, UPCAST)
+
+
+@triton.jit
+def _next_step(kb, s, r, k_blocks, s_lo, s_hi):
+    """The (channel block, column tap, row tap) after (kb, s, r) in the
+    flattened loop: counters instead of a division per step."""
+    kb += 1
+    next_tap = kb == k_blocks
+    kb = tl.where(next_tap, 0, kb)
+    s = tl.where(next_tap, s + 1, s)
+    next_row = s == s_hi
+    return kb, tl.where(next_row, s_lo, s), tl.where(next_row, r + 1, r)
 
 
 @triton.jit
@@ -155,7 +170,12 @@ def _conv2d_fwd_kernel(
     nmask = offs_n < C_out
     n, oh, ow = _split_pixels(offs_m, OH, OW)
     co = group * C_out + offs_n
-    x_rows = x_ptr + n.to(tl.int64) * sxn + (group * C_in).to(tl.int64) * sxc
+    # tap (r, s) reads row ih0 + r*dil_h, column iw0 + s*dil_w: the per-row
+    # part of the address is fixed, the tap adds a scalar
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_rows = (x_ptr + n.to(tl.int64) * sxn + (group * C_in).to(tl.int64) * sxc
+              + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw)
     w_cols = w_ptr + co.to(tl.int64) * swo
 
     # the taps whose rows / columns can land inside the map for this tile's
@@ -168,21 +188,21 @@ def _conv2d_fwd_kernel(
                                dil_h, KH)
     s_lo, s_hi = _tap_interval(pad_w - ow_max * stride_w, W - 1 + pad_w - ow_min * stride_w,
                                dil_w, KW)
-    cols = s_hi - s_lo
     k_blocks = tl.cdiv(C_in, BLOCK_K)
-    steps = tl.where(empty, 0, (r_hi - r_lo) * cols * k_blocks)
+    steps = tl.where(empty, 0, (r_hi - r_lo) * (s_hi - s_lo) * k_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for step in range(0, steps):
-        tap = step // k_blocks
-        r = r_lo + tap // cols
-        s = s_lo + tap % cols
-        offs_k = (step % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kb = tl.full([], 0, tl.int32)
+    r = r_lo
+    s = s_lo
+    for _ in range(0, steps):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = offs_k < C_in
-        ih = oh * stride_h - pad_h + r * dil_h
-        iw = ow * stride_w - pad_w + s * dil_w
-        valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        acc = _tap_block(acc, x_rows, ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw, sxc, valid,
+        dh = r * dil_h
+        dw = s * dil_w
+        valid = mmask & (ih0 >= -dh) & (ih0 < H - dh) & (iw0 >= -dw) & (iw0 < W - dw)
+        acc = _tap_block(acc, x_rows, dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw, sxc, valid,
                          w_cols, r * swh + s * sww, swi, offs_k, kmask, nmask, ALLOW_TF32, UPCAST)
+        kb, s, r = _next_step(kb, s, r, k_blocks, s_lo, s_hi)
     _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, nmask, syn, syc, syh, syw,
                     HAS_BIAS, RELU)
 
@@ -231,7 +251,11 @@ def _conv2d_bwd_input_kernel(
     ih = rh + i * stride_h
     iw = rw + j * stride_w
     ci = group * C_in + offs_n
-    dy_rows = dy_ptr + n.to(tl.int64) * sdyn + (group * C_out).to(tl.int64) * sdyc
+    # tap (r, s) of this residue class reads dy at row i + (rh + pad_h -
+    # r*dil_h) / stride_h (an exact division) and the like for columns: the
+    # per-row part of the address is fixed, the tap adds a scalar
+    dy_rows = (dy_ptr + n.to(tl.int64) * sdyn + (group * C_out).to(tl.int64) * sdyc
+               + i.to(tl.int64) * sdyh + j.to(tl.int64) * sdyw)
     w_cols = w_ptr + (group * C_out).to(tl.int64) * swo + offs_n.to(tl.int64) * swi
 
     # the taps of this residue class are th + j*period_h (th the candidate
@@ -243,24 +267,24 @@ def _conv2d_bwd_input_kernel(
     iw_min, iw_max, _ = _lane_range(iw, mmask)
     jh_lo, jh_hi = _residue_taps(ih_min, ih_max, th, period_h, pad_h, dil_h, stride_h, OH, KH)
     jw_lo, jw_hi = _residue_taps(iw_min, iw_max, tw, period_w, pad_w, dil_w, stride_w, OW, KW)
-    cols = jw_hi - jw_lo
     k_blocks = tl.cdiv(C_out, BLOCK_K)
-    steps = tl.where(empty, 0, (jh_hi - jh_lo) * cols * k_blocks)
+    steps = tl.where(empty, 0, (jh_hi - jh_lo) * (jw_hi - jw_lo) * k_blocks)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for step in range(0, steps):
-        tap = step // k_blocks
-        r = th + (jh_lo + tap // cols) * period_h
-        s = tw + (jw_lo + tap % cols) * period_w
-        offs_k = (step % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kb = tl.full([], 0, tl.int32)
+    jh = jh_lo
+    jw = jw_lo
+    for _ in range(0, steps):
+        r = th + jh * period_h
+        s = tw + jw * period_w
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = offs_k < C_out
-        num_h = ih + pad_h - r * dil_h  # a multiple of stride_h for this residue
-        num_w = iw + pad_w - s * dil_w
-        oh = num_h // stride_h
-        ow = num_w // stride_w
-        valid = mmask & (num_h >= 0) & (oh < OH) & (num_w >= 0) & (ow < OW)
-        acc = _tap_block(acc, dy_rows, oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw, sdyc,
+        dh = (rh + pad_h - r * dil_h) // stride_h
+        dw = (rw + pad_w - s * dil_w) // stride_w
+        valid = mmask & (i >= -dh) & (i < OH - dh) & (j >= -dw) & (j < OW - dw)
+        acc = _tap_block(acc, dy_rows, dh.to(tl.int64) * sdyh + dw.to(tl.int64) * sdyw, sdyc,
                          valid, w_cols, r * swh + s * sww, swo, offs_k, kmask, nmask,
                          ALLOW_TF32, UPCAST)
+        kb, jw, jh = _next_step(kb, jw, jh, k_blocks, jw_lo, jw_hi)
     _epilogue_store(acc, dx_ptr, b_ptr, n, ih, iw, ci, mmask, nmask, sdxn, sdxc, sdxh, sdxw,
                     HAS_BIAS, False)
 
