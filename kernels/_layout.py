@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from .._checks import ArgumentError, accumulation_dtype
 
@@ -99,6 +100,15 @@ def next_pow2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1), in plain Python: Triton's
     own is a ConstexprFunction, several microseconds a call from the host."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def offset_type(*tensors: torch.Tensor):
+    """tl.int32 when every element of ``tensors`` lies less than 2^31
+    elements from its first one (the kernels' per-element offsets then fit
+    32 bits, one instruction a product instead of three), else tl.int64."""
+    span = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+               for t in tensors if t.numel() > 0) if any(t.numel() for t in tensors) else 0
+    return tl.int32 if span < 2**31 - 1 else tl.int64
 
 
 def cdiv(a: int, b: int) -> int:

@@ -51,7 +51,8 @@ from ._gemm import (
     tl_accumulation,
     tune_bucket,
 )
-from ._layout import block_size, cdiv, check_grid, empty, target_programs
+from ._layout import block_size, cdiv, check_grid, empty, offset_type, target_programs
+from ._math import divisor_magic, fast_div
 
 
 # --------------------------------------------------------------------------
@@ -132,6 +133,16 @@ def _split_pixels(offs, OH, OW):
     n = offs // (OH * OW)
     rem = offs % (OH * OW)
     return n, rem // OW, rem % OW
+
+
+@triton.jit
+def _split_pixels_fast(offs, OH, OW, image_mul, image_shift, row_mul, row_shift):
+    """_split_pixels with the divisions by OH*OW and OW as fast_div (for a
+    loop that splits pixels at every step)."""
+    n = fast_div(offs, OH * OW, image_mul, image_shift)
+    rem = offs - n * (OH * OW)
+    oh = fast_div(rem, OW, row_mul, row_shift)
+    return n, oh, rem - oh * OW
 
 
 @triton.jit
@@ -298,12 +309,16 @@ def _conv2d_bwd_weight_kernel(
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw, split_pixels, split_stride, tune_pixels,
+    image_mul, image_shift, row_mul, row_shift,
     ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, OFFSET: tl.constexpr,
 ):
     """Partial dw over one split of the pixels, into part[split] of shape
     (C_out * groups, C_in, KH, KW), contiguous. Axis 0 is (tap, tile),
-    axis 1 the group, axis 2 the split."""
+    axis 1 the group, axis 2 the split. OFFSET is the type of the per-pixel
+    offsets the loop computes (int32 when the launcher proved both tensors
+    span less than 2^31 elements: a third of the loop's instructions were
+    int64 products)."""
     group = tl.program_id(1)
     split = tl.program_id(2)
     tiles_n = tl.cdiv(C_in, BLOCK_N)
@@ -326,12 +341,13 @@ def _conv2d_bwd_weight_kernel(
     for p0 in range(start, stop, BLOCK_K):
         offs_k = p0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < stop
-        n, oh, ow = _split_pixels(offs_k, OH, OW)
+        n, oh, ow = _split_pixels_fast(offs_k, OH, OW, image_mul, image_shift, row_mul,
+                                       row_shift)
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         valid = kmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dy_rows = n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
-        x_rows = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        dy_rows = n.to(OFFSET) * sdyn + oh.to(OFFSET) * sdyh + ow.to(OFFSET) * sdyw
+        x_rows = n.to(OFFSET) * sxn + ih.to(OFFSET) * sxh + iw.to(OFFSET) * sxw
         a = tl.load(dy_cols[:, None] + dy_rows[None, :],
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(x_cols[None, :] + x_rows[:, None],
@@ -603,8 +619,9 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     check_grid(grid)
     args = (dy, x, partial, N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
-            partial.stride(0), tune_bucket(pixels))
-    constexprs = precision(x)
+            partial.stride(0), tune_bucket(pixels), *divisor_magic(OH * OW),
+            *divisor_magic(OW))
+    constexprs = dict(precision(x), OFFSET=offset_type(dy, x))
     launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
            x.device, _FORWARD_KEY)
     return partial[0] if splits == 1 else partial.sum(0)

@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from helpers import (
     DEVICE,
     KERNEL_DTYPES,
@@ -27,6 +29,7 @@ import segops
 from segops import _checks
 from segops.kernels import _gemm as gemm
 from segops.kernels import conv as kernels
+from segops.kernels._math import divisor_magic, fast_div
 from segops.reference import conv as ref
 
 F64 = RTOL[torch.float64]
@@ -363,6 +366,57 @@ def test_offsets_past_2_to_the_31():
     out = segops.ops.atrous_conv2d(x, w, padding=2, dilation=2)
     want = F.conv2d(x[..., -10:, -10:].double(), w.double(), padding=2, dilation=2)
     assert_close(out[..., -8:, -8:], want[..., -8:, -8:], RTOL[torch.bfloat16])
+
+
+@triton.jit
+def _divide_kernel(x_ptr, out_ptr, d, multiplier, shift, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, fast_div(tl.load(x_ptr + offs), d, multiplier, shift))
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 3, 7, 65, 4225, 1089, 2**20 + 7, 2**30 + 3, 2**31 - 1])
+def test_fast_div_is_exact_for_every_int32_dividend(divisor):
+    """fast_div (the grad_weight loop's pixel split) equals // for dividends
+    across [0, 2^31), the ends and the multiples of the divisor included."""
+    generator = torch.Generator().manual_seed(divisor)
+    edges = [0, 1, divisor - 1, divisor, divisor + 1, 2**31 - 2, 2**31 - 1,
+             (2**31 - 1) // divisor * divisor, (2**31 - 1) // divisor * divisor - 1]
+    x = torch.cat([torch.tensor(edges, dtype=torch.int64).clamp(0, 2**31 - 1),
+                   torch.randint(0, 2**31 - 1, (1024 - len(edges),), generator=generator)])
+    x = x.to(torch.int32).to(DEVICE)
+    out = torch.empty_like(x)
+    _divide_kernel[(1,)](x, out, divisor, *divisor_magic(divisor), BLOCK=1024)
+    assert torch.equal(out.cpu(), x.cpu() // divisor)
+
+
+def test_offset_type_is_int64_from_2_to_the_31():
+    """The grad_weight loop's per-pixel offsets are int32 only when both
+    tensors span less than 2^31 elements (shapes and strides only: meta)."""
+    from segops.kernels._layout import offset_type
+
+    def spanning(last):  # its first and last elements ``last`` apart
+        return torch.empty_strided((2, 2), (last - 1, 1), device="meta")
+    small = spanning(2**31 - 2)
+    assert offset_type(small, spanning(10)) == tl.int32
+    assert offset_type(small, spanning(2**31 - 1)) == tl.int64
+    assert offset_type(torch.empty_strided((3, 2), (2**30, 1), device="meta")) == tl.int64
+    assert offset_type(torch.empty((0, 5), device="meta")) == tl.int32
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=[f"case{i}" for i in range(4)])
+def test_grad_weight_with_64_bit_offsets(case, monkeypatch):
+    """The int64 variant of the grad_weight loop (taken past 2^31 elements)
+    on small tensors, against F.conv2d."""
+    monkeypatch.setattr(kernels, "offset_type", lambda *tensors: tl.int64)
+    x, w, _ = make_tensors(case)
+    args = conv_args(case)
+    want = F.conv2d(x.cpu(), w.cpu(), **args)
+    grad = torch.randn_like(want)
+    _, (_, got) = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w,
+                                    None, grad.to(DEVICE))
+    _, (_, expected) = forward_and_grads(lambda *t: F.conv2d(*t, **args), x.cpu(), w.cpu(),
+                                         None, grad)
+    assert_close(got, expected, F64, name="grad_weight")
 
 
 def test_more_than_2_to_the_31_pixels_is_a_clear_error():
