@@ -20,7 +20,8 @@ and 16-byte-aligned pointers get ``tt.divisibility=16``), compiled with
 cubin read with ``cuobjdump --dump-resource-usage`` and ``cuobjdump -sass``
 (both ship with Triton). Per variant: registers, spill stores/loads (STL/LDL),
 stack, shared memory, tensor-core instructions (HGMMA/HMMA), async copies
-(LDGSTS, TMA), global load/store/atomic widths, MUFU, CTAs per SM on an H100.
+(LDGSTS, TMA), global load/store/atomic widths, MUFU, CTAs per SM on an H100,
+and the instructions of the largest loop body (a GEMM's K-step, per warp).
 
 Three things differ from a run on a GPU, on purpose: the launchers see a CPU
 device, so (1) the interpreter's bf16 detour (the ``UPCAST`` constexpr) is
@@ -753,13 +754,17 @@ class Capture:
             num_stages=options.num_stages, grid=grid, key=_compile_key(job, self.arch), job=job))
 
 
+# bumped when sass_stats reads something new, so cached variants are re-read
+_STATS_VERSION = 2
+
+
 def _compile_key(job, arch: int) -> str:
     import triton
     from triton.compiler import ASTSource
     fn, signature, constexprs, attrs, options = job
     source = ASTSource(fn, signature, constexprs, attrs).hash()
     opts = sorted((k, repr(v)) for k, v in options.__dict__.items())
-    text = json.dumps([triton.__version__, arch, source, opts])
+    text = json.dumps([triton.__version__, arch, source, opts, _STATS_VERSION])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -837,6 +842,16 @@ def _width(opcode: str) -> int:
     return 32
 
 
+_BRANCH = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`\()?0x([0-9a-f]+)")
+
+
+def _largest_loop(sass: str) -> int:
+    """Instructions in the largest loop body: the span of the longest
+    backward branch (a GEMM's main loop: what one K-step issues per warp)."""
+    spans = [int(at, 16) - int(target, 16) for at, target in _BRANCH.findall(sass)]
+    return max([span // 16 + 1 for span in spans if span > 0], default=0)
+
+
 def sass_stats(sass: str) -> dict:
     """Instruction counts (static, in the binary) that say how a kernel uses
     the machine."""
@@ -872,6 +887,7 @@ def sass_stats(sass: str) -> dict:
         elif base in ("FFMA", "DFMA", "HFMA2"):
             s[base.lower()] += n
     s["instructions"] = sum(counts.values())
+    s["loop_instructions"] = _largest_loop(sass)
     out = dict(s)
     for key in ("ld128", "ld64", "ld32", "ld16", "ld8", "st128", "st64", "st32", "st16", "st8",
                 "ldgsts", "tma", "hgmma", "hmma", "mufu", "atomics", "spill_stores",
@@ -1184,6 +1200,7 @@ TABLE_COLUMNS = [
     ("st16", 4, lambda r: r["st16"]),
     ("atom", 4, lambda r: r.get("atomics")),
     ("mufu", 4, lambda r: r["mufu"]),
+    ("loop", 4, lambda r: r.get("loop_instructions")),
 ]
 
 

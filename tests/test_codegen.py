@@ -166,6 +166,21 @@ SASS = """
 """
 
 
+LOOPS = """
+        /*0100*/                   IMAD R1, R2, R3, RZ ;
+        /*0110*/              @!P4 BRA 0x0200 ;
+        /*0120*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0130*/               @P4 BRA 0x0100 ;
+        /*0140*/                   BRA 0x0120 ;
+        /*0150*/                   BRA 0x0150;
+"""
+
+
+def test_largest_loop_is_the_longest_backward_branch():
+    assert sass_stats(LOOPS)["loop_instructions"] == 4   # 0x100 .. 0x130
+    assert sass_stats(SASS)["loop_instructions"] == 0
+
+
 def test_sass_counts():
     s = sass_stats(SASS)
     assert (s["ld128"], s["ld16"], s["ld_global"]) == (1, 1, 2)
