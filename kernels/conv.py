@@ -442,10 +442,12 @@ def _depthwise_bwd_weight_kernel(
     N, C, H, W, MULT, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw, split_pixels, split_stride,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    image_mul, image_shift, row_mul, row_shift,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, OFFSET: tl.constexpr,
 ):
     """Partial dw over one split of the output pixels, into part[split] of
-    shape (C*MULT, KH*KW), contiguous; program axis 0 is (tap, channel block)."""
+    shape (C*MULT, KH*KW), contiguous; program axis 0 is (tap, channel block).
+    The pixel split and OFFSET as in _conv2d_bwd_weight_kernel."""
     blocks_c = tl.cdiv(C * MULT, BLOCK_C)
     tap = tl.program_id(0) // blocks_c
     co = (tl.program_id(0) % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -462,12 +464,12 @@ def _depthwise_bwd_weight_kernel(
     for p0 in range(start, stop, BLOCK_M):
         offs = p0 + tl.arange(0, BLOCK_M)
         pmask = offs < stop
-        n, oh, ow = _split_pixels(offs, OH, OW)
+        n, oh, ow = _split_pixels_fast(offs, OH, OW, image_mul, image_shift, row_mul, row_shift)
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dy_rows = n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
-        x_rows = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        dy_rows = n.to(OFFSET) * sdyn + oh.to(OFFSET) * sdyh + ow.to(OFFSET) * sdyw
+        x_rows = n.to(OFFSET) * sxn + ih.to(OFFSET) * sxh + iw.to(OFFSET) * sxw
         g = tl.load(dy_cols[None, :] + dy_rows[:, None], mask=pmask[:, None] & cmask[None, :],
                     other=0.0)
         xv = tl.load(x_cols[None, :] + x_rows[:, None], mask=valid[:, None] & cmask[None, :],
@@ -686,6 +688,7 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
     _depthwise_bwd_weight_kernel[grid](
         dy, x, partial, N, C, H, W, C_out // C, OH, OW, KH, KW,
         *_conv_params(stride, padding, dilation), *dy.stride(), *x.stride(), per_split,
-        partial.stride(0), BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(x.dtype))
+        partial.stride(0), *divisor_magic(OH * OW), *divisor_magic(OW),
+        BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(x.dtype), OFFSET=offset_type(dy, x))
     total = partial[0] if splits == 1 else partial.sum(0)
     return total.view(weight_shape)

@@ -403,13 +403,23 @@ def test_offset_type_is_int64_from_2_to_the_31():
     assert offset_type(torch.empty((0, 5), device="meta")) == tl.int32
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=[f"case{i}" for i in range(4)])
+DEPTHWISE_CASE = dict(x=(2, 4, 9, 11), w=(8, 1, 3, 3),
+                      args=dict(stride=1, padding=2, dilation=2, groups=4))
+
+
+@pytest.mark.parametrize("case", CASES[:4] + ["depthwise"],
+                         ids=[f"case{i}" for i in range(4)] + ["depthwise"])
 def test_grad_weight_with_64_bit_offsets(case, monkeypatch):
-    """The int64 variant of the grad_weight loop (taken past 2^31 elements)
-    on small tensors, against F.conv2d."""
+    """The int64 variant of the grad_weight loops (GEMM and depthwise; taken
+    past 2^31 elements) on small tensors, against F.conv2d."""
     monkeypatch.setattr(kernels, "offset_type", lambda *tensors: tl.int64)
-    x, w, _ = make_tensors(case)
-    args = conv_args(case)
+    if case == "depthwise":
+        x = torch.randn(DEPTHWISE_CASE["x"], dtype=torch.float64, device=DEVICE)
+        w = torch.randn(DEPTHWISE_CASE["w"], dtype=torch.float64, device=DEVICE)
+        args = DEPTHWISE_CASE["args"]
+    else:
+        x, w, _ = make_tensors(case)
+        args = conv_args(case)
     want = F.conv2d(x.cpu(), w.cpu(), **args)
     grad = torch.randn_like(want)
     _, (_, got) = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w,
