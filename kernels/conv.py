@@ -382,17 +382,24 @@ def _depthwise_fwd_kernel(
     mmask = offs_m < N * OH * OW
     cmask = co < C * MULT
     n, oh, ow = _split_pixels(offs_m, OH, OW)
-    x_base = x_ptr + n.to(tl.int64)[:, None] * sxn + (co // MULT).to(tl.int64)[None, :] * sxc
+    # as in the GEMM forward: a per-row base outside the loops, the tap as a
+    # scalar, and the 2-D sum formed inside the loop (hoisted, a 2-D pointer
+    # tile held 2 registers per element across it)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_rows = x_ptr + n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    x_channels = (co // MULT).to(tl.int64) * sxc
     w_base = w_ptr + co.to(tl.int64) * swo
     acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for r in range(0, KH):
-        ih = oh * stride_h - pad_h + r * dil_h
-        valid_h = mmask & (ih >= 0) & (ih < H)
+        dh = r * dil_h
+        valid_h = mmask & (ih0 >= -dh) & (ih0 < H - dh)
         for s in range(0, KW):
-            iw = ow * stride_w - pad_w + s * dil_w
-            valid = valid_h & (iw >= 0) & (iw < W)
-            pixel = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            xv = tl.load(x_base + pixel[:, None], mask=valid[:, None] & cmask[None, :], other=0.0)
+            dw = s * dil_w
+            valid = valid_h & (iw0 >= -dw) & (iw0 < W - dw)
+            tap = dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw
+            xv = tl.load((x_rows + tap)[:, None] + x_channels[None, :],
+                         mask=valid[:, None] & cmask[None, :], other=0.0)
             wv = tl.load(w_base + r * swh + s * sww, mask=cmask, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
     _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, cmask, syn, syc, syh, syw,
