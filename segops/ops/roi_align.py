@@ -305,8 +305,15 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
     pooled = int_pair("output_size", output_size, 1)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     check_choice("pool_mode", pool_mode, POOL_MODES)
-    if validate_args and not torch.compiler.is_compiling():
-        _check_batch_indices(rois, features[0].shape[0])
+    N = features[0].shape[0]
+    if isinstance(boxes, (list, tuple)):
+        # the batch indices are the list positions: checked here, on the
+        # host, for free (the device check costs a dozen small launches)
+        if len(boxes) > N:
+            raise ArgumentError(f"boxes holds {len(boxes)} tensors, one per image, for a "
+                                f"batch of {N} images")
+    elif validate_args and not torch.compiler.is_compiling():
+        _check_batch_indices(rois, N)
     return rois, pooled, sampling_ratio
 
 

@@ -534,6 +534,10 @@ BAD_CALLS = [
      lambda: ((_x(), torch.tensor([[0.5, 0, 0, 1, 1]])), {})),
     ("batch index nan", segops.ArgumentError,
      lambda: ((_x(), torch.tensor([[float("nan"), 0, 0, 1, 1]])), {})),
+    ("3 tensors, one per image, for a batch of 2", segops.ArgumentError,
+     lambda: ((_x(), [torch.zeros(1, 4)] * 3), {})),
+    ("3 tensors, one per image, for a batch of 2", segops.ArgumentError,
+     lambda: ((_x(), [torch.zeros(1, 4)] * 3), {"validate_args": False})),
     ("real coordinates", segops.ArgumentTypeError,
      lambda: ((_x(), torch.zeros(1, 5, dtype=torch.bool)), {})),
     ("spatial_scale must be >= 0", segops.ArgumentError,
@@ -553,13 +557,16 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("match,error,make", BAD_CALLS, ids=[m for m, _, _ in BAD_CALLS])
+@pytest.mark.parametrize("match,error,make", BAD_CALLS,
+                         ids=[f"{m} {i}" for i, (m, _, _) in enumerate(BAD_CALLS)])
 def test_bad_input_errors(match, error, make):
     (x, boxes), kwargs = make()
     if match.startswith("batch index"):
         x = x.cpu()  # on CUDA a device-side assert: test_bad_batch_index_asserts_on_cuda
     if isinstance(boxes, torch.Tensor):
         boxes = boxes.to(x.device)
+    elif isinstance(boxes, list):
+        boxes = [b.to(x.device) for b in boxes]
     kwargs.setdefault("output_size", 2)
     with pytest.raises(error, match=match):
         segops.ops.roi_align(x, boxes, **kwargs)
