@@ -5,7 +5,6 @@ import functools
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 from .._checks import ArgumentError, accumulation_dtype
@@ -70,7 +69,6 @@ def target_programs(device: torch.device) -> int:
 def tl_accumulation(dtype: torch.dtype):
     """The Triton accumulator dtype for inputs of ``dtype``: segops._checks'
     rule (float64 for float64, float32 otherwise, never a half type)."""
-    import triton.language as tl
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
@@ -91,11 +89,6 @@ def block_size(n: int, cap: int, floor: int = 1) -> int:
     return min(max(next_pow2(n), floor), cap)
 
 
-def warps_for(elements: int) -> int:
-    """num_warps for an elementwise/reduction tile of ``elements``."""
-    return 8 if elements >= 8192 else 4
-
-
 def next_pow2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1), in plain Python: Triton's
     own is a ConstexprFunction, several microseconds a call from the host."""
@@ -108,7 +101,7 @@ def offset_type(*tensors: torch.Tensor):
     32 bits, one instruction a product instead of three), else tl.int64."""
     span = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
                for t in tensors if t.numel() > 0) if any(t.numel() for t in tensors) else 0
-    return tl.int32 if span < 2**31 - 1 else tl.int64
+    return tl.int32 if span < 2**31 else tl.int64
 
 
 def cdiv(a: int, b: int) -> int:

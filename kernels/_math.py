@@ -10,14 +10,17 @@ def divisor_magic(d: int) -> tuple[int, int]:
     if d == 1:
         return 0, 0
     p = 31 + (d - 1).bit_length()
-    return -(-(1 << p) // d), p - 32
+    multiplier = -(-(1 << p) // d)  # in (2^31, 2^32): passed as the int32 of its bits
+    return multiplier - (1 << 32) if multiplier >= 1 << 31 else multiplier, p - 32
 
 
 @triton.jit
 def fast_div(x, d, multiplier, shift):
     """x // d for int32 x in [0, 2^31) with (multiplier, shift) =
     divisor_magic(d): a high multiply and a shift where a division by a
-    runtime value compiles to some twenty instructions per element."""
+    runtime value compiles to some twenty instructions per element. The
+    multiplier arrives as an int32 whose bits are the unsigned value (one
+    argument type for every divisor: no extra compile)."""
     q = (tl.umulhi(x.to(tl.uint32), multiplier.to(tl.uint32)) >> shift).to(tl.int32)
     return tl.where(d == 1, x, q)
 

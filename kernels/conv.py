@@ -24,7 +24,8 @@ buffer, no zero insertion):
   the splits write fp32 partials that the launcher sums (deterministic).
 
 Every tensor is addressed through its four strides, so NCHW, channels_last
-and strided views share the code; int64 offsets throughout. fp32 inputs use
+and strided views share the code; int64 offsets, but in the grad_weight
+loops, which use int32 when the launcher proves they fit (offset_type). fp32 inputs use
 TF32 only when ``torch.backends.cudnn.allow_tf32`` allows it, like F.conv2d.
 """
 from __future__ import annotations
@@ -303,7 +304,7 @@ def _conv2d_bwd_input_kernel(
 # --------------------------------------------------------------------------
 # grad_weight
 # --------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["image_mul", "image_shift", "row_mul", "row_shift"])
 def _conv2d_bwd_weight_kernel(
     dy_ptr, x_ptr, part_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
@@ -334,13 +335,16 @@ def _conv2d_bwd_weight_kernel(
     dy_cols = dy_ptr + (group * C_out + offs_m).to(tl.int64) * sdyc
     x_cols = x_ptr + (group * C_in + offs_n).to(tl.int64) * sxc
 
-    pixels = N * OH * OW
+    # this split's pixels start + [0, count): start + split_pixels would
+    # pass 2^31 for the last split of a map near MAX_PIXELS (masked lanes of
+    # start + local may wrap: they are never read)
     start = split * split_pixels
-    stop = tl.minimum(start + split_pixels, pixels)
+    count = tl.minimum(split_pixels, N * OH * OW - start)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for p0 in range(start, stop, BLOCK_K):
-        offs_k = p0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < stop
+    for p0 in range(0, count, BLOCK_K):
+        local = p0 + tl.arange(0, BLOCK_K)
+        kmask = local < count
+        offs_k = start + local
         n, oh, ow = _split_pixels_fast(offs_k, OH, OW, image_mul, image_shift, row_mul,
                                        row_shift)
         ih = oh * stride_h - pad_h + r * dil_h
@@ -443,7 +447,7 @@ def _depthwise_bwd_input_kernel(
                     HAS_BIAS, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["image_mul", "image_shift", "row_mul", "row_shift"])
 def _depthwise_bwd_weight_kernel(
     dy_ptr, x_ptr, part_ptr,
     N, C, H, W, MULT, OH, OW, KH, KW,
@@ -464,13 +468,13 @@ def _depthwise_bwd_weight_kernel(
     cmask = co < C * MULT
     dy_cols = dy_ptr + co.to(tl.int64) * sdyc
     x_cols = x_ptr + (co // MULT).to(tl.int64) * sxc
-    pixels = N * OH * OW
-    start = split * split_pixels
-    stop = tl.minimum(start + split_pixels, pixels)
+    start = split * split_pixels  # this split's pixels: as in _conv2d_bwd_weight_kernel
+    count = tl.minimum(split_pixels, N * OH * OW - start)
     acc = tl.zeros([BLOCK_C], ACC)
-    for p0 in range(start, stop, BLOCK_M):
-        offs = p0 + tl.arange(0, BLOCK_M)
-        pmask = offs < stop
+    for p0 in range(0, count, BLOCK_M):
+        local = p0 + tl.arange(0, BLOCK_M)
+        pmask = local < count
+        offs = start + local
         n, oh, ow = _split_pixels_fast(offs, OH, OW, image_mul, image_shift, row_mul, row_shift)
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w

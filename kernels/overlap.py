@@ -403,7 +403,7 @@ def _confusion_matrix_kernel(
         valid = valid & ~_is_ignored(raw_truth, ignore_index)
     bins = truth * C + label
     if NUM_BINS > 0:
-        # small C: histogram in registers first, one atomic per non-empty bin
+        # small C: a per-program histogram first, one atomic per non-empty bin
         bins = tl.where(valid, bins, NUM_BINS - 1).to(tl.int32)
         counts = tl.histogram(bins, NUM_BINS)
         offs_b = tl.arange(0, NUM_BINS)
@@ -464,14 +464,14 @@ def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, i
     256 classes (chunked beyond), 4096 elements per tile on 8 warps, 16 per
     thread. (The codegen report: at 32 per thread the forward and the
     confusion matrix take 128-255 registers, 1-2 CTAs per SM, and spill in
-    channels_last; at 16, 59-105 registers and 2-4 CTAs per SM.)"""
+    channels_last; at 16, 59-128 registers and 2-4 CTAs per SM.)"""
     BLOCK_C = block_c or block_size(C, 256)
     BLOCK_S = block_s or max(16, min(1024, _TILE_ELEMENTS // BLOCK_C))
     return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= _TILE_ELEMENTS else 4
 
 
 _TILE_ELEMENTS = 4096
-# the largest register histogram the confusion matrix builds per program
+# the most bins of the per-program histogram (tl.histogram) of the confusion matrix
 _MAX_BINS = 2048
 
 
@@ -570,7 +570,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
     if not scores:
         BLOCK_S, num_warps = block_s or 1024, 4
-    # a register histogram of every (target, prediction) pair up to 45
+    # a per-program histogram of every (target, prediction) pair up to 45
     # classes; beyond, of the diagonal only (up to 2047 classes); the last
     # bin takes the pixels that do not count
     num_bins = next_pow2(C * C + 1)

@@ -498,7 +498,7 @@ def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, i
 
 def _bin_block(P: int, most: int) -> int:
     """The largest power of 2 up to ``most`` whose blocks cover the P bins
-    with at most 1/16 of the lanes masked, else the one that masks fewest."""
+    with at most P / 16 lanes masked, else the one that masks fewest."""
     sizes = [b for b in (1 << i for i in range(11)) if b <= max(most, 1)]
     masked = {b: cdiv(P, b) * b - P for b in sizes}
     good = [b for b in sizes if masked[b] * 16 <= P]

@@ -396,9 +396,9 @@ def test_offset_type_is_int64_from_2_to_the_31():
 
     def spanning(last):  # its first and last elements ``last`` apart
         return torch.empty_strided((2, 2), (last - 1, 1), device="meta")
-    small = spanning(2**31 - 2)
-    assert offset_type(small, spanning(10)) == tl.int32
-    assert offset_type(small, spanning(2**31 - 1)) == tl.int64
+    largest = spanning(2**31 - 1)  # the last element's offset is int32's maximum
+    assert offset_type(largest, spanning(10)) == tl.int32
+    assert offset_type(largest, spanning(2**31)) == tl.int64
     assert offset_type(torch.empty_strided((3, 2), (2**30, 1), device="meta")) == tl.int64
     assert offset_type(torch.empty((0, 5), device="meta")) == tl.int32
 
@@ -407,8 +407,13 @@ DEPTHWISE_CASE = dict(x=(2, 4, 9, 11), w=(8, 1, 3, 3),
                       args=dict(stride=1, padding=2, dilation=2, groups=4))
 
 
-@pytest.mark.parametrize("case", CASES[:4] + ["depthwise"],
-                         ids=[f"case{i}" for i in range(4)] + ["depthwise"])
+# GEMM grad_weight geometries (several input channels per group), one grouped
+GEMM_CASES = [c for c in CASES if c["C_in"] // c["groups"] > 1][:3]
+GEMM_CASES += [c for c in CASES if c["C_in"] // c["groups"] > 1 and c["groups"] > 1][:1]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES + ["depthwise"],
+                         ids=[f"gemm{i}" for i in range(len(GEMM_CASES))] + ["depthwise"])
 def test_grad_weight_with_64_bit_offsets(case, monkeypatch):
     """The int64 variant of the grad_weight loops (GEMM and depthwise; taken
     past 2^31 elements) on small tensors, against F.conv2d."""
