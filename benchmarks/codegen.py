@@ -1156,8 +1156,8 @@ def markdown_table(report) -> str:
                                                     r["source"] == "fixed", r["config"])):
         groups.setdefault((r["family"], r["dtype"], r["layout"], pin_config(r)), []).append(r)
     lines = ["| kernel | dtype | layout | config | regs | spills | smem | CTAs/SM | "
-             "tensor cores | async copies | 128-bit loads (sync+async) / stores |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tensor cores | async copies | 128-bit loads (sync+async) / stores | loop |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (family, dtype, layout, config), group in groups.items():
         worst = max(group, key=lambda r: (r["spills"], r["regs"]))
         loads = ("yes" if worst["async_copies"] and not worst["ld_global"]
@@ -1170,7 +1170,8 @@ def markdown_table(report) -> str:
             f"{min(r['ctas_per_sm'] for r in group)} | "
             f"{'HGMMA' if worst['hgmma'] else 'HMMA' if worst['hmma'] else '-'} | "
             f"{loads} | "
-            f"{worst['ld128'] + worst.get('async128', 0)}/{worst['st128']} |")
+            f"{worst['ld128'] + worst.get('async128', 0)}/{worst['st128']} | "
+            f"{max(r.get('loop_instructions', 0) for r in group)} |")
     return "\n".join(lines)
 
 
