@@ -273,6 +273,21 @@ def _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc, 
 
 
 @triton.jit
+def _chunk_grad(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask, m, l, ignore_index,
+                stride_xc, stride_xs, stride_tc, stride_ts, ACTIVATION: tl.constexpr,
+                DENSE_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr,
+                MIN_INTERSECTION: tl.constexpr, ACC: tl.constexpr):
+    """(p, dL/dp) of one class chunk, softmax from the statistics (m, l) of
+    every class (unused by the other activations)."""
+    x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+    t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                            stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+    p = _probabilities(x, m, l, ACTIVATION)
+    return p, _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
+                                  MIN_INTERSECTION)
+
+
+@triton.jit
 def _overlap_sums_bwd_kernel(
     x_ptr, t_ptr, gi_ptr, gp_ptr, gx_ptr,
     C, S, NUM_S_BLOCKS, ignore_index,
@@ -319,13 +334,10 @@ def _overlap_sums_bwd_kernel(
                                   BLOCK_C, BLOCK_S, ACC)
             dot = tl.zeros([BLOCK_S], ACC)
             for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
-                t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
-                                        stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
-                p = _probabilities(x, m, l, ACTIVATION)
-                g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
-                                        MIN_INTERSECTION)
+                p, g = _chunk_grad(x_row, t_row, gi_row, gp_row, c0 + tl.arange(0, BLOCK_C),
+                                   offs_s64, C, smask, m, l, ignore_index, stride_xc, stride_xs,
+                                   stride_tc, stride_ts, ACTIVATION, DENSE_TARGET, HAS_IGNORE,
+                                   SQUARED, MIN_INTERSECTION, ACC)
                 dot += tl.sum(g * p, axis=0)
         else:
             m = tl.zeros([BLOCK_S], ACC)
@@ -333,12 +345,10 @@ def _overlap_sums_bwd_kernel(
             dot = tl.zeros([BLOCK_S], ACC)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
-            t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
-                                    stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
-            p = _probabilities(x, m, l, ACTIVATION)
-            g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
-                                    MIN_INTERSECTION)
+            p, g = _chunk_grad(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask, m, l,
+                               ignore_index, stride_xc, stride_xs, stride_tc, stride_ts,
+                               ACTIVATION, DENSE_TARGET, HAS_IGNORE, SQUARED, MIN_INTERSECTION,
+                               ACC)
             _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc,
                                stride_gs, ACTIVATION)
 

@@ -28,6 +28,7 @@ a layout has been seen, so the calls can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -496,6 +497,7 @@ def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, i
     return bc, bp
 
 
+@functools.lru_cache(maxsize=None)
 def _bin_block(P: int, most: int) -> int:
     """The largest power of 2 up to ``most`` whose blocks cover the P bins
     with at most P / 16 lanes masked, else the one that masks fewest."""
