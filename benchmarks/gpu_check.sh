@@ -9,7 +9,9 @@
 # OUTDIR defaults to $OUT, else benchmarks/results/gpu_check; FAMILIES is a
 # space-separated list, each entry F or F:CAP_S (a time cap in seconds;
 # default: all, Mask R-CNN in `models`, about 9 minutes); FAMILIES="none"
-# runs the tests only, TEST_CAP_S=0 the benchmarks only. A 600 s device
+# runs the tests only, TEST_CAP_S=0 the benchmarks only. The entry `probe`
+# runs benchmarks/probe.py instead (where the time goes: host, graph replay,
+# each kernel, every GEMM tile) on PROBE_FAMILIES (default "conv roi_align"). A 600 s device
 # call fits the tests (cap 360 s) plus two or three families.
 # Environment: TEST_WORKERS (xdist workers; default 12 on 16+ cores, else
 # 4), TEST_ARGS (extra pytest arguments, e.g. paths), BENCH_FAIL_PCT, COMMIT
@@ -26,7 +28,7 @@
 #     target lines) and table.txt in OUTDIR/F/.
 set -u
 out="${1:-${OUT:-benchmarks/results/gpu_check}}"
-families="${2:-overlap roi_align conv conv_transpose boxes masks models}"
+families="${2:-probe overlap roi_align conv conv_transpose boxes masks models}"
 test_cap="${3:-360}"
 fail_pct="${BENCH_FAIL_PCT:-10}"
 mkdir -p "$out"
@@ -71,9 +73,18 @@ for entry in $families; do
   [ "$entry" = "none" ] && break
   family="${entry%%:*}"  # FAMILY or FAMILY:CAP_S
   cap=90
-  case "$family" in conv) cap=150 ;; models) cap=240 ;; esac
+  case "$family" in conv|probe) cap=150 ;; models) cap=240 ;; esac
   [ "$entry" != "$family" ] && cap="${entry#*:}"
   mkdir -p "$out/$family"
+  if [ "$family" = "probe" ]; then
+    echo "== probe (cap ${cap} s): ${PROBE_FAMILIES:-conv roi_align}"
+    probe_args=()
+    for f in ${PROBE_FAMILIES:-conv roi_align}; do probe_args+=(--family "$f"); done
+    timeout -s INT -k 20 "$cap" python -m segops.benchmarks.probe "${probe_args[@]}" \
+      --out "$out/probe" > "$out/probe/probe.log" 2>&1 || bench_rc=$?
+    tail -60 "$out/probe/probe.log"
+    continue
+  fi
   previous="$(python -m segops.benchmarks.compare --latest "$store" --family "$family")"
   compare=()
   if [ -n "$previous" ]; then

@@ -3,6 +3,8 @@ compare.py, harness.py): one set of cases behind `segops bench` and
 `pytest benchmarks/ --benchmark-only`, pytest-benchmark's JSON with the
 derived numbers, the comparison of saved runs, the plot. Timings are never
 asserted (the CPU is shared); the code paths and the numbers' bookkeeping are."""
+import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -365,3 +367,92 @@ def test_bench_without_gpu_prints_the_codegen_report_as_a_table(monkeypatch, cap
     report = out[out.index("== codegen report"):]
     assert "no timings" in report and codegen_table() in report
     assert "speedup" not in report.lower()
+
+
+# ----------------------------------------------------------------------------
+# the probe: where a case's time goes
+# ----------------------------------------------------------------------------
+def _tiny_conv_case(provider="segops", direction="fwd"):
+    from segops.benchmarks import conv as bench
+    spec = ("tiny d2", 1, 16, 6, 16, 3, 2, 1)
+    setup = functools.partial(bench._setup, spec, torch.float32, True, direction != "fwd",
+                              provider)
+    return cases.Case("conv", "atrous_conv2d", "tiny", "float32", "channels_last", direction,
+                      provider, setup)
+
+
+def test_probe_times_every_tuner_tile_of_the_launch_the_op_makes(monkeypatch):
+    """On CPU: the GEMM launch the op makes is recorded, rerun with every
+    tile that fits fp32 (each result checked against F.conv2d) and reported
+    with the launcher's own (fixed) tile; the host time is measured."""
+    import torch.nn.functional as F
+    from segops.benchmarks import conv as bench
+    from segops.benchmarks import probe
+    from segops.kernels import _gemm
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    case = _tiny_conv_case()
+    recorded = []
+    real_recorder = probe.recorded_gemm_launches
+
+    @contextlib.contextmanager
+    def spy():
+        with real_recorder() as launches:
+            recorded.append(launches)
+            yield launches
+
+    monkeypatch.setattr(probe, "recorded_gemm_launches", spy)
+    checked = []
+
+    def checking_timer(fn, **_):
+        """Times nothing; once the probe has recorded the launch, checks
+        what each tile writes against F.conv2d."""
+        if not recorded:  # the op's own call (event_ms)
+            fn()
+            return 2.0
+        x, w, _, y = recorded[0][0]["args"][:4]
+        y.fill_(float("nan"))
+        fn()
+        expected = F.conv2d(x.double(), w.double(), None, 1, 2, 2)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-3, atol=1e-3)
+        checked.append(fn)
+        return 2.0
+
+    row = probe.probe_case(case, checking_timer, on_gpu=False)
+    assert row["event_ms"] == 2.0 and row["host_us"] > 0 and "graph_ms" not in row
+    (gemm,) = row["gemm"]
+    assert gemm["kernel"] == "_conv2d_fwd_kernel" and gemm["MNK"] == [36, 16, 16]
+    assert gemm["picked"] == "M64 N16 K16 w4 s3 (fixed)"  # default_config(36, 16, 16)
+    named = {"x": recorded[0][0]["args"][0]}
+    tiles = _gemm.prune_configs(_gemm.tuner_configs(), named)
+    assert [t["config"] for t in gemm["tiles"]] == [
+        probe._config_name(c.kwargs, c.num_warps, c.num_stages) for c in tiles]
+    assert len(tiles) < len(_gemm.HOPPER_TILES)  # fp32 drops 128-row tiles on 4 warps
+    assert all(t["ms"] == 2.0 and "error" not in t for t in gemm["tiles"])
+    assert len(checked) == len(tiles)
+    text = probe.format_row(row)
+    assert "picked M64 N16 K16 w4 s3 (fixed)" in text and "host" in text
+
+
+def test_probe_leaves_the_launcher_as_it_was_and_needs_a_gpu(monkeypatch, capsys):
+    from segops.benchmarks import probe
+    from segops.kernels import _gemm
+    from segops.kernels import conv as conv_kernels
+    with probe.recorded_gemm_launches():
+        assert conv_kernels.launch is not _gemm.launch
+    assert conv_kernels.launch is _gemm.launch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert probe.main(["--out", "unused"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the profiler")
+def test_probe_on_the_gpu_replays_a_graph_and_lists_the_kernels():
+    from segops.benchmarks import probe
+    row = probe.probe_case(_tiny_conv_case(direction="fwd+bwd"))
+    assert isinstance(row["graph_ms"], float) and row["device_ms"] > 0
+    names = " ".join(k["name"] for k in row["kernels"])
+    assert "_conv2d_fwd_kernel" in names and "_conv2d_bwd_weight_kernel" in names
+    kernels = {g["kernel"] for g in row["gemm"]}
+    assert kernels == {"_conv2d_fwd_kernel", "_conv2d_bwd_input_kernel",
+                       "_conv2d_bwd_weight_kernel"}
+    assert all(isinstance(t["regs"], int) for g in row["gemm"] for t in g["tiles"])
