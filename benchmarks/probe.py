@@ -156,7 +156,7 @@ def tile_times(launch: dict, timer) -> list[dict]:
     ms, registers and spills per tile."""
     from ..kernels import _gemm
     kernel, args = launch["kernel"], launch["args"]
-    named = {f"arg{i}": a for i, a in enumerate(args)}
+    named = dict(zip(kernel.arg_names, args))
     rows = []
     for config in _gemm.prune_configs(_gemm.tuner_configs(), named):
         compiled = []

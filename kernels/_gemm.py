@@ -59,13 +59,17 @@ def shared_memory_bytes(block_m: int, block_n: int, block_k: int, stages: int,
 def prune_configs(configs, named_args, **kwargs):
     """Drop the tiles that cannot run well for this launch's dtype: those
     whose pipelined operands do not fit an SM's shared memory (fp32 tiles
-    take twice bf16's), and, for fp32 (TF32), 128-row tiles on 4 warps,
-    whose fp32 accumulator and operands spill (codegen report, issue 11)."""
+    take twice bf16's), and 128-row tiles on 4 warps where they spill
+    (codegen report, issue 11): with fp32 (TF32) operands, and for the
+    forward's fp32 split-K partials (``y_ptr`` fp32 under bf16 operands:
+    the fp32 tile's store layout conversion tips 246 registers over)."""
     size = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
+    out = named_args.get("y_ptr")
+    fp32_tile = size >= 4 or (isinstance(out, torch.Tensor) and out.element_size() >= 4)
     fits = [c for c in configs
             if shared_memory_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                    c.num_stages, size) <= SHARED_MEMORY_LIMIT
-            and not (size >= 4 and c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8)]
+            and not (fp32_tile and c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8)]
     return fits or configs[-1:]
 
 

@@ -10,7 +10,10 @@ buffer, no zero insertion):
   gather addresses; zero padding is a load mask. A tap whose rows all fall
   in the padding for this tile is skipped (at dilation 36 on a 65x65 map
   most taps of a 3x3 kernel read only padding). Bias and ReLU are fused into
-  the store.
+  the store. When the output has fewer tiles than two waves (ASPP at output
+  stride 16), the reduction is split (``forward_splits``): each split writes
+  fp32 partials and ``_split_sum_kernel`` adds them in split order (the same
+  bits every run), then bias and ReLU.
 * ``_conv2d_bwd_input_kernel``: dx = conv_transpose(dy, w), which is also
   the forward of a transposed convolution (kernels/conv_transpose.py). By
   stride residue: the input pixels with ih % stride_h == rh (and the same
@@ -167,14 +170,19 @@ def _conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, tune_pixels,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, split_stride, tune_pixels,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
-    """C_in and C_out are per group; program axis 1 is the group.
-    ``tune_pixels`` only keys the autotuner (see _gemm.tune_bucket)."""
+    """C_in and C_out are per group; program axis 1 is the group, axis 2
+    the split of the reduction (split-K): with S splits, split i takes the
+    i-th of S equal runs of this tile's (tap, channel block) steps and
+    writes its partial sum at y + i * split_stride (the launcher then sums
+    the S partials in order, _split_sum_kernel). ``tune_pixels`` only keys
+    the autotuner (see _gemm.tune_bucket)."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
+    split = tl.program_id(2)
     tiles_n = tl.cdiv(C_out, BLOCK_N)
     offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,11 +210,16 @@ def _conv2d_fwd_kernel(
                                dil_w, KW)
     k_blocks = tl.cdiv(C_in, BLOCK_K)
     steps = tl.where(empty, 0, (r_hi - r_lo) * (s_hi - s_lo) * k_blocks)
+    # this split's steps: [first, first + count) of the tile's steps
+    per_split = tl.cdiv(steps, tl.num_programs(2))
+    first = split * per_split
+    count = tl.minimum(per_split, steps - first)  # <= 0: the loop runs no step
+    taps_w = tl.maximum(s_hi - s_lo, 1)  # 0 only when steps is 0
+    kb = first % k_blocks
+    r = r_lo + (first // k_blocks) // taps_w
+    s = s_lo + (first // k_blocks) % taps_w
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    kb = tl.full([], 0, tl.int32)
-    r = r_lo
-    s = s_lo
-    for _ in range(0, steps):
+    for _ in range(0, count):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = offs_k < C_in
         dh = r * dil_h
@@ -215,7 +228,31 @@ def _conv2d_fwd_kernel(
         acc = _tap_block(acc, x_rows, dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw, sxc, valid,
                          w_cols, r * swh + s * sww, swi, offs_k, kmask, nmask, ALLOW_TF32, UPCAST)
         kb, s, r = _next_step(kb, s, r, k_blocks, s_lo, s_hi)
-    _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, co, mmask, nmask, syn, syc, syh, syw,
+    _epilogue_store(acc, y_ptr + split.to(tl.int64) * split_stride, b_ptr, n, oh, ow, co,
+                    mmask, nmask, syn, syc, syh, syw, HAS_BIAS, RELU)
+
+
+@triton.jit
+def _split_sum_kernel(
+    part_ptr, b_ptr, y_ptr,
+    M, C, OH, OW, splits, split_stride, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """y = sum of the forward's split-K partials, in split order (the same
+    result every run), then bias and ReLU. part is (splits, M, C) with C
+    contiguous: the pixels of y in rows."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mmask = offs_m < M
+    cmask = offs_c < C
+    ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for _ in range(0, splits):
+        acc += tl.load(ptrs, mask=mmask[:, None] & cmask[None, :], other=0.0)
+        ptrs += split_stride
+    n, oh, ow = _split_pixels(offs_m, OH, OW)
+    _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, offs_c, mmask, cmask, syn, syc, syh, syw,
                     HAS_BIAS, RELU)
 
 
@@ -529,9 +566,10 @@ def _has_unreached_residues(input_hw, stride, padding, dilation, kernel_size) ->
 # launchers
 # --------------------------------------------------------------------------
 def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: bool = False, *,
-                   config: dict | None = None) -> torch.Tensor:
+                   config: dict | None = None, splits: int | None = None) -> torch.Tensor:
     """y = conv2d(x, w) + bias (then ReLU). ``padding`` is (top, bottom,
-    left, right); the output keeps x's memory format."""
+    left, right); the output keeps x's memory format. ``splits``: how many
+    parts the reduction is split into (default: forward_splits' choice)."""
     N, _, H, W = x.shape
     C_out_total, C_in, KH, KW = w.shape
     C_out = C_out_total // groups
@@ -544,20 +582,64 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     if C_in == 1:
         _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu)
         return y
+    if splits is None:
+        splits = forward_splits(cdiv(M, 128) * cdiv(C_out, 128) * groups,
+                                KH * KW * cdiv(C_in, 64), _split_target(x.device))
 
     def grid(meta):
-        return (cdiv(M, meta["BLOCK_M"]) * cdiv(C_out, meta["BLOCK_N"]), groups)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(C_out, meta["BLOCK_N"]), groups, splits)
 
     check_grid(grid)
-    x, y, result = channels_last_operand(x), channels_last_output(y), y
-    constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, **precision(x))
+    x, result = channels_last_operand(x), y
+    # split-K: the GEMM writes (splits, N, OH, OW, C) partials in the accumulation dtype
+    y = (channels_last_output(y) if splits == 1 else
+         empty((splits, N, OH, OW, C_out_total), dtype=accumulation_dtype(x.dtype),
+               device=x.device))
+    out_strides = y.stride()[-4:] if splits == 1 else [y.stride(i) for i in (1, 4, 2, 3)]
+    epilogue = dict(HAS_BIAS=bias is not None, RELU=relu)
+    constexprs = dict(precision(x), **(epilogue if splits == 1 else
+                                       dict(HAS_BIAS=False, RELU=False)))
     w = gemm_weight(w, 1 if constexprs["ALLOW_TF32"] else None)  # K: input channels
     args = (x, w, bias_vector(bias, w), y, N, C_in, H, W, C_out, OH, OW, KH, KW,
-            *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *y.stride(),
-            tune_bucket(M))
+            *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *out_strides,
+            y.stride(0) if splits > 1 else 0, tune_bucket(M))
     launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device,
            _FORWARD_KEY)
+    if splits > 1:
+        _split_sum(y, bias, result, **epilogue)
+        return result
     return result.copy_(y) if y is not result else y
+
+
+# a split keeps at least this many (tap, 64-channel) steps of the reduction
+SPLIT_MIN_STEPS = 8
+MAX_FORWARD_SPLITS = 16
+
+
+def forward_splits(tiles: int, k_steps: int, programs: int) -> int:
+    """How many parts the forward splits its reduction into: 1 unless the
+    output has fewer ``tiles`` (of 128x128) than two waves (``programs`` is
+    the launchers' four-wave target), e.g. ASPP at output stride 16 (138
+    tiles on an H100's 132 SMs: a second wave of 6 tiles doubles the time);
+    then enough splits for two waves, each keeping >= SPLIT_MIN_STEPS of the
+    ``k_steps`` (tap, 64-channel) steps."""
+    if 2 * tiles >= programs:
+        return 1
+    return max(1, min(cdiv(programs // 2, tiles), k_steps // SPLIT_MIN_STEPS,
+                      MAX_FORWARD_SPLITS))
+
+
+def _split_sum(partial, bias, y, HAS_BIAS: bool, RELU: bool) -> None:
+    """y = sum over splits of ``partial`` (splits, N, OH, OW, C), + bias, ReLU."""
+    splits, N, OH, OW, C = partial.shape
+    M = N * OH * OW
+    bc = block_size(C, 64, 16)
+    bm = max(4096 // bc, 16)
+    grid = (cdiv(M, bm), cdiv(C, bc))
+    check_grid(grid)
+    _split_sum_kernel[grid](partial, bias_vector(bias, partial), y, M, C, OH, OW, splits,
+                            partial.stride(0), *y.stride(), HAS_BIAS=HAS_BIAS, RELU=RELU,
+                            BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(y.dtype))
 
 
 def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, groups: int,

@@ -422,7 +422,8 @@ def test_probe_times_every_tuner_tile_of_the_launch_the_op_makes(monkeypatch):
     (gemm,) = row["gemm"]
     assert gemm["kernel"] == "_conv2d_fwd_kernel" and gemm["MNK"] == [36, 16, 16]
     assert gemm["picked"] == "M64 N16 K16 w4 s3 (fixed)"  # default_config(36, 16, 16)
-    named = {"x": recorded[0][0]["args"][0]}
+    launch = recorded[0][0]
+    named = dict(zip(launch["kernel"].arg_names, launch["args"]))
     tiles = _gemm.prune_configs(_gemm.tuner_configs(), named)
     assert [t["config"] for t in gemm["tiles"]] == [
         probe._config_name(c.kwargs, c.num_warps, c.num_stages) for c in tiles]

@@ -1,6 +1,7 @@
 """Atrous conv2d: kernels vs F.conv2d and the reference over a randomized grid
 of geometries (forward and all three gradients), dtypes, layouts, tiles,
 edges, errors, opcheck, compile, autocast and the module."""
+import contextlib
 import math
 import random
 
@@ -197,6 +198,95 @@ def test_tuned_tiles(tile):
     dw = kernels.conv2d_grad_weight(grad.to(dtype).to(DEVICE), x, w.shape, *geometry,
                                     config=config, splits=3)
     assert_close(dw, ref.conv2d_grad_weight(grad, cpu[0], w.shape, *geometry), tol)
+
+
+# split-K forward: (x shape, w shape, stride, padding, dilation, groups, bias/relu)
+SPLIT_CASES = {
+    # 3 taps x 2 channel blocks of 16: 6 steps over 4 splits (uneven runs)
+    "uneven": ((2, 32, 7, 6), (12, 32, 1, 3), (1, 1), (0, 0, 1, 1), (1, 2), 1, True),
+    # dilation 5 on a 6x7 map: the corner tiles keep 1 of 9 taps, some splits get none
+    "padding taps": ((1, 24, 6, 7), (16, 24, 3, 3), (1, 1), (5, 5, 5, 5), (5, 5), 1, True),
+    # a 1x1 conv with one channel block: one step, splits past it write zeros
+    "more splits than steps": ((2, 16, 5, 5), (8, 16, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1,
+                               False),
+    "groups": ((2, 40, 6, 5), (18, 20, 3, 3), (1, 2), (2, 2, 1, 1), (2, 1), 2, True),
+}
+
+
+@pytest.mark.parametrize("splits", [2, 4, 7])
+@pytest.mark.parametrize("name", sorted(SPLIT_CASES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_forward_split_k(name, splits, layout):
+    """The forward with its reduction split (each split a run of the tile's
+    (tap, channel block) steps, the partials summed in order with bias and
+    ReLU after): F.conv2d's result, in the input's memory format, for any
+    split count, including splits with no steps."""
+    x_shape, w_shape, stride, padding, dilation, groups, fused = SPLIT_CASES[name]
+    x = like_layout(torch.randn(x_shape, dtype=torch.float64, device=DEVICE), layout)
+    w = torch.randn(w_shape, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(w_shape[0], dtype=torch.float64, device=DEVICE) if fused else None
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    with record_launches(kernels, "_conv2d_fwd_kernel", "_split_sum_kernel") as launches:
+        y = kernels.conv2d_forward(x, w, b, stride, padding, dilation, groups, relu=fused,
+                                   config=config, splits=splits)
+    assert launches.names_launched() == ["_conv2d_fwd_kernel", "_split_sum_kernel"]
+    assert launches.launches[0][1][2] == splits
+    pads = (padding[0], padding[2])
+    want = F.conv2d(x.cpu(), w.cpu(), None if b is None else b.cpu(), stride, pads, dilation,
+                    groups)
+    assert_close(y, F.relu(want) if fused else want, F64)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
+def test_forward_split_k_in_low_precision(dtype, monkeypatch):
+    """bf16/fp16/fp32: fp32 partials, one rounding to the output dtype."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x = torch.randn(2, 48, 6, 7, dtype=torch.float64)
+    w = torch.randn(20, 48, 3, 3, dtype=torch.float64)
+    b = torch.randn(20, dtype=torch.float64)
+    geometry = ([1, 1], [2, 2, 2, 2], [2, 2], 1)
+    args = [t.to(dtype).to(DEVICE) for t in (x, w, b)]
+    y = kernels.conv2d_forward(*args, *geometry, relu=True, splits=3)
+    want = F.relu(F.conv2d(*(t.double().cpu() for t in args), padding=2, dilation=2))
+    assert y.dtype == dtype
+    assert_close(y, want, RTOL[dtype])
+
+
+def test_forward_splits_only_below_two_waves():
+    """forward_splits: none from two waves of 128x128 tiles up; below, enough
+    for two waves, each split keeping SPLIT_MIN_STEPS steps, at most
+    MAX_FORWARD_SPLITS."""
+    h100 = 4 * 132
+    assert kernels.forward_splits(264, 1000, h100) == 1   # two waves exactly
+    assert kernels.forward_splits(263, 1000, h100) == 2
+    assert kernels.forward_splits(131, 1000, h100) == 3   # 264 / 131 -> 3
+    assert kernels.forward_splits(138, 288, h100) == 2    # ASPP os16: 69 x 2 tiles, 9 x 32 steps
+    assert kernels.forward_splits(1, 10_000, h100) == kernels.MAX_FORWARD_SPLITS
+    assert kernels.forward_splits(1, 2 * kernels.SPLIT_MIN_STEPS, h100) == 2
+    assert kernels.forward_splits(1, 2 * kernels.SPLIT_MIN_STEPS - 1, h100) == 1
+    assert kernels.forward_splits(1, 0, h100) == 1
+
+
+def test_op_splits_a_forward_of_few_tiles(monkeypatch):
+    """The op takes the split path by itself when the output has fewer tiles
+    than two waves (an H100's SM count here): one 128x128 tile and 18 steps
+    of (tap, 64 channels) give 2 splits; the result is F.conv2d's, and under
+    deterministic algorithms the split count is the same."""
+    monkeypatch.setattr(kernels, "target_programs", lambda device: 4 * 132)
+    x = torch.randn(1, 128, 6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, 128, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    xr, wr, br = (t.detach().cpu().requires_grad_() for t in (x, w, b))
+    want = F.relu(F.conv2d(xr, wr, br, padding=2, dilation=2))
+    expected = torch.autograd.grad(want.square().sum(), (xr, wr, br))
+    for mode in (contextlib.nullcontext, deterministic):
+        with mode(), record_launches(kernels, "_conv2d_fwd_kernel") as launches:
+            out = segops.ops.atrous_conv2d(x, w, b, padding=2, dilation=2, activation="relu")
+        assert launches.launches[0][1][2] == 2
+        assert_close(out, want, F64)
+        for got, e in zip(torch.autograd.grad(out.square().sum(), (x, w, b)), expected):
+            assert_close(got, e, F64, name="grad")
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
