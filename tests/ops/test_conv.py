@@ -268,6 +268,27 @@ def test_forward_splits_only_below_two_waves():
     assert kernels.forward_splits(1, 0, h100) == 1
 
 
+def test_tuner_prunes_what_spills_and_what_does_not_fit():
+    """128-row tiles on 4 warps go for fp32 operands (TF32) and for the
+    forward's fp32 split-K partials under bf16 operands, not for bf16 with a
+    bf16 output; tiles past 227 KB of shared memory go for fp32."""
+    def kept(x_dtype, y_dtype):
+        named = {"x_ptr": torch.empty(1, dtype=x_dtype), "w_ptr": torch.empty(1, dtype=x_dtype),
+                 "y_ptr": torch.empty(1, dtype=y_dtype)}
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                 c.num_stages) for c in gemm.prune_configs(gemm.tuner_configs(), named)}
+
+    wide_4_warps = {t for t in gemm.HOPPER_TILES if t[0] >= 128 and t[3] < 8}
+    assert wide_4_warps and wide_4_warps <= kept(torch.bfloat16, torch.bfloat16)
+    assert kept(torch.bfloat16, torch.bfloat16) == set(gemm.HOPPER_TILES)
+    assert not wide_4_warps & kept(torch.bfloat16, torch.float32)
+    assert kept(torch.bfloat16, torch.float32) == set(gemm.HOPPER_TILES) - wide_4_warps
+    fp32 = kept(torch.float32, torch.float32)
+    assert not wide_4_warps & fp32
+    assert all(gemm.shared_memory_bytes(m, n, k, s, 4) <= gemm.SHARED_MEMORY_LIMIT
+               for m, n, k, _, s in fp32)
+
+
 def test_op_splits_a_forward_of_few_tiles(monkeypatch):
     """The op takes the split path by itself when the output has fewer tiles
     than two waves (an H100's SM count here): one 128x128 tile and 18 steps
