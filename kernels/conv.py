@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .._checks import accumulation_dtype
 from .._format import memory_format_of
-from .._geometry import reached_residues, residue_candidates
+from .._geometry import reached_residues, residue_candidates, tap_class_bounds
 from .._geometry import conv_output_size as output_size
 from ._gemm import (
     bias_vector,
@@ -55,7 +55,15 @@ from ._gemm import (
     tl_accumulation,
     tune_bucket,
 )
-from ._layout import block_size, cdiv, check_grid, empty, offset_type, target_programs
+from ._layout import (
+    block_size,
+    cdiv,
+    check_grid,
+    device_table,
+    empty,
+    offset_type,
+    target_programs,
+)
 from ._math import divisor_magic, fast_div
 
 
@@ -150,6 +158,42 @@ def _split_pixels_fast(offs, OH, OW, image_mul, image_shift, row_mul, row_shift)
 
 
 @triton.jit
+def _class_of(offs, bounds_ptr, classes, scale):
+    """(lo, hi): the interval [bounds[i], bounds[i + 1]) of the table with
+    bounds[i] * scale <= offs (the last such i < classes)."""
+    lo = tl.zeros_like(offs)
+    hi = tl.zeros_like(offs) + tl.load(bounds_ptr + 1)
+    for i in range(1, classes):
+        bound = tl.load(bounds_ptr + i)
+        past = offs >= bound * scale
+        lo = tl.where(past, bound, lo)
+        hi = tl.where(past, tl.load(bounds_ptr + i + 1), hi)
+    return lo, hi
+
+
+@triton.jit
+def _grouped_pixels(offs, OH, OW, bounds_ptr, row_classes, col_classes):
+    """Flat pixel index -> (n, row, column) with each image's pixels grouped
+    by the taps they keep: the table holds the row bounds (row_classes + 1
+    of them, segops._geometry.tap_class_bounds) then the column bounds;
+    pixels run over row bands, then over the column classes inside a band
+    (rectangles rows [r0, r1) x columns [c0, c1)), then row-major inside a
+    rectangle. A tile then lies in one rectangle but at its edges, and the
+    forward's tap range skips the taps its pixels miss (at ASPP's d24 on
+    65^2 a quarter of the 3x3 taps' work; row-major tiles span every column
+    class). One class per axis is the plain row-major order."""
+    n = offs // (OH * OW)
+    rem = offs % (OH * OW)
+    r0, r1 = _class_of(rem, bounds_ptr, row_classes, OW)
+    band = rem - r0 * OW  # inside the band: (r1 - r0) rows x OW columns
+    height = r1 - r0
+    c0, c1 = _class_of(band, bounds_ptr + row_classes + 1, col_classes, height)
+    local = band - c0 * height
+    width = tl.maximum(c1 - c0, 1)
+    return n, r0 + local // width, c0 + local % width
+
+
+@triton.jit
 def _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, channels, mmask, cmask,
                     syn, syc, syh, syw, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
     if HAS_BIAS:
@@ -167,9 +211,9 @@ def _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, channels, mmask, cmask,
 # --------------------------------------------------------------------------
 @triton.jit
 def _conv2d_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, bounds_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, row_classes, col_classes,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, split_stride, tune_pixels,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -178,8 +222,9 @@ def _conv2d_fwd_kernel(
     the split of the reduction (split-K): with S splits, split i takes the
     i-th of S equal runs of this tile's (tap, channel block) steps and
     writes its partial sum at y + i * split_stride (the launcher then sums
-    the S partials in order, _split_sum_kernel). ``tune_pixels`` only keys
-    the autotuner (see _gemm.tune_bucket)."""
+    the S partials in order, _split_sum_kernel). Pixels are ordered by the
+    taps they keep (_grouped_pixels). ``tune_pixels`` only keys the
+    autotuner (see _gemm.tune_bucket)."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     split = tl.program_id(2)
@@ -188,7 +233,7 @@ def _conv2d_fwd_kernel(
     offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < N * OH * OW
     nmask = offs_n < C_out
-    n, oh, ow = _split_pixels(offs_m, OH, OW)
+    n, oh, ow = _grouped_pixels(offs_m, OH, OW, bounds_ptr, row_classes, col_classes)
     co = group * C_out + offs_n
     # tap (r, s) reads row ih0 + r*dil_h, column iw0 + s*dil_w: the per-row
     # part of the address is fixed, the tap adds a scalar
@@ -600,8 +645,11 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     constexprs = dict(precision(x), **(epilogue if splits == 1 else
                                        dict(HAS_BIAS=False, RELU=False)))
     w = gemm_weight(w, 1 if constexprs["ALLOW_TF32"] else None)  # K: input channels
-    args = (x, w, bias_vector(bias, w), y, N, C_in, H, W, C_out, OH, OW, KH, KW,
-            *_conv_params(stride, padding, dilation), *x.stride(), *w.stride(), *out_strides,
+    rows = _pixel_classes(OH, H, KH, stride[0], padding[0], dilation[0])
+    cols = _pixel_classes(OW, W, KW, stride[1], padding[2], dilation[1])
+    args = (x, w, bias_vector(bias, w), y, device_table(rows + cols, torch.int32, x.device),
+            N, C_in, H, W, C_out, OH, OW, KH, KW, *_conv_params(stride, padding, dilation),
+            len(rows) - 1, len(cols) - 1, *x.stride(), *w.stride(), *out_strides,
             y.stride(0) if splits > 1 else 0, tune_bucket(M))
     launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device,
            _FORWARD_KEY)
@@ -610,6 +658,17 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
         return result
     return result.copy_(y) if y is not result else y
 
+
+# the most classes of output positions (by the taps they keep) per axis the
+# forward groups its pixels by; a 3x3 kernel has at most 7
+MAX_TAP_CLASSES = 7
+
+
+def _pixel_classes(out_len, in_len, taps, stride, pad, dil) -> tuple[int, ...]:
+    """tap_class_bounds, or (0, out_len) (no grouping along this axis) past
+    MAX_TAP_CLASSES: the kernel searches the bounds per pixel."""
+    bounds = tap_class_bounds(out_len, in_len, taps, stride, pad, dil)
+    return bounds if len(bounds) <= MAX_TAP_CLASSES + 1 else (0, out_len)
 
 # a split keeps at least this many (tap, 64-channel) steps of the reduction
 SPLIT_MIN_STEPS = 8

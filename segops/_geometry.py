@@ -47,3 +47,18 @@ def reached_residues(length: int, stride: int, pad: int, dil: int, taps: int) ->
     hit = {candidate_residue(t, stride, pad, dil)
            for t in range(residue_candidates(stride, dil, taps))}
     return sorted(r for r in hit if r < min(stride, length))
+
+
+def tap_class_bounds(out_len: int, in_len: int, taps: int, stride: int, pad: int,
+                     dil: int) -> tuple[int, ...]:
+    """The output positions along one axis where the set of in-bounds taps
+    changes, with 0 and ``out_len``: between consecutive bounds every
+    position keeps the same taps (tap t reads o*stride - pad + t*dil, inside
+    [0, in_len) for o in [ceil((pad - t*dil)/stride), floor((in_len - 1 +
+    pad - t*dil)/stride)]). ASPP's d24 on 65: (0, 24, 41, 65)."""
+    bounds = {0, out_len}
+    for t in range(taps):
+        first = -((t * dil - pad) // stride)
+        end = (in_len - 1 + pad - t * dil) // stride + 1
+        bounds.update(min(max(b, 0), out_len) for b in (first, end))
+    return tuple(sorted(bounds))

@@ -181,6 +181,19 @@ def test_largest_loop_is_the_longest_backward_branch():
     assert sass_stats(SASS)["loop_instructions"] == 0
 
 
+def test_loads_in_the_loop_are_counted_apart():
+    """An LDG outside the loop (a table, a bias) is not a loop load;
+    one inside it is (the async check reads loop_ld_global)."""
+    outside = LOOPS.replace("/*0150*/                   BRA 0x0150;",
+                            "/*0150*/                   LDG.E R4, desc[UR4][R2.64] ;")
+    s = sass_stats(outside)
+    assert (s["ld_global"], s["loop_ld_global"]) == (1, 0)
+    inside = LOOPS.replace("/*0120*/                   IADD3 R1, R1, 0x1, RZ ;",
+                           "/*0120*/                   LDG.E.128 R4, desc[UR4][R2.64] ;")
+    s = sass_stats(inside)
+    assert (s["ld_global"], s["loop_ld_global"], s["ld128"]) == (1, 1, 1)
+
+
 def test_sass_counts():
     s = sass_stats(SASS)
     assert (s["ld128"], s["ld16"], s["ld_global"]) == (1, 1, 2)
@@ -202,7 +215,7 @@ def _row(**changes):
                layout=CL, config="M128 N128 K64 w8 s3", source="tuned", shape="aspp",
                direction="fwd", regs=187, spills=0, spill_stores=0, spill_loads=0, stack=0,
                smem_total=97 * 1024, tensor_core=4, async_copies=24, async32=0, ld_global=0,
-               ld128=0, ld16=0, st128=8, atomics=0, atomic32=0)
+               loop_ld_global=0, ld128=0, ld16=0, st128=8, atomics=0, atomic32=0)
     row.update(changes)
     return row
 
@@ -230,6 +243,7 @@ def test_pins_are_strict():
     # pruned configs never run: not checked
     assert gate_problems([_row(pruned=True, smem_total=300 * 1024)], []) == []
     # the checks that apply to a channels_last bf16 GEMM
-    sync = _row(ld_global=32, ld16=32)
+    sync = _row(ld_global=32, ld16=32, loop_ld_global=32)
     assert [p.split(" ")[0] for p in gate_problems([sync], [])] == ["async"]
+    assert gate_problems([_row(ld_global=26, loop_ld_global=0)], []) == []  # prologue table
     assert [p.split(" ")[0] for p in gate_problems([_row(tensor_core=0)], [])] == ["tensor_core"]

@@ -31,6 +31,7 @@ from segops import _checks
 from segops.kernels import _gemm as gemm
 from segops.kernels import conv as kernels
 from segops.kernels._math import divisor_magic, fast_div
+from segops._geometry import tap_class_bounds
 from segops.reference import conv as ref
 
 F64 = RTOL[torch.float64]
@@ -498,6 +499,109 @@ def test_fast_div_is_exact_for_every_int32_dividend(divisor):
     out = torch.empty_like(x)
     _divide_kernel[(1,)](x, out, divisor, *divisor_magic(divisor), BLOCK=1024)
     assert torch.equal(out.cpu(), x.cpu() // divisor)
+
+
+@triton.jit
+def _grouped_pixels_kernel(out_ptr, total, OH, OW, bounds_ptr, row_classes, col_classes,
+                           BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    n, oh, ow = kernels._grouped_pixels(offs, OH, OW, bounds_ptr, row_classes, col_classes)
+    tl.store(out_ptr + offs * 3, n, mask=mask)
+    tl.store(out_ptr + offs * 3 + 1, oh, mask=mask)
+    tl.store(out_ptr + offs * 3 + 2, ow, mask=mask)
+
+
+def _class_major_order(N, rows, cols):
+    """The forward's pixel order: per image, row bands, then column classes,
+    then row-major inside each rectangle."""
+    return [(n, oh, ow) for n in range(N)
+            for r0, r1 in zip(rows, rows[1:]) for c0, c1 in zip(cols, cols[1:])
+            for oh in range(r0, r1) for ow in range(c0, c1)]
+
+
+def _executed_taps(order, rows, cols, block):
+    """Sum over tiles of block pixels of (pixels x taps the tile runs): a tile
+    runs the taps of every row and column class among its pixels (a tap
+    interval: the classes between the smallest and largest coordinate)."""
+    def taps_of(lo, hi, bounds, valid):
+        return len({t for c in range(len(bounds) - 1) if bounds[c] <= hi and bounds[c + 1] > lo
+                    for t in valid[c]})
+    total = 0
+    for start in range(0, len(order), block):
+        tile = order[start:start + block]
+        oh = [p[1] for p in tile]
+        ow = [p[2] for p in tile]
+        total += len(tile) * (taps_of(min(oh), max(oh), rows, ROW_TAPS)
+                              * taps_of(min(ow), max(ow), cols, COL_TAPS))
+    return total
+
+
+# ASPP d24 on 65^2, 3x3 taps at -24, 0, +24: the taps each class keeps
+ASPP_D24 = (0, 24, 41, 65)
+ROW_TAPS = COL_TAPS = [{1, 2}, {0, 1, 2}, {0, 1}]
+
+
+@pytest.mark.parametrize("rows,cols", [(ASPP_D24, ASPP_D24), ((0, 1, 4, 5), (0, 7)),
+                                       ((0, 9), (0, 2, 3, 6, 8, 9)), ((0, 5), (0, 7))])
+def test_forward_pixel_order_groups_pixels_by_their_taps(rows, cols):
+    """_grouped_pixels gives each image's pixels once each, row bands first,
+    then column classes, row-major inside a rectangle (one class per axis
+    is row-major); at ASPP d24 on 65^2 the 128-pixel tiles then run 8.7%
+    more tap work than the pixels need, where row-major tiles run 34% more
+    (a 19% cut of the forward's MMA work)."""
+    N, OH, OW = 2, rows[-1], cols[-1]
+    total = N * OH * OW
+    out = torch.full((total, 3), -1, dtype=torch.int32, device=DEVICE)
+    table = torch.tensor(rows + cols, dtype=torch.int32, device=DEVICE)
+    _grouped_pixels_kernel[(triton.cdiv(total, 256),)](out, total, OH, OW, table, len(rows) - 1,
+                                                       len(cols) - 1, BLOCK=256)
+    want = _class_major_order(N, rows, cols)
+    assert out.cpu().tolist() == [list(p) for p in want]
+    if rows == ASPP_D24:
+        useful = N * sum((r1 - r0) * (c1 - c0) * len(rt) * len(ct)
+                         for r0, r1, rt in zip(rows, rows[1:], ROW_TAPS)
+                         for c0, c1, ct in zip(cols, cols[1:], COL_TAPS))
+        grouped = _executed_taps(want, rows, cols, 128)
+        row_major = _executed_taps(_class_major_order(N, (0, OH), (0, OW)), rows, cols, 128)
+        assert grouped < 1.09 * useful and row_major > 1.34 * useful
+
+
+def test_tap_class_bounds():
+    """Where the set of in-bounds taps changes along an axis: ASPP at output
+    stride 8 and 16, a 3x3 'same' conv, strided, and a tap that never fits."""
+    assert tap_class_bounds(65, 65, 3, 1, 24, 24) == (0, 24, 41, 65)
+    assert tap_class_bounds(65, 65, 3, 1, 36, 36) == (0, 29, 36, 65)
+    assert tap_class_bounds(33, 33, 3, 1, 18, 18) == (0, 15, 18, 33)
+    assert tap_class_bounds(65, 65, 3, 1, 1, 1) == (0, 1, 64, 65)
+    assert tap_class_bounds(5, 10, 3, 2, 1, 1) == (0, 1, 5)  # row -1 for o = 0 only
+    assert tap_class_bounds(4, 4, 1, 1, 0, 1) == (0, 4)
+    assert tap_class_bounds(3, 3, 3, 1, 5, 5) == (0, 3)  # only the middle tap, everywhere
+    for out_len, in_len, taps, stride, pad, dil in [(9, 9, 3, 1, 2, 2), (7, 13, 5, 2, 3, 1),
+                                                     (6, 6, 3, 1, 5, 5), (11, 8, 2, 1, 3, 3)]:
+        bounds = tap_class_bounds(out_len, in_len, taps, stride, pad, dil)
+        for lo, hi in zip(bounds, bounds[1:]):
+            kept = [{t for t in range(taps) if 0 <= o * stride - pad + t * dil < in_len}
+                    for o in range(lo, hi)]
+            assert all(k == kept[0] for k in kept)  # one tap set per class
+        for b in bounds[1:-1]:  # and each bound is a change
+            before = {t for t in range(taps) if 0 <= (b - 1) * stride - pad + t * dil < in_len}
+            after = {t for t in range(taps) if 0 <= b * stride - pad + t * dil < in_len}
+            assert before != after
+
+
+def test_pixel_classes_fall_back_to_row_major_past_the_limit():
+    """A 31-tap kernel row has up to 63 classes: the forward orders that axis
+    row-major instead of searching them per pixel, and still gives F.conv2d."""
+    assert len(tap_class_bounds(40, 40, 31, 1, 15, 1)) - 1 > kernels.MAX_TAP_CLASSES
+    assert kernels._pixel_classes(40, 40, 31, 1, 15, 1) == (0, 40)
+    assert kernels._pixel_classes(65, 65, 3, 1, 24, 24) == ASPP_D24
+    # a 3x3 kernel's most: 7 classes (3 pixels padded by 3: each output column its own)
+    assert kernels._pixel_classes(7, 3, 3, 1, 3, 1) == tuple(range(8))
+    x = torch.randn(1, 2, 5, 40, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(3, 2, 3, 31, dtype=torch.float64, device=DEVICE)
+    y = kernels.conv2d_forward(x, w, None, [1, 1], [1, 1, 15, 15], [1, 1], 1)
+    assert_close(y, F.conv2d(x.cpu(), w.cpu(), padding=(1, 15)), F64)
 
 
 def test_offset_type_is_int64_from_2_to_the_31():
