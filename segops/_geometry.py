@@ -58,7 +58,15 @@ def tap_class_bounds(out_len: int, in_len: int, taps: int, stride: int, pad: int
     pad - t*dil)/stride)]). ASPP's d24 on 65: (0, 24, 41, 65)."""
     bounds = {0, out_len}
     for t in range(taps):
-        first = -((t * dil - pad) // stride)
-        end = (in_len - 1 + pad - t * dil) // stride + 1
-        bounds.update(min(max(b, 0), out_len) for b in (first, end))
+        bounds.update(tap_interval(out_len, in_len, t, stride, pad, dil))
     return tuple(sorted(bounds))
+
+
+def tap_interval(out_len: int, in_len: int, t: int, stride: int, pad: int,
+                 dil: int) -> tuple[int, int]:
+    """[first, end): the output positions along one axis whose tap t reads
+    inside the input (o*stride - pad + t*dil in [0, in_len)), clipped to
+    [0, out_len]; first == end when there are none."""
+    first = min(max(-((t * dil - pad) // stride), 0), out_len)
+    end = min(max((in_len - 1 + pad - t * dil) // stride + 1, first), out_len)
+    return first, max(end, first)

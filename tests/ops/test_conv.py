@@ -346,6 +346,49 @@ def test_depthwise_weight_gradient_splits():
     assert_close(dw, want, F64)
 
 
+def test_tap_rectangles_hold_exactly_the_pixels_each_tap_reads_inside():
+    """The grad_weight table: per tap, the rectangle of output pixels whose
+    tap lands inside the input (brute force), its width and area, and the
+    fast_div magic numbers of both; the largest area is what splits divide."""
+    for OH, OW, H, W, KH, KW, sh, sw, ph, pw, dh, dw in [
+            (65, 65, 65, 65, 3, 3, 1, 1, 24, 24, 24, 24), (3, 3, 3, 3, 3, 3, 1, 1, 5, 5, 5, 5),
+            (5, 6, 9, 11, 3, 2, 2, 2, 1, 0, 1, 3), (4, 4, 4, 4, 1, 1, 1, 1, 0, 0, 1, 1)]:
+        table, largest = kernels._tap_rectangles(OH, OW, H, W, KH, KW, sh, sw, ph, pw, dh, dw)
+        assert len(table) == 8 * KH * KW
+        areas = []
+        for tap in range(KH * KW):
+            r, s = divmod(tap, KW)
+            row0, col0, width, area, *magic = table[8 * tap:8 * tap + 8]
+            inside = {(oh, ow) for oh in range(OH) for ow in range(OW)
+                      if 0 <= oh * sh - ph + r * dh < H and 0 <= ow * sw - pw + s * dw < W}
+            height = area // width if width else 0
+            assert inside == {(row0 + i, col0 + j) for i in range(height) for j in range(width)}
+            assert len(inside) == area
+            assert magic == [*divisor_magic(max(area, 1)), *divisor_magic(max(width, 1))]
+            areas.append(area)
+        assert largest == max(areas)
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["gemm", "depthwise"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_grad_weight_of_taps_that_never_read_inside(groups, splits):
+    """Row dilation 5 on 3 rows padded by 5: only the middle row of taps
+    reads the input, the other rows' rectangles are empty and their
+    gradient is zero; split in several parts of the largest rectangle (the
+    empty taps' programs write zeros), for both kernels."""
+    x = torch.randn(2, 3, 3, 40, dtype=torch.float64, device=DEVICE)
+    w_shape = (6, 3 // groups, 3, 3)
+    grad = torch.randn(2, 6, 3, 40, dtype=torch.float64, device=DEVICE)
+    geometry = ([1, 1], [5, 5, 1, 1], [5, 1], groups)
+    name = "_conv2d_bwd_weight_kernel" if groups == 1 else "_depthwise_bwd_weight_kernel"
+    with record_launches(kernels, name) as launches:
+        dw = kernels.conv2d_grad_weight(grad, x, w_shape, *geometry, splits=splits)
+    assert (launches.launches[0][1][-1] > 1) == (splits > 1)
+    want = ref.conv2d_grad_weight(grad.cpu(), x.cpu(), w_shape, *geometry)
+    assert_close(dw, want, F64)
+    assert torch.equal(dw[:, :, [0, 2]].cpu(), torch.zeros_like(dw[:, :, [0, 2]].cpu()))
+
+
 # --------------------------------------------------------------------------
 # edges
 # --------------------------------------------------------------------------
