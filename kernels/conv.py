@@ -170,36 +170,37 @@ def _rectangle_pixels(offs, row0, col0, width, area, area_mul, area_shift, width
 
 
 @triton.jit
-def _class_of(offs, bounds_ptr, classes, scale):
-    """(lo, hi): the interval [bounds[i], bounds[i + 1]) of the table with
-    bounds[i] * scale <= offs (the last such i < classes)."""
+def _class_of(offs, bounds_ptr, inner, scale, length):
+    """(lo, hi): the class [lo, hi) of positions along an axis of ``length``
+    split at the ``inner`` ascending bounds of the table, for offs in
+    [lo * scale, hi * scale)."""
     lo = tl.zeros_like(offs)
-    hi = tl.zeros_like(offs) + tl.load(bounds_ptr + 1)
-    for i in range(1, classes):
+    hi = tl.zeros_like(offs) + length
+    for i in range(0, inner):
         bound = tl.load(bounds_ptr + i)
         past = offs >= bound * scale
         lo = tl.where(past, bound, lo)
-        hi = tl.where(past, tl.load(bounds_ptr + i + 1), hi)
+        hi = tl.minimum(hi, tl.where(past, length, bound))
     return lo, hi
 
 
 @triton.jit
-def _grouped_pixels(offs, OH, OW, bounds_ptr, row_classes, col_classes):
+def _grouped_pixels(offs, OH, OW, bounds_ptr, row_inner, col_inner):
     """Flat pixel index -> (n, row, column) with each image's pixels grouped
-    by the taps they keep: the table holds the row bounds (row_classes + 1
-    of them, segops._geometry.tap_class_bounds) then the column bounds;
-    pixels run over row bands, then over the column classes inside a band
-    (rectangles rows [r0, r1) x columns [c0, c1)), then row-major inside a
-    rectangle. A tile then lies in one rectangle but at its edges, and the
-    forward's tap range skips the taps its pixels miss (at ASPP's d24 on
-    65^2 a quarter of the 3x3 taps' work; row-major tiles span every column
-    class). One class per axis is the plain row-major order."""
+    by the taps they keep: the table holds the inner row bounds (row_inner
+    of them, segops._geometry.tap_class_bounds without 0 and OH), then the
+    inner column bounds; pixels run over row bands, then over the column
+    classes inside a band (rectangles rows [r0, r1) x columns [c0, c1)),
+    then row-major inside a rectangle. A tile then lies in one rectangle but
+    at its edges, and the kernel's tap range skips the taps its pixels miss
+    (at ASPP's d24 on 65^2 a fifth of the 3x3 taps' work; row-major tiles
+    span every column class). No inner bounds is the plain row-major order."""
     n = offs // (OH * OW)
     rem = offs % (OH * OW)
-    r0, r1 = _class_of(rem, bounds_ptr, row_classes, OW)
+    r0, r1 = _class_of(rem, bounds_ptr, row_inner, OW, OH)
     band = rem - r0 * OW  # inside the band: (r1 - r0) rows x OW columns
     height = r1 - r0
-    c0, c1 = _class_of(band, bounds_ptr + row_classes + 1, col_classes, height)
+    c0, c1 = _class_of(band, bounds_ptr + row_inner, col_inner, height, OW)
     local = band - c0 * height
     width = tl.maximum(c1 - c0, 1)
     return n, r0 + local // width, c0 + local % width
@@ -225,7 +226,7 @@ def _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, channels, mmask, cmask,
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, bounds_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, row_classes, col_classes,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, row_inner, col_inner,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, split_stride, tune_pixels,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -245,7 +246,7 @@ def _conv2d_fwd_kernel(
     offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < N * OH * OW
     nmask = offs_n < C_out
-    n, oh, ow = _grouped_pixels(offs_m, OH, OW, bounds_ptr, row_classes, col_classes)
+    n, oh, ow = _grouped_pixels(offs_m, OH, OW, bounds_ptr, row_inner, col_inner)
     co = group * C_out + offs_n
     # tap (r, s) reads row ih0 + r*dil_h, column iw0 + s*dil_w: the per-row
     # part of the address is fixed, the tap adds a scalar
@@ -318,9 +319,10 @@ def _split_sum_kernel(
 # --------------------------------------------------------------------------
 @triton.jit
 def _conv2d_bwd_input_kernel(
-    dy_ptr, w_ptr, b_ptr, dx_ptr,
+    dy_ptr, w_ptr, b_ptr, dx_ptr, bounds_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, RES_W, period_h, period_w,
+    row_inner, col_inner,
     sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw, tune_pixels,
     HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -352,8 +354,11 @@ def _conv2d_bwd_input_kernel(
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < N * rows_h * rows_w
     nmask = offs_n < C_in
-    # a residue class can be empty (rh >= H): keep the divisions defined
-    n, i, j = _split_pixels(offs_m, tl.maximum(rows_h, 1), tl.maximum(rows_w, 1))
+    # a residue class can be empty (rh >= H): keep the divisions defined.
+    # Along a stride-1 axis the pixels are grouped by the taps that reach
+    # them, as in the forward (_grouped_pixels; no bounds along the others)
+    n, i, j = _grouped_pixels(offs_m, tl.maximum(rows_h, 1), tl.maximum(rows_w, 1), bounds_ptr,
+                              row_inner, col_inner)
     ih = rh + i * stride_h
     iw = rw + j * stride_w
     ci = group * C_in + offs_n
@@ -663,9 +668,9 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     w = gemm_weight(w, 1 if constexprs["ALLOW_TF32"] else None)  # K: input channels
     rows = _pixel_classes(OH, H, KH, stride[0], padding[0], dilation[0])
     cols = _pixel_classes(OW, W, KW, stride[1], padding[2], dilation[1])
-    args = (x, w, bias_vector(bias, w), y, device_table(rows + cols, torch.int32, x.device),
+    args = (x, w, bias_vector(bias, w), y, _bounds_table(rows, cols, x.device),
             N, C_in, H, W, C_out, OH, OW, KH, KW, *_conv_params(stride, padding, dilation),
-            len(rows) - 1, len(cols) - 1, *x.stride(), *w.stride(), *out_strides,
+            len(rows), len(cols), *x.stride(), *w.stride(), *out_strides,
             y.stride(0) if splits > 1 else 0, tune_bucket(M))
     launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device,
            _FORWARD_KEY)
@@ -681,10 +686,25 @@ MAX_TAP_CLASSES = 7
 
 
 def _pixel_classes(out_len, in_len, taps, stride, pad, dil) -> tuple[int, ...]:
-    """tap_class_bounds, or (0, out_len) (no grouping along this axis) past
-    MAX_TAP_CLASSES: the kernel searches the bounds per pixel."""
+    """The inner bounds of tap_class_bounds (without 0 and out_len), or none
+    (no grouping along this axis) past MAX_TAP_CLASSES: the kernels search
+    the bounds per pixel."""
     bounds = tap_class_bounds(out_len, in_len, taps, stride, pad, dil)
-    return bounds if len(bounds) <= MAX_TAP_CLASSES + 1 else (0, out_len)
+    return bounds[1:-1] if len(bounds) <= MAX_TAP_CLASSES + 1 else ()
+
+
+def _gradient_classes(in_len, out_len, taps, stride, pad, dil) -> tuple[int, ...]:
+    """_pixel_classes for the input gradient along a stride-1 axis (none
+    along a strided one: its residue classes have lengths of their own):
+    input position i receives tap t from output i + pad - t*dil, the
+    forward's rule with the padding and dilation negated."""
+    return _pixel_classes(in_len, out_len, taps, 1, -pad, -dil) if stride == 1 else ()
+
+
+def _bounds_table(rows: tuple, cols: tuple, device) -> torch.Tensor:
+    """_grouped_pixels' table: the inner row bounds, then the column ones
+    (one unread entry more: a kernel argument is never an empty tensor)."""
+    return device_table(rows + cols + (0,), torch.int32, device)
 
 # a split keeps at least this many (tap, 64-channel) steps of the reduction
 SPLIT_MIN_STEPS = 8
@@ -771,9 +791,12 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
         fill_channels(out, bias)
     constexprs = dict(HAS_BIAS=bias is not None, **precision(dy))
     w = gemm_weight(w, 0 if constexprs["ALLOW_TF32"] else None)  # K: output channels
-    args = (dy, w, bias_vector(bias, w), out, N, C_in, H, W, C_out, OH, OW, KH, KW,
+    rows = _gradient_classes(H, OH, KH, stride[0], padding[0], dilation[0])
+    cols = _gradient_classes(W, OW, KW, stride[1], padding[2], dilation[1])
+    args = (dy, w, bias_vector(bias, w), out, _bounds_table(rows, cols, dy.device),
+            N, C_in, H, W, C_out, OH, OW, KH, KW,
             *_conv_params(stride, padding, dilation), res_w,
-            *(s // math.gcd(s, d) for s, d in zip(stride, dilation)),
+            *(s // math.gcd(s, d) for s, d in zip(stride, dilation)), len(rows), len(cols),
             *dy.stride(), *w.stride(), *out.stride(), tune_bucket(M))
     launch(_conv2d_bwd_input_kernel, grid, args, constexprs, config, M, C_in, C_out, dy.device,
            _GRAD_INPUT_KEY)

@@ -545,11 +545,11 @@ def test_fast_div_is_exact_for_every_int32_dividend(divisor):
 
 
 @triton.jit
-def _grouped_pixels_kernel(out_ptr, total, OH, OW, bounds_ptr, row_classes, col_classes,
+def _grouped_pixels_kernel(out_ptr, total, OH, OW, bounds_ptr, row_inner, col_inner,
                            BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    n, oh, ow = kernels._grouped_pixels(offs, OH, OW, bounds_ptr, row_classes, col_classes)
+    n, oh, ow = kernels._grouped_pixels(offs, OH, OW, bounds_ptr, row_inner, col_inner)
     tl.store(out_ptr + offs * 3, n, mask=mask)
     tl.store(out_ptr + offs * 3 + 1, oh, mask=mask)
     tl.store(out_ptr + offs * 3 + 2, ow, mask=mask)
@@ -596,9 +596,9 @@ def test_forward_pixel_order_groups_pixels_by_their_taps(rows, cols):
     N, OH, OW = 2, rows[-1], cols[-1]
     total = N * OH * OW
     out = torch.full((total, 3), -1, dtype=torch.int32, device=DEVICE)
-    table = torch.tensor(rows + cols, dtype=torch.int32, device=DEVICE)
-    _grouped_pixels_kernel[(triton.cdiv(total, 256),)](out, total, OH, OW, table, len(rows) - 1,
-                                                       len(cols) - 1, BLOCK=256)
+    table = kernels._bounds_table(rows[1:-1], cols[1:-1], DEVICE)
+    _grouped_pixels_kernel[(triton.cdiv(total, 256),)](out, total, OH, OW, table, len(rows) - 2,
+                                                       len(cols) - 2, BLOCK=256)
     want = _class_major_order(N, rows, cols)
     assert out.cpu().tolist() == [list(p) for p in want]
     if rows == ASPP_D24:
@@ -633,14 +633,28 @@ def test_tap_class_bounds():
             assert before != after
 
 
+@pytest.mark.parametrize("in_len,out_len,taps,pad,dil", [(65, 65, 3, 24, 24), (33, 33, 3, 18, 18),
+                                                        (9, 7, 3, 0, 1), (8, 12, 5, 4, 1),
+                                                        (6, 6, 3, 5, 5)])
+def test_grad_input_groups_pixels_by_the_taps_that_reach_them(in_len, out_len, taps, pad, dil):
+    """Along a stride-1 axis the input gradient's classes are where the set
+    of taps reaching an input position from inside the output changes (brute
+    force); a strided axis is not grouped."""
+    reach = [frozenset(t for t in range(taps) if 0 <= i + pad - t * dil < out_len)
+             for i in range(in_len)]
+    changes = tuple(i for i in range(1, in_len) if reach[i] != reach[i - 1])
+    assert kernels._gradient_classes(in_len, out_len, taps, 1, pad, dil) == changes
+    assert kernels._gradient_classes(in_len, out_len, taps, 2, pad, dil) == ()
+
+
 def test_pixel_classes_fall_back_to_row_major_past_the_limit():
     """A 31-tap kernel row has up to 63 classes: the forward orders that axis
     row-major instead of searching them per pixel, and still gives F.conv2d."""
     assert len(tap_class_bounds(40, 40, 31, 1, 15, 1)) - 1 > kernels.MAX_TAP_CLASSES
-    assert kernels._pixel_classes(40, 40, 31, 1, 15, 1) == (0, 40)
-    assert kernels._pixel_classes(65, 65, 3, 1, 24, 24) == ASPP_D24
+    assert kernels._pixel_classes(40, 40, 31, 1, 15, 1) == ()
+    assert kernels._pixel_classes(65, 65, 3, 1, 24, 24) == ASPP_D24[1:-1]
     # a 3x3 kernel's most: 7 classes (3 pixels padded by 3: each output column its own)
-    assert kernels._pixel_classes(7, 3, 3, 1, 3, 1) == tuple(range(8))
+    assert kernels._pixel_classes(7, 3, 3, 1, 3, 1) == tuple(range(1, 7))
     x = torch.randn(1, 2, 5, 40, dtype=torch.float64, device=DEVICE)
     w = torch.randn(3, 2, 3, 31, dtype=torch.float64, device=DEVICE)
     y = kernels.conv2d_forward(x, w, None, [1, 1], [1, 1, 15, 15], [1, 1], 1)
