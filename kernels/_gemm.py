@@ -124,7 +124,13 @@ def gemm_weight(w: torch.Tensor, tf32_k_dim: int | None = None) -> torch.Tensor:
     dim 0 made contiguous by one small copy. TF32 needs the reduction axis
     contiguous (else Triton transposes the tile through 4-byte scalar
     loads): ``tf32_k_dim`` names it. The view keeps the logical shape: the
-    kernels follow the strides."""
+    kernels follow the strides.
+
+    The copy is not cached across calls: a cache keyed on the weight's
+    version counter would serve a stale copy after a write through
+    ``weight.data`` (which has a counter of its own). A channels_last weight
+    (``model.to(memory_format=torch.channels_last)``) has its input-channel
+    axis contiguous and is never copied for bf16/fp16 or the TF32 forward."""
     if tf32_k_dim is None:
         if w.stride(0) == 1 or w.stride(1) == 1:
             return w
