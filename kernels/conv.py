@@ -685,6 +685,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
 MAX_TAP_CLASSES = 7
 
 
+@functools.lru_cache(maxsize=1024)
 def _pixel_classes(out_len, in_len, taps, stride, pad, dil) -> tuple[int, ...]:
     """The inner bounds of tap_class_bounds (without 0 and out_len), or none
     (no grouping along this axis) past MAX_TAP_CLASSES: the kernels search
