@@ -187,11 +187,12 @@ def test_tuned_tiles(tile):
     x = torch.randn(2, 40, 9, 10, dtype=torch.float64).to(dtype).to(DEVICE)
     w = torch.randn(36, 20, 3, 3, dtype=torch.float64).to(dtype).to(DEVICE)
     geometry = ([2, 1], [3, 3, 2, 2], [3, 2], 2)
-    y = kernels.conv2d_forward(x, w, None, *geometry, config=config)
     cpu = [t.double().cpu() for t in (x, w)]
     want = ref.conv2d(*cpu, None, *geometry)
     tol = RTOL[dtype] if dtype != torch.float32 else TF32_RTOL
-    assert_close(y, want, tol)
+    for splits in (1, 3):  # the forward's split-K with the same tile
+        y = kernels.conv2d_forward(x, w, None, *geometry, config=config, splits=splits)
+        assert_close(y, want, tol)
     grad = torch.randn(want.shape, dtype=torch.float64)
     dx = kernels.conv_transpose_gather(grad.to(dtype).to(DEVICE), w, None, x.shape[-2:],
                                        *geometry, torch.contiguous_format, config=config)
