@@ -165,7 +165,8 @@ def tile_times(launch: dict, timer) -> list[dict]:
             compiled.append(kernel[launch["grid"]](
                 *args, **launch["constexprs"], **config.kwargs, num_warps=config.num_warps,
                 num_stages=config.num_stages))
-        row = {"config": _config_name(config.kwargs, config.num_warps, config.num_stages)}
+        row = {"config": _config_name(config.kwargs, config.num_warps, config.num_stages),
+               "grid": list(launch["grid"](config.kwargs))}
         try:
             row["ms"] = timer(run)
         except Exception as error:  # noqa: BLE001 - a tile that fails is a finding, not a crash
@@ -226,7 +227,7 @@ def format_row(row: dict) -> str:
         lines.append(f"  gemm {g['kernel']} MNK={g['MNK']} picked {g['picked']}")
         for t in g["tiles"]:
             detail = t.get("error") or (f"{_ms(t['ms'])} ms  regs {t['regs']}  "
-                                        f"spills {t['spills']}")
+                                        f"spills {t['spills']}  grid {t['grid']}")
             lines.append(f"    {t['config']:<24} {detail}")
     return "\n".join(lines)
 

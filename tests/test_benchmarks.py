@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from segops.benchmarks import cases, compare, harness, plugin
 from segops.benchmarks.run import codegen_table
@@ -429,6 +430,9 @@ def test_probe_times_every_tuner_tile_of_the_launch_the_op_makes(monkeypatch):
         probe._config_name(c.kwargs, c.num_warps, c.num_stages) for c in tiles]
     assert len(tiles) < len(_gemm.HOPPER_TILES)  # fp32 drops 128-row tiles on 4 warps
     assert all(t["ms"] == 2.0 and "error" not in t for t in gemm["tiles"])
+    assert [t["grid"] for t in gemm["tiles"]] == [  # (tiles, groups, forward splits)
+        [triton.cdiv(36, c.kwargs["BLOCK_M"]) * triton.cdiv(16, c.kwargs["BLOCK_N"]), 1, 1]
+        for c in tiles]
     assert len(checked) == len(tiles)
     text = probe.format_row(row)
     assert "picked M64 N16 K16 w4 s3 (fixed)" in text and "host" in text
