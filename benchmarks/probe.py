@@ -114,9 +114,12 @@ def recorded_gemm_launches():
     original = _gemm.launch
 
     def record(kernel, grid_fn, args, constexprs, config, M, N, K, device, key):
-        launches.append(dict(kernel=kernel, grid=grid_fn, args=args, constexprs=constexprs,
-                             M=M, N=N, K=K, key=tuple(key)))
-        return original(kernel, grid_fn, args, constexprs, config, M, N, K, device, key)
+        launch = {"kernel": kernel, "grid": grid_fn, "args": args, "constexprs": constexprs,
+                  "M": M, "N": N, "K": K, "key": tuple(key)}
+        result = original(kernel, grid_fn, args, constexprs, config, M, N, K, device, key)
+        launch["picked"] = _picked(launch)  # now: the tuner's last run is this launch's
+        launches.append(launch)
+        return result
 
     modules = (conv_kernels, transpose_kernels)
     for module in modules:
@@ -134,8 +137,9 @@ def _config_name(kwargs: dict, num_warps, num_stages) -> str:
 
 
 def _picked(launch: dict) -> str:
-    """The tile the launcher used: the tuner's cached pick on a GPU with
-    autotuning on, else the fixed tile."""
+    """The tile the launcher used, read right after the launch: the tuner's
+    pick on a GPU with autotuning on (``best_config`` is its last run's),
+    else the fixed tile."""
     from ..kernels import _gemm
     if _gemm.AUTOTUNE and torch.cuda.is_available():
         best = getattr(_gemm.tuned(launch["kernel"], launch["key"]), "best_config", None)
@@ -184,7 +188,7 @@ def gemm_report(fn, timer) -> list[dict]:
         fn()
     _sync()
     return [{"kernel": launch["kernel"].__name__, "MNK": [launch["M"], launch["N"], launch["K"]],
-             "picked": _picked(launch), "tiles": tile_times(launch, timer)}
+             "picked": launch["picked"], "tiles": tile_times(launch, timer)}
             for launch in launches]
 
 

@@ -72,14 +72,19 @@ def tl_accumulation(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
-@functools.lru_cache(maxsize=512)
+@functools.cache
 def device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small constant table (a tuple of numbers, or of equal-length tuples)
     as a tensor on ``device``, built once per distinct content: a fresh
     ``torch.tensor(..., device=cuda)`` is a pageable copy that blocks the host
     on every call and cannot be captured in a CUDA graph. The key is the
     content itself, so a hit is always exact. (Only a table's first use
-    copies; a graph captured after warm-up keeps using the cached tensor.)"""
+    copies; a graph captured after warm-up keeps using the cached tensor.)
+    Never evicted: a captured graph holds the table's address, and an
+    evicted table's memory would be reused under it. The contents are
+    geometry (sizes, strides, scales, tap bounds), never addresses or data,
+    so the cache grows with the distinct shapes a process runs, a few
+    hundred bytes each."""
     return torch.tensor(values, dtype=dtype, device=device)
 
 

@@ -12,8 +12,9 @@ buffer, no zero insertion):
   most taps of a 3x3 kernel read only padding). Bias and ReLU are fused into
   the store. When the output has fewer tiles than two waves (ASPP at output
   stride 16), the reduction is split (``forward_splits``): each split writes
-  fp32 partials and ``_split_sum_kernel`` adds them in split order (the same
-  bits every run), then bias and ReLU.
+  partials in the accumulation dtype (fp32; fp64 for fp64 inputs) and
+  ``_split_sum_kernel`` adds them in split order (the same bits every run),
+  then bias and ReLU.
 * ``_conv2d_bwd_input_kernel``: dx = conv_transpose(dy, w), which is also
   the forward of a transposed convolution (kernels/conv_transpose.py). By
   stride residue: the input pixels with ih % stride_h == rh (and the same
@@ -24,7 +25,9 @@ buffer, no zero insertion):
 * ``_conv2d_bwd_weight_kernel``: dw = sum over pixels of dy (x) x, one
   program per (output-channel tile, input-channel tile, tap, group, split):
   the pixel reduction is split (split-K) so small maps still fill the GPU;
-  the splits write fp32 partials that the launcher sums (deterministic).
+  the splits write partials in the accumulation dtype that the launcher
+  sums (deterministic). A tap sums only over the pixels it reads inside
+  the input (a rectangle per tap).
 
 Every tensor is addressed through its four strides, so NCHW, channels_last
 and strided views share the code; int64 offsets, but in the grad_weight
@@ -102,8 +105,8 @@ def _next_step(kb, s, r, k_blocks, s_lo, s_hi):
 @triton.jit
 def _tap_interval(first, last, dil, taps):
     """[t_lo, t_hi): the taps t in [0, taps) with first <= t * dil <= last
-    (every operand of a division is kept non-negative: the compiler's
-    integer division truncates, the interpreter's floors)."""
+    (every operand of a division is kept non-negative: Triton's integer
+    division truncates toward zero, like C, where the rule needs a floor)."""
     first = first.to(tl.int64)  # first + dil can pass 2^31
     last = last.to(tl.int64)
     t_lo = tl.where(first <= 0, 0, (tl.maximum(first, 0) + dil - 1) // dil)
@@ -222,12 +225,13 @@ def _epilogue_store(acc, y_ptr, b_ptr, n, oh, ow, channels, mmask, cmask,
 # --------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["tune_splits"])
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, bounds_ptr,
     N, C_in, H, W, C_out, OH, OW, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, row_inner, col_inner,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw, split_stride, tune_pixels,
+    tune_splits,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -236,8 +240,9 @@ def _conv2d_fwd_kernel(
     i-th of S equal runs of this tile's (tap, channel block) steps and
     writes its partial sum at y + i * split_stride (the launcher then sums
     the S partials in order, _split_sum_kernel). Pixels are ordered by the
-    taps they keep (_grouped_pixels). ``tune_pixels`` only keys the
-    autotuner (see _gemm.tune_bucket)."""
+    taps they keep (_grouped_pixels). ``tune_pixels`` and ``tune_splits``
+    (S) only key the autotuner (see _gemm.tune_bucket): a split launch
+    tunes its own tile."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     split = tl.program_id(2)
@@ -273,9 +278,10 @@ def _conv2d_fwd_kernel(
     first = split * per_split
     count = tl.minimum(per_split, steps - first)  # <= 0: the loop runs no step
     taps_w = tl.maximum(s_hi - s_lo, 1)  # 0 only when steps is 0
-    kb = first % k_blocks
-    r = r_lo + (first // k_blocks) // taps_w
-    s = s_lo + (first // k_blocks) % taps_w
+    blocks = tl.maximum(k_blocks, 1)     # 0 only for C_in = 0 (the op returns before)
+    kb = first % blocks
+    r = r_lo + (first // blocks) // taps_w
+    s = s_lo + (first // blocks) % taps_w
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for _ in range(0, count):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -342,8 +348,8 @@ def _conv2d_bwd_input_kernel(
     tiles = tl.cdiv(N * _rows_of(H, 0, stride_h) * _rows_of(W, 0, stride_w), BLOCK_M) * tiles_n
     residue = pid // tiles
     tile = pid % tiles
-    # (t*dil - pad) mod stride with non-negative operands: the compiler's %
-    # truncates like C, the interpreter's floors like Python
+    # (t*dil - pad) mod stride with non-negative operands: Triton's %
+    # truncates like C (the sign of the dividend), the rule needs Python's
     rh = (((residue // RES_W) * dil_h).to(tl.int64) + stride_h - pad_h % stride_h) % stride_h
     rw = (((residue % RES_W) * dil_w).to(tl.int64) + stride_w - pad_w % stride_w) % stride_w
     rh = rh.to(tl.int32)
@@ -599,8 +605,9 @@ def _depthwise_bwd_weight_kernel(
 # autotune keys: the size bucket, the layout (the channel stride is 1 in
 # channels_last), channels and geometry
 _GEOMETRY_KEY = ["C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w"]
-_FORWARD_KEY = ["tune_pixels", "sxc", *_GEOMETRY_KEY]
+_FORWARD_KEY = ["tune_pixels", "sxc", "tune_splits", *_GEOMETRY_KEY]
 _GRAD_INPUT_KEY = ["tune_pixels", "sdyc", *_GEOMETRY_KEY]
+_GRAD_WEIGHT_KEY = ["tune_pixels", "sxc", *_GEOMETRY_KEY]
 
 
 def _conv_params(stride, padding, dilation):
@@ -671,7 +678,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     args = (x, w, bias_vector(bias, w), y, _bounds_table(rows, cols, x.device),
             N, C_in, H, W, C_out, OH, OW, KH, KW, *_conv_params(stride, padding, dilation),
             len(rows), len(cols), *x.stride(), *w.stride(), *out_strides,
-            y.stride(0) if splits > 1 else 0, tune_bucket(M))
+            y.stride(0) if splits > 1 else 0, tune_bucket(M), splits)
     launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device,
            _FORWARD_KEY)
     if splits > 1:
@@ -843,7 +850,7 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
             partial.stride(0), tune_bucket(N * OH * OW))
     constexprs = dict(precision(x), OFFSET=offset_type(dy, x))
     launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
-           x.device, _FORWARD_KEY)
+           x.device, _GRAD_WEIGHT_KEY)
     return partial[0] if splits == 1 else partial.sum(0)
 
 

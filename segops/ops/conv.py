@@ -237,7 +237,9 @@ def check_geometry(input_hw, kernel_hw, stride, pads, dilation) -> None:
                 f"{d * (k - 1) + 1} along axis {axis} exceed 2^31 - 1")
 
 
-MAX_PIXELS = 2**31 - 1
+# 2^31 less a margin: a tile's pixel indices (program * BLOCK_M + lane, past
+# the last pixel for the masked lanes of the last tile) must not wrap int32
+MAX_PIXELS = 2**31 - 2**16
 
 
 def check_pixel_count(name: str, count: int) -> None:
@@ -246,7 +248,7 @@ def check_pixel_count(name: str, count: int) -> None:
     is bounded."""
     if count > MAX_PIXELS:
         raise ArgumentError(f"{name} has {count} pixels (N*H*W); the convolution kernels "
-                            f"support up to 2^31 - 1 (tensors past 2^31 elements are fine)")
+                            f"support up to 2^31 - 2^16 (tensors past 2^31 elements are fine)")
 
 
 def prepare_inputs(input, weight, bias):

@@ -30,6 +30,7 @@ import segops
 from segops import _checks
 from segops.kernels import _gemm as gemm
 from segops.kernels import conv as kernels
+from segops.kernels import conv_transpose as transpose_kernels
 from segops.kernels._math import divisor_magic, fast_div
 from segops._geometry import tap_class_bounds
 from segops.reference import conv as ref
@@ -268,6 +269,18 @@ def test_forward_splits_only_below_two_waves():
     assert kernels.forward_splits(1, 2 * kernels.SPLIT_MIN_STEPS, h100) == 2
     assert kernels.forward_splits(1, 2 * kernels.SPLIT_MIN_STEPS - 1, h100) == 1
     assert kernels.forward_splits(1, 0, h100) == 1
+
+
+def test_autotune_keys_name_kernel_arguments():
+    """Triton drops key names that are not arguments without a word: each
+    key names arguments of its kernel, and the forward's holds the split
+    count (a split launch, fp32 partials, tunes its own tile)."""
+    for kernel, key in ((kernels._conv2d_fwd_kernel, kernels._FORWARD_KEY),
+                        (kernels._conv2d_bwd_input_kernel, kernels._GRAD_INPUT_KEY),
+                        (kernels._conv2d_bwd_weight_kernel, kernels._GRAD_WEIGHT_KEY),
+                        (transpose_kernels._conv_transpose_k_eq_s_kernel, transpose_kernels._KEY)):
+        assert set(key) <= set(kernel.arg_names), (kernel.__name__, set(key) - set(kernel.arg_names))
+    assert "tune_splits" in kernels._FORWARD_KEY
 
 
 def test_tuner_prunes_what_spills_and_what_does_not_fit():
@@ -648,6 +661,41 @@ def test_grad_input_groups_pixels_by_the_taps_that_reach_them(in_len, out_len, t
     assert kernels._gradient_classes(in_len, out_len, taps, 2, pad, dil) == ()
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_launchers_pass_the_tap_classes_of_their_geometry(monkeypatch):
+    """The forward and grad_input launches carry the class bounds of their
+    own geometry (rows from the top padding and row dilation, columns from
+    the left padding and column dilation; grad_input's with both negated):
+    any one-to-one pixel order gives the right numbers, so only this says
+    the tiles get the taps they skip. 'same' with a 4-row kernel pads 4
+    rows on top and 5 below."""
+    launches = []
+    real = kernels.launch
+
+    def spy(kernel, grid, args, *rest):
+        launches.append((kernel.__name__, dict(zip(kernel.arg_names, args))))
+        return real(kernel, grid, args, *rest)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    x = torch.randn(1, 8, 9, 11, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 8, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = segops.ops.atrous_conv2d(x, w, padding="same", dilation=(3, 2))
+    out.backward(torch.ones_like(out))
+    (fwd,) = [a for name, a in launches if name == "_conv2d_fwd_kernel"]
+    (gin,) = [a for name, a in launches if name == "_conv2d_bwd_input_kernel"]
+    rows = tap_class_bounds(9, 9, 4, 1, 4, 3)[1:-1]
+    cols = tap_class_bounds(11, 11, 2, 1, 1, 2)[1:-1]
+    assert rows and cols
+    assert ((fwd["bounds_ptr"].tolist(), fwd["row_inner"], fwd["col_inner"])
+            == (list(rows + cols) + [0], len(rows), len(cols)))
+    assert fwd["tune_splits"] == 1
+    grad_rows = kernels._gradient_classes(9, 9, 4, 1, 4, 3)
+    grad_cols = kernels._gradient_classes(11, 11, 2, 1, 1, 2)
+    assert grad_rows != rows or grad_cols != cols  # the negation matters here
+    assert ((gin["bounds_ptr"].tolist(), gin["row_inner"], gin["col_inner"])
+            == (list(grad_rows + grad_cols) + [0], len(grad_rows), len(grad_cols)))
+
+
 def test_pixel_classes_fall_back_to_row_major_past_the_limit():
     """A 31-tap kernel row has up to 63 classes: the forward orders that axis
     row-major instead of searching them per pixel, and still gives F.conv2d."""
@@ -708,10 +756,16 @@ def test_grad_weight_with_64_bit_offsets(case, monkeypatch):
 
 
 def test_more_than_2_to_the_31_pixels_is_a_clear_error():
+    """Past 2^31 - 2^16 pixels (the margin keeps a last tile's masked lane
+    indices inside int32), on the input or the output side."""
     x = torch.empty((1, 1, 46341, 46341), dtype=torch.bfloat16, device="meta")
     w = torch.empty((1, 1, 1, 1), dtype=torch.bfloat16, device="meta")
-    with pytest.raises(ValueError, match="2\\^31 - 1"):
+    with pytest.raises(ValueError, match="2\\^31 - 2\\^16"):
         segops.ops.atrous_conv2d(x, w)
+    limit = 2**31 - 2**16
+    segops.ops.conv.check_pixel_count("output", limit)
+    with pytest.raises(ValueError, match="output has 2147418113 pixels"):
+        segops.ops.conv.check_pixel_count("output", limit + 1)
 
 
 # --------------------------------------------------------------------------
