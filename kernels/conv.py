@@ -422,7 +422,9 @@ def _conv2d_bwd_weight_kernel(
     (C_out * groups, C_in, KH, KW), contiguous. Axis 0 is (tap, tile),
     axis 1 the group, axis 2 the split. A tap sums only over the pixels it
     reads inside the input (its rectangle, _tap_rectangle: at ASPP's d24
-    on 65^2, 57% of the 3x3 taps' pixel work). OFFSET is the type of the per-pixel
+    on 65^2, 57% of the 3x3 taps' pixel work; what the skipped pixels give
+    when their dy is not finite, the launcher adds: _poisoned_taps). OFFSET
+    is the type of the per-pixel
     offsets the loop computes (int32 when the launcher proved both tensors
     span less than 2^31 elements: a third of the loop's instructions were
     int64 products)."""
@@ -682,8 +684,11 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     launch(_conv2d_fwd_kernel, grid, args, constexprs, config, M, C_out, C_in, x.device,
            _FORWARD_KEY)
     if splits > 1:
-        _split_sum(y, bias, result, **epilogue)
-        return result
+        # summed into channels_last (an NCHW output is copied after, as the
+        # GEMM's is: the sum's tiles store channel vectors, scattered in NCHW)
+        out = channels_last_output(result)
+        _split_sum(y, bias, out, **epilogue)
+        y = out
     return result.copy_(y) if y is not result else y
 
 
@@ -751,6 +756,61 @@ def _tap_rectangles(OH, OW, H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_
             table += [row0, col0, width, area, *divisor_magic(max(area, 1)),
                       *divisor_magic(max(width, 1))]
     return tuple(table), largest
+
+
+def _poison(total: torch.Tensor, dy: torch.Tensor, rectangles: tuple) -> torch.Tensor:
+    """The weight gradient ``total`` ((C, ..., taps) in tap order) with NaN
+    where _poisoned_taps says F.conv2d has one: a pass over the (small)
+    weight gradient, only for convolutions whose taps reach the padding (in
+    the kernels' epilogue the select spilled the 128x128 tiles)."""
+    poison = _poisoned_taps(dy, rectangles)
+    if poison is None:
+        return total
+    shape = total.shape
+    flat = total.view(shape[0], -1, poison.shape[1])
+    return flat.masked_fill_(poison[:, None, :], float("nan")).view(shape)
+
+
+def _poisoned_taps(dy: torch.Tensor, rectangles: tuple) -> torch.Tensor | None:
+    """(C, taps) bool on dy's device, or None when every tap's rectangle is
+    the whole map: True where a non-finite dy[:, c] lies outside the tap's
+    rectangle. There F.conv2d's weight gradient multiplies it by the
+    padding's zero (NaN); the grad_weight kernels skip those pixels, and
+    _poison sets the NaN from this table. Device ops only: an outside
+    non-finite value exists exactly when the first or last row or column
+    holding one falls outside the rectangle."""
+    OH, OW = dy.shape[-2:]
+    bounds = _rectangle_bounds(rectangles, OH, OW)
+    if bounds is None:
+        return None
+    table = device_table(bounds, torch.int64, dy.device).view(-1, 4)
+    bad = ~torch.isfinite(dy)
+    rows, cols = bad.any(dim=3).any(dim=0), bad.any(dim=2).any(dim=0)  # (C, OH), (C, OW)
+    first_row, last_row = _first_last(rows, OH)
+    first_col, last_col = _first_last(cols, OW)
+    return ((first_row[:, None] < table[:, 0]) | (last_row[:, None] >= table[:, 1])
+            | (first_col[:, None] < table[:, 2]) | (last_col[:, None] >= table[:, 3]))
+
+
+@functools.lru_cache(maxsize=256)
+def _rectangle_bounds(rectangles: tuple, OH: int, OW: int) -> tuple | None:
+    """(row0, row_end, col0, col_end) per tap from the rectangle table, or
+    None when every rectangle is the whole OH x OW map."""
+    bounds, whole = [], True
+    for i in range(0, len(rectangles), 8):
+        row0, col0, width, area = rectangles[i:i + 4]
+        height = area // width if width else 0
+        whole = whole and height == OH and width == OW
+        bounds += [row0, row0 + height, col0, col0 + width]
+    return None if whole else tuple(bounds)
+
+
+def _first_last(flags: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flags`` (C, length): the first and last set index (length
+    and -1 when none is set)."""
+    index = torch.arange(length, device=flags.device)
+    return (torch.where(flags, index, length).amin(1),
+            torch.where(flags, index, -1).amax(1))
 
 
 def _split_sum(partial, bias, y, HAS_BIAS: bool, RELU: bool) -> None:
@@ -851,7 +911,8 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     constexprs = dict(precision(x), OFFSET=offset_type(dy, x))
     launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
            x.device, _GRAD_WEIGHT_KEY)
-    return partial[0] if splits == 1 else partial.sum(0)
+    total = partial[0] if splits == 1 else partial.sum(0)
+    return _poison(total, dy, rectangles)
 
 
 
@@ -921,4 +982,4 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
         partial.stride(0),
         BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(x.dtype), OFFSET=offset_type(dy, x))
     total = partial[0] if splits == 1 else partial.sum(0)
-    return total.view(weight_shape)
+    return _poison(total, dy, rectangles).view(weight_shape)

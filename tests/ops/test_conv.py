@@ -383,6 +383,50 @@ def test_tap_rectangles_hold_exactly_the_pixels_each_tap_reads_inside():
         assert largest == max(areas)
 
 
+@pytest.mark.parametrize("groups", [1, 4], ids=["gemm", "depthwise"])
+@pytest.mark.parametrize("special,where", [(math.nan, (0, 1, 0, 3)), (math.inf, (1, 2, 5, 0)),
+                                           (-math.inf, (0, 3, 2, 6)), (math.nan, (1, 0, 3, 3))],
+                         ids=["nan-top-row", "inf-left-column", "minus-inf-right-column",
+                              "nan-inside"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_grad_weight_non_finite_gradient_in_the_padding_reach(groups, special, where, splits):
+    """A non-finite output gradient at a pixel where some tap reads padding:
+    F.conv2d multiplies it by the padding's zero (NaN in every such tap of
+    its channel); the kernels skip those pixels (tap rectangles) and must
+    still give NaN there, and nothing more (other channels stay finite; a
+    value inside every rectangle poisons through the product itself)."""
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, device=DEVICE)
+    w_shape = (4, 4 // groups, 3, 3)
+    grad = torch.randn(2, 4, 6, 7, dtype=torch.float64, device=DEVICE)
+    grad[where] = special
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], groups)
+    dw = kernels.conv2d_grad_weight(grad, x, w_shape, *geometry, splits=splits)
+    xr = x.cpu().requires_grad_()
+    wr = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(xr, wr, padding=1, groups=groups)
+    (want,) = torch.autograd.grad(out, wr, grad.cpu())
+    assert torch.isnan(want).any()
+    assert_close(dw, want, F64)
+
+
+def test_poisoned_taps_only_with_padding():
+    """No padding reach (every tap's rectangle is the whole map): no table,
+    no device work; with padding, a table of (channels, taps)."""
+    dy = torch.randn(1, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    valid, _ = kernels._tap_rectangles(5, 5, 5, 5, 1, 1, 1, 1, 0, 0, 1, 1)
+    assert kernels._poisoned_taps(dy, valid) is None
+    columns_only, _ = kernels._tap_rectangles(5, 5, 5, 5, 1, 3, 1, 1, 0, 1, 1, 1)
+    assert kernels._poisoned_taps(dy, columns_only).shape == (3, 3)
+    padded, _ = kernels._tap_rectangles(5, 5, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1)
+    dy[0, 2, 4, 4] = math.inf
+    table = kernels._poisoned_taps(dy, padded)
+    assert table.shape == (3, 9)
+    # the corner pixel (4, 4) lies outside the rectangles of the taps in the last row or column
+    want = torch.zeros(3, 3, 3, dtype=torch.bool)
+    want[2, 2, :] = want[2, :, 2] = True
+    assert torch.equal(table.cpu(), want.view(3, 9))
+
+
 @pytest.mark.parametrize("groups", [1, 3], ids=["gemm", "depthwise"])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_grad_weight_of_taps_that_never_read_inside(groups, splits):
