@@ -785,7 +785,7 @@ def _poisoned_taps(dy: torch.Tensor, rectangles: tuple) -> torch.Tensor | None:
         return None
     table = device_table(bounds, torch.int64, dy.device).view(-1, 4)
     bad = ~torch.isfinite(dy)
-    rows, cols = bad.any(dim=3).any(dim=0), bad.any(dim=2).any(dim=0)  # (C, OH), (C, OW)
+    rows, cols = bad.any(dim=(0, 3)), bad.any(dim=(0, 2))  # (C, OH), (C, OW)
     first_row, last_row = _first_last(rows, OH)
     first_col, last_col = _first_last(cols, OW)
     return ((first_row[:, None] < table[:, 0]) | (last_row[:, None] >= table[:, 1])
