@@ -80,6 +80,8 @@ FAMILIES = {
     "_conv2d_bwd_input_kernel": "conv grad_input",
     "_conv2d_bwd_weight_kernel": "conv grad_weight",
     "_split_sum_kernel": "conv split-K sum",
+    "_nonfinite_extents_kernel": "conv non-finite extents",
+    "_poison_taps_kernel": "conv poison taps",
     "_depthwise_fwd_kernel": "depthwise fwd",
     "_depthwise_bwd_input_kernel": "depthwise grad_input",
     "_depthwise_bwd_weight_kernel": "depthwise grad_weight",

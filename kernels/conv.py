@@ -320,6 +320,68 @@ def _split_sum_kernel(
                     HAS_BIAS, RELU)
 
 
+@triton.jit
+def _nonfinite_extents_kernel(
+    dy_ptr, ext_ptr, N, C, OH, OW, sdyn, sdyc, sdyh, sdyw,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NONE: tl.constexpr,
+):
+    """ext[c] = min over the non-finite dy[:, c] of (row, -row, column,
+    -column): the first and (negated) last row and column holding one,
+    NONE where there is none (the launcher's fill). One atomic per channel
+    and program, only where the tile holds a non-finite value."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask = offs_p < N * OH * OW
+    cmask = offs_c < C
+    n, oh, ow = _split_pixels(offs_p, OH, OW)
+    rows = n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+    g = tl.load(dy_ptr + rows[:, None] + offs_c.to(tl.int64)[None, :] * sdyc,
+                mask=pmask[:, None] & cmask[None, :], other=0.0)
+    bad = (g != g) | (tl.abs(g) == float("inf"))
+    hit = cmask & (tl.max(bad.to(tl.int32), axis=0) > 0)
+    ext = ext_ptr + offs_c * 4
+    tl.atomic_min(ext, _least(bad, oh, NONE), mask=hit)
+    tl.atomic_min(ext + 1, _least(bad, -oh, NONE), mask=hit)
+    tl.atomic_min(ext + 2, _least(bad, ow, NONE), mask=hit)
+    tl.atomic_min(ext + 3, _least(bad, -ow, NONE), mask=hit)
+
+
+@triton.jit
+def _least(bad, value, NONE: tl.constexpr):
+    """Per column of ``bad`` (pixels x channels): the least ``value`` (one
+    per pixel) over its set entries, NONE where none is set."""
+    return tl.min(tl.where(bad, value[:, None], NONE), axis=0)
+
+
+@triton.jit
+def _poison_taps_kernel(
+    w_ptr, ext_ptr, bounds_ptr, C, per_channel, taps,
+    BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """w[c, i, tap] = NaN for every i where channel c has a non-finite dy
+    outside the tap's rectangle (ext from _nonfinite_extents_kernel against
+    bounds: row0, row_end, col0, col_end per tap). w is (C, per_channel,
+    taps), contiguous; nothing is written elsewhere."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tap = tl.program_id(1)
+    cmask = offs_c < C
+    first_row = tl.load(ext_ptr + offs_c * 4, mask=cmask, other=0)
+    last_row = -tl.load(ext_ptr + offs_c * 4 + 1, mask=cmask, other=0)
+    first_col = tl.load(ext_ptr + offs_c * 4 + 2, mask=cmask, other=0)
+    last_col = -tl.load(ext_ptr + offs_c * 4 + 3, mask=cmask, other=0)
+    outside = ((first_row < tl.load(bounds_ptr + tap * 4))
+               | (last_row >= tl.load(bounds_ptr + tap * 4 + 1))
+               | (first_col < tl.load(bounds_ptr + tap * 4 + 2))
+               | (last_col >= tl.load(bounds_ptr + tap * 4 + 3)))
+    poisoned = cmask & outside
+    base = w_ptr + offs_c.to(tl.int64) * (per_channel * taps) + tap
+    nan = tl.full([BLOCK_C, BLOCK_I], float("nan"), w_ptr.dtype.element_ty)
+    for i0 in range(0, per_channel, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        tl.store(base[:, None] + offs_i.to(tl.int64)[None, :] * taps, nan,
+                 mask=poisoned[:, None] & (offs_i < per_channel)[None, :])
+
+
 # --------------------------------------------------------------------------
 # grad_input (= transposed convolution forward)
 # --------------------------------------------------------------------------
@@ -423,7 +485,7 @@ def _conv2d_bwd_weight_kernel(
     axis 1 the group, axis 2 the split. A tap sums only over the pixels it
     reads inside the input (its rectangle, _tap_rectangle: at ASPP's d24
     on 65^2, 57% of the 3x3 taps' pixel work; what the skipped pixels give
-    when their dy is not finite, the launcher adds: _poisoned_taps). OFFSET
+    when their dy is not finite, the launcher adds: _poison). OFFSET
     is the type of the per-pixel
     offsets the loop computes (int32 when the launcher proved both tensors
     span less than 2^31 elements: a third of the loop's instructions were
@@ -758,38 +820,36 @@ def _tap_rectangles(OH, OW, H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_
     return tuple(table), largest
 
 
+# the "none" value of the non-finite extents: every extent is kept as a
+# minimum (the last row / column negated), so one fill value serves all four
+_NO_EXTENT = 2**30
+
+
 def _poison(total: torch.Tensor, dy: torch.Tensor, rectangles: tuple) -> torch.Tensor:
-    """The weight gradient ``total`` ((C, ..., taps) in tap order) with NaN
-    where _poisoned_taps says F.conv2d has one: a pass over the (small)
-    weight gradient, only for convolutions whose taps reach the padding (in
-    the kernels' epilogue the select spilled the 128x128 tiles)."""
-    poison = _poisoned_taps(dy, rectangles)
-    if poison is None:
-        return total
-    shape = total.shape
-    flat = total.view(shape[0], -1, poison.shape[1])
-    return flat.masked_fill_(poison[:, None, :], float("nan")).view(shape)
-
-
-def _poisoned_taps(dy: torch.Tensor, rectangles: tuple) -> torch.Tensor | None:
-    """(C, taps) bool on dy's device, or None when every tap's rectangle is
-    the whole map: True where a non-finite dy[:, c] lies outside the tap's
-    rectangle. There F.conv2d's weight gradient multiplies it by the
-    padding's zero (NaN); the grad_weight kernels skip those pixels, and
-    _poison sets the NaN from this table. Device ops only: an outside
-    non-finite value exists exactly when the first or last row or column
-    holding one falls outside the rectangle."""
+    """The weight gradient ``total`` ((C, C_in per group or 1, taps) in tap
+    order, any shape with those strides) with F.conv2d's NaN where a
+    non-finite dy[:, c] lies outside tap t's rectangle: F.conv2d multiplies
+    it by the padding's zero (NaN), the grad_weight kernels skip those
+    pixels. Only for convolutions whose taps reach the padding; three
+    launches, no host sync, and NaN written only where it belongs (in the
+    grad_weight epilogue the select spilled the 128x128 tiles)."""
     OH, OW = dy.shape[-2:]
     bounds = _rectangle_bounds(rectangles, OH, OW)
     if bounds is None:
-        return None
-    table = device_table(bounds, torch.int64, dy.device).view(-1, 4)
-    bad = ~torch.isfinite(dy)
-    rows, cols = bad.any(dim=(0, 3)), bad.any(dim=(0, 2))  # (C, OH), (C, OW)
-    first_row, last_row = _first_last(rows, OH)
-    first_col, last_col = _first_last(cols, OW)
-    return ((first_row[:, None] < table[:, 0]) | (last_row[:, None] >= table[:, 1])
-            | (first_col[:, None] < table[:, 2]) | (last_col[:, None] >= table[:, 3]))
+        return total
+    N, C = dy.shape[:2]
+    extents = torch.full((C, 4), _NO_EXTENT, dtype=torch.int32, device=dy.device)
+    grid = (cdiv(N * OH * OW, 64), cdiv(C, 64))
+    check_grid(grid)
+    _nonfinite_extents_kernel[grid](dy, extents, N, C, OH, OW, *dy.stride(),
+                                    BLOCK_P=64, BLOCK_C=64, NONE=_NO_EXTENT)
+    taps = len(bounds) // 4
+    per_channel = total.numel() // (C * taps)
+    grid = (cdiv(C, 64), taps)
+    check_grid(grid)
+    _poison_taps_kernel[grid](total, extents, device_table(bounds, torch.int32, dy.device), C,
+                              per_channel, taps, BLOCK_C=64, BLOCK_I=16)
+    return total
 
 
 @functools.lru_cache(maxsize=256)
@@ -803,14 +863,6 @@ def _rectangle_bounds(rectangles: tuple, OH: int, OW: int) -> tuple | None:
         whole = whole and height == OH and width == OW
         bounds += [row0, row0 + height, col0, col0 + width]
     return None if whole else tuple(bounds)
-
-
-def _first_last(flags: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``flags`` (C, length): the first and last set index (length
-    and -1 when none is set)."""
-    index = torch.arange(length, device=flags.device)
-    return (torch.where(flags, index, length).amin(1),
-            torch.where(flags, index, -1).amax(1))
 
 
 def _split_sum(partial, bias, y, HAS_BIAS: bool, RELU: bool) -> None:

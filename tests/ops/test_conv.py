@@ -385,9 +385,10 @@ def test_tap_rectangles_hold_exactly_the_pixels_each_tap_reads_inside():
 
 @pytest.mark.parametrize("groups", [1, 4], ids=["gemm", "depthwise"])
 @pytest.mark.parametrize("special,where", [(math.nan, (0, 1, 0, 3)), (math.inf, (1, 2, 5, 0)),
-                                           (-math.inf, (0, 3, 2, 6)), (math.nan, (1, 0, 3, 3))],
+                                           (-math.inf, (0, 3, 2, 6)), (math.nan, (1, 0, 3, 3)),
+                                           (math.inf, (0, 1, 1, 3))],
                          ids=["nan-top-row", "inf-left-column", "minus-inf-right-column",
-                              "nan-inside"])
+                              "nan-inside", "inf-on-a-rectangle-edge"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_grad_weight_non_finite_gradient_in_the_padding_reach(groups, special, where, splits):
     """A non-finite output gradient at a pixel where some tap reads padding:
@@ -405,26 +406,38 @@ def test_grad_weight_non_finite_gradient_in_the_padding_reach(groups, special, w
     wr = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
     out = F.conv2d(xr, wr, padding=1, groups=groups)
     (want,) = torch.autograd.grad(out, wr, grad.cpu())
-    assert torch.isnan(want).any()
+    assert not torch.isfinite(want).all()
     assert_close(dw, want, F64)
 
 
-def test_poisoned_taps_only_with_padding():
-    """No padding reach (every tap's rectangle is the whole map): no table,
-    no device work; with padding, a table of (channels, taps)."""
-    dy = torch.randn(1, 3, 5, 5, dtype=torch.float64, device=DEVICE)
-    valid, _ = kernels._tap_rectangles(5, 5, 5, 5, 1, 1, 1, 1, 0, 0, 1, 1)
-    assert kernels._poisoned_taps(dy, valid) is None
-    columns_only, _ = kernels._tap_rectangles(5, 5, 5, 5, 1, 3, 1, 1, 0, 1, 1, 1)
-    assert kernels._poisoned_taps(dy, columns_only).shape == (3, 3)
-    padded, _ = kernels._tap_rectangles(5, 5, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1)
-    dy[0, 2, 4, 4] = math.inf
-    table = kernels._poisoned_taps(dy, padded)
-    assert table.shape == (3, 9)
-    # the corner pixel (4, 4) lies outside the rectangles of the taps in the last row or column
-    want = torch.zeros(3, 3, 3, dtype=torch.bool)
-    want[2, 2, :] = want[2, :, 2] = True
-    assert torch.equal(table.cpu(), want.view(3, 9))
+def test_poison_writes_nan_only_where_a_skipped_pixel_is_not_finite():
+    """_poison on a weight gradient of zeros: nothing without padding reach
+    (every rectangle the whole map: not even a launch), else NaN exactly at
+    (channel, any input channel, tap) where a non-finite dy of the channel
+    lies outside the tap's rectangle, in every dtype the kernels accumulate in."""
+    dy = torch.randn(2, 3, 5, 6, dtype=torch.float64, device=DEVICE)
+    dy[1, 2, 4, 5] = math.inf     # the bottom-right corner: outside the last row and column of taps
+    dy[0, 0, 2, 3] = math.nan     # the middle: inside every rectangle
+    valid, _ = kernels._tap_rectangles(5, 6, 5, 6, 1, 1, 1, 1, 0, 0, 1, 1)
+    with record_launches(kernels, "_nonfinite_extents_kernel") as launches:
+        untouched = kernels._poison(torch.zeros(3, 2, 1, 1, dtype=torch.float64, device=DEVICE),
+                                    dy, valid)
+    assert not launches.launches and torch.equal(untouched, torch.zeros_like(untouched))
+    columns_only, _ = kernels._tap_rectangles(5, 6, 5, 6, 1, 3, 1, 1, 0, 1, 1, 1)
+    got = kernels._poison(torch.zeros(3, 2, 1, 3, dtype=torch.float32, device=DEVICE), dy,
+                          columns_only)
+    want = torch.zeros(3, 2, 1, 3, dtype=torch.bool)
+    want[2, :, 0, 2] = True       # column 5 lies outside the right tap's rectangle only
+    assert torch.equal(torch.isnan(got).cpu(), want)
+    padded, _ = kernels._tap_rectangles(5, 6, 5, 6, 3, 3, 1, 1, 1, 1, 1, 1)
+    for dtype in (torch.float32, torch.float64):
+        got = kernels._poison(torch.zeros(3, 2, 3, 3, dtype=dtype, device=DEVICE),
+                              dy.to(torch.bfloat16 if dtype == torch.float32 else dtype), padded)
+        want = torch.zeros(3, 2, 3, 3, dtype=torch.bool)
+        want[2, :, 2, :] = want[2, :, :, 2] = True
+        assert torch.equal(torch.isnan(got).cpu(), want)
+        assert torch.equal(got[~torch.isnan(got)].cpu(), torch.zeros(int((~want).sum()),
+                                                                         dtype=dtype))
 
 
 @pytest.mark.parametrize("groups", [1, 3], ids=["gemm", "depthwise"])
