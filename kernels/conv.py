@@ -337,6 +337,8 @@ def _nonfinite_extents_kernel(
     rows = n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
     g = tl.load(dy_ptr + rows[:, None] + offs_c.to(tl.int64)[None, :] * sdyc,
                 mask=pmask[:, None] & cmask[None, :], other=0.0)
+    if g.dtype != tl.float64:  # half types exactly in fp32 (the interpreter's bf16 NaN != NaN fails)
+        g = g.to(tl.float32)
     bad = (g != g) | (tl.abs(g) == float("inf"))
     hit = cmask & (tl.max(bad.to(tl.int32), axis=0) > 0)
     ext = ext_ptr + offs_c * 4
@@ -362,8 +364,8 @@ def _poison_taps_kernel(
     outside the tap's rectangle (ext from _nonfinite_extents_kernel against
     bounds: row0, row_end, col0, col_end per tap). w is (C, per_channel,
     taps), contiguous; nothing is written elsewhere."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tap = tl.program_id(1)
+    tap = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
     first_row = tl.load(ext_ptr + offs_c * 4, mask=cmask, other=0)
     last_row = -tl.load(ext_ptr + offs_c * 4 + 1, mask=cmask, other=0)
@@ -822,7 +824,8 @@ def _tap_rectangles(OH, OW, H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_
 
 # the "none" value of the non-finite extents: every extent is kept as a
 # minimum (the last row / column negated), so one fill value serves all four
-_NO_EXTENT = 2**30
+# (above any coordinate: rows and columns are below 2^31 - 1)
+_NO_EXTENT = 2**31 - 1
 
 
 def _poison(total: torch.Tensor, dy: torch.Tensor, rectangles: tuple) -> torch.Tensor:
@@ -845,7 +848,7 @@ def _poison(total: torch.Tensor, dy: torch.Tensor, rectangles: tuple) -> torch.T
                                     BLOCK_P=64, BLOCK_C=64, NONE=_NO_EXTENT)
     taps = len(bounds) // 4
     per_channel = total.numel() // (C * taps)
-    grid = (cdiv(C, 64), taps)
+    grid = (taps, cdiv(C, 64))
     check_grid(grid)
     _poison_taps_kernel[grid](total, extents, device_table(bounds, torch.int32, dy.device), C,
                               per_channel, taps, BLOCK_C=64, BLOCK_I=16)
@@ -940,8 +943,9 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     rectangles, largest = _tap_rectangles(OH, OW, H, W, KH, KW,
                                           *_conv_params(stride, padding, dilation))
     pixels = N * largest  # what the splits divide: the largest tap rectangle's pixels
-    if pixels == 0:  # no tap reads inside the input
-        return torch.zeros(weight_shape, dtype=acc_dtype, device=x.device)
+    if pixels == 0:  # no tap reads inside the input: zeros, NaN where dy is not finite
+        return _poison(torch.zeros(weight_shape, dtype=acc_dtype, device=x.device), dy,
+                       rectangles)
     tiles = cdiv(C_out, 64) * cdiv(C_in, 64) * KH * KW * groups
     if splits is None:
         # enough programs for a few waves, each with at least 256 pixels
@@ -1016,8 +1020,9 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
     rectangles, largest = _tap_rectangles(OH, OW, H, W, KH, KW,
                                           *_conv_params(stride, padding, dilation))
     pixels = N * largest  # what the splits divide: the largest tap rectangle's pixels
-    if pixels == 0:  # no tap reads inside the input
-        return torch.zeros(weight_shape, dtype=acc_dtype, device=x.device)
+    if pixels == 0:  # no tap reads inside the input: zeros, NaN where dy is not finite
+        return _poison(torch.zeros(weight_shape, dtype=acc_dtype, device=x.device), dy,
+                       rectangles)
     bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
     if splits is None:
         tiles = cdiv(C_out, bc) * KH * KW

@@ -410,6 +410,26 @@ def test_grad_weight_non_finite_gradient_in_the_padding_reach(groups, special, w
     assert_close(dw, want, F64)
 
 
+@pytest.mark.parametrize("groups", [1, 2], ids=["gemm", "depthwise"])
+def test_grad_weight_when_no_tap_reads_inside(groups):
+    """Stride 2 and padding 1 on a 1-row input: the output's rows read only
+    padding, every tap's rectangle is empty; F.conv2d's weight gradient is 0
+    times dy, NaN for a channel whose dy is not finite."""
+    x = torch.randn(1, 2, 1, 1, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(1, 2, 2, 1, dtype=torch.float64, device=DEVICE)
+    dy[0, 0, 0, 0] = math.inf
+    w_shape = (2, 2 // groups, 1, 1)
+    geometry = ([2, 1], [1, 1, 0, 0], [1, 1], groups)
+    dw = kernels.conv2d_grad_weight(dy, x, w_shape, *geometry)
+    xr = x.cpu().requires_grad_()
+    wr = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(xr, wr, stride=(2, 1), padding=(1, 0), groups=groups)
+    assert out.shape == dy.shape
+    (want,) = torch.autograd.grad(out, wr, dy.cpu())
+    assert torch.isnan(want).any() and not torch.isnan(want[1]).any()
+    assert_close(dw, want, F64)
+
+
 def test_poison_writes_nan_only_where_a_skipped_pixel_is_not_finite():
     """_poison on a weight gradient of zeros: nothing without padding reach
     (every rectangle the whole map: not even a launch), else NaN exactly at
@@ -429,6 +449,10 @@ def test_poison_writes_nan_only_where_a_skipped_pixel_is_not_finite():
     want = torch.zeros(3, 2, 1, 3, dtype=torch.bool)
     want[2, :, 0, 2] = True       # column 5 lies outside the right tap's rectangle only
     assert torch.equal(torch.isnan(got).cpu(), want)
+    bf16_nan = torch.zeros(1, 1, 5, 6, dtype=torch.bfloat16, device=DEVICE)
+    bf16_nan[0, 0, 0, 0] = math.nan  # the top-left corner: outside the first row and column
+    got = kernels._poison(torch.zeros(1, 1, 1, 3, device=DEVICE), bf16_nan, columns_only)
+    assert torch.isnan(got).cpu().tolist() == [[[[True, False, False]]]]
     padded, _ = kernels._tap_rectangles(5, 6, 5, 6, 3, 3, 1, 1, 1, 1, 1, 1)
     for dtype in (torch.float32, torch.float64):
         got = kernels._poison(torch.zeros(3, 2, 3, 3, dtype=dtype, device=DEVICE),
