@@ -803,15 +803,17 @@ def forward_splits(tiles: int, k_steps: int, programs: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _tap_rectangles(OH, OW, H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h,
-                    dil_w) -> tuple[tuple, int]:
+                    dil_w) -> tuple[tuple, int, tuple | None]:
     """The grad_weight kernels' table, 8 int32 per tap (r, s) in r*KW + s
     order: row0, col0, width, area (height * width) of the output rectangle
     whose pixels read tap (r, s) inside the input (segops._geometry.
     tap_interval per axis), then divisor_magic of area and of width (of 1
-    when 0); and the largest N-free area (the pixels a split divides)."""
+    when 0); the largest N-free area (the pixels a split divides); and
+    _poison's bounds, (row0, row_end, col0, col_end) per tap, or None when
+    every rectangle is the whole map."""
     rows = [tap_interval(OH, H, r, stride_h, pad_h, dil_h) for r in range(KH)]
     cols = [tap_interval(OW, W, s, stride_w, pad_w, dil_w) for s in range(KW)]
-    table, largest = [], 0
+    table, bounds, largest = [], [], 0
     for row0, row_end in rows:
         for col0, col_end in cols:
             width = col_end - col0
@@ -819,7 +821,9 @@ def _tap_rectangles(OH, OW, H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_
             largest = max(largest, area)
             table += [row0, col0, width, area, *divisor_magic(max(area, 1)),
                       *divisor_magic(max(width, 1))]
-    return tuple(table), largest
+            bounds += [row0, row_end, col0, col_end]
+    whole = all(r == (0, OH) for r in rows) and all(c == (0, OW) for c in cols)
+    return tuple(table), largest, None if whole else tuple(bounds)
 
 
 # the "none" value of the non-finite extents: every extent is kept as a
@@ -828,19 +832,18 @@ def _tap_rectangles(OH, OW, H, W, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_
 _NO_EXTENT = 2**31 - 1
 
 
-def _poison(total: torch.Tensor, dy: torch.Tensor, rectangles: tuple) -> torch.Tensor:
+def _poison(total: torch.Tensor, dy: torch.Tensor, bounds: tuple | None) -> torch.Tensor:
     """The weight gradient ``total`` ((C, C_in per group or 1, taps) in tap
     order, any shape with those strides) with F.conv2d's NaN where a
     non-finite dy[:, c] lies outside tap t's rectangle: F.conv2d multiplies
     it by the padding's zero (NaN), the grad_weight kernels skip those
     pixels. Only for convolutions whose taps reach the padding; three
     launches, no host sync, and NaN written only where it belongs (in the
-    grad_weight epilogue the select spilled the 128x128 tiles)."""
-    OH, OW = dy.shape[-2:]
-    bounds = _rectangle_bounds(rectangles, OH, OW)
+    grad_weight epilogue the select spilled the 128x128 tiles). ``bounds``:
+    _tap_rectangles' third result."""
     if bounds is None:
         return total
-    N, C = dy.shape[:2]
+    N, C, OH, OW = dy.shape
     extents = torch.full((C, 4), _NO_EXTENT, dtype=torch.int32, device=dy.device)
     grid = (cdiv(N * OH * OW, 64), cdiv(C, 64))
     check_grid(grid)
@@ -853,19 +856,6 @@ def _poison(total: torch.Tensor, dy: torch.Tensor, rectangles: tuple) -> torch.T
     _poison_taps_kernel[grid](total, extents, device_table(bounds, torch.int32, dy.device), C,
                               per_channel, taps, BLOCK_C=64, BLOCK_I=16)
     return total
-
-
-@functools.lru_cache(maxsize=256)
-def _rectangle_bounds(rectangles: tuple, OH: int, OW: int) -> tuple | None:
-    """(row0, row_end, col0, col_end) per tap from the rectangle table, or
-    None when every rectangle is the whole OH x OW map."""
-    bounds, whole = [], True
-    for i in range(0, len(rectangles), 8):
-        row0, col0, width, area = rectangles[i:i + 4]
-        height = area // width if width else 0
-        whole = whole and height == OH and width == OW
-        bounds += [row0, row0 + height, col0, col0 + width]
-    return None if whole else tuple(bounds)
 
 
 def _split_sum(partial, bias, y, HAS_BIAS: bool, RELU: bool) -> None:
@@ -940,12 +930,12 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     if C_in == 1:
         return _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_dtype,
                                       splits)
-    rectangles, largest = _tap_rectangles(OH, OW, H, W, KH, KW,
-                                          *_conv_params(stride, padding, dilation))
+    rectangles, largest, bounds = _tap_rectangles(OH, OW, H, W, KH, KW,
+                                                  *_conv_params(stride, padding, dilation))
     pixels = N * largest  # what the splits divide: the largest tap rectangle's pixels
     if pixels == 0:  # no tap reads inside the input: zeros, NaN where dy is not finite
         return _poison(torch.zeros(weight_shape, dtype=acc_dtype, device=x.device), dy,
-                       rectangles)
+                       bounds)
     tiles = cdiv(C_out, 64) * cdiv(C_in, 64) * KH * KW * groups
     if splits is None:
         # enough programs for a few waves, each with at least 256 pixels
@@ -968,7 +958,7 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     launch(_conv2d_bwd_weight_kernel, grid, args, constexprs, config, C_out, C_in, per_split,
            x.device, _GRAD_WEIGHT_KEY)
     total = partial[0] if splits == 1 else partial.sum(0)
-    return _poison(total, dy, rectangles)
+    return _poison(total, dy, bounds)
 
 
 
@@ -1017,12 +1007,12 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
     N, C, H, W = x.shape
     C_out, _, KH, KW = weight_shape
     OH, OW = dy.shape[-2:]
-    rectangles, largest = _tap_rectangles(OH, OW, H, W, KH, KW,
-                                          *_conv_params(stride, padding, dilation))
+    rectangles, largest, bounds = _tap_rectangles(OH, OW, H, W, KH, KW,
+                                                  *_conv_params(stride, padding, dilation))
     pixels = N * largest  # what the splits divide: the largest tap rectangle's pixels
     if pixels == 0:  # no tap reads inside the input: zeros, NaN where dy is not finite
         return _poison(torch.zeros(weight_shape, dtype=acc_dtype, device=x.device), dy,
-                       rectangles)
+                       bounds)
     bm, bc = _depthwise_tile(C_out, x.stride(1) == 1)
     if splits is None:
         tiles = cdiv(C_out, bc) * KH * KW
@@ -1039,4 +1029,4 @@ def _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_d
         partial.stride(0),
         BLOCK_M=bm, BLOCK_C=bc, ACC=tl_accumulation(x.dtype), OFFSET=offset_type(dy, x))
     total = partial[0] if splits == 1 else partial.sum(0)
-    return _poison(total, dy, rectangles).view(weight_shape)
+    return _poison(total, dy, bounds).view(weight_shape)

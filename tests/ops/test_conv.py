@@ -367,7 +367,8 @@ def test_tap_rectangles_hold_exactly_the_pixels_each_tap_reads_inside():
     for OH, OW, H, W, KH, KW, sh, sw, ph, pw, dh, dw in [
             (65, 65, 65, 65, 3, 3, 1, 1, 24, 24, 24, 24), (3, 3, 3, 3, 3, 3, 1, 1, 5, 5, 5, 5),
             (5, 6, 9, 11, 3, 2, 2, 2, 1, 0, 1, 3), (4, 4, 4, 4, 1, 1, 1, 1, 0, 0, 1, 1)]:
-        table, largest = kernels._tap_rectangles(OH, OW, H, W, KH, KW, sh, sw, ph, pw, dh, dw)
+        table, largest, _ = kernels._tap_rectangles(OH, OW, H, W, KH, KW, sh, sw, ph, pw, dh,
+                                                    dw)
         assert len(table) == 8 * KH * KW
         areas = []
         for tap in range(KH * KW):
@@ -438,12 +439,12 @@ def test_poison_writes_nan_only_where_a_skipped_pixel_is_not_finite():
     dy = torch.randn(2, 3, 5, 6, dtype=torch.float64, device=DEVICE)
     dy[1, 2, 4, 5] = math.inf     # the bottom-right corner: outside the last row and column of taps
     dy[0, 0, 2, 3] = math.nan     # the middle: inside every rectangle
-    valid, _ = kernels._tap_rectangles(5, 6, 5, 6, 1, 1, 1, 1, 0, 0, 1, 1)
+    *_, valid = kernels._tap_rectangles(5, 6, 5, 6, 1, 1, 1, 1, 0, 0, 1, 1)
     with record_launches(kernels, "_nonfinite_extents_kernel") as launches:
         untouched = kernels._poison(torch.zeros(3, 2, 1, 1, dtype=torch.float64, device=DEVICE),
                                     dy, valid)
     assert not launches.launches and torch.equal(untouched, torch.zeros_like(untouched))
-    columns_only, _ = kernels._tap_rectangles(5, 6, 5, 6, 1, 3, 1, 1, 0, 1, 1, 1)
+    *_, columns_only = kernels._tap_rectangles(5, 6, 5, 6, 1, 3, 1, 1, 0, 1, 1, 1)
     got = kernels._poison(torch.zeros(3, 2, 1, 3, dtype=torch.float32, device=DEVICE), dy,
                           columns_only)
     want = torch.zeros(3, 2, 1, 3, dtype=torch.bool)
@@ -453,7 +454,7 @@ def test_poison_writes_nan_only_where_a_skipped_pixel_is_not_finite():
     bf16_nan[0, 0, 0, 0] = math.nan  # the top-left corner: outside the first row and column
     got = kernels._poison(torch.zeros(1, 1, 1, 3, device=DEVICE), bf16_nan, columns_only)
     assert torch.isnan(got).cpu().tolist() == [[[[True, False, False]]]]
-    padded, _ = kernels._tap_rectangles(5, 6, 5, 6, 3, 3, 1, 1, 1, 1, 1, 1)
+    *_, padded = kernels._tap_rectangles(5, 6, 5, 6, 3, 3, 1, 1, 1, 1, 1, 1)
     for dtype in (torch.float32, torch.float64):
         got = kernels._poison(torch.zeros(3, 2, 3, 3, dtype=dtype, device=DEVICE),
                               dy.to(torch.bfloat16 if dtype == torch.float32 else dtype), padded)
