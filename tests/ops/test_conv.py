@@ -218,7 +218,7 @@ SPLIT_CASES = {
 
 @pytest.mark.parametrize("splits", [2, 4, 7])
 @pytest.mark.parametrize("name", sorted(SPLIT_CASES))
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_forward_split_k(name, splits, layout):
     """The forward with its reduction split (each split a run of the tile's
     (tap, channel block) steps, the partials summed in order with bias and
@@ -228,6 +228,9 @@ def test_forward_split_k(name, splits, layout):
     x = like_layout(torch.randn(x_shape, dtype=torch.float64, device=DEVICE), layout)
     w = torch.randn(w_shape, dtype=torch.float64, device=DEVICE)
     b = torch.randn(w_shape[0], dtype=torch.float64, device=DEVICE) if fused else None
+    if layout == "strided":  # every argument a view: input, weight and bias
+        w = non_contiguous(w, "transposed")
+        b = None if b is None else non_contiguous(b, "slice")
     config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     with record_launches(kernels, "_conv2d_fwd_kernel", "_split_sum_kernel") as launches:
         y = kernels.conv2d_forward(x, w, b, stride, padding, dilation, groups, relu=fused,
@@ -391,7 +394,9 @@ def test_tap_rectangles_hold_exactly_the_pixels_each_tap_reads_inside():
                          ids=["nan-top-row", "inf-left-column", "minus-inf-right-column",
                               "nan-inside", "inf-on-a-rectangle-edge"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_grad_weight_non_finite_gradient_in_the_padding_reach(groups, special, where, splits):
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_grad_weight_non_finite_gradient_in_the_padding_reach(groups, special, where, splits,
+                                                              layout):
     """A non-finite output gradient at a pixel where some tap reads padding:
     F.conv2d multiplies it by the padding's zero (NaN in every such tap of
     its channel); the kernels skip those pixels (tap rectangles) and must
@@ -402,7 +407,8 @@ def test_grad_weight_non_finite_gradient_in_the_padding_reach(groups, special, w
     grad = torch.randn(2, 4, 6, 7, dtype=torch.float64, device=DEVICE)
     grad[where] = special
     geometry = ([1, 1], [1, 1, 1, 1], [1, 1], groups)
-    dw = kernels.conv2d_grad_weight(grad, x, w_shape, *geometry, splits=splits)
+    dw = kernels.conv2d_grad_weight(like_layout(grad, layout), x, w_shape, *geometry,
+                                    splits=splits)
     xr = x.cpu().requires_grad_()
     wr = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
     out = F.conv2d(xr, wr, padding=1, groups=groups)
