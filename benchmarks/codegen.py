@@ -492,11 +492,13 @@ OPS = ("conv", "conv_transpose", "roi_align", "overlap", "boxes", "masks")
 #   "aspp os16 d12" stands for them, but for the forward: at output stride
 #   16 it splits its reduction (fp32 partials, another binary), so "layer3
 #   d2" adds the forward as the other shapes run it; U-Net's k2 s2 for the k == stride
-#   kernel; the decoder for the stride-residue gather; RoIAlign's box head;
-#   the 21-class Dice;
+#   kernel; the decoder for the stride-residue gather; FCN-8s's 21-channel
+#   upscore8 for channel counts that are not multiples of 16 (its own tuner
+#   pruning); RoIAlign's box head; the 21-class Dice;
 # * dtypes and layouts: bf16 in both layouts, TF32 and fp16 in fewer;
 # * configs (see ci_keeps): every tuner config of the bf16 channels_last GEMMs
-#   and of the TF32 channels_last forward, elsewhere the fixed config and the
+#   (convolutions', and transposed convolutions' through the conv kernels) and
+#   of the TF32 channels_last forward, elsewhere the fixed config and the
 #   tuner's first (largest) tile; configs the tuner prunes are not compiled.
 CI_CASES = {
     # (op, shape name prefix): {(dtype, layout), ...}
@@ -507,6 +509,7 @@ CI_CASES = {
     ("conv_transpose", "unet up 512@64"): {("bf16", "channels_last"), ("bf16", "nchw"),
                                            ("fp32", "channels_last")},
     ("conv_transpose", "decoder overlap"): {("bf16", "channels_last")},
+    ("conv_transpose", "fcn8s upscore8"): {("bf16", "channels_last"), ("fp32", "channels_last")},
     ("roi_align", "roi_align box"): {("bf16", "channels_last"), ("bf16", "nchw"),
                                      ("fp32", "channels_last")},
     ("roi_align", "multi_scale box"): {("bf16", "channels_last")},
@@ -515,7 +518,7 @@ CI_CASES = {
     ("masks", ""): {("fp32", "nchw")},
 }
 CI_ALL_CONFIGS = {  # (op, family, dtype, layout)
-    *[("conv", family, "bf16", "channels_last")
+    *[(op, family, "bf16", "channels_last") for op in ("conv", "conv_transpose")
       for family in ("conv fwd", "conv grad_input", "conv grad_weight")],
     ("conv", "conv fwd", "tf32", "channels_last"),
     ("conv_transpose", "conv_transpose k==s", "bf16", "channels_last"),

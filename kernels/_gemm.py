@@ -62,14 +62,20 @@ def prune_configs(configs, named_args, **kwargs):
     take twice bf16's), and 128-row tiles on 4 warps where they spill
     (codegen report, issue 11): with fp32 (TF32) operands, and for the
     forward's fp32 split-K partials (``y_ptr`` fp32 under bf16 operands:
-    the fp32 tile's store layout conversion tips 246 registers over)."""
+    the fp32 tile's store layout conversion tips 246 registers over).
+    Channel counts that are not multiples of 16 (VOC's 21 classes) keep
+    only tiles of at most 64x64: the JIT cannot prove their channel strides
+    16-byte aligned, the operands load element by element, and every larger
+    tile spills (codegen report, FCN-8s's upscore layers, triton 3.6 and 3.8)."""
     size = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
     out = named_args.get("y_ptr")
     fp32_tile = size >= 4 or (isinstance(out, torch.Tensor) and out.element_size() >= 4)
+    scalar_operands = any(named_args.get(name, 0) % 16 for name in ("C_in", "C_out"))
     fits = [c for c in configs
             if shared_memory_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                    c.num_stages, size) <= SHARED_MEMORY_LIMIT
-            and not (fp32_tile and c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8)]
+            and not (fp32_tile and c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8)
+            and not (scalar_operands and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
     return fits or configs[-1:]
 
 

@@ -307,6 +307,22 @@ def test_tuner_prunes_what_spills_and_what_does_not_fit():
                for m, n, k, _, s in fp32)
 
 
+@pytest.mark.parametrize("channels, pruned", [((32, 48), False), ((21, 21), True),
+                                              ((256, 24), True), ((24, 256), True),
+                                              ((16, 16), False)])
+def test_tuner_keeps_small_tiles_for_unaligned_channels(channels, pruned):
+    """A channel count that is not a multiple of 16 (21 classes; 24) leaves
+    the operands unaligned for the JIT: only tiles of at most 64x64 stay
+    (the larger ones spill, codegen report)."""
+    C_in, C_out = channels
+    named = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "C_in": C_in, "C_out": C_out,
+             "y_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+             c.num_stages) for c in gemm.prune_configs(gemm.tuner_configs(), named)}
+    small = {t for t in gemm.HOPPER_TILES if t[0] * t[1] <= 64 * 64}
+    assert small and kept == (small if pruned else set(gemm.HOPPER_TILES))
+
+
 def test_op_splits_a_forward_of_few_tiles(monkeypatch):
     """The op takes the split path by itself when the output has fewer tiles
     than two waves (an H100's SM count here): one 128x128 tile and 18 steps
