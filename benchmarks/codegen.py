@@ -493,8 +493,8 @@ OPS = ("conv", "conv_transpose", "roi_align", "overlap", "boxes", "masks")
 #   16 it splits its reduction (fp32 partials, another binary), so "layer3
 #   d2" adds the forward as the other shapes run it; U-Net's k2 s2 for the k == stride
 #   kernel; the decoder for the stride-residue gather; FCN-8s's 21-channel
-#   upscore8 for channel counts that are not multiples of 16 (its own tuner
-#   pruning); RoIAlign's box head; the 21-class Dice;
+#   upscore8 (conv.padded_channels: its GEMMs run on 32 zero-padded channels);
+#   RoIAlign's box head; the 21-class Dice;
 # * dtypes and layouts: bf16 in both layouts, TF32 and fp16 in fewer;
 # * configs (see ci_keeps): every tuner config of the bf16 channels_last GEMMs
 #   (convolutions', and transposed convolutions' through the conv kernels) and

@@ -63,10 +63,12 @@ def prune_configs(configs, named_args, **kwargs):
     (codegen report, issue 11): with fp32 (TF32) operands, and for the
     forward's fp32 split-K partials (``y_ptr`` fp32 under bf16 operands:
     the fp32 tile's store layout conversion tips 246 registers over).
-    Channel counts that are not multiples of 16 (VOC's 21 classes) keep
-    only tiles of at most 64x64: the JIT cannot prove their channel strides
-    16-byte aligned, the operands load element by element, and every larger
-    tile spills (codegen report, FCN-8s's upscore layers, triton 3.6 and 3.8)."""
+    Channel counts that are not multiples of 16 keep only tiles of at most
+    64x64: the JIT cannot prove their channel strides 16-byte aligned, the
+    operands load element by element, and every larger tile spills (codegen
+    report, FCN-8s's 21-channel upscore layers before conv.padded_channels,
+    triton 3.6 and 3.8). The conv launchers pad counts above 16, so this is
+    for the smaller ones (RGB input) and grouped convolutions."""
     size = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
     out = named_args.get("y_ptr")
     fp32_tile = size >= 4 or (isinstance(out, torch.Tensor) and out.element_size() >= 4)

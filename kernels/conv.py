@@ -702,6 +702,54 @@ def _has_unreached_residues(input_hw, stride, padding, dilation, kernel_size) ->
 
 
 # --------------------------------------------------------------------------
+# channel padding
+# --------------------------------------------------------------------------
+# A channel count above 16 that is not a multiple of 16 (VOC's 21 classes,
+# Cityscapes' 19, ADE20K's 150) leaves the GEMM operands' strides without the
+# JIT's 16-divisibility: every operand then loads element by element, with no
+# cp.async, and only 64x64 tiles stay spill-free (codegen report: FCN-8s's
+# upscore layers at 168-254 registers, 2 CTAs/SM). Such a convolution runs on
+# copies zero-padded to the next multiple of 16 channels (the padded channels
+# add 0 * 0 terms), and the real channels are copied out. Counts up to 16
+# (RGB input) are left as they are: padding 3 to 16 would move 5x the bytes.
+def padded_channels(count: int) -> int:
+    """The channel count the GEMM kernels run with."""
+    return count if count <= 16 or count % 16 == 0 else cdiv(count, 16) * 16
+
+
+def _needs_padding(groups: int, C_in: int, C_out: int) -> bool:
+    return groups == 1 and C_in > 1 and (padded_channels(C_in) != C_in
+                                         or padded_channels(C_out) != C_out)
+
+
+def _pad_channels(t: torch.Tensor, count: int) -> torch.Tensor:
+    """t (N, C, H, W) as a channels_last (N, count, H, W), zeros past C."""
+    N, C, H, W = t.shape
+    out = empty((N, count, H, W), dtype=t.dtype, device=t.device,
+                memory_format=torch.channels_last)
+    out[:, C:].zero_()
+    out[:, :C].copy_(t)
+    return out
+
+
+def _pad_weight(w: torch.Tensor, c_out: int, c_in: int) -> torch.Tensor:
+    """w (C_out, C_in, KH, KW) as a (c_out, c_in, KH, KW) with zeros past
+    each count, input channels contiguous (what gemm_weight keeps as is)."""
+    out = empty((c_out, c_in) + tuple(w.shape[2:]), dtype=w.dtype, device=w.device,
+                memory_format=torch.channels_last).zero_()
+    out[:w.shape[0], :w.shape[1]].copy_(w)
+    return out
+
+
+def _pad_bias(bias, count: int):
+    if bias is None or bias.shape[0] == count:
+        return bias
+    out = torch.zeros(count, dtype=bias.dtype, device=bias.device)
+    out[:bias.shape[0]].copy_(bias)
+    return out
+
+
+# --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
 def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: bool = False, *,
@@ -721,6 +769,11 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     if C_in == 1:
         _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu)
         return y
+    if _needs_padding(groups, C_in, C_out):
+        ci, co = padded_channels(C_in), padded_channels(C_out)
+        padded = conv2d_forward(_pad_channels(x, ci), _pad_weight(w, co, ci), _pad_bias(bias, co),
+                                stride, padding, dilation, 1, relu, config=config, splits=splits)
+        return y.copy_(padded[:, :C_out])
     if splits is None:
         splits = forward_splits(cdiv(M, 128) * cdiv(C_out, 128) * groups,
                                 KH * KW * cdiv(C_in, 64), _split_target(x.device))
@@ -890,6 +943,12 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
     if C_in == 1:
         _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation)
         return dx
+    if _needs_padding(groups, C_in, C_out):
+        ci, co = padded_channels(C_in), padded_channels(C_out)
+        padded = conv_transpose_gather(_pad_channels(dy, co), _pad_weight(w, co, ci),
+                                       _pad_bias(bias, ci), input_hw, stride, padding, dilation,
+                                       1, torch.channels_last, config=config)
+        return dx.copy_(padded[:, :C_in])
     res_h = residue_candidates(stride[0], dilation[0], KH)
     res_w = residue_candidates(stride[1], dilation[1], KW)
     M = N * cdiv(H, stride[0]) * cdiv(W, stride[1])
@@ -930,6 +989,12 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     if C_in == 1:
         return _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_dtype,
                                       splits)
+    if _needs_padding(groups, C_in, C_out):
+        ci, co = padded_channels(C_in), padded_channels(C_out)
+        padded = conv2d_grad_weight(_pad_channels(dy, co), _pad_channels(x, ci),
+                                    (co, ci, KH, KW), stride, padding, dilation, 1,
+                                    config=config, splits=splits)
+        return padded[:C_out, :C_in].contiguous()
     rectangles, largest, bounds = _tap_rectangles(OH, OW, H, W, KH, KW,
                                                   *_conv_params(stride, padding, dilation))
     pixels = N * largest  # what the splits divide: the largest tap rectangle's pixels

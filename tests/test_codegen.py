@@ -55,24 +55,16 @@ CL, NCHW = "channels_last", "nchw"
 _ROI_GATHER = ("the deterministic RoIAlign backward stores its input-gradient tile 128 bits "
                "wide, but loads each bin's output gradient as a vector of BLOCK_C = 32 "
                "channels over 128 threads, one element per thread: scalar loads (issue 12)")
-_UNALIGNED_CHANNELS = (
-    "21 channels (FCN-8s's upscore layers): the JIT cannot prove the channel strides 16-byte "
-    "aligned, so the operands load element by element (no cp.async) and the split-K sum "
-    "in 2-byte accesses; the tuner keeps only the tiles of at most 64x64 there, which do "
-    "not spill (_gemm.prune_configs). Padding the channels to a multiple of 16 would "
-    "fix it (issue 11)")
 KNOWN_SHORTFALLS: list[tuple[str, str, str, str, str, str, str]] = [
     # --- spills / stack -----------------------------------------------------------------
     # --- asynchronous operands ----------------------------------------------------------
-    *[("async", family, "*16", CL, "*", "fcn8s *", _UNALIGNED_CHANNELS)
-      for family in ("conv fwd", "conv grad_input", "conv grad_weight")],
-    *[("async_width", family, "tf32", CL, "*", "fcn8s *", _UNALIGNED_CHANNELS)
-      for family in ("conv fwd", "conv grad_input")],
-    ("async_width", "conv grad_weight", "tf32", CL, "*", "*",
-     "TF32 grad_weight reduces over pixels, but channels are the contiguous axis: the "
-     "operands are copied 4 bytes at a time (issue 11)"),
+    *[("async_width", "conv grad_weight", "tf32", CL, config, shape,
+       "TF32 grad_weight reduces over pixels, but channels are the contiguous axis: the "
+       "operands are copied 4 bytes at a time (issue 11)")
+      # every tuner tile; the fixed tile but FCN-8s upscore8's (its 32 channels fit
+      # one 32x32 tile, which copies 16 bytes)
+      for config, shape in (("M*", "*"), ("fixed", "[!f]*"))],
     # --- 128-bit accesses in memory-bound kernels ----------------------------------------
-    ("vector", "conv split-K sum", "*", CL, "*", "fcn8s *", _UNALIGNED_CHANNELS),
     ("vector", "roi_align bwd deterministic", "*", CL, "*", "*", _ROI_GATHER),  # fp16 too
     ("vector", "paste_masks", "fp32", NCHW, "fixed", "paste bool *",
      "the bool output of a [8, 128] tile at 4 warps is 8 bytes per thread: 64-bit stores, "

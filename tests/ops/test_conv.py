@@ -167,6 +167,76 @@ def test_dtypes_against_float64(dtype, monkeypatch):
         assert_close(got, expected, RTOL[dtype], name=f"grad_{name}")
 
 
+def _gemm_launches(monkeypatch):
+    """{kernel name: [named arguments of each launch]} of kernels.launch."""
+    launches = {}
+    real = kernels.launch
+
+    def spy(kernel, grid, args, *rest):
+        launches.setdefault(kernel.__name__, []).append(dict(zip(kernel.arg_names, args)))
+        return real(kernel, grid, args, *rest)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    return launches
+
+
+def test_padded_channel_counts():
+    assert [kernels.padded_channels(c) for c in (1, 3, 15, 16, 17, 19, 21, 24, 32, 33, 150, 256)] \
+        == [1, 3, 15, 16, 32, 32, 32, 32, 32, 48, 160, 256]
+
+
+@pytest.mark.parametrize("channels", [(21, 21), (17, 32), (32, 19), (9, 21), (21, 5)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unaligned_channels_run_zero_padded(channels, layout, monkeypatch):
+    """Channel counts above 16 that are not multiples of 16 run the GEMMs on
+    copies zero-padded to the next multiple of 16 (aligned operands for the
+    JIT); forward and every gradient match F.conv2d, the real channels only
+    are written, and a NaN input stays where F.conv2d puts it."""
+    launches = _gemm_launches(monkeypatch)
+    C_in, C_out = channels
+    case = dict(N=1, C_in=C_in, C_out=C_out, H=6, W=7, kernel=3, stride=(1, 2), padding=(2, 1),
+                dilation=(2, 1), groups=1, bias=True, layout=layout)
+    x, w, b = make_tensors(case)
+    x[0, C_in - 1, 3, 4] = math.nan
+    args = conv_args(case)
+    grad = torch.randn_like(F.conv2d(x.cpu(), w.cpu(), b.cpu(), **args)).to(DEVICE)
+    out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b,
+                                   grad)
+    want, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args),
+                                         *(t.cpu() for t in (x, w, b)), grad.cpu())
+    assert_close(out, want, F64)
+    for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
+        assert_close(got, expected, F64, name=f"grad_{name}")
+    padded = {"C_in": kernels.padded_channels(C_in), "C_out": kernels.padded_channels(C_out)}
+    assert padded != {"C_in": C_in, "C_out": C_out}
+    for name in ("_conv2d_fwd_kernel", "_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel"):
+        (launch,) = launches[name]
+        assert {k: launch[k] for k in padded} == padded, name
+
+
+@pytest.mark.parametrize("channels, groups", [((9, 5), 1), ((32, 48), 1), ((42, 42), 2)])
+def test_aligned_small_and_grouped_channels_run_unpadded(channels, groups, monkeypatch):
+    """Counts up to 16, multiples of 16 and grouped convolutions keep their
+    channel counts (the padding would cost more than it saves, or is not
+    needed, or would have to be per group)."""
+    launches = _gemm_launches(monkeypatch)
+    C_in, C_out = channels
+    case = dict(N=1, C_in=C_in, C_out=C_out, H=5, W=6, kernel=3, stride=1, padding=1,
+                dilation=1, groups=groups, bias=False, layout="channels_last")
+    x, w, _ = make_tensors(case)
+    args = conv_args(case)
+    out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, None,
+                                   torch.ones(1, C_out, 5, 6, dtype=x.dtype, device=DEVICE))
+    want, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args), x.cpu(), w.cpu(),
+                                         None, torch.ones(1, C_out, 5, 6, dtype=x.dtype))
+    assert_close(out, want, F64)
+    for name, got, expected in zip(["input", "weight"], grads, want_grads):
+        assert_close(got, expected, F64, name=f"grad_{name}")
+    for name in ("_conv2d_fwd_kernel", "_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel"):
+        (launch,) = launches[name]
+        assert (launch["C_in"], launch["C_out"]) == (C_in // groups, C_out // groups), name
+
+
 @pytest.mark.skipif(not ON_GPU, reason="TF32 exists on the GPU only")
 def test_tf32_follows_cudnn_flag(monkeypatch):
     x, w, b = make_tensors(SEG_CASE, torch.float32)

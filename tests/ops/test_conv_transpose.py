@@ -305,6 +305,31 @@ def test_fcn_upscore_k16_s8():
     check_against_f(case)
 
 
+@pytest.mark.parametrize("channels", [(21, 21), (21, 40), (40, 19)])
+def test_fcn_upscore_with_unaligned_channels_runs_zero_padded(channels, monkeypatch):
+    """FCN-8s's upscore2 (k4 s2) with VOC's 21 classes: the gather (the
+    forward), the conv forward (grad_input) and grad_weight run on copies
+    zero-padded to multiples of 16 channels (conv.padded_channels); every
+    result, the bias's included, matches F.conv_transpose2d."""
+    C_in, C_out = channels
+    launches = {}
+    real = conv_kernels.launch
+
+    def spy(kernel, grid, args, *rest):
+        launches.setdefault(kernel.__name__, []).append(dict(zip(kernel.arg_names, args)))
+        return real(kernel, grid, args, *rest)
+
+    monkeypatch.setattr(conv_kernels, "launch", spy)
+    case = dict(ONE_GEMM, C_in=C_in, C_out=C_out, H=3, W=4, kernel=(4, 4), stride=2,
+                padding=(1, 1), bias=True, layout="channels_last")
+    check_against_f(case)
+    # conv_transpose(x, w) is conv2d's input gradient: its C_in is our C_out
+    padded = (conv_kernels.padded_channels(C_out), conv_kernels.padded_channels(C_in))
+    for name in ("_conv2d_bwd_input_kernel", "_conv2d_fwd_kernel", "_conv2d_bwd_weight_kernel"):
+        (launch,) = launches[name]
+        assert (launch["C_in"], launch["C_out"]) == padded, name
+
+
 def test_output_size_argument():
     plain = torch.nn.ConvTranspose2d(4, 3, 3, stride=3, padding=1).double()
     ours = segops.nn.ConvTranspose2d(4, 3, 3, stride=3, padding=1).double()
