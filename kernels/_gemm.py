@@ -67,8 +67,11 @@ def prune_configs(configs, named_args, **kwargs):
     64x64: the JIT cannot prove their channel strides 16-byte aligned, the
     operands load element by element, and every larger tile spills (codegen
     report, FCN-8s's 21-channel upscore layers before conv.padded_channels,
-    triton 3.6 and 3.8). The conv launchers pad counts above 16, so this is
-    for the smaller ones (RGB input) and grouped convolutions."""
+    triton 3.6 and 3.8). The conv launchers pad counts above 16, so this now
+    covers the smaller counts (an RGB stem), grouped convolutions and the
+    k == stride transposed convolution: a precaution carried over from that
+    evidence (no benchmark shape compiles them), to be relaxed if a device
+    run shows a larger tile winning there without spills."""
     size = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
     out = named_args.get("y_ptr")
     fp32_tile = size >= 4 or (isinstance(out, torch.Tensor) and out.element_size() >= 4)

@@ -723,8 +723,12 @@ def _needs_padding(groups: int, C_in: int, C_out: int) -> bool:
 
 
 def _pad_channels(t: torch.Tensor, count: int) -> torch.Tensor:
-    """t (N, C, H, W) as a channels_last (N, count, H, W), zeros past C."""
+    """t (N, C, H, W) as a channels_last (N, count, H, W), zeros past C; t
+    itself when it has count channels (a 256 -> 21 classifier pads only its
+    output side)."""
     N, C, H, W = t.shape
+    if C == count:
+        return t
     out = empty((N, count, H, W), dtype=t.dtype, device=t.device,
                 memory_format=torch.channels_last)
     out[:, C:].zero_()
@@ -739,6 +743,14 @@ def _pad_weight(w: torch.Tensor, c_out: int, c_in: int) -> torch.Tensor:
                 memory_format=torch.channels_last).zero_()
     out[:w.shape[0], :w.shape[1]].copy_(w)
     return out
+
+
+def _real_channels(padded: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The padded launch's result itself where it has out's shape and strides
+    (only the other side was padded), else its first channels copied into out."""
+    if padded.shape == out.shape and padded.stride() == out.stride():
+        return padded
+    return out.copy_(padded[:, :out.shape[1]])
 
 
 def _pad_bias(bias, count: int):
@@ -773,7 +785,7 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
         ci, co = padded_channels(C_in), padded_channels(C_out)
         padded = conv2d_forward(_pad_channels(x, ci), _pad_weight(w, co, ci), _pad_bias(bias, co),
                                 stride, padding, dilation, 1, relu, config=config, splits=splits)
-        return y.copy_(padded[:, :C_out])
+        return _real_channels(padded, y)
     if splits is None:
         splits = forward_splits(cdiv(M, 128) * cdiv(C_out, 128) * groups,
                                 KH * KW * cdiv(C_in, 64), _split_target(x.device))
@@ -947,8 +959,9 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
         ci, co = padded_channels(C_in), padded_channels(C_out)
         padded = conv_transpose_gather(_pad_channels(dy, co), _pad_weight(w, co, ci),
                                        _pad_bias(bias, ci), input_hw, stride, padding, dilation,
-                                       1, torch.channels_last, config=config)
-        return dx.copy_(padded[:, :C_in])
+                                       1, memory_format if ci == C_in else torch.channels_last,
+                                       config=config)
+        return _real_channels(padded, dx)
     res_h = residue_candidates(stride[0], dilation[0], KH)
     res_w = residue_candidates(stride[1], dilation[1], KW)
     M = N * cdiv(H, stride[0]) * cdiv(W, stride[1])

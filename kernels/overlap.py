@@ -491,8 +491,8 @@ _TILE_ELEMENTS = 4096
 
 
 def _class_contiguous(x: torch.Tensor) -> bool:
-    """Whether x (N, C, S) has more than one class and the class axis contiguous."""
-    return x.shape[1] > 1 and x.stride(1) == 1
+    """Whether x (N, C, S) has its class axis contiguous."""
+    return x.stride(1) == 1
 
 
 # the most bins of the per-program histogram (tl.histogram) of the confusion matrix

@@ -200,6 +200,7 @@ def test_unaligned_channels_run_zero_padded(channels, layout, monkeypatch):
     x[0, C_in - 1, 3, 4] = math.nan
     args = conv_args(case)
     grad = torch.randn_like(F.conv2d(x.cpu(), w.cpu(), b.cpu(), **args)).to(DEVICE)
+    grad[0, C_out - 1, 0, 0] = math.inf  # a corner: taps that reach padding (_poison)
     out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b,
                                    grad)
     want, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args),
@@ -212,6 +213,9 @@ def test_unaligned_channels_run_zero_padded(channels, layout, monkeypatch):
     for name in ("_conv2d_fwd_kernel", "_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel"):
         (launch,) = launches[name]
         assert {k: launch[k] for k in padded} == padded, name
+    # a side that needs no padding is not copied (a 256 -> 21 classifier's input)
+    same_input = launches["_conv2d_fwd_kernel"][0]["x_ptr"].data_ptr() == x.data_ptr()
+    assert same_input == (padded["C_in"] == C_in and layout == "channels_last")
 
 
 @pytest.mark.parametrize("channels, groups", [((9, 5), 1), ((32, 48), 1), ((42, 42), 2)])

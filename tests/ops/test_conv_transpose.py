@@ -143,7 +143,8 @@ def test_kernel_equals_stride_is_one_gemm(layout, kernel, groups):
                          [(2, 2, 0, 0), (3, 2, 1, 1)], ids=["k2s2", "k3s2p1op1"])
 def test_dtypes_against_float64(dtype, kernel, stride, padding, output_padding, monkeypatch):
     """fp32 (TF32 off), fp16 and bf16 with fp32 accumulation; 21 channels as
-    FCN's score layers have (tiles padded by masking)."""
+    FCN's score layers have (the one-GEMM kernel masks its tiles' extra
+    channels; the gather runs on 32 zero-padded ones)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     case = dict(ONE_GEMM, C_in=21, C_out=21, kernel=(kernel, kernel), stride=stride,
                 padding=(padding, padding), output_padding=(output_padding, output_padding),

@@ -48,16 +48,28 @@ def reference_sums_and_grad(x, t, activation, ignore_index, squared, grad_out,
     ((2, 21, 8, 8), "contiguous", (32, 128, 8)), ((2, 21, 8, 8), "channels_last", (32, 64, 8)),
     ((2, 4, 4, 4, 4), "channels_last", (4, 512, 8)), ((2, 4, 4, 4, 4), "contiguous", (4, 1024, 8)),
     ((2, 150, 4, 4), "channels_last", (256, 16, 8)), ((2, 1, 8, 8), "channels_last", (1, 1024, 4)),
+    ((2, 2, 8, 8), "channels_last", (2, 1024, 8)), ((2, 2, 8, 8), "contiguous", (2, 1024, 4)),
 ])
-def test_tiles_halve_where_classes_are_contiguous(shape, layout, want):
-    """4096-element tiles (16 per thread on 8 warps), 2048 where the class
-    axis is contiguous (channels_last scores: the codegen report's 172-188
-    registers at 4096 there); a single class is never 'contiguous'."""
-    x = like_layout(torch.empty(shape), layout)
-    C = shape[1]
-    assert kernels._tile(C, None, None, kernels._class_contiguous(kernels.flatten_trailing(x, 2))) \
-        == want
+def test_tiles_halve_where_classes_are_contiguous(shape, layout, want, monkeypatch):
+    """The forward, the backward and the confusion matrix tile 4096 elements
+    (16 per thread on 8 warps), 2048 where the class axis is contiguous
+    (channels_last scores: the codegen report's 172-188 registers at 4096
+    there); pixel runs are capped at 1024, so 2 classes take 4 warps in NCHW."""
+    tiles = []
+    real = kernels._tile
 
+    def spy(*args):
+        tiles.append(real(*args))
+        return tiles[-1]
+
+    monkeypatch.setattr(kernels, "_tile", spy)
+    x = like_layout(torch.randn(shape), layout).to(DEVICE)
+    target = torch.randint(0, shape[1], (shape[0],) + shape[2:]).to(DEVICE)
+    kernels.overlap_sums_forward(x, target, "softmax", None, False)
+    grad = torch.ones(shape[:2], device=DEVICE)
+    kernels.overlap_sums_backward(grad, grad, x, target, "softmax", None, False)
+    kernels.confusion_matrix(x, target, shape[1], None)
+    assert tiles == [want] * 3
 
 
 # --------------------------------------------------------------------------
