@@ -71,8 +71,9 @@ def conv_transpose_calls(draw):
         st.tuples(st.integers(0, min(limit[0], 3)), st.integers(0, min(limit[1], 3))),
         pairs(0, 3)))
     call = dict(
-        N=n, C_in=groups * draw(st.sampled_from([1, 2, 0])),
-        C_out=groups * draw(st.integers(1, 2)), H=draw(st.integers(1, 4)),
+        # 17 and 18: unaligned channel counts above 16 (zero-padded to 32 when ungrouped)
+        N=n, C_in=groups * draw(st.sampled_from([1, 2, 0, 17])),
+        C_out=groups * draw(st.sampled_from([1, 2, 18])), H=draw(st.integers(1, 4)),
         W=draw(st.integers(1, 4)), kernel=draw(pairs(1, 3)), groups=groups, stride=stride,
         dilation=dilation, padding=draw(pairs(0, 2)), output_padding=output_padding,
         bias=draw(st.booleans()), unbatched=n == 1 and draw(st.booleans()),
