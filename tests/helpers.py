@@ -144,6 +144,20 @@ def record_launches(module, *names) -> LaunchRecorder:
     return LaunchRecorder(module, names)
 
 
+def record_gemm_launches(monkeypatch, module) -> dict:
+    """{kernel name: [named arguments of each launch]} of ``module.launch``
+    (the GEMM launcher the conv kernels call) while the test runs."""
+    launches = {}
+    real = module.launch
+
+    def spy(kernel, grid, args, *rest):
+        launches.setdefault(kernel.__name__, []).append(dict(zip(kernel.arg_names, args)))
+        return real(kernel, grid, args, *rest)
+
+    monkeypatch.setattr(module, "launch", spy)
+    return launches
+
+
 VIEW_KINDS = ("stride2", "transposed", "slice")
 
 

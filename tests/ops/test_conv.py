@@ -22,6 +22,7 @@ from helpers import (
     PATHS,
     non_contiguous,
     on_path,
+    record_gemm_launches,
     record_launches,
     skip_off_kernel_path_on_gpu,
 )
@@ -167,19 +168,6 @@ def test_dtypes_against_float64(dtype, monkeypatch):
         assert_close(got, expected, RTOL[dtype], name=f"grad_{name}")
 
 
-def _gemm_launches(monkeypatch):
-    """{kernel name: [named arguments of each launch]} of kernels.launch."""
-    launches = {}
-    real = kernels.launch
-
-    def spy(kernel, grid, args, *rest):
-        launches.setdefault(kernel.__name__, []).append(dict(zip(kernel.arg_names, args)))
-        return real(kernel, grid, args, *rest)
-
-    monkeypatch.setattr(kernels, "launch", spy)
-    return launches
-
-
 def test_padded_channel_counts():
     assert [kernels.padded_channels(c) for c in (1, 3, 15, 16, 17, 19, 21, 24, 32, 33, 150, 256)] \
         == [1, 3, 15, 16, 32, 32, 32, 32, 32, 48, 160, 256]
@@ -192,7 +180,7 @@ def test_unaligned_channels_run_zero_padded(channels, layout, monkeypatch):
     copies zero-padded to the next multiple of 16 (aligned operands for the
     JIT); forward and every gradient match F.conv2d, the real channels only
     are written, and a NaN input stays where F.conv2d puts it."""
-    launches = _gemm_launches(monkeypatch)
+    launches = record_gemm_launches(monkeypatch, kernels)
     C_in, C_out = channels
     case = dict(N=1, C_in=C_in, C_out=C_out, H=6, W=7, kernel=3, stride=(1, 2), padding=(2, 1),
                 dilation=(2, 1), groups=1, bias=True, layout=layout)
@@ -223,7 +211,7 @@ def test_aligned_small_and_grouped_channels_run_unpadded(channels, groups, monke
     """Counts up to 16, multiples of 16 and grouped convolutions keep their
     channel counts (the padding would cost more than it saves, or is not
     needed, or would have to be per group)."""
-    launches = _gemm_launches(monkeypatch)
+    launches = record_gemm_launches(monkeypatch, kernels)
     C_in, C_out = channels
     case = dict(N=1, C_in=C_in, C_out=C_out, H=5, W=6, kernel=3, stride=1, padding=1,
                 dilation=1, groups=groups, bias=False, layout="channels_last")
@@ -847,20 +835,13 @@ def test_launchers_pass_the_tap_classes_of_their_geometry(monkeypatch):
     any one-to-one pixel order gives the right numbers, so only this says
     the tiles get the taps they skip. 'same' with a 4-row kernel pads 4
     rows on top and 5 below."""
-    launches = []
-    real = kernels.launch
-
-    def spy(kernel, grid, args, *rest):
-        launches.append((kernel.__name__, dict(zip(kernel.arg_names, args))))
-        return real(kernel, grid, args, *rest)
-
-    monkeypatch.setattr(kernels, "launch", spy)
+    launches = record_gemm_launches(monkeypatch, kernels)
     x = torch.randn(1, 8, 9, 11, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(8, 8, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     out = segops.ops.atrous_conv2d(x, w, padding="same", dilation=(3, 2))
     out.backward(torch.ones_like(out))
-    (fwd,) = [a for name, a in launches if name == "_conv2d_fwd_kernel"]
-    (gin,) = [a for name, a in launches if name == "_conv2d_bwd_input_kernel"]
+    (fwd,) = launches["_conv2d_fwd_kernel"]
+    (gin,) = launches["_conv2d_bwd_input_kernel"]
     rows = tap_class_bounds(9, 9, 4, 1, 4, 3)[1:-1]
     cols = tap_class_bounds(11, 11, 2, 1, 1, 2)[1:-1]
     assert rows and cols

@@ -20,6 +20,7 @@ from helpers import (
     PATHS,
     non_contiguous,
     on_path,
+    record_gemm_launches,
     record_launches,
     skip_off_kernel_path_on_gpu,
 )
@@ -313,14 +314,7 @@ def test_fcn_upscore_with_unaligned_channels_runs_zero_padded(channels, monkeypa
     zero-padded to multiples of 16 channels (conv.padded_channels); every
     result, the bias's included, matches F.conv_transpose2d."""
     C_in, C_out = channels
-    launches = {}
-    real = conv_kernels.launch
-
-    def spy(kernel, grid, args, *rest):
-        launches.setdefault(kernel.__name__, []).append(dict(zip(kernel.arg_names, args)))
-        return real(kernel, grid, args, *rest)
-
-    monkeypatch.setattr(conv_kernels, "launch", spy)
+    launches = record_gemm_launches(monkeypatch, conv_kernels)
     case = dict(ONE_GEMM, C_in=C_in, C_out=C_out, H=3, W=4, kernel=(4, 4), stride=2,
                 padding=(1, 1), bias=True, layout="channels_last")
     check_against_f(case)
