@@ -520,15 +520,15 @@ def _conv2d_bwd_weight_kernel(
         kmask = local < count
         n, oh, ow = _rectangle_pixels(start + local, row0, col0, width, area, area_mul,
                                       area_shift, width_mul, width_shift)
+        # no bounds mask: inside the rectangle every pixel's tap reads inside the input
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
-        valid = kmask  # inside the rectangle every pixel's tap is inside the input
         dy_rows = n.to(OFFSET) * sdyn + oh.to(OFFSET) * sdyh + ow.to(OFFSET) * sdyw
         x_rows = n.to(OFFSET) * sxn + ih.to(OFFSET) * sxh + iw.to(OFFSET) * sxw
         a = tl.load(dy_cols[:, None] + dy_rows[None, :],
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(x_cols[None, :] + x_rows[:, None],
-                    mask=valid[:, None] & nmask[None, :], other=0.0)
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = mma(acc, a, b, ALLOW_TF32, UPCAST)
 
     co = group * C_out + offs_m
@@ -651,14 +651,13 @@ def _depthwise_bwd_weight_kernel(
         pmask = local < count
         n, oh, ow = _rectangle_pixels(start + local, row0, col0, width, area, area_mul,
                                       area_shift, width_mul, width_shift)
-        ih = oh * stride_h - pad_h + r * dil_h
+        ih = oh * stride_h - pad_h + r * dil_h  # inside the input (the tap's rectangle)
         iw = ow * stride_w - pad_w + s * dil_w
-        valid = pmask
         dy_rows = n.to(OFFSET) * sdyn + oh.to(OFFSET) * sdyh + ow.to(OFFSET) * sdyw
         x_rows = n.to(OFFSET) * sxn + ih.to(OFFSET) * sxh + iw.to(OFFSET) * sxw
         g = tl.load(dy_cols[None, :] + dy_rows[:, None], mask=pmask[:, None] & cmask[None, :],
                     other=0.0)
-        xv = tl.load(x_cols[None, :] + x_rows[:, None], mask=valid[:, None] & cmask[None, :],
+        xv = tl.load(x_cols[None, :] + x_rows[:, None], mask=pmask[:, None] & cmask[None, :],
                      other=0.0)
         acc += tl.sum(g.to(ACC) * xv.to(ACC), axis=0)
     out = part_ptr + split.to(tl.int64) * split_stride + co.to(tl.int64) * (KH * KW) + tap
@@ -717,9 +716,10 @@ def padded_channels(count: int) -> int:
     return count if count <= 16 or count % 16 == 0 else cdiv(count, 16) * 16
 
 
-def _needs_padding(groups: int, C_in: int, C_out: int) -> bool:
-    return groups == 1 and C_in > 1 and (padded_channels(C_in) != C_in
-                                         or padded_channels(C_out) != C_out)
+def _padded_counts(groups: int, C_in: int, C_out: int) -> tuple[int, int] | None:
+    """(C_in, C_out) padded when an ungrouped GEMM convolution needs it, else None."""
+    counts = padded_channels(C_in), padded_channels(C_out)
+    return counts if groups == 1 and C_in > 1 and counts != (C_in, C_out) else None
 
 
 def _pad_channels(t: torch.Tensor, count: int) -> torch.Tensor:
@@ -781,8 +781,8 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: boo
     if C_in == 1:
         _depthwise_forward(x, w, bias, y, stride, padding, dilation, relu)
         return y
-    if _needs_padding(groups, C_in, C_out):
-        ci, co = padded_channels(C_in), padded_channels(C_out)
+    if padded_counts := _padded_counts(groups, C_in, C_out):
+        ci, co = padded_counts
         padded = conv2d_forward(_pad_channels(x, ci), _pad_weight(w, co, ci), _pad_bias(bias, co),
                                 stride, padding, dilation, 1, relu, config=config, splits=splits)
         return _real_channels(padded, y)
@@ -955,8 +955,8 @@ def conv_transpose_gather(dy, w, bias, input_hw, stride, padding, dilation, grou
     if C_in == 1:
         _depthwise_backward_input(dy, w, bias, dx, stride, padding, dilation)
         return dx
-    if _needs_padding(groups, C_in, C_out):
-        ci, co = padded_channels(C_in), padded_channels(C_out)
+    if padded_counts := _padded_counts(groups, C_in, C_out):
+        ci, co = padded_counts
         padded = conv_transpose_gather(_pad_channels(dy, co), _pad_weight(w, co, ci),
                                        _pad_bias(bias, ci), input_hw, stride, padding, dilation,
                                        1, memory_format if ci == C_in else torch.channels_last,
@@ -1002,8 +1002,8 @@ def conv2d_grad_weight(dy, x, weight_shape, stride, padding, dilation, groups: i
     if C_in == 1:
         return _depthwise_grad_weight(dy, x, weight_shape, stride, padding, dilation, acc_dtype,
                                       splits)
-    if _needs_padding(groups, C_in, C_out):
-        ci, co = padded_channels(C_in), padded_channels(C_out)
+    if padded_counts := _padded_counts(groups, C_in, C_out):
+        ci, co = padded_counts
         padded = conv2d_grad_weight(_pad_channels(dy, co), _pad_channels(x, ci),
                                     (co, ci, KH, KW), stride, padding, dilation, 1,
                                     config=config, splits=splits)
