@@ -69,4 +69,4 @@ def tap_interval(out_len: int, in_len: int, t: int, stride: int, pad: int,
     [0, out_len]; first == end when there are none."""
     first = min(max(-((t * dil - pad) // stride), 0), out_len)
     end = min(max((in_len - 1 + pad - t * dil) // stride + 1, first), out_len)
-    return first, max(end, first)
+    return first, end  # first <= end, as first <= out_len

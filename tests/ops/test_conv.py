@@ -189,6 +189,10 @@ def test_unaligned_channels_run_zero_padded(channels, layout, monkeypatch):
     args = conv_args(case)
     grad = torch.randn_like(F.conv2d(x.cpu(), w.cpu(), b.cpu(), **args)).to(DEVICE)
     grad[0, C_out - 1, 0, 0] = math.inf  # a corner: taps that reach padding (_poison)
+    if layout == "strided":  # every other tensor argument as a view too
+        w, b, grad = (non_contiguous(w, "transposed"), non_contiguous(b, "slice"),
+                      non_contiguous(grad, "stride2"))
+        assert not any(t.is_contiguous() for t in (w, b, grad))
     out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b,
                                    grad)
     want, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args),
