@@ -84,7 +84,7 @@ def _adaptive_grid(roi_size, bins):
 
 @triton.jit
 def _roi_geometry(rois_ptr, k, scale, N, PH, PW, sampling_ratio,
-                  ALIGNED: tl.constexpr, ACC: tl.constexpr):
+                  ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr):
     """Image, top-left corner, bin size and samples per bin of RoI k, in
     torchvision's arithmetic. A RoI with a non-finite coordinate or a batch
     index outside [0, N) gets zero samples, so it contributes nothing."""
@@ -115,8 +115,14 @@ def _roi_geometry(rois_ptr, k, scale, N, PH, PW, sampling_ratio,
         roi_h = tl.maximum(roi_h, 1.0)
     bin_h = roi_h / PH
     bin_w = roi_w / PW
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, _adaptive_grid(roi_h, PH))
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, _adaptive_grid(roi_w, PW))
+    # a constexpr choice: the IEEE divisions of the adaptive count are calls,
+    # and registers live across a call are spilled
+    if ADAPTIVE:
+        grid_h = _adaptive_grid(roi_h, PH)
+        grid_w = _adaptive_grid(roi_w, PW)
+    else:
+        grid_h = sampling_ratio
+        grid_w = sampling_ratio
     grid_h = tl.where(valid, grid_h, 0)
     grid_w = tl.where(valid, grid_w, 0)
     return n, y_start, x_start, bin_h, bin_w, grid_h, grid_w
@@ -134,8 +140,12 @@ def _axis(coord, length, ACC: tl.constexpr):
     """Bilinear pieces along one axis (any shape): low and high index, their
     weights, and whether the sample counts (coord in [-1, length])."""
     inside = (coord >= -1.0) & (coord <= length.to(ACC)) & (length > 0)
-    # clamp before the int cast so far-away samples cannot overflow it
-    c = tl.minimum(tl.maximum(coord, 0.0), length.to(ACC))
+    # clamp before the int cast so far-away samples cannot overflow it; a
+    # sample outside (NaN included) is moved to 0: its loads are masked, but
+    # a NaN weight times their 0 would still be NaN, and whether
+    # tl.maximum(NaN, 0) is 0 is left unspecified (the compiler's is, numpy's
+    # in older interpreters is not)
+    c = tl.where(inside, tl.minimum(tl.maximum(coord, 0.0), length.to(ACC)), 0.0)
     low = c.to(tl.int32)
     at_edge = low >= length - 1
     low = tl.where(at_edge, length - 1, low)
@@ -236,7 +246,8 @@ def _roi_align_fwd_kernel(
     x_ptrs, rois_ptr, level_ptr, table_ptr, scale_ptr, out_ptr,
     C, PH, PW, N, sampling_ratio,
     stride_ok, stride_oc, stride_oh, stride_ow,
-    ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, MAX_POOL: tl.constexpr,
+    HAS_LEVELS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -246,7 +257,7 @@ def _roi_align_fwd_kernel(
         x_ptrs, table_ptr, lvl, CHANNELS_LAST, VEC)
     scale = tl.load(scale_ptr + lvl)
     n, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
-        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
+        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ADAPTIVE, ACC)
 
     plane = x_ptr + n.to(tl.int64) * stride_n + offs_c.to(tl.int64)[:, None] * stride_c
     if MAX_POOL:
@@ -278,7 +289,8 @@ def _roi_align_bwd_atomic_kernel(
     grad_ptr, x_ptrs, rois_ptr, level_ptr, x_table_ptr, gx_table_ptr, scale_ptr, gx_ptrs,
     C, PH, PW, N, sampling_ratio,
     stride_gk, stride_gc, stride_gh, stride_gw,
-    ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, MAX_POOL: tl.constexpr,
+    HAS_LEVELS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -288,7 +300,7 @@ def _roi_align_bwd_atomic_kernel(
         gx_ptrs, gx_table_ptr, lvl, CHANNELS_LAST, VEC)
     scale = tl.load(scale_ptr + lvl)
     n, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
-        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
+        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ADAPTIVE, ACC)
 
     g = tl.load(grad_ptr + k.to(tl.int64) * stride_gk + offs_c.to(tl.int64)[:, None] * stride_gc
                 + (ph.to(tl.int64) * stride_gh + pw.to(tl.int64) * stride_gw)[None, :],
@@ -342,12 +354,13 @@ def _axis_weights_on(pixels, coord, length, ACC: tl.constexpr):
 def _gather_roi(acc, k, grad_ptr, rois_ptr, x_ptr, scale, n, H, W, N, PH, PW, sampling_ratio,
                 x_sn, x_sc, x_sh, x_sw, stride_gk, stride_gc, stride_gh, stride_gw,
                 offs_c, cmask, py, px, row0, row_end, col0, col_end,
-                ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, ACC: tl.constexpr):
+                ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, MAX_POOL: tl.constexpr,
+                ACC: tl.constexpr):
     """acc ([BLOCK_C, TILE_H * TILE_W]) plus RoI k's gradient on the tile's
     pixels (py, px), rows row0..row_end, columns col0..col_end; only the
     bins whose samples can reach the tile are visited."""
     _, y_start, x_start, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
-        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ACC)
+        rois_ptr, k, scale, N, PH, PW, sampling_ratio, ALIGNED, ADAPTIVE, ACC)
     hit = (grid_h > 0) & (grid_w > 0)
     hit = hit & _rows_touched(y_start, y_start + PH * bin_h, H, row0, row_end)
     hit = hit & _rows_touched(x_start, x_start + PW * bin_w, W, col0, col_end)
@@ -393,11 +406,12 @@ def _roi_align_bwd_deterministic_kernel(
     x_table_ptr, gx_table_ptr, scale_ptr, gx_ptrs,
     C, PH, PW, N, sampling_ratio,
     stride_gk, stride_gc, stride_gh, stride_gw,
-    ALIGNED: tl.constexpr, MAX_POOL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, MAX_POOL: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
     VEC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = _channel_mask(offs_c, C, VEC)
 
@@ -405,7 +419,8 @@ def _roi_align_bwd_deterministic_kernel(
     lvl = tl.full([], 0, tl.int32)
     for i in tl.static_range(1, len(gx_ptrs)):
         lvl += (tile >= tl.load(tiles_ptr + i)).to(tl.int32)
-    local = tile - tl.load(tiles_ptr + lvl)
+    # int32 from here (a grid axis is < 2**31): 64-bit division is a call
+    local = (tile - tl.load(tiles_ptr + lvl)).to(tl.int32)
     x_ptr, H, W, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_ptrs, x_table_ptr, lvl,
                                                           CHANNELS_LAST, VEC)
     tiles_w = tl.cdiv(W, TILE_W)
@@ -435,7 +450,8 @@ def _roi_align_bwd_deterministic_kernel(
             acc = _gather_roi(acc, tl.load(order_ptr + j), grad_ptr, rois_ptr, x_ptr, scale, n,
                               H, W, N, PH, PW, sampling_ratio, x_sn, x_sc, x_sh, x_sw,
                               stride_gk, stride_gc, stride_gh, stride_gw, offs_c, cmask, py, px,
-                              row0, row_end, col0, col_end, ALIGNED, MAX_POOL, ACC)
+                              row0, row_end, col0, col_end, ALIGNED, ADAPTIVE, MAX_POOL,
+                              ACC)
 
     # the gradient's geometry only now: live across the loop it spilled
     gx_ptr, _, _, gx_sn, gx_sc, gx_sh, gx_sw = _level_geometry(gx_ptrs, gx_table_ptr, lvl,
@@ -515,6 +531,16 @@ def _common(features, rois, levels, scales):
     return acc_dtype, acc, rois, scale_table, level_arg
 
 
+def _warps(channels_last: bool, spills_at_8: bool = False) -> int:
+    """num_warps: 4 in channels_last; 8 in NCHW, where each element of a
+    thread's share of the tile carries its own 64-bit gather addresses (at 4
+    warps the NCHW kernels took 96-244 registers under triton 3.8 and
+    147-184 under 3.6; at 8, 57-128 and no spills). ``spills_at_8``: the
+    max-pool gather, which ptxas holds to 128 registers at 8 warps with ~50
+    spill instructions (at 4: 254 registers, 18)."""
+    return 4 if channels_last or spills_at_8 else 8
+
+
 def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled_width: int,
                       sampling_ratio: int, aligned: bool, pool_mode: str, *,
                       block_c: int | None = None, block_p: int | None = None) -> torch.Tensor:
@@ -533,9 +559,10 @@ def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled
         _pointers(features), rois, level_arg, _level_table(features), scale_table, out,
         C, pooled_height, pooled_width, N, sampling_ratio,
         *out.stride(),
-        ALIGNED=aligned, MAX_POOL=pool_mode == "max", HAS_LEVELS=levels is not None,
+        ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, MAX_POOL=pool_mode == "max",
+        HAS_LEVELS=levels is not None,
         CHANNELS_LAST=channels_last, VEC=_vector_width(features, C), BLOCK_C=bc, BLOCK_P=bp,
-        ACC=acc,
+        ACC=acc, num_warps=_warps(channels_last),
     )
     return out
 
@@ -564,9 +591,10 @@ def roi_align_backward_atomic(grad, features, rois, levels, scales, pooled_heigh
             _level_table(buffers), scale_table, _pointers(buffers),
             C, pooled_height, pooled_width, N, sampling_ratio,
             *grad.stride(),
-            ALIGNED=aligned, MAX_POOL=pool_mode == "max", HAS_LEVELS=levels is not None,
+            ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, MAX_POOL=pool_mode == "max",
+        HAS_LEVELS=levels is not None,
             CHANNELS_LAST=channels_last, VEC=_vector_width((*features, *buffers), C),
-            BLOCK_C=bc, BLOCK_P=bp, ACC=acc,
+            BLOCK_C=bc, BLOCK_P=bp, ACC=acc, num_warps=_warps(channels_last),
         )
     return [b.to(f.dtype) for b, f in zip(buffers, features)]
 
@@ -618,8 +646,9 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
         _level_table(features), _level_table(buffers), scale_table, _pointers(buffers),
         C, pooled_height, pooled_width, N, sampling_ratio,
         *grad.stride(),
-        ALIGNED=aligned, MAX_POOL=pool_mode == "max", CHANNELS_LAST=channels_last,
+        ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, MAX_POOL=pool_mode == "max",
+        CHANNELS_LAST=channels_last,
         VEC=_vector_width((*features, *buffers), C), TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=bc,
-        ACC=acc,
+        ACC=acc, num_warps=_warps(channels_last, spills_at_8=pool_mode == "max"),
     )
     return buffers
