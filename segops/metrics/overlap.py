@@ -31,6 +31,7 @@ class _ConfusionMetric:
         self.average = average
         self.validate_args = validate_args
         self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+        self._counted = False  # whether self.confusion holds counts to keep
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add a batch: ``pred`` labels ``(N, *spatial)`` or scores
@@ -38,8 +39,12 @@ class _ConfusionMetric:
         counts = F.confusion_matrix(pred, target, self.num_classes, self.ignore_index,
                                     validate_args=self.validate_args)
         if self.confusion.device != counts.device:
-            self.confusion = self.confusion.to(counts.device)
+            # counts already accumulated move along (a copy from the host
+            # waits for it); an empty state is made anew on counts' device
+            self.confusion = (self.confusion.to(counts.device) if self._counted
+                              else torch.zeros_like(counts))
         self.confusion += counts
+        self._counted = True
 
     def compute(self) -> Tensor:
         """The score over everything seen since the last reset, on every rank."""
@@ -57,6 +62,7 @@ class _ConfusionMetric:
 
     def reset(self) -> None:
         self.confusion.zero_()
+        self._counted = False
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_classes={self.num_classes}, "

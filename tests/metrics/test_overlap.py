@@ -29,6 +29,23 @@ def test_mean_iou_accumulates_batches():
     assert metric.confusion.sum() == 0
 
 
+def test_state_moves_to_the_counts_device_only_with_counts():
+    """A fresh (or reset) metric makes its state on the device of the first
+    counts (a copy from the host would wait for a GPU); counts already
+    accumulated are moved. The meta device stands in for the other device."""
+    scores, target = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    counts = ref.confusion_matrix(scores, target, 3, None)
+    metric = segops.metrics.MeanIoU(num_classes=3, validate_args=False)  # meta has no values
+    metric.confusion = metric.confusion.to("meta")   # nothing counted: not copied
+    metric.update(scores, target)
+    assert metric.confusion.device.type == "cpu" and torch.equal(metric.confusion, counts)
+    metric.update(scores.to("meta"), target.to("meta"))   # counted: moved
+    assert metric.confusion.device.type == "meta"
+    metric.reset()
+    metric.update(scores, target)
+    assert metric.confusion.device.type == "cpu" and torch.equal(metric.confusion, counts)
+
+
 def test_dice_score_per_class():
     metric = segops.metrics.DiceScore(num_classes=3, average="none")
     t = torch.randint(0, 3, (2, 5, 5))

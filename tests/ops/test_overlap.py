@@ -1,5 +1,8 @@
 """Fused IoU/Dice: kernels vs reference (forward and gradient), losses vs the
 smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, deterministic, like_layout
@@ -389,10 +392,13 @@ def test_uint8_and_int32_targets_and_bool_masks():
 def test_bad_input_errors():
     x = torch.randn(2, 3, 4, 4, device=DEVICE)
     t = torch.randint(0, 3, (2, 4, 4), device=DEVICE)
+    # label values are checked on the host off CUDA (on CUDA: a device-side
+    # assert, test_bad_labels_assert_on_cuda): CPU copies here
+    x_cpu, t_cpu = x.cpu(), t.cpu()
     with pytest.raises(ValueError, match="label 7"):
-        ops.overlap_sums(x, torch.full_like(t, 7))
+        ops.overlap_sums(x_cpu, torch.full_like(t_cpu, 7))
     with pytest.raises(ValueError, match="label 255"):
-        ops.overlap_sums(x, torch.full_like(t, 255), ignore_index=254)
+        ops.overlap_sums(x_cpu, torch.full_like(t_cpu, 255), ignore_index=254)
     ops.overlap_sums(x, torch.full_like(t, 255), ignore_index=255)
     with pytest.raises(ValueError, match="target must have shape"):
         ops.overlap_sums(x, t[:, :3])
@@ -415,11 +421,36 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="intersection"):
         ops.overlap_sums(x, t, intersection="max")
     with pytest.raises(ValueError, match="label 3"):
-        ops.confusion_matrix(x, torch.full_like(t, 3), 3)
+        ops.confusion_matrix(x_cpu, torch.full_like(t_cpu, 3), 3)
     with pytest.raises(ValueError, match="pred scores"):
         ops.confusion_matrix(x, t, 4)
     with pytest.raises(TypeError, match="num_classes"):
         ops.confusion_matrix(x, t, 3.0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the device-side assert exists only on CUDA")
+@pytest.mark.parametrize("call", ["overlap_sums(x, t{})", "dice_loss(x, t{})",
+                                  "confusion_matrix(x, t, 3{})"])
+def test_bad_labels_assert_on_cuda(call):
+    """validate_args on CUDA checks labels without a sync
+    (torch._assert_async): a bad label fails the CUDA context, as torch's
+    own index checks do, so the calls run in a child process. Unchecked,
+    the same call runs (out-of-range labels match no class)."""
+    code = ("import torch\n"
+            "from segops import ops\n"
+            "x = torch.randn(2, 3, 4, 4, device='cuda')\n"
+            "t = torch.full((2, 4, 4), 7, device='cuda')\n"
+            f"ops.{call.format(', validate_args=False')}\n"
+            "torch.cuda.synchronize()\n"
+            "print('unchecked call ran', flush=True)\n"
+            f"ops.{call.format('')}\n"
+            "torch.cuda.synchronize()\n"
+            "print('no error')\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=600)
+    assert "unchecked call ran" in child.stdout, child.stderr[-2000:]
+    assert child.returncode != 0 and "no error" not in child.stdout
+    assert "device-side assert" in child.stderr, child.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------
@@ -845,6 +876,8 @@ def test_hot_paths_do_not_synchronise(monkeypatch):
 def test_validate_args_does_not_synchronise_on_cuda():
     x, t = make_case(2, 4, (5, 6), False, "softmax", ignore_index=255, dtype=torch.float32)
     x, t = x.cuda().requires_grad_(), t.cuda()
+    # a first call may copy the class weights to the device once (content-keyed)
+    ops.dice_loss(x, t, ignore_index=255, classes=[0, 2], class_weights=[1.0, 2, 3, 4])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
