@@ -96,13 +96,15 @@ class LaunchRecorder:
         self.module = module
         self.names = names
         self.launches: list[tuple[str, tuple]] = []
+        self.options: list[dict] = []   # each launch's launch options (num_warps, ...)
         self._saved = {}
 
     def __enter__(self):
         for name in self.names:
             kernel = getattr(self.module, name)
             self._saved[name] = kernel
-            setattr(self.module, name, _RecordingKernel(name, kernel, self.launches))
+            setattr(self.module, name, _RecordingKernel(name, kernel, self.launches,
+                                                        self.options))
         return self
 
     def __exit__(self, *exc):
@@ -125,13 +127,16 @@ class LaunchRecorder:
 
 
 class _RecordingKernel:
-    def __init__(self, name, kernel, launches):
-        self.name, self.kernel, self.launches = name, kernel, launches
+    _OPTIONS = ("num_warps", "num_stages")
+
+    def __init__(self, name, kernel, launches, options):
+        self.name, self.kernel, self.launches, self.options = name, kernel, launches, options
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             sizes = grid(kwargs) if callable(grid) else grid
             self.launches.append((self.name, tuple(sizes)))
+            self.options.append({k: kwargs[k] for k in self._OPTIONS if k in kwargs})
             return self.kernel[grid](*args, **kwargs)
         return launch
 
