@@ -473,8 +473,18 @@ def _level_table(tensors) -> torch.Tensor:
     """(L, 6) int64 on the device: H, W and the (n, c, h, w) strides of each
     level. It holds no addresses (those are kernel arguments, ``_pointers``),
     so it is built once per layout."""
-    rows = tuple((t.shape[2], t.shape[3], *t.stride()) for t in tensors)
+    rows = tuple((t.shape[2], t.shape[3], *_strides(t)) for t in tensors)
     return device_table(rows, torch.int64, tensors[0].device)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """t's (n, c, h, w) strides with 0 for a size-1 n, h or w, whose only
+    index the kernels use is 0 (PyTorch gives such a dim any stride: a
+    channels_last 1x1 map has h and w strides of 1, which would cost a
+    multi-level launch its vector accesses)."""
+    n, c, h, w = t.stride()
+    return (n if t.shape[0] > 1 else 0, c, h if t.shape[2] > 1 else 0,
+            w if t.shape[3] > 1 else 0)
 
 
 def _pointers(tensors) -> tuple[torch.Tensor, ...]:
@@ -492,11 +502,12 @@ def _vector_width(tensors, C: int) -> int:
     strides multiples of it, 16-byte-aligned addresses. Else 1 (scalar
     accesses): NCHW, other channel counts or strides, offset views."""
     vec = 16 // tensors[0].element_size()
-    proven = C % vec == 0 and all(
-        t.stride(1) == 1 and t.data_ptr() % 16 == 0
-        and all(s % vec == 0 for s in (t.stride(0), t.stride(2), t.stride(3)))
-        for t in tensors)
-    return vec if proven else 1
+    return vec if C % vec == 0 and all(_splits_into(t, vec) for t in tensors) else 1
+
+
+def _splits_into(t: torch.Tensor, vec: int) -> bool:
+    n, c, h, w = _strides(t)
+    return c == 1 and t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in (n, h, w))
 
 
 def _tile(C: int, P: int, channels_last: bool, block_c, block_p) -> tuple[int, int]:

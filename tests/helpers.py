@@ -96,7 +96,7 @@ class LaunchRecorder:
         self.module = module
         self.names = names
         self.launches: list[tuple[str, tuple]] = []
-        self.options: list[dict] = []   # each launch's launch options (num_warps, ...)
+        self.options: list[dict] = []   # each launch's keywords (constexprs, num_warps)
         self._saved = {}
 
     def __enter__(self):
@@ -127,8 +127,6 @@ class LaunchRecorder:
 
 
 class _RecordingKernel:
-    _OPTIONS = ("num_warps", "num_stages")
-
     def __init__(self, name, kernel, launches, options):
         self.name, self.kernel, self.launches, self.options = name, kernel, launches, options
 
@@ -136,7 +134,7 @@ class _RecordingKernel:
         def launch(*args, **kwargs):
             sizes = grid(kwargs) if callable(grid) else grid
             self.launches.append((self.name, tuple(sizes)))
-            self.options.append({k: kwargs[k] for k in self._OPTIONS if k in kwargs})
+            self.options.append(dict(kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
 

@@ -265,6 +265,36 @@ def test_vector_width_is_proven_or_1():
                               device=DEVICE).permute(0, 3, 1, 2)[:, :16]], 16) == 1  # w stride
     assert width([_cl((2, 16, 5, 6)), _cl((2, 16, 6, 6))[:, :, :, 1:]], 16) == 8
     assert width([_cl((2, 16, 5, 6)), _cl((2, 24, 6, 6))[:, 4:20]], 16) == 1  # one level off
+    # size-1 dims: only index 0 is used, whatever stride PyTorch gives them
+    assert _cl((2, 16, 1, 1)).stride()[2:] == (1, 1)
+    assert width([_cl((2, 16, 5, 6)), _cl((2, 16, 1, 1))], 16) == 8
+    assert width([_cl((1, 16, 1, 6)).as_strided((1, 16, 1, 6), (3, 1, 5, 16))], 16) == 8
+    assert width([_cl((1, 16, 2, 6)).as_strided((1, 16, 2, 6), (3, 1, 5, 16))], 16) == 1
+
+
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_vector_path_with_a_1x1_level(pool_mode, launches):
+    """A 1x1 map among the levels (channels_last gives it h and w strides of
+    1) keeps the launch's vector accesses, and every kernel still matches
+    the reference on it."""
+    dtype = KERNEL_DTYPES[-1]
+    features = [_cl((2, 16, 6, 5), dtype).normal_(), _cl((2, 16, 1, 1), dtype).normal_()]
+    rois = make_rois(8, 2, 6, 5).float().to(DEVICE)
+    levels = torch.tensor([0, 1] * 4, dtype=torch.int64, device=DEVICE)
+    args = (features, rois, levels, [1.0, 0.25], 2, 2, 2, False, pool_mode)
+    cpu = ([f.cpu().double() for f in features], rois.cpu().double(), levels.cpu(), *args[3:])
+    grad = torch.randn((8, 16, 2, 2), dtype=torch.float64).to(dtype)
+    out = kernels.roi_align_forward(*args)
+    grads = {"atomic": kernels.roi_align_backward_atomic(grad.to(DEVICE), *args),
+             "deterministic": kernels.roi_align_backward_deterministic(grad.to(DEVICE), *args)}
+    for name in ("_roi_align_fwd_kernel", "_roi_align_bwd_atomic_kernel",
+                 "_roi_align_bwd_deterministic_kernel"):
+        assert launches[name].constexprs[-1]["VEC"] == 16 // features[0].element_size(), name
+    assert_close(out, ref.roi_align(*cpu), RTOL[dtype])
+    want = ref.roi_align_backward(grad.double(), *cpu)
+    for kind, got in grads.items():
+        for level, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, RTOL[dtype], name=f"{kind} grad, level {level}")
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
