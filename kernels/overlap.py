@@ -469,30 +469,19 @@ def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
     return (ignore_index - low) % (1 << bits) + low
 
 
-def _tile(C: int, block_c: int | None, block_s: int | None,
-          class_contiguous: bool = False) -> tuple[int, int, int]:
+def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
-    256 classes (chunked beyond), 4096 elements per tile on 8 warps, 16 per
-    thread; 2048, 8 per thread, where the class axis is the contiguous one
-    (``class_contiguous``: channels_last scores). (The codegen report: at 32
-    per thread the forward and the confusion matrix take 128-255 registers,
-    1-2 CTAs per SM, and spill in channels_last; at 16, 59-128 registers and
-    2-4 CTAs per SM,
-    but in channels_last the 3-D Dice forward took 172 (triton 3.8) and
-    spilled (3.6), 21 classes 188 (3.6); at 8 there, 40-80 in the forward,
-    the backward and the confusion matrix under both.)"""
-    elements = _TILE_ELEMENTS // 2 if class_contiguous else _TILE_ELEMENTS
+    256 classes (chunked beyond), 2048 elements per tile on 8 warps, 8 per
+    thread, and at least 16 pixels (150 classes: 256 x 16). (The codegen report: at 16 per thread the NCHW forward took
+    64-107 registers, 2-4 CTAs per SM, the channels_last 3-D forward 172
+    (triton 3.8) and spilled (3.6); at 8, 40-80 registers and 3-8 CTAs per
+    SM under both; at 32, 128-255 and spills.)"""
     BLOCK_C = block_c or block_size(C, 256)
-    BLOCK_S = block_s or max(16, min(1024, elements // BLOCK_C))
-    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= elements else 4
+    BLOCK_S = block_s or max(16, min(1024, _TILE_ELEMENTS // BLOCK_C))
+    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= _TILE_ELEMENTS else 4
 
 
-_TILE_ELEMENTS = 4096
-
-
-def _class_contiguous(x: torch.Tensor) -> bool:
-    """Whether x (N, C, S) has its class axis contiguous."""
-    return x.stride(1) == 1
+_TILE_ELEMENTS = 2048
 
 
 # the most bins of the per-program histogram (tl.histogram) of the confusion matrix
@@ -526,7 +515,7 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
     S = x.shape[2]
     if N == 0 or C == 0 or S == 0:
         return torch.zeros((3, N, C), device=input.device, dtype=sums_dtype(input))
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s, _class_contiguous(x))
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
     s_blocks = cdiv(S, BLOCK_S)
     check_programs("input", input, N)
     programs_per_sample = max(1, min(s_blocks, cdiv(target_programs(input.device), N)))
@@ -556,7 +545,7 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
     N, C = input.shape[:2]
     x, t, dense = _as_ncs(input, target)
     S = x.shape[2]
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s, _class_contiguous(x))
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
     s_blocks = cdiv(S, BLOCK_S)
     check_programs("input", input, N * s_blocks)
     grad = empty_like(x)
@@ -591,7 +580,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     N, S = t.shape
     if N == 0 or S == 0 or C == 0:
         return torch.zeros((C, C), device=target.device, dtype=torch.int64)
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s, _class_contiguous(p))
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
     if not scores:
         BLOCK_S, num_warps = block_s or 1024, 4
     # a per-program histogram of every (target, prediction) pair up to 45
