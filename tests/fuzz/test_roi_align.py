@@ -144,6 +144,14 @@ def boxes_argument(call, rois: torch.Tensor, device=DEVICE):
     return as_boxes_view(boxes, call["boxes_view"])
 
 
+def in_pooled_order(call, rois: torch.Tensor) -> torch.Tensor:
+    """rois in the order segops returns their pools: the list form
+    (boxes_argument) puts image 0's boxes first, then image 1's, ..."""
+    if call["boxes_form"] == "list" and not bad_index(rois, call["N"]):
+        return rois[torch.argsort(rois[:, 0], stable=True)]
+    return rois
+
+
 def bad_index(rois: torch.Tensor, N: int) -> bool:
     index = rois[:, 0]
     return bool((~torch.isfinite(index) | (index != index.trunc()) | (index < 0)
@@ -156,8 +164,11 @@ def as_boxes_view(b: torch.Tensor, view: str) -> torch.Tensor:
     return non_contiguous(b, view)
 
 
-def adaptive_count_overflows(call, roi: torch.Tensor) -> bool:
-    """torchvision's adaptive grid ceil(roi_size / bins) past int32 (segops: 0)."""
+def adaptive_count_undefined(call, roi: torch.Tensor) -> bool:
+    """torchvision's adaptive grid ceil(roi_size / bins) past int32, or below
+    0 (a reversed box with aligned=True: torchvision's CPU kernel sizes a
+    vector with the negative product and fails, its CUDA kernel pools 0);
+    segops: 0 samples, zeros."""
     if call["sampling_ratio"] > 0:
         return False
     ph, pw = (call["output_size"],) * 2 if isinstance(call["output_size"], int) \
@@ -167,30 +178,37 @@ def adaptive_count_overflows(call, roi: torch.Tensor) -> bool:
     h, w = (y2 - offset) - (y1 - offset), (x2 - offset) - (x1 - offset)
     if not call["aligned"]:
         h, w = max(h, 1.0), max(w, 1.0)
-    return math.ceil(h / ph) > INT32_MAX or math.ceil(w / pw) > INT32_MAX
+    counts = math.ceil(h / ph), math.ceil(w / pw)
+    return any(c > INT32_MAX or c < 0 for c in counts)
 
 
 def zero_rows(call, rois: torch.Tensor) -> torch.Tensor:
     """Rows segops documents as zeros where torchvision is undefined: a
     non-finite coordinate, a batch index outside [0, N) after truncation,
-    an adaptive sample count past int32."""
+    an adaptive sample count past int32 or below 0."""
     zero = ~torch.isfinite(rois[:, 1:]).all(1)
     index = rois[:, 0].trunc()
     zero |= (index < 0) | (index >= call["N"])
     for k in range(rois.shape[0]):
-        if not zero[k] and adaptive_count_overflows(call, rois[k]):
+        if not zero[k] and adaptive_count_undefined(call, rois[k]):
             zero[k] = True
     return zero
 
 
 def torchvision_peer(call, x64: torch.Tensor, rois: torch.Tensor):
-    """torchvision's roi_align in float64 on the rows it defines; zeros elsewhere."""
+    """torchvision's roi_align on the rows it defines, zeros elsewhere, in
+    segops' coordinate dtype (float32 below float64 features): the sample
+    counts and positions are decided in that precision (a box 5.00000023
+    wide in float64 is 5.0 in float32: 5 samples, not 6, in torchvision's
+    float32 kernel too). Returned in float64."""
     zero = zero_rows(call, rois)
     safe = rois.clone()
     safe[zero] = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
     safe[:, 0] = safe[:, 0].trunc()
-    out = torchvision_ops.roi_align(x64, safe, call["output_size"], call["spatial_scale"],
-                                    call["sampling_ratio"], call["aligned"])
+    dtype = coordinate_dtype(call["dtype"])
+    out = torchvision_ops.roi_align(x64.to(dtype), safe.to(dtype), call["output_size"],
+                                    call["spatial_scale"], call["sampling_ratio"],
+                                    call["aligned"]).double()
     return out * (~zero).view(-1, 1, 1, 1).to(out.dtype)
 
 
@@ -232,7 +250,7 @@ def test_roi_align_matches_torchvision_or_names_the_argument(call):
     x64 = x.detach().cpu().double().requires_grad_()
     if call["pool_mode"] == "avg":
         event("avg vs torchvision")
-        want = torchvision_peer(call, x64, rois)
+        want = torchvision_peer(call, x64, in_pooled_order(call, rois))
         grad = random_tensor(want.shape, dtype, call["seed"] + 1, None, DEVICE)
         (want_grad,) = torch.autograd.grad(want, x64, grad.cpu().double()) if want.numel() \
             else (torch.zeros_like(x64),)
