@@ -218,3 +218,19 @@ def deterministic(enabled: bool = True):
     """A context with torch.use_deterministic_algorithms(enabled)."""
     from segops import _dispatch
     return _dispatch.deterministic_algorithms(enabled)
+
+
+def assert_device_assert_in_child(prelude: str, unchecked: str, checked: str) -> None:
+    """Runs ``prelude``, ``unchecked`` (which must pass) and ``checked``
+    (which must trip a CUDA device-side assert) in a child process: a failed
+    device-side assert leaves the CUDA context unusable for the process."""
+    import subprocess
+    import sys
+    code = (f"{prelude}\n{unchecked}\ntorch.cuda.synchronize()\n"
+            "print('unchecked call ran', flush=True)\n"
+            f"{checked}\ntorch.cuda.synchronize()\nprint('no error')\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=600)
+    assert "unchecked call ran" in child.stdout, child.stderr[-2000:]
+    assert child.returncode != 0 and "no error" not in child.stdout
+    assert "device-side assert" in child.stderr, child.stderr[-2000:]

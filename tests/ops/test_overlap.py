@@ -1,11 +1,9 @@
 """Fused IoU/Dice: kernels vs reference (forward and gradient), losses vs the
 smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close, deterministic, like_layout
+from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close,
+                     assert_device_assert_in_child, deterministic, like_layout)
 
 import segops
 from segops import _dispatch
@@ -436,21 +434,11 @@ def test_bad_labels_assert_on_cuda(call):
     (torch._assert_async): a bad label fails the CUDA context, as torch's
     own index checks do, so the calls run in a child process. Unchecked,
     the same call runs (out-of-range labels match no class)."""
-    code = ("import torch\n"
-            "from segops import ops\n"
-            "x = torch.randn(2, 3, 4, 4, device='cuda')\n"
-            "t = torch.full((2, 4, 4), 7, device='cuda')\n"
-            f"ops.{call.format(', validate_args=False')}\n"
-            "torch.cuda.synchronize()\n"
-            "print('unchecked call ran', flush=True)\n"
-            f"ops.{call.format('')}\n"
-            "torch.cuda.synchronize()\n"
-            "print('no error')\n")
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=600)
-    assert "unchecked call ran" in child.stdout, child.stderr[-2000:]
-    assert child.returncode != 0 and "no error" not in child.stdout
-    assert "device-side assert" in child.stderr, child.stderr[-2000:]
+    assert_device_assert_in_child(
+        "import torch\nfrom segops import ops\n"
+        "x = torch.randn(2, 3, 4, 4, device='cuda')\n"
+        "t = torch.full((2, 4, 4), 7, device='cuda')",
+        f"ops.{call.format(', validate_args=False')}", f"ops.{call.format('')}")
 
 
 # --------------------------------------------------------------------------
