@@ -469,19 +469,18 @@ def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
     return (ignore_index - low) % (1 << bits) + low
 
 
-def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
+def _tile(C: int, block_c: int | None, block_s: int | None,
+          elements: int = 2048) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
-    256 classes (chunked beyond), 2048 elements per tile on 8 warps, 8 per
-    thread, and at least 16 pixels (150 classes: 256 x 16). (The codegen report: at 16 per thread the NCHW forward took
+    256 classes (chunked beyond), ``elements`` per tile on 8 warps (2048: 8
+    per thread), at least 16 pixels (150 classes: 256 x 16, 16 per
+    thread). (The codegen report: at 16 per thread the NCHW forward took
     64-107 registers, 2-4 CTAs per SM, the channels_last 3-D forward 172
     (triton 3.8) and spilled (3.6); at 8, 40-80 registers and 3-8 CTAs per
     SM under both; at 32, 128-255 and spills.)"""
     BLOCK_C = block_c or block_size(C, 256)
-    BLOCK_S = block_s or max(16, min(1024, _TILE_ELEMENTS // BLOCK_C))
-    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= _TILE_ELEMENTS else 4
-
-
-_TILE_ELEMENTS = 2048
+    BLOCK_S = block_s or max(16, min(1024, elements // BLOCK_C))
+    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= elements else 4
 
 
 # the most bins of the per-program histogram (tl.histogram) of the confusion matrix
@@ -580,7 +579,10 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     N, S = t.shape
     if N == 0 or S == 0 or C == 0:
         return torch.zeros((C, C), device=target.device, dtype=torch.int64)
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
+    # each program merges one histogram: 4096-element tiles amortise it
+    # over twice the pixels, but in channels_last they took 128 registers
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s,
+                                        2048 if p.stride(1) == 1 else 4096)
     if not scores:
         BLOCK_S, num_warps = block_s or 1024, 4
     # a per-program histogram of every (target, prediction) pair up to 45

@@ -427,8 +427,8 @@ def _roi_align_bwd_deterministic_kernel(
     tiles_per_image = tl.cdiv(H, TILE_H) * tiles_w
     n = local // tiles_per_image
     rem = local % tiles_per_image
-    row0 = (rem // tiles_w).to(tl.int32) * TILE_H
-    col0 = (rem % tiles_w).to(tl.int32) * TILE_W
+    row0 = (rem // tiles_w) * TILE_H
+    col0 = (rem % tiles_w) * TILE_W
     offs_t = tl.arange(0, TILE_H * TILE_W)
     py = row0 + offs_t // TILE_W
     px = col0 + offs_t % TILE_W
@@ -499,13 +499,15 @@ def _vector_width(tensors, C: int) -> int:
     """VEC for the kernels: the channels of one 16-byte vector when every
     access to ``tensors`` (the level maps, and gradient buffers) provably
     splits into aligned vectors of them: channels_last, C and the n, h, w
-    strides multiples of it, 16-byte-aligned addresses. Else 1 (scalar
-    accesses): NCHW, other channel counts or strides, offset views."""
+    strides multiples of it (a size-1 dim's stride counts as 0,
+    ``_strides``), 16-byte-aligned addresses. Else 1 (scalar accesses):
+    NCHW, other channel counts or strides, offset views."""
     vec = 16 // tensors[0].element_size()
     return vec if C % vec == 0 and all(_splits_into(t, vec) for t in tensors) else 1
 
 
 def _splits_into(t: torch.Tensor, vec: int) -> bool:
+    """Whether every access to t's channels splits into aligned vectors of vec."""
     n, c, h, w = _strides(t)
     return c == 1 and t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in (n, h, w))
 
@@ -553,7 +555,7 @@ def _warps(channels_last: bool, spills_at_8: bool = False) -> int:
     warps the NCHW kernels took 96-244 registers under triton 3.8 and
     147-184 under 3.6; at 8, 57-128 and no spills). ``spills_at_8``: the
     max-pool gather, which ptxas holds to 128 registers at 8 warps with ~50
-    spill instructions (at 4: 254 registers, 18)."""
+    spill instructions (at 4: 254 registers, 18; a coverage variant)."""
     return 4 if channels_last or spills_at_8 else 8
 
 
@@ -608,7 +610,7 @@ def roi_align_backward_atomic(grad, features, rois, levels, scales, pooled_heigh
             C, pooled_height, pooled_width, N, sampling_ratio,
             *grad.stride(),
             ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, MAX_POOL=pool_mode == "max",
-        HAS_LEVELS=levels is not None,
+            HAS_LEVELS=levels is not None,
             CHANNELS_LAST=channels_last, VEC=_vector_width((*features, *buffers), C),
             BLOCK_C=bc, BLOCK_P=bp, ACC=acc, num_warps=_warps(channels_last),
         )

@@ -232,5 +232,5 @@ def assert_device_assert_in_child(prelude: str, unchecked: str, checked: str) ->
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=600)
     assert "unchecked call ran" in child.stdout, child.stderr[-2000:]
-    assert child.returncode != 0 and "no error" not in child.stdout
+    assert child.returncode != 0 and "no error" not in child.stdout, "the check did not fire"
     assert "device-side assert" in child.stderr, child.stderr[-2000:]

@@ -8,11 +8,12 @@ boxes, reversed, degenerate and far-away boxes, NaN/inf/huge coordinates,
 out-of-range and fractional batch indices, float64/float32/int boxes,
 non-contiguous boxes), output_size, spatial_scale, sampling_ratio,
 aligned, validate_args and pool_mode. Average pooling must give
-torchvision.ops.roi_align's result (float64, from the same rounded values)
+torchvision.ops.roi_align's result (in segops' coordinate dtype: float32
+below float64 features, where sample counts and positions are decided)
 forward and backward, with segops' documented differences applied to the
 expectation: a box with a NaN/inf coordinate, an out-of-range batch index
-(``validate_args=False``) or an adaptive sample count past int32 pools
-zeros. Max pooling has no torchvision peer: the kernel must give the
+(``validate_args=False``) or an adaptive sample count past int32 or below
+0 pools zeros. Max pooling has no torchvision peer: the kernel must give the
 reference path's result. Features with NaN/inf are compared where
 torchvision's output is finite (see the test). With ``validate_args=True`` a bad batch index is a
 segops error naming the boxes. The multi-scale module is compared to
@@ -173,12 +174,15 @@ def adaptive_count_undefined(call, roi: torch.Tensor) -> bool:
         return False
     ph, pw = (call["output_size"],) * 2 if isinstance(call["output_size"], int) \
         else call["output_size"]
+    # in the coordinate dtype, as the kernels (and the peer) compute them
+    dtype = coordinate_dtype(call["dtype"])
     offset = 0.5 if call["aligned"] else 0.0
-    _, x1, y1, x2, y2 = (roi * torch.tensor([1.0] + [call["spatial_scale"]] * 4)).tolist()
+    scale = torch.tensor(call["spatial_scale"], dtype=dtype)
+    x1, y1, x2, y2 = roi[1:].to(dtype) * scale
     h, w = (y2 - offset) - (y1 - offset), (x2 - offset) - (x1 - offset)
     if not call["aligned"]:
-        h, w = max(h, 1.0), max(w, 1.0)
-    counts = math.ceil(h / ph), math.ceil(w / pw)
+        h, w = h.clamp(min=1.0), w.clamp(min=1.0)
+    counts = torch.ceil(h / ph).item(), torch.ceil(w / pw).item()
     return any(c > INT32_MAX or c < 0 for c in counts)
 
 

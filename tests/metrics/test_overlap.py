@@ -41,6 +41,8 @@ def test_state_moves_to_the_counts_device_only_with_counts():
     assert metric.confusion.device.type == "cpu" and torch.equal(metric.confusion, counts)
     metric.update(scores.to("meta"), target.to("meta"))   # counted: moved
     assert metric.confusion.device.type == "meta"
+    with pytest.raises(NotImplementedError, match="meta"):  # counted: copied back
+        metric.update(scores, target)
     metric.reset()
     metric.update(scores, target)
     assert metric.confusion.device.type == "cpu" and torch.equal(metric.confusion, counts)

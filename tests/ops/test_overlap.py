@@ -45,17 +45,22 @@ def reference_sums_and_grad(x, t, activation, ignore_index, squared, grad_out,
     return sums, grad
 
 
-@pytest.mark.parametrize("shape, layout, want", [
-    ((2, 21, 8, 8), "contiguous", (32, 64, 8)), ((2, 21, 8, 8), "channels_last", (32, 64, 8)),
-    ((2, 4, 4, 4, 4), "channels_last", (4, 512, 8)), ((2, 4, 4, 4, 4), "contiguous", (4, 512, 8)),
-    ((2, 150, 4, 4), "channels_last", (256, 16, 8)), ((2, 1, 8, 8), "channels_last", (1, 1024, 4)),
-    ((2, 2, 8, 8), "channels_last", (2, 1024, 8)), ((2, 2, 8, 8), "contiguous", (2, 1024, 8)),
+@pytest.mark.parametrize("shape, layout, want, want_cm", [
+    ((2, 21, 8, 8), "contiguous", (32, 64, 8), (32, 128, 8)),
+    ((2, 21, 8, 8), "channels_last", (32, 64, 8), (32, 64, 8)),
+    ((2, 4, 4, 4, 4), "channels_last", (4, 512, 8), (4, 512, 8)),
+    ((2, 4, 4, 4, 4), "contiguous", (4, 512, 8), (4, 1024, 8)),
+    ((2, 150, 4, 4), "channels_last", (256, 16, 8), (256, 16, 8)),
+    ((2, 1, 8, 8), "channels_last", (1, 1024, 4), (1, 1024, 4)),
+    ((2, 2, 8, 8), "channels_last", (2, 1024, 8), (2, 1024, 8)),
+    ((2, 2, 8, 8), "contiguous", (2, 1024, 8), (2, 1024, 4)),
 ])
-def test_tiles_of_2048_elements(shape, layout, want, monkeypatch):
-    """The forward, the backward and the confusion matrix tile 2048 elements
-    (8 per thread on 8 warps; the codegen report's 64-188 registers at 4096),
-    at least 16 pixels (150 classes: 4096); pixel runs are capped at 1024,
-    so 1 class takes 4 warps."""
+def test_tiles_of_2048_elements(shape, layout, want, want_cm, monkeypatch):
+    """The forward and the backward tile 2048 elements (8 per thread on 8
+    warps; the codegen report's 64-188 registers at 4096), at least 16
+    pixels (150 classes: 4096); pixel runs are capped at 1024, so 1 class
+    takes 4 warps. The confusion matrix, which merges one histogram per
+    program, tiles 4096 in NCHW (2 classes: 4 warps)."""
     tiles = []
     real = kernels._tile
 
@@ -70,7 +75,7 @@ def test_tiles_of_2048_elements(shape, layout, want, monkeypatch):
     grad = torch.ones(shape[:2], device=DEVICE)
     kernels.overlap_sums_backward(grad, grad, x, target, "softmax", None, False)
     kernels.confusion_matrix(x, target, shape[1], None)
-    assert tiles == [want] * 3
+    assert tiles == [want, want, want_cm]
 
 
 # --------------------------------------------------------------------------
