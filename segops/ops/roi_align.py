@@ -270,7 +270,9 @@ def _as_rois(boxes) -> Tensor:
                                 f"row, got {tuple(b.shape)}")
         _check_box_dtype(f"boxes[{i}]", b)
         check_same_device(**{"boxes[0]": boxes[0], f"boxes[{i}]": b})
-    dtype = boxes[0].dtype if boxes[0].is_floating_point() else torch.float32
+    # integer boxes: float64 is exact for them (the kernels then cast to the
+    # coordinate dtype, as they do a Tensor[K, 5] of integers)
+    dtype = boxes[0].dtype if boxes[0].is_floating_point() else torch.float64
     ids = [torch.full((b.shape[0], 1), i, dtype=dtype, device=b.device)
            for i, b in enumerate(boxes)]
     return torch.cat([torch.cat(ids), torch.cat([b.to(dtype) for b in boxes])], dim=1)

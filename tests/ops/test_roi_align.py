@@ -324,6 +324,20 @@ def test_vector_path_multi_level(dtype, pool_mode, launches):
             assert_close(g, w, RTOL[dtype], name=f"{kind} grad, level {level}")
 
 
+def test_integer_boxes_as_a_list_keep_every_digit():
+    """A list of int64 boxes pools as the same (K, 5) tensor does: with
+    float64 features a coordinate past 2**24 keeps its last digit (float32
+    would round 2**24 + 1 to 2**24)."""
+    big = 2 ** 24 + 1
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE)
+    boxes = torch.tensor([[big, 0, big + 3, 2]], dtype=torch.int64, device=DEVICE)
+    rows = torch.cat([torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), boxes], 1)
+    from_list = segops.ops.roi_align(x, [boxes], 2, 2.0 ** -22, 2)
+    from_rows = segops.ops.roi_align(x, rows, 2, 2.0 ** -22, 2)
+    assert torch.equal(from_list, from_rows)
+    assert torch.equal(_as_rois([boxes])[:, 1:], boxes.double())
+
+
 def test_half_boxes_are_cast_not_rounded_to_half():
     """float32 boxes stay float32 coordinates with fp16 features: a box at
     x = 1000.3 keeps its fraction (fp16 would round it to 1000.5, as
