@@ -96,15 +96,13 @@ class LaunchRecorder:
         self.module = module
         self.names = names
         self.launches: list[tuple[str, tuple]] = []
-        self.options: list[dict] = []   # each launch's keywords (constexprs, num_warps)
         self._saved = {}
 
     def __enter__(self):
         for name in self.names:
             kernel = getattr(self.module, name)
             self._saved[name] = kernel
-            setattr(self.module, name, _RecordingKernel(name, kernel, self.launches,
-                                                        self.options))
+            setattr(self.module, name, _RecordingKernel(name, kernel, self.launches))
         return self
 
     def __exit__(self, *exc):
@@ -127,14 +125,13 @@ class LaunchRecorder:
 
 
 class _RecordingKernel:
-    def __init__(self, name, kernel, launches, options):
-        self.name, self.kernel, self.launches, self.options = name, kernel, launches, options
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             sizes = grid(kwargs) if callable(grid) else grid
             self.launches.append((self.name, tuple(sizes)))
-            self.options.append(dict(kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
