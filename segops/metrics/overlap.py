@@ -9,6 +9,15 @@ from .._checks import check_choice, check_int
 from ..ops import overlap as F
 
 
+def _reduction_device(device: torch.device, backend: str) -> torch.device:
+    """Where a state on ``device`` is summed under ``backend``: NCCL reduces
+    CUDA tensors only, and a rank that never called update (an empty shard)
+    still holds its CPU state; it joins the sum from the current GPU."""
+    if device.type == "cpu" and backend == "nccl":
+        return torch.device("cuda")  # the current device, as NCCL expects
+    return device
+
+
 class _ConfusionMetric:
     _score = None
 
@@ -53,10 +62,13 @@ class _ConfusionMetric:
 
     def synced_confusion(self) -> Tensor:
         """The confusion matrix summed over all ranks of the default group (a
-        copy; the local state is left as is, so compute() can be called twice)."""
+        copy; the local state is left as is, so compute() can be called twice).
+        Under NCCL a rank whose state is still on the CPU (it never called
+        update) sums on, and gets the result on, the current GPU."""
         confusion = self.confusion.clone()
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            confusion = confusion.to(_reduction_device(confusion.device, dist.get_backend()))
             dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
         return confusion
 

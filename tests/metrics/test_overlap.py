@@ -146,7 +146,8 @@ def _ddp_worker(rank, world, port, scores, targets, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         metric = segops.metrics.MeanIoU(num_classes=5)
-        metric.update(scores[rank], targets[rank])
+        if rank < len(scores):
+            metric.update(scores[rank], targets[rank])
         results[rank] = (metric.compute().item(), metric.confusion.sum().item())
     finally:
         dist.destroy_process_group()
@@ -166,3 +167,41 @@ def test_mean_iou_sums_across_ranks():
         miou, local_count = results[rank]
         assert abs(miou - want) < 1e-12
         assert local_count == 2 * 36
+
+
+def test_a_rank_that_never_updated_joins_the_sum():
+    """Rank 1 gets an empty shard: both ranks compute rank 0's mIoU, and rank
+    1's local state stays empty."""
+    scores, targets = [torch.randn(2, 5, 6, 6)], [torch.randint(0, 5, (2, 6, 6))]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), scores, targets, results), nprocs=2, join=True)
+    want = segops.ops.iou_score(ref.confusion_matrix(scores[0], targets[0], 5, None)).item()
+    assert results[0] == (pytest.approx(want, abs=1e-12), 72)
+    assert results[1] == (pytest.approx(want, abs=1e-12), 0)
+
+
+@pytest.mark.parametrize("device, backend, want", [
+    ("cpu", "nccl", "cuda"), ("cpu", "gloo", "cpu"), ("cpu", "cpu:gloo,cuda:nccl", "cpu"),
+    ("meta", "nccl", "meta")])
+def test_nccl_sums_an_empty_cpu_state_on_the_gpu(device, backend, want):
+    """NCCL takes CUDA tensors only; a rank that never called update holds a
+    CPU state, which must join the all_reduce from the current GPU."""
+    from segops.metrics.overlap import _reduction_device
+    assert _reduction_device(torch.device(device), backend) == torch.device(want)
+
+
+def test_synced_confusion_reduces_on_the_reduction_device(monkeypatch):
+    """synced_confusion hands all_reduce the state moved where the backend
+    reduces it (here a stand-in device and a recording all_reduce)."""
+    from segops.metrics import overlap as metrics
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: seen.append((t.device, op)))
+    monkeypatch.setattr(metrics, "_reduction_device",
+                        lambda device, backend: torch.device("meta") if backend == "nccl" else device)
+    metric = segops.metrics.MeanIoU(num_classes=3)
+    assert metric.synced_confusion().device == torch.device("meta")
+    assert seen == [(torch.device("meta"), dist.ReduceOp.SUM)]
+    assert metric.confusion.device == torch.device("cpu")
