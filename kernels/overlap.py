@@ -80,7 +80,10 @@ def _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
         offs_c = c0 + tl.arange(0, BLOCK_C)
         x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
+        # a pixel whose classes so far are all -inf (masked classes) has
+        # m_new = -inf, and exp(-inf - -inf) would be NaN: its sum stays 0
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
         m = m_new
     return m, l
 
@@ -239,15 +242,15 @@ def _overlap_sums_fwd_kernel(
 def _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C,
                         SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr):
     """dL/dp for every element: gi[c]*dI/dp + gp[c]*(1 or 2p), zero where
-    masked. dI/dp is t, or for min(p, t) 1 below t, 0 above, 1/2 at a tie (the
-    subgradient torch's |p - t| gives)."""
+    masked. dI/dp is t, or for min(p, t) 0 above t, 1/2 at a tie, else 1 (a NaN
+    p too), as autograd differentiates torch.minimum(p, t)."""
     cmask = offs_c < C
     gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
     gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
     # p is -inf in padded classes with ACTIVATION none: keep 0 * inf out
     p = tl.where(valid, p, 0.0)
     if MIN_INTERSECTION:
-        d_intersection = tl.where(p < t, 1.0, tl.where(p == t, 0.5, 0.0))
+        d_intersection = tl.where(p > t, 0.0, tl.where(p == t, 0.5, 1.0))
     else:
         d_intersection = t
     if SQUARED:

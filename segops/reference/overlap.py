@@ -75,8 +75,8 @@ def overlap_sums_backward(grad_intersection: torch.Tensor, grad_pred_sum: torch.
                           min_intersection: bool = False) -> torch.Tensor:
     """Gradient of ``overlap_sums`` w.r.t. ``input`` given the (N, C) gradients
     of the intersection and prediction sums (the target sum does not depend on
-    the input). d min(p, t)/dp is 1 below t, 0 above and 1/2 at a tie, the
-    subgradient autograd gives (p + t - |p - t|) / 2."""
+    the input). d min(p, t)/dp is 0 above t, 1/2 at a tie and 1 otherwise (a
+    NaN p too), as autograd differentiates torch.minimum(p, t)."""
     x, t, dense = _flat(input, target)
     C = x.shape[1]
     t, mask = target_and_mask(t, dense, C, x.dtype, ignore_index)
@@ -84,7 +84,7 @@ def overlap_sums_backward(grad_intersection: torch.Tensor, grad_pred_sum: torch.
     gi = grad_intersection.to(x.dtype).unsqueeze(-1)
     gp = grad_pred_sum.to(x.dtype).unsqueeze(-1)
     if min_intersection:
-        d_intersection = torch.where(p < t, 1.0, torch.where(p == t, 0.5, 0.0)).to(x.dtype)
+        d_intersection = torch.where(p > t, 0.0, torch.where(p == t, 0.5, 1.0)).to(x.dtype)
     else:
         d_intersection = t
     g = gi * d_intersection + (gp * 2 * p if squared else gp)

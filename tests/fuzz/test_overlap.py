@@ -5,7 +5,8 @@ confusion_matrix, iou_score / dice_score and metrics.MeanIoU against
 torchmetrics (and the reference where torchmetrics is undefined).
 
 Each example draws scores (1-3 spatial dims, empty batches, dtype, a memory
-format or non-contiguous view, NaN/inf/huge values), an index or dense
+format or non-contiguous view, NaN/inf/huge values, classes masked with
+-inf; 1-4 classes, or 257/300 in class chunks), an index or dense
 target (its dtype, a non-contiguous view, labels out of range, ignore_index
 inside, outside or wrapping the target's dtype), the activation,
 squared/intersection options and validate_args. It runs on the kernel path
@@ -51,7 +52,8 @@ INPUT_VIEWS = ("contiguous", "channels_last", "stride2", "transposed", "slice")
 # --------------------------------------------------------------------------
 @st.composite
 def overlap_calls(draw):
-    N, C = draw(st.sampled_from([1, 2, 0])), draw(st.integers(1, 4))
+    # more than 256 classes: softmax over class chunks
+    N, C = draw(st.sampled_from([1, 2, 0])), draw(st.sampled_from([1, 2, 3, 4] * 2 + [257, 300]))
     spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
     dense = draw(st.booleans())
     return dict(
@@ -64,7 +66,7 @@ def overlap_calls(draw):
         activation=draw(st.sampled_from(["softmax", "sigmoid", "none"])),
         squared=draw(st.booleans()), intersection=draw(st.sampled_from(["product", "min"])),
         validate_args=draw(st.booleans()), dtype=draw(float_dtypes),
-        special=draw(st.sampled_from([None, None, "nan", "inf", "huge", "zeros"])),
+        special=draw(st.sampled_from([None, None, "nan", "inf", "huge", "zeros", "masked"])),
         input_view=draw(st.sampled_from(INPUT_VIEWS)),
         target_view=draw(st.sampled_from(TARGET_VIEWS)), seed=draw(seeds))
 
@@ -102,10 +104,20 @@ def _wrap(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def make_input(call):
+    """Scores; 'masked' sets the leading classes of about half the pixels to
+    -inf (classes masked out before a softmax: the first chunks can be all
+    -inf)."""
+    masked = call["special"] == "masked"
     x = random_tensor((call["N"], call["C"], *call["spatial"]), torch.float64, call["seed"],
-                      call["special"]) * 2
-    if call["activation"] == "none" and call["special"] is None:
+                      None if masked else call["special"]) * 2
+    if call["activation"] == "none" and call["special"] in (None, "masked"):
         x = x.sigmoid()
+    elif masked and call["C"] > 1:
+        gen = torch.Generator().manual_seed(call["seed"] + 3)
+        # 1, about half or all but one class (more than a 256-class chunk)
+        k = [1, max(1, call["C"] // 2), call["C"] - 1][call["seed"] % 3]
+        pixels = torch.rand(x[:, 0].shape, generator=gen) < 0.5
+        x[:, :k] = torch.where(pixels.unsqueeze(1), float("-inf"), x[:, :k])
     return x.to(call["dtype"])
 
 

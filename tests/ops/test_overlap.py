@@ -110,6 +110,60 @@ def test_kernel_small_tiles_match_reference(activation, dense, squared, ignore_i
     assert_close(grad, want_grad, rtol, name="grad")
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["index", "dense"])
+def test_min_intersection_gradient_at_nan_and_ties_is_torch_minimums(dense):
+    """d min(p, t)/dp as autograd differentiates torch.minimum: 0 above t,
+    1/2 at a tie, 1 below, and 1 where p or t is NaN (the kernel and the
+    reference backward once gave 0 there)."""
+    p = torch.tensor([[[0.2, 0.7, 0.5, float("nan"), 0.0, 1.0, 0.3]],
+                      [[0.9, 0.1, 0.4, 0.6, 1.0, 0.0, float("nan")]]], dtype=torch.float64)
+    x = torch.cat([p, 1 - p], 1)
+    if dense:
+        t = torch.tensor([[[0.5, 0.5, 0.5, 0.5, 0.0, 1.0, float("nan")]]], dtype=torch.float64)
+        t = torch.cat([t, 1 - t], 1).expand(2, -1, -1).contiguous()
+    else:
+        t = torch.tensor([[1, 0, 0, 0, 1, 0, 1], [0, 1, 1, 1, 0, 0, 1]])
+    x64 = x.clone().requires_grad_()
+    want = ref.overlap_sums(x64, t, "none", None, False, True)
+    grad_out = torch.randn(3, 2, 2, dtype=torch.float64)
+    (want_grad,) = torch.autograd.grad(want, x64, grad_out)
+    got_ref = ref.overlap_sums_backward(grad_out[0], grad_out[1], x, t, "none", None, False, True)
+    g = grad_out.to(DEVICE, kernels.sums_dtype(x.to(KERNEL_DTYPES[0])))
+    got = kernels.overlap_sums_backward(g[0].contiguous(), g[1].contiguous(),
+                                        x.to(DEVICE, KERNEL_DTYPES[0]), t.to(DEVICE),
+                                        "none", None, False, True)
+    assert torch.equal(got_ref, want_grad)
+    assert_close(got, want_grad, TOL, name="kernel grad")
+
+
+@pytest.mark.parametrize("squared", [False, True], ids=["linear", "squared"])
+@pytest.mark.parametrize("min_intersection", [False, True], ids=["product", "min"])
+@pytest.mark.parametrize("block_c", [4, 16], ids=["chunks", "one-chunk"])
+def test_softmax_over_classes_masked_with_minus_inf(squared, min_intersection, block_c):
+    """Logits of -inf (classes masked out) filling the first class chunk, the
+    first two, or every chunk but the last real class: softmax gives those
+    classes 0, as torch's does. (The chunked statistics once computed
+    exp(-inf - -inf) there: NaN for the whole pixel.)"""
+    x, t = make_case(2, 10, (5, 13), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x[0, :4, :2] = float("-inf")
+    x[0, :8, 2:4] = float("-inf")
+    x[1, :9, 1:3] = float("-inf")
+    x[1, 2:6, 4] = float("-inf")
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    grad_out = torch.randn(3, 2, 10, dtype=torch.float64)
+    options = ("softmax", None, squared, min_intersection)
+    sums = kernels.overlap_sums_forward(x, t, *options, block_c=block_c, block_s=16)
+    gsum = grad_out.to(DEVICE, kernels.sums_dtype(x))
+    grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(), x, t,
+                                         *options, block_c=block_c, block_s=16)
+    want_sums, want_grad = reference_sums_and_grad(x, t, "softmax", None, squared, grad_out,
+                                                   min_intersection)
+    assert not want_sums.isnan().any() and not want_grad.isnan().any()
+    rtol = RTOL[x.dtype] if x.dtype == torch.float64 else 1e-5
+    assert_close(sums, want_sums, rtol, name="sums")
+    assert_close(grad, want_grad, rtol, name="grad")
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("spatial", [(37,), (9, 23), (3, 5, 7)], ids=["1d", "2d", "3d"])
