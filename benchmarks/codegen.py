@@ -431,6 +431,18 @@ def _coverage_cases():
                    run)
 
     def run(phase):
+        # more than 256 classes: softmax in class chunks (both backward schedules)
+        for squared, intersection in ((False, "product"), (True, "product"), (False, "min")):
+            x = _empty((2, 300, 4, 4), "bf16", False, True)
+            with phase("fwd"):
+                sums = ops.overlap_sums(x, torch.zeros((2, 4, 4), dtype=torch.int64),
+                                        squared=squared, intersection=intersection,
+                                        validate_args=False)
+            with phase("bwd"):
+                sums.sum().backward()
+    yield case("overlap", "coverage 2x300x4^2 (class chunks)", "nchw", "bf16", run)
+
+    def run(phase):
         t = torch.zeros((2, 8, 8), dtype=torch.int64)
         for C in (5, 60):
             with phase("fwd"):

@@ -89,6 +89,47 @@ def _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
 
 
 @triton.jit
+def _softmax_stats_and_dot(x_row, t_row, gi_row, gp_row, C, offs_s64, smask, ignore_index,
+                           stride_xc, stride_xs, stride_tc, stride_ts,
+                           DENSE_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr,
+                           SQUARED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                           ACC: tl.constexpr):
+    """(m, l, dot) of every pixel in one pass over the class chunks, for the
+    product intersection: with e = exp(x - m) and p = e / l, dL/dp is
+    gi*t + gp (linear) or gi*t + 2*gp*p (squared), so dot = sum_c g_c p_c is
+    a / l + 2 * b / l^2 with a = sum (gi*t [+ gp]) e and b = sum gp e^2,
+    rescaled like l whenever the running max m grows."""
+    m = tl.full([BLOCK_S], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_S], ACC)
+    a = tl.zeros([BLOCK_S], ACC)
+    b = tl.zeros([BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
+        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+        cmask = offs_c < C
+        gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
+        gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _softmax_stats
+        alpha = tl.exp(m - shift)
+        e = tl.exp(x - shift[None, :])
+        l = l * alpha + tl.sum(e, axis=0)
+        if SQUARED:
+            a = a * alpha + tl.sum(tl.where(valid, gi[:, None] * t * e, 0.0), axis=0)
+            b = b * (alpha * alpha) + tl.sum(tl.where(valid, gp[:, None] * e * e, 0.0), axis=0)
+        else:
+            a = a * alpha + tl.sum(tl.where(valid, (gi[:, None] * t + gp[:, None]) * e, 0.0),
+                                   axis=0)
+        m = m_new
+    dot = a / l
+    if SQUARED:
+        dot += 2.0 * b / (l * l)
+    return m, l, dot
+
+
+@triton.jit
 def _probabilities(x, m, l, ACTIVATION: tl.constexpr):
     """p of a score tile; softmax with the per-pixel max m and sum of exp l
     over all classes (from _softmax_stats)."""
@@ -330,9 +371,15 @@ def _overlap_sums_bwd_kernel(
         _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc, stride_gs,
                            ACTIVATION)
     else:
-        # class chunks: softmax's statistics, then sum_c g_c p_c over all
-        # classes, then the gradient: the logits are read three times
-        if ACTIVATION == 2:
+        # class chunks: softmax's statistics and sum_c g_c p_c over all
+        # classes, then the gradient: the logits are read twice (three times
+        # for the min intersection, whose dL/dp needs p itself)
+        if ACTIVATION == 2 and not MIN_INTERSECTION:
+            m, l, dot = _softmax_stats_and_dot(x_row, t_row, gi_row, gp_row, C, offs_s64, smask,
+                                               ignore_index, stride_xc, stride_xs, stride_tc,
+                                               stride_ts, DENSE_TARGET, HAS_IGNORE, SQUARED,
+                                               BLOCK_C, BLOCK_S, ACC)
+        elif ACTIVATION == 2:
             m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
                                   BLOCK_C, BLOCK_S, ACC)
             dot = tl.zeros([BLOCK_S], ACC)
