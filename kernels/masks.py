@@ -147,18 +147,30 @@ def _paste_masks_kernel(
     MASK_DT: tl.constexpr = masks_ptr.dtype.element_ty
     if THRESHOLD:
         # torchvision's result (in the mask dtype) > threshold (a Python
-        # float, which torch casts to the mask dtype); the threshold comes
-        # as three float32 parts so that float64 masks compare exactly
-        t = (tl.cast(t_hi, tl.float64) + tl.cast(t_mid, tl.float64)) + tl.cast(t_lo, tl.float64)
-        above = val.to(MASK_DT) > t.to(MASK_DT)
+        # float, which torch casts to the mask dtype). For float64 masks the
+        # threshold comes as three float32 parts, summed exactly; otherwise
+        # t_hi is already cast to the mask dtype on the host, and both sides
+        # compare in float32 (exact: no float64 -> bf16 cast, no bf16
+        # comparison, neither of which the interpreter gets right)
+        if MASK_DT == tl.float64:
+            t = ((tl.cast(t_hi, tl.float64) + tl.cast(t_mid, tl.float64))
+                 + tl.cast(t_lo, tl.float64))
+            above = val.to(tl.float64) > t
+        else:
+            above = val.to(MASK_DT).to(tl.float32) > t_hi
         tl.store(out, above.to(tl.uint8), mask=store_mask)
     else:
         tl.store(out, val.to(MASK_DT), mask=store_mask)
 
 
-def _threshold_parts(threshold: float) -> tuple[float, float, float]:
-    """threshold as hi + mid + lo, each exact in float32 (72 bits: any
-    float64 in float32's exponent range is recovered exactly)."""
+def _threshold_parts(threshold: float, dtype: torch.dtype) -> tuple[float, float, float]:
+    """threshold as the masks' dtype compares it, in float32 arguments: for
+    float64, hi + mid + lo, each exact in float32 (72 bits: any float64 in
+    float32's exponent range is recovered exactly); otherwise hi is the
+    threshold cast to ``dtype`` as torch casts a Python scalar (exact in
+    float32)."""
+    if dtype != torch.float64:
+        return float(torch.tensor(threshold, dtype=torch.float64).to(dtype)), 0.0, 0.0
     hi = float(torch.tensor(threshold, dtype=torch.float64).float())
     mid = float(torch.tensor(threshold - hi, dtype=torch.float64).float())
     lo = float(torch.tensor(threshold - hi - mid, dtype=torch.float64).float())
@@ -180,7 +192,8 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_height: int, ima
     bw = block_w or block_size(W, 128)
     grid = (N, cdiv(H, bh), cdiv(W, bw))
     check_grid(grid)
-    parts = _threshold_parts(threshold) if threshold is not None else (0.0, 0.0, 0.0)
+    parts = (_threshold_parts(threshold, masks.dtype) if threshold is not None
+             else (0.0, 0.0, 0.0))
     _paste_masks_kernel[grid](
         masks, boxes, out.view(torch.uint8) if threshold is not None else out,
         H, W, MH, MW, padding, *parts,

@@ -79,6 +79,7 @@ from .. import _dispatch
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError,
                        check_int, check_number, check_same_device, check_tensor)
 from ..reference import masks as reference
+from .roi_align import _native_forward
 
 GT_MASK_DTYPES = (torch.uint8, torch.bool, *FLOAT_DTYPES)
 
@@ -131,20 +132,13 @@ def _torchvision_roi_align():
 
 
 def _native_mask_targets(gt_masks, rois, matched_idxs, M, out_dtype):
-    """torchvision's project_masks_on_boxes, on the RoIs that pool anything
-    (finite, index in [0, G)); the others are zeros."""
-    K, G = rois.shape[0], gt_masks.shape[0]
-    rois = rois.to(out_dtype)
-    ok = torch.isfinite(rois).all(1) & (matched_idxs >= 0) & (matched_idxs < G)
-    out = torch.zeros((K, M, M), dtype=out_dtype, device=rois.device)
-    if K == 0 or 0 in gt_masks.shape or not bool(ok.any()):
-        return out
-    rows = torch.nonzero(ok).flatten()
-    full = torch.cat([matched_idxs[rows].to(out_dtype)[:, None], rois[rows]], dim=1)
-    pooled = _torchvision_roi_align()(gt_masks[:, None].to(out_dtype), full, 1.0, M, M, -1,
-                                      False)
-    out[rows] = pooled[:, 0]
-    return out
+    """torchvision's project_masks_on_boxes through segops.ops.roi_align's
+    native path, which pools only the RoIs torchvision defines (finite,
+    index in [0, G), adaptive sample count below 2^31) and leaves zeros for
+    the others."""
+    full = torch.cat([matched_idxs.to(out_dtype)[:, None], rois.to(out_dtype)], dim=1)
+    return _native_forward([gt_masks[:, None].to(out_dtype)], full, None, [1.0], M, M, -1,
+                           False)[:, 0]
 
 
 # --------------------------------------------------------------------------

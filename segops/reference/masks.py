@@ -4,7 +4,9 @@ oracle of the kernels in ``segops.kernels.masks``.
 Semantics are torchvision's (``roi_heads.paste_masks_in_image`` and
 ``roi_heads.project_masks_on_boxes``; see ``segops.ops.masks``), written
 out step by step: the padded mask and the resized mask are built here, as
-torchvision does, where the kernel computes each pixel's source directly.
+torchvision does, where the kernel computes each pixel's source directly
+(so does this module for a box whose resized mask would pass RESIZE_LIMIT
+pixels).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from .._checks import accumulation_dtype
 
 # see kernels/masks.py: box coordinates are clamped to +-2^40 before the cast
 COORD_LIMIT = float(1 << 40)
+# a box whose resized mask has more pixels pastes only its part in the image
+RESIZE_LIMIT = 1 << 24
 
 
 def box_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,17 +61,48 @@ def paste_one(mask: Tensor, box: list[int], im_h: int, im_w: int, padding: int) 
     w = max(x1 - x0 + 1, 1)
     h = max(y1 - y0 + 1, 1)
     padded = F.pad(mask.to(acc), (padding,) * 4)
-    resized = F.interpolate(padded[None, None], size=(h, w), mode="bilinear",
-                            align_corners=False)[0, 0]
-    out[cy0:cy1, cx0:cx1] = resized[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    if h * w <= RESIZE_LIMIT:
+        resized = F.interpolate(padded[None, None], size=(h, w), mode="bilinear",
+                                align_corners=False)[0, 0]
+        out[cy0:cy1, cx0:cx1] = resized[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    else:
+        out[cy0:cy1, cx0:cx1] = _resized_window(padded, h, w, range(cy0 - y0, cy1 - y0),
+                                                range(cx0 - x0, cx1 - x0))
     return out.to(mask.dtype)
+
+
+def _source_axis(dst: Tensor, size: int, in_size: int, acc: torch.dtype):
+    """ATen's bilinear source of output indices ``dst`` along an axis resized
+    from ``in_size`` to ``size`` (align_corners=False): low and high input
+    index and their weights. scale * (dst + 0.5) - 0.5 is evaluated in
+    float64, as ATen's fused multiply-add gives it for float32."""
+    scale = torch.tensor(in_size, dtype=acc) / torch.tensor(size, dtype=acc)
+    src = (scale.double() * (dst.double() + 0.5) - 0.5).to(acc).clamp(min=0)
+    low = src.to(torch.int64).clamp(max=in_size - 1)  # src >= 0: the cast is floor
+    high = low + (low < in_size - 1).to(torch.int64)
+    lam = src - low.to(acc)
+    return low, high, 1 - lam, lam
+
+
+def _resized_window(padded: Tensor, h: int, w: int, rows: range, cols: range) -> Tensor:
+    """Rows ``rows`` and columns ``cols`` of ``padded`` resized to (h, w) as
+    F.interpolate(bilinear, align_corners=False) gives them, without
+    building the (h, w) resize (a huge box's would not fit in memory)."""
+    acc = padded.dtype
+    y_lo, y_hi, wy0, wy1 = _source_axis(torch.tensor(rows), h, padded.shape[0], acc)
+    x_lo, x_hi, wx0, wx1 = _source_axis(torch.tensor(cols), w, padded.shape[1], acc)
+    top = wx0 * padded[y_lo][:, x_lo] + wx1 * padded[y_lo][:, x_hi]
+    bottom = wx0 * padded[y_hi][:, x_lo] + wx1 * padded[y_hi][:, x_hi]
+    return wy0[:, None] * top + wy1[:, None] * bottom
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_height: int, image_width: int,
                 padding: int, threshold: float | None) -> Tensor:
     """(N, 1, H, W): each masks[i, 0] (MH, MW) pasted into its expanded,
     truncated box, in the masks' dtype, or ``> threshold`` as bool."""
-    N = masks.shape[0]
+    if masks.shape[0] == 0:  # (the masks' width may be 0 then)
+        out = masks.new_zeros((0, 1, image_height, image_width))
+        return out > threshold if threshold is not None else out
     int_boxes, finite = expanded_int_boxes(boxes, masks.shape[-1], padding)
     rows = []
     for i, (box, ok) in enumerate(zip(int_boxes.tolist(), finite.tolist())):
@@ -75,10 +110,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_height: int, image_width: in
             rows.append(paste_one(masks[i, 0], box, image_height, image_width, padding))
         else:
             rows.append(masks.new_zeros((image_height, image_width)))
-    if N == 0:
-        out = masks.new_zeros((0, 1, image_height, image_width))
-    else:
-        out = torch.stack(rows)[:, None]
+    out = torch.stack(rows)[:, None]
     if threshold is not None:
         return out > threshold
     return out

@@ -3,6 +3,7 @@
 branch (boxes partly and wholly outside, 1-pixel, reversed, huge, truncation
 toward zero of negative coordinates), thresholds, GT mask dtypes, views,
 edges, errors, opcheck, one launch, and the benchmark's code at tiny sizes."""
+import contextlib
 import importlib
 
 import pytest
@@ -25,6 +26,17 @@ paste_masks, mask_targets = ops_module.paste_masks, ops_module.mask_targets
 H, W = 40, 57  # small image: the interpreter is slow
 F64 = RTOL[torch.float64]
 F32 = RTOL[torch.float32]
+
+
+def on_path(path):
+    """kernel: the tests' default path; native / reference: forced (CPU)."""
+    if path == "kernel":
+        return contextlib.nullcontext()
+    return _dispatch.forced_path(_dispatch.NATIVE if path == "native" else _dispatch.REFERENCE)
+
+
+def device_for(path):
+    return DEVICE if path == "kernel" else torch.device("cpu")
 
 
 def paste_boxes(dtype=torch.float64):
@@ -167,16 +179,29 @@ def test_paste_boxes_wholly_outside_paste_nothing():
         assert torch.equal(paste_masks(masks, boxes, (H, W), 0), got.cpu())
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.0, 1.0, 0.30000001])
 def test_paste_threshold(dtype, threshold):
-    boxes = paste_boxes(dtype)
+    """value > threshold in the masks' dtype, as torch compares (the
+    threshold cast to it: 0.30000001 is 0.3 in bf16 and fp16). fp16/bf16
+    once compared through a float64 -> bf16 cast that the interpreter gets
+    wrong (all True)."""
+    boxes = paste_boxes(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     masks = rand_masks(boxes.shape[0], dtype=dtype)
     masks[0, 0, 2:4, 2:4] = 0.3  # exactly at a threshold (float32: 0.3 rounded)
+    masks[1, 0, 1:3, 1:3] = 1.0
     want = paste_masks_in_image(masks, boxes, (H, W)) > threshold
     got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W),
                                  threshold=threshold)
     assert got.dtype == torch.bool
+    if dtype in (torch.float16, torch.bfloat16):
+        # the pasted values may differ from torchvision's by an ulp (within
+        # tolerance), which flips values next to the threshold: the bools
+        # are those of segops' own values, compared as torch compares
+        values = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W))
+        assert_close(values, paste_masks_in_image(masks, boxes, (H, W)), RTOL[dtype])
+        want = values.cpu() > threshold
     assert torch.equal(got.cpu(), want)
 
 
@@ -242,6 +267,20 @@ def test_paste_non_finite_boxes_paste_nothing():
         assert_close(paste_masks(masks, boxes, (H, W)), got, F64)
 
 
+@pytest.mark.parametrize("path", ["kernel", "native", "reference"])
+def test_paste_no_masks_of_width_0(path):
+    """(0, 1, MH, 0) masks pass the checks (a width of 0 is refused only when
+    there are masks); every path returns the empty paste (the reference
+    once divided by the width first)."""
+    masks, boxes = torch.zeros(0, 1, 4, 0, dtype=torch.float64), torch.zeros(0, 4)
+    with on_path(path):
+        assert paste_masks(masks.to(device_for(path)), boxes.to(device_for(path)),
+                           (3, 5)).shape == (0, 1, 3, 5)
+        got = paste_masks(masks.to(device_for(path)), boxes.to(device_for(path)), (3, 5),
+                          threshold=0.5)
+        assert got.shape == (0, 1, 3, 5) and got.dtype == torch.bool
+
+
 def test_paste_empty():
     masks, boxes = torch.zeros(0, 1, 28, 28), torch.zeros(0, 4)
     got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W))
@@ -259,6 +298,39 @@ def test_paste_reference_path_matches_torchvision():
     with _dispatch.native_only():  # off the GPU without the interpreter: the reference
         got = paste_masks(masks, boxes, (H, W))
     assert_close(got, want, F32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("padding,shape", [(1, (7, 7)), (2, (4, 6))])
+def test_paste_reference_window_matches_torchvision(dtype, padding, shape, monkeypatch):
+    """The reference's in-image window of the resize (what it pastes for a box
+    whose resized mask would pass RESIZE_LIMIT pixels), forced for every
+    box: torchvision's numbers, and exactly its pasted pixels."""
+    monkeypatch.setattr(ref, "RESIZE_LIMIT", 0)
+    boxes = paste_boxes(dtype)
+    masks = rand_masks(boxes.shape[0], *shape, dtype=dtype)
+    want = paste_masks_in_image(masks, boxes, (H, W), padding=padding)
+    with _dispatch.reference_only():
+        got = paste_masks(masks, boxes, (H, W), padding)
+    assert_close(got, want, RTOL[dtype])
+    assert torch.equal(got != 0, want != 0)
+
+
+def test_paste_huge_boxes_paste_their_window():
+    """Coordinates of 1e30 (clamped to 2^40) and a 5000 x 4000 box (past
+    RESIZE_LIMIT): the kernel and the reference paste the window in the
+    image without building the resize (for the first box torchvision
+    raises or would allocate 2^41 pixels) and agree; the second box matches
+    torchvision, which can still build it."""
+    boxes = torch.tensor([[-1e30, 3.0, 20.0, 1e30], [-2000.0, -1500.0, 3000.0, 2500.0]],
+                         dtype=torch.float64)
+    masks = rand_masks(2, dtype=torch.float32)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W)).cpu()
+    with _dispatch.reference_only():
+        got_ref = paste_masks(masks, boxes, (H, W))
+    assert got[0].count_nonzero() > 0
+    assert_close(got, got_ref, F32)
+    assert_close(got_ref[1:], paste_masks_in_image(masks[1:], boxes[1:], (H, W)), F32)
 
 
 # --------------------------------------------------------------------------
@@ -382,6 +454,24 @@ def test_mask_targets_cpu_paths(path):
     with _dispatch.forced_path(_dispatch.NATIVE if path == "native" else _dispatch.REFERENCE):
         got = mask_targets(masks, rois, idx, 5)
     assert_close(got, project_masks_on_boxes(masks, rois, idx, 5), F32)
+
+
+@pytest.mark.parametrize("path", ["kernel", "native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_mask_targets_sample_count_past_int32_gives_zeros(path, dtype):
+    """A finite RoI 1e30 wide has an adaptive sample count past int32, where
+    torchvision raises (or is undefined): zeros on every path, as
+    segops.ops.roi_align gives (the native path once passed it to
+    torchvision)."""
+    masks, rois = gt_masks(2), mask_rois(dtype)[:3].clone()
+    rois[1, 0] = -1e30
+    idx = torch.tensor([0, 1, 1])
+    with on_path(path):
+        got = mask_targets(masks.to(device_for(path)), rois.to(device_for(path)),
+                           idx.to(device_for(path)), 5).cpu()
+    assert torch.equal(got[1], torch.zeros(5, 5, dtype=dtype))
+    keep = torch.tensor([0, 2])
+    assert_close(got[keep], project_masks_on_boxes(masks, rois[keep], idx[keep], 5), RTOL[dtype])
 
 
 # --------------------------------------------------------------------------
