@@ -32,7 +32,13 @@ error for a box wholly left of the image by more than a pixel or wholly
 right of it (a negative slice end wraps around); segops pastes nothing for
 those. A box with a non-finite coordinate pastes nothing (torchvision's
 cast of it is undefined). Coordinates are clamped to +-2^40 before the cast
-(torchvision would allocate a mask that large). Not differentiable.
+(torchvision would allocate a mask that large). A NaN or inf mask value
+may also reach pixels whose bilinear weight for it is 0 (0 * NaN is NaN;
+ATen's CPU kernel skips such a neighbour on some axes). The pasted value
+may differ from torchvision's in its last bits (fp16/bf16: segops rounds
+its float32 interpolation once; float64: ATen's source index uses a fused
+multiply-add, so a weight segops computes as 0 may be 1e-17 there), and so
+may the bools of a value next to the threshold. Not differentiable.
 
 ``mask_targets(gt_masks, rois, matched_idxs, M)``
 -------------------------------------------------
