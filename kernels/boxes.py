@@ -122,12 +122,13 @@ def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
     float32 <= t (an fp32 IoU exceeds t exactly when it exceeds that)."""
     if dtype == torch.float64:
         return struct.unpack("<q", struct.pack("<d", threshold))[0]
+    # an IoU is NaN or in [0, 1]: every threshold past +-2 (1e300 too, which
+    # float32 cannot hold) compares as +-2 does
+    threshold = min(max(threshold, -2.0), 2.0)
     t32 = struct.unpack("<f", struct.pack("<f", threshold))[0]
     if t32 > threshold:
         t32 = float(torch.nextafter(torch.tensor(t32, dtype=torch.float32),
                                     torch.tensor(-math.inf, dtype=torch.float32)))
-    if math.isinf(t32) and not math.isinf(threshold):  # past float32's range
-        t32 = math.copysign(3.4028234663852886e38, threshold)
     return struct.unpack("<i", struct.pack("<f", t32))[0]
 
 
@@ -208,6 +209,8 @@ def _clip_kernel(in_ptr, out_ptr, R, C, s0, s1, height, width,
 def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor:
     """boxes (..., C) with C even, clipped; a contiguous tensor of boxes' dtype."""
     shape = boxes.shape
+    if boxes.numel() == 0:  # (reshape(-1, 0) is ambiguous)
+        return torch.empty(shape, dtype=boxes.dtype, device=boxes.device)
     flat = boxes.reshape(-1, shape[-1]) if boxes.dim() != 2 else boxes
     R, C = flat.shape
     out = empty(R, C, dtype=boxes.dtype, device=boxes.device)

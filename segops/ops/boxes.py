@@ -35,9 +35,11 @@ NMS conventions
 Paths (``segops._dispatch``): the Triton kernels on CUDA and under
 ``TRITON_INTERPRET=1`` (one segmented computation: two launches however
 many images and classes); elsewhere torchvision's ``nms`` per segment
-(``box_iou``, ``clip_boxes_to_image`` likewise) where installed, else the
-reference. ``decode_boxes`` off the GPU runs the reference (pure PyTorch,
-vectorised: it is what BoxCoder runs).
+(``box_iou`` likewise) where installed, else the reference.
+``decode_boxes`` and ``clip_boxes_to_image`` off the GPU run the reference
+(pure PyTorch, vectorised: what BoxCoder and torchvision's clamp run;
+integer boxes keep their dtype and every digit, where torchvision's clamp
+returns float32 for a fractional size).
 
 No op here has a gradient (torchvision runs them under no_grad in
 detection); inputs requiring grad are treated as constants.
@@ -98,9 +100,9 @@ def _(a, b):
 def _clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
     if boxes.is_floating_point() and _dispatch.uses_kernel(boxes):
         return _kernels().clip_boxes(boxes, height, width)
-    if _dispatch.uses_native(boxes) and _torchvision_ops() is not None:
-        size = tuple(int(v) if float(v).is_integer() else v for v in (height, width))
-        return _torchvision_ops().clip_boxes_to_image(boxes, size).contiguous()
+    # off the kernels, the reference's clamp: torchvision's gives the same
+    # for float boxes, and turns integer boxes to float32 for a fractional
+    # size (the documented result keeps their dtype and every digit)
     return reference.clip_boxes(boxes, height, width).contiguous()
 
 
@@ -241,9 +243,24 @@ def _take(order: Tensor, kept: Tensor, counts: list[int]) -> list[Tensor]:
 def _native_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """torchvision's CPU nms (a stable sort, so ties by index), in float32
     for fp16/bf16 (which it does not implement) and with scores in the
-    boxes' dtype (which it requires)."""
+    boxes' dtype (which it requires): scores wider than that (float64 with
+    float32 boxes) are replaced by their dense rank, which keeps their order
+    and ties where rounding them would merge neighbours."""
     acc = accumulation_dtype(boxes.dtype)
+    if scores.dtype.itemsize > torch.empty((), dtype=acc).element_size():
+        scores = _dense_rank(scores)
     return _torchvision_ops().nms(boxes.to(acc), scores.to(acc), iou_threshold)
+
+
+def _dense_rank(scores: Tensor) -> Tensor:
+    """Equal scores share a rank, a higher score has a higher rank (NaN is
+    the highest, as torch.sort has it), all exact in float32 (< 2^24 boxes)."""
+    if scores.numel() == 0:
+        return scores.to(torch.int64)
+    ordered, order = torch.sort(scores, stable=True)
+    same = (ordered[1:] == ordered[:-1]) | (ordered[1:].isnan() & ordered[:-1].isnan())
+    rank = torch.cat([ordered.new_zeros(1, dtype=torch.int64), (~same).long().cumsum(0)])
+    return torch.empty_like(rank).scatter_(0, order, rank)
 
 
 def _native_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None,

@@ -10,6 +10,8 @@ as torchvision's C++ compares with the double threshold.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from .._checks import accumulation_dtype
@@ -31,11 +33,31 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
 
 def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
     """torchvision.ops.clip_boxes_to_image: x columns (even) clamped to
-    [0, width], y columns (odd) to [0, height]."""
-    out = boxes.clone()
-    out[..., 0::2] = boxes[..., 0::2].clamp(min=0, max=width)
-    out[..., 1::2] = boxes[..., 1::2].clamp(min=0, max=height)
-    return out
+    [0, width], y columns (odd) to [0, height], in the boxes' dtype. Float
+    boxes clamp in their accumulation dtype (a bound past its range is
+    +-inf); integer boxes clamp to the bounds truncated toward zero, which
+    is torchvision's float result cast back, without its float32 rounding
+    of coordinates past 2^24."""
+    if boxes.is_floating_point():
+        acc = accumulation_dtype(boxes.dtype)
+        height, width = (_in_range(v, acc) for v in (height, width))
+        work = boxes.to(acc)
+    else:
+        height, width = (_in_range(int(v), boxes.dtype) for v in (height, width))
+        work = boxes
+    out = work.clone()
+    out[..., 0::2] = work[..., 0::2].clamp(min=0, max=width)
+    out[..., 1::2] = work[..., 1::2].clamp(min=0, max=height)
+    return out.to(boxes.dtype)
+
+
+def _in_range(value, dtype: torch.dtype):
+    """value clamped into what ``dtype`` holds (floats: +-inf beyond)."""
+    if dtype.is_floating_point:
+        big = torch.finfo(dtype).max
+        return value if abs(value) <= big else math.copysign(math.inf, value)
+    info = torch.iinfo(dtype)
+    return min(max(value, info.min), info.max)
 
 
 def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights, clip: float,
@@ -53,6 +75,7 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights, clip: float,
     wx, wy, ww, wh = weights
     dx = codes[:, 0::4] / wx
     dy = codes[:, 1::4] / wy
+    clip = _in_range(clip, acc)  # past the dtype's range: no clamp, as in the kernel
     dw = (codes[:, 2::4] / ww).clamp(max=clip)
     dh = (codes[:, 3::4] / wh).clamp(max=clip)
     pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]

@@ -430,6 +430,87 @@ def test_decode_list_of_boxes_like_box_coder_decode():
     assert_close(got, want, RTOL[torch.float32])
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_scores_order_float32_boxes_exactly(path):
+    """Scores finer than the boxes' dtype are visited in their own order:
+    0.5 + 1e-12 first, and seven equal points keep index order behind the
+    top one (the native path once rounded the scores to float32, a tie)."""
+    b = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]]).to(device_for(path))
+    s = torch.tensor([0.5, 0.5 + 1e-12], dtype=torch.float64).to(device_for(path))
+    with on_path(path):
+        assert boxes_ops.nms(b, s, 0.5).tolist() == [1]
+        assert boxes_ops.batched_nms(b, s, torch.zeros(2, dtype=torch.long, device=b.device),
+                                     0.5).tolist() == [1]
+        points = torch.full((7, 4), 3.0, device=b.device)
+        scores = torch.tensor([0.5] * 6 + [0.5 + 1e-12], dtype=torch.float64, device=b.device)
+        scores[[2, 4]] = float("nan")  # NaN first (torch.sort), tied by index
+        assert boxes_ops.nms(points, scores, 0.0).tolist() == [2, 4, 6, 0, 1, 3, 5]
+        assert boxes_ops.nms(b[:0], s[:0], 0.5).tolist() == []
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_thresholds_past_float32_range(path, dtype):
+    """+-1e300 keeps everything / suppresses everything, as torchvision's
+    double comparison does (the kernel path once failed to pack it as a
+    float32)."""
+    b = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], dtype=dtype)
+    s = torch.tensor([0.9, 0.8, 0.7], dtype=dtype)
+    b, s = b.to(device_for(path)), s.to(device_for(path))
+    with on_path(path):
+        assert boxes_ops.nms(b, s, 1e300).tolist() == [0, 1, 2]
+        assert boxes_ops.nms(b, s, -1e300).tolist() == [0]  # an IoU of 0 > -1e300
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+def test_clip_integer_boxes_keep_dtype_and_every_digit(path, dtype):
+    """Integer boxes past 2^24 keep every digit, and a fractional size clips
+    to its integer part (torchvision's float32 result cast back), on every
+    path (the reference once clamped through float32; the native path
+    returned torchvision's float32)."""
+    big = 16777217 if dtype == torch.int32 else 1099511627777
+    boxes = torch.tensor([[big, 16777217, -3, 4], [-3, 5, 40, 50]], dtype=dtype)
+    with on_path(path):
+        got = boxes_ops.clip_boxes_to_image(boxes.to(device_for(path)), (2**41, 2**41))
+        assert got.dtype == dtype and got.cpu().tolist() == [[big, 16777217, 0, 4], [0, 5, 40, 50]]
+        got = boxes_ops.clip_boxes_to_image(boxes.to(device_for(path)), (31.5, 20.5))
+        assert got.dtype == dtype and got.cpu().tolist() == [[20, 31, 0, 4], [0, 5, 20, 31]]
+    want = tv_ops.clip_boxes_to_image(boxes[1:], (31.5, 20.5))
+    assert want.dtype == torch.float32 and want.to(dtype).tolist() == [[0, 5, 20, 31]]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bounds_past_the_dtype_range_do_not_clamp(path):
+    """A clip size or decode bound past the dtype's range (1e300 for
+    float32, 7e4 for fp16) clamps nothing, on every path (the reference
+    once raised torch's overflow error)."""
+    b = torch.tensor([[1.0, 2, float("inf"), 4]])
+    c, r = torch.tensor([[0.1, 0.2, 0.3, 0.4]]), torch.tensor([[1.0, 2, 30, 40]])
+    with on_path(path):
+        for boxes, size in ((b, (1e300, 1e300)), (b.half(), (70000, 70000))):
+            got = boxes_ops.clip_boxes_to_image(boxes.to(device_for(path)), size).cpu()
+            assert torch.equal(got, boxes)
+        free = boxes_ops.decode_boxes(c.to(device_for(path)), r.to(device_for(path))).cpu()
+        clipped = boxes_ops.decode_boxes(c.to(device_for(path)), r.to(device_for(path)),
+                                         image_size=(1e300, 9)).cpu()
+        assert_close(clipped, torch.stack([free[:, 0].clamp(0, 9), free[:, 1],
+                                           free[:, 2].clamp(0, 9), free[:, 3]], 1), RTOL[torch.float32])
+        unclamped = boxes_ops.decode_boxes(c.to(device_for(path)), r.to(device_for(path)),
+                                           (1.0, 1.0, 1.0, 1.0), 1e300).cpu()
+        assert torch.isfinite(unclamped).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [(0,), (2, 3, 0), (0, 4), (3, 0, 4)])
+def test_clip_empty_boxes_of_any_shape(path, shape):
+    """Empty boxes keep their shape (the kernel path once failed to reshape
+    (2, 3, 0) into rows)."""
+    boxes = torch.zeros(shape).to(device_for(path))
+    with on_path(path):
+        assert boxes_ops.clip_boxes_to_image(boxes, (5, 5)).shape == shape
+
+
 # --------------------------------------------------------------------------
 # views, errors, opcheck, benchmark smoke test
 # --------------------------------------------------------------------------
