@@ -7,8 +7,9 @@ within the dtype's tolerance, or raises ``segops.ArgumentError`` /
 Any other exception fails the example.
 
 Budget: ``SEGOPS_FUZZ_EXAMPLES`` sets the number of examples of every fuzz
-test (unset: each test's small CI default, seeded, all four files in about
-two minutes single-process in the interpreter). The examples are
+test (unset: each test's small CI default, seeded, all six files (conv,
+conv_transpose, roi_align, overlap, boxes, masks) in about a minute and a
+half single-process in the interpreter). The examples are
 derandomized (the same ones every run) and no hypothesis database is
 written, so CI leaves no files behind::
 
