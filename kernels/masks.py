@@ -25,6 +25,8 @@ across an integer, which truncation turns into a one-pixel shift.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -100,10 +102,10 @@ def _padded_tap(mask_plane, r, c, MH, MW, padding, stride_mh, stride_mw, active)
 
 # W is specialised (divisible by 16 or not): rows of such a width start
 # 16-byte aligned, and the float output is written with 128-bit stores
-@triton.jit(do_not_specialize=["H", "MH", "MW", "padding"])
+@triton.jit(do_not_specialize=["H", "MH", "MW", "padding", "t_bits_hi", "t_bits_lo"])
 def _paste_masks_kernel(
     masks_ptr, boxes_ptr, out_ptr, H, W, MH, MW, padding,
-    t_hi, t_mid, t_lo,
+    t_float, t_bits_hi, t_bits_lo,
     stride_mn, stride_mh, stride_mw, stride_bn, stride_bc,
     THRESHOLD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     ACC: tl.constexpr, BOX_ACC: tl.constexpr,
@@ -148,33 +150,31 @@ def _paste_masks_kernel(
     if THRESHOLD:
         # torchvision's result (in the mask dtype) > threshold (a Python
         # float, which torch casts to the mask dtype). For float64 masks the
-        # threshold comes as three float32 parts, summed exactly; otherwise
-        # t_hi is already cast to the mask dtype on the host, and both sides
-        # compare in float32 (exact: no float64 -> bf16 cast, no bf16
-        # comparison, neither of which the interpreter gets right)
+        # threshold comes as its 64 bits in two int32 halves (a float
+        # argument is float32); otherwise t_float is already cast to the mask
+        # dtype on the host, and both sides compare in float32 (exact: no
+        # float64 -> bf16 cast, no bf16 comparison, neither of which the
+        # interpreter gets right)
         if MASK_DT == tl.float64:
-            t = ((tl.cast(t_hi, tl.float64) + tl.cast(t_mid, tl.float64))
-                 + tl.cast(t_lo, tl.float64))
-            above = val.to(tl.float64) > t
+            bits = (t_bits_hi.to(tl.int64) << 32) | (t_bits_lo.to(tl.int64) & 0xFFFFFFFF)
+            above = val.to(tl.float64) > bits.to(tl.float64, bitcast=True)
         else:
-            above = val.to(MASK_DT).to(tl.float32) > t_hi
+            above = val.to(MASK_DT).to(tl.float32) > t_float
         tl.store(out, above.to(tl.uint8), mask=store_mask)
     else:
         tl.store(out, val.to(MASK_DT), mask=store_mask)
 
 
-def _threshold_parts(threshold: float, dtype: torch.dtype) -> tuple[float, float, float]:
-    """threshold as the masks' dtype compares it, in float32 arguments: for
-    float64, hi + mid + lo, each exact in float32 (72 bits: any float64 in
-    float32's exponent range is recovered exactly); otherwise hi is the
-    threshold cast to ``dtype`` as torch casts a Python scalar (exact in
-    float32)."""
+def _threshold_args(threshold: float, dtype: torch.dtype) -> tuple[float, int, int]:
+    """(t_float, t_bits_hi, t_bits_lo): the threshold as the masks' dtype
+    compares it. float64: its bits, high and low 32 as signed int32 (any
+    double, 1e300 and 1e-300 too); otherwise cast to ``dtype`` as torch
+    casts a Python scalar, which float32 holds exactly."""
     if dtype != torch.float64:
-        return float(torch.tensor(threshold, dtype=torch.float64).to(dtype)), 0.0, 0.0
-    hi = float(torch.tensor(threshold, dtype=torch.float64).float())
-    mid = float(torch.tensor(threshold - hi, dtype=torch.float64).float())
-    lo = float(torch.tensor(threshold - hi - mid, dtype=torch.float64).float())
-    return hi, mid, lo
+        return float(torch.tensor(threshold, dtype=torch.float64).to(dtype)), 0, 0
+    bits = struct.unpack("<q", struct.pack("<d", threshold))[0]
+    low = bits & 0xFFFFFFFF
+    return 0.0, bits >> 32, low - (1 << 32) if low >= 1 << 31 else low
 
 
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_height: int, image_width: int,
@@ -192,8 +192,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_height: int, ima
     bw = block_w or block_size(W, 128)
     grid = (N, cdiv(H, bh), cdiv(W, bw))
     check_grid(grid)
-    parts = (_threshold_parts(threshold, masks.dtype) if threshold is not None
-             else (0.0, 0.0, 0.0))
+    parts = _threshold_args(threshold, masks.dtype) if threshold is not None else (0.0, 0, 0)
     _paste_masks_kernel[grid](
         masks, boxes, out.view(torch.uint8) if threshold is not None else out,
         H, W, MH, MW, padding, *parts,

@@ -10,11 +10,13 @@ from ..ops import overlap as F
 
 
 def _reduction_device(device: torch.device, backend: str) -> torch.device:
-    """Where a state on ``device`` is summed under ``backend``: NCCL reduces
-    CUDA tensors only, and a rank that never called update (an empty shard)
-    still holds its CPU state; it joins the sum from the current GPU."""
-    if device.type == "cpu" and backend == "nccl":
-        return torch.device("cuda")  # the current device, as NCCL expects
+    """Where every rank sums its state: on the current GPU whenever the
+    backend sends CUDA tensors to NCCL ('nccl', 'cpu:gloo,cuda:nccl', or
+    'undefined': init_process_group's default) and CUDA is available, the
+    same answer on every rank, so a rank that never called update (its
+    state still on the CPU) joins the same collective as the others."""
+    if ("nccl" in backend or backend == "undefined") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -63,13 +65,14 @@ class _ConfusionMetric:
     def synced_confusion(self) -> Tensor:
         """The confusion matrix summed over all ranks of the default group (a
         copy; the local state is left as is, so compute() can be called twice).
-        Under NCCL a rank whose state is still on the CPU (it never called
-        update) sums on, and gets the result on, the current GPU."""
-        confusion = self.confusion.clone()
+        Under NCCL every rank sums on, and gets the result on, the current
+        GPU (see ``_reduction_device``)."""
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            confusion = confusion.to(_reduction_device(confusion.device, dist.get_backend()))
-            dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.confusion.clone()
+        device = _reduction_device(self.confusion.device, str(dist.get_backend()))
+        confusion = self.confusion.to(device, copy=True)
+        dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
         return confusion
 
     def reset(self) -> None:

@@ -36,7 +36,8 @@ Paths (``segops._dispatch``): the Triton kernels on CUDA and under
 ``TRITON_INTERPRET=1`` (one segmented computation: two launches however
 many images and classes); elsewhere torchvision's ``nms`` per segment
 (``box_iou`` likewise) where installed, else the reference.
-``decode_boxes`` and ``clip_boxes_to_image`` off the GPU run the reference
+``decode_boxes`` and ``clip_boxes_to_image`` off the GPU (and the latter
+for integer boxes everywhere) run the reference
 (pure PyTorch, vectorised: what BoxCoder and torchvision's clamp run;
 integer boxes keep their dtype and every digit, where torchvision's clamp
 returns float32 for a fractional size).
@@ -247,7 +248,7 @@ def _native_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     float32 boxes) are replaced by their dense rank, which keeps their order
     and ties where rounding them would merge neighbours."""
     acc = accumulation_dtype(boxes.dtype)
-    if scores.dtype.itemsize > torch.empty((), dtype=acc).element_size():
+    if scores.dtype.itemsize > acc.itemsize:
         scores = _dense_rank(scores)
     return _torchvision_ops().nms(boxes.to(acc), scores.to(acc), iou_threshold)
 

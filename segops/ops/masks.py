@@ -85,7 +85,7 @@ from .. import _dispatch
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError,
                        check_int, check_number, check_same_device, check_tensor)
 from ..reference import masks as reference
-from .roi_align import _native_forward
+from .roi_align import _native_forward, _torchvision_ops
 
 GT_MASK_DTYPES = (torch.uint8, torch.bool, *FLOAT_DTYPES)
 
@@ -118,7 +118,7 @@ def _mask_targets(gt_masks: Tensor, rois: Tensor, matched_idxs: Tensor, M: int) 
     out_dtype = reference.box_dtype(rois.dtype)
     if _dispatch.uses_kernel(rois):
         return _kernels().mask_targets(gt_masks, rois, matched_idxs, M, out_dtype)
-    if _dispatch.uses_native(rois) and _torchvision_roi_align() is not None:
+    if _dispatch.uses_native(rois) and _torchvision_ops() is not None:
         return _native_mask_targets(gt_masks, rois, matched_idxs, M, out_dtype)
     return reference.mask_targets(gt_masks, rois, matched_idxs, M, out_dtype)
 
@@ -129,14 +129,6 @@ def _(gt_masks, rois, matched_idxs, M):
 
 
 @functools.lru_cache(maxsize=None)
-def _torchvision_roi_align():
-    try:
-        import torchvision  # noqa: F401  (registers torch.ops.torchvision)
-        return torch.ops.torchvision.roi_align
-    except (ImportError, AttributeError, RuntimeError):
-        return None
-
-
 def _native_mask_targets(gt_masks, rois, matched_idxs, M, out_dtype):
     """torchvision's project_masks_on_boxes through segops.ops.roi_align's
     native path, which pools only the RoIs torchvision defines (finite,

@@ -37,18 +37,27 @@ def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
     boxes clamp in their accumulation dtype (a bound past its range is
     +-inf); integer boxes clamp to the bounds truncated toward zero, which
     is torchvision's float result cast back, without its float32 rounding
-    of coordinates past 2^24."""
+    of coordinates past 2^24 (see ``_integer_bound``)."""
     if boxes.is_floating_point():
         acc = accumulation_dtype(boxes.dtype)
         height, width = (_in_range(v, acc) for v in (height, width))
         work = boxes.to(acc)
     else:
-        height, width = (_in_range(int(v), boxes.dtype) for v in (height, width))
+        height, width = (_integer_bound(v, boxes.dtype) for v in (height, width))
         work = boxes
     out = work.clone()
     out[..., 0::2] = work[..., 0::2].clamp(min=0, max=width)
     out[..., 1::2] = work[..., 1::2].clamp(min=0, max=height)
     return out.to(boxes.dtype)
+
+
+def _integer_bound(value, dtype: torch.dtype) -> int:
+    """The bound an integer box clamps to: torchvision clamps against an int
+    size as it is and against a float size rounded to float32 (the dtype
+    its clamp promotes to), then segops casts back (toward zero)."""
+    if not float(value).is_integer():
+        value = float(torch.tensor(value, dtype=torch.float32))
+    return int(_in_range(value, dtype))
 
 
 def _in_range(value, dtype: torch.dtype):

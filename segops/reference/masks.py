@@ -75,8 +75,10 @@ def _source_axis(dst: Tensor, size: int, in_size: int, acc: torch.dtype):
     """ATen's bilinear source of output indices ``dst`` along an axis resized
     from ``in_size`` to ``size`` (align_corners=False): low and high input
     index and their weights. scale * (dst + 0.5) - 0.5 is evaluated in
-    float64, as ATen's fused multiply-add gives it for float32."""
+    float64, as ATen's fused multiply-add gives it for float32 (while
+    dst + 0.5 is exact in float32: dst < 2^23)."""
     scale = torch.tensor(in_size, dtype=acc) / torch.tensor(size, dtype=acc)
+    scale = scale.to(dst.device)
     src = (scale.double() * (dst.double() + 0.5) - 0.5).to(acc).clamp(min=0)
     low = src.to(torch.int64).clamp(max=in_size - 1)  # src >= 0: the cast is floor
     high = low + (low < in_size - 1).to(torch.int64)
@@ -89,8 +91,11 @@ def _resized_window(padded: Tensor, h: int, w: int, rows: range, cols: range) ->
     F.interpolate(bilinear, align_corners=False) gives them, without
     building the (h, w) resize (a huge box's would not fit in memory)."""
     acc = padded.dtype
-    y_lo, y_hi, wy0, wy1 = _source_axis(torch.tensor(rows), h, padded.shape[0], acc)
-    x_lo, x_hi, wx0, wx1 = _source_axis(torch.tensor(cols), w, padded.shape[1], acc)
+    device = padded.device
+    y_lo, y_hi, wy0, wy1 = _source_axis(torch.arange(rows.start, rows.stop, device=device), h,
+                                        padded.shape[0], acc)
+    x_lo, x_hi, wx0, wx1 = _source_axis(torch.arange(cols.start, cols.stop, device=device), w,
+                                        padded.shape[1], acc)
     top = wx0 * padded[y_lo][:, x_lo] + wx1 * padded[y_lo][:, x_hi]
     bottom = wx0 * padded[y_hi][:, x_lo] + wx1 * padded[y_hi][:, x_hi]
     return wy0[:, None] * top + wy1[:, None] * bottom

@@ -180,14 +180,19 @@ def test_a_rank_that_never_updated_joins_the_sum():
     assert results[1] == (pytest.approx(want, abs=1e-12), 0)
 
 
-@pytest.mark.parametrize("device, backend, want", [
-    ("cpu", "nccl", "cuda"), ("cpu", "gloo", "cpu"), ("cpu", "cpu:gloo,cuda:nccl", "cpu"),
-    ("meta", "nccl", "meta")])
-def test_nccl_sums_an_empty_cpu_state_on_the_gpu(device, backend, want):
-    """NCCL takes CUDA tensors only; a rank that never called update holds a
-    CPU state, which must join the all_reduce from the current GPU."""
+@pytest.mark.parametrize("device, backend, cuda, want", [
+    ("cpu", "nccl", True, "cuda"), ("cpu", "cpu:gloo,cuda:nccl", True, "cuda"),
+    ("cpu", "undefined", True, "cuda"), ("cpu", "gloo", True, "cpu"),
+    ("cpu", "nccl", False, "cpu"), ("meta", "gloo", True, "meta")])
+def test_reduction_device_is_the_same_on_every_rank(device, backend, cuda, want, monkeypatch):
+    """NCCL takes CUDA tensors only: whenever the backend sends CUDA tensors
+    to it, every rank reduces on its current GPU, a rank that never called
+    update (a CPU state) too, so that all join the same collective."""
     from segops.metrics.overlap import _reduction_device
-    assert _reduction_device(torch.device(device), backend) == torch.device(want)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    got = _reduction_device(torch.device(device), backend)
+    assert got.type == want
 
 
 def test_synced_confusion_reduces_on_the_reduction_device(monkeypatch):

@@ -478,6 +478,12 @@ def test_clip_integer_boxes_keep_dtype_and_every_digit(path, dtype):
         assert got.dtype == dtype and got.cpu().tolist() == [[20, 31, 0, 4], [0, 5, 20, 31]]
     want = tv_ops.clip_boxes_to_image(boxes[1:], (31.5, 20.5))
     assert want.dtype == torch.float32 and want.to(dtype).tolist() == [[0, 5, 20, 31]]
+    # float sizes bound as torchvision's float32 clamp does, cast back
+    boxes = torch.tensor([[16777218, 5, -3, 4]], dtype=dtype)
+    for v in (2.9999999999999996, -0.99999999999, 16777217.5, -3.5):
+        with on_path(path):
+            got = boxes_ops.clip_boxes_to_image(boxes.to(device_for(path)), (v, v)).cpu()
+        assert torch.equal(got, tv_ops.clip_boxes_to_image(boxes, (v, v)).to(dtype)), v
 
 
 @pytest.mark.parametrize("path", PATHS)

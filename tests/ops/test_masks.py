@@ -216,6 +216,19 @@ def test_paste_threshold_is_exact_in_float64():
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("threshold", [-1e300, 1e300, -1e-300, 1e-300, -0.0, 3.5e38])
+def test_paste_float64_threshold_past_float32_range(threshold):
+    """float64 masks compare with the double threshold itself, past float32's
+    range and below its smallest value too (pixels outside the box are 0:
+    0 > -1e-300). The threshold once came as three float32 parts: NaN for
+    1e300, -0.0 for -1e-300."""
+    boxes = paste_boxes()[:3]
+    masks = rand_masks(3)
+    want = paste_masks_in_image(masks, boxes, (H, W)) > threshold
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W), threshold=threshold)
+    assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("which", ["masks", "boxes"])
 @pytest.mark.parametrize("kind", VIEW_KINDS)
 def test_paste_non_contiguous(which, kind):
