@@ -161,16 +161,24 @@ def record_gemm_launches(monkeypatch, module) -> dict:
 VIEW_KINDS = ("stride2", "transposed", "slice")
 
 
+def _filler(shape, like: torch.Tensor) -> torch.Tensor:
+    """Values around a view: random for floats (a read past the view shows),
+    zeros for integer and bool tensors."""
+    if like.is_floating_point():
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
 def non_contiguous(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """A non-contiguous view holding t's values: 'stride2' (stride 2 along the
-    last dim), 'transposed' (the last two dims stored swapped; for a vector,
-    a column of a (n, 2) matrix), 'slice' (a slice along dim 1, or dim 0 of
-    a vector, of a larger tensor)."""
+    """A non-contiguous view holding t's values (any dtype): 'stride2'
+    (stride 2 along the last dim), 'transposed' (the last two dims stored
+    swapped; for a vector, a column of a (n, 2) matrix), 'slice' (a slice
+    along dim 1, or dim 0 of a vector, of a larger tensor)."""
     if kind == "stride2":
         return like_layout(t, "strided")
     if kind == "transposed":
         if t.dim() == 1:
-            wide = torch.randn(t.shape[0], 2, dtype=t.dtype, device=t.device)
+            wide = _filler((t.shape[0], 2), t)
             wide[:, 1] = t
             return wide[:, 1]
         view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -181,8 +189,7 @@ def non_contiguous(t: torch.Tensor, kind: str) -> torch.Tensor:
         dim = 0 if t.dim() == 1 else 1
         pad_shape = list(t.shape)
         pad_shape[dim] = 3
-        big = torch.cat([torch.randn(pad_shape, dtype=t.dtype, device=t.device), t,
-                         torch.randn(pad_shape, dtype=t.dtype, device=t.device)], dim=dim)
+        big = torch.cat([_filler(pad_shape, t), t, _filler(pad_shape, t)], dim=dim)
         view = big.narrow(dim, 3, t.shape[dim])
         return view if not view.is_contiguous() else like_layout(t, "strided")
     raise ValueError(kind)

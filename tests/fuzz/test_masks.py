@@ -90,38 +90,6 @@ def accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def any_view(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """``t``'s values in a memory format or a non-contiguous view, for any
-    dtype (integer and bool tensors too: strategies.as_view fills with
-    randn)."""
-    if kind == "contiguous" or t.numel() == 0:
-        return t
-    if t.is_floating_point():
-        return as_view(t, kind)
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-    if kind == "stride2":
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    if kind == "transposed":
-        if t.dim() == 1:
-            wide = torch.zeros(t.shape[0], 2, dtype=t.dtype, device=t.device)
-            wide[:, 1] = t
-            return wide[:, 1]
-        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-        return view if not view.is_contiguous() else any_view(t, "stride2")
-    if kind == "slice":
-        if t.dim() == 1:
-            return any_view(t, "transposed")
-        pad = list(t.shape)
-        pad[1] = 2
-        zeros = torch.zeros(pad, dtype=t.dtype, device=t.device)
-        view = torch.cat([zeros, t, zeros], dim=1).narrow(1, 2, t.shape[1])
-        return view if not view.is_contiguous() else any_view(t, "stride2")
-    raise ValueError(kind)
-
-
 # --------------------------------------------------------------------------
 # paste_masks: strategies
 # --------------------------------------------------------------------------
@@ -573,8 +541,8 @@ def check_refused(call, images):
 def targets_args(call, images, device):
     """(gt_masks, rois, matched_idxs) as the user passes them: tensors, or
     lists with one entry per image, each in its drawn view."""
-    per = [(any_view(g.to(device), im["gt_view"]), any_view(r.to(device), im["rois_view"]),
-            any_view(i.to(device), im["idx_view"]))
+    per = [(as_view(g.to(device), im["gt_view"]), as_view(r.to(device), im["rois_view"]),
+            as_view(i.to(device), im["idx_view"]))
            for (g, r, i), im in zip(images, call["images"])]
     if call["form"] == "tensor":
         return per[0]

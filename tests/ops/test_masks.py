@@ -99,29 +99,6 @@ def gt_masks(G, dtype=torch.uint8):
     return masks.to(dtype)
 
 
-def any_view(t, kind):
-    """helpers.non_contiguous for any dtype (integer and bool tensors too)."""
-    if t.is_floating_point():
-        return non_contiguous(t, kind)
-    if kind == "stride2":
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    if kind == "transposed":
-        if t.dim() == 1:
-            wide = torch.zeros(t.shape[0], 2, dtype=t.dtype, device=t.device)
-            wide[:, 1] = t
-            return wide[:, 1]
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if t.dim() == 1:  # a slice of a vector is contiguous: a column instead
-        return any_view(t, "transposed")
-    dim = 1
-    pad = list(t.shape)
-    pad[dim] = 3
-    zeros = torch.zeros(pad, dtype=t.dtype, device=t.device)
-    return torch.cat([zeros, t, zeros], dim=dim).narrow(dim, 3, t.shape[dim])
-
-
 # --------------------------------------------------------------------------
 # paste_masks
 # --------------------------------------------------------------------------
@@ -370,7 +347,7 @@ def test_mask_targets_non_contiguous(which, kind):
     args = {"gt_masks": gt_masks(2).to(DEVICE), "rois": mask_rois(torch.float64).to(DEVICE),
             "matched_idxs": torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], device=DEVICE)}
     want = ref.mask_targets(*(a.cpu() for a in args.values()), 5, torch.float64)
-    view = any_view(args[which], kind)
+    view = non_contiguous(args[which], kind)
     args[which] = view
     assert not view.is_contiguous()
     got = mask_targets(*args.values(), 5)
