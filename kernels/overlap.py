@@ -430,59 +430,86 @@ def _argmax_classes(p_row, C, offs_s64, smask, stride_pc, stride_ps,
 
 
 @triton.jit
-def _confusion_matrix_kernel(
-    pred_ptr, t_ptr, cm_ptr,
-    C, S, NUM_S_BLOCKS, ignore_index,
-    stride_pn, stride_pc, stride_ps,
-    stride_tn, stride_ts,
-    PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, NUM_BINS: tl.constexpr,
-    DIAG_BINS: tl.constexpr, ACC: tl.constexpr,
-):
-    # Counts are integers, so atomic adds give the same result in any order:
-    # the kernel is deterministic without the N*C^2 one-hot fallback.
-    pid = tl.program_id(0)
-    pid_n = pid // NUM_S_BLOCKS
-    pid_s = pid % NUM_S_BLOCKS
+def _block_pairs(pred_ptr, t_ptr, block, C, S, NUM_S_BLOCKS, ignore_index,
+                 stride_pn, stride_pc, stride_ps, stride_tn, stride_ts,
+                 PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """(truth, label, valid) of the BLOCK_S pixels of ``block`` (blocks are
+    numbered sample by sample), int64 labels; ``valid``: the pair counts."""
+    pid_n = block // NUM_S_BLOCKS
+    pid_s = block % NUM_S_BLOCKS
     p_row = pred_ptr + pid_n.to(tl.int64) * stride_pn
     t_row = t_ptr + pid_n.to(tl.int64) * stride_tn
     offs_s64 = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = offs_s64 < S
-
     if PRED_IS_SCORES:
         label = _argmax_classes(p_row, C, offs_s64, smask, stride_pc, stride_ps,
                                 BLOCK_C, BLOCK_S, ACC)
     else:
         # full width: a label of 2**32 + 1 is out of range, not class 1
         label = tl.load(p_row + offs_s64 * stride_ps, mask=smask, other=0).to(tl.int64)
-
     raw_truth = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
     truth = raw_truth.to(tl.int64)
     valid = smask & (truth >= 0) & (truth < C) & (label >= 0) & (label < C)
     if HAS_IGNORE:
         valid = valid & ~_is_ignored(raw_truth, ignore_index)
-    bins = truth * C + label
+    return truth, label, valid
+
+
+@triton.jit
+def _confusion_matrix_kernel(
+    pred_ptr, t_ptr, cm_ptr,
+    C, S, NUM_S_BLOCKS, NUM_BLOCKS, ignore_index,
+    stride_pn, stride_pc, stride_ps,
+    stride_tn, stride_ts,
+    PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, NUM_BINS: tl.constexpr,
+    DIAG_BINS: tl.constexpr, ACC: tl.constexpr,
+):
+    # A persistent grid: program p takes pixel blocks p, p + P, p + 2P, ...
+    # and keeps its histogram in registers across them, so the (C, C)
+    # counters get one atomic per bin per program, not per block (with one
+    # program per block, the atomics on the same few hundred bins from tens
+    # of thousands of programs serialise in L2). Counts are integers, so the
+    # atomics give the same result in any order: deterministic.
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     if NUM_BINS > 0:
-        # small C: a per-program histogram first, one atomic per non-empty bin
-        bins = tl.where(valid, bins, NUM_BINS - 1).to(tl.int32)
-        counts = tl.histogram(bins, NUM_BINS)
+        # small C: a histogram of every (target, prediction) pair; the last
+        # bin takes the pixels that do not count
+        counts = tl.zeros([NUM_BINS], tl.int32)
+        for block in range(pid, NUM_BLOCKS, programs):
+            truth, label, valid = _block_pairs(
+                pred_ptr, t_ptr, block, C, S, NUM_S_BLOCKS, ignore_index, stride_pn, stride_pc,
+                stride_ps, stride_tn, stride_ts, PRED_IS_SCORES, HAS_IGNORE, BLOCK_C, BLOCK_S,
+                ACC)
+            bins = tl.where(valid, truth * C + label, NUM_BINS - 1).to(tl.int32)
+            counts += tl.histogram(bins, NUM_BINS)
         offs_b = tl.arange(0, NUM_BINS)
         tl.atomic_add(cm_ptr + offs_b, counts.to(tl.int64),
                       mask=(offs_b < C * C) & (counts > 0), sem="relaxed")
     else:
-        if DIAG_BINS > 0:
-            # many classes: the diagonal (the pixels predicted right, most of
-            # them in a trained model, all piling onto C counters) through a
-            # per-program histogram, one atomic per class hit; the mismatches,
-            # spread over C^2 - C counters, one atomic each
-            hit = valid & (truth == label)
-            counts = tl.histogram(tl.where(hit, truth, DIAG_BINS - 1).to(tl.int32), DIAG_BINS)
-            offs_d = tl.arange(0, DIAG_BINS)
-            tl.atomic_add(cm_ptr + offs_d * (C + 1), counts.to(tl.int64),
-                          mask=(offs_d < C) & (counts > 0), sem="relaxed")
-            valid = valid & ~hit
+        # many classes: the diagonal (the pixels predicted right, most of
+        # them in a trained model, all piling onto C counters) through a
+        # histogram, the mismatches, spread over C^2 - C counters, one
+        # atomic each
+        hits = tl.zeros([DIAG_BINS if DIAG_BINS > 0 else 1], tl.int32)
         ones = tl.full([BLOCK_S], 1, tl.int64)
-        tl.atomic_add(cm_ptr + bins, ones, mask=valid, sem="relaxed")
+        for block in range(pid, NUM_BLOCKS, programs):
+            truth, label, valid = _block_pairs(
+                pred_ptr, t_ptr, block, C, S, NUM_S_BLOCKS, ignore_index, stride_pn, stride_pc,
+                stride_ps, stride_tn, stride_ts, PRED_IS_SCORES, HAS_IGNORE, BLOCK_C, BLOCK_S,
+                ACC)
+            if DIAG_BINS > 0:
+                hit = valid & (truth == label)
+                hits += tl.histogram(tl.where(hit, truth, DIAG_BINS - 1).to(tl.int32),
+                                     DIAG_BINS)
+                valid = valid & ~hit
+            tl.atomic_add(cm_ptr + truth * C + label, ones, mask=valid, sem="relaxed")
+        if DIAG_BINS > 0:
+            offs_d = tl.arange(0, DIAG_BINS)
+            tl.atomic_add(cm_ptr + offs_d * (C + 1), hits.to(tl.int64),
+                          mask=(offs_d < C) & (hits > 0), sem="relaxed")
 
 
 # --------------------------------------------------------------------------
@@ -519,22 +546,23 @@ def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
     return (ignore_index - low) % (1 << bits) + low
 
 
-def _tile(C: int, block_c: int | None, block_s: int | None,
-          elements: int = 2048) -> tuple[int, int, int]:
+def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
-    256 classes (chunked beyond), ``elements`` per tile on 8 warps (2048: 8
-    per thread), at least 16 pixels (150 classes: 256 x 16, 16 per
+    256 classes (chunked beyond), 2048 elements per tile on 8 warps (8 per
+    thread), at least 16 pixels (150 classes: 256 x 16, 16 per
     thread). (The codegen report: at 16 per thread the NCHW forward took
     64-107 registers, 2-4 CTAs per SM, the channels_last 3-D forward 172
     (triton 3.8) and spilled (3.6); at 8, 40-80 registers and 3-8 CTAs per
     SM under both; at 32, 128-255 and spills.)"""
     BLOCK_C = block_c or block_size(C, 256)
-    BLOCK_S = block_s or max(16, min(1024, elements // BLOCK_C))
-    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= elements else 4
+    BLOCK_S = block_s or max(16, min(1024, 2048 // BLOCK_C))
+    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= 2048 else 4
 
 
-# the most bins of the per-program histogram (tl.histogram) of the confusion matrix
+# the most bins of the per-program histogram (tl.histogram) of the confusion
+# matrix, and the most pixels one program may count in it (int32 counts)
 _MAX_BINS = 2048
+HISTOGRAM_PIXELS = 2**31 - 1
 
 
 def sums_dtype(input: torch.Tensor) -> torch.dtype:
@@ -629,10 +657,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     N, S = t.shape
     if N == 0 or S == 0 or C == 0:
         return torch.zeros((C, C), device=target.device, dtype=torch.int64)
-    # each program merges one histogram: 4096-element tiles amortise it
-    # over twice the pixels, but in channels_last they took 128 registers
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s,
-                                        2048 if p.stride(1) == 1 else 4096)
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
     if not scores:
         BLOCK_S, num_warps = block_s or 1024, 4
     # a per-program histogram of every (target, prediction) pair up to 45
@@ -641,11 +666,15 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     num_bins = next_pow2(C * C + 1)
     diag_bins = next_pow2(C + 1)
     s_blocks = cdiv(S, BLOCK_S)
-    check_programs("target", target, N * s_blocks)
+    blocks = N * s_blocks
+    check_programs("target", target, blocks)
+    # the persistent grid: a few waves, and enough programs that none counts
+    # more pixels than its int32 histogram holds
+    programs = min(blocks, max(target_programs(target.device), cdiv(N * S, HISTOGRAM_PIXELS)))
     cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
-    _confusion_matrix_kernel[(N * s_blocks,)](
+    _confusion_matrix_kernel[(programs,)](
         p, t, cm,
-        C, S, s_blocks, ignore_value(ignore_index, target.dtype),
+        C, S, s_blocks, blocks, ignore_value(ignore_index, target.dtype),
         p.stride(0), p.stride(1), p.stride(2),
         t.stride(0), t.stride(1),
         PRED_IS_SCORES=scores, HAS_IGNORE=ignore_index is not None,

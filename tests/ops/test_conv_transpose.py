@@ -64,7 +64,7 @@ def make_tensors(case, dtype=torch.float64):
     w = torch.randn(case["C_in"], case["C_out"] // case["groups"], *case["kernel"],
                     dtype=torch.float64)
     b = torch.randn(case["C_out"], dtype=torch.float64) if case["bias"] else None
-    x = like_layout(x.to(dtype), case.get("layout", "contiguous")).to(DEVICE)
+    x = like_layout(x.to(dtype).to(DEVICE), case.get("layout", "contiguous"))
     return x, w.to(dtype).to(DEVICE), None if b is None else b.to(dtype).to(DEVICE)
 
 

@@ -2,7 +2,7 @@
 smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
 import pytest
 import torch
-from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, assert_close,
+from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, LaunchRecorder, assert_close,
                      assert_device_assert_in_child, deterministic, like_layout)
 
 import segops
@@ -45,22 +45,23 @@ def reference_sums_and_grad(x, t, activation, ignore_index, squared, grad_out,
     return sums, grad
 
 
-@pytest.mark.parametrize("shape, layout, want, want_cm", [
-    ((2, 21, 8, 8), "contiguous", (32, 64, 8), (32, 128, 8)),
-    ((2, 21, 8, 8), "channels_last", (32, 64, 8), (32, 64, 8)),
-    ((2, 4, 4, 4, 4), "channels_last", (4, 512, 8), (4, 512, 8)),
-    ((2, 4, 4, 4, 4), "contiguous", (4, 512, 8), (4, 1024, 8)),
-    ((2, 150, 4, 4), "channels_last", (256, 16, 8), (256, 16, 8)),
-    ((2, 1, 8, 8), "channels_last", (1, 1024, 4), (1, 1024, 4)),
-    ((2, 2, 8, 8), "channels_last", (2, 1024, 8), (2, 1024, 8)),
-    ((2, 2, 8, 8), "contiguous", (2, 1024, 8), (2, 1024, 4)),
+@pytest.mark.parametrize("shape, layout, want", [
+    ((2, 21, 8, 8), "contiguous", (32, 64, 8)),
+    ((2, 21, 8, 8), "channels_last", (32, 64, 8)),
+    ((2, 4, 4, 4, 4), "channels_last", (4, 512, 8)),
+    ((2, 4, 4, 4, 4), "contiguous", (4, 512, 8)),
+    ((2, 150, 4, 4), "channels_last", (256, 16, 8)),
+    ((2, 1, 8, 8), "channels_last", (1, 1024, 4)),
+    ((2, 2, 8, 8), "channels_last", (2, 1024, 8)),
+    ((2, 2, 8, 8), "contiguous", (2, 1024, 8)),
 ])
-def test_tiles_of_2048_elements(shape, layout, want, want_cm, monkeypatch):
-    """The forward and the backward tile 2048 elements (8 per thread on 8
-    warps; the codegen report's 64-188 registers at 4096), at least 16
-    pixels (150 classes: 4096); pixel runs are capped at 1024, so 1 class
-    takes 4 warps. The confusion matrix, which merges one histogram per
-    program, tiles 4096 in NCHW (2 classes: 4 warps)."""
+def test_tiles_of_2048_elements(shape, layout, want, monkeypatch):
+    """The forward, the backward and the confusion matrix tile 2048
+    elements (8 per thread on 8 warps; the codegen report's 64-188 registers
+    at 4096), at least 16 pixels (150 classes: 4096); pixel runs are capped
+    at 1024, so 1 class takes 4 warps. (The confusion matrix merges one
+    histogram per program of its persistent grid, not per tile, so it needs
+    no larger tile.)"""
     tiles = []
     real = kernels._tile
 
@@ -69,13 +70,13 @@ def test_tiles_of_2048_elements(shape, layout, want, want_cm, monkeypatch):
         return tiles[-1]
 
     monkeypatch.setattr(kernels, "_tile", spy)
-    x = like_layout(torch.randn(shape), layout).to(DEVICE)
+    x = like_layout(torch.randn(shape).to(DEVICE), layout)
     target = torch.randint(0, shape[1], (shape[0],) + shape[2:]).to(DEVICE)
     kernels.overlap_sums_forward(x, target, "softmax", None, False)
     grad = torch.ones(shape[:2], device=DEVICE)
     kernels.overlap_sums_backward(grad, grad, x, target, "softmax", None, False)
     kernels.confusion_matrix(x, target, shape[1], None)
-    assert tiles == [want, want, want_cm]
+    assert tiles == [want, want, want]
 
 
 # --------------------------------------------------------------------------
@@ -794,6 +795,29 @@ def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, d
     tm = pytest.importorskip("torchmetrics.classification")
     theirs = tm.MulticlassConfusionMatrix(num_classes=C, ignore_index=255)(pred, t)
     assert torch.equal(cm.cpu(), theirs)
+
+
+@pytest.mark.parametrize("pixel_limit", [None, 20])
+@pytest.mark.parametrize("C", [5, 60], ids=["pairs", "diagonal"])
+def test_confusion_matrix_programs_sum_several_blocks(monkeypatch, C, pixel_limit):
+    """The persistent grid: each program adds several pixel blocks (from
+    different samples too) to one histogram (of every pair, or of the
+    diagonal past 45 classes) before its one merge, and with
+    HISTOGRAM_PIXELS (int32 counts) lowered there are enough programs that
+    none counts more pixels than that."""
+    N, S, block_s = 3, 63, 16
+    if pixel_limit is not None:
+        monkeypatch.setattr(kernels, "HISTOGRAM_PIXELS", pixel_limit)
+    scores = torch.randn(N, C, 9, 7, dtype=KERNEL_DTYPES[0])
+    t = torch.where(torch.rand(N, 9, 7) < 0.5, scores.argmax(1), torch.randint(0, C, (N, 9, 7)))
+    blocks = N * -(-S // block_s)
+    programs = max(kernels.target_programs(DEVICE), -(-N * S // (pixel_limit or 2**31 - 1)))
+    for pred in (scores, scores.argmax(1)):
+        with LaunchRecorder(kernels, ["_confusion_matrix_kernel"]) as launched:
+            cm = kernels.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, None,
+                                          block_s=block_s)
+        assert launched.launches == [("_confusion_matrix_kernel", (min(blocks, programs),))]
+        assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, None))
 
 
 def test_grid_limit_raises_before_any_allocation():

@@ -128,7 +128,7 @@ def test_matches_torchvision(aligned, sampling_ratio):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("pool_mode", ["avg", "max"])
 def test_kernels_match_reference(layout, pool_mode):
-    x = like_layout(torch.randn(3, 5, 6, 8, dtype=torch.float64), layout).to(DEVICE)
+    x = like_layout(torch.randn(3, 5, 6, 8, dtype=torch.float64).to(DEVICE), layout)
     rois = make_rois(8, 3, 6, 8).to(DEVICE)
     results = kernel_and_reference([x], rois, None, [1.0], (3, 2), -1, layout == "strided",
                                    pool_mode)
@@ -351,7 +351,7 @@ def test_half_boxes_are_cast_not_rounded_to_half():
 def fpn_case(dtype=torch.float64, layout="contiguous", C=3):
     sizes = [(32, 24), (16, 12), (8, 6), (4, 3)]
     features = collections.OrderedDict(
-        (f"p{i}", like_layout(torch.randn(2, C, h, w, dtype=dtype), layout).to(DEVICE))
+        (f"p{i}", like_layout(torch.randn(2, C, h, w, dtype=dtype).to(DEVICE), layout))
         for i, (h, w) in enumerate(sizes))
     boxes = []
     for _ in range(2):
@@ -898,7 +898,7 @@ def test_max_pool_nan_kernels_match_reference(layout):
     x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
     x.view(-1)[torch.randperm(x.numel())[:6]] = float("nan")
     x[:, :, 2:4, 3] = float("nan")
-    x = like_layout(x, layout).to(DEVICE)
+    x = like_layout(x.to(DEVICE), layout)
     rois = make_rois(8, 2, 6, 8).to(DEVICE)
     results = kernel_and_reference([x], rois, None, [1.0], (2, 2), 2, True, "max")
     check_all(*results, F64)
@@ -968,7 +968,8 @@ def input_view(x, view):
         return x.transpose(2, 3).contiguous().transpose(2, 3)
     N, C, H, W = x.shape
     fmt = torch.channels_last if view == "channel_slice_cl" else torch.contiguous_format
-    wide = torch.randn(N, C + 3, H, W, dtype=x.dtype).contiguous(memory_format=fmt)
+    wide = torch.randn(N, C + 3, H, W, dtype=x.dtype, device=x.device).contiguous(
+        memory_format=fmt)
     wide[:, 2:2 + C] = x
     return wide[:, 2:2 + C]
 
@@ -977,20 +978,22 @@ def input_view(x, view):
 def test_non_contiguous_views(view):
     """Input, boxes (a strided Tensor[K, 5], a list of strided Tensor[L, 4])
     and the incoming gradient as non-contiguous views: forward, both backward
-    kernels and the op against torchvision."""
+    kernels and the op against torchvision. The views are made on the
+    device: .to() of a view to another device copies it contiguous."""
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
-    xv = input_view(x, view).to(DEVICE)
+    xv = input_view(x.to(DEVICE), view)
     assert not xv.is_contiguous() and torch.equal(xv.cpu(), x)
     rois = make_rois(8, 2, 6, 5)
-    rois_view = like_layout(rois, "strided").to(DEVICE)
+    rois_view = like_layout(rois.to(DEVICE), "strided")
     grad = torch.randn(8, 3, 2, 2, dtype=torch.float64)
-    grad_view = grad.transpose(2, 3).contiguous().transpose(2, 3).to(DEVICE)
+    grad_view = grad.to(DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
     assert not rois_view.is_contiguous() and not grad_view.is_contiguous()
     results = kernel_and_reference([xv], rois_view, None, [1.0], (2, 2), 2, True, "avg",
                                    grad=grad_view)
     check_all(*results, F64)
 
-    per_image = [like_layout(rois[rois[:, 0] == i, 1:], "strided").to(DEVICE) for i in (0, 1)]
+    per_image = [like_layout(rois[rois[:, 0] == i, 1:].to(DEVICE), "strided") for i in (0, 1)]
+    assert not any(r.is_contiguous() for r in per_image)
     order = torch.argsort(rois[:, 0], stable=True)
     xt = x.clone().requires_grad_()
     want = torchvision.ops.roi_align(xt, rois[order], 2, 1.0, 2, True)
