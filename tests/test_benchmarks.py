@@ -466,3 +466,39 @@ def test_probe_on_the_gpu_replays_a_graph_and_lists_the_kernels():
     assert kernels == {"_conv2d_fwd_kernel", "_conv2d_bwd_input_kernel",
                        "_conv2d_bwd_weight_kernel"}
     assert all(isinstance(t["regs"], int) for g in row["gemm"] for t in g["tiles"])
+
+
+def test_overlap_tile_sweep_runs_each_launcher_at_each_tile(tmp_path, monkeypatch, capsys):
+    """The kernel-only sweep of kernels/overlap.py: the three launchers at the
+    default tile and twice it, per layout, with their bytes; no GPU: exit 2."""
+    from segops.benchmarks import overlap_tiles
+    from segops.kernels import overlap as kernels
+    tiles = []
+    real = kernels.overlap_sums_forward
+
+    def spy(*args, **kwargs):
+        tiles.append(kwargs["block_s"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kernels, "overlap_sums_forward", spy)
+    calls = []
+
+    def timer(fn):
+        calls.append(fn())
+        return 0.5
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = overlap_tiles.run(tmp_path, shapes=[(2, 3, (4, 5))], dtype=torch.float32, timer=timer,
+                             peak=100.0, device=device)
+    assert [(r["kernel"], r["layout"], r["block"], r["default"]) for r in rows] == [
+        (k, layout, [4, s], s == 512) for layout in ("nchw", "cl") for s in (512, 1024)
+        for k in ("fwd", "bwd", "cm")]
+    assert tiles == [512, 1024, 512, 1024]
+    x_bytes, t_bytes = 2 * 3 * 20 * 4, 2 * 20 * 8
+    assert [r["gbs"] for r in rows[:3]] == pytest.approx(
+        [(x_bytes + t_bytes) / 0.5e6, (2 * x_bytes + t_bytes) / 0.5e6, (x_bytes + t_bytes) / 0.5e6])
+    assert rows[0]["of_copy"] == pytest.approx(rows[0]["gbs"] / 100.0)
+    assert calls[2].sum() == 40  # the confusion matrix counted every pixel
+    saved = json.loads((tmp_path / "overlap_tiles.json").read_text())
+    assert len(saved["rows"]) == 12 and saved["copy_gbs"] == 100.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert overlap_tiles.main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
