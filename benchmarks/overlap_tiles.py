@@ -11,9 +11,14 @@ told apart. For each quick benchmark shape, dtype and layout:
 * ``bwd``: ``overlap_sums_backward``: reads x and t, writes the gradient;
 * ``cm``: ``confusion_matrix`` on the scores (argmax fused): reads x and t;
 
-each at the default BLOCK_S and twice it (the class block fixed), in bf16,
-NCHW and channels_last, CUDA-event medians with L2 flushed
-(``harness.time_ms``).
+each at the launcher's default tile and at the ``VARIANTS`` (BLOCK_S and
+warps per program: one warp keeps a pixel's classes in one warp, so the
+reductions over classes need no shared memory; the forward with
+tile-shaped accumulators; the confusion matrix with one program per pixel
+block instead of the persistent grid), in bf16, NCHW and channels_last,
+CUDA-event medians with L2 flushed (``harness.time_ms``). Each variant's
+result is compared with the default's (``same``: sums and gradient within
+1e-4 relative, counts exact).
 
     python -m segops.benchmarks.overlap_tiles [--out DIR]
 
@@ -41,19 +46,37 @@ def _inputs(N, C, spatial, dtype, channels_last, device):
     return x, torch.randint(0, C, (N, *spatial), device=device)
 
 
-def _launches(x, t, C, block_c, block_s):
-    """(name, bytes moved, callable) of the three launchers at one tile."""
+def variants(block_c: int) -> list[dict]:
+    """Launcher overrides to time besides the default: 32 elements per
+    thread on 1 warp, 32 per thread on 4 warps."""
+    return [{"num_warps": 1, "block_s": max(16, 1024 // block_c)},
+            {"num_warps": 4, "block_s": max(16, 4096 // block_c)}]
+
+
+def _launches(x, t, C, options):
+    """(name, bytes moved, callable) of each launcher with ``options``
+    (launcher keyword overrides), the forward and the confusion matrix also
+    in their second form."""
     from ..kernels import overlap as kernels
     grad = torch.ones((x.shape[0], C), device=x.device, dtype=kernels.sums_dtype(x))
     nbytes = x.numel() * x.element_size() + t.numel() * t.element_size()
+    fwd = {k: v for k, v in options.items()}
     return [
-        ("fwd", nbytes, lambda: kernels.overlap_sums_forward(
-            x, t, "softmax", None, False, block_c=block_c, block_s=block_s)),
+        ("fwd", nbytes, lambda: kernels.overlap_sums_forward(x, t, "softmax", None, False, **fwd)),
+        ("fwd tile-acc", nbytes, lambda: kernels.overlap_sums_forward(
+            x, t, "softmax", None, False, tile_acc=True, **fwd)),
         ("bwd", nbytes + x.numel() * x.element_size(), lambda: kernels.overlap_sums_backward(
-            grad, grad, x, t, "softmax", None, False, block_c=block_c, block_s=block_s)),
-        ("cm", nbytes, lambda: kernels.confusion_matrix(x, t, C, None, block_c=block_c,
-                                                        block_s=block_s)),
+            grad, grad, x, t, "softmax", None, False, **options)),
+        ("cm", nbytes, lambda: kernels.confusion_matrix(x, t, C, None, **options)),
+        ("cm per-block", nbytes, lambda: kernels.confusion_matrix(
+            x, t, C, None, programs=2**31 - 1, **options)),
     ]
+
+
+def _same(got, want) -> bool:
+    if got.dtype == torch.int64:
+        return bool(torch.equal(got, want))
+    return bool(torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-6))
 
 
 def run(out: Path | None = None, *, shapes=SHAPES, dtype=torch.bfloat16, timer=None,
@@ -70,14 +93,22 @@ def run(out: Path | None = None, *, shapes=SHAPES, dtype=torch.bfloat16, timer=N
     for N, C, spatial in shapes:
         for channels_last in (False, True):
             x, t = _inputs(N, C, spatial, dtype, channels_last, device)
-            block_c, default_s, _ = kernels._tile(C, None, None)
-            for block_s in (default_s, 2 * default_s):
-                for name, nbytes, fn in _launches(x, t, C, block_c, block_s):
+            block_c, default_s, default_w = kernels._tile(C, None, None)
+            reference = {}
+            for options in [{}] + variants(block_c):
+                block_s = options.get("block_s", default_s)
+                warps = options.get("num_warps", default_w)
+                for name, nbytes, fn in _launches(x, t, C, options):
+                    result = fn()
+                    kind = name.split()[0]
+                    reference.setdefault(kind, result)
                     ms = timer(fn)
                     row = {"kernel": name, "shape": f"{N}x{C}x{'x'.join(map(str, spatial))}",
                            "dtype": str(dtype).replace("torch.", ""),
                            "layout": "cl" if channels_last else "nchw",
-                           "block": [block_c, block_s], "default": block_s == default_s,
+                           "block": [block_c, block_s], "warps": warps,
+                           "default": not options and name in ("fwd", "bwd", "cm"),
+                           "same": _same(result, reference[kind]),
                            "ms": ms, "gbs": nbytes / ms / 1e6}
                     row["of_copy"] = row["gbs"] / peak
                     rows.append(row)
@@ -92,9 +123,10 @@ def run(out: Path | None = None, *, shapes=SHAPES, dtype=torch.bfloat16, timer=N
 
 def format_row(row: dict) -> str:
     mark = "*" if row["default"] else " "
-    return (f"{row['kernel']:<4} {row['shape']:<16} {row['dtype']:<9} {row['layout']:<5} "
-            f"C{row['block'][0]:<4} S{row['block'][1]:<5}{mark} {row['ms']:8.3f} ms "
-            f"{row['gbs']:7.0f} GB/s {100 * row['of_copy']:5.1f}% of copy")
+    same = "" if row["same"] else "  DIFFERS from the default"
+    return (f"{row['kernel']:<13} {row['shape']:<16} {row['dtype']:<9} {row['layout']:<5} "
+            f"C{row['block'][0]:<4} S{row['block'][1]:<5} w{row['warps']}{mark} {row['ms']:8.3f} ms "
+            f"{row['gbs']:7.0f} GB/s {100 * row['of_copy']:5.1f}% of copy{same}")
 
 
 def _write(out: Path, rows: list[dict], peak: float) -> None:

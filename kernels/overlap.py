@@ -228,6 +228,7 @@ def _overlap_sums_fwd_kernel(
     ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    TILE_ACC: tl.constexpr = False,
 ):
     # Program (n, p) reduces pixels [p*S_PER_PROG, (p+1)*S_PER_PROG) of sample
     # n into its own row of `part` [3, N, P, C]; the host sums over P. No
@@ -245,9 +246,14 @@ def _overlap_sums_fwd_kernel(
 
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        acc_i = tl.zeros([BLOCK_C], ACC)
-        acc_p = tl.zeros([BLOCK_C], ACC)
-        acc_t = tl.zeros([BLOCK_C], ACC)
+        if TILE_ACC:
+            acc_i = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+            acc_p = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+            acc_t = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+        else:
+            acc_i = tl.zeros([BLOCK_C], ACC)
+            acc_p = tl.zeros([BLOCK_C], ACC)
+            acc_t = tl.zeros([BLOCK_C], ACC)
         for s0 in range(s_begin, s_end, BLOCK_S):
             offs_s64 = s0 + tl.arange(0, BLOCK_S)  # int64, as s_begin is
             smask = offs_s64 < s_end
@@ -266,10 +272,17 @@ def _overlap_sums_fwd_kernel(
             # one reduction of the three terms: separate sums let the compiler
             # lay the one-hot target out with every class in one thread (a
             # cross-lane sum per class and 2 registers per class held)
-            sum_i, sum_p, sum_t = tl.reduce((inter, p, t), 1, _add_triples)
-            acc_i += sum_i
-            acc_p += sum_p
-            acc_t += sum_t
+            if TILE_ACC:
+                acc_i += inter
+                acc_p += p
+                acc_t += t
+            else:
+                sum_i, sum_p, sum_t = tl.reduce((inter, p, t), 1, _add_triples)
+                acc_i += sum_i
+                acc_p += sum_p
+                acc_t += sum_t
+        if TILE_ACC:
+            acc_i, acc_p, acc_t = tl.reduce((acc_i, acc_p, acc_t), 1, _add_triples)
         cmask = offs_c < C
         tl.store(part_row + offs_c, acc_i, mask=cmask)
         tl.store(part_row + plane + offs_c, acc_p, mask=cmask)
@@ -546,7 +559,8 @@ def ignore_value(ignore_index: int | None, dtype: torch.dtype) -> int:
     return (ignore_index - low) % (1 << bits) + low
 
 
-def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, int]:
+def _tile(C: int, block_c: int | None, block_s: int | None,
+          num_warps: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps): all classes of a pixel in one tile up to
     256 classes (chunked beyond), 2048 elements per tile on 8 warps (8 per
     thread), at least 16 pixels (150 classes: 256 x 16, 16 per
@@ -556,7 +570,13 @@ def _tile(C: int, block_c: int | None, block_s: int | None) -> tuple[int, int, i
     SM under both; at 32, 128-255 and spills.)"""
     BLOCK_C = block_c or block_size(C, 256)
     BLOCK_S = block_s or max(16, min(1024, 2048 // BLOCK_C))
-    return BLOCK_C, BLOCK_S, 8 if BLOCK_C * BLOCK_S >= 2048 else 4
+    return BLOCK_C, BLOCK_S, num_warps or (8 if BLOCK_C * BLOCK_S >= 2048 else 4)
+
+
+def _grid_programs(device: torch.device, num_warps: int) -> int:
+    """Programs of a persistent grid: 4 per SM at 8 warps, as many warps at
+    fewer per program."""
+    return target_programs(device) * max(1, 8 // num_warps)
 
 
 # the most bins of the per-program histogram (tl.histogram) of the confusion
@@ -579,7 +599,8 @@ def _as_ncs(input: torch.Tensor, target: torch.Tensor):
 
 def overlap_sums_forward(input, target, activation: str, ignore_index: int | None,
                          squared: bool, min_intersection: bool = False, block_c: int | None = None,
-                         block_s: int | None = None) -> torch.Tensor:
+                         block_s: int | None = None, num_warps: int | None = None,
+                         programs: int | None = None, tile_acc: bool = False) -> torch.Tensor:
     """Returns [3, N, C]: intersection, prediction sum, target sum, in float32
     (float64 for float64 input).
 
@@ -592,10 +613,11 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
     S = x.shape[2]
     if N == 0 or C == 0 or S == 0:
         return torch.zeros((3, N, C), device=input.device, dtype=sums_dtype(input))
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s, num_warps)
     s_blocks = cdiv(S, BLOCK_S)
     check_programs("input", input, N)
-    programs_per_sample = max(1, min(s_blocks, cdiv(target_programs(input.device), N)))
+    programs = programs or _grid_programs(input.device, num_warps)
+    programs_per_sample = max(1, min(s_blocks, cdiv(programs, N)))
     s_per_prog = cdiv(s_blocks, programs_per_sample) * BLOCK_S
     P = cdiv(S, s_per_prog)
     part = empty((3, N, P, C), device=input.device, dtype=sums_dtype(input))
@@ -607,7 +629,7 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
         MIN_INTERSECTION=min_intersection, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
-        BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
+        BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), TILE_ACC=tile_acc, num_warps=num_warps,
     )
     return part.sum(dim=2)
 
@@ -615,14 +637,14 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
 def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
                           activation: str, ignore_index: int | None, squared: bool,
                           min_intersection: bool = False, block_c: int | None = None,
-                          block_s: int | None = None) -> torch.Tensor:
+                          block_s: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Gradient of the sums w.r.t. ``input`` (same shape, dtype and memory
     format). grad_intersection, grad_pred_sum: (N, C) contiguous, in
     ``sums_dtype(input)``."""
     N, C = input.shape[:2]
     x, t, dense = _as_ncs(input, target)
     S = x.shape[2]
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
+    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s, num_warps)
     s_blocks = cdiv(S, BLOCK_S)
     check_programs("input", input, N * s_blocks)
     grad = empty_like(x)
@@ -643,7 +665,8 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
 
 
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
-                     block_c: int | None = None, block_s: int | None = None) -> torch.Tensor:
+                     block_c: int | None = None, block_s: int | None = None,
+                     num_warps: int | None = None, programs: int | None = None) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts, rows = target, cols = prediction.
 
     pred: (N, *spatial) labels or (N, C, *spatial) scores (argmax is fused).
@@ -657,9 +680,10 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     N, S = t.shape
     if N == 0 or S == 0 or C == 0:
         return torch.zeros((C, C), device=target.device, dtype=torch.int64)
-    BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s)
-    if not scores:
-        BLOCK_S, num_warps = block_s or 1024, 4
+    if scores:
+        BLOCK_C, BLOCK_S, num_warps = _tile(C, block_c, block_s, num_warps)
+    else:
+        BLOCK_C, BLOCK_S, num_warps = 1, block_s or 1024, num_warps or 4
     # a per-program histogram of every (target, prediction) pair up to 45
     # classes; beyond, of the diagonal only (up to 2047 classes); the last
     # bin takes the pixels that do not count
@@ -670,7 +694,8 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     check_programs("target", target, blocks)
     # the persistent grid: a few waves, and enough programs that none counts
     # more pixels than its int32 histogram holds
-    programs = min(blocks, max(target_programs(target.device), cdiv(N * S, HISTOGRAM_PIXELS)))
+    programs = programs or _grid_programs(target.device, num_warps)
+    programs = min(blocks, max(programs, cdiv(N * S, HISTOGRAM_PIXELS)))
     cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
     _confusion_matrix_kernel[(programs,)](
         p, t, cm,

@@ -811,7 +811,8 @@ def test_confusion_matrix_programs_sum_several_blocks(monkeypatch, C, pixel_limi
     scores = torch.randn(N, C, 9, 7, dtype=KERNEL_DTYPES[0])
     t = torch.where(torch.rand(N, 9, 7) < 0.5, scores.argmax(1), torch.randint(0, C, (N, 9, 7)))
     blocks = N * -(-S // block_s)
-    programs = max(kernels.target_programs(DEVICE), -(-N * S // (pixel_limit or 2**31 - 1)))
+    # 16-pixel tiles take 4 warps: twice the programs of 8-warp tiles
+    programs = max(2 * kernels.target_programs(DEVICE), -(-N * S // (pixel_limit or 2**31 - 1)))
     for pred in (scores, scores.argmax(1)):
         with LaunchRecorder(kernels, ["_confusion_matrix_kernel"]) as launched:
             cm = kernels.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, None,
