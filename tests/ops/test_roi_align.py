@@ -65,7 +65,7 @@ def kernel_and_reference(features, rois, levels, scales, pooled, sampling_ratio,
     grad = torch.randn(want.shape, dtype=features[0].dtype) if grad is None else grad
     atomic = kernels.roi_align_backward_atomic(grad.to(DEVICE), *args)
     determ = kernels.roi_align_backward_deterministic(grad.to(DEVICE), *args)
-    want_grad = ref.roi_align_backward(grad, *cpu_args)
+    want_grad = ref.roi_align_backward(grad.cpu(), *cpu_args)
     return out, want, atomic, determ, want_grad
 
 
