@@ -470,15 +470,16 @@ def test_probe_on_the_gpu_replays_a_graph_and_lists_the_kernels():
 
 def test_overlap_tile_sweep_runs_each_launcher_at_each_tile(tmp_path, monkeypatch, capsys):
     """The kernel-only sweep of kernels/overlap.py: each launcher (and the
-    second forms) at the default tile and each variant, per layout, with
-    their bytes and the check against the default's result; no GPU: exit 2."""
+    per-block confusion matrix) at the default tile and each variant, per
+    layout, with their bytes and the check against the default's result;
+    no GPU: exit 2."""
     from segops.benchmarks import overlap_tiles
     from segops.kernels import overlap as kernels
     forwards = []
     real = kernels.overlap_sums_forward
 
     def spy(*args, **kwargs):
-        forwards.append((kwargs.get("block_s"), kwargs.get("num_warps"), kwargs.get("tile_acc")))
+        forwards.append((kwargs.get("block_s"), kwargs.get("num_warps")))
         return real(*args, **kwargs)
     monkeypatch.setattr(kernels, "overlap_sums_forward", spy)
     calls = []
@@ -489,22 +490,21 @@ def test_overlap_tile_sweep_runs_each_launcher_at_each_tile(tmp_path, monkeypatc
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = overlap_tiles.run(tmp_path, shapes=[(2, 3, (4, 5))], dtype=torch.float32, timer=timer,
                              peak=100.0, device=device)
-    names = ["fwd", "fwd tile-acc", "bwd", "cm", "cm per-block"]
-    tiles = [(512, 8), (256, 1), (1024, 4)]
+    names = ["fwd", "bwd", "cm", "cm per-block"]
+    tiles = [(256, 1), (1024, 4), (512, 8)]
     assert [(r["kernel"], r["layout"], r["block"], r["warps"], r["default"]) for r in rows] == [
-        (k, layout, [4, s], w, (s, w) == (512, 8) and k in ("fwd", "bwd", "cm"))
+        (k, layout, [4, s], w, (s, w) == (256, 1) and k != "cm per-block")
         for layout in ("nchw", "cl") for s, w in tiles for k in names]
     assert all(r["same"] for r in rows)
-    assert forwards[:4] == [(None, None, None)] * 2 + [(None, None, True)] * 2  # run, then timed
-    assert forwards[4:8] == [(256, 1, None)] * 2 + [(256, 1, True)] * 2
+    assert forwards[:6] == [(None, None)] * 2 + [(1024, 4)] * 2 + [(512, 8)] * 2  # run, timed
     x_bytes, t_bytes = 2 * 3 * 20 * 4, 2 * 20 * 8
-    assert [r["gbs"] for r in rows[:5]] == pytest.approx(
-        [(x_bytes + t_bytes) / 0.5e6] * 2 + [(2 * x_bytes + t_bytes) / 0.5e6]
+    assert [r["gbs"] for r in rows[:4]] == pytest.approx(
+        [(x_bytes + t_bytes) / 0.5e6, (2 * x_bytes + t_bytes) / 0.5e6]
         + [(x_bytes + t_bytes) / 0.5e6] * 2)
     assert rows[0]["of_copy"] == pytest.approx(rows[0]["gbs"] / 100.0)
-    assert calls[3].sum() == 40 and calls[4].sum() == 40  # every pixel counted
+    assert calls[2].sum() == 40 and calls[3].sum() == 40  # every pixel counted
     saved = json.loads((tmp_path / "overlap_tiles.json").read_text())
-    assert len(saved["rows"]) == 30 and saved["copy_gbs"] == 100.0
+    assert len(saved["rows"]) == 24 and saved["copy_gbs"] == 100.0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert overlap_tiles.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err

@@ -46,22 +46,21 @@ def reference_sums_and_grad(x, t, activation, ignore_index, squared, grad_out,
 
 
 @pytest.mark.parametrize("shape, layout, want", [
-    ((2, 21, 8, 8), "contiguous", (32, 64, 8)),
-    ((2, 21, 8, 8), "channels_last", (32, 64, 8)),
-    ((2, 4, 4, 4, 4), "channels_last", (4, 512, 8)),
-    ((2, 4, 4, 4, 4), "contiguous", (4, 512, 8)),
+    ((2, 21, 8, 8), "contiguous", (32, 32, 1)),
+    ((2, 21, 8, 8), "channels_last", (32, 32, 1)),
+    ((2, 4, 4, 4, 4), "channels_last", (4, 256, 1)),
+    ((2, 4, 4, 4, 4), "contiguous", (4, 256, 1)),
+    ((2, 60, 4, 4), "contiguous", (64, 16, 1)),
+    ((2, 65, 4, 4), "contiguous", (128, 16, 8)),
     ((2, 150, 4, 4), "channels_last", (256, 16, 8)),
-    ((2, 1, 8, 8), "channels_last", (1, 1024, 4)),
-    ((2, 2, 8, 8), "channels_last", (2, 1024, 8)),
-    ((2, 2, 8, 8), "contiguous", (2, 1024, 8)),
+    ((2, 1, 8, 8), "channels_last", (1, 1024, 1)),
+    ((2, 2, 8, 8), "contiguous", (2, 512, 1)),
 ])
-def test_tiles_of_2048_elements(shape, layout, want, monkeypatch):
-    """The forward, the backward and the confusion matrix tile 2048
-    elements (8 per thread on 8 warps; the codegen report's 64-188 registers
-    at 4096), at least 16 pixels (150 classes: 4096); pixel runs are capped
-    at 1024, so 1 class takes 4 warps. (The confusion matrix merges one
-    histogram per program of its persistent grid, not per tile, so it needs
-    no larger tile.)"""
+def test_tiles_per_class_count(shape, layout, want, monkeypatch):
+    """The forward, the backward and the confusion matrix on scores take one
+    warp per program up to 64 classes, 32 elements per thread (a pixel's
+    classes reduced inside the warp: the H100 sweep's 2.2-5.5x over 8-warp
+    tiles); beyond, 2048 elements on 8 warps, at least 16 pixels."""
     tiles = []
     real = kernels._tile
 
@@ -800,25 +799,27 @@ def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, d
 @pytest.mark.parametrize("pixel_limit", [None, 20])
 @pytest.mark.parametrize("C", [5, 60], ids=["pairs", "diagonal"])
 def test_confusion_matrix_programs_sum_several_blocks(monkeypatch, C, pixel_limit):
-    """The persistent grid: each program adds several pixel blocks (from
-    different samples too) to one histogram (of every pair, or of the
-    diagonal past 45 classes) before its one merge, and with
-    HISTOGRAM_PIXELS (int32 counts) lowered there are enough programs that
-    none counts more pixels than that."""
+    """The persistent grid: 32 warps per SM (scores take one warp per
+    program, labels 4); with fewer programs than pixel blocks each program
+    adds several blocks (from different samples too) to one histogram (of
+    every pair, or of the diagonal past 45 classes) before its one merge;
+    with HISTOGRAM_PIXELS (int32 counts) lowered there are enough programs
+    that none counts more pixels than that."""
     N, S, block_s = 3, 63, 16
     if pixel_limit is not None:
         monkeypatch.setattr(kernels, "HISTOGRAM_PIXELS", pixel_limit)
     scores = torch.randn(N, C, 9, 7, dtype=KERNEL_DTYPES[0])
     t = torch.where(torch.rand(N, 9, 7) < 0.5, scores.argmax(1), torch.randint(0, C, (N, 9, 7)))
     blocks = N * -(-S // block_s)
-    # 16-pixel tiles take 4 warps: twice the programs of 8-warp tiles
-    programs = max(2 * kernels.target_programs(DEVICE), -(-N * S // (pixel_limit or 2**31 - 1)))
-    for pred in (scores, scores.argmax(1)):
-        with LaunchRecorder(kernels, ["_confusion_matrix_kernel"]) as launched:
-            cm = kernels.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, None,
-                                          block_s=block_s)
-        assert launched.launches == [("_confusion_matrix_kernel", (min(blocks, programs),))]
-        assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, None))
+    at_least = -(-N * S // (pixel_limit or 2**31 - 1))
+    for pred, warps in ((scores, 1), (scores.argmax(1), 4)):
+        for programs, want in ((None, (8 // warps) * kernels.target_programs(DEVICE)), (5, 5)):
+            with LaunchRecorder(kernels, ["_confusion_matrix_kernel"]) as launched:
+                cm = kernels.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, None,
+                                              block_s=block_s, programs=programs)
+            grid = (min(blocks, max(want, at_least)),)
+            assert launched.launches == [("_confusion_matrix_kernel", grid)]
+            assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, None))
 
 
 def test_grid_limit_raises_before_any_allocation():
