@@ -474,8 +474,9 @@ def _confusion_matrix_kernel(
     # program per block, the atomics on the same few hundred bins from tens
     # of thousands of programs serialise in L2). Counts are integers, so the
     # atomics give the same result in any order: deterministic.
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
+    # 64-bit: the last block + programs may pass int32
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
     if NUM_BINS > 0:
         # small C: a histogram of every (target, prediction) pair; the last
         # bin takes the pixels that do not count
@@ -692,9 +693,10 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     blocks = N * s_blocks
     check_programs("target", target, blocks)
     # the persistent grid: a few waves, and enough programs that none counts
-    # more pixels than its int32 histogram holds
+    # more pixels than its int32 histogram holds (programs take blocks in
+    # turn, so one takes at most cdiv(blocks, programs) of them)
     programs = programs or _grid_programs(target.device, num_warps)
-    programs = min(blocks, max(programs, cdiv(N * S, HISTOGRAM_PIXELS)))
+    programs = min(blocks, max(programs, cdiv(blocks, max(1, HISTOGRAM_PIXELS // BLOCK_S))))
     cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
     _confusion_matrix_kernel[(programs,)](
         p, t, cm,

@@ -344,11 +344,14 @@ def test_cuda_detections_match_torchvision_by_iou(amp):
             got = ours(x)
             baseline = theirs(x) if amp is not None else want
     min_iou, score_tol = (0.9, 0.02) if amp is None else (0.8, 0.08)
-    bars = [0.9 if amp is None else min(0.9, fraction - 0.1)
+    # (never below 60%: torchvision's bf16 run also rounds its boxes to bf16,
+    # which segops keeps in float32, so its fraction can set a looser bar
+    # than segops needs)
+    bars = [0.9 if amp is None else max(0.6, min(0.9, fraction - 0.1))
             for fraction, _ in _matched_fraction(baseline, want, min_iou)]
     for (fraction, error), bar in zip(_matched_fraction(got, want, min_iou), bars):
         assert fraction >= bar, f"{fraction:.2f} of torchvision's detections matched, bar {bar:.2f}"
-        assert error.max() <= score_tol
+        assert error.numel() == 0 or error.max() <= score_tol
 
 
 def test_compile_whole_model_matches_eager():

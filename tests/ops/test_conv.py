@@ -69,7 +69,7 @@ def make_tensors(case, dtype=torch.float64, device=DEVICE):
     x = torch.randn(case["N"], case["C_in"], case["H"], case["W"], dtype=torch.float64)
     w = torch.randn(case["C_out"], case["C_in"] // case["groups"], *k, dtype=torch.float64)
     b = torch.randn(case["C_out"], dtype=torch.float64) if case["bias"] else None
-    x = like_layout(x.to(dtype), case.get("layout", "contiguous")).to(device)
+    x = like_layout(x.to(dtype).to(device), case.get("layout", "contiguous"))
     w, b = w.to(dtype).to(device), None if b is None else b.to(dtype).to(device)
     return x, w, b
 

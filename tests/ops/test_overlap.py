@@ -99,7 +99,8 @@ def test_kernel_small_tiles_match_reference(activation, dense, squared, ignore_i
     x, t = x.to(DEVICE), t.to(DEVICE)
     grad_out = torch.randn(3, 2, 10, dtype=torch.float64)
     options = (activation, ignore_index, squared, min_intersection)
-    sums = kernels.overlap_sums_forward(x, t, *options, block_c=block_c, block_s=16)
+    # 4 programs: two per sample, each with several pixel blocks
+    sums = kernels.overlap_sums_forward(x, t, *options, block_c=block_c, block_s=16, programs=4)
     gsum = grad_out.to(DEVICE, kernels.sums_dtype(x))
     grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(), x, t,
                                          *options, block_c=block_c, block_s=16)
@@ -152,7 +153,8 @@ def test_softmax_over_classes_masked_with_minus_inf(squared, min_intersection, b
     x, t = x.to(DEVICE), t.to(DEVICE)
     grad_out = torch.randn(3, 2, 10, dtype=torch.float64)
     options = ("softmax", None, squared, min_intersection)
-    sums = kernels.overlap_sums_forward(x, t, *options, block_c=block_c, block_s=16)
+    # 4 programs: two per sample, each with several pixel blocks
+    sums = kernels.overlap_sums_forward(x, t, *options, block_c=block_c, block_s=16, programs=4)
     gsum = grad_out.to(DEVICE, kernels.sums_dtype(x))
     grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(), x, t,
                                          *options, block_c=block_c, block_s=16)
@@ -796,7 +798,23 @@ def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, d
     assert torch.equal(cm.cpu(), theirs)
 
 
-@pytest.mark.parametrize("pixel_limit", [None, 20])
+def test_forward_programs_take_several_pixel_blocks():
+    """The forward's grid: (N, programs per sample), 32 warps per SM by
+    default (one-warp tiles: 8 programs per 8-warp program), or the
+    ``programs`` asked for, each program reducing a run of pixel blocks."""
+    x = torch.randn(2, 3, 5, 13, dtype=KERNEL_DTYPES[0])
+    t = torch.randint(0, 3, (2, 5, 13))
+    want = ref.overlap_sums(x.double(), t, "softmax", None, False, False)
+    s_blocks = -(-65 // 16)
+    for programs, per_sample in ((4, 2), (None, min(s_blocks, 4 * kernels.target_programs(DEVICE)))):
+        with LaunchRecorder(kernels, ["_overlap_sums_fwd_kernel"]) as launched:
+            sums = kernels.overlap_sums_forward(x.to(DEVICE), t.to(DEVICE), "softmax", None, False,
+                                                block_s=16, programs=programs)
+        assert launched.launches == [("_overlap_sums_fwd_kernel", (2, per_sample))]
+        assert_close(sums, want, RTOL[KERNEL_DTYPES[0]])
+
+
+@pytest.mark.parametrize("pixel_limit", [None, 40])
 @pytest.mark.parametrize("C", [5, 60], ids=["pairs", "diagonal"])
 def test_confusion_matrix_programs_sum_several_blocks(monkeypatch, C, pixel_limit):
     """The persistent grid: 32 warps per SM (scores take one warp per
@@ -804,14 +822,14 @@ def test_confusion_matrix_programs_sum_several_blocks(monkeypatch, C, pixel_limi
     adds several blocks (from different samples too) to one histogram (of
     every pair, or of the diagonal past 45 classes) before its one merge;
     with HISTOGRAM_PIXELS (int32 counts) lowered there are enough programs
-    that none counts more pixels than that."""
+    that none counts more pixels than that (blocks are taken in turn)."""
     N, S, block_s = 3, 63, 16
     if pixel_limit is not None:
         monkeypatch.setattr(kernels, "HISTOGRAM_PIXELS", pixel_limit)
     scores = torch.randn(N, C, 9, 7, dtype=KERNEL_DTYPES[0])
     t = torch.where(torch.rand(N, 9, 7) < 0.5, scores.argmax(1), torch.randint(0, C, (N, 9, 7)))
     blocks = N * -(-S // block_s)
-    at_least = -(-N * S // (pixel_limit or 2**31 - 1))
+    at_least = -(-blocks // max(1, (pixel_limit or 2**31 - 1) // block_s))
     for pred, warps in ((scores, 1), (scores.argmax(1), 4)):
         for programs, want in ((None, (8 // warps) * kernels.target_programs(DEVICE)), (5, 5)):
             with LaunchRecorder(kernels, ["_confusion_matrix_kernel"]) as launched:
@@ -819,6 +837,8 @@ def test_confusion_matrix_programs_sum_several_blocks(monkeypatch, C, pixel_limi
                                               block_s=block_s, programs=programs)
             grid = (min(blocks, max(want, at_least)),)
             assert launched.launches == [("_confusion_matrix_kernel", grid)]
+            if pixel_limit is not None:  # the most blocks one program takes, in pixels
+                assert -(-blocks // grid[0]) * block_s <= pixel_limit
             assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, None))
 
 
