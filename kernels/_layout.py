@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 
 import torch
 import triton.language as tl
@@ -124,3 +125,14 @@ def check_grid(grid) -> None:
                 f"segops: this call needs {size} programs on grid axis {axis}, past CUDA's "
                 f"limit of {limit}; the problem is too large for one launch (split the batch "
                 "or the channels)")
+
+
+def double_bits(value: float) -> int:
+    """The 64 bits of a Python float as a signed int64 (a kernel argument
+    that keeps every digit of a double; Triton would pass a float as float32)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def float_bits(value: float) -> int:
+    """The 32 bits of ``value`` rounded to float32 as a signed int32."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]

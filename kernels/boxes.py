@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import cdiv, check_grid, empty, next_pow2, tl_accumulation
+from ._layout import cdiv, check_grid, double_bits, empty, float_bits, next_pow2, tl_accumulation
 from .._checks import accumulation_dtype
 from ._math import div
 
@@ -102,9 +102,8 @@ def scalar_bits(value: float, dtype: torch.dtype) -> int:
     for a tensor of that dtype), read back in the kernel by ``_from_bits``.
     Triton would pass a Python float as float32, losing float64 digits."""
     if dtype == torch.float64:
-        return struct.unpack("<q", struct.pack("<d", value))[0]
-    rounded = float(torch.tensor(value, dtype=torch.float32))
-    return struct.unpack("<i", struct.pack("<f", rounded))[0]
+        return double_bits(value)
+    return float_bits(float(torch.tensor(value, dtype=torch.float32)))
 
 
 @triton.jit
@@ -121,7 +120,7 @@ def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
     the IoU with the double ``t``: float64 as is; for float32 the largest
     float32 <= t (an fp32 IoU exceeds t exactly when it exceeds that)."""
     if dtype == torch.float64:
-        return struct.unpack("<q", struct.pack("<d", threshold))[0]
+        return double_bits(threshold)
     # an IoU is NaN or in [0, 1]: every threshold past +-2 (1e300 too, which
     # float32 cannot hold) compares as +-2 does
     threshold = min(max(threshold, -2.0), 2.0)
@@ -129,7 +128,7 @@ def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
     if t32 > threshold:
         t32 = float(torch.nextafter(torch.tensor(t32, dtype=torch.float32),
                                     torch.tensor(-math.inf, dtype=torch.float32)))
-    return struct.unpack("<i", struct.pack("<f", t32))[0]
+    return float_bits(t32)
 
 
 # --------------------------------------------------------------------------

@@ -25,13 +25,11 @@ across an integer, which truncation turns into a one-pixel shift.
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-from ._layout import block_size, cdiv, check_grid, empty, tl_accumulation
+from ._layout import block_size, cdiv, check_grid, double_bits, empty, tl_accumulation
 from ._math import div
 from .roi_align import _adaptive_grid, _bilinear, _sample_coord
 
@@ -172,7 +170,7 @@ def _threshold_args(threshold: float, dtype: torch.dtype) -> tuple[float, int, i
     casts a Python scalar, which float32 holds exactly."""
     if dtype != torch.float64:
         return float(torch.tensor(threshold, dtype=torch.float64).to(dtype)), 0, 0
-    bits = struct.unpack("<q", struct.pack("<d", threshold))[0]
+    bits = double_bits(threshold)
     low = bits & 0xFFFFFFFF
     return 0.0, bits >> 32, low - (1 << 32) if low >= 1 << 31 else low
 

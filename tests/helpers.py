@@ -238,3 +238,24 @@ def assert_device_assert_in_child(prelude: str, unchecked: str, checked: str) ->
     assert "unchecked call ran" in child.stdout, child.stderr[-2000:]
     assert child.returncode != 0 and "no error" not in child.stdout, "the check did not fire"
     assert "device-side assert" in child.stderr, child.stderr[-2000:]
+
+
+def torchvision_nms_per_class(boxes, scores, idxs, threshold):
+    """The oracle of the NMS tests: torchvision's ``nms`` run per class of
+    ``idxs`` (one class when None), kept indices in (-score, index) order (a
+    stable sort, as torchvision's CPU nms sorts). CPU tensors, boxes and
+    scores in one float dtype (torchvision's requirement).
+
+    Its nms, not its batched_nms: a box with a NaN coordinate never
+    suppresses and is never suppressed in both segops and torchvision's
+    nms, while batched_nms' coordinate-offset trick lets one NaN coordinate
+    suppress nothing at all, and its offsets round coordinates."""
+    from torchvision import ops as tv_ops
+    if idxs is None:
+        return tv_ops.nms(boxes, scores, threshold)
+    keep = torch.zeros(len(boxes), dtype=torch.bool)
+    for c in torch.unique(idxs):
+        rows = torch.nonzero(idxs == c).flatten()
+        keep[rows[tv_ops.nms(boxes[rows], scores[rows], threshold)]] = True
+    kept = torch.nonzero(keep).flatten()
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]

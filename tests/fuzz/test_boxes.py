@@ -24,7 +24,7 @@ The property: the call gives torchvision's result, or raises
 ``segops.ArgumentError`` / ``ArgumentTypeError`` naming the argument (a
 bad call must). NMS kept indices must be EXACTLY torchvision's, in its
 order: ``torchvision.ops.nms`` per class (its exact 'vanilla'
-batched_nms, tests/ops/test_boxes.py's ``tv_batched``), kept boxes in
+batched_nms, tests/helpers.py's ``torchvision_nms_per_class``), kept boxes in
 (-score, index) order, per image for batched_nms_per_image (then the first
 max_per_image); ``torchvision.ops.batched_nms`` itself too where its
 coordinate-offset trick is exact (one class, id 0, finite boxes). box_iou
@@ -62,7 +62,7 @@ from fuzz.strategies import (
     seeds,
     tolerance,
 )
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, torchvision_nms_per_class
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -330,26 +330,10 @@ def visiting_scores(scores: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return ranks
 
 
-def tv_batched(b, s, idxs, threshold):
-    """torchvision's nms per class of ``idxs`` (one class when None), kept
-    indices in (-score, index) order (a stable sort, as torchvision's CPU
-    nms sorts), on CPU tensors already in the compute dtype.
-
-    torchvision's nms, not its batched_nms: segops documents that a box
-    with a NaN coordinate "never suppresses and is never suppressed ...
-    torchvision's ``nms`` does the same", and that it does not copy the
-    coordinate-offset trick of torchvision's batched_nms (one NaN
-    coordinate there suppresses nothing at all; the offsets round
-    coordinates). The IoU is compared with the threshold as torchvision
-    compares (its double threshold), which segops documents it matches."""
-    if idxs is None:
-        return tv_ops.nms(b, s, threshold)
-    keep = torch.zeros(len(b), dtype=torch.bool)
-    for c in torch.unique(idxs):
-        rows = torch.nonzero(idxs == c).flatten()
-        keep[rows[tv_ops.nms(b[rows], s[rows], threshold)]] = True
-    kept = torch.nonzero(keep).flatten()
-    return kept[torch.sort(s[kept], descending=True, stable=True).indices]
+# torchvision's nms per class, the NMS oracle (tests/helpers.py explains why
+# not its batched_nms); segops documents that it compares the IoU with the
+# threshold as torchvision compares its double threshold
+tv_batched = torchvision_nms_per_class
 
 
 def nms_inputs(boxes, scores):

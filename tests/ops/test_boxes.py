@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, ON_GPU, RTOL, assert_close, non_contiguous, record_launches
+from helpers import (DEVICE, ON_GPU, RTOL, assert_close, non_contiguous, record_launches,
+                     torchvision_nms_per_class)
 
 import segops.ops.boxes as boxes_ops
 from segops import _dispatch
@@ -49,21 +50,13 @@ def planted(threshold, eps, dtype):
 
 
 def tv_batched(boxes, scores, idxs, threshold):
-    """torchvision's nms per class (its exact 'vanilla' batched_nms), kept
-    indices in (-score, index) order, on the CPU."""
+    """torchvision's nms per class (its exact 'vanilla' batched_nms) on the
+    CPU, any boxes and scores (cast to torchvision's one float dtype)."""
     boxes, scores = boxes.cpu(), scores.cpu()
     if boxes.dtype not in (torch.float32, torch.float64):
         boxes = boxes.float()
-    scores = scores.to(boxes.dtype)
-    if idxs is None:
-        return tv_ops.nms(boxes, scores, threshold)
-    idxs = idxs.cpu()
-    keep = torch.zeros(len(boxes), dtype=torch.bool)
-    for c in torch.unique(idxs):
-        rows = torch.nonzero(idxs == c).flatten()
-        keep[rows[tv_ops.nms(boxes[rows], scores[rows], threshold)]] = True
-    kept = torch.nonzero(keep).flatten()
-    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+    return torchvision_nms_per_class(boxes, scores.to(boxes.dtype),
+                                     None if idxs is None else idxs.cpu(), threshold)
 
 
 def nms_case(n, dtype, threshold, classes=1, ties=False, seed=0):
