@@ -354,7 +354,10 @@ def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) ->
 def _reduce(loss: Tensor, selected: list[int] | None, class_weights, reduction: str) -> Tensor:
     """Select classes, weight them, reduce. Weights are given per class (C of
     them) and selected with the classes, like smp; 'mean' with weights is the
-    weighted mean sum(w*l)/sum(w) (smp's; MONAI divides by the count)."""
+    weighted mean sum(w*l)/sum(w) (smp's; MONAI divides by the count), over
+    every element of ``loss``: per-sample losses (N, C) weigh each sample's
+    classes alike, so the result is the mean over samples of their weighted
+    class means."""
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     C = loss.shape[-1]
     weights = None if class_weights is None else _class_weights(class_weights, C, loss)
@@ -363,7 +366,7 @@ def _reduce(loss: Tensor, selected: list[int] | None, class_weights, reduction: 
         return {"mean": loss.mean, "sum": loss.sum}.get(reduction, lambda: loss)()
     weights = _pick(weights, selected)
     if reduction == "mean":
-        return (loss * weights).sum() / weights.sum()
+        return (loss * weights).sum() / weights.expand_as(loss).sum()
     return (loss * weights).sum() if reduction == "sum" else loss * weights
 
 

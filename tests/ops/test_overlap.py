@@ -391,6 +391,25 @@ def test_monai_style_options():
     assert_close(loss, want, TOL)
 
 
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+def test_per_sample_weighted_mean_is_the_mean_of_sample_means(kind):
+    """batch=False with class_weights and reduction='mean': each sample's
+    weighted class mean sum(w*l)/sum(w), averaged over samples (it once
+    divided by sum(w) alone, N times too large)."""
+    fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
+    x, t = make_case(3, 4, (5, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    w = [1.0, 2.0, 0.5, 3.0]
+    options = dict(batch=False, class_weights=w, classes=[0, 1, 3])
+    weighted = fn(x, t, reduction="none", **options)   # w * l per (sample, class)
+    assert weighted.shape == (3, 3)
+    want = (weighted.sum(1) / (w[0] + w[1] + w[3])).mean()
+    assert_close(fn(x, t, reduction="mean", **options), want, TOL)
+    # one sample: the per-sample mean is the batch mean
+    one = fn(x[:1], t[:1], reduction="mean", **options)
+    assert_close(one, fn(x[:1], t[:1], reduction="mean", class_weights=w, classes=[0, 1, 3]), TOL)
+
+
 def test_loss_modules_are_smp_compatible():
     dice = segops.nn.DiceLoss("multiclass", [1, 2], False, True, 0.5, 255, 1e-6, [1, 2, 3])
     assert dice.options["ignore_index"] == 255 and dice.options["eps"] == 1e-6
