@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 
@@ -134,5 +135,21 @@ def double_bits(value: float) -> int:
 
 
 def float_bits(value: float) -> int:
-    """The 32 bits of ``value`` rounded to float32 as a signed int32."""
-    return struct.unpack("<i", struct.pack("<f", value))[0]
+    """The 32 bits of ``value`` rounded to float32 (to nearest, as torch
+    casts; past float32's range, infinity) as a signed int32."""
+    try:
+        packed = struct.pack("<f", value)
+    except OverflowError:   # rounds past float32's largest finite value
+        packed = struct.pack("<f", math.copysign(math.inf, value))
+    return struct.unpack("<i", packed)[0]
+
+
+def scalar_bits(value: float, dtype: torch.dtype) -> int:
+    """A Python float as the kernels take it: the bit pattern of ``value``
+    rounded to ``dtype`` (float64 or float32, as torch casts a Python scalar
+    for a tensor of that dtype), read back in the kernel by
+    ``_math.from_bits``. Triton would pass a Python float as float32, losing
+    float64 digits."""
+    if dtype == torch.float64:
+        return double_bits(value)
+    return float_bits(value)

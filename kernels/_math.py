@@ -34,3 +34,13 @@ def div(a, b):
     if a.dtype == tl.float32:
         return tl.math.div_rn(a, b.to(tl.float32))
     return a / b
+
+
+@triton.jit
+def from_bits(bits, ACC: tl.constexpr):
+    """The float of ``ACC`` (float64 or float32) whose bits
+    ``_layout.scalar_bits`` passed."""
+    if ACC == tl.float64:
+        return bits.to(tl.int64).to(tl.float64, bitcast=True)
+    else:
+        return bits.to(tl.int32).to(tl.float32, bitcast=True)

@@ -51,9 +51,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import cdiv, check_grid, double_bits, empty, float_bits, next_pow2, tl_accumulation
+from ._layout import (
+    cdiv,
+    check_grid,
+    double_bits,
+    empty,
+    float_bits,
+    next_pow2,
+    scalar_bits,
+    tl_accumulation,
+)
 from .._checks import accumulation_dtype
-from ._math import div
+from ._math import div, from_bits
 
 WORD = 64           # bits per mask word (columns per column tile)
 NMS_BLOCK_M = 64    # rows per mask program
@@ -94,24 +103,6 @@ def _nan_min(a, b):
 @triton.jit
 def _or(a, b):
     return a | b
-
-
-def scalar_bits(value: float, dtype: torch.dtype) -> int:
-    """A Python float as the kernels take it: the bit pattern of ``value``
-    rounded to ``dtype`` (float64 or float32, as torch casts a Python scalar
-    for a tensor of that dtype), read back in the kernel by ``_from_bits``.
-    Triton would pass a Python float as float32, losing float64 digits."""
-    if dtype == torch.float64:
-        return double_bits(value)
-    return float_bits(float(torch.tensor(value, dtype=torch.float32)))
-
-
-@triton.jit
-def _from_bits(bits, ACC: tl.constexpr):
-    if ACC == tl.float64:
-        return bits.to(tl.int64).to(tl.float64, bitcast=True)
-    else:
-        return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
 
 def _threshold_bits(threshold: float, dtype: torch.dtype) -> int:
@@ -200,7 +191,7 @@ def _clip_kernel(in_ptr, out_ptr, R, C, s0, s1, height, width,
     cols = tl.arange(0, BLOCK_C)
     m = (rows[:, None] < R) & (cols[None, :] < C)
     v = tl.load(in_ptr + rows[:, None] * s0 + cols[None, :] * s1, mask=m, other=0).to(ACC)
-    limit = tl.where((cols % 2) == 0, _from_bits(width, ACC), _from_bits(height, ACC))
+    limit = tl.where((cols % 2) == 0, from_bits(width, ACC), from_bits(height, ACC))
     v = _clip(v, limit[None, :])
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -247,11 +238,11 @@ def _decode_kernel(codes_ptr, boxes_ptr, out_ptr, N, K, sc0, sc1, sb0, sb1,
     ctr_x = x1 + 0.5 * widths
     ctr_y = y1 + 0.5 * heights
     c = codes_ptr + rows[:, None] * sc0 + (ks[None, :] * 4) * sc1
-    dx = tl.load(c, mask=m, other=0).to(ACC) / _from_bits(wx, ACC)
-    dy = tl.load(c + sc1, mask=m, other=0).to(ACC) / _from_bits(wy, ACC)
-    dw = tl.load(c + 2 * sc1, mask=m, other=0).to(ACC) / _from_bits(ww, ACC)
-    dh = tl.load(c + 3 * sc1, mask=m, other=0).to(ACC) / _from_bits(wh, ACC)
-    clip = _from_bits(clip, ACC)
+    dx = tl.load(c, mask=m, other=0).to(ACC) / from_bits(wx, ACC)
+    dy = tl.load(c + sc1, mask=m, other=0).to(ACC) / from_bits(wy, ACC)
+    dw = tl.load(c + 2 * sc1, mask=m, other=0).to(ACC) / from_bits(ww, ACC)
+    dh = tl.load(c + 3 * sc1, mask=m, other=0).to(ACC) / from_bits(wh, ACC)
+    clip = from_bits(clip, ACC)
     dw = tl.where(dw > clip, clip, dw)  # clamp(max=clip), NaN kept
     dh = tl.where(dh > clip, clip, dh)
     pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
@@ -265,8 +256,8 @@ def _decode_kernel(codes_ptr, boxes_ptr, out_ptr, N, K, sc0, sc1, sb0, sb1,
     o3 = pred_ctr_x + half_w
     o4 = pred_ctr_y + half_h
     if CLIP_TO_IMAGE:
-        w_lim = _from_bits(width, ACC)
-        h_lim = _from_bits(height, ACC)
+        w_lim = from_bits(width, ACC)
+        h_lim = from_bits(height, ACC)
         o1 = _clip(o1, w_lim)
         o2 = _clip(o2, h_lim)
         o3 = _clip(o3, w_lim)
@@ -349,7 +340,7 @@ def _nms_mask_kernel(boxes_ptr, seg_start_ptr, seg_end_ptr, row_offset_ptr, mask
     needed = (rm & (pw < words) & (pw >= (rows - a) // WORD_BITS)
               & (first + words <= capacity))
     if tl.max(needed.to(tl.int32), axis=0) > 0:
-        thr = _from_bits(thr_bits, ACC)
+        thr = from_bits(thr_bits, ACC)
         rb = boxes_ptr + rows * 4
         ix1 = tl.load(rb, mask=rm, other=0)
         iy1 = tl.load(rb + 1, mask=rm, other=0)

@@ -282,6 +282,19 @@ def test_half_boxes_iou_in_float32(dtype):
         assert torch.equal(got.cpu(), want), path
 
 
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 1e-7, 1e-46, 5e-324, -0.0, 3.4028235e38,
+                                   3.4028235677973366e38, 3.4028236e38, 1e39, -1e300])
+def test_scalar_bits_round_like_torch(value):
+    """A Python float passed to a float32 kernel: rounded to nearest as
+    torch casts it, infinity past float32's range (not an error), every
+    digit kept for float64."""
+    import struct
+    want = struct.unpack("<i", torch.tensor(value, dtype=torch.float32).numpy().tobytes())[0]
+    assert kernels.scalar_bits(value, torch.float32) == want
+    assert kernels.scalar_bits(value, torch.float64) == \
+        struct.unpack("<q", struct.pack("<d", value))[0]
+
+
 def test_threshold_compared_like_torchvision_double():
     """An fp32 IoU equal to float32(0.7) > 0.7? No (0.699999988 < 0.7); the
     next float32 up is above 0.7 and suppresses: the kernel rounds the
