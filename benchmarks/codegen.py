@@ -91,6 +91,8 @@ FAMILIES = {
     "_roi_align_bwd_deterministic_kernel": "roi_align bwd deterministic",
     "_overlap_sums_fwd_kernel": "overlap fwd",
     "_overlap_sums_bwd_kernel": "overlap bwd",
+    "_overlap_loss_kernel": "overlap loss",
+    "_overlap_loss_bwd_kernel": "overlap loss bwd",
     "_confusion_matrix_kernel": "confusion matrix",
     "_box_iou_kernel": "box_iou",
     "_decode_kernel": "decode_boxes",

@@ -1,6 +1,6 @@
 """Fused IoU/Dice reductions.
 
-Three kernels:
+Five kernels:
 
 * ``_overlap_sums_fwd_kernel``: one pass over logits/probabilities and the
   target that produces, per (sample, class), intersection sum(p*t) (or the
@@ -11,6 +11,10 @@ Three kernels:
 * ``_overlap_sums_bwd_kernel``: the gradient of those sums with respect to the
   logits, recomputing softmax/sigmoid; it needs only the (N, C) upstream
   gradients, so no activation of size N*C*S is ever saved.
+* ``_overlap_loss_kernel`` / ``_overlap_loss_bwd_kernel``: the reduced Dice
+  or Jaccard loss from the (3, N, C) sums, and its gradient back to them, in
+  one small program each (the loss's epilogue of a dozen tiny aten ops, whose
+  host cost exceeded the kernels' time, in one launch).
 * ``_confusion_matrix_kernel``: a (C, C) histogram of (target, prediction)
   pairs, with argmax of scores fused in.
 
@@ -38,9 +42,11 @@ from ._layout import (
     empty_like,
     flatten_trailing,
     next_pow2,
+    scalar_bits,
     target_programs,
     tl_accumulation,
 )
+from ._math import from_bits
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
 _SOFTMAX = 2
@@ -212,6 +218,26 @@ def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
 
 
 @triton.jit
+def _bad_label_count(t_row, offs_s64, smask, C, ignore_index, stride_ts,
+                     HAS_IGNORE: tl.constexpr):
+    """How many labels of the pixels ``offs_s64`` lie outside [0, C) and
+    are not ``ignore_index`` (compared at their full width)."""
+    raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
+    label = raw.to(tl.int64)
+    bad = smask & ((label < 0) | (label >= C))
+    if HAS_IGNORE:
+        bad = bad & ~_is_ignored(raw, ignore_index)
+    return tl.sum(bad.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _flag_bad_labels(flag_ptr, count):
+    """Set the flag (an int32 the launcher zeroed) when ``count`` > 0: a max,
+    not a sum, so it cannot wrap however many labels are bad."""
+    tl.atomic_max(flag_ptr, 1, mask=count > 0)
+
+
+@triton.jit
 def _add_triples(a_i, a_p, a_t, b_i, b_p, b_t):
     return a_i + b_i, a_p + b_p, a_t + b_t
 
@@ -221,17 +247,19 @@ def _add_triples(a_i, a_p, a_t, b_i, b_p, b_t):
 # --------------------------------------------------------------------------
 @triton.jit
 def _overlap_sums_fwd_kernel(
-    x_ptr, t_ptr, part_ptr,
+    x_ptr, t_ptr, part_ptr, bad_ptr,
     C, S, S_PER_PROG, ignore_index,
     stride_xn, stride_xc, stride_xs,
     stride_tn, stride_tc, stride_ts,
     ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
+    CHECK_LABELS: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     # Program (n, p) reduces pixels [p*S_PER_PROG, (p+1)*S_PER_PROG) of sample
     # n into its own row of `part` [3, N, P, C]; the host sums over P. No
-    # atomics, so the result is bit-identical run to run.
+    # atomics, so the result is bit-identical run to run. CHECK_LABELS (index
+    # targets): flag labels outside [0, C) in bad_ptr, in the same pass.
     pid_n = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_n = tl.num_programs(0)
@@ -243,6 +271,7 @@ def _overlap_sums_fwd_kernel(
     part_row = part_ptr + (pid_n * num_p + pid_p).to(tl.int64) * C
     plane = (num_n * num_p).to(tl.int64) * C
 
+    bad = 0
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         acc_i = tl.zeros([BLOCK_C], ACC)
@@ -251,6 +280,11 @@ def _overlap_sums_fwd_kernel(
         for s0 in range(s_begin, s_end, BLOCK_S):
             offs_s64 = s0 + tl.arange(0, BLOCK_S)  # int64, as s_begin is
             smask = offs_s64 < s_end
+            if CHECK_LABELS:
+                # once per pixel: in the first class chunk (the load is the
+                # target tile's own, already in cache)
+                bad += _bad_label_count(t_row, offs_s64, smask & (c0 == 0), C, ignore_index,
+                                        stride_ts, HAS_IGNORE)
             p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
                                     ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
             t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
@@ -276,6 +310,8 @@ def _overlap_sums_fwd_kernel(
         tl.store(part_row + offs_c, acc_i, mask=cmask)
         tl.store(part_row + plane + offs_c, acc_p, mask=cmask)
         tl.store(part_row + 2 * plane + offs_c, acc_t, mask=cmask)
+    if CHECK_LABELS:
+        _flag_bad_labels(bad_ptr, bad)
 
 
 # --------------------------------------------------------------------------
@@ -403,6 +439,214 @@ def _overlap_sums_bwd_kernel(
                                ACC)
             _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc,
                                stride_gs, ACTIVATION)
+
+
+# --------------------------------------------------------------------------
+# Dice/Jaccard loss from the sums, and its gradient back to the sums
+# --------------------------------------------------------------------------
+# One program of a few warps: the sums are (3, N, C), a few KB, and each
+# epilogue replaces a dozen small aten calls (the loss is host-bound: about
+# 30 us of host per call on the H100 machine, benchmarks/results/
+# nvidia_h100_80gb_hbm3/overlap_tiles_2026-11-27).
+@triton.jit
+def _class_weights(count_ptr, weight_ptr, offs_c, cmask, HAS_SELECTION: tl.constexpr,
+                   HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr):
+    """(multiplicity, weight) of classes ``offs_c``: how often ``classes``
+    names each (1 for all without a selection; 0 for masked lanes) and its
+    class weight (1 without weights)."""
+    if HAS_SELECTION:
+        count = tl.load(count_ptr + offs_c, mask=cmask, other=0.0).to(ACC)
+    else:
+        count = tl.where(cmask, 1.0, 0.0).to(ACC)
+    if HAS_WEIGHTS:
+        weight = tl.load(weight_ptr + offs_c, mask=cmask, other=0.0).to(ACC)
+    else:
+        weight = tl.full(offs_c.shape, 1.0, ACC)
+    return count, weight
+
+
+@triton.jit
+def _score_terms(i, p, t, smooth, eps, JACCARD: tl.constexpr):
+    """Tversky score (I + s) / max(D + s, eps), D = (P + T)/2 (Dice) or
+    P + T - I (Jaccard); also returns D and the clamped denominator."""
+    if JACCARD:
+        den = p + t - i
+    else:
+        den = (p + t) * 0.5
+    q = tl.maximum(den + smooth, eps, propagate_nan=tl.PropagateNan.ALL)
+    return (i + smooth) / q, den, q
+
+
+@triton.jit
+def _class_loss(i, p, t, smooth, eps, JACCARD: tl.constexpr, LOG_LOSS: tl.constexpr,
+                SKIP_EMPTY: tl.constexpr):
+    score, den, q = _score_terms(i, p, t, smooth, eps, JACCARD)
+    if LOG_LOSS:
+        loss = -tl.log(tl.maximum(score, eps, propagate_nan=tl.PropagateNan.ALL))
+    else:
+        loss = 1.0 - score
+    if SKIP_EMPTY:
+        loss = loss * (t > 0).to(loss.dtype)   # a product, so NaN stays NaN as in torch
+    return loss
+
+
+@triton.jit
+def _clamp_passes(value, bound, CLAMP_TIE: tl.constexpr):
+    """Where clamp_min(value, bound) passes its gradient: above the bound,
+    and at it when CLAMP_TIE (the torch in use decides, see
+    reference.overlap.CLAMP_MIN_PASSES_TIE)."""
+    if CLAMP_TIE:
+        return value >= bound
+    else:
+        return value > bound
+
+
+@triton.jit
+def _class_loss_grads(dl, i, p, t, smooth, eps, JACCARD: tl.constexpr, LOG_LOSS: tl.constexpr,
+                      SKIP_EMPTY: tl.constexpr, CLAMP_TIE: tl.constexpr):
+    """(dI, dP) from dl = d(out)/d(loss), as autograd differentiates the
+    composite."""
+    score, den, q = _score_terms(i, p, t, smooth, eps, JACCARD)
+    if SKIP_EMPTY:
+        dl = dl * (t > 0).to(dl.dtype)
+    if LOG_LOSS:
+        dscore = tl.where(_clamp_passes(score, eps, CLAMP_TIE), -dl / tl.maximum(score, eps),
+                          0.0)
+    else:
+        dscore = -dl
+    dnum = dscore / q
+    dden = tl.where(_clamp_passes(den + smooth, eps, CLAMP_TIE), -dscore * (score / q), 0.0)
+    if JACCARD:
+        return dnum - dden, dden
+    return dnum, dden * 0.5
+
+
+@triton.jit
+def _weight_total(count_ptr, weight_ptr, C, HAS_SELECTION: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                  BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The selected classes' weights summed (their count without weights):
+    with the rows, what 'mean' divides by."""
+    total = tl.zeros([BLOCK], ACC)
+    for c0 in range(0, C, BLOCK):
+        offs_c = c0 + tl.arange(0, BLOCK)
+        count, weight = _class_weights(count_ptr, weight_ptr, offs_c, offs_c < C, HAS_SELECTION,
+                                       HAS_WEIGHTS, ACC)
+        total += count * weight
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _load_sums(sums_ptr, offs, plane, mask):
+    i = tl.load(sums_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(sums_ptr + plane + offs, mask=mask, other=0.0)
+    t = tl.load(sums_ptr + 2 * plane + offs, mask=mask, other=0.0)
+    return i, p, t
+
+
+@triton.jit
+def _batch_sums(sums_ptr, N, C, offs_c, cmask, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Sums of classes ``offs_c`` over the batch, n in order."""
+    plane = N * C
+    i = tl.zeros([BLOCK], ACC)
+    p = tl.zeros([BLOCK], ACC)
+    t = tl.zeros([BLOCK], ACC)
+    for n in range(0, N):
+        bi, bp, bt = _load_sums(sums_ptr, n * C + offs_c, plane, cmask)
+        i += bi
+        p += bp
+        t += bt
+    return i, p, t
+
+
+@triton.jit
+def _overlap_loss_kernel(
+    sums_ptr, count_ptr, weight_ptr, loss_ptr,
+    N, C, smooth_bits, eps_bits,
+    JACCARD: tl.constexpr, LOG_LOSS: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    BATCH: tl.constexpr, MEAN: tl.constexpr, HAS_SELECTION: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    # sums: (3, N, C) contiguous; with BATCH the per-class loss is taken of
+    # the sums over n, else each (n, c) has its own loss
+    smooth = from_bits(smooth_bits, ACC)
+    eps = from_bits(eps_bits, ACC)
+    total = tl.zeros([BLOCK], ACC)
+    if BATCH:
+        for c0 in range(0, C, BLOCK):
+            offs_c = c0 + tl.arange(0, BLOCK)
+            cmask = offs_c < C
+            count, weight = _class_weights(count_ptr, weight_ptr, offs_c, cmask, HAS_SELECTION,
+                                           HAS_WEIGHTS, ACC)
+            i, p, t = _batch_sums(sums_ptr, N, C, offs_c, cmask, BLOCK, ACC)
+            loss = _class_loss(i, p, t, smooth, eps, JACCARD, LOG_LOSS, SKIP_EMPTY)
+            # unselected classes (count 0) drop out even where their loss is NaN
+            total += tl.where(count > 0, count * weight * loss, 0.0)
+        rows = 1
+    else:
+        for e0 in range(0, N * C, BLOCK):
+            offs = e0 + tl.arange(0, BLOCK)
+            emask = offs < N * C
+            offs_c = offs % C
+            count, weight = _class_weights(count_ptr, weight_ptr, offs_c, emask, HAS_SELECTION,
+                                           HAS_WEIGHTS, ACC)
+            i, p, t = _load_sums(sums_ptr, offs, N * C, emask)
+            loss = _class_loss(i, p, t, smooth, eps, JACCARD, LOG_LOSS, SKIP_EMPTY)
+            total += tl.where(count > 0, count * weight * loss, 0.0)
+        rows = N
+    out = tl.sum(total, axis=0)
+    if MEAN:
+        out = out / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK, ACC) * rows)
+    tl.store(loss_ptr, out)
+
+
+@triton.jit
+def _overlap_loss_bwd_kernel(
+    grad_ptr, sums_ptr, count_ptr, weight_ptr, gsums_ptr,
+    N, C, smooth_bits, eps_bits,
+    JACCARD: tl.constexpr, LOG_LOSS: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    BATCH: tl.constexpr, MEAN: tl.constexpr, HAS_SELECTION: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, CLAMP_TIE: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # gsums: (2, N, C): d(loss)/d(intersection), d(loss)/d(prediction sum)
+    smooth = from_bits(smooth_bits, ACC)
+    eps = from_bits(eps_bits, ACC)
+    plane = N * C
+    coef = tl.load(grad_ptr).to(ACC)
+    if MEAN:
+        rows = 1 if BATCH else N
+        coef = coef / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK, ACC) * rows)
+    if BATCH:
+        for c0 in range(0, C, BLOCK):
+            offs_c = c0 + tl.arange(0, BLOCK)
+            cmask = offs_c < C
+            count, weight = _class_weights(count_ptr, weight_ptr, offs_c, cmask, HAS_SELECTION,
+                                           HAS_WEIGHTS, ACC)
+            i, p, t = _batch_sums(sums_ptr, N, C, offs_c, cmask, BLOCK, ACC)
+            # unselected classes get dl = 0 (also when the mean over no class
+            # makes coef infinite), and from it what autograd gives (0 * NaN
+            # where their sums are NaN)
+            dl = tl.where(count > 0, coef * weight * count, 0.0)
+            di, dp = _class_loss_grads(dl, i, p, t, smooth, eps, JACCARD, LOG_LOSS, SKIP_EMPTY,
+                                       CLAMP_TIE)
+            for n in range(0, N):
+                tl.store(gsums_ptr + n * C + offs_c, di, mask=cmask)
+                tl.store(gsums_ptr + plane + n * C + offs_c, dp, mask=cmask)
+    else:
+        for e0 in range(0, N * C, BLOCK):
+            offs = e0 + tl.arange(0, BLOCK)
+            emask = offs < N * C
+            count, weight = _class_weights(count_ptr, weight_ptr, offs % C, emask, HAS_SELECTION,
+                                           HAS_WEIGHTS, ACC)
+            i, p, t = _load_sums(sums_ptr, offs, plane, emask)
+            # unselected classes get dl = 0 (also when the mean over no class
+            # makes coef infinite), and from it what autograd gives (0 * NaN
+            # where their sums are NaN)
+            dl = tl.where(count > 0, coef * weight * count, 0.0)
+            di, dp = _class_loss_grads(dl, i, p, t, smooth, eps, JACCARD, LOG_LOSS, SKIP_EMPTY,
+                                       CLAMP_TIE)
+            tl.store(gsums_ptr + offs, di, mask=emask)
+            tl.store(gsums_ptr + plane + offs, dp, mask=emask)
 
 
 # --------------------------------------------------------------------------
@@ -600,13 +844,16 @@ def _as_ncs(input: torch.Tensor, target: torch.Tensor):
 def overlap_sums_forward(input, target, activation: str, ignore_index: int | None,
                          squared: bool, min_intersection: bool = False, block_c: int | None = None,
                          block_s: int | None = None, num_warps: int | None = None,
-                         programs: int | None = None) -> torch.Tensor:
+                         programs: int | None = None,
+                         bad_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Returns [3, N, C]: intersection, prediction sum, target sum, in float32
     (float64 for float64 input).
 
     input: (N, C, *spatial) float. target: (N, *spatial) integer class ids or
     (N, C, *spatial) dense masks. ``block_c``/``block_s`` override the tile
     (tests use them to force chunking and several loop iterations).
+    ``bad_labels``: a zeroed int32 tensor for index targets, set to 1 when a
+    label lies outside [0, C) and is not ``ignore_index``.
     """
     N, C = input.shape[:2]
     x, t, dense = _as_ncs(input, target)
@@ -622,13 +869,14 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
     P = cdiv(S, s_per_prog)
     part = empty((3, N, P, C), device=input.device, dtype=sums_dtype(input))
     _overlap_sums_fwd_kernel[(N, P)](
-        x, t, part,
+        x, t, part, part if bad_labels is None else bad_labels,
         C, S, s_per_prog, ignore_value(ignore_index, target.dtype),
         x.stride(0), x.stride(1), x.stride(2),
         t.stride(0), t.stride(1), t.stride(2),
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
-        MIN_INTERSECTION=min_intersection, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
+        MIN_INTERSECTION=min_intersection, CHECK_LABELS=bad_labels is not None,
+        ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
         BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
     )
     return part.sum(dim=2)
@@ -662,6 +910,55 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
         BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
     )
     return grad.view(input.shape)
+
+
+def _loss_launch_args(sums, counts, weights, kind: str, smooth: float, eps: float,
+                      log_loss: bool, skip_empty: bool, batch: bool, mean: bool):
+    """Arguments shared by the two loss epilogue kernels after their pointers."""
+    N, C = sums.shape[1:]
+    pointers = (sums if counts is None else counts, sums if weights is None else weights)
+    flags = dict(JACCARD=kind == "jaccard", LOG_LOSS=log_loss, SKIP_EMPTY=skip_empty,
+                 BATCH=batch, MEAN=mean, HAS_SELECTION=counts is not None,
+                 HAS_WEIGHTS=weights is not None, BLOCK=_LOSS_BLOCK,
+                 ACC=tl_accumulation(sums.dtype), num_warps=4)
+    sizes = (N, C, scalar_bits(smooth, sums.dtype), scalar_bits(eps, sums.dtype))
+    return pointers, sizes, flags
+
+
+# one program of 4 warps, 4 elements per thread per step
+_LOSS_BLOCK = 512
+
+
+def overlap_loss_forward(sums, counts, weights, kind: str, smooth: float, eps: float,
+                         log_loss: bool, skip_empty: bool, batch: bool,
+                         mean: bool) -> torch.Tensor:
+    """The reduced Dice (``kind='dice'``) or Jaccard loss of ``sums`` (3, N,
+    C) contiguous, as a 0-dim tensor of its dtype: per class (``batch``: of
+    the sums over the batch) or per (sample, class), weighted and summed,
+    divided by the weights' total for ``mean``. ``counts``: (C,) how often
+    each class is selected (None: each once); ``weights``: (C,) class
+    weights (None: all 1); both contiguous in the sums' dtype."""
+    pointers, sizes, flags = _loss_launch_args(sums, counts, weights, kind, smooth, eps,
+                                               log_loss, skip_empty, batch, mean)
+    loss = empty((), device=sums.device, dtype=sums.dtype)
+    _overlap_loss_kernel[(1,)](sums, *pointers, loss, *sizes, **flags)
+    return loss
+
+
+def overlap_loss_backward(grad, sums, counts, weights, kind: str, smooth: float, eps: float,
+                          log_loss: bool, skip_empty: bool, batch: bool, mean: bool,
+                          clamp_passes_tie: bool) -> torch.Tensor:
+    """(2, N, C): the gradient of ``overlap_loss_forward`` with respect to the
+    intersection and prediction sums (the target sum takes none), given
+    ``grad``, the loss's 0-dim upstream gradient. ``clamp_passes_tie``:
+    whether the eps clamps pass the gradient at their bound, as the torch in
+    use does (reference.overlap.CLAMP_MIN_PASSES_TIE)."""
+    pointers, sizes, flags = _loss_launch_args(sums, counts, weights, kind, smooth, eps,
+                                               log_loss, skip_empty, batch, mean)
+    grad_sums = empty((2, *sums.shape[1:]), device=sums.device, dtype=sums.dtype)
+    _overlap_loss_bwd_kernel[(1,)](grad, sums, *pointers, grad_sums, *sizes,
+                                   CLAMP_TIE=clamp_passes_tie, **flags)
+    return grad_sums
 
 
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,

@@ -209,6 +209,7 @@ _FWD = ("_roi_align_fwd_kernel",)
 _ATOMIC = _FWD + ("_roi_align_bwd_atomic_kernel",)
 _GATHER = _FWD + ("_roi_align_bwd_deterministic_kernel",)
 _SUMS = ("_overlap_sums_fwd_kernel", "_overlap_sums_bwd_kernel")
+_LOSS = _SUMS + ("_overlap_loss_kernel", "_overlap_loss_bwd_kernel")
 _ONE_LEVEL = _roi_inputs((6, 7))
 _TWO_LEVELS = _roi_inputs((8, 8), (4, 4))
 
@@ -282,8 +283,8 @@ CASES = {
     "multi_scale_roi_align": Case(_TWO_LEVELS, _multi, _ATOMIC),
     "multi_scale_roi_align deterministic": Case(_TWO_LEVELS, _multi, _GATHER,
                                                 deterministic=True),
-    "dice_loss": Case(_overlap_inputs, _dice, _SUMS),
-    "jaccard_loss multilabel": Case(_overlap_inputs, _jaccard_multilabel, _SUMS),
+    "dice_loss": Case(_overlap_inputs, _dice, _LOSS),
+    "jaccard_loss multilabel": Case(_overlap_inputs, _jaccard_multilabel, _LOSS),
     "overlap_sums": Case(_overlap_inputs, _sums, _SUMS),
     "confusion_matrix, iou_score, dice_score": Case(
         _overlap_inputs, _confusion_and_scores, ("_confusion_matrix_kernel",), backward=False),

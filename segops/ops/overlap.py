@@ -62,6 +62,7 @@ MODES = ("binary", "multiclass", "multilabel")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 AVERAGES = ("micro", "macro", "weighted", "none")
 INTERSECTIONS = ("product", "min")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _kernels():
@@ -81,10 +82,13 @@ def _sums_dtype(input: Tensor) -> torch.dtype:
 @torch.library.custom_op("segops::overlap_sums", mutates_args=())
 def _overlap_sums(input: Tensor, target: Tensor, activation: str,
                   ignore_index: int | None, squared: bool, min_intersection: bool) -> Tensor:
-    args = (input, target, activation, ignore_index, squared, min_intersection)
+    return _sums(input, target, activation, ignore_index, squared, min_intersection)
+
+
+def _sums(input, target, *options) -> Tensor:
     if _dispatch.uses_kernel(input):
-        return _kernels().overlap_sums_forward(*args)
-    return reference.overlap_sums(*args)
+        return _kernels().overlap_sums_forward(input, target, *options)
+    return reference.overlap_sums(input, target, *options)
 
 
 @_overlap_sums.register_fake
@@ -128,6 +132,88 @@ def _overlap_sums_grad(ctx, grad):
 
 
 _overlap_sums.register_autograd(_overlap_sums_grad, setup_context=_overlap_sums_setup_context)
+
+
+# --------------------------------------------------------------------------
+# custom ops: segops::overlap_loss (sums and the reduced loss in two
+# launches) and its backward
+# --------------------------------------------------------------------------
+# Arguments: input, target, then the sums' options (activation, ignore_index,
+# squared, min_intersection), check_labels (flag index-target labels outside
+# [0, C) with a device assert), then the loss's: counts (C,) how often each
+# class is selected (None: all once), weights (C,) class weights (None: 1),
+# kind ('dice' or 'jaccard'), smooth, eps, log_loss, skip_empty, batch, mean.
+@torch.library.custom_op("segops::overlap_loss", mutates_args=())
+def _fused_loss(input: Tensor, target: Tensor, activation: str, ignore_index: int | None,
+                squared: bool, min_intersection: bool, check_labels: bool,
+                counts: Tensor | None, weights: Tensor | None, kind: str, smooth: float,
+                eps: float, log_loss: bool, skip_empty: bool, batch: bool,
+                mean: bool) -> tuple[Tensor, Tensor]:
+    sums_options = (activation, ignore_index, squared, min_intersection)
+    options = (counts, weights, kind, smooth, eps, log_loss, skip_empty, batch, mean)
+    if not _dispatch.uses_kernel(input):
+        if check_labels:
+            _check_labels("target", target, input.shape[1], ignore_index)
+        sums = reference.overlap_sums(input, target, *sums_options)
+        return reference.reduced_loss(sums, *options), sums
+    flag = target.new_zeros((), dtype=torch.int32) if check_labels else None
+    sums = _kernels().overlap_sums_forward(input, target, *sums_options, bad_labels=flag)
+    if check_labels:
+        torch._assert_async(flag == 0, _labels_message("target", input.shape[1], ignore_index))
+    return _kernels().overlap_loss_forward(sums, *options), sums
+
+
+@_fused_loss.register_fake
+def _(input, target, activation, ignore_index, squared, min_intersection, check_labels,
+      *loss_options):
+    N, C = input.shape[:2]
+    dtype = _sums_dtype(input)
+    return input.new_empty((), dtype=dtype), input.new_empty((3, N, C), dtype=dtype)
+
+
+@torch.library.custom_op("segops::overlap_loss_backward", mutates_args=())
+def _fused_loss_backward(grad: Tensor, sums: Tensor, input: Tensor, target: Tensor,
+                         activation: str, ignore_index: int | None, squared: bool,
+                         min_intersection: bool, counts: Tensor | None, weights: Tensor | None,
+                         kind: str, smooth: float, eps: float, log_loss: bool,
+                         skip_empty: bool, batch: bool, mean: bool) -> Tensor:
+    sums_options = (activation, ignore_index, squared, min_intersection)
+    options = (counts, weights, kind, smooth, eps, log_loss, skip_empty, batch, mean)
+    if _dispatch.uses_kernel(input):
+        grad_sums = _kernels().overlap_loss_backward(grad, sums, *options,
+                                                     reference.CLAMP_MIN_PASSES_TIE)
+        return _kernels().overlap_sums_backward(grad_sums[0], grad_sums[1], input, target,
+                                                *sums_options)
+    grad_sums = reference.reduced_loss_backward(grad, sums, *options)
+    return reference.overlap_sums_backward(grad_sums[0].contiguous(), grad_sums[1].contiguous(),
+                                           input, target, *sums_options)
+
+
+@_fused_loss_backward.register_fake
+def _(grad, sums, input, *options):
+    return torch.empty_like(input)
+
+
+def _fused_loss_setup_context(ctx, inputs, output):
+    input, target, *sums_options = inputs[:6]
+    counts, weights, *loss_options = inputs[7:]
+    ctx.save_for_backward(input, target, output[1], counts, weights)
+    ctx.set_materialize_grads(False)   # no zero-filled gradient for the unused sums output
+    ctx.sums_options = tuple(sums_options)
+    ctx.loss_options = tuple(loss_options)
+
+
+def _fused_loss_grad(ctx, grad, grad_sums):
+    none = (None,) * 15
+    if grad is None or not ctx.needs_input_grad[0]:
+        return (None, *none)
+    input, target, sums, counts, weights = ctx.saved_tensors
+    grad_input = _fused_loss_backward(grad.to(sums.dtype).contiguous(), sums, input, target,
+                                      *ctx.sums_options, counts, weights, *ctx.loss_options)
+    return (grad_input, *none)
+
+
+_fused_loss.register_autograd(_fused_loss_grad, setup_context=_fused_loss_setup_context)
 
 
 # --------------------------------------------------------------------------
@@ -196,13 +282,31 @@ def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -
     bad = (labels < 0) | (labels >= C)
     if ignore_index is not None:
         bad &= labels != ignore_index
-    allowed = f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
     if _checks_on_device(labels):
-        torch._assert_async(~bad.any(), f"segops: {name} holds a label outside {allowed}")
+        torch._assert_async(~bad.any(), _labels_message(name, C, ignore_index))
         return
     if bool(bad.any()):
         value = labels[bad].reshape(-1)[0].item()
-        raise ArgumentError(f"{name} holds label {value}, outside {allowed}")
+        raise ArgumentError(f"{name} holds label {value}, outside {_allowed(C, ignore_index)}")
+
+
+def _allowed(C: int, ignore_index: int | None) -> str:
+    return f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+
+
+def _labels_message(name: str, C: int, ignore_index: int | None) -> str:
+    """The device-side assert's message for labels out of range."""
+    return f"segops: {name} holds a label outside {_allowed(C, ignore_index)}"
+
+
+def _labels_checked_in_kernel(input: Tensor, target: Tensor, validate_args: bool) -> bool:
+    """Whether the fused loss checks an index target's labels in its forward
+    kernel (one flag, one device assert) instead of the separate passes of
+    ``_check_labels``: where those would be a device assert too (CUDA), on
+    the kernels' path, with classes to compare against."""
+    return (validate_args and not _compiling() and target.dim() < input.dim()
+            and input.shape[1] > 0 and _checks_on_device(target)
+            and _dispatch.uses_kernel(input))
 
 
 def _compiling() -> bool:
@@ -245,6 +349,14 @@ def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
         Differentiable w.r.t. ``input``; no ``(N, C, *spatial)`` activation or
         one-hot tensor is kept for backward.
     """
+    return _overlap_sums(*_sums_arguments(input, target, activation, ignore_index, squared,
+                                          intersection, validate_args))
+
+
+def _sums_arguments(input: Tensor, target: Tensor, activation: str, ignore_index,
+                    squared: bool, intersection: str, validate_args: bool) -> tuple:
+    """Checked arguments of ``segops::overlap_sums``: (input, target,
+    activation, ignore_index, squared, min_intersection)."""
     _check_scores(input)
     check_choice("activation", activation, ACTIVATIONS)
     ignore_index = _check_ignore_index(ignore_index)
@@ -256,8 +368,7 @@ def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
         if ignore_index not in (0, 1):
             ignore_index = None
         target = target.view(torch.uint8)
-    return _overlap_sums(input, target, activation, ignore_index, bool(squared),
-                         intersection == "min")
+    return input, target, activation, ignore_index, bool(squared), intersection == "min"
 
 
 def _prepare_loss_inputs(input: Tensor, target: Tensor, mode: str, from_logits: bool):
@@ -318,13 +429,13 @@ def _pick(values: Tensor, classes: list[int] | None) -> Tensor:
     return torch.stack([values.select(-1, c) for c in classes], dim=-1)
 
 
-def _class_weights(class_weights, C: int, like: Tensor) -> Tensor:
-    """(C,) weights in ``like``'s dtype and device."""
+def _class_weights(class_weights, C: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(C,) weights of ``dtype`` on ``device``."""
     if isinstance(class_weights, Tensor):
-        weights = class_weights.to(like.device, like.dtype)
+        weights = class_weights.to(device, dtype)
     elif isinstance(class_weights, Iterable):   # list, tuple, numpy array
         values = tuple(check_number("class_weights", w) for w in class_weights)
-        weights = _constant(values, like.dtype, like.device)
+        weights = _constant(values, dtype, device)
     else:
         raise ArgumentTypeError(f"class_weights must be a sequence of numbers or a tensor, "
                                 f"got {type(class_weights).__name__}")
@@ -358,9 +469,9 @@ def _reduce(loss: Tensor, selected: list[int] | None, class_weights, reduction: 
     every element of ``loss``: per-sample losses (N, C) weigh each sample's
     classes alike, so the result is the mean over samples of their weighted
     class means."""
-    check_choice("reduction", reduction, ("mean", "sum", "none"))
     C = loss.shape[-1]
-    weights = None if class_weights is None else _class_weights(class_weights, C, loss)
+    weights = None if class_weights is None else \
+        _class_weights(class_weights, C, loss.dtype, loss.device)
     loss = _pick(loss, selected)
     if weights is None:
         return {"mean": loss.mean, "sum": loss.sum}.get(reduction, lambda: loss)()
@@ -375,24 +486,46 @@ def _overlap_loss(kind: str, input: Tensor, target: Tensor, mode: str, *, classe
                   eps: float, batch: bool, include_background: bool,
                   squared_pred: bool, class_weights, skip_empty: bool, intersection: str,
                   reduction: str, validate_args: bool) -> Tensor:
+    check_choice("reduction", reduction, REDUCTIONS)
     input, target, activation = _prepare_loss_inputs(input, target, mode, from_logits)
-    selected = _selected_classes(input.shape[1], classes, include_background, mode)
-    sums = overlap_sums(input, target, activation=activation, ignore_index=ignore_index,
-                        squared=squared_pred, intersection=intersection,
-                        validate_args=validate_args)
-    if batch:
-        sums = sums.sum(dim=1)
-    inter, pred_sum, target_sum = sums
-    # smp >= 0.6 writes both as Tversky scores: (I + s) / max(I + a*fp + b*fn + s, eps)
-    if kind == "dice":
-        denominator = (pred_sum + target_sum) / 2      # a = b = 1/2
-    else:
-        denominator = pred_sum + target_sum - inter    # a = b = 1
-    score = (inter + smooth) / (denominator + smooth).clamp_min(eps)
-    loss = -torch.log(score.clamp_min(eps)) if log_loss else 1.0 - score
-    if skip_empty:
-        loss = loss * (target_sum > 0).to(loss.dtype)
+    C = input.shape[1]
+    selected = _selected_classes(C, classes, include_background, mode)
+    loss_options = (kind, smooth, eps, log_loss, skip_empty, batch)
+    if _fuses_loss(input, class_weights, reduction):
+        in_kernel = _labels_checked_in_kernel(input, target, validate_args)
+        sums_arguments = _sums_arguments(input, target, activation, ignore_index, squared_pred,
+                                         intersection, validate_args and not in_kernel)
+        dtype, device = _sums_dtype(input), input.device
+        counts = _selection_counts(selected, C, dtype, device)
+        weights = None if class_weights is None else \
+            _class_weights(class_weights, C, dtype, device).contiguous()
+        loss, _ = _fused_loss(*sums_arguments, in_kernel, counts, weights, *loss_options,
+                              reduction == "mean")
+        return loss
+    sums_arguments = _sums_arguments(input, target, activation, ignore_index, squared_pred,
+                                     intersection, validate_args)
+    loss = reference.class_losses(_overlap_sums(*sums_arguments), *loss_options)
     return _reduce(loss, selected, class_weights, reduction)
+
+
+def _fuses_loss(input: Tensor, class_weights, reduction: str) -> bool:
+    """Whether the reduced loss comes from ``segops::overlap_loss`` (the
+    kernels' path, 'mean' and 'sum'; class weights that need a gradient
+    take the composite path, whose weights autograd follows)."""
+    weights_need_grad = isinstance(class_weights, Tensor) and class_weights.requires_grad \
+        and torch.is_grad_enabled()
+    return _dispatch.uses_kernel(input) and reduction != "none" and not weights_need_grad
+
+
+def _selection_counts(selected: list[int] | None, C: int, dtype: torch.dtype,
+                      device: torch.device) -> Tensor | None:
+    """(C,) how often ``selected`` names each class (None: all, once)."""
+    if selected is None:
+        return None
+    counts = [0] * C
+    for c in selected:
+        counts[c] += 1
+    return _constant(tuple(counts), dtype, device)
 
 
 def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,

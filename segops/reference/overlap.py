@@ -96,6 +96,96 @@ def overlap_sums_backward(grad_intersection: torch.Tensor, grad_pred_sum: torch.
     return g.reshape(input.shape).to(input.dtype)
 
 
+def _clamp_min_passes_tie() -> bool:
+    """Whether autograd passes clamp_min's gradient where the input equals
+    the bound. torch did (subgradient 1) until mid-2026; newer releases give
+    the minimum-norm subgradient 0 (pytorch/pytorch#184572). Asked once, at
+    import: custom ops run below autograd and cannot ask."""
+    x = torch.ones((), dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        grad, = torch.autograd.grad(x.clamp_min(1.0), x)
+    return bool(grad == 1)
+
+
+# the gradient of the losses' clamps at their bound follows the torch in use,
+# so the fused loss and the composite agree on every version
+CLAMP_MIN_PASSES_TIE = _clamp_min_passes_tie()
+
+
+def class_losses(sums: torch.Tensor, kind: str, smooth: float, eps: float, log_loss: bool,
+                 skip_empty: bool, batch: bool) -> torch.Tensor:
+    """Dice (``kind='dice'``) or Jaccard loss per class (C,) of the sums
+    (3, N, C) over the batch (``batch``), or per (sample, class) (N, C).
+    smp >= 0.6 writes both as Tversky scores
+    (I + s) / max(I + a*fp + b*fn + s, eps): a = b = 1/2 for Dice, 1 for
+    Jaccard; the loss is 1 - score or -log(max(score, eps)), zeroed for
+    classes without target (``skip_empty``)."""
+    if batch:
+        sums = sums.sum(dim=1)
+    inter, pred_sum, target_sum = sums
+    if kind == "dice":
+        denominator = (pred_sum + target_sum) / 2
+    else:
+        denominator = pred_sum + target_sum - inter
+    score = (inter + smooth) / (denominator + smooth).clamp_min(eps)
+    loss = -torch.log(score.clamp_min(eps)) if log_loss else 1.0 - score
+    if skip_empty:
+        loss = loss * (target_sum > 0).to(loss.dtype)
+    return loss
+
+
+def reduced_loss(sums: torch.Tensor, counts: torch.Tensor | None, weights: torch.Tensor | None,
+                 kind: str, smooth: float, eps: float, log_loss: bool, skip_empty: bool,
+                 batch: bool, mean: bool) -> torch.Tensor:
+    """``class_losses`` weighted and summed to a 0-dim tensor: each class
+    ``counts[c]`` times (it was selected that often; None: once) with
+    weight ``weights[c]`` (None: 1); divided by the weights' total over the
+    losses (``mean``). Classes selected 0 times drop out, NaN or not."""
+    loss = class_losses(sums, kind, smooth, eps, log_loss, skip_empty, batch)
+    count = loss.new_ones(loss.shape[-1]) if counts is None else counts
+    weight = count if weights is None else count * weights
+    total = torch.where(count > 0, weight * loss, 0).sum()
+    return total / weight.expand_as(loss).sum() if mean else total
+
+
+def reduced_loss_backward(grad: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor | None,
+                          weights: torch.Tensor | None, kind: str, smooth: float, eps: float,
+                          log_loss: bool, skip_empty: bool, batch: bool, mean: bool,
+                          clamp_passes_tie: bool = CLAMP_MIN_PASSES_TIE) -> torch.Tensor:
+    """(2, N, C): the gradient of ``reduced_loss`` with respect to the
+    intersection and prediction sums, written out as autograd computes it
+    (clamp_min passes the gradient where its input exceeds the bound, and
+    where it equals it when ``clamp_passes_tie``; classes left out get 0,
+    times NaN where their sums are NaN)."""
+    passes = torch.ge if clamp_passes_tie else torch.gt
+    N, C = sums.shape[1:]
+    summed = sums.sum(dim=1) if batch else sums
+    inter, pred_sum, target_sum = summed
+    count = sums.new_ones(C) if counts is None else counts
+    weight = count if weights is None else count * weights
+    coef = grad / (weight.sum() * (1 if batch else N)) if mean else grad
+    d_loss = torch.where(count > 0, coef * weight, 0).expand_as(inter)
+    if kind == "dice":
+        denominator = (pred_sum + target_sum) / 2
+    else:
+        denominator = pred_sum + target_sum - inter
+    bound = (denominator + smooth).clamp_min(eps)
+    score = (inter + smooth) / bound
+    if skip_empty:
+        d_loss = d_loss * (target_sum > 0).to(d_loss.dtype)
+    if log_loss:
+        d_score = torch.where(passes(score, eps), -d_loss / score.clamp_min(eps), 0)
+    else:
+        d_score = -d_loss
+    d_inter = d_score / bound
+    d_denominator = torch.where(passes(denominator + smooth, eps), -d_score * (score / bound), 0)
+    if kind == "dice":
+        grads = torch.stack([d_inter, d_denominator / 2])
+    else:
+        grads = torch.stack([d_inter - d_denominator, d_denominator])
+    return grads.unsqueeze(1).expand(2, N, C) if batch else grads
+
+
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None) -> torch.Tensor:
     """(C, C) int64 counts, rows = target class, columns = predicted class.

@@ -1027,3 +1027,262 @@ def test_class_weights_go_to_the_device_once():
     assert ops._cached_constant.cache_info().misses == cached.misses
     assert_close(loss, first, 1e-6)
     assert xg.grad is not None
+
+
+# --------------------------------------------------------------------------
+# the fused loss epilogue (segops::overlap_loss): the reduced loss and its
+# gradient back to the sums, against the composite torch ops
+# --------------------------------------------------------------------------
+def edge_sums(N=3, dtype=KERNEL_DTYPES[0]):
+    """Random (3, N, 9) sums with every clamp and mask of the loss active:
+    class 1 has no target pixel (skip_empty), class 2 no intersection
+    (score 0 < eps), class 3 all-zero sums (denominator 0 < eps), class 5
+    NaN sums (it must drop out when left unselected). Classes 4 and 6-8 sit
+    on the clamps' bounds for eps = 1/4 and smooth = 0 (only sample 0 has
+    pixels, so the batch sums are the same): Dice score 1/4 (4), Jaccard
+    score 1/4 (6), Dice denominator 1/4 (7), Jaccard denominator 1/4 (8);
+    clamp_min passes the gradient there."""
+    torch.manual_seed(1)
+    C = 9
+    inter = torch.rand(N, C, dtype=torch.float64)
+    pred = inter + torch.rand(N, C, dtype=torch.float64)
+    target = inter + torch.rand(N, C, dtype=torch.float64)
+    target[:, 1] = 0
+    inter[:, 1] = 0
+    inter[:, 2] = 0
+    inter[:, 3] = pred[:, 3] = target[:, 3] = 0
+    inter[:, 5] = float("nan")
+    for c, (i, p, t) in {4: (1, 4, 4), 6: (1, 2.5, 2.5), 7: (0.125, 0.25, 0.25),
+                         8: (0.125, 0.25, 0.125)}.items():
+        inter[:, c] = pred[:, c] = target[:, c] = 0
+        inter[0, c], pred[0, c], target[0, c] = i, p, t
+    return torch.stack([inter, pred, target]).to(DEVICE, dtype)
+
+
+LOSS_SELECTIONS = [   # (counts, weights) per class of 9; None: all once / unweighted
+    ([1, 1, 1, 1, 1, 0, 1, 1, 1], None),
+    ([0, 2, 1, 1, 1, 0, 0, 1, 1], None),                       # class 1 named twice
+    ([1, 1, 1, 1, 1, 0, 1, 1, 1], [0.5, 2.0, 1.0, -1.5, 3.0, 0.0, 1.5, 0.75, 2.5]),
+    ([0, 0, 0, 0, 1, 0, 1, 0, 0], [1.0, 1.0, 1.0, 1.0, 4.0, 1.0, 2.0, 1.0, 1.0]),
+    ([0] * 9, None),                              # classes=[]: NaN loss, zero gradient
+    ([1, 1, 0, 0, 0, 0, 0, 0, 0], [0.0] * 9),      # weights summing to 0: NaN gradient
+]
+
+
+def composite_loss(sums, counts, weights, kind, smooth, eps, log_loss, skip_empty, batch,
+                   reduction):
+    """The public API's composite path: per-class losses, then classes
+    picked (with repeats), weighted, reduced."""
+    selected = [c for c, k in enumerate(counts) for _ in range(k)]
+    loss = ref.class_losses(sums, kind, smooth, eps, log_loss, skip_empty, batch)
+    return ops._reduce(loss, selected, weights, reduction)
+
+
+def as_tensor(values, like):
+    return None if values is None else torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("log_loss", [False, True])
+@pytest.mark.parametrize("skip_empty", [True, False])
+def test_loss_epilogue_kernels_match_composite(kind, batch, log_loss, skip_empty):
+    sums = edge_sums()
+    grad = torch.tensor(0.75, dtype=sums.dtype, device=DEVICE)
+    for (counts, weights), reduction, smooth, eps in [
+            (LOSS_SELECTIONS[0], "mean", 0.0, 1e-7), (LOSS_SELECTIONS[1], "sum", 0.5, 1e-7),
+            (LOSS_SELECTIONS[2], "mean", 0.0, 0.25), (LOSS_SELECTIONS[3], "sum", 0.0, 0.25),
+            (LOSS_SELECTIONS[0], "sum", 1e-5, 1e-3), (LOSS_SELECTIONS[4], "mean", 0.0, 1e-7),
+            (LOSS_SELECTIONS[5], "mean", 0.0, 1e-7)]:
+        options = (kind, smooth, eps, log_loss, skip_empty, batch)
+        leaf = sums.clone().requires_grad_()
+        want = composite_loss(leaf, counts, weights, *options, reduction)
+        want_grad, = torch.autograd.grad(want, leaf, grad)
+        args = (sums, as_tensor(counts, sums), as_tensor(weights, sums), *options,
+                reduction == "mean")
+        got = kernels.overlap_loss_forward(*args)
+        got_grad = kernels.overlap_loss_backward(grad, *args, ref.CLAMP_MIN_PASSES_TIE)
+        case = f"{counts} {weights} {reduction} smooth={smooth} eps={eps}"
+        assert got.shape == () and got.dtype == sums.dtype
+        assert_close(got, want.detach(), TOL, name=case)
+        assert_close(got_grad, want_grad[:2], TOL, name=f"grad {case}")
+        # and the torch path of the custom op (off the kernels) agrees
+        assert_close(ref.reduced_loss(*args), want.detach(), TOL, name=f"torch {case}")
+        assert_close(ref.reduced_loss_backward(grad, *args), want_grad[:2], TOL,
+                     name=f"torch grad {case}")
+        # the clamps' rule at their bound that the torch in use does not
+        # follow: kernel and reference formula still agree
+        other = not ref.CLAMP_MIN_PASSES_TIE
+        assert_close(kernels.overlap_loss_backward(grad, *args, other),
+                     ref.reduced_loss_backward(grad, *args, clamp_passes_tie=other), TOL,
+                     name=f"grad {case}, clamp_passes_tie={other}")
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_loss_epilogue_without_selection_or_weights(batch):
+    """counts and weights None (every class once, weight 1): NaN class 5
+    counts, so take it out of the sums first."""
+    sums = edge_sums()[:, :, :5].contiguous()   # classes 0-4
+    grad = torch.tensor(-1.25, dtype=sums.dtype, device=DEVICE)
+    for reduction in ("mean", "sum"):
+        options = ("dice", 0.0, 1e-7, False, True, batch)
+        leaf = sums.clone().requires_grad_()
+        want = composite_loss(leaf, [1] * 5, None, *options, reduction)
+        want_grad, = torch.autograd.grad(want, leaf, grad)
+        args = (sums, None, None, *options, reduction == "mean")
+        assert_close(kernels.overlap_loss_forward(*args), want.detach(), TOL)
+        assert_close(kernels.overlap_loss_backward(grad, *args, ref.CLAMP_MIN_PASSES_TIE),
+                     want_grad[:2], TOL)
+
+
+def test_loss_epilogue_loops_over_blocks():
+    """More (sample, class) pairs and classes than one block of the
+    epilogue holds."""
+    N, C = 3, kernels._LOSS_BLOCK + 7
+    torch.manual_seed(2)
+    inter = torch.rand(N, C, dtype=torch.float64)
+    sums = torch.stack([inter, inter + torch.rand(N, C), inter + torch.rand(N, C)])
+    sums = sums.to(DEVICE, KERNEL_DTYPES[0])
+    counts = [1 + c % 2 for c in range(C)]
+    weights = [0.5 + (c % 5) for c in range(C)]
+    grad = torch.tensor(1.0, dtype=sums.dtype, device=DEVICE)
+    for batch in (True, False):
+        options = ("jaccard", 0.0, 1e-7, False, True, batch)
+        leaf = sums.clone().requires_grad_()
+        want = composite_loss(leaf, counts, weights, *options, "mean")
+        want_grad, = torch.autograd.grad(want, leaf, grad)
+        args = (sums, as_tensor(counts, sums), as_tensor(weights, sums), *options, True)
+        assert_close(kernels.overlap_loss_forward(*args), want.detach(), TOL)
+        assert_close(kernels.overlap_loss_backward(grad, *args, ref.CLAMP_MIN_PASSES_TIE),
+                     want_grad[:2], TOL)
+
+
+FUSED_LOSS_KERNELS = ["_overlap_loss_kernel", "_overlap_loss_bwd_kernel"]
+
+
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(batch=False, classes=[0, 2, 2], class_weights=[1.0, 2.0, 0.5, 3.0], log_loss=True),
+    dict(include_background=False, reduction="sum", smooth=1.0, skip_empty=False),
+])
+def test_loss_takes_the_fused_epilogue(kind, options, monkeypatch):
+    """On the kernels' path dice_loss/jaccard_loss launch the two epilogue
+    kernels (forward, backward) and give the composite's loss and input
+    gradient."""
+    fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
+    x, t = make_case(2, 4, (5, 6), False, "softmax", ignore_index=255, dtype=KERNEL_DTYPES[0])
+    t[t == 1] = 2   # class 1 empty
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    xf = x.clone().requires_grad_()
+    with LaunchRecorder(kernels, FUSED_LOSS_KERNELS) as launched:
+        loss = fn(xf, t, ignore_index=255, **options)
+        loss.backward()
+    assert launched.names_launched() == FUSED_LOSS_KERNELS
+    monkeypatch.setattr(ops, "_fuses_loss", lambda *args: False)
+    xc = x.clone().requires_grad_()
+    want = fn(xc, t, ignore_index=255, **options)
+    want.backward()
+    assert_close(loss, want, TOL)
+    assert_close(xf.grad, xc.grad, TOL, name="grad")
+
+
+def test_loss_composite_where_fusing_cannot_serve(monkeypatch):
+    """reduction='none' (a per-class result) and class weights that need a
+    gradient stay on the composite path; the weights get theirs."""
+    x, t = make_case(2, 4, (5, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=x.dtype, device=DEVICE, requires_grad=True)
+    with LaunchRecorder(kernels, FUSED_LOSS_KERNELS) as launched:
+        assert ops.dice_loss(x, t, reduction="none").shape == (4,)
+        loss = ops.dice_loss(x, t, class_weights=w)
+        loss.backward()
+        assert ops.dice_loss(x, t, class_weights=w.detach()).shape == ()
+    assert launched.names_launched() == ["_overlap_loss_kernel"]
+    per_class = ops.dice_loss(x, t, reduction="none").detach()
+    assert_close(w.grad, (per_class - loss.detach()) / w.detach().sum(), TOL, name="weights grad")
+
+
+def test_fused_loss_op_off_the_kernels_matches():
+    """segops::overlap_loss on the reference path (what runs it off the
+    kernels) gives the kernels' loss and input gradient."""
+    x, t = make_case(2, 4, (3, 5), False, "softmax", dtype=torch.float64)
+    counts = torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    args = ("softmax", None, False, True, False, counts, weights, "dice", 0.0, 1e-7, True,
+            True, False, True)
+    xr = x.clone().requires_grad_()
+    with _dispatch.reference_only():
+        loss, sums = torch.ops.segops.overlap_loss(xr, t, *args)
+        loss.backward()
+    assert_close(sums, ref.overlap_sums(x, t, "softmax", None, False, True), 1e-12)
+    xk = x.to(DEVICE, KERNEL_DTYPES[0]).requires_grad_()
+    kernel_loss, _ = torch.ops.segops.overlap_loss(
+        xk, t.to(DEVICE), *args[:5], counts.to(xk), weights.to(xk), *args[7:])
+    kernel_loss.backward()
+    assert_close(kernel_loss.cpu().double(), loss, TOL)
+    assert_close(xk.grad.cpu().double(), xr.grad, TOL, name="grad")
+
+
+def test_fused_loss_opcheck():
+    x, t = make_case(2, 3, (4, 4), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x = x.to(DEVICE).requires_grad_()
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=x.dtype, device=DEVICE)
+    args = (x, t.to(DEVICE), "softmax", None, False, True, False, None, weights, "jaccard", 0.0,
+            1e-7, False, True, True, True)
+    torch.library.opcheck(torch.ops.segops.overlap_loss.default, args)
+
+
+@pytest.mark.parametrize("dtype, bad, ignore_index, flagged", [
+    (torch.int64, 4, None, True),            # = C
+    (torch.int64, 3, None, False),           # C - 1
+    (torch.int64, -1, None, True),
+    (torch.int64, -1, -1, False),            # ignored
+    (torch.int64, 2**32 + 1, None, True),    # compared at full width, not as 1
+    (torch.uint8, 255, -1, False),           # -1 is 255 in uint8, as torch compares
+    (torch.uint8, 255, 254, True),
+    (torch.int16, -7, 9, True),
+])
+def test_forward_kernel_flags_bad_labels(dtype, bad, ignore_index, flagged):
+    """The forward kernel's label check (the fused loss's validate_args),
+    with the label at the first and at the last pixel of the sample, across
+    several programs and class chunks."""
+    C = 4
+    x = torch.randn(2, C, 5, 7, dtype=KERNEL_DTYPES[0], device=DEVICE)
+    t = torch.randint(0, C, (2, 5, 7), device=DEVICE).to(dtype)
+    for where in ((0, 0, 0), (1, 4, 6)):
+        target = t.clone()
+        target[where] = torch.tensor(bad).to(dtype)
+        flag = torch.zeros((), dtype=torch.int32, device=DEVICE)
+        sums = kernels.overlap_sums_forward(x, target, "softmax", ignore_index, False,
+                                            block_c=2, block_s=4, programs=6, bad_labels=flag)
+        assert flag.item() == int(flagged), (where, flag.item())
+        want = ref.overlap_sums(x.cpu(), target.cpu(), "softmax", ignore_index, False)
+        assert_close(sums, want, TOL)   # the check changes no sum
+
+
+def test_fused_loss_checks_labels_in_its_kernel(monkeypatch):
+    """Where the label check is a device assert (CUDA; here forced on the
+    CPU, where torch._assert_async raises at once), the fused loss makes it
+    in its forward kernel: no separate passes over the labels, one assert.
+    Unchecked or in range, no error."""
+    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    x = torch.randn(2, 3, 4, 4, dtype=KERNEL_DTYPES[0], device=DEVICE)
+    t = torch.randint(0, 3, (2, 4, 4), device=DEVICE)
+    t[1, 3, 3] = 255
+    separate_checks = []
+    check_labels = ops._check_labels
+    monkeypatch.setattr(ops, "_check_labels",
+                        lambda *args: separate_checks.append(args) or check_labels(*args))
+    ops.dice_loss(x, t, ignore_index=255)
+    with pytest.raises(RuntimeError, match=r"target holds a label outside \[0, 3\)$"):
+        ops.jaccard_loss(x, t)
+    assert separate_checks == []
+    for unchecked in (dict(validate_args=False), dict(reduction="none", validate_args=False)):
+        ops.dice_loss(x, t, **unchecked)
+    with pytest.raises(RuntimeError, match="holds a label outside"):
+        ops.dice_loss(x, t, reduction="none")   # the composite path checks apart
+    assert len(separate_checks) == 1
+    # without classes, every label that is not ignored is out of range
+    with pytest.raises(RuntimeError, match="holds a label outside"):
+        ops.dice_loss(x[:, :0], t)
