@@ -218,22 +218,25 @@ def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
 
 
 @triton.jit
-def _bad_label_count(t_row, offs_s64, smask, C, ignore_index, stride_ts,
-                     HAS_IGNORE: tl.constexpr):
-    """How many labels of the pixels ``offs_s64`` lie outside [0, C) and
-    are not ``ignore_index`` (compared at their full width)."""
-    raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
+def _out_of_range(raw, smask, C, ignore_index, HAS_IGNORE: tl.constexpr):
+    """Which of the labels ``raw`` lie outside [0, C) (compared at their
+    full width) and are not ``ignore_index``."""
     label = raw.to(tl.int64)
     bad = smask & ((label < 0) | (label >= C))
     if HAS_IGNORE:
         bad = bad & ~_is_ignored(raw, ignore_index)
-    return tl.sum(bad.to(tl.int32), axis=0)
+    return bad
+
+
+@triton.jit
+def _count(mask):
+    return tl.sum(mask.to(tl.int32), axis=0)
 
 
 @triton.jit
 def _flag_bad_labels(flag_ptr, count):
-    """Set the flag (an int32 the launcher zeroed) when ``count`` > 0: a max,
-    not a sum, so it cannot wrap however many labels are bad."""
+    """Set the flag (an int32 the launcher zeroed) when ``count`` > 0 (a
+    program keeps the largest count of one block, which cannot wrap)."""
     tl.atomic_max(flag_ptr, 1, mask=count > 0)
 
 
@@ -283,8 +286,10 @@ def _overlap_sums_fwd_kernel(
             if CHECK_LABELS:
                 # once per pixel: in the first class chunk (the load is the
                 # target tile's own, already in cache)
-                bad += _bad_label_count(t_row, offs_s64, smask & (c0 == 0), C, ignore_index,
-                                        stride_ts, HAS_IGNORE)
+                first = smask & (c0 == 0)
+                raw = tl.load(t_row + offs_s64 * stride_ts, mask=first, other=0)
+                bad = tl.maximum(bad, _count(_out_of_range(raw, first, C, ignore_index,
+                                                           HAS_IGNORE)))
             p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
                                     ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
             t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
@@ -679,9 +684,13 @@ def _argmax_classes(p_row, C, offs_s64, smask, stride_pc, stride_ps,
 def _block_pairs(pred_ptr, t_ptr, block, C, S, NUM_S_BLOCKS, ignore_index,
                  stride_pn, stride_pc, stride_ps, stride_tn, stride_ts,
                  PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr,
+                 CHECK_LABELS: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    """(truth, label, valid) of the BLOCK_S pixels of ``block`` (blocks are
-    numbered sample by sample), int64 labels; ``valid``: the pair counts."""
+    """(truth, label, valid, bad) of the BLOCK_S pixels of ``block`` (blocks
+    are numbered sample by sample), int64 labels; ``valid``: the pair
+    counts; ``bad`` (CHECK_LABELS, else 0): how many pixels have a target
+    label outside [0, C) that is not ignored, or a predicted label outside
+    [0, C)."""
     pid_n = block // NUM_S_BLOCKS
     pid_s = block % NUM_S_BLOCKS
     p_row = pred_ptr + pid_n.to(tl.int64) * stride_pn
@@ -699,16 +708,22 @@ def _block_pairs(pred_ptr, t_ptr, block, C, S, NUM_S_BLOCKS, ignore_index,
     valid = smask & (truth >= 0) & (truth < C) & (label >= 0) & (label < C)
     if HAS_IGNORE:
         valid = valid & ~_is_ignored(raw_truth, ignore_index)
-    return truth, label, valid
+    bad = 0
+    if CHECK_LABELS:
+        wrong = _out_of_range(raw_truth, smask, C, ignore_index, HAS_IGNORE)
+        if not PRED_IS_SCORES:   # an argmax is always in range
+            wrong = wrong | (smask & ((label < 0) | (label >= C)))
+        bad = _count(wrong)
+    return truth, label, valid, bad
 
 
 @triton.jit
 def _confusion_matrix_kernel(
-    pred_ptr, t_ptr, cm_ptr,
+    pred_ptr, t_ptr, cm_ptr, bad_ptr,
     C, S, NUM_S_BLOCKS, NUM_BLOCKS, ignore_index,
     stride_pn, stride_pc, stride_ps,
     stride_tn, stride_ts,
-    PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    PRED_IS_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr, CHECK_LABELS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, NUM_BINS: tl.constexpr,
     DIAG_BINS: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -721,15 +736,17 @@ def _confusion_matrix_kernel(
     # 64-bit: the last block + programs may pass int32
     pid = tl.program_id(0).to(tl.int64)
     programs = tl.num_programs(0).to(tl.int64)
+    bad = 0   # CHECK_LABELS: the most bad labels in one block (flagged at the end)
     if NUM_BINS > 0:
         # small C: a histogram of every (target, prediction) pair; the last
         # bin takes the pixels that do not count
         counts = tl.zeros([NUM_BINS], tl.int32)
         for block in range(pid, NUM_BLOCKS, programs):
-            truth, label, valid = _block_pairs(
+            truth, label, valid, block_bad = _block_pairs(
                 pred_ptr, t_ptr, block, C, S, NUM_S_BLOCKS, ignore_index, stride_pn, stride_pc,
-                stride_ps, stride_tn, stride_ts, PRED_IS_SCORES, HAS_IGNORE, BLOCK_C, BLOCK_S,
-                ACC)
+                stride_ps, stride_tn, stride_ts, PRED_IS_SCORES, HAS_IGNORE, CHECK_LABELS,
+                BLOCK_C, BLOCK_S, ACC)
+            bad = tl.maximum(bad, block_bad)
             bins = tl.where(valid, truth * C + label, NUM_BINS - 1).to(tl.int32)
             counts += tl.histogram(bins, NUM_BINS)
         offs_b = tl.arange(0, NUM_BINS)
@@ -743,10 +760,11 @@ def _confusion_matrix_kernel(
         hits = tl.zeros([DIAG_BINS if DIAG_BINS > 0 else 1], tl.int32)
         ones = tl.full([BLOCK_S], 1, tl.int64)
         for block in range(pid, NUM_BLOCKS, programs):
-            truth, label, valid = _block_pairs(
+            truth, label, valid, block_bad = _block_pairs(
                 pred_ptr, t_ptr, block, C, S, NUM_S_BLOCKS, ignore_index, stride_pn, stride_pc,
-                stride_ps, stride_tn, stride_ts, PRED_IS_SCORES, HAS_IGNORE, BLOCK_C, BLOCK_S,
-                ACC)
+                stride_ps, stride_tn, stride_ts, PRED_IS_SCORES, HAS_IGNORE, CHECK_LABELS,
+                BLOCK_C, BLOCK_S, ACC)
+            bad = tl.maximum(bad, block_bad)
             if DIAG_BINS > 0:
                 hit = valid & (truth == label)
                 hits += tl.histogram(tl.where(hit, truth, DIAG_BINS - 1).to(tl.int32),
@@ -757,6 +775,8 @@ def _confusion_matrix_kernel(
             offs_d = tl.arange(0, DIAG_BINS)
             tl.atomic_add(cm_ptr + offs_d * (C + 1), hits.to(tl.int64),
                           mask=(offs_d < C) & (hits > 0), sem="relaxed")
+    if CHECK_LABELS:
+        _flag_bad_labels(bad_ptr, bad)
 
 
 # --------------------------------------------------------------------------
@@ -963,12 +983,14 @@ def overlap_loss_backward(grad, sums, counts, weights, kind: str, smooth: float,
 
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
                      block_c: int | None = None, block_s: int | None = None,
-                     num_warps: int | None = None, programs: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, programs: int | None = None,
+                     bad_labels: torch.Tensor | None = None) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts, rows = target, cols = prediction.
 
     pred: (N, *spatial) labels or (N, C, *spatial) scores (argmax is fused).
     target: (N, *spatial) labels. Pairs with a label outside [0, C) or a target
-    equal to ``ignore_index`` are not counted.
+    equal to ``ignore_index`` are not counted. ``bad_labels``: a zeroed int32
+    tensor, set to 1 when such a label (not ignored) occurs.
     """
     C = num_classes
     scores = pred.dim() == target.dim() + 1
@@ -996,12 +1018,12 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
     programs = min(blocks, max(programs, cdiv(blocks, max(1, HISTOGRAM_PIXELS // BLOCK_S))))
     cm = torch.zeros((C, C), device=target.device, dtype=torch.int64)
     _confusion_matrix_kernel[(programs,)](
-        p, t, cm,
+        p, t, cm, cm if bad_labels is None else bad_labels,
         C, S, s_blocks, blocks, ignore_value(ignore_index, target.dtype),
         p.stride(0), p.stride(1), p.stride(2),
         t.stride(0), t.stride(1),
         PRED_IS_SCORES=scores, HAS_IGNORE=ignore_index is not None,
-        BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
+        CHECK_LABELS=bad_labels is not None, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
         NUM_BINS=num_bins if num_bins <= _MAX_BINS else 0,
         DIAG_BINS=diag_bins if num_bins > _MAX_BINS and diag_bins <= _MAX_BINS else 0,
         ACC=tl_accumulation(pred.dtype), num_warps=num_warps,

@@ -221,14 +221,27 @@ _fused_loss.register_autograd(_fused_loss_grad, setup_context=_fused_loss_setup_
 # --------------------------------------------------------------------------
 @torch.library.custom_op("segops::confusion_matrix", mutates_args=())
 def _confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
-                      ignore_index: int | None) -> Tensor:
-    if _dispatch.uses_kernel(target):
-        return _kernels().confusion_matrix(pred, target, num_classes, ignore_index)
-    return reference.confusion_matrix(pred, target, num_classes, ignore_index)
+                      ignore_index: int | None, check_labels: bool) -> Tensor:
+    """``check_labels``: assert (on the device) that the target's labels and
+    predicted labels lie in [0, num_classes) (or are ignored), in the
+    kernel's own pass."""
+    if not _dispatch.uses_kernel(target):
+        if check_labels:
+            if pred.dim() == target.dim():
+                _check_labels("pred", pred, num_classes, None)
+            _check_labels("target", target, num_classes, ignore_index)
+        return reference.confusion_matrix(pred, target, num_classes, ignore_index)
+    flag = target.new_zeros((), dtype=torch.int32) if check_labels else None
+    cm = _kernels().confusion_matrix(pred, target, num_classes, ignore_index, bad_labels=flag)
+    if check_labels:
+        message = (f"segops: target holds a label outside {_allowed(num_classes, ignore_index)}"
+                   f", or pred one outside [0, {num_classes})")
+        torch._assert_async(flag == 0, message)
+    return cm
 
 
 @_confusion_matrix.register_fake
-def _(pred, target, num_classes, ignore_index):
+def _(pred, target, num_classes, ignore_index, check_labels):
     return target.new_empty((num_classes, num_classes), dtype=torch.int64)
 
 
@@ -304,9 +317,13 @@ def _labels_checked_in_kernel(input: Tensor, target: Tensor, validate_args: bool
     kernel (one flag, one device assert) instead of the separate passes of
     ``_check_labels``: where those would be a device assert too (CUDA), on
     the kernels' path, with classes to compare against."""
-    return (validate_args and not _compiling() and target.dim() < input.dim()
-            and input.shape[1] > 0 and _checks_on_device(target)
-            and _dispatch.uses_kernel(input))
+    return (target.dim() < input.dim() and input.shape[1] > 0
+            and _checks_in_kernel(target, validate_args))
+
+
+def _checks_in_kernel(target: Tensor, validate_args: bool) -> bool:
+    return (validate_args and not _compiling() and _checks_on_device(target)
+            and _dispatch.uses_kernel(target))
 
 
 def _compiling() -> bool:
@@ -598,9 +615,10 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
         target: labels ``(N, *spatial)``.
         ignore_index: target label whose pixels are not counted.
         validate_args: check that labels lie in ``[0, C)`` (on CUDA a
-            device-side assert, without a host sync); without it,
-            out-of-range pairs are silently not counted. Labels are compared
-            at their full width (int64 2**32 + 1 is out of range, not 1).
+            device-side assert made in the counting kernel's own pass,
+            without a host sync); without it, out-of-range pairs are
+            silently not counted. Labels are compared at their full width
+            (int64 2**32 + 1 is out of range, not 1).
 
     Deterministic: counts are integers, so the kernel's atomic adds give the
     same matrix in any order (no one-hot fallback under
@@ -622,14 +640,15 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
         if pred.shape != target.shape:
             raise ArgumentError(f"pred labels must have the target's shape "
                                 f"{tuple(target.shape)}, got {tuple(pred.shape)}")
-        if validate_args and not _compiling():
-            _check_labels("pred", pred, num_classes, None)
     else:
         raise ArgumentError(f"pred must be labels shaped like target {tuple(target.shape)} or "
                             f"scores (N, C, *spatial), got {tuple(pred.shape)}")
-    if validate_args and not _compiling():
+    in_kernel = _checks_in_kernel(target, validate_args)
+    if validate_args and not in_kernel and not _compiling():
+        if pred.dim() == target.dim():
+            _check_labels("pred", pred, num_classes, None)
         _check_labels("target", target, num_classes, ignore_index)
-    return _confusion_matrix(pred, target, num_classes, ignore_index)
+    return _confusion_matrix(pred, target, num_classes, ignore_index, in_kernel)
 
 
 def _confusion_counts(confusion: Tensor):

@@ -269,7 +269,9 @@ def test_opcheck(dense):
     torch.library.opcheck(torch.ops.segops.overlap_sums_backward.default,
                           (g, g.clone(), x.detach(), t, *options))
     labels = torch.randint(0, 4, (2, 3, 5), device=DEVICE)
-    torch.library.opcheck(torch.ops.segops.confusion_matrix.default, (x.detach(), labels, 4, None))
+    for check_labels in (False, True):
+        torch.library.opcheck(torch.ops.segops.confusion_matrix.default,
+                              (x.detach(), labels, 4, None, check_labels))
 
 
 def test_compile_fullgraph_through_dice_loss():
@@ -1286,3 +1288,57 @@ def test_fused_loss_checks_labels_in_its_kernel(monkeypatch):
     # without classes, every label that is not ignored is out of range
     with pytest.raises(RuntimeError, match="holds a label outside"):
         ops.dice_loss(x[:, :0], t)
+
+
+@pytest.mark.parametrize("C", [3, 50])   # a histogram of every pair; of the diagonal
+@pytest.mark.parametrize("pred_kind", ["labels", "scores"])
+@pytest.mark.parametrize("where, value, ignore_index, flagged", [
+    ("target", "C", None, True),
+    ("target", "C - 1", None, False),
+    ("target", -1, None, True),
+    ("target", -1, -1, False),           # ignored
+    ("target", 2**32 + 1, None, True),   # full width
+    ("pred", "C", None, True),
+    ("pred", -1, -1, True),              # ignore_index applies to the target only
+    ("pred", "C - 1", None, False),
+])
+def test_confusion_kernel_flags_bad_labels(C, pred_kind, where, value, ignore_index, flagged):
+    """The confusion matrix kernel's label check, at the first and the last
+    pixel, over several programs; the counts stay those of the reference."""
+    if where == "pred" and pred_kind == "scores":
+        pytest.skip("an argmax is always in range")
+    value = {"C": C, "C - 1": C - 1}.get(value, value)
+    torch.manual_seed(0)
+    scores = torch.randn(2, C, 5, 7, dtype=KERNEL_DTYPES[0])
+    t = torch.randint(0, C, (2, 5, 7))
+    for pixel in ((0, 0, 0), (1, 4, 6)):
+        target, labels = t.clone(), scores.argmax(1)
+        (target if where == "target" else labels)[pixel] = value
+        pred = scores if pred_kind == "scores" else labels
+        flag = torch.zeros((), dtype=torch.int32, device=DEVICE)
+        cm = kernels.confusion_matrix(pred.to(DEVICE), target.to(DEVICE), C, ignore_index,
+                                      block_s=8, programs=3, bad_labels=flag)
+        assert flag.item() == int(flagged), (pixel, flag.item())
+        assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, target, C, ignore_index))
+
+
+def test_confusion_matrix_checks_labels_in_its_kernel(monkeypatch):
+    """Where the label checks are device asserts (here forced on the CPU),
+    confusion_matrix makes them in its kernel: no separate passes."""
+    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    separate_checks = []
+    check_labels = ops._check_labels
+    monkeypatch.setattr(ops, "_check_labels",
+                        lambda *args: separate_checks.append(args) or check_labels(*args))
+    t = torch.randint(0, 3, (2, 4, 4), device=DEVICE)
+    pred = t.clone()
+    ops.confusion_matrix(pred, t, 3)
+    pred[1, 2, 2] = 3
+    with pytest.raises(RuntimeError, match=r"or pred one outside \[0, 3\)"):
+        ops.confusion_matrix(pred, t, 3)
+    t[0, 0, 0] = 7
+    with pytest.raises(RuntimeError, match=r"target holds a label outside \[0, 3\) or "
+                                           r"ignore_index=255"):
+        ops.confusion_matrix(torch.randn(2, 3, 4, 4, device=DEVICE), t, 3, 255)
+    assert separate_checks == []
+    ops.confusion_matrix(pred, t, 3, validate_args=False)
