@@ -26,8 +26,9 @@ and the instructions of the largest loop body (a GEMM's K-step, per warp).
 Three things differ from a run on a GPU, on purpose: the launchers see a CPU
 device, so (1) the interpreter's bf16 detour (the ``UPCAST`` constexpr) is
 switched off, (2) ``target_programs`` answers for an H100 (132 SMs), and
-(3) the conv launcher takes its autotune path. Everything else is the
-launcher's own code.
+(3) the conv launcher takes its autotune path. The overlap ops' label checks
+take their CUDA path (inside the kernels) as on a GPU. Everything else is
+the launcher's own code.
 
 Besides the benchmark cases (``suite == "bench"``: the fast paths the gate in
 tests/test_codegen.py checks), a ``coverage`` suite compiles, at small
@@ -251,12 +252,12 @@ def _overlap_cases():
         def run(phase, N=N, C=C, spatial=spatial, dtype=dtype, cl=cl):
             x = _empty((N, C, *spatial), dtype, cl, True)
             t = torch.zeros((N, *spatial), dtype=torch.int64)
-            with phase("fwd"):
-                loss = ops.dice_loss(x, t, "multiclass", validate_args=False)
+            with phase("fwd"):   # validate_args on: the label check in the kernels
+                loss = ops.dice_loss(x, t, "multiclass")
             with phase("bwd"):
                 loss.backward()
             with phase("fwd"):
-                ops.confusion_matrix(x.detach(), t, C, validate_args=False)
+                ops.confusion_matrix(x.detach(), t, C)
         yield Case("bench", "overlap", f"{N}x{C}x{'x'.join(map(str, spatial))}", _layout(cl),
                    dtype, run)
 
@@ -693,6 +694,9 @@ class Capture:
         patch(autotuner.Autotuner, "run", tuner_run)
         patch(_dispatch, "path_for", lambda device: _dispatch.KERNEL)
         patch(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default for convolutions
+        # label checks as on CUDA: made inside the overlap kernels (their flag stays 0 here)
+        from segops.ops import overlap as overlap_ops
+        patch(overlap_ops, "_checks_on_device", lambda t: True)
         modules = [m for name, m in list(sys.modules.items())
                    if name.startswith("segops.kernels") and m is not None]
         # the launchers' device-dependent choices, wherever they are bound

@@ -112,7 +112,7 @@ def _softmax_stats_and_dot(x_row, t_row, gi_row, gp_row, C, offs_s64, smask, ign
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
-        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+        t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                                 stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
         cmask = offs_c < C
         gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
@@ -198,8 +198,9 @@ def _is_ignored(raw, ignore_index):
 def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                  stride_tc, stride_ts,
                  DENSE_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, ACC: tl.constexpr):
-    """Target tile [BLOCK_C, BLOCK_S] in ACC and the mask of elements that
-    count. Index targets become one-hot by comparison, never in memory."""
+    """Target tile [BLOCK_C, BLOCK_S] in ACC, the mask of elements that
+    count, and the raw values loaded ([BLOCK_S] labels for index targets).
+    Index targets become one-hot by comparison, never in memory."""
     cmask = offs_c < C
     valid = cmask[:, None] & smask[None, :]
     if DENSE_TARGET:
@@ -214,7 +215,7 @@ def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
             valid = valid & ~_is_ignored(raw, ignore_index)[None, :]
         label = raw.to(tl.int64)
         t = tl.where(valid & (label[None, :] == offs_c[:, None]), 1.0, 0.0).to(ACC)
-    return t, valid
+    return t, valid, raw
 
 
 @triton.jit
@@ -231,6 +232,20 @@ def _out_of_range(raw, smask, C, ignore_index, HAS_IGNORE: tl.constexpr):
 @triton.jit
 def _count(mask):
     return tl.sum(mask.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _bad_labels_in(t_row, s_begin, s_end, C, ignore_index, stride_ts, HAS_IGNORE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """How many of the labels of pixels [s_begin, s_end) are out of range
+    (at most BLOCK: a per-lane flag, counted once)."""
+    bad = tl.zeros([BLOCK], tl.int1)
+    for s0 in range(s_begin, s_end, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        smask = offs < s_end
+        raw = tl.load(t_row + offs * stride_ts, mask=smask, other=0)
+        bad = bad | _out_of_range(raw, smask, C, ignore_index, HAS_IGNORE)
+    return _count(bad)
 
 
 @triton.jit
@@ -256,7 +271,7 @@ def _overlap_sums_fwd_kernel(
     stride_tn, stride_tc, stride_ts,
     ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
-    CHECK_LABELS: tl.constexpr,
+    CHECK_LABELS: tl.constexpr, LABEL_BLOCK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
     # Program (n, p) reduces pixels [p*S_PER_PROG, (p+1)*S_PER_PROG) of sample
@@ -273,8 +288,14 @@ def _overlap_sums_fwd_kernel(
     s_end = tl.minimum(s_begin + S_PER_PROG, S)
     part_row = part_ptr + (pid_n * num_p + pid_p).to(tl.int64) * C
     plane = (num_n * num_p).to(tl.int64) * C
+    if CHECK_LABELS:
+        # a pass of its own over the program's labels, flagged before the
+        # sums: nothing of it stays live in their loop (checked inside that
+        # loop, the labels cost registers and occupancy on sm_90: 64 -> 102
+        # registers at 150 classes, bf16 NCHW)
+        _flag_bad_labels(bad_ptr, _bad_labels_in(t_row, s_begin, s_end, C, ignore_index,
+                                                 stride_ts, HAS_IGNORE, LABEL_BLOCK))
 
-    bad = 0
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         acc_i = tl.zeros([BLOCK_C], ACC)
@@ -283,17 +304,10 @@ def _overlap_sums_fwd_kernel(
         for s0 in range(s_begin, s_end, BLOCK_S):
             offs_s64 = s0 + tl.arange(0, BLOCK_S)  # int64, as s_begin is
             smask = offs_s64 < s_end
-            if CHECK_LABELS:
-                # once per pixel: in the first class chunk (the load is the
-                # target tile's own, already in cache)
-                first = smask & (c0 == 0)
-                raw = tl.load(t_row + offs_s64 * stride_ts, mask=first, other=0)
-                bad = tl.maximum(bad, _count(_out_of_range(raw, first, C, ignore_index,
-                                                           HAS_IGNORE)))
             p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
                                     ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
-            t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
-                                    stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+            t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                       stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
             p = tl.where(valid, p, 0.0)
             if MIN_INTERSECTION:
                 inter = tl.minimum(p, t, propagate_nan=tl.PropagateNan.ALL)
@@ -315,8 +329,6 @@ def _overlap_sums_fwd_kernel(
         tl.store(part_row + offs_c, acc_i, mask=cmask)
         tl.store(part_row + plane + offs_c, acc_p, mask=cmask)
         tl.store(part_row + 2 * plane + offs_c, acc_t, mask=cmask)
-    if CHECK_LABELS:
-        _flag_bad_labels(bad_ptr, bad)
 
 
 # --------------------------------------------------------------------------
@@ -367,7 +379,7 @@ def _chunk_grad(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask, m, l, 
     """(p, dL/dp) of one class chunk, softmax from the statistics (m, l) of
     every class (unused by the other activations)."""
     x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
-    t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+    t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                             stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
     p = _probabilities(x, m, l, ACTIVATION)
     return p, _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
@@ -403,7 +415,7 @@ def _overlap_sums_bwd_kernel(
         offs_c = tl.arange(0, BLOCK_C)
         p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
                                 ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
-        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+        t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                                 stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
         g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
                                 MIN_INTERSECTION)
@@ -896,7 +908,7 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
         MIN_INTERSECTION=min_intersection, CHECK_LABELS=bad_labels is not None,
-        ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
+        LABEL_BLOCK=128 * num_warps, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
         BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
     )
     return part.sum(dim=2)
