@@ -576,6 +576,32 @@ def _batch_sums(sums_ptr, N, C, offs_c, cmask, BLOCK: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
+def _class_block(sums_ptr, count_ptr, weight_ptr, N, C, c0, HAS_SELECTION: tl.constexpr,
+                 HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Classes [c0, c0 + BLOCK): offsets, mask, multiplicity, weight, and
+    their sums over the batch."""
+    offs_c = c0 + tl.arange(0, BLOCK)
+    cmask = offs_c < C
+    count, weight = _class_weights(count_ptr, weight_ptr, offs_c, cmask, HAS_SELECTION,
+                                   HAS_WEIGHTS, ACC)
+    i, p, t = _batch_sums(sums_ptr, N, C, offs_c, cmask, BLOCK, ACC)
+    return offs_c, cmask, count, weight, i, p, t
+
+
+@triton.jit
+def _pair_block(sums_ptr, count_ptr, weight_ptr, N, C, e0, HAS_SELECTION: tl.constexpr,
+                HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(sample, class) pairs [e0, e0 + BLOCK) of the flattened (N, C):
+    offsets, mask, multiplicity and weight of their class, and their sums."""
+    offs = e0 + tl.arange(0, BLOCK)
+    emask = offs < N * C
+    count, weight = _class_weights(count_ptr, weight_ptr, offs % C, emask, HAS_SELECTION,
+                                   HAS_WEIGHTS, ACC)
+    i, p, t = _load_sums(sums_ptr, offs, N * C, emask)
+    return offs, emask, count, weight, i, p, t
+
+
+@triton.jit
 def _overlap_loss_kernel(
     sums_ptr, count_ptr, weight_ptr, loss_ptr,
     N, C, smooth_bits, eps_bits,
@@ -590,29 +616,25 @@ def _overlap_loss_kernel(
     total = tl.zeros([BLOCK], ACC)
     if BATCH:
         for c0 in range(0, C, BLOCK):
-            offs_c = c0 + tl.arange(0, BLOCK)
-            cmask = offs_c < C
-            count, weight = _class_weights(count_ptr, weight_ptr, offs_c, cmask, HAS_SELECTION,
-                                           HAS_WEIGHTS, ACC)
-            i, p, t = _batch_sums(sums_ptr, N, C, offs_c, cmask, BLOCK, ACC)
+            _, _, count, weight, i, p, t = _class_block(sums_ptr, count_ptr, weight_ptr, N, C,
+                                                        c0, HAS_SELECTION, HAS_WEIGHTS, BLOCK,
+                                                        ACC)
             loss = _class_loss(i, p, t, smooth, eps, JACCARD, LOG_LOSS, SKIP_EMPTY)
             # unselected classes (count 0) drop out even where their loss is NaN
             total += tl.where(count > 0, count * weight * loss, 0.0)
         rows = 1
     else:
         for e0 in range(0, N * C, BLOCK):
-            offs = e0 + tl.arange(0, BLOCK)
-            emask = offs < N * C
-            offs_c = offs % C
-            count, weight = _class_weights(count_ptr, weight_ptr, offs_c, emask, HAS_SELECTION,
-                                           HAS_WEIGHTS, ACC)
-            i, p, t = _load_sums(sums_ptr, offs, N * C, emask)
+            _, _, count, weight, i, p, t = _pair_block(sums_ptr, count_ptr, weight_ptr, N, C,
+                                                       e0, HAS_SELECTION, HAS_WEIGHTS, BLOCK,
+                                                       ACC)
             loss = _class_loss(i, p, t, smooth, eps, JACCARD, LOG_LOSS, SKIP_EMPTY)
             total += tl.where(count > 0, count * weight * loss, 0.0)
         rows = N
     out = tl.sum(total, axis=0)
     if MEAN:
-        out = out / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK, ACC) * rows)
+        out = out / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK,
+                                   ACC) * rows)
     tl.store(loss_ptr, out)
 
 
@@ -632,14 +654,12 @@ def _overlap_loss_bwd_kernel(
     coef = tl.load(grad_ptr).to(ACC)
     if MEAN:
         rows = 1 if BATCH else N
-        coef = coef / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK, ACC) * rows)
+        coef = coef / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK,
+                                     ACC) * rows)
     if BATCH:
         for c0 in range(0, C, BLOCK):
-            offs_c = c0 + tl.arange(0, BLOCK)
-            cmask = offs_c < C
-            count, weight = _class_weights(count_ptr, weight_ptr, offs_c, cmask, HAS_SELECTION,
-                                           HAS_WEIGHTS, ACC)
-            i, p, t = _batch_sums(sums_ptr, N, C, offs_c, cmask, BLOCK, ACC)
+            offs_c, cmask, count, weight, i, p, t = _class_block(
+                sums_ptr, count_ptr, weight_ptr, N, C, c0, HAS_SELECTION, HAS_WEIGHTS, BLOCK, ACC)
             # unselected classes get dl = 0 (also when the mean over no class
             # makes coef infinite), and from it what autograd gives (0 * NaN
             # where their sums are NaN)
@@ -651,11 +671,8 @@ def _overlap_loss_bwd_kernel(
                 tl.store(gsums_ptr + plane + n * C + offs_c, dp, mask=cmask)
     else:
         for e0 in range(0, N * C, BLOCK):
-            offs = e0 + tl.arange(0, BLOCK)
-            emask = offs < N * C
-            count, weight = _class_weights(count_ptr, weight_ptr, offs % C, emask, HAS_SELECTION,
-                                           HAS_WEIGHTS, ACC)
-            i, p, t = _load_sums(sums_ptr, offs, plane, emask)
+            offs, emask, count, weight, i, p, t = _pair_block(
+                sums_ptr, count_ptr, weight_ptr, N, C, e0, HAS_SELECTION, HAS_WEIGHTS, BLOCK, ACC)
             # unselected classes get dl = 0 (also when the mean over no class
             # makes coef infinite), and from it what autograd gives (0 * NaN
             # where their sums are NaN)
