@@ -46,7 +46,7 @@ from ._layout import (
     target_programs,
     tl_accumulation,
 )
-from ._math import from_bits
+from ._math import div, from_bits
 
 ACTIVATIONS = {"none": 0, "sigmoid": 1, "softmax": 2}
 _SOFTMAX = 2
@@ -491,7 +491,7 @@ def _score_terms(i, p, t, smooth, eps, JACCARD: tl.constexpr):
     else:
         den = (p + t) * 0.5
     q = tl.maximum(den + smooth, eps, propagate_nan=tl.PropagateNan.ALL)
-    return (i + smooth) / q, den, q
+    return div(i + smooth, q), den, q
 
 
 @triton.jit
@@ -527,12 +527,12 @@ def _class_loss_grads(dl, i, p, t, smooth, eps, JACCARD: tl.constexpr, LOG_LOSS:
     if SKIP_EMPTY:
         dl = dl * (t > 0).to(dl.dtype)
     if LOG_LOSS:
-        dscore = tl.where(_clamp_passes(score, eps, CLAMP_TIE), -dl / tl.maximum(score, eps),
+        dscore = tl.where(_clamp_passes(score, eps, CLAMP_TIE), div(-dl, tl.maximum(score, eps)),
                           0.0)
     else:
         dscore = -dl
-    dnum = dscore / q
-    dden = tl.where(_clamp_passes(den + smooth, eps, CLAMP_TIE), -dscore * (score / q), 0.0)
+    dnum = div(dscore, q)
+    dden = tl.where(_clamp_passes(den + smooth, eps, CLAMP_TIE), -dscore * div(score, q), 0.0)
     if JACCARD:
         return dnum - dden, dden
     return dnum, dden * 0.5
@@ -548,7 +548,8 @@ def _weight_total(count_ptr, weight_ptr, C, HAS_SELECTION: tl.constexpr, HAS_WEI
         offs_c = c0 + tl.arange(0, BLOCK)
         count, weight = _class_weights(count_ptr, weight_ptr, offs_c, offs_c < C, HAS_SELECTION,
                                        HAS_WEIGHTS, ACC)
-        total += count * weight
+        # a class left out counts nothing, whatever its weight (inf too)
+        total += tl.where(count > 0, count * weight, 0.0)
     return tl.sum(total, axis=0)
 
 
@@ -633,8 +634,8 @@ def _overlap_loss_kernel(
         rows = N
     out = tl.sum(total, axis=0)
     if MEAN:
-        out = out / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK,
-                                   ACC) * rows)
+        out = div(out, _weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK,
+                                     ACC) * rows)
     tl.store(loss_ptr, out)
 
 
@@ -654,8 +655,8 @@ def _overlap_loss_bwd_kernel(
     coef = tl.load(grad_ptr).to(ACC)
     if MEAN:
         rows = 1 if BATCH else N
-        coef = coef / (_weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS, BLOCK,
-                                     ACC) * rows)
+        coef = div(coef, _weight_total(count_ptr, weight_ptr, C, HAS_SELECTION, HAS_WEIGHTS,
+                                       BLOCK, ACC) * rows)
     if BATCH:
         for c0 in range(0, C, BLOCK):
             offs_c, cmask, count, weight, i, p, t = _class_block(

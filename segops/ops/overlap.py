@@ -198,6 +198,7 @@ def _fused_loss_setup_context(ctx, inputs, output):
     input, target, *sums_options = inputs[:6]
     counts, weights, *loss_options = inputs[7:]
     ctx.save_for_backward(input, target, output[1], counts, weights)
+    ctx.mark_non_differentiable(output[1])   # the sums are returned for backward only
     ctx.set_materialize_grads(False)   # no zero-filled gradient for the unused sums output
     ctx.sums_options = tuple(sums_options)
     ctx.loss_options = tuple(loss_options)

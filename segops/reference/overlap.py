@@ -101,8 +101,9 @@ def _clamp_min_passes_tie() -> bool:
     the bound. torch did (subgradient 1) until mid-2026; newer releases give
     the minimum-norm subgradient 0 (pytorch/pytorch#184572). Asked once, at
     import: custom ops run below autograd and cannot ask."""
-    x = torch.ones((), dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
+    # on the CPU and outside inference mode, whatever the caller's defaults
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.ones((), dtype=torch.float64, device="cpu", requires_grad=True)
         grad, = torch.autograd.grad(x.clamp_min(1.0), x)
     return bool(grad == 1)
 
@@ -134,6 +135,15 @@ def class_losses(sums: torch.Tensor, kind: str, smooth: float, eps: float, log_l
     return loss
 
 
+def _selected_weights(count: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each class's weight times how often it is selected; 0 for classes left
+    out, whatever their weight (an inf weight of an unselected class must
+    not reach the mean's denominator)."""
+    if weights is None:
+        return count
+    return torch.where(count > 0, count * weights, 0)
+
+
 def reduced_loss(sums: torch.Tensor, counts: torch.Tensor | None, weights: torch.Tensor | None,
                  kind: str, smooth: float, eps: float, log_loss: bool, skip_empty: bool,
                  batch: bool, mean: bool) -> torch.Tensor:
@@ -143,7 +153,7 @@ def reduced_loss(sums: torch.Tensor, counts: torch.Tensor | None, weights: torch
     losses (``mean``). Classes selected 0 times drop out, NaN or not."""
     loss = class_losses(sums, kind, smooth, eps, log_loss, skip_empty, batch)
     count = loss.new_ones(loss.shape[-1]) if counts is None else counts
-    weight = count if weights is None else count * weights
+    weight = _selected_weights(count, weights)
     total = torch.where(count > 0, weight * loss, 0).sum()
     return total / weight.expand_as(loss).sum() if mean else total
 
@@ -162,7 +172,7 @@ def reduced_loss_backward(grad: torch.Tensor, sums: torch.Tensor, counts: torch.
     summed = sums.sum(dim=1) if batch else sums
     inter, pred_sum, target_sum = summed
     count = sums.new_ones(C) if counts is None else counts
-    weight = count if weights is None else count * weights
+    weight = _selected_weights(count, weights)
     coef = grad / (weight.sum() * (1 if batch else N)) if mean else grad
     d_loss = torch.where(count > 0, coef * weight, 0).expand_as(inter)
     if kind == "dice":
