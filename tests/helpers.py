@@ -96,18 +96,24 @@ class LaunchRecorder:
         self.module = module
         self.names = names
         self.launches: list[tuple[str, tuple]] = []
+        self.arguments: list[tuple[str, dict]] = []
         self._saved = {}
 
     def __enter__(self):
         for name in self.names:
             kernel = getattr(self.module, name)
             self._saved[name] = kernel
-            setattr(self.module, name, _RecordingKernel(name, kernel, self.launches))
+            setattr(self.module, name, _RecordingKernel(name, kernel, self))
         return self
 
     def __exit__(self, *exc):
         for name, kernel in self._saved.items():
             setattr(self.module, name, kernel)
+
+    def constexprs(self, name: str) -> list[dict]:
+        """The keyword arguments (constexprs, num_warps) of each launch of
+        kernel ``name``."""
+        return [kwargs for launched, kwargs in self.arguments if launched == name]
 
     def names_launched(self) -> list[str]:
         return [name for name, _ in self.launches]
@@ -125,13 +131,14 @@ class LaunchRecorder:
 
 
 class _RecordingKernel:
-    def __init__(self, name, kernel, launches):
-        self.name, self.kernel, self.launches = name, kernel, launches
+    def __init__(self, name, kernel, recorder):
+        self.name, self.kernel, self.recorder = name, kernel, recorder
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             sizes = grid(kwargs) if callable(grid) else grid
-            self.launches.append((self.name, tuple(sizes)))
+            self.recorder.launches.append((self.name, tuple(sizes)))
+            self.recorder.arguments.append((self.name, dict(kwargs)))
             return self.kernel[grid](*args, **kwargs)
         return launch
 

@@ -765,21 +765,6 @@ def test_noncontiguous_confusion_matrix(view, pred_kind):
     assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, 5, None))
 
 
-class _LaunchRecorder:
-    """Stands in for a @triton.jit kernel: records the keyword arguments
-    (constexprs) of every launch, then launches the real kernel."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.launches = []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 # C -> the launch variant: NUM_BINS of the histogram of every (target,
 # prediction) pair (up to 45 classes), else DIAG_BINS of the diagonal's
 # histogram (up to 2047 classes), else 0 and 0: one atomic per pixel.
@@ -797,8 +782,6 @@ def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, d
     pixels are predicted right, so the diagonal histogram counts many hits
     (the same class several times) next to the per-pixel mismatches; the
     ignored pixels predict the ignored value (a class from C = 256)."""
-    recorder = _LaunchRecorder(kernels._confusion_matrix_kernel)
-    monkeypatch.setattr(kernels, "_confusion_matrix_kernel", recorder)
     scores = torch.randn(2, C, 5, 7, dtype=KERNEL_DTYPES[0])
     wins = torch.rand(2, 5, 7) < 0.4  # class 1 wins there: repeated hits of one class
     scores[:, min(1, C - 1)] = torch.where(wins, scores.amax(1) + 1, scores[:, min(1, C - 1)])
@@ -808,9 +791,10 @@ def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, d
     t = torch.where(torch.rand(labels.shape) < 0.5, labels, torch.randint(0, C, labels.shape))
     t[0, 0, :3] = 255
     pred = scores if pred_kind == "scores" else labels.to(torch.int32)
-    cm = ops.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, 255)
-    assert [(launch["NUM_BINS"], launch["DIAG_BINS"]) for launch in recorder.launches] == [
-        (bins, diag_bins)]
+    with LaunchRecorder(kernels, ["_confusion_matrix_kernel"]) as recorder:
+        cm = ops.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, 255)
+    assert [(launch["NUM_BINS"], launch["DIAG_BINS"])
+            for launch in recorder.constexprs("_confusion_matrix_kernel")] == [(bins, diag_bins)]
     want = ref.confusion_matrix(pred, t, C, 255)
     assert want.diagonal().sum() > 20 and want.diagonal().max() > 2
     assert torch.equal(cm.cpu(), want)
