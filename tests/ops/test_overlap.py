@@ -1366,3 +1366,30 @@ def test_import_asks_torch_about_clamp_under_any_defaults():
                            timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.strip() == str(ref.CLAMP_MIN_PASSES_TIE)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("view", VIEWS)
+def test_fused_loss_views_and_dtypes(dtype, view, monkeypatch):
+    """The fused loss with every tensor argument a non-contiguous view (input,
+    target, class weights, the incoming gradient) in each input dtype users
+    run: the composite's loss and input gradient, both from the same sums."""
+    x, t = make_case(2, 5, (4, 6), False, "softmax", ignore_index=255, dtype=dtype)
+    x, t = _nocontig(x.to(DEVICE), view), _nocontig(t.to(DEVICE), view)
+    acc = kernels.sums_dtype(x)
+    weights = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.5, 0.0, 3.0, 0.0, 1.5, 0.0], dtype=acc,
+                           device=DEVICE)[::2]
+    grad_out = torch.tensor([0.75, 0.0], dtype=acc, device=DEVICE)[0]
+    options = dict(ignore_index=255, batch=False, class_weights=weights, classes=[0, 2, 3])
+    xf = x.detach().clone().requires_grad_()
+    with LaunchRecorder(kernels, FUSED_LOSS_KERNELS) as launched:
+        loss = ops.jaccard_loss(xf, t, **options)
+        loss.backward(grad_out)
+    assert launched.names_launched() == FUSED_LOSS_KERNELS
+    monkeypatch.setattr(ops, "_fuses_loss", lambda *args: False)
+    xc = x.detach().clone().requires_grad_()
+    want = ops.jaccard_loss(xc, t, **options)
+    want.backward(grad_out)
+    assert loss.dtype == want.dtype == acc and xf.grad.dtype == dtype
+    assert_close(loss, want, RTOL[acc])
+    assert_close(xf.grad, xc.grad, RTOL[dtype], name="grad")
