@@ -112,7 +112,7 @@ def _softmax_stats_and_dot(x_row, t_row, gi_row, gp_row, C, offs_s64, smask, ign
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
-        t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                                 stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
         cmask = offs_c < C
         gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
@@ -198,9 +198,8 @@ def _is_ignored(raw, ignore_index):
 def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                  stride_tc, stride_ts,
                  DENSE_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, ACC: tl.constexpr):
-    """Target tile [BLOCK_C, BLOCK_S] in ACC, the mask of elements that
-    count, and the raw values loaded ([BLOCK_S] labels for index targets).
-    Index targets become one-hot by comparison, never in memory."""
+    """Target tile [BLOCK_C, BLOCK_S] in ACC and the mask of elements that
+    count. Index targets become one-hot by comparison, never in memory."""
     cmask = offs_c < C
     valid = cmask[:, None] & smask[None, :]
     if DENSE_TARGET:
@@ -215,7 +214,7 @@ def _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
             valid = valid & ~_is_ignored(raw, ignore_index)[None, :]
         label = raw.to(tl.int64)
         t = tl.where(valid & (label[None, :] == offs_c[:, None]), 1.0, 0.0).to(ACC)
-    return t, valid, raw
+    return t, valid
 
 
 @triton.jit
@@ -250,8 +249,8 @@ def _bad_labels_in(t_row, s_begin, s_end, C, ignore_index, stride_ts, HAS_IGNORE
 
 @triton.jit
 def _flag_bad_labels(flag_ptr, count):
-    """Set the flag (an int32 the launcher zeroed) when ``count`` > 0 (a
-    program keeps the largest count of one block, which cannot wrap)."""
+    """Set the flag (an int32 the launcher zeroed) when ``count`` > 0. The
+    callers count at most one block's pixels, so the count cannot wrap."""
     tl.atomic_max(flag_ptr, 1, mask=count > 0)
 
 
@@ -277,7 +276,8 @@ def _overlap_sums_fwd_kernel(
     # Program (n, p) reduces pixels [p*S_PER_PROG, (p+1)*S_PER_PROG) of sample
     # n into its own row of `part` [3, N, P, C]; the host sums over P. No
     # atomics, so the result is bit-identical run to run. CHECK_LABELS (index
-    # targets): flag labels outside [0, C) in bad_ptr, in the same pass.
+    # targets): flag labels outside [0, C) in bad_ptr, in a pass over the
+    # program's labels before the sums.
     pid_n = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_n = tl.num_programs(0)
@@ -306,8 +306,8 @@ def _overlap_sums_fwd_kernel(
             smask = offs_s64 < s_end
             p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
                                     ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
-            t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
-                                       stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+            t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                    stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
             p = tl.where(valid, p, 0.0)
             if MIN_INTERSECTION:
                 inter = tl.minimum(p, t, propagate_nan=tl.PropagateNan.ALL)
@@ -379,7 +379,7 @@ def _chunk_grad(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask, m, l, 
     """(p, dL/dp) of one class chunk, softmax from the statistics (m, l) of
     every class (unused by the other activations)."""
     x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
-    t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+    t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                             stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
     p = _probabilities(x, m, l, ACTIVATION)
     return p, _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
@@ -415,7 +415,7 @@ def _overlap_sums_bwd_kernel(
         offs_c = tl.arange(0, BLOCK_C)
         p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
                                 ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
-        t, valid, _ = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                                 stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
         g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
                                 MIN_INTERSECTION)

@@ -82,13 +82,10 @@ def _sums_dtype(input: Tensor) -> torch.dtype:
 @torch.library.custom_op("segops::overlap_sums", mutates_args=())
 def _overlap_sums(input: Tensor, target: Tensor, activation: str,
                   ignore_index: int | None, squared: bool, min_intersection: bool) -> Tensor:
-    return _sums(input, target, activation, ignore_index, squared, min_intersection)
-
-
-def _sums(input, target, *options) -> Tensor:
+    args = (input, target, activation, ignore_index, squared, min_intersection)
     if _dispatch.uses_kernel(input):
-        return _kernels().overlap_sums_forward(input, target, *options)
-    return reference.overlap_sums(input, target, *options)
+        return _kernels().overlap_sums_forward(*args)
+    return reference.overlap_sums(*args)
 
 
 @_overlap_sums.register_fake
