@@ -90,6 +90,7 @@ FAMILIES = {
     "_roi_align_fwd_kernel": "roi_align fwd",
     "_roi_align_bwd_atomic_kernel": "roi_align bwd atomic",
     "_roi_align_bwd_deterministic_kernel": "roi_align bwd deterministic",
+    "_roi_levels_kernel": "roi_levels",
     "_overlap_sums_fwd_kernel": "overlap fwd",
     "_overlap_sums_bwd_kernel": "overlap bwd",
     "_overlap_loss_kernel": "overlap loss",
@@ -697,6 +698,16 @@ class Capture:
         # label checks as on CUDA: made inside the overlap kernels (their flag stays 0 here)
         from segops.ops import overlap as overlap_ops
         patch(overlap_ops, "_checks_on_device", lambda t: True)
+        # kernels do not run here, and the level kernel's output is indices
+        # that later host code looks up: recorded, it returns level 0 for
+        # every RoI (no launch's arguments depend on the levels' values)
+        roi_kernels = importlib.import_module("segops.kernels.roi_align")
+        record_levels = roi_kernels.roi_levels
+
+        def roi_levels(rois, thresholds, num_levels):
+            record_levels(rois, thresholds, num_levels)
+            return rois.clone(), rois.new_zeros(rois.shape[0], dtype=torch.int64)
+        patch(roi_kernels, "roi_levels", roi_levels)
         modules = [m for name, m in list(sys.modules.items())
                    if name.startswith("segops.kernels") and m is not None]
         # the launchers' device-dependent choices, wherever they are bound

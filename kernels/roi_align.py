@@ -1,6 +1,6 @@
 """RoIAlign over one or several feature levels, forward and backward.
 
-Three kernels:
+Three kernels, and a fourth that maps RoIs to levels:
 
 * ``_roi_align_fwd_kernel``: one program per (RoI, block of channels, block
   of bins). The bilinear samples of a bin are looped over (their number is
@@ -18,6 +18,12 @@ Three kernels:
   weights of a bin factor into a row part and a column part (the bounds test
   is per axis too), so a bin costs O(samples_h + samples_w) vector work
   instead of O(samples_h * samples_w).
+* ``_roi_levels_kernel``: multi_scale_roi_align's level of each RoI (FPN
+  eq. 1, torchvision's LevelMapper) in one launch, where torch's composite
+  takes about 30 small ones: the level is a count of area thresholds that
+  the caller finds once per (dtype, device, level range) from the
+  reference formula itself, so every rounding of torch's sqrt, division and
+  log2 on that device is reproduced.
 
 Several levels in one launch: the level maps stay where they are; the
 kernels get a tuple of their pointers (kernel arguments, so a new
@@ -462,6 +468,43 @@ def _roi_align_bwd_deterministic_kernel(
 
 
 # --------------------------------------------------------------------------
+# level of each RoI (multi_scale_roi_align)
+# --------------------------------------------------------------------------
+@triton.jit
+def _roi_levels_kernel(
+    rois_ptr, thresholds_ptr, out_rois_ptr, levels_ptr,
+    K, num_levels,
+    stride_k, stride_c,
+    NUM_BOUNDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Each RoI's level index: how many of the NUM_BOUNDS area thresholds
+    its box area, (x2 - x1) * (y2 - y1) in the rois' dtype as torchvision
+    computes it, reaches. A NaN or negative area, or an index past the
+    ``num_levels`` maps, matches no map: the RoI's batch index becomes -1
+    (it pools nothing) and its level 0 (a valid table row)."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < K
+    row = rois_ptr + k.to(tl.int64) * stride_k
+    batch = tl.load(row, mask=mask, other=0)
+    x1 = tl.load(row + stride_c, mask=mask, other=0)
+    y1 = tl.load(row + 2 * stride_c, mask=mask, other=0)
+    x2 = tl.load(row + 3 * stride_c, mask=mask, other=0)
+    y2 = tl.load(row + 4 * stride_c, mask=mask, other=0)
+    area = (x2 - x1) * (y2 - y1)
+    level = tl.zeros([BLOCK], tl.int32)
+    for b in tl.static_range(NUM_BOUNDS):
+        level += (area >= tl.load(thresholds_ptr + b)).to(tl.int32)
+    matched = (area >= 0) & (level < num_levels)
+    out = out_rois_ptr + k.to(tl.int64) * 5
+    tl.store(out, tl.where(matched, batch, -1.0), mask=mask)
+    tl.store(out + 1, x1, mask=mask)
+    tl.store(out + 2, y1, mask=mask)
+    tl.store(out + 3, x2, mask=mask)
+    tl.store(out + 4, y2, mask=mask)
+    tl.store(levels_ptr + k, tl.where(matched, level, 0).to(tl.int64), mask=mask)
+
+
+# --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
 def _accumulation(features) -> tuple[torch.dtype, object]:
@@ -670,3 +713,23 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
         ACC=acc, num_warps=_warps(channels_last, spills_at_8=pool_mode == "max"),
     )
     return buffers
+
+
+def roi_levels(rois: torch.Tensor, thresholds: torch.Tensor,
+               num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rois, levels) for ``num_levels`` maps: ``rois`` (K, 5) float32 or
+    float64, any strides, copied contiguous with the batch index of each
+    RoI that matches no map set to -1; ``levels`` (K,) int64. ``thresholds``
+    (B,) in the rois' dtype, ascending: the smallest area of each level
+    index 1..B (segops.ops.roi_align builds them from the reference)."""
+    K = rois.shape[0]
+    out = empty((K, 5), dtype=rois.dtype, device=rois.device)
+    levels = empty((K,), dtype=torch.int64, device=rois.device)
+    if K:
+        block = 256
+        _roi_levels_kernel[(cdiv(K, block),)](
+            rois, thresholds if thresholds.numel() else rois, out, levels,
+            K, num_levels, *rois.stride(),
+            NUM_BOUNDS=thresholds.numel(), BLOCK=block, num_warps=4,
+        )
+    return out, levels

@@ -208,6 +208,7 @@ def _roi_inputs(*sizes, channels_last=False):
 _FWD = ("_roi_align_fwd_kernel",)
 _ATOMIC = _FWD + ("_roi_align_bwd_atomic_kernel",)
 _GATHER = _FWD + ("_roi_align_bwd_deterministic_kernel",)
+_LEVELS = ("_roi_levels_kernel",)
 _SUMS = ("_overlap_sums_fwd_kernel", "_overlap_sums_bwd_kernel")
 _LOSS = _SUMS + ("_overlap_loss_kernel", "_overlap_loss_bwd_kernel")
 _ONE_LEVEL = _roi_inputs((6, 7))
@@ -280,8 +281,8 @@ CASES = {
     "roi_align max deterministic": Case(_ONE_LEVEL, _single("max"), _GATHER,
                                         deterministic=True),
     "roi_align channels_last": Case(_roi_inputs((6, 7), channels_last=True), _single(), _ATOMIC),
-    "multi_scale_roi_align": Case(_TWO_LEVELS, _multi, _ATOMIC),
-    "multi_scale_roi_align deterministic": Case(_TWO_LEVELS, _multi, _GATHER,
+    "multi_scale_roi_align": Case(_TWO_LEVELS, _multi, _LEVELS + _ATOMIC),
+    "multi_scale_roi_align deterministic": Case(_TWO_LEVELS, _multi, _LEVELS + _GATHER,
                                                 deterministic=True),
     "dice_loss": Case(_overlap_inputs, _dice, _LOSS),
     "jaccard_loss multilabel": Case(_overlap_inputs, _jaccard_multilabel, _LOSS),

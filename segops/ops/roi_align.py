@@ -371,11 +371,89 @@ def _assign_levels(rois: Tensor, scales: list[float], canonical_scale: float,
     if not rois.is_floating_point():
         rois = rois.float()
     k_min, k_max = level_range(scales)
+    return _roi_levels(rois.detach() if rois.requires_grad else rois, k_min, k_max,
+                       len(scales), canonical_scale, canonical_level)
+
+
+@torch.library.custom_op("segops::roi_levels", mutates_args=())
+def _roi_levels(rois: Tensor, k_min: int, k_max: int, num_levels: int,
+                canonical_scale: float, canonical_level: int) -> tuple[Tensor, Tensor]:
+    if _levels_in_kernel(rois, k_min, k_max):
+        thresholds = _level_thresholds(rois.dtype, rois.device, k_min, k_max, canonical_scale,
+                                       canonical_level)
+        return _kernels().roi_levels(rois, thresholds, num_levels)
+    return _levels_composite(rois, k_min, k_max, num_levels, canonical_scale, canonical_level)
+
+
+@_roi_levels.register_fake
+def _(rois, k_min, k_max, num_levels, canonical_scale, canonical_level):
+    return rois.new_empty(rois.shape[0], 5), rois.new_empty(rois.shape[0], dtype=torch.int64)
+
+
+def _levels_composite(rois: Tensor, k_min: int, k_max: int, num_levels: int,
+                      canonical_scale: float, canonical_level: int) -> tuple[Tensor, Tensor]:
+    """segops::roi_levels in torch ops (the level kernel's oracle)."""
     levels = reference.map_levels(rois[:, 1:], k_min, k_max, canonical_scale, canonical_level)
-    matched = (levels >= 0) & (levels < len(scales))
+    matched = (levels >= 0) & (levels < num_levels)
     batch = torch.where(matched, rois[:, 0], -1.0)
-    rois = torch.cat([batch[:, None], rois[:, 1:]], dim=1)
-    return rois, torch.where(matched, levels, 0)
+    return torch.cat([batch[:, None], rois[:, 1:]], dim=1), torch.where(matched, levels, 0)
+
+
+def _levels_in_kernel(rois: Tensor, k_min: int, k_max: int) -> bool:
+    """The level kernel takes float32/float64 boxes (torchvision computes
+    the level in the boxes' dtype: float16/bfloat16 boxes round each step
+    there, which the composite does) and an ascending level range
+    (k_min > k_max, maps listed coarsest first, clamps every box to k_max
+    and matches none: also left to the composite)."""
+    return (_dispatch.uses_kernel(rois) and rois.dtype in (torch.float32, torch.float64)
+            and k_min <= k_max)
+
+
+_THRESHOLDS: dict[tuple, Tensor] = {}
+
+
+def _level_thresholds(dtype: torch.dtype, device: torch.device, k_min: int, k_max: int,
+                      canonical_scale: float, canonical_level: int) -> Tensor:
+    """(k_max - k_min,) ``dtype`` on ``device``: for each level index b >= 1
+    the smallest non-negative area that ``reference.area_levels`` maps to b
+    or above. Found once per key and kept for the process (a CUDA graph
+    captured after the first call keeps using it); the first call must not
+    be inside a capture, whose ops would fill the table only at replay."""
+    key = (dtype, device, k_min, k_max, canonical_scale, canonical_level)
+    if key not in _THRESHOLDS:
+        if _capturing(device):
+            raise RuntimeError(
+                "segops multi_scale_roi_align: the first call for this device, box dtype and "
+                "level range builds a table on the device and cannot be inside CUDA graph "
+                "capture; run the model once before capturing it (as a warm-up)")
+        _THRESHOLDS[key] = _bisect_thresholds(*key)
+    return _THRESHOLDS[key]
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _bisect_thresholds(dtype, device, k_min, k_max, canonical_scale, canonical_level) -> Tensor:
+    """The thresholds by bisection over the bit patterns of ``dtype``'s
+    non-negative values (their order as integers is their order as
+    numbers), each step evaluated by torch on ``device`` itself: the
+    kernel's ``area >= threshold`` then reproduces that device's rounding
+    of sqrt, division and log2 exactly, as the formula is monotone in the
+    area. A fixed 31 (float32) or 63 (float64) rounds of a few device ops,
+    no host sync."""
+    bits, rounds, top = ((torch.int64, 63, 0x7FF0000000000000) if dtype == torch.float64
+                         else (torch.int32, 31, 0x7F800000))   # top: +inf
+    bound = torch.arange(1, k_max - k_min + 1, device=device)
+    lo = torch.full(bound.shape, -1, dtype=bits, device=device)   # below every area
+    hi = torch.full(bound.shape, top, dtype=bits, device=device)  # +inf reaches k_max
+    for _ in range(rounds):
+        mid = lo + (hi - lo) // 2
+        reached = reference.area_levels(mid.view(dtype), k_min, k_max, canonical_scale,
+                                        canonical_level) >= bound
+        hi = torch.where(reached, mid, hi)
+        lo = torch.where(reached, lo, mid)
+    return hi.view(dtype)
 
 
 def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tensor],

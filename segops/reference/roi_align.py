@@ -231,6 +231,13 @@ def map_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 2
     A box with a NaN level (negative area: x2 < x1 or y2 < y1, but not both)
     gets -1, a level no feature map has (torchvision pools it nowhere)."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return area_levels(area, k_min, k_max, canonical_scale, canonical_level, eps)
+
+
+def area_levels(area: Tensor, k_min: int, k_max: int, canonical_scale: float = 224,
+                canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+    """:func:`map_levels` of boxes of these areas, op for op as torchvision
+    computes it (so with the rounding of the device and dtype in use)."""
     s = torch.sqrt(area)
     level = torch.floor(canonical_level + torch.log2(s / canonical_scale)
                         + torch.tensor(eps, dtype=s.dtype))

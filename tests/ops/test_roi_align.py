@@ -87,9 +87,9 @@ class Launches:
 
 @pytest.fixture
 def launches(monkeypatch):
-    """{name: Launches} for the three RoIAlign kernels, patched in place."""
+    """{name: Launches} for the RoIAlign kernels, patched in place."""
     names = ("_roi_align_fwd_kernel", "_roi_align_bwd_atomic_kernel",
-             "_roi_align_bwd_deterministic_kernel")
+             "_roi_align_bwd_deterministic_kernel", "_roi_levels_kernel")
     recorded = {}
     for name in names:
         recorded[name] = Launches(getattr(kernels, name))
@@ -162,7 +162,9 @@ def test_num_warps_per_layout(channels_last, pool_mode, launches):
     kernel_and_reference([x], rois, None, [1.0], (2, 2), 2, False, pool_mode)
     wide = 4 if channels_last else 8
     gather = 4 if channels_last or pool_mode == "max" else 8
-    assert [(r.count, r.constexprs[-1]["num_warps"]) for r in launches.values()] == [
+    names = ("_roi_align_fwd_kernel", "_roi_align_bwd_atomic_kernel",
+             "_roi_align_bwd_deterministic_kernel")
+    assert [(launches[n].count, launches[n].constexprs[-1]["num_warps"]) for n in names] == [
         (1, wide), (1, wide), (1, gather)]
 
 
@@ -519,6 +521,7 @@ def test_opcheck(path):
         torch.library.opcheck(torch.ops.segops.roi_align.default, ([x], rois, None, *options))
         torch.library.opcheck(torch.ops.segops.roi_align_backward.default,
                               (grad, [x.detach()], rois, None, *options, True))
+        torch.library.opcheck(torch.ops.segops.roi_levels.default, (rois, 2, 5, 3, 56.0, 4))
 
 
 class _BoxHead(torch.nn.Module):
@@ -787,9 +790,126 @@ def test_multi_scale_levels_not_one_apart(path, launches):
         for level, (g, w) in enumerate(zip(got_grads, want_grads)):
             assert_close(g, w, F64, name=f"grad, level {level}, deterministic={determ}")
     if path == "kernel":  # one launch for all levels, each direction
+        assert launches["_roi_levels_kernel"].count == 2
         assert launches["_roi_align_fwd_kernel"].count == 2
         assert launches["_roi_align_bwd_atomic_kernel"].count == 1
         assert launches["_roi_align_bwd_deterministic_kernel"].count == 1
+
+
+# --------------------------------------------------------------------------
+# the level of each RoI: segops::roi_levels (kernel) against its composite
+# --------------------------------------------------------------------------
+# (canonical_scale, canonical_level, k_min, k_max, number of maps)
+LEVEL_RULES = [(224, 4, 2, 5, 4),   # torchvision's defaults on P2-P5
+               (28, 4, 2, 5, 4),
+               (16, 3, 1, 3, 2),    # maps not one level apart: index 2 matches none
+               (224, 4, 2, 2, 2)]   # scales 1/4 and 1/5: one level, no threshold
+
+
+def _int_view(dtype):
+    return torch.int64 if dtype == torch.float64 else torch.int32
+
+
+def _rois_of_areas(areas: torch.Tensor) -> torch.Tensor:
+    """Boxes (0, 0, a, 1), whose area (a - 0) * (1 - 0) is a exactly."""
+    zero = torch.zeros_like(areas)
+    return torch.stack([zero, zero, zero, areas, zero + 1], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rule", LEVEL_RULES)
+def test_roi_levels_kernel_matches_composite_at_every_threshold(dtype, rule, launches):
+    """The kernel's level (a count of area thresholds) against torch's
+    formula on the same device, bit for bit: on the 2001 areas nearest each
+    threshold (where the rounding of sqrt, division and log2 decides the
+    level), at 0, -0, +-inf, NaN, negative, subnormal and the largest areas,
+    and on random, degenerate and reversed boxes; the rois a column-major
+    view."""
+    scale, level, k_min, k_max, maps = rule
+    thresholds = ops_module._level_thresholds(dtype, DEVICE, k_min, k_max, scale, level)
+    assert thresholds.dtype == dtype and thresholds.shape == (k_max - k_min,)
+    windows = [(t.view(_int_view(dtype)) + torch.arange(-1000, 1001, device=DEVICE)
+                .to(_int_view(dtype))).view(dtype) for t in thresholds]
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, np.inf, -np.inf, np.nan, -1.0, info.tiny / 4, info.max,
+                            info.eps], dtype=dtype, device=DEVICE)
+    random = make_rois(24, 2, 64, 64, 1 / 8, dtype).to(DEVICE)
+    random[:4, [1, 3]] = random[:4, [3, 1]]          # x reversed: negative area
+    random[4:8, 1:] = random[4:8, [3, 4, 1, 2]]      # both reversed: positive area
+    rois = torch.cat([_rois_of_areas(torch.cat([special, *windows])), random])
+    rois[:, 0] = torch.arange(rois.shape[0], device=DEVICE) % 2
+    view = rois.t().contiguous().t()
+    got = ops_module._roi_levels(view, k_min, k_max, maps, scale, level)
+    want = ops_module._levels_composite(rois, k_min, k_max, maps, scale, level)
+    assert launches["_roi_levels_kernel"].count == 1
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+    for b, window in enumerate(windows, 1):
+        reached = ref.area_levels(window, k_min, k_max, scale, level) >= b
+        assert not reached[999] and reached[1000:].all(), f"threshold {b} is not the smallest"
+        assert not reached[:1000].any(), f"level {b} reached below threshold {b}"
+
+
+@pytest.mark.parametrize("dtype, k_range, in_kernel", [
+    (torch.float32, (2, 5), True), (torch.float64, (2, 5), True),
+    (torch.float16, (2, 5), False), (torch.bfloat16, (2, 5), False),
+    (torch.float32, (5, 2), False)])   # maps coarsest first: every box unmatched
+def test_roi_levels_dispatch(dtype, k_range, in_kernel, launches):
+    """float32/float64 boxes and an ascending level range take the kernel;
+    the others torch's composite (half-precision boxes round each step of
+    the formula in their dtype, as torchvision does), with its answer."""
+    rois = make_rois(16, 2, 64, 64, 1 / 8, dtype).to(DEVICE)
+    with on_path("kernel"):
+        got = ops_module._roi_levels(rois, *k_range, 4, 56, 4)
+    assert launches["_roi_levels_kernel"].count == int(in_kernel)
+    want = ops_module._levels_composite(rois, *k_range, 4, 56, 4)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    if k_range[0] > k_range[1]:
+        assert got[0][:, 0].eq(-1).all()
+
+
+def test_roi_levels_first_call_refuses_graph_capture(monkeypatch):
+    """The threshold table is built eagerly, never inside a CUDA graph
+    capture (its ops would run only at replay, the table would stay
+    unwritten): a clear error; once built, capture may use it."""
+    rois = make_rois(4, 1, 64, 64, 1 / 8, torch.float32).to(DEVICE)
+    args = (2, 4, 3, 56.0 + 1 / 3, 4)      # a level rule no other test builds
+    monkeypatch.setattr(ops_module, "_capturing", lambda device: True)
+    with on_path("kernel"), pytest.raises(RuntimeError, match="warm-up"):
+        ops_module._roi_levels(rois, *args)
+    monkeypatch.setattr(ops_module, "_capturing", lambda device: False)
+    with on_path("kernel"):
+        want = ops_module._roi_levels(rois, *args)
+    monkeypatch.setattr(ops_module, "_capturing", lambda device: True)
+    with on_path("kernel"):
+        got = ops_module._roi_levels(rois, *args)
+    assert torch.equal(got[1], want[1])
+
+
+def test_multi_scale_forward_makes_few_dispatcher_calls():
+    """The level mapping is one op: the forward of a list of boxes on two
+    maps is 2 segops ops and the list's stacking (LevelMapper's composite
+    was 31 more calls, each a launch and host time on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    maps = [torch.randn(2, 4, 16, 16, device=DEVICE), torch.randn(2, 4, 8, 8, device=DEVICE)]
+    boxes = [make_rois(5, 1, 64, 64, 1 / 4, torch.float32)[:, 1:].to(DEVICE)] * 2
+    with on_path("kernel"):
+        segops.ops.multi_scale_roi_align(maps, boxes, 2, [1 / 4, 1 / 8], 2)  # thresholds
+        with Calls() as calls:
+            segops.ops.multi_scale_roi_align(maps, boxes, 2, [1 / 4, 1 / 8], 2)
+    assert [n for n in calls.names if n.startswith("segops.")] == [
+        "segops.roi_levels.default", "segops.roi_align.default"]
+    assert len(calls.names) <= 8, calls.names
 
 
 @pytest.mark.parametrize("pool_mode", ["avg", "max"])
