@@ -13,8 +13,10 @@ Three kernels, and a fourth that maps RoIs to levels:
 * ``_roi_align_bwd_deterministic_kernel``: one program per (input tile,
   block of channels) gathers the contributions of the RoIs of its image and
   level, in a fixed order, without atomics, so results are bit-identical run
-  to run. Memory is O(input + output): RoIs are sorted by (level, image) and
-  each tile scans only its own segment. For average pooling the bilinear
+  to run. RoIs are sorted by (level, image), and each tile scans only the
+  RoIs listed for its row of tiles (``_row_bands``: memory O(input + output
+  + K * rows of tiles), capped; past the cap, its (level, image) segment,
+  O(input + output)), with the same sums either way. For average pooling the bilinear
   weights of a bin factor into a row part and a column part (the bounds test
   is per axis too), so a bin costs O(samples_h + samples_w) vector work
   instead of O(samples_h * samples_w).
@@ -408,15 +410,20 @@ def _gather_roi(acc, k, grad_ptr, rois_ptr, x_ptr, scale, n, H, W, N, PH, PW, sa
 
 @triton.jit
 def _roi_align_bwd_deterministic_kernel(
-    grad_ptr, x_ptrs, rois_ptr, order_ptr, reach_ptr, segment_ptr, tiles_ptr,
-    x_table_ptr, gx_table_ptr, scale_ptr, gx_ptrs,
+    grad_ptr, x_ptrs, rois_ptr, order_ptr, reach_ptr, entry_ptr, bucket_ptr, bands_ptr,
+    tiles_ptr, x_table_ptr, gx_table_ptr, scale_ptr, gx_ptrs,
     C, PH, PW, N, sampling_ratio,
     stride_gk, stride_gc, stride_gh, stride_gw,
     ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, MAX_POOL: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ROW_BANDS: tl.constexpr,
     VEC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    # The RoIs a tile gathers come from its bucket of bucket_ptr's offsets:
+    # ROW_BANDS, the entries (positions in the gather order, entry_ptr) of
+    # its (level, image, row of tiles), bands_ptr numbering those per level;
+    # else the positions of its (level, image) segment. Either way in
+    # increasing position, so the sums are the same bit for bit.
     tile = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = _channel_mask(offs_c, C, VEC)
@@ -430,7 +437,8 @@ def _roi_align_bwd_deterministic_kernel(
     x_ptr, H, W, x_sn, x_sc, x_sh, x_sw = _level_geometry(x_ptrs, x_table_ptr, lvl,
                                                           CHANNELS_LAST, VEC)
     tiles_w = tl.cdiv(W, TILE_W)
-    tiles_per_image = tl.cdiv(H, TILE_H) * tiles_w
+    tiles_h = tl.cdiv(H, TILE_H)
+    tiles_per_image = tiles_h * tiles_w
     n = local // tiles_per_image
     rem = local % tiles_per_image
     row0 = (rem // tiles_w) * TILE_H
@@ -442,13 +450,16 @@ def _roi_align_bwd_deterministic_kernel(
     scale = tl.load(scale_ptr + lvl)
 
     acc = tl.zeros([BLOCK_C, TILE_H * TILE_W], ACC)
-    segment = lvl * N + n
+    if ROW_BANDS:
+        bucket = tl.load(bands_ptr + lvl) + n * tiles_h + rem // tiles_w
+    else:
+        bucket = lvl * N + n
     row_end = row0 + TILE_H - 1
     col_end = col0 + TILE_W - 1
-    for j in range(tl.load(segment_ptr + segment), tl.load(segment_ptr + segment + 1)):
-        # one look at the RoI's reach (contiguous in j, shared by every tile
-        # of the segment) skips the far ones; written as "not outside", a
-        # NaN reach is kept for the exact test below
+    for i in range(tl.load(bucket_ptr + bucket), tl.load(bucket_ptr + bucket + 1)):
+        j = tl.load(entry_ptr + i) if ROW_BANDS else i
+        # one look at the RoI's reach skips the far ones; written as "not
+        # outside", a NaN reach is kept for the exact test below
         reach = reach_ptr + j * 4
         near = ~((tl.load(reach + 1) < row0) | (tl.load(reach) > row_end)
                  | (tl.load(reach + 3) < col0) | (tl.load(reach + 2) > col_end))
@@ -681,12 +692,55 @@ def _roi_reach(rois, levels, scale_table, order) -> torch.Tensor:
     return torch.stack([y.amin(1) - 2, y.amax(1) + 2, x.amin(1) - 2, x.amax(1) + 2], 1)
 
 
+# the most (RoI, row of tiles) entries the row-band schedule lists (two
+# int64 arrays of this length: 1 GiB); past it, the segment scan
+MAX_BAND_ENTRIES = 1 << 26
+
+
+def _row_bands(rois, levels, order, reach, features, N: int, tile_h: int):
+    """(entries, bucket offsets, band numbering) for the row-band schedule,
+    or None past MAX_BAND_ENTRIES. A bucket is a (level, image, row of
+    tiles) band; bucket = bands[level] + image * rows(level) + row. Each RoI
+    (by position in ``order``) is listed in every band of its level and
+    image that its reach's rows [y_lo, y_hi] meet (a NaN reach: none; such
+    a RoI pools nothing), in increasing position: a stable sort of the
+    band keys laid out position-major. Every RoI a tile's reach test keeps
+    is in its band (y_lo <= the band's last row and y_hi >= its first), so
+    the gather sums the same RoIs in the same order as the segment scan,
+    scanning a band's RoIs instead of its whole image's."""
+    rows = [cdiv(f.shape[2], tile_h) for f in features]
+    most = max(rows)
+    K = order.shape[0]
+    if K * most > MAX_BAND_ENTRIES:
+        return None
+    device = rois.device
+    bands = device_table(tuple(itertools.accumulate((0, *rows[:-1]), lambda a, r: a + N * r)),
+                         torch.int64, device)
+    level = (torch.zeros_like(order) if levels is None else levels.to(torch.int64)[order])
+    own_rows = device_table(tuple(rows), torch.int64, device)[level]
+    image = rois[order, 0].to(torch.int64).clamp(0, max(N - 1, 0))
+    first = torch.nan_to_num(torch.floor(reach[:, 0] / tile_h), nan=most).clamp(0, most)
+    last = torch.nan_to_num(torch.floor(reach[:, 1] / tile_h), nan=-1).clamp(-1, most - 1)
+    last = torch.minimum(last.to(torch.int64), own_rows - 1)
+    row = first.to(torch.int64)[:, None] + torch.arange(most, device=device)
+    total = N * sum(rows)
+    key = torch.where(row <= last[:, None], (bands[level] + image * own_rows)[:, None] + row,
+                      total)
+    sorted_key, entry = torch.sort(key.flatten(), stable=True)
+    bounds = torch.searchsorted(sorted_key, torch.arange(total + 1, device=device))
+    return torch.div(entry, most, rounding_mode="floor"), bounds, bands
+
+
 def roi_align_backward_deterministic(grad, features, rois, levels, scales,
                                      pooled_height: int, pooled_width: int,
                                      sampling_ratio: int, aligned: bool, pool_mode: str, *,
                                      tile: tuple[int, int] = (8, 8),
-                                     block_c: int | None = None) -> list[torch.Tensor]:
-    """Gradients for every level without atomics: bit-identical run to run."""
+                                     block_c: int | None = None,
+                                     row_bands: bool = True) -> list[torch.Tensor]:
+    """Gradients for every level without atomics: bit-identical run to run.
+    ``row_bands``: each tile scans the RoIs of its row of tiles
+    (``_row_bands``), else of its whole (level, image) segment; the sums are
+    the same bit for bit."""
     _, acc, rois, scale_table, _ = _common(features, rois, levels, scales)
     buffers = _grad_buffers(features, features[0].dtype)
     C, N = features[0].shape[1], features[0].shape[0]
@@ -699,16 +753,18 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     prefix = device_table((0, *itertools.accumulate(counts)), torch.int64, rois.device)
     order, segments = _segments(rois, levels, len(features), N)
     reach = _roi_reach(rois, levels, scale_table, order)
+    banded = _row_bands(rois, levels, order, reach, features, N, tile_h) if row_bands else None
+    entries, buckets, bands = banded if banded is not None else (order, segments, prefix)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
     bc = block_c or block_size(C, 32)
     grid = (total, cdiv(C, bc))
     _roi_align_bwd_deterministic_kernel[grid](
-        grad, _pointers(features), rois, order, reach, segments, prefix,
+        grad, _pointers(features), rois, order, reach, entries, buckets, bands, prefix,
         _level_table(features), _level_table(buffers), scale_table, _pointers(buffers),
         C, pooled_height, pooled_width, N, sampling_ratio,
         *grad.stride(),
         ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, MAX_POOL=pool_mode == "max",
-        CHANNELS_LAST=channels_last,
+        CHANNELS_LAST=channels_last, ROW_BANDS=banded is not None,
         VEC=_vector_width((*features, *buffers), C), TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=bc,
         ACC=acc, num_warps=_warps(channels_last, spills_at_8=pool_mode == "max"),
     )

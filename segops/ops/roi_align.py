@@ -35,7 +35,8 @@ Conventions (torchvision's ``roi_align``)
   the default, refuses non-integral or out-of-range indices instead).
 * Under ``torch.use_deterministic_algorithms(True)`` the backward runs a
   gather kernel without atomics: bit-identical results, memory O(input +
-  output).
+  output + K x rows of 8-pixel tiles), capped (past the cap O(input +
+  output), scanning more RoIs per tile for the same sums).
 
 Paths (``segops._dispatch``): the Triton kernels on CUDA (and on CPU under
 ``TRITON_INTERPRET=1``); elsewhere torchvision's own ``roi_align`` kernels

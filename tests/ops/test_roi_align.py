@@ -168,6 +168,82 @@ def test_num_warps_per_layout(channels_last, pool_mode, launches):
         (1, wide), (1, wide), (1, gather)]
 
 
+def _banded_case():
+    """Three levels of unequal sizes, 2 images with unequal RoI counts, and
+    every kind of box: huge, degenerate, sub-pixel, outside, crossing each
+    border, NaN, infinite, reversed."""
+    torch.manual_seed(7)
+    features = [torch.randn(2, 2, h, w, dtype=torch.float64, device=DEVICE)
+                for h, w in ((9, 7), (5, 4), (3, 2))]
+    rois = make_rois(18, 2, 9, 7, 1 / 4)
+    rois[:, 0] = (torch.arange(18) % 4 == 0).double()     # image 1: 5 RoIs, image 0: 13
+    rois[9, 2] = float("nan")
+    rois[10, 3] = float("inf")
+    rois[11, [1, 3]] = rois[11, [3, 1]]
+    levels = torch.arange(18) % 3
+    return features, rois.to(DEVICE), levels.to(DEVICE), [1 / 4, 1 / 8, 1 / 16]
+
+
+@pytest.mark.parametrize("pool_mode, aligned, sampling_ratio, tile", [
+    ("avg", False, 2, (4, 4)), ("avg", True, -1, (1, 8)), ("max", True, 2, (2, 4))])
+def test_row_bands_sum_what_the_segment_scan_sums(pool_mode, aligned, sampling_ratio, tile,
+                                                  launches):
+    """The deterministic gather's row-band schedule against its segment scan,
+    bit for bit (the same RoIs in the same order for every tile), and
+    against the reference; past MAX_BAND_ENTRIES the launch takes the scan."""
+    features, rois, levels, scales = _banded_case()
+    grad = torch.randn(18, 2, 2, 3, dtype=torch.float64, device=DEVICE)
+    args = (features, rois, levels, scales, 2, 3, sampling_ratio, aligned, pool_mode)
+    banded = kernels.roi_align_backward_deterministic(grad, *args, tile=tile)
+    scanned = kernels.roi_align_backward_deterministic(grad, *args, tile=tile, row_bands=False)
+    rows = max(-(-f.shape[2] // tile[0]) for f in features)
+    with pytest.MonkeyPatch.context() as patch:   # 18 RoIs x the most rows: the cap
+        patch.setattr(kernels, "MAX_BAND_ENTRIES", 18 * rows)
+        at_cap = kernels.roi_align_backward_deterministic(grad, *args, tile=tile)
+        patch.setattr(kernels, "MAX_BAND_ENTRIES", 18 * rows - 1)
+        capped = kernels.roi_align_backward_deterministic(grad, *args, tile=tile)
+    flags = [c["ROW_BANDS"] for c in launches["_roi_align_bwd_deterministic_kernel"].constexprs]
+    assert flags == [True, False, True, False]
+    assert all(torch.equal(a, b) for a, b in zip(at_cap, banded))
+    want = ref.roi_align_backward(grad.cpu(), [f.cpu() for f in features], rois.cpu(),
+                                  levels.cpu(), *args[3:])
+    for level, (b, s, c, w) in enumerate(zip(banded, scanned, capped, want)):
+        assert torch.equal(b, s) and torch.equal(b, c), f"level {level}"
+        assert_close(b, w, F64, name=f"level {level}")
+
+
+@pytest.mark.parametrize("tile_h", [1, 2, 4])
+def test_row_bands_list_each_roi_in_the_bands_it_reaches(tile_h):
+    """Each band (level, image, row of tiles r) lists, in increasing
+    position, the RoIs of its level and image with floor(y_lo / tile_h) <=
+    r <= floor(y_hi / tile_h) for their reach [y_lo, y_hi], and no others:
+    every RoI a tile's reach test keeps (y_lo <= its last row, y_hi >= its
+    first) is there; a NaN reach is nowhere. Fewer (RoI, band) pairs than
+    a scan of each segment for each of its bands."""
+    features, rois, levels, scales = _banded_case()
+    order, segments = kernels._segments(rois, levels, 3, 2)
+    scale_table = torch.tensor(scales, dtype=torch.float64, device=DEVICE)
+    reach = kernels._roi_reach(rois, levels, scale_table, order)
+    entries, bounds, bands = kernels._row_bands(rois, levels, order, reach, features, 2, tile_h)
+    rows = [-(-f.shape[2] // tile_h) for f in features]
+    assert bands.tolist() == [0, 2 * rows[0], 2 * (rows[0] + rows[1])]
+    image, level_of = rois[order, 0].long().tolist(), levels[order].tolist()
+    want, kept = collections.defaultdict(list), []
+    for j, (y_lo, y_hi) in enumerate(reach[:, :2].tolist()):
+        for r in range(rows[level_of[j]]):
+            band = bands[level_of[j]].item() + image[j] * rows[level_of[j]] + r
+            if np.floor(y_lo / tile_h) <= r <= np.floor(y_hi / tile_h):  # NaN: never
+                want[band].append(j)
+            if y_lo <= r * tile_h + tile_h - 1 and y_hi >= r * tile_h:  # the kernel's test
+                kept.append((band, j))
+    listed = {b: entries[bounds[b]:bounds[b + 1]].tolist() for b in range(bounds.numel() - 1)}
+    assert listed == {b: want.get(b, []) for b in listed}
+    assert all(j in listed[band] for band, j in kept) and kept
+    every_band = sum(rows[segment // 2] * size for segment, size
+                     in enumerate(segments.diff().tolist()))   # what a scan visits
+    assert sum(map(len, listed.values())) < every_band
+
+
 @pytest.mark.parametrize("block_c,block_p,tile", [(2, 2, (4, 2)), (8, 16, (2, 8))])
 def test_other_tile_configs(block_c, block_p, tile):
     """Tiles smaller than the problem (several programs per RoI, channel and
