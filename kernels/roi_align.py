@@ -692,14 +692,17 @@ def _roi_reach(rois, levels, scale_table, order) -> torch.Tensor:
     return torch.stack([y.amin(1) - 2, y.amax(1) + 2, x.amin(1) - 2, x.amax(1) + 2], 1)
 
 
-# the most (RoI, row of tiles) entries the row-band schedule lists (two
-# int64 arrays of this length: 1 GiB); past it, the segment scan
-MAX_BAND_ENTRIES = 1 << 26
+# the most (RoI, row of tiles) entries the row-band schedule lists: its
+# temporaries (int32 rows and keys, a mask, the sort's int64 indices and
+# scratch) take about 40 bytes an entry, 170 MB at the cap; past it, and
+# where every level is one row of tiles (the bands are the segments), the
+# segment scan
+MAX_BAND_ENTRIES = 1 << 22
 
 
 def _row_bands(rois, levels, order, reach, features, N: int, tile_h: int):
     """(entries, bucket offsets, band numbering) for the row-band schedule,
-    or None past MAX_BAND_ENTRIES. A bucket is a (level, image, row of
+    or None for the segment scan (see MAX_BAND_ENTRIES). A bucket is a (level, image, row of
     tiles) band; bucket = bands[level] + image * rows(level) + row. Each RoI
     (by position in ``order``) is listed in every band of its level and
     image that its reach's rows [y_lo, y_hi] meet (a NaN reach: none; such
@@ -711,7 +714,8 @@ def _row_bands(rois, levels, order, reach, features, N: int, tile_h: int):
     rows = [cdiv(f.shape[2], tile_h) for f in features]
     most = max(rows)
     K = order.shape[0]
-    if K * most > MAX_BAND_ENTRIES:
+    total = N * sum(rows)
+    if K * most > MAX_BAND_ENTRIES or most <= 1 or total + most >= 2**31:
         return None
     device = rois.device
     bands = device_table(tuple(itertools.accumulate((0, *rows[:-1]), lambda a, r: a + N * r)),
@@ -722,12 +726,14 @@ def _row_bands(rois, levels, order, reach, features, N: int, tile_h: int):
     first = torch.nan_to_num(torch.floor(reach[:, 0] / tile_h), nan=most).clamp(0, most)
     last = torch.nan_to_num(torch.floor(reach[:, 1] / tile_h), nan=-1).clamp(-1, most - 1)
     last = torch.minimum(last.to(torch.int64), own_rows - 1)
-    row = first.to(torch.int64)[:, None] + torch.arange(most, device=device)
-    total = N * sum(rows)
-    key = torch.where(row <= last[:, None], (bands[level] + image * own_rows)[:, None] + row,
-                      total)
+    row = first.to(torch.int32)[:, None] + torch.arange(most, device=device, dtype=torch.int32)
+    start = (bands[level] + image * own_rows).to(torch.int32)
+    key = torch.where(row <= last[:, None], start[:, None] + row, total)   # int32: checked
+    del row
     sorted_key, entry = torch.sort(key.flatten(), stable=True)
-    bounds = torch.searchsorted(sorted_key, torch.arange(total + 1, device=device))
+    del key
+    bounds = torch.searchsorted(sorted_key, torch.arange(total + 1, device=device,
+                                                         dtype=torch.int32))
     return torch.div(entry, most, rounding_mode="floor"), bounds, bands
 
 

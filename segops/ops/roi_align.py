@@ -361,25 +361,33 @@ def level_range(scales: Sequence[float]) -> tuple[int, int]:
 
 
 def _assign_levels(rois: Tensor, scales: list[float], canonical_scale: float,
-                   canonical_level: int) -> tuple[Tensor, Tensor]:
+                   canonical_level: int, box_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(rois, levels) for several feature maps, torchvision's rule: each box
     gets LevelMapper's level in [0, k_max - k_min] and is pooled on
     ``features[level]`` by position. A box whose level matches no map (the
     level is past the list when the maps are not one level apart, or NaN:
     a box with x2 < x1 or y2 < y1 but not both) pools zeros in torchvision:
     its batch index becomes -1, so every path pools nothing for it, and its
-    level 0 keeps the table lookup in range."""
-    if not rois.is_floating_point():
-        rois = rois.float()
+    level 0 keeps the table lookup in range. ``box_dtype``: the dtype of the
+    boxes as given, which decides torchvision's arithmetic (its box_area
+    takes float16/bfloat16 and integer boxes to float32 by the end): the
+    level is computed from float32 rois then, the pooling keeps ``rois``'
+    digits (float64 for a list of integer boxes)."""
+    rois = rois.detach() if rois.requires_grad else rois
     k_min, k_max = level_range(scales)
-    return _roi_levels(rois.detach() if rois.requires_grad else rois, k_min, k_max,
-                       len(scales), canonical_scale, canonical_level)
+    if box_dtype in (torch.float32, torch.float64) and rois.is_floating_point():
+        return _roi_levels(rois, k_min, k_max, len(scales), canonical_scale, canonical_level)
+    level_rois, levels = _roi_levels(rois.float(), k_min, k_max, len(scales), canonical_scale,
+                                     canonical_level)
+    if rois.dtype != torch.float64:
+        return level_rois, levels
+    return torch.cat([level_rois[:, :1].to(rois.dtype), rois[:, 1:]], dim=1), levels
 
 
 @torch.library.custom_op("segops::roi_levels", mutates_args=())
 def _roi_levels(rois: Tensor, k_min: int, k_max: int, num_levels: int,
                 canonical_scale: float, canonical_level: int) -> tuple[Tensor, Tensor]:
-    if _levels_in_kernel(rois, k_min, k_max):
+    if rois.shape[0] > 0 and _levels_in_kernel(rois, k_min, k_max):
         thresholds = _level_thresholds(rois.dtype, rois.device, k_min, k_max, canonical_scale,
                                        canonical_level)
         return _kernels().roi_levels(rois, thresholds, num_levels)
@@ -401,11 +409,11 @@ def _levels_composite(rois: Tensor, k_min: int, k_max: int, num_levels: int,
 
 
 def _levels_in_kernel(rois: Tensor, k_min: int, k_max: int) -> bool:
-    """The level kernel takes float32/float64 boxes (torchvision computes
-    the level in the boxes' dtype: float16/bfloat16 boxes round each step
-    there, which the composite does) and an ascending level range
-    (k_min > k_max, maps listed coarsest first, clamps every box to k_max
-    and matches none: also left to the composite)."""
+    """The level kernel takes float32/float64 rois (multi_scale_roi_align
+    passes no others; the composite upcasts others as torchvision's
+    box_area does) and an ascending level range (k_min > k_max, maps
+    listed coarsest first, clamps every box to k_max and matches none:
+    left to the composite)."""
     return (_dispatch.uses_kernel(rois) and rois.dtype in (torch.float32, torch.float64)
             and k_min <= k_max)
 
@@ -419,7 +427,9 @@ def _level_thresholds(dtype: torch.dtype, device: torch.device, k_min: int, k_ma
     the smallest non-negative area that ``reference.area_levels`` maps to b
     or above. Found once per key and kept for the process (a CUDA graph
     captured after the first call keeps using it); the first call must not
-    be inside a capture, whose ops would fill the table only at replay."""
+    be inside a capture, whose ops would fill the table only at replay. On
+    CUDA the first call waits for the table once, so that a call on another
+    stream never reads it unwritten."""
     key = (dtype, device, k_min, k_max, canonical_scale, canonical_level)
     if key not in _THRESHOLDS:
         if _capturing(device):
@@ -427,12 +437,18 @@ def _level_thresholds(dtype: torch.dtype, device: torch.device, k_min: int, k_ma
                 "segops multi_scale_roi_align: the first call for this device, box dtype and "
                 "level range builds a table on the device and cannot be inside CUDA graph "
                 "capture; run the model once before capturing it (as a warm-up)")
-        _THRESHOLDS[key] = _bisect_thresholds(*key)
+        table = _bisect_thresholds(*key)
+        if device.type == "cuda":   # once per key: later calls may be on other streams
+            torch.cuda.synchronize(device)
+        _THRESHOLDS[key] = table
     return _THRESHOLDS[key]
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _bisect_thresholds(dtype, device, k_min, k_max, canonical_scale, canonical_level) -> Tensor:
@@ -499,7 +515,8 @@ def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tenso
                                               pool_mode, validate_args)
     levels = None
     if len(features) > 1:
-        rois, levels = _assign_levels(rois, scales, canonical_scale, canonical_level)
+        box_dtype = boxes.dtype if isinstance(boxes, Tensor) else boxes[0].dtype
+        rois, levels = _assign_levels(rois, scales, canonical_scale, canonical_level, box_dtype)
     return _roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, bool(aligned),
                       pool_mode)
 

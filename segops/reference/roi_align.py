@@ -229,9 +229,21 @@ def map_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 2
     torchvision's LevelMapper: floor(canonical_level + log2(sqrt(area) /
     canonical_scale) + eps) clamped to [k_min, k_max], minus k_min (int64).
     A box with a NaN level (negative area: x2 < x1 or y2 < y1, but not both)
-    gets -1, a level no feature map has (torchvision pools it nowhere)."""
+    gets -1, a level no feature map has (torchvision pools it nowhere).
+    The area is torchvision's box_area: float16/bfloat16 boxes in float32,
+    integer boxes in int32/int64 (the square root then in float32)."""
+    boxes = upcast_boxes(boxes)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return area_levels(area, k_min, k_max, canonical_scale, canonical_level, eps)
+
+
+def upcast_boxes(boxes: Tensor) -> Tensor:
+    """Boxes in the dtype torchvision computes their area in (its
+    ``_upcast``): float16/bfloat16 in float32 (a 300 x 300 box's area
+    overflows float16), integers narrower than 32 bits in int32."""
+    if boxes.is_floating_point():
+        return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+    return boxes if boxes.dtype in (torch.int32, torch.int64) else boxes.int()
 
 
 def area_levels(area: Tensor, k_min: int, k_max: int, canonical_scale: float = 224,

@@ -944,15 +944,46 @@ def test_roi_levels_dispatch(dtype, k_range, in_kernel, launches):
         assert got[0][:, 0].eq(-1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int16, torch.int64,
+                                   torch.float32, torch.float64])
+@pytest.mark.parametrize("path", PATHS)
+def test_levels_follow_level_mapper_for_every_box_dtype(dtype, path):
+    """Levels as torchvision's LevelMapper gives them for boxes of any dtype:
+    its box_area computes float16/bfloat16 areas in float32 (a 300 x 300
+    box's area, 90000, overflows float16) and integer areas exactly; the
+    pooled coordinates keep their digits (float64 for a list of integer
+    boxes)."""
+    from torchvision.ops import poolers
+
+    sides = torch.tensor([[10, 12], [100, 90], [224, 224], [300, 300], [700, 650], [40, 500]])
+    corner = torch.tensor([[3, 5], [20, 7], [0, 0], [11, 13], [1, 2], [9, 4]])
+    boxes = torch.cat([corner, corner + sides], 1).to(dtype)
+    want = poolers.LevelMapper(2, 5)([boxes])
+    assert want.tolist() == [0, 0, 2, 2, 3, 1]   # in every dtype
+    assert ref.map_levels(boxes, 2, 5).tolist() == want.tolist()
+    device = path_device(path)
+    rois = _as_rois([boxes.to(device)])
+    with on_path(path):
+        out, levels = ops_module._assign_levels(rois, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 224, 4,
+                                                dtype)
+    assert levels.cpu().tolist() == want.tolist()
+    assert torch.equal(out[:, 1:], rois[:, 1:].to(out.dtype)) and out[:, 0].eq(0).all()
+    assert out.dtype == (torch.float64 if not dtype.is_floating_point or dtype == torch.float64
+                         else torch.float32)
+
+
 def test_roi_levels_first_call_refuses_graph_capture(monkeypatch):
     """The threshold table is built eagerly, never inside a CUDA graph
     capture (its ops would run only at replay, the table would stay
     unwritten): a clear error; once built, capture may use it."""
     rois = make_rois(4, 1, 64, 64, 1 / 8, torch.float32).to(DEVICE)
-    args = (2, 4, 3, 56.0 + 1 / 3, 4)      # a level rule no other test builds
+    args = (2, 4, 3, 56.0 + 1 / 3, 4)
+    monkeypatch.setattr(ops_module, "_THRESHOLDS", {})
     monkeypatch.setattr(ops_module, "_capturing", lambda device: True)
     with on_path("kernel"), pytest.raises(RuntimeError, match="warm-up"):
         ops_module._roi_levels(rois, *args)
+    with on_path("kernel"):   # no RoI, no table needed
+        assert ops_module._roi_levels(rois[:0], *args)[1].shape == (0,)
     monkeypatch.setattr(ops_module, "_capturing", lambda device: False)
     with on_path("kernel"):
         want = ops_module._roi_levels(rois, *args)
@@ -994,7 +1025,8 @@ def test_multi_scale_unmatched_boxes_on_both_backward_kernels(pool_mode):
     and the reference directly: unmatched boxes pool nothing on any path."""
     features, boxes, _ = sparse_pyramid_case()
     maps = [features["feat1"], features["feat3"]]
-    rois, levels = ops_module._assign_levels(_as_rois(boxes), [1 / 8, 1 / 32], 224, 4)
+    rois, levels = ops_module._assign_levels(_as_rois(boxes), [1 / 8, 1 / 32], 224, 4,
+                                             torch.float64)
     assert rois[[2, 3], 0].eq(-1).all() and levels.lt(2).all()
     results = kernel_and_reference([m.to(DEVICE) for m in maps], rois.to(DEVICE),
                                    levels.to(DEVICE), [1 / 8, 1 / 32], (2, 2), 2, False,
