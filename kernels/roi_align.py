@@ -672,13 +672,14 @@ def roi_align_backward_atomic(grad, features, rois, levels, scales, pooled_heigh
 
 
 def _segments(rois, levels, num_levels: int, N: int):
-    """RoI order sorted by (level, image), stable, and the (L*N + 1) offsets
-    of each (level, image) segment in it."""
+    """RoI order sorted by (level, image), stable, the (L*N + 1) offsets of
+    each (level, image) segment in it, and each position's segment
+    (level * N + image)."""
     image = rois[:, 0].to(torch.int64).clamp(0, max(N - 1, 0))
     key = image if levels is None else levels.to(torch.int64) * N + image
     sorted_key, order = torch.sort(key, stable=True)
     bounds = torch.arange(num_levels * N + 1, device=rois.device, dtype=torch.int64)
-    return order, torch.searchsorted(sorted_key, bounds)
+    return order, torch.searchsorted(sorted_key, bounds), sorted_key
 
 
 def _roi_reach(rois, levels, scale_table, order) -> torch.Tensor:
@@ -700,11 +701,12 @@ def _roi_reach(rois, levels, scale_table, order) -> torch.Tensor:
 MAX_BAND_ENTRIES = 1 << 22
 
 
-def _row_bands(rois, levels, order, reach, features, N: int, tile_h: int):
+def _row_bands(segment_of, reach, features, N: int, tile_h: int):
     """(entries, bucket offsets, band numbering) for the row-band schedule,
-    or None for the segment scan (see MAX_BAND_ENTRIES). A bucket is a (level, image, row of
-    tiles) band; bucket = bands[level] + image * rows(level) + row. Each RoI
-    (by position in ``order``) is listed in every band of its level and
+    or None for the segment scan (see MAX_BAND_ENTRIES). ``segment_of``:
+    each position's level * N + image (``_segments``). A bucket is a
+    (level, image, row of tiles) band; bucket = bands[level] + image *
+    rows(level) + row. Each RoI (by position in the gather order) is listed in every band of its level and
     image that its reach's rows [y_lo, y_hi] meet (a NaN reach: none; such
     a RoI pools nothing), in increasing position: a stable sort of the
     band keys laid out position-major. Every RoI a tile's reach test keeps
@@ -713,16 +715,16 @@ def _row_bands(rois, levels, order, reach, features, N: int, tile_h: int):
     scanning a band's RoIs instead of its whole image's."""
     rows = [cdiv(f.shape[2], tile_h) for f in features]
     most = max(rows)
-    K = order.shape[0]
+    K = segment_of.shape[0]
     total = N * sum(rows)
     if K * most > MAX_BAND_ENTRIES or most <= 1 or total + most >= 2**31:
         return None
-    device = rois.device
+    device = segment_of.device
     bands = device_table(tuple(itertools.accumulate((0, *rows[:-1]), lambda a, r: a + N * r)),
                          torch.int64, device)
-    level = (torch.zeros_like(order) if levels is None else levels.to(torch.int64)[order])
+    level = torch.div(segment_of, N, rounding_mode="floor")
     own_rows = device_table(tuple(rows), torch.int64, device)[level]
-    image = rois[order, 0].to(torch.int64).clamp(0, max(N - 1, 0))
+    image = segment_of - level * N
     first = torch.nan_to_num(torch.floor(reach[:, 0] / tile_h), nan=most).clamp(0, most)
     last = torch.nan_to_num(torch.floor(reach[:, 1] / tile_h), nan=-1).clamp(-1, most - 1)
     last = torch.minimum(last.to(torch.int64), own_rows - 1)
@@ -757,9 +759,9 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     if total == 0 or C == 0:
         return buffers
     prefix = device_table((0, *itertools.accumulate(counts)), torch.int64, rois.device)
-    order, segments = _segments(rois, levels, len(features), N)
+    order, segments, segment_of = _segments(rois, levels, len(features), N)
     reach = _roi_reach(rois, levels, scale_table, order)
-    banded = _row_bands(rois, levels, order, reach, features, N, tile_h) if row_bands else None
+    banded = _row_bands(segment_of, reach, features, N, tile_h) if row_bands else None
     entries, buckets, bands = banded if banded is not None else (order, segments, prefix)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
     bc = block_c or block_size(C, 32)

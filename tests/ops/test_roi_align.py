@@ -221,10 +221,10 @@ def test_row_bands_list_each_roi_in_the_bands_it_reaches(tile_h):
     first) is there; a NaN reach is nowhere. Fewer (RoI, band) pairs than
     a scan of each segment for each of its bands."""
     features, rois, levels, scales = _banded_case()
-    order, segments = kernels._segments(rois, levels, 3, 2)
+    order, segments, segment_of = kernels._segments(rois, levels, 3, 2)
     scale_table = torch.tensor(scales, dtype=torch.float64, device=DEVICE)
     reach = kernels._roi_reach(rois, levels, scale_table, order)
-    entries, bounds, bands = kernels._row_bands(rois, levels, order, reach, features, 2, tile_h)
+    entries, bounds, bands = kernels._row_bands(segment_of, reach, features, 2, tile_h)
     rows = [-(-f.shape[2] // tile_h) for f in features]
     assert bands.tolist() == [0, 2 * rows[0], 2 * (rows[0] + rows[1])]
     image, level_of = rois[order, 0].long().tolist(), levels[order].tolist()
