@@ -623,7 +623,7 @@ class Capture:
     records it as the JIT would compile it for ``arch``."""
 
     # constexprs the launchers set only for the interpreter (see kernels/conv.py _mma)
-    GPU_CONSTEXPRS = {"UPCAST": False}
+    GPU_CONSTEXPRS = {"UPCAST": False, "APPROX_RCP": True}
 
     def __init__(self, arch: int = 90):
         self.arch = arch

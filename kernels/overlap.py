@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from .._checks import ArgumentError, accumulation_dtype
 from ._layout import (
@@ -56,6 +57,38 @@ _SIGMOID = 1
 # --------------------------------------------------------------------------
 # shared tile helpers
 # --------------------------------------------------------------------------
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp_shift(m):
+    """A pixel's softmax shift as ``_exp_minus`` takes it (m * log2(e) in
+    fp32, m in fp64), with an all -inf m made 0: exp(-inf - -inf) would be
+    NaN where the sum of exp must stay 0 (padded or masked classes)."""
+    m = tl.where(m == float("-inf"), 0.0, m)
+    if m.dtype == tl.float32:
+        m = m * _LOG2E
+    return m
+
+
+@triton.jit
+def _exp_minus(x, shift):
+    """exp(x - m) for shift = _exp_shift(m). fp32: exp2 of one FMA, where
+    tl.exp spends a subtraction, two multiplies and a range test around the
+    same MUFU.EX2 (ex2.approx, but flushing results below 2^-126 to 0). The
+    rounding of m * log2(e) scales every class of a pixel alike, so the
+    softmax ratio does not see it. fp64 keeps the exact exp."""
+    if x.dtype == tl.float32:
+        return tl.exp2(tl.fma(x, _LOG2E, -shift))
+    else:
+        return tl.exp(x - shift)
+
+
+@triton.jit
+def _exp_ratio(m_old, shift_new):
+    """exp(m_old - m_new) (a running sum's rescale) for shift_new =
+    _exp_shift(m_new); 0 while m_old is -inf."""
+    return _exp_minus(m_old, shift_new)
 @triton.jit
 def _tile_pointers(row, offs_c, offs_s64, stride_c, stride_s):
     """[BLOCK_C, BLOCK_S] pointers, the pixel term first: the class term
@@ -86,10 +119,8 @@ def _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
         offs_c = c0 + tl.arange(0, BLOCK_C)
         x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # a pixel whose classes so far are all -inf (masked classes) has
-        # m_new = -inf, and exp(-inf - -inf) would be NaN: its sum stays 0
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
+        shift = _exp_shift(m_new)
+        l = l * _exp_ratio(m, shift) + tl.sum(_exp_minus(x, shift[None, :]), axis=0)
         m = m_new
     return m, l
 
@@ -118,9 +149,9 @@ def _softmax_stats_and_dot(x_row, t_row, gi_row, gp_row, C, offs_s64, smask, ign
         gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
         gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _softmax_stats
-        alpha = tl.exp(m - shift)
-        e = tl.exp(x - shift[None, :])
+        shift = _exp_shift(m_new)
+        alpha = _exp_ratio(m, shift)
+        e = _exp_minus(x, shift[None, :])
         l = l * alpha + tl.sum(e, axis=0)
         if SQUARED:
             a = a * alpha + tl.sum(tl.where(valid, gi[:, None] * t * e, 0.0), axis=0)
@@ -140,7 +171,7 @@ def _probabilities(x, m, l, ACTIVATION: tl.constexpr):
     """p of a score tile; softmax with the per-pixel max m and sum of exp l
     over all classes (from _softmax_stats)."""
     if ACTIVATION == 2:
-        p = tl.exp(x - m[None, :]) / l[None, :]
+        p = _exp_minus(x, _exp_shift(m)[None, :]) / l[None, :]
     elif ACTIVATION == 1:
         p = tl.sigmoid(x)
     else:
@@ -153,7 +184,7 @@ def _softmax_tile(x):
     """Softmax over axis 0 of a tile that holds every class of its pixels:
     one exp per element and one reciprocal per pixel (padded classes are
     -inf and give 0)."""
-    e = tl.exp(x - tl.max(x, axis=0)[None, :])
+    e = _exp_minus(x, _exp_shift(tl.max(x, axis=0))[None, :])
     return e * (1.0 / tl.sum(e, axis=0))[None, :]
 
 
@@ -170,12 +201,56 @@ def _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
     elif ACTIVATION == 2:
         m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
                               BLOCK_C, BLOCK_S, ACC)
-        p = tl.exp(x - m[None, :]) / l[None, :]
+        p = _exp_minus(x, _exp_shift(m)[None, :]) / l[None, :]
     elif ACTIVATION == 1:
         p = tl.sigmoid(x)
     else:
         p = x
     return p
+
+
+@triton.jit
+def _reciprocal(l, APPROX_RCP: tl.constexpr):
+    """1 / l. APPROX_RCP (fp32, compiled for a GPU): one MUFU.RCP where
+    ``1 / l`` is an accurate division of some ten instructions, paid per pixel
+    on every lane that holds a class of it; both are within 2 ulp for the
+    softmax sums this takes (1 <= l <= C, or 0, or NaN). The interpreter has
+    no libdevice: it divides."""
+    if APPROX_RCP and l.dtype == tl.float32:
+        return libdevice.fast_dividef(1.0, l)
+    else:
+        return 1.0 / l
+
+
+@triton.jit
+def _softmax_onehot_tile(x_row, t_row, offs_c, offs_s64, C, smask, ignore_index,
+                         stride_xc, stride_xs, stride_ts, HAS_IGNORE: tl.constexpr,
+                         APPROX_RCP: tl.constexpr, ACC: tl.constexpr):
+    """(p, t) of a tile holding every class of its pixels, for index targets:
+    softmax probabilities, zero in pixels that do not count (past the end,
+    ignored), and the one-hot target. The masks are applied per pixel, not
+    per element: classes and pixels past the end read -inf (exp gives 0),
+    the softmax scale of a pixel that does not count is 0, and its label is
+    -1 (no class). A pixel that counts with every logit -inf gets NaN, as
+    torch.softmax gives."""
+    raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
+    counts = smask
+    if HAS_IGNORE:
+        counts = counts & ~_is_ignored(raw, ignore_index)
+    label = tl.where(counts, raw.to(tl.int64), -1)
+    ptrs = _tile_pointers(x_row, offs_c, offs_s64, stride_xc, stride_xs)
+    x = tl.load(ptrs, mask=(offs_c < C)[:, None] & smask[None, :], other=float("-inf"))
+    x = x.to(ACC)
+    if HAS_IGNORE:
+        # per element: a NaN logit of an ignored pixel must not reach the
+        # sums (0 * NaN), and a label-dependent load mask would break the
+        # vector loads
+        x = tl.where(counts[None, :], x, float("-inf"))
+    e = _exp_minus(x, _exp_shift(tl.max(x, axis=0))[None, :])
+    scale = tl.where(counts, _reciprocal(tl.sum(e, axis=0), APPROX_RCP), 0.0)
+    p = e * scale[None, :]
+    t = (label[None, :] == offs_c[:, None]).to(ACC)
+    return p, t
 
 
 @triton.jit
@@ -271,7 +346,8 @@ def _overlap_sums_fwd_kernel(
     ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
     CHECK_LABELS: tl.constexpr, LABEL_BLOCK: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, GROUP: tl.constexpr,
+    APPROX_RCP: tl.constexpr, ACC: tl.constexpr,
 ):
     # Program (n, p) reduces pixels [p*S_PER_PROG, (p+1)*S_PER_PROG) of sample
     # n into its own row of `part` [3, N, P, C]; the host sums over P. No
@@ -298,17 +374,22 @@ def _overlap_sums_fwd_kernel(
 
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        acc_i = tl.zeros([BLOCK_C], ACC)
-        acc_p = tl.zeros([BLOCK_C], ACC)
-        acc_t = tl.zeros([BLOCK_C], ACC)
+        acc_i = tl.zeros([BLOCK_C, BLOCK_S // GROUP], ACC)
+        acc_p = tl.zeros([BLOCK_C, BLOCK_S // GROUP], ACC)
+        acc_t = tl.zeros([BLOCK_C, BLOCK_S // GROUP], ACC)
         for s0 in range(s_begin, s_end, BLOCK_S):
             offs_s64 = s0 + tl.arange(0, BLOCK_S)  # int64, as s_begin is
             smask = offs_s64 < s_end
-            p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
-                                    ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
-            t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
-                                    stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
-            p = tl.where(valid, p, 0.0)
+            if ACTIVATION == 2 and ONE_CHUNK and not DENSE_TARGET:
+                p, t = _softmax_onehot_tile(x_row, t_row, offs_c, offs_s64, C, smask,
+                                            ignore_index, stride_xc, stride_xs, stride_ts,
+                                            HAS_IGNORE, APPROX_RCP, ACC)
+            else:
+                p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc,
+                                        stride_xs, ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
+                t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                        stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+                p = tl.where(valid, p, 0.0)
             if MIN_INTERSECTION:
                 inter = tl.minimum(p, t, propagate_nan=tl.PropagateNan.ALL)
             else:
@@ -321,10 +402,14 @@ def _overlap_sums_fwd_kernel(
             # cross-lane sum per class and 2 registers per class held)
             # (tile-shaped accumulators reduced once after the loop were
             # slower on the H100: 0.213 -> 0.404 ms at 21 classes, NCHW)
-            sum_i, sum_p, sum_t = tl.reduce((inter, p, t), 1, _add_triples)
+            sum_i, sum_p, sum_t = tl.reduce(
+                (tl.reshape(inter, [BLOCK_C, BLOCK_S // GROUP, GROUP]),
+                 tl.reshape(p, [BLOCK_C, BLOCK_S // GROUP, GROUP]),
+                 tl.reshape(t, [BLOCK_C, BLOCK_S // GROUP, GROUP])), 2, _add_triples)
             acc_i += sum_i
             acc_p += sum_p
             acc_t += sum_t
+        acc_i, acc_p, acc_t = tl.reduce((acc_i, acc_p, acc_t), 1, _add_triples)
         cmask = offs_c < C
         tl.store(part_row + offs_c, acc_i, mask=cmask)
         tl.store(part_row + plane + offs_c, acc_p, mask=cmask)
@@ -879,6 +964,19 @@ _MAX_BINS = 2048
 HISTOGRAM_PIXELS = 2**31 - 1
 
 
+def _pixel_group(x: torch.Tensor, block_s: int) -> int:
+    """Pixels the forward sums in registers before its tile's partial sums:
+    where pixels are contiguous (NCHW), one thread's vector of them (16
+    bytes), so each step adds within threads and the sums cross lanes once
+    per class chunk; otherwise (channels_last: a thread holds classes, the
+    pixels lie across lanes) the whole tile, reduced each step, as partial
+    sums per pixel would hold 3 registers per element of the tile (float64
+    spilled with 2 pixels)."""
+    if x.stride(2) != 1 or x.dtype == torch.float64:  # float64: 6 registers an element
+        return block_s
+    return min(block_s, 16 // x.element_size())
+
+
 def sums_dtype(input: torch.Tensor) -> torch.dtype:
     return accumulation_dtype(input.dtype)
 
@@ -927,7 +1025,9 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
         MIN_INTERSECTION=min_intersection, CHECK_LABELS=bad_labels is not None,
         LABEL_BLOCK=128 * num_warps, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
-        BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
+        BLOCK_S=BLOCK_S, GROUP=_pixel_group(x, BLOCK_S),
+        APPROX_RCP=input.device.type == "cuda", ACC=tl_accumulation(input.dtype),
+        num_warps=num_warps,
     )
     return part.sum(dim=2)
 

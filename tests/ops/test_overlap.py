@@ -167,6 +167,33 @@ def test_softmax_over_classes_masked_with_minus_inf(squared, min_intersection, b
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("min_intersection", [False, True], ids=["product", "min"])
+def test_softmax_sums_of_large_logits_and_nonfinite_ignored_pixels(dtype, min_intersection):
+    """Softmax shifted by each pixel's largest logit: logits near +-3000
+    (exp overflows without the shift, and with a shift of the wrong sign or
+    scale) give the reference's sums. NaN and inf logits of ignored pixels
+    do not reach the sums, as the reference masks the probabilities; a
+    pixel that counts with every logit -inf gives NaN in its sample, as
+    torch.softmax does. One class chunk (the per-pixel masking path) and
+    classes padded past C."""
+    x, t = make_case(2, 5, (4, 9), False, "softmax", ignore_index=255)
+    x = x * 4 + torch.tensor([3000.0, -3000.0]).view(2, 1, 1, 1)
+    t[0, 0, :3] = 255
+    x[0, :, 0, 0] = float("nan")
+    x[0, 2, 0, 1] = float("inf")
+    x[0, :, 0, 2] = float("-inf")
+    x = x.to(dtype)
+    options = ("softmax", 255, False, min_intersection)
+    sums = kernels.overlap_sums_forward(x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
+    want = ref.overlap_sums(x.double(), t, *options)
+    assert want.isfinite().all()
+    assert_close(sums, want, RTOL[dtype] if dtype == torch.float64 else 1e-5, name="sums")
+    x[1, :, 2, 5] = float("-inf")
+    t[1, 2, 5] = 1
+    sums = kernels.overlap_sums_forward(x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
+    assert sums[:2, 0].isfinite().all() and sums[:2, 1].isnan().all()
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("spatial", [(37,), (9, 23), (3, 5, 7)], ids=["1d", "2d", "3d"])
 def test_op_matches_reference(dtype, activation, spatial):
