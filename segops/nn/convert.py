@@ -140,15 +140,15 @@ def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
     tv = _torchvision_ops()
     if tv is not None and "roi_align" in ops:
         if type(module) is tv.RoIAlign:
-            return RoIAlign(module.output_size, module.spatial_scale, module.sampling_ratio,
-                            module.aligned)
+            return _keep_module_state(module, RoIAlign(module.output_size, module.spatial_scale,
+                                                       module.sampling_ratio, module.aligned))
         if type(module) is tv.MultiScaleRoIAlign:
             twin = MultiScaleRoIAlign(module.featmap_names, module.output_size,
                                       module.sampling_ratio,
                                       canonical_scale=module.canonical_scale,
                                       canonical_level=module.canonical_level)
             twin.scales = module.scales
-            return twin
+            return _keep_module_state(module, twin)
     return None
 
 
@@ -172,26 +172,56 @@ def _torch_twin(module: nn.Module) -> nn.Module | None:
         raise ArgumentError(f"revert_model: model holds {type(module).__name__}"
                             f"({module.extra_repr()}), which has no torchvision twin")
     if type(module) is RoIAlign:
-        return tv.RoIAlign(module.output_size, module.spatial_scale, module.sampling_ratio,
+        twin = tv.RoIAlign(module.output_size, module.spatial_scale, module.sampling_ratio,
                            module.aligned)
-    return tv.MultiScaleRoIAlign(module.featmap_names, module.output_size, module.sampling_ratio,
-                                 canonical_scale=module.canonical_scale,
-                                 canonical_level=module.canonical_level)
+    else:
+        twin = tv.MultiScaleRoIAlign(module.featmap_names, module.output_size,
+                                     module.sampling_ratio,
+                                     canonical_scale=module.canonical_scale,
+                                     canonical_level=module.canonical_level)
+    return _keep_module_state(module, twin)
 
 
-def _swap(model: nn.Module, twin_of, prefix: str = "") -> list[tuple[str, str, str]]:
+def _swap(model: nn.Module, twin_of, prefix: str = "",
+          seen: dict | None = None) -> list[tuple[str, str, str]]:
     """Replace each child that has a twin, then recurse into the live child
-    (a twin's children are swapped in the twin, not in the replaced module)."""
+    (a twin's children are swapped in the twin, not in the replaced module).
+    A module reached at several places (``nn.Sequential(c, relu, c)``) gets
+    one twin, set at each place, as torch sees one module there: one set of
+    hooks, one training flag, tied parameters that stay tied."""
+    seen = {} if seen is None else seen
     replaced = []
-    for child_name, child in list(model.named_children()):
+    # _modules, not named_children(), which lists a module only at its first place
+    for child_name, child in list(model._modules.items()):
+        if child is None:
+            continue
         name = f"{prefix}{child_name}"
+        if id(child) in seen:
+            twin = seen[id(child)][1]
+            if twin is not child:
+                setattr(model, child_name, twin)
+                replaced.append((name, type(child).__name__, type(twin).__name__))
+            continue
         twin = twin_of(child)
+        # the original is kept alive with its twin, so its id is not reused
+        seen[id(child)] = (child, child if twin is None else twin)
         if twin is not None:
+            seen[id(twin)] = (twin, twin)
             setattr(model, child_name, twin)
             replaced.append((name, type(child).__name__, type(twin).__name__))
             child = twin
-        replaced += _swap(child, twin_of, name + ".")
+        replaced += _swap(child, twin_of, name + ".", seen)
     return replaced
+
+
+def _keep_module_state(module: nn.Module, twin: nn.Module) -> nn.Module:
+    """``twin`` (a new module) with ``module``'s training flag and hooks (the
+    same dicts, as ``retype`` shares them)."""
+    twin.training = module.training
+    for key, value in module.__dict__.items():
+        if "hooks" in key:
+            twin.__dict__[key] = value
+    return twin
 
 
 def convert_model(model: nn.Module, *,

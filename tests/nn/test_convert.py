@@ -116,6 +116,50 @@ def test_roi_align_modules():
     assert type(model["pool"]) is tv_ops.MultiScaleRoIAlign
 
 
+def test_a_module_used_twice_gets_one_twin():
+    """nn.Sequential(c, relu, c, relu): one AtrousConv2d at both places (torch sees
+    one module: hooks registered once, one training flag, weights tied),
+    and one nn.Conv2d back."""
+    conv = nn.Conv2d(2, 2, 3, padding=2, dilation=2).double().to(DEVICE)
+    relu = nn.ReLU()
+    model = nn.Sequential(conv, relu, conv, relu)
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64, device=DEVICE)
+    want = model(x)
+    report = segops.convert_model(model)
+    assert type(model[0]) is AtrousConv2d and model[0] is model[2]
+    assert [name for name, _, _ in report.replaced] == ["0", "2"]
+    assert len(list(model.modules())) == 3 and model[1] is model[3]
+    calls = []
+    for m in model.modules():
+        if isinstance(m, AtrousConv2d):
+            m.register_forward_hook(lambda *args: calls.append(1))
+    assert_close(model(x), want, F64)
+    assert len(calls) == 2
+    model[0].weight = nn.Parameter(torch.zeros_like(conv.weight))
+    assert model[2].weight is model[0].weight
+    segops.revert_model(model)
+    assert type(model[0]) is nn.Conv2d and model[0] is model[2]
+
+
+def test_roi_align_twins_keep_hooks_and_training_flag():
+    tv_ops = pytest.importorskip("torchvision.ops")
+    model = nn.ModuleDict({"pool": tv_ops.MultiScaleRoIAlign(["a"], 2, 2),
+                           "single": tv_ops.RoIAlign(2, 0.5, 2)}).eval()
+    fired = []
+    for name in ("pool", "single"):
+        model[name].register_forward_hook(lambda m, args, out, name=name: fired.append(name))
+        model[name].register_forward_pre_hook(lambda m, args: fired.append("pre"))
+    features = {"a": torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
+    boxes = [torch.tensor([[1.0, 2.0, 10.0, 12.0]], dtype=torch.float64, device=DEVICE)]
+    for convert in (segops.convert_model, segops.revert_model):
+        convert(model)
+        fired.clear()
+        model["pool"](features, boxes, [(16, 16)])
+        model["single"](features["a"], boxes)
+        assert fired == ["pre", "pool", "pre", "single"]
+        assert not model["pool"].training and not model["single"].training
+
+
 def test_unknown_ops_and_unrevertible_layers():
     with pytest.raises(ValueError, match="unknown ops"):
         segops.convert_model(nn.Conv2d(1, 1, 1), ops=("attention",))
