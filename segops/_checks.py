@@ -23,6 +23,21 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
+def refuse_forward_ad(op: str) -> None:
+    """Raise inside ``torch.func.jvp`` / ``jacfwd`` / ``hessian``: segops'
+    custom ops have no forward-mode derivative, and those transforms would
+    give their outputs a zero tangent without a word (torch.autograd's
+    forward_ad raises by itself). One C call when no transform is active."""
+    from torch._C._functorch import peek_interpreter_stack
+    if torch.compiler.is_compiling() or peek_interpreter_stack() is None:
+        return
+    from torch._functorch.pyfunctorch import JvpInterpreter, retrieve_all_functorch_interpreters
+    if any(isinstance(i, JvpInterpreter) for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            f"segops.ops.{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+            "hessian): use reverse mode (backward(), torch.autograd.grad), or revert_model")
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums of ``dtype`` values accumulate in: float64 for float64,
     float32 for everything else (fp16/bf16 never accumulate in themselves)."""

@@ -35,6 +35,7 @@ from .._checks import (
     check_choice,
     check_int,
     int_pair,
+    refuse_forward_ad,
 )
 from .._format import is_channels_last, memory_format_of
 from .._geometry import conv_output_size
@@ -305,6 +306,7 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         ``(N, C_out, OH, OW)`` (or ``(C_out, OH, OW)``) in the input's dtype
         and memory format.
     """
+    refuse_forward_ad("atrous_conv2d")
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
     groups = _check_tensors(input, weight, bias, groups)
     check_choice("activation", activation, ACTIVATIONS)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch
-from .._checks import ArgumentError, accumulation_dtype
+from .._checks import ArgumentError, accumulation_dtype, refuse_forward_ad
 from .._format import is_channels_last, memory_format_of
 from .._geometry import conv_transpose_output_size, four_sided
 from ..reference import conv_transpose as reference
@@ -127,6 +127,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     Returns:
         ``(N, C_out, OH, OW)`` in the input's dtype and memory format.
     """
+    refuse_forward_ad("conv_transpose2d")
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
     groups = _check_tensors(input, weight, bias, groups)
     stride = _pair("stride", stride, 1)

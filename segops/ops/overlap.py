@@ -55,6 +55,7 @@ from .._checks import (
     check_number,
     check_same_device,
     check_tensor,
+    refuse_forward_ad,
 )
 from ..reference import overlap as reference
 
@@ -364,6 +365,7 @@ def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
         Differentiable w.r.t. ``input``; no ``(N, C, *spatial)`` activation or
         one-hot tensor is kept for backward.
     """
+    refuse_forward_ad("overlap_sums")
     return _overlap_sums(*_sums_arguments(input, target, activation, ignore_index, squared,
                                           intersection, validate_args))
 
@@ -572,6 +574,7 @@ def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     pixel (smp zeroes them). ``reduction``: ``'mean'``, ``'sum'`` or ``'none'``
     (per-class ``(C,)``, or ``(N, C)`` with ``batch=False``).
     """
+    refuse_forward_ad("dice_loss")
     return _overlap_loss("dice", input, target, mode, classes=classes, log_loss=log_loss,
                          from_logits=from_logits, smooth=smooth, ignore_index=ignore_index,
                          eps=eps, batch=batch, include_background=include_background,
@@ -593,6 +596,7 @@ def jaccard_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     Same arguments and conventions as :func:`dice_loss`; the defaults give
     segmentation-models-pytorch's ``JaccardLoss`` numbers.
     """
+    refuse_forward_ad("jaccard_loss")
     return _overlap_loss("jaccard", input, target, mode, classes=classes, log_loss=log_loss,
                          from_logits=from_logits, smooth=smooth, ignore_index=ignore_index,
                          eps=eps, batch=batch, include_background=include_background,

@@ -58,7 +58,7 @@ from torch import Tensor
 from .. import _dispatch
 from .._checks import (FLOAT_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
                        check_choice, check_int, check_number, check_same_device, check_tensor,
-                       int_pair)
+                       int_pair, refuse_forward_ad)
 from .._format import memory_format_of
 from ..reference import roi_align as reference
 
@@ -346,6 +346,7 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     Returns:
         ``(K, C, PH, PW)`` in the input's dtype and memory format.
     """
+    refuse_forward_ad("roi_align")
     spatial_scale = check_number("spatial_scale", spatial_scale, minimum=0)
     rois, (ph, pw), sampling_ratio = _prepare([input], boxes, output_size, sampling_ratio,
                                               pool_mode, validate_args)
@@ -498,6 +499,7 @@ def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tenso
     Returns:
         ``(K, C, PH, PW)`` in ``features[0]``'s dtype and memory format.
     """
+    refuse_forward_ad("multi_scale_roi_align")
     if isinstance(features, Tensor) or not isinstance(features, Sequence):
         raise ArgumentTypeError(f"features must be a list of tensors, got "
                                 f"{type(features).__name__}")

@@ -1,0 +1,65 @@
+"""torch.func's forward mode (jvp, jacfwd) over the differentiable ops
+raises: the custom ops have no forward-mode derivative, and torch.func
+would give their outputs a zero tangent without a word."""
+import pytest
+import torch
+from helpers import DEVICE
+
+from segops import ops
+
+
+def _atrous_conv2d():
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=DEVICE)
+    return lambda x: ops.atrous_conv2d(x, w, padding=2, dilation=2), (1, 2, 6, 6)
+
+
+def _conv_transpose2d():
+    w = torch.randn(2, 3, 2, 2, dtype=torch.float64, device=DEVICE)
+    return lambda x: ops.conv_transpose2d(x, w, stride=2), (1, 2, 3, 3)
+
+
+def _boxes():
+    return [torch.tensor([[1.0, 1.0, 6.0, 5.0]], dtype=torch.float64, device=DEVICE)]
+
+
+def _roi_align():
+    return lambda x: ops.roi_align(x, _boxes(), 2, 1.0, 2), (1, 2, 8, 8)
+
+
+def _multi_scale_roi_align():
+    return (lambda x: ops.multi_scale_roi_align([x, x[..., ::2, ::2]], _boxes(), 2,
+                                                [1.0, 0.5], 2, canonical_scale=8),
+            (1, 2, 8, 8))
+
+
+def _target():
+    return torch.tensor([[[0, 1, 2], [2, 1, 0]]], device=DEVICE)
+
+
+def _overlap_sums():
+    return lambda x: ops.overlap_sums(x, _target()), (1, 3, 2, 3)
+
+
+def _dice_loss():
+    return lambda x: ops.dice_loss(x, _target()), (1, 3, 2, 3)
+
+
+def _jaccard_loss():
+    return lambda x: ops.jaccard_loss(x, _target()), (1, 3, 2, 3)
+
+
+OPS = {f.__name__[1:]: f for f in (_atrous_conv2d, _conv_transpose2d, _roi_align, _multi_scale_roi_align,
+                                   _overlap_sums, _dice_loss, _jaccard_loss)}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_forward_mode_raises(name):
+    fn, shape = OPS[name]()
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(NotImplementedError, match=f"segops.ops.{name} has no forward-mode"):
+        torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jacfwd(fn)(x)
+    leaf = x.clone().requires_grad_()
+    fn(leaf).sum().backward()   # reverse mode outside the transforms: unaffected
+    assert leaf.grad is not None and leaf.grad.isfinite().all()
