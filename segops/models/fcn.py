@@ -130,7 +130,7 @@ class FCN8s(nn.Module):
         self.upscore_pool4 = ConvTranspose2d(num_classes, num_classes, 4, stride=2, bias=False)
         self.upscore8 = ConvTranspose2d(num_classes, num_classes, 16, stride=8, bias=False)
         for up in (self.upscore2, self.upscore_pool4, self.upscore8):
-            init.bilinear_upsampling_(up.weight)
+            init.bilinear_upsampling_(up.weight, up.groups)
         for score in (self.score_fr, self.score_pool4, self.score_pool3):
             nn.init.zeros_(score.weight)
             nn.init.zeros_(score.bias)

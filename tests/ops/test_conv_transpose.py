@@ -369,6 +369,24 @@ def test_bilinear_upsampling_init():
     assert segops.nn.init.bilinear_kernel(3)[1, 1] == 1.0
 
 
+@pytest.mark.parametrize("c_in, c_out, groups, want", [
+    (4, 4, 2, [1.0, 1.0, 1.0, 1.0]),     # each output channel from its own input channel
+    (3, 1, 1, [1.0]),                    # channel 0 only, not the sum of the 3
+    (3, 3, 3, [1.0, 1.0, 1.0]),          # depthwise
+    (2, 4, 2, [1.0, 0.0, 0.0, 0.0]),     # output 1 lies in group 0: no input channel 1 there
+])
+def test_bilinear_upsampling_init_follows_groups(c_in, c_out, groups, want):
+    """Input channel i to output channel i within the layer's groups: a
+    constant input gives 1 at every interior output pixel of channel i."""
+    up = torch.nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, groups=groups,
+                                  bias=False).double()
+    segops.nn.init.bilinear_upsampling_(up.weight, up.groups)
+    got = up(torch.ones(1, c_in, 3, 3, dtype=torch.float64))[0, :, 2, 2]
+    assert got.tolist() == want
+    with pytest.raises(ValueError, match="groups"):
+        segops.nn.init.bilinear_upsampling_(up.weight, 2 if c_in % 2 else 3)
+
+
 def test_empty_batch_and_unbatched_input():
     x, w, b = make_tensors(ONE_GEMM)
     assert segops.ops.conv_transpose2d(x[:0], w, b, 2).shape == (0, 4, 6, 10)
