@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
+from torch.nn.modules.loss import _Loss
 
 from .._checks import ArgumentError, check_choice
 from ..ops import overlap as F
 
 
-class _OverlapLoss(nn.Module):
+class _OverlapLoss(_Loss):  # as smp's losses: isinstance(loss, _Loss)
+    # read at every call, as smp's losses read their attributes: setting
+    # ``loss.smooth = 1.0`` after construction takes effect
+    OPTIONS = ("classes", "log_loss", "from_logits", "smooth", "ignore_index", "eps", "batch",
+               "include_background", "squared_pred", "class_weights", "skip_empty",
+               "intersection", "reduction", "validate_args")
+
     def __init__(self, mode: str, classes: Sequence[int] | None = None, log_loss: bool = False,
                  from_logits: bool = True, smooth: float = 0.0, ignore_index: int | None = None,
                  eps: float = 1e-7, class_weights=None, *, batch: bool = True,
@@ -22,12 +29,14 @@ class _OverlapLoss(nn.Module):
         if classes is not None and mode == "binary":
             raise ArgumentError("classes cannot be used with mode='binary'")
         self.mode = mode
-        self.options = dict(classes=classes, log_loss=log_loss, from_logits=from_logits,
-                            smooth=smooth, ignore_index=ignore_index, eps=eps, batch=batch,
-                            include_background=include_background, squared_pred=squared_pred,
-                            class_weights=class_weights, skip_empty=skip_empty,
-                            intersection=intersection, reduction=reduction,
-                            validate_args=validate_args)
+        values = locals()
+        for name in self.OPTIONS:
+            setattr(self, name, values[name])
+
+    @property
+    def options(self) -> dict:
+        """The keyword arguments each call passes to the functional loss."""
+        return {name: getattr(self, name) for name in self.OPTIONS}
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

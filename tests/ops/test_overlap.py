@@ -449,6 +449,26 @@ def test_loss_modules_are_smp_compatible():
         segops.nn.DiceLoss("binary", classes=[0])
 
 
+@pytest.mark.parametrize("module", ["DiceLoss", "JaccardLoss"])
+def test_loss_module_attributes_set_later_take_effect(module):
+    """smp's losses read self.smooth, self.eps, self.classes, ... at every
+    call; so do segops' (they were copied into a dict at construction, and
+    ``loss.smooth = 10`` changed nothing)."""
+    x, t = make_case(2, 4, (3, 5), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    loss = getattr(segops.nn, module)("multiclass")
+    assert isinstance(loss, torch.nn.modules.loss._Loss)
+    fn = ops.dice_loss if module == "DiceLoss" else ops.jaccard_loss
+    changes = dict(smooth=10.0, eps=0.5, classes=[0, 2], log_loss=True, ignore_index=1,
+                   class_weights=[1.0, 2.0, 3.0, 4.0])
+    for name, value in changes.items():
+        setattr(loss, name, value)
+        assert loss.options[name] == value
+    want = fn(x, t, "multiclass", **changes)
+    assert_close(loss(x, t), want, TOL)
+    assert not torch.allclose(want, fn(x, t, "multiclass"))
+
+
 # --------------------------------------------------------------------------
 # edge cases
 # --------------------------------------------------------------------------
