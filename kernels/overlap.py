@@ -62,24 +62,24 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _exp_shift(m):
-    """A pixel's softmax shift as ``_exp_minus`` takes it (m * log2(e) in
-    fp32, m in fp64), with an all -inf m made 0: exp(-inf - -inf) would be
-    NaN where the sum of exp must stay 0 (padded or masked classes)."""
-    m = tl.where(m == float("-inf"), 0.0, m)
-    if m.dtype == tl.float32:
-        m = m * _LOG2E
-    return m
+    """A pixel's softmax shift as ``_exp_minus`` takes it: m, with an all
+    -inf m made 0 (exp(-inf - -inf) would be NaN where the sum of exp must
+    stay 0: padded or masked classes)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
 def _exp_minus(x, shift):
-    """exp(x - m) for shift = _exp_shift(m). fp32: exp2 of one FMA, where
-    tl.exp spends a subtraction, two multiplies and a range test around the
-    same MUFU.EX2 (ex2.approx, but flushing results below 2^-126 to 0). The
-    rounding of m * log2(e) scales every class of a pixel alike, so the
-    softmax ratio does not see it. fp64 keeps the exact exp."""
+    """exp(x - m) for shift = _exp_shift(m). fp32: exp2 of (x - m) * log2(e),
+    where tl.exp spends 3 multiplies and a range test around the same
+    MUFU.EX2 (ex2.approx, flushing results below 2^-126 to 0). x - m is
+    exact for the logits near the maximum that matter; folding the shift
+    into one FMA (x * log2(e) - m * log2(e)) saves an instruction but is
+    only as exact where the FMA is fused, which the interpreter's is not
+    (logits near 3000: 6e-5 relative error in the gradient). fp64 keeps the
+    exact exp."""
     if x.dtype == tl.float32:
-        return tl.exp2(tl.fma(x, _LOG2E, -shift))
+        return tl.exp2((x - shift) * _LOG2E)
     else:
         return tl.exp(x - shift)
 
@@ -89,6 +89,8 @@ def _exp_ratio(m_old, shift_new):
     """exp(m_old - m_new) (a running sum's rescale) for shift_new =
     _exp_shift(m_new); 0 while m_old is -inf."""
     return _exp_minus(m_old, shift_new)
+
+
 @triton.jit
 def _tile_pointers(row, offs_c, offs_s64, stride_c, stride_s):
     """[BLOCK_C, BLOCK_S] pointers, the pixel term first: the class term
@@ -442,6 +444,40 @@ def _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C,
 
 
 @triton.jit
+def _softmax_onehot_grad_tile(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask,
+                              ignore_index, stride_xc, stride_xs, stride_ts,
+                              HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr,
+                              MIN_INTERSECTION: tl.constexpr, APPROX_RCP: tl.constexpr,
+                              ACC: tl.constexpr):
+    """(p, dL/dp) of a tile holding every class of its pixels, for index
+    targets: ``_softmax_onehot_tile``'s per-pixel masks, except that an
+    ignored pixel keeps its probabilities (NaN logits give NaN there, as
+    the reference's softmax backward does) and only dL/dp is zeroed."""
+    raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
+    counts = smask
+    if HAS_IGNORE:
+        counts = counts & ~_is_ignored(raw, ignore_index)
+    cmask = offs_c < C
+    ptrs = _tile_pointers(x_row, offs_c, offs_s64, stride_xc, stride_xs)
+    x = tl.load(ptrs, mask=cmask[:, None] & smask[None, :], other=float("-inf")).to(ACC)
+    e = _exp_minus(x, _exp_shift(tl.max(x, axis=0))[None, :])
+    p = e * _reciprocal(tl.sum(e, axis=0), APPROX_RCP)[None, :]
+    # the label of a pixel that does not count may name a class: its dL/dp is zeroed below
+    t = (raw.to(tl.int64)[None, :] == offs_c[:, None]).to(ACC)
+    gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
+    gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
+    if MIN_INTERSECTION:
+        d_intersection = tl.where(p > t, 0.0, tl.where(p == t, 0.5, 1.0))
+    else:
+        d_intersection = t
+    if SQUARED:
+        g = gi[:, None] * d_intersection + gp[:, None] * 2.0 * p
+    else:
+        g = gi[:, None] * d_intersection + gp[:, None]
+    return p, tl.where(counts[None, :], g, 0.0)
+
+
+@triton.jit
 def _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc, stride_gs,
                        ACTIVATION: tl.constexpr):
     """dL/dx from dL/dp = g through the activation (softmax: p * (g - dot),
@@ -480,7 +516,8 @@ def _overlap_sums_bwd_kernel(
     stride_gn, stride_gc, stride_gs,
     ACTIVATION: tl.constexpr, DENSE_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    APPROX_RCP: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per (sample, pixel block); the flat 1-D grid avoids the
     # 65535 limit of grid axes 1 and 2 for large volumes.
@@ -498,12 +535,18 @@ def _overlap_sums_bwd_kernel(
     if ONE_CHUNK:
         # every class in one tile: the logits are read once, one exp each
         offs_c = tl.arange(0, BLOCK_C)
-        p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
-                                ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
-        t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
-                                stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
-        g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
-                                MIN_INTERSECTION)
+        if ACTIVATION == 2 and not DENSE_TARGET:
+            p, g = _softmax_onehot_grad_tile(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C,
+                                             smask, ignore_index, stride_xc, stride_xs,
+                                             stride_ts, HAS_IGNORE, SQUARED, MIN_INTERSECTION,
+                                             APPROX_RCP, ACC)
+        else:
+            p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
+                                    ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
+            t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
+                                    stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
+            g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
+                                    MIN_INTERSECTION)
         if ACTIVATION == 2:
             dot = tl.sum(g * p, axis=0)
         else:
@@ -1057,7 +1100,8 @@ def overlap_sums_backward(grad_intersection, grad_pred_sum, input, target,
         ACTIVATION=ACTIVATIONS[activation], DENSE_TARGET=dense,
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
         MIN_INTERSECTION=min_intersection, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
-        BLOCK_S=BLOCK_S, ACC=tl_accumulation(input.dtype), num_warps=num_warps,
+        BLOCK_S=BLOCK_S, APPROX_RCP=input.device.type == "cuda",
+        ACC=tl_accumulation(input.dtype), num_warps=num_warps,
     )
     return grad.view(input.shape)
 

@@ -167,27 +167,40 @@ def test_softmax_over_classes_masked_with_minus_inf(squared, min_intersection, b
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("squared", [False, True], ids=["linear", "squared"])
 @pytest.mark.parametrize("min_intersection", [False, True], ids=["product", "min"])
-def test_softmax_sums_of_large_logits_and_nonfinite_ignored_pixels(dtype, min_intersection):
+def test_softmax_sums_of_large_logits_and_nonfinite_ignored_pixels(dtype, squared,
+                                                                   min_intersection):
     """Softmax shifted by each pixel's largest logit: logits near +-3000
     (exp overflows without the shift, and with a shift of the wrong sign or
-    scale) give the reference's sums. NaN and inf logits of ignored pixels
-    do not reach the sums, as the reference masks the probabilities; a
-    pixel that counts with every logit -inf gives NaN in its sample, as
-    torch.softmax does. One class chunk (the per-pixel masking path) and
-    classes padded past C."""
+    scale) give the reference's sums and gradient. NaN and inf logits of
+    ignored pixels do not reach the sums, as the reference masks the
+    probabilities, but give NaN gradients there, as the reference's softmax
+    backward does; a pixel that counts with every logit -inf gives NaN in
+    its sample, as torch.softmax does. One class chunk (the per-pixel
+    masking paths) and classes padded past C."""
     x, t = make_case(2, 5, (4, 9), False, "softmax", ignore_index=255)
     x = x * 4 + torch.tensor([3000.0, -3000.0]).view(2, 1, 1, 1)
     t[0, 0, :3] = 255
     x[0, :, 0, 0] = float("nan")
     x[0, 2, 0, 1] = float("inf")
     x[0, :, 0, 2] = float("-inf")
+    x[1, 3, 1, 1] += 200    # p = 1 and 0 exactly: the min intersection's ties
+    t[1, 1, 1] = 3
     x = x.to(dtype)
-    options = ("softmax", 255, False, min_intersection)
+    options = ("softmax", 255, squared, min_intersection)
+    grad_out = torch.randn(3, 2, 5, dtype=torch.float64)
     sums = kernels.overlap_sums_forward(x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
-    want = ref.overlap_sums(x.double(), t, *options)
-    assert want.isfinite().all()
-    assert_close(sums, want, RTOL[dtype] if dtype == torch.float64 else 1e-5, name="sums")
+    gsum = grad_out.to(DEVICE, kernels.sums_dtype(x))
+    grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(),
+                                         x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
+    want_sums, want_grad = reference_sums_and_grad(x, t, "softmax", 255, squared, grad_out,
+                                                   min_intersection)
+    assert want_sums.isfinite().all() and want_grad[0, :, 0, :3].isnan().all()
+    rtol = RTOL[dtype] if dtype == torch.float64 else 1e-5
+    assert_close(sums, want_sums, rtol, name="sums")
+    assert_close(grad.double(), want_grad.to(dtype).double(), max(rtol, RTOL[dtype]),
+                 name="grad")
     x[1, :, 2, 5] = float("-inf")
     t[1, 2, 5] = 1
     sums = kernels.overlap_sums_forward(x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
