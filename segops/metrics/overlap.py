@@ -88,11 +88,19 @@ class MeanIoU(_ConfusionMetric):
     """Mean intersection over union (``average='macro'``) accumulated in int64
     over batches; see :func:`segops.ops.iou_score` for the averages. Gives
     torchmetrics' ``MulticlassJaccardIndex`` numbers, except that classes
-    absent from prediction and target are NaN in ``'none'`` (torchmetrics: 0)."""
+    absent from prediction and target are NaN in ``'none'`` (torchmetrics: 0).
+
+    Not ``torchmetrics.segmentation.MeanIoU``, despite the name: that one
+    takes one-hot ``(N, C, *spatial)`` input by default (here an integer
+    tensor of that shape reads as labels of a volume, ``(N, *spatial)``)
+    and averages per-image scores, where this one scores the confusion
+    matrix of everything seen."""
     _score = staticmethod(F.iou_score)
 
 
 class DiceScore(_ConfusionMetric):
     """Dice / F1 score accumulated over batches; see
-    :func:`segops.ops.dice_score`."""
+    :func:`segops.ops.dice_score`. torchmetrics' ``MulticlassF1Score``
+    numbers; not ``torchmetrics.segmentation.DiceScore`` (one-hot input by
+    default, per-image scores averaged): see :class:`MeanIoU`."""
     _score = staticmethod(F.dice_score)
