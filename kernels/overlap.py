@@ -225,6 +225,28 @@ def _reciprocal(l, APPROX_RCP: tl.constexpr):
 
 
 @triton.jit
+def _pixel_labels(t_row, offs_s64, smask, ignore_index, stride_ts, HAS_IGNORE: tl.constexpr):
+    """(raw labels, whether each pixel counts: before the end and not
+    ignored) of index targets."""
+    raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
+    counts = smask
+    if HAS_IGNORE:
+        counts = counts & ~_is_ignored(raw, ignore_index)
+    return raw, counts
+
+
+@triton.jit
+def _load_scores_or_minus_inf(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
+                              ACC: tl.constexpr):
+    """[BLOCK_C, BLOCK_S] scores in ACC; classes and pixels past the end
+    read -inf, so exp gives 0 there without a select per element (a pixel
+    past the end has every class -inf: see _exp_shift)."""
+    ptrs = _tile_pointers(x_row, offs_c, offs_s64, stride_xc, stride_xs)
+    x = tl.load(ptrs, mask=(offs_c < C)[:, None] & smask[None, :], other=float("-inf"))
+    return x.to(ACC)
+
+
+@triton.jit
 def _softmax_onehot_tile(x_row, t_row, offs_c, offs_s64, C, smask, ignore_index,
                          stride_xc, stride_xs, stride_ts, HAS_IGNORE: tl.constexpr,
                          APPROX_RCP: tl.constexpr, ACC: tl.constexpr):
@@ -235,14 +257,9 @@ def _softmax_onehot_tile(x_row, t_row, offs_c, offs_s64, C, smask, ignore_index,
     the softmax scale of a pixel that does not count is 0, and its label is
     -1 (no class). A pixel that counts with every logit -inf gets NaN, as
     torch.softmax gives."""
-    raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
-    counts = smask
-    if HAS_IGNORE:
-        counts = counts & ~_is_ignored(raw, ignore_index)
+    raw, counts = _pixel_labels(t_row, offs_s64, smask, ignore_index, stride_ts, HAS_IGNORE)
     label = tl.where(counts, raw.to(tl.int64), -1)
-    ptrs = _tile_pointers(x_row, offs_c, offs_s64, stride_xc, stride_xs)
-    x = tl.load(ptrs, mask=(offs_c < C)[:, None] & smask[None, :], other=float("-inf"))
-    x = x.to(ACC)
+    x = _load_scores_or_minus_inf(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
     if HAS_IGNORE:
         # per element: a NaN logit of an ignored pixel must not reach the
         # sums (0 * NaN), and a label-dependent load mask would break the
@@ -427,20 +444,25 @@ def _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C,
     """dL/dp for every element: gi[c]*dI/dp + gp[c]*(1 or 2p), zero where
     masked. dI/dp is t, or for min(p, t) 0 above t, 1/2 at a tie, else 1 (a NaN
     p too), as autograd differentiates torch.minimum(p, t)."""
+    # p is -inf in padded classes with ACTIVATION none: keep 0 * inf out
+    g = _dl_dp(tl.where(valid, p, 0.0), t, gi_row, gp_row, offs_c, C, SQUARED, MIN_INTERSECTION)
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _dl_dp(p, t, gi_row, gp_row, offs_c, C, SQUARED: tl.constexpr, MIN_INTERSECTION: tl.constexpr):
+    """gi[c]*dI/dp + gp[c]*(1 or 2p) of every element, unmasked."""
     cmask = offs_c < C
     gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
     gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
-    # p is -inf in padded classes with ACTIVATION none: keep 0 * inf out
-    p = tl.where(valid, p, 0.0)
     if MIN_INTERSECTION:
         d_intersection = tl.where(p > t, 0.0, tl.where(p == t, 0.5, 1.0))
     else:
         d_intersection = t
     if SQUARED:
-        g = gi[:, None] * d_intersection + gp[:, None] * 2.0 * p
+        return gi[:, None] * d_intersection + gp[:, None] * 2.0 * p
     else:
-        g = gi[:, None] * d_intersection + gp[:, None]
-    return tl.where(valid, g, 0.0)
+        return gi[:, None] * d_intersection + gp[:, None]
 
 
 @triton.jit
@@ -453,27 +475,13 @@ def _softmax_onehot_grad_tile(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C,
     targets: ``_softmax_onehot_tile``'s per-pixel masks, except that an
     ignored pixel keeps its probabilities (NaN logits give NaN there, as
     the reference's softmax backward does) and only dL/dp is zeroed."""
-    raw = tl.load(t_row + offs_s64 * stride_ts, mask=smask, other=0)
-    counts = smask
-    if HAS_IGNORE:
-        counts = counts & ~_is_ignored(raw, ignore_index)
-    cmask = offs_c < C
-    ptrs = _tile_pointers(x_row, offs_c, offs_s64, stride_xc, stride_xs)
-    x = tl.load(ptrs, mask=cmask[:, None] & smask[None, :], other=float("-inf")).to(ACC)
+    raw, counts = _pixel_labels(t_row, offs_s64, smask, ignore_index, stride_ts, HAS_IGNORE)
+    x = _load_scores_or_minus_inf(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
     e = _exp_minus(x, _exp_shift(tl.max(x, axis=0))[None, :])
     p = e * _reciprocal(tl.sum(e, axis=0), APPROX_RCP)[None, :]
     # the label of a pixel that does not count may name a class: its dL/dp is zeroed below
     t = (raw.to(tl.int64)[None, :] == offs_c[:, None]).to(ACC)
-    gi = tl.load(gi_row + offs_c, mask=cmask, other=0.0)
-    gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
-    if MIN_INTERSECTION:
-        d_intersection = tl.where(p > t, 0.0, tl.where(p == t, 0.5, 1.0))
-    else:
-        d_intersection = t
-    if SQUARED:
-        g = gi[:, None] * d_intersection + gp[:, None] * 2.0 * p
-    else:
-        g = gi[:, None] * d_intersection + gp[:, None]
+    g = _dl_dp(p, t, gi_row, gp_row, offs_c, C, SQUARED, MIN_INTERSECTION)
     return p, tl.where(counts[None, :], g, 0.0)
 
 
