@@ -35,19 +35,30 @@ class Up(nn.Module):
         self.conv = double_conv(in_channels // 2 + out_channels, out_channels, norm)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+        return self.conv(torch.cat([skip, pad_to_match(self.up(x), skip)], dim=1))
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """``x`` zero-padded at the bottom/right to H, W multiples of ``multiple``
-    (``x`` itself when they are). A leaf of torch.fx traces: the test on the
-    sizes needs concrete sizes."""
+def pad_to_match(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` zero-padded to ``like``'s H, W, the odd row or column at the
+    bottom/right (``x`` itself when they match): an odd size halved by max
+    pooling and doubled back is one short. A leaf of torch.fx traces: the
+    test on the sizes needs concrete sizes."""
+    pad_h, pad_w = like.shape[-2] - x.shape[-2], like.shape[-1] - x.shape[-1]
+    if pad_h or pad_w:
+        return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return x
+
+
+def pad_to_at_least(x: Tensor, size: int) -> Tensor:
+    """``x`` zero-padded at the bottom/right to H, W of at least ``size``
+    (``x`` itself when they are). A leaf of torch.fx traces."""
     H, W = x.shape[-2:]
-    pad_h, pad_w = -H % multiple, -W % multiple
+    pad_h, pad_w = max(0, size - H), max(0, size - W)
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
-torch.fx.wrap("pad_to_multiple")
+torch.fx.wrap("pad_to_match")
+torch.fx.wrap("pad_to_at_least")
 
 
 class UNet(nn.Module):
@@ -56,8 +67,11 @@ class UNet(nn.Module):
     concatenation, then a 1x1 conv to the classes.
 
     forward(x ``(N, in_channels, H, W)``) -> logits ``(N, num_classes, H, W)``.
-    Any H, W: the input is zero-padded at the bottom/right to the next
-    multiple of 2**depth and the logits cropped back.
+    Any H, W: where max pooling halves an odd size, the up-sampled map is
+    zero-padded by one row or column at the bottom/right to its skip's size
+    (the encoder and its batch statistics see the image's pixels only). An
+    input smaller than 2**depth is zero-padded to that size, and the logits
+    cropped back.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, base_channels: int = 64,
@@ -80,7 +94,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
-        skips = [self.inc(pad_to_multiple(x, 2 ** self.depth))]
+        skips = [self.inc(pad_to_at_least(x, 2 ** self.depth))]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         h = skips.pop()

@@ -262,6 +262,27 @@ def test_unet_shapes(up, norm, size):
     assert out.shape == (2, 3, *size) and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("up", ["transpose", "bilinear"])
+def test_unet_batch_statistics_see_only_the_image(up):
+    """An odd-sized input is not padded before the encoder (its zeros would
+    enter every encoder BatchNorm's batch statistics: 33x33 padded to 48x48
+    halved them): the first BN sees (N, C, 33, 35) and its running mean is
+    that of the image's pixels; where pooling halved an odd size, the
+    up-sampled map gets the missing row or column, so the logits come out
+    at the input's size. An input under 2**depth is padded and cropped."""
+    model = models.unet(in_channels=2, num_classes=3, base_channels=4, depth=3, up=up).train()
+    seen = []
+    model.inc[1].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    x = torch.randn(2, 2, 33, 35)
+    out = model.to(DEVICE)(x.to(DEVICE))
+    assert seen == [(2, 4, 33, 35)] and out.shape == (2, 3, 33, 35)
+    mean = model.inc[0](x.to(DEVICE)).mean(dim=(0, 2, 3))
+    running = model.inc[1].running_mean
+    assert_close(running, 0.1 * mean, 1e-5, name="running mean")   # momentum 0.1 from 0
+    tiny = model.eval()(torch.randn(1, 2, 5, 9, device=DEVICE))   # under 2**depth: padded
+    assert tiny.shape == (1, 3, 5, 9)
+
+
 def test_unet_bad_arguments():
     with pytest.raises(ValueError, match="up must be"):
         models.unet(up="nearest")
