@@ -251,14 +251,22 @@ def _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS: tl.constexpr, VEC: tl.constexpr,
 # --------------------------------------------------------------------------
 @triton.jit
 def _roi_align_fwd_kernel(
-    x_ptrs, rois_ptr, level_ptr, table_ptr, scale_ptr, out_ptr,
+    x_ptrs, rois_ptr, level_ptr, table_ptr, scale_ptr, out_ptr, bad_ptr,
     C, PH, PW, N, sampling_ratio,
     stride_ok, stride_oc, stride_oh, stride_ow,
     ALIGNED: tl.constexpr, ADAPTIVE: tl.constexpr, MAX_POOL: tl.constexpr,
-    HAS_LEVELS: tl.constexpr,
+    HAS_LEVELS: tl.constexpr, CHECK_BATCH: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
+    # CHECK_BATCH: the first program of each RoI sets bad_ptr (an int32 the
+    # launcher zeroed) when its batch index is not an integer in [0, N)
+    if CHECK_BATCH:
+        if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            b = tl.load(rois_ptr + tl.program_id(0).to(tl.int64) * 5)
+            # NaN fails the first test, +-inf the range
+            bad = (b != tl.floor(b)) | (b < 0) | (b >= N)
+            tl.atomic_max(bad_ptr, 1, mask=bad, sem="relaxed")
     k, offs_c, ph, pw, mask, lvl = _bin_tile(level_ptr, C, PH, PW, HAS_LEVELS, VEC, BLOCK_C,
                                              BLOCK_P)
     x_ptr, H, W, stride_n, stride_c, stride_h, stride_w = _level_geometry(
@@ -595,6 +603,19 @@ def _bin_block(P: int, most: int) -> int:
     return max(good) if good else min(sizes, key=lambda b: (masked[b], -b))
 
 
+def _widens(dtype: torch.dtype, to: torch.dtype) -> bool:
+    """Whether every value of ``dtype`` is exact in ``to``, an accumulation
+    dtype (float32 or float64)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits <= torch.finfo(to).bits
+
+
+def _bad_batch_indices(rois: torch.Tensor, N: int) -> torch.Tensor:
+    """int32 0/1: whether a batch index of ``rois`` is not an integer in [0, N)."""
+    index = rois[:, 0]
+    bad = ~torch.isfinite(index) | (index != torch.floor(index)) | (index < 0) | (index >= N)
+    return bad.any().to(torch.int32)
+
+
 def _common(features, rois, levels, scales):
     acc_dtype, acc = _accumulation(features)
     rois = rois.to(acc_dtype).contiguous()
@@ -615,24 +636,35 @@ def _warps(channels_last: bool, spills_at_8: bool = False) -> int:
 
 def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled_width: int,
                       sampling_ratio: int, aligned: bool, pool_mode: str, *,
-                      block_c: int | None = None, block_p: int | None = None) -> torch.Tensor:
-    """(K, C, PH, PW) in the first level's dtype and memory format."""
+                      block_c: int | None = None, block_p: int | None = None,
+                      bad_batch: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, C, PH, PW) in the first level's dtype and memory format.
+    ``bad_batch``: a zeroed int32 tensor, set to 1 when a batch index is not
+    an integer in [0, N) (as the rois arrive, before any cast)."""
+    rois_given = rois
     K, C, N = rois.shape[0], features[0].shape[1], features[0].shape[0]
     out = empty((K, C, pooled_height, pooled_width), dtype=features[0].dtype,
                 device=features[0].device, memory_format=memory_format_of(features[0]))
     if out.numel() == 0:
         return out
-    _, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
+    raw_dtype = rois.dtype
+    acc_dtype, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
+    check_batch = bad_batch is not None
+    if check_batch and not _widens(raw_dtype, acc_dtype):
+        # judged as given: a cast to fp32 could round 1 + 1e-10 to an integer
+        bad_batch.copy_(_bad_batch_indices(rois_given, N))
+        check_batch = False
     channels_last = all(f.stride(1) == 1 for f in features)
     P = pooled_height * pooled_width
     bc, bp = _tile(C, P, channels_last, block_c, block_p)
     grid = (K, cdiv(C, bc), cdiv(P, bp))
     _roi_align_fwd_kernel[grid](
         _pointers(features), rois, level_arg, _level_table(features), scale_table, out,
+        bad_batch if check_batch else out,
         C, pooled_height, pooled_width, N, sampling_ratio,
         *out.stride(),
         ALIGNED=aligned, ADAPTIVE=sampling_ratio <= 0, MAX_POOL=pool_mode == "max",
-        HAS_LEVELS=levels is not None,
+        HAS_LEVELS=levels is not None, CHECK_BATCH=check_batch,
         CHANNELS_LAST=channels_last, VEC=_vector_width(features, C), BLOCK_C=bc, BLOCK_P=bp,
         ACC=acc, num_warps=_warps(channels_last),
     )

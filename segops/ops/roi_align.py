@@ -76,11 +76,21 @@ def _kernels():
 @torch.library.custom_op("segops::roi_align", mutates_args=())
 def _roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
                scales: list[float], pooled_height: int, pooled_width: int,
-               sampling_ratio: int, aligned: bool, pool_mode: str) -> Tensor:
+               sampling_ratio: int, aligned: bool, pool_mode: str,
+               check_batch: bool = False) -> Tensor:
+    """check_batch: assert on the device that the batch indices are integers
+    in [0, N), flagged by the forward kernel (one launch for the flag and
+    one for the assert, where the aten check takes about ten)."""
     args = (features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio,
             aligned, pool_mode)
     if _dispatch.uses_kernel(features[0]):
-        return _kernels().roi_align_forward(*args)
+        flag = rois.new_zeros((), dtype=torch.int32) if check_batch else None
+        out = _kernels().roi_align_forward(*args, bad_batch=flag)
+        if check_batch:
+            torch._assert_async(flag == 0, _batch_message(features[0].shape[0]))
+        return out
+    if check_batch:
+        _check_batch_indices(rois, features[0].shape[0])
     if _native_applies(features[0], pool_mode, deterministic=False):
         return _native_forward(*args[:-1])
     return reference.roi_align(*args).contiguous(memory_format=memory_format_of(features[0]))
@@ -88,7 +98,7 @@ def _roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
 
 @_roi_align.register_fake
 def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
-      pool_mode):
+      pool_mode, check_batch=False):
     shape = (rois.shape[0], features[0].shape[1], pooled_height, pooled_width)
     return features[0].new_empty(shape).contiguous(memory_format=memory_format_of(features[0]))
 
@@ -117,14 +127,14 @@ def _(grad, features, rois, levels, scales, pooled_height, pooled_width, samplin
 
 
 def _roi_align_setup_context(ctx, inputs, output):
-    features, rois, levels, *options = inputs
+    features, rois, levels, *options, _check_batch = inputs
     ctx.num_levels = len(features)
     ctx.save_for_backward(*features, rois, levels)
     ctx.options = tuple(options)
 
 
 def _roi_align_grad(ctx, grad):
-    nones = (None,) * 8
+    nones = (None,) * 9
     if not ctx.needs_input_grad[0]:
         return (None, *nones)
     *features, rois, levels = ctx.saved_tensors
@@ -287,13 +297,17 @@ def _checks_on_device(t: Tensor) -> bool:
     return t.is_cuda
 
 
+def _batch_message(N: int) -> str:
+    """The device-side assert's message for a bad batch index."""
+    return f"segops roi_align: boxes hold a batch index that is not an integer in [0, N) = [0, {N})"
+
+
 def _check_batch_indices(rois: Tensor, N: int) -> None:
     """Batch indices integral and in [0, N)."""
     index = rois[:, 0]
     bad = ~torch.isfinite(index) | (index != torch.floor(index)) | (index < 0) | (index >= N)
     if _checks_on_device(index):
-        torch._assert_async(~bad.any(), "segops roi_align: boxes hold a batch index that is "
-                            f"not an integer in [0, N) = [0, {N})")
+        torch._assert_async(~bad.any(), _batch_message(N))
         return
     if bool(bad.any()):
         value = index[bad][0].item()
@@ -301,7 +315,11 @@ def _check_batch_indices(rois: Tensor, N: int) -> None:
                             f"in [0, N) = [0, {N})")
 
 
-def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_args):
+def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_args,
+             kernel_may_check=False):
+    """(rois, pooled size, sampling_ratio, check_batch): check_batch, the
+    batch indices are left to the forward kernel (``kernel_may_check``, a
+    Tensor[K, 5] on CUDA on the kernels' path), else checked here."""
     _check_features("input", features)
     rois = _as_rois(boxes)
     check_same_device(input=features[0], boxes=rois)
@@ -316,8 +334,11 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
             raise ArgumentError(f"boxes holds {len(boxes)} tensors, one per image, for a "
                                 f"batch of {N} images")
     elif validate_args and not torch.compiler.is_compiling():
+        if (kernel_may_check and _checks_on_device(rois)
+                and _dispatch.uses_kernel(features[0])):
+            return rois, pooled, sampling_ratio, True
         _check_batch_indices(rois, N)
-    return rois, pooled, sampling_ratio
+    return rois, pooled, sampling_ratio, False
 
 
 # --------------------------------------------------------------------------
@@ -348,10 +369,11 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     """
     refuse_forward_ad("roi_align")
     spatial_scale = check_number("spatial_scale", spatial_scale, minimum=0)
-    rois, (ph, pw), sampling_ratio = _prepare([input], boxes, output_size, sampling_ratio,
-                                              pool_mode, validate_args)
+    rois, (ph, pw), sampling_ratio, check_batch = _prepare(
+        [input], boxes, output_size, sampling_ratio, pool_mode, validate_args,
+        kernel_may_check=True)
     return _roi_align([input], rois, None, [spatial_scale], ph, pw, sampling_ratio,
-                      bool(aligned), pool_mode)
+                      bool(aligned), pool_mode, check_batch)
 
 
 def level_range(scales: Sequence[float]) -> tuple[int, int]:
@@ -513,8 +535,10 @@ def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tenso
     scales = [check_number(f"scales[{i}]", s, positive=True) for i, s in enumerate(scales)]
     canonical_scale = check_number("canonical_scale", canonical_scale, positive=True)
     canonical_level = check_int("canonical_level", canonical_level)
-    rois, (ph, pw), sampling_ratio = _prepare(features, boxes, output_size, sampling_ratio,
-                                              pool_mode, validate_args)
+    # the level kernel rewrites the batch index of a RoI past the maps to -1:
+    # the indices are checked before it
+    rois, (ph, pw), sampling_ratio, _ = _prepare(features, boxes, output_size, sampling_ratio,
+                                                 pool_mode, validate_args)
     levels = None
     if len(features) > 1:
         box_dtype = boxes.dtype if isinstance(boxes, Tensor) else boxes[0].dtype

@@ -595,6 +595,8 @@ def test_opcheck(path):
     grad = torch.randn(3, 3, 2, 2, dtype=torch.float64, device=device)
     with on_path(path):
         torch.library.opcheck(torch.ops.segops.roi_align.default, ([x], rois, None, *options))
+        torch.library.opcheck(torch.ops.segops.roi_align.default,
+                              ([x], rois, None, *options, True))
         torch.library.opcheck(torch.ops.segops.roi_align_backward.default,
                               (grad, [x.detach()], rois, None, *options, True))
         torch.library.opcheck(torch.ops.segops.roi_levels.default, (rois, 2, 5, 3, 56.0, 4))
@@ -1357,6 +1359,30 @@ def test_batch_index_check_stays_on_cpu_error():
     """validate_args on the CPU: an ArgumentError naming the bad index."""
     with pytest.raises(segops.ArgumentError, match="batch index -1.0"):
         segops.ops.roi_align(torch.randn(1, 1, 4, 4), torch.tensor([[-1.0, 0, 0, 2, 2]]), 2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the assert ends the context: the test below")
+@pytest.mark.parametrize("rois_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("index", [0.0, 1.0, 2.0, -1.0, 0.5, 1.0 + 1e-10, float("nan"),
+                                   float("inf"), float("-inf")])
+def test_batch_index_check_in_the_forward_kernel(monkeypatch, rois_dtype, index):
+    """A Tensor[K, 5] on CUDA on the kernels' path: the forward kernel flags
+    a batch index that is not an integer in [0, N) and the op asserts on
+    the device (here the CPU's _assert_async raises at once), without the
+    aten check. float64 rois for float32 maps are judged as given: 1 + 1e-10
+    would pass as 1.0 in float32 (the launcher's aten check then)."""
+    monkeypatch.setattr(ops_module, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(ops_module, "_check_batch_indices", None)   # not called
+    x = torch.randn(2, 3, 6, 5, device=DEVICE)
+    rois = torch.tensor([[1.0, 0, 0, 3, 3], [index, 1, 1, 4, 4]], dtype=torch.float64)
+    rois = rois.to(DEVICE, rois_dtype)
+    good = index in (0.0, 1.0) or (index == 1.0 + 1e-10 and rois_dtype == torch.float32)
+    if good:
+        got = segops.ops.roi_align(x, rois, 2, 1.0, 2)
+        assert torch.equal(got, segops.ops.roi_align(x, rois, 2, 1.0, 2, validate_args=False))
+    else:
+        with pytest.raises(RuntimeError, match="batch index that is not an integer"):
+            segops.ops.roi_align(x, rois, 2, 1.0, 2)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the device-side assert exists only on CUDA")
