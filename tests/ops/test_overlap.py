@@ -78,6 +78,25 @@ def test_tiles_per_class_count(shape, layout, want, monkeypatch):
     assert tiles == [want, want, want]
 
 
+@pytest.mark.parametrize("C, activation, dense, want", [
+    (21, "softmax", False, True),     # one-warp tile, every class: per-pixel masks
+    (64, "softmax", False, True),
+    (65, "softmax", False, False),    # 8-warp tile: the generic path (registers)
+    (21, "sigmoid", False, False),
+    (21, "softmax", True, False),
+])
+def test_forward_takes_per_pixel_masks_where_it_claims(C, activation, dense, want):
+    """The forward's PIXEL_MASKS launches (softmax, index targets, one-warp
+    tiles holding every class) and the sums equal the reference's."""
+    x = torch.randn(2, C, 3, 5, dtype=KERNEL_DTYPES[0], device=DEVICE)
+    t = (torch.rand(2, C, 3, 5) > 0.5).to(x.dtype) if dense else torch.randint(0, C, (2, 3, 5))
+    t = t.to(DEVICE)
+    with LaunchRecorder(kernels, ["_overlap_sums_fwd_kernel"]) as rec:
+        sums = kernels.overlap_sums_forward(x, t, activation, None, False)
+    assert [c["PIXEL_MASKS"] for c in rec.constexprs("_overlap_sums_fwd_kernel")] == [want]
+    assert_close(sums, ref.overlap_sums(x.double(), t, activation, None, False), TOL)
+
+
 # --------------------------------------------------------------------------
 # kernels against the reference
 # --------------------------------------------------------------------------
