@@ -8,6 +8,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch._C._functorch import peek_interpreter_stack
 
 
 class ArgumentError(ValueError, RuntimeError):
@@ -27,15 +28,16 @@ def refuse_forward_ad(op: str) -> None:
     """Raise inside ``torch.func.jvp`` / ``jacfwd`` / ``hessian``: segops'
     custom ops have no forward-mode derivative, and those transforms would
     give their outputs a zero tangent without a word (torch.autograd's
-    forward_ad raises by itself). One C call when no transform is active."""
-    from torch._C._functorch import peek_interpreter_stack
+    forward_ad raises by itself). One C call when no transform is active.
+    Not under torch.compile: a compiled jvp over these ops still gives a zero
+    tangent (the check is skipped while tracing)."""
     if torch.compiler.is_compiling() or peek_interpreter_stack() is None:
         return
     from torch._functorch.pyfunctorch import JvpInterpreter, retrieve_all_functorch_interpreters
     if any(isinstance(i, JvpInterpreter) for i in retrieve_all_functorch_interpreters()):
         raise NotImplementedError(
             f"segops.ops.{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
-            "hessian): use reverse mode (backward(), torch.autograd.grad), or revert_model")
+            "hessian): use backward() or torch.autograd.grad, or revert_model")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

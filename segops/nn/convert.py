@@ -216,10 +216,11 @@ def _swap(model: nn.Module, twin_of, prefix: str = "",
 
 def _keep_module_state(module: nn.Module, twin: nn.Module) -> nn.Module:
     """``twin`` (a new module) with ``module``'s training flag and hooks (the
-    same dicts, as ``retype`` shares them)."""
+    same dicts, as ``retype`` shares them, and ``_is_full_backward_hook``,
+    without which torch fires no backward hook)."""
     twin.training = module.training
     for key, value in module.__dict__.items():
-        if "hooks" in key:
+        if "hook" in key:
             twin.__dict__[key] = value
     return twin
 

@@ -29,9 +29,18 @@ class _OverlapLoss(_Loss):  # as smp's losses: isinstance(loss, _Loss)
         if classes is not None and mode == "binary":
             raise ArgumentError("classes cannot be used with mode='binary'")
         self.mode = mode
-        values = locals()
-        for name in self.OPTIONS:
-            setattr(self, name, values[name])
+        self.__dict__.update(classes=classes, log_loss=log_loss, from_logits=from_logits,
+                             smooth=smooth, ignore_index=ignore_index, eps=eps, batch=batch,
+                             include_background=include_background, squared_pred=squared_pred,
+                             class_weights=class_weights, skip_empty=skip_empty,
+                             intersection=intersection, reduction=reduction,
+                             validate_args=validate_args)
+
+    def __setstate__(self, state: dict) -> None:
+        # modules pickled before the options became attributes held them in a dict
+        state = dict(state)
+        state.update(state.pop("options", {}))
+        super().__setstate__(state)
 
     @property
     def options(self) -> dict:

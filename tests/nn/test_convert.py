@@ -149,14 +149,16 @@ def test_roi_align_twins_keep_hooks_and_training_flag():
     for name in ("pool", "single"):
         model[name].register_forward_hook(lambda m, args, out, name=name: fired.append(name))
         model[name].register_forward_pre_hook(lambda m, args: fired.append("pre"))
-    features = {"a": torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
+    model["single"].register_full_backward_hook(lambda m, gin, gout: fired.append("backward"))
+    features = {"a": torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE,
+                                 requires_grad=True)}
     boxes = [torch.tensor([[1.0, 2.0, 10.0, 12.0]], dtype=torch.float64, device=DEVICE)]
     for convert in (segops.convert_model, segops.revert_model):
         convert(model)
         fired.clear()
         model["pool"](features, boxes, [(16, 16)])
-        model["single"](features["a"], boxes)
-        assert fired == ["pre", "pool", "pre", "single"]
+        model["single"](features["a"], boxes).sum().backward()
+        assert fired == ["pre", "pool", "pre", "single", "backward"]
         assert not model["pool"].training and not model["single"].training
 
 

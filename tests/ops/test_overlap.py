@@ -78,6 +78,32 @@ def test_tiles_per_class_count(shape, layout, want, monkeypatch):
     assert tiles == [want, want, want]
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("ignore_index", [None, 2], ids=["no-ignore", "ignore-2"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_pixel_paths_with_labels_out_of_range(dtype, ignore_index, layout):
+    """The one-chunk softmax paths (forward and backward) with labels outside
+    [0, C): negative, in the padded classes [C, BLOCK_C), past BLOCK_C,
+    and an ignore_index inside [0, C): sums and gradient as the reference
+    (such a label counts its pixel for no class, as a one-hot of it would)."""
+    x, t = make_case(2, 5, (4, 9), False, "softmax")
+    t[0, 0, :5] = torch.tensor([-3, 5, 6, 9, 1000])
+    t[1, 1, :2] = 2
+    x = like_layout(x.to(dtype), layout)
+    grad_out = torch.randn(3, 2, 5, dtype=torch.float64)
+    options = ("softmax", ignore_index, False, True)
+    sums = kernels.overlap_sums_forward(x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
+    gsum = grad_out.to(DEVICE, kernels.sums_dtype(x))
+    grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(),
+                                         x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
+    want_sums, want_grad = reference_sums_and_grad(x, t, "softmax", ignore_index, False,
+                                                   grad_out, True)
+    rtol = RTOL[dtype] if dtype == torch.float64 else 1e-5
+    assert_close(sums, want_sums, rtol, name="sums")
+    assert_close(grad.double(), want_grad.to(dtype).double(), max(rtol, RTOL[dtype]),
+                 name="grad")
+
+
 @pytest.mark.parametrize("C, activation, dense, want", [
     (21, "softmax", False, True),     # one-warp tile, every class: per-pixel masks
     (64, "softmax", False, True),
@@ -479,6 +505,20 @@ def test_loss_modules_are_smp_compatible():
     assert jac.options["eps"] == 1e-5 and jac.options["ignore_index"] is None
     with pytest.raises(ValueError, match="binary"):
         segops.nn.DiceLoss("binary", classes=[0])
+
+
+def test_loss_module_pickled_with_an_options_dict_still_loads():
+    """Modules pickled before the options became attributes kept them in
+    ``options``: unpickling moves them to the attributes."""
+    import pickle
+    loss = segops.nn.DiceLoss("multiclass", smooth=3.0)
+    state = dict(loss.__dict__)
+    state["options"] = {name: state.pop(name) for name in loss.OPTIONS}
+    old = segops.nn.DiceLoss.__new__(segops.nn.DiceLoss)
+    old.__dict__.update(state)
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.smooth == 3.0 and restored.options == loss.options
+    assert "options" not in restored.__dict__
 
 
 @pytest.mark.parametrize("module", ["DiceLoss", "JaccardLoss"])
