@@ -85,13 +85,6 @@ def _exp_minus(x, shift):
 
 
 @triton.jit
-def _exp_ratio(m_old, shift_new):
-    """exp(m_old - m_new) (a running sum's rescale) for shift_new =
-    _exp_shift(m_new); 0 while m_old is -inf."""
-    return _exp_minus(m_old, shift_new)
-
-
-@triton.jit
 def _tile_pointers(row, offs_c, offs_s64, stride_c, stride_s):
     """[BLOCK_C, BLOCK_S] pointers, the pixel term first: the class term
     added last keeps the 2-D sum inside the pixel loop (added first, the
@@ -122,7 +115,8 @@ def _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
         x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = _exp_shift(m_new)
-        l = l * _exp_ratio(m, shift) + tl.sum(_exp_minus(x, shift[None, :]), axis=0)
+        # exp(m - m_new) rescales the running sum (0 while m is -inf)
+        l = l * _exp_minus(m, shift) + tl.sum(_exp_minus(x, shift[None, :]), axis=0)
         m = m_new
     return m, l
 
@@ -152,7 +146,7 @@ def _softmax_stats_and_dot(x_row, t_row, gi_row, gp_row, C, offs_s64, smask, ign
         gp = tl.load(gp_row + offs_c, mask=cmask, other=0.0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = _exp_shift(m_new)
-        alpha = _exp_ratio(m, shift)
+        alpha = _exp_minus(m, shift)  # the running sums' rescale
         e = _exp_minus(x, shift[None, :])
         l = l * alpha + tl.sum(e, axis=0)
         if SQUARED:

@@ -603,17 +603,11 @@ def _bin_block(P: int, most: int) -> int:
     return max(good) if good else min(sizes, key=lambda b: (masked[b], -b))
 
 
-def _widens(dtype: torch.dtype, to: torch.dtype) -> bool:
-    """Whether every value of ``dtype`` is exact in ``to``, an accumulation
-    dtype (float32 or float64)."""
-    return dtype.is_floating_point and torch.finfo(dtype).bits <= torch.finfo(to).bits
-
-
-def _bad_batch_indices(rois: torch.Tensor, N: int) -> torch.Tensor:
-    """int32 0/1: whether a batch index of ``rois`` is not an integer in [0, N)."""
-    index = rois[:, 0]
-    bad = ~torch.isfinite(index) | (index != torch.floor(index)) | (index < 0) | (index >= N)
-    return bad.any().to(torch.int32)
+def casts_exactly(dtype: torch.dtype, features) -> bool:
+    """Whether rois of ``dtype`` keep every value in the kernels' coordinate
+    dtype (the features' accumulation dtype): a float no wider than it."""
+    return (dtype.is_floating_point
+            and torch.finfo(dtype).bits <= torch.finfo(_accumulation(features)[0]).bits)
 
 
 def _common(features, rois, levels, scales):
@@ -640,20 +634,17 @@ def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled
                       bad_batch: torch.Tensor | None = None) -> torch.Tensor:
     """(K, C, PH, PW) in the first level's dtype and memory format.
     ``bad_batch``: a zeroed int32 tensor, set to 1 when a batch index is not
-    an integer in [0, N) (as the rois arrive, before any cast)."""
-    rois_given = rois
+    an integer in [0, N); the rois must cast exactly (``casts_exactly``)."""
     K, C, N = rois.shape[0], features[0].shape[1], features[0].shape[0]
     out = empty((K, C, pooled_height, pooled_width), dtype=features[0].dtype,
                 device=features[0].device, memory_format=memory_format_of(features[0]))
     if out.numel() == 0:
         return out
-    raw_dtype = rois.dtype
-    acc_dtype, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
+    if bad_batch is not None and not casts_exactly(rois.dtype, features):
+        raise ValueError("bad_batch needs rois that the accumulation dtype holds exactly: "
+                         "a narrowing cast could round 1 + 1e-10 to an integer")
+    _, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
     check_batch = bad_batch is not None
-    if check_batch and not _widens(raw_dtype, acc_dtype):
-        # judged as given: a cast to fp32 could round 1 + 1e-10 to an integer
-        bad_batch.copy_(_bad_batch_indices(rois_given, N))
-        check_batch = False
     channels_last = all(f.stride(1) == 1 for f in features)
     P = pooled_height * pooled_width
     bc, bp = _tile(C, P, channels_last, block_c, block_p)

@@ -319,7 +319,9 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
              kernel_may_check=False):
     """(rois, pooled size, sampling_ratio, check_batch): check_batch, the
     batch indices are left to the forward kernel (``kernel_may_check``, a
-    Tensor[K, 5] on CUDA on the kernels' path), else checked here."""
+    Tensor[K, 5] on CUDA on the kernels' path whose values the kernels'
+    coordinate dtype holds exactly: float64 rois on float32 maps could round
+    1 + 1e-10 to 1), else checked here."""
     _check_features("input", features)
     rois = _as_rois(boxes)
     check_same_device(input=features[0], boxes=rois)
@@ -334,8 +336,8 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
             raise ArgumentError(f"boxes holds {len(boxes)} tensors, one per image, for a "
                                 f"batch of {N} images")
     elif validate_args and not torch.compiler.is_compiling():
-        if (kernel_may_check and _checks_on_device(rois)
-                and _dispatch.uses_kernel(features[0])):
+        if (kernel_may_check and _checks_on_device(rois) and _dispatch.uses_kernel(features[0])
+                and _kernels().casts_exactly(rois.dtype, features)):
             return rois, pooled, sampling_ratio, True
         _check_batch_indices(rois, N)
     return rois, pooled, sampling_ratio, False

@@ -1369,10 +1369,17 @@ def test_batch_index_check_in_the_forward_kernel(monkeypatch, rois_dtype, index)
     """A Tensor[K, 5] on CUDA on the kernels' path: the forward kernel flags
     a batch index that is not an integer in [0, N) and the op asserts on
     the device (here the CPU's _assert_async raises at once), without the
-    aten check. float64 rois for float32 maps are judged as given: 1 + 1e-10
-    would pass as 1.0 in float32 (the launcher's aten check then)."""
+    aten check. float64 rois for float32 maps are judged as given, by the
+    aten check: 1 + 1e-10 would pass as 1.0 in float32."""
     monkeypatch.setattr(ops_module, "_checks_on_device", lambda t: True)
-    monkeypatch.setattr(ops_module, "_check_batch_indices", None)   # not called
+    aten_checks = []
+    real_check = ops_module._check_batch_indices
+
+    def recorded_check(rois, N):
+        aten_checks.append(rois.dtype)
+        real_check(rois, N)
+
+    monkeypatch.setattr(ops_module, "_check_batch_indices", recorded_check)
     x = torch.randn(2, 3, 6, 5, device=DEVICE)
     rois = torch.tensor([[1.0, 0, 0, 3, 3], [index, 1, 1, 4, 4]], dtype=torch.float64)
     rois = rois.to(DEVICE, rois_dtype)
@@ -1383,6 +1390,7 @@ def test_batch_index_check_in_the_forward_kernel(monkeypatch, rois_dtype, index)
     else:
         with pytest.raises(RuntimeError, match="batch index that is not an integer"):
             segops.ops.roi_align(x, rois, 2, 1.0, 2)
+    assert aten_checks == ([torch.float64] if rois_dtype == torch.float64 else [])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the device-side assert exists only on CUDA")
