@@ -96,6 +96,7 @@ FAMILIES = {
     "_overlap_loss_kernel": "overlap loss",
     "_overlap_loss_bwd_kernel": "overlap loss bwd",
     "_confusion_matrix_kernel": "confusion matrix",
+    "_confusion_score_kernel": "confusion score",
     "_box_iou_kernel": "box_iou",
     "_decode_kernel": "decode_boxes",
     "_clip_kernel": "clip_boxes",
@@ -258,7 +259,7 @@ def _overlap_cases():
             with phase("bwd"):
                 loss.backward()
             with phase("fwd"):
-                ops.confusion_matrix(x.detach(), t, C)
+                ops.iou_score(ops.confusion_matrix(x.detach(), t, C))   # MeanIoU's calls
         yield Case("bench", "overlap", f"{N}x{C}x{'x'.join(map(str, spatial))}", _layout(cl),
                    dtype, run)
 
@@ -454,6 +455,10 @@ def _coverage_cases():
                                      validate_args=False)
                 ops.confusion_matrix(_empty((2, C, 8, 8), "fp16", False), t, C, 255,
                                      validate_args=False)
+        with phase("fwd"):   # the scores' other averages, and of a float matrix
+            for average in ("micro", "macro", "weighted", "none"):
+                ops.dice_score(torch.zeros((60, 60), dtype=torch.int64), average)
+                ops.iou_score(torch.zeros((60, 60), dtype=torch.float32), average)
     yield case("overlap", "coverage confusion 5 and 60 classes, labels and scores", "nchw",
                "fp16", run)
     yield from _detection_coverage(case)

@@ -1,6 +1,6 @@
 """Fused IoU/Dice reductions.
 
-Five kernels:
+Six kernels:
 
 * ``_overlap_sums_fwd_kernel``: one pass over logits/probabilities and the
   target that produces, per (sample, class), intersection sum(p*t) (or the
@@ -17,6 +17,8 @@ Five kernels:
   host cost exceeded the kernels' time, in one launch).
 * ``_confusion_matrix_kernel``: a (C, C) histogram of (target, prediction)
   pairs, with argmax of scores fused in.
+* ``_confusion_score_kernel``: IoU or Dice per class of that matrix, and
+  their micro/macro/weighted average, in one program.
 
 Every tensor is addressed as (n, c, s) with three strides, the spatial dims
 merged into one (see ``_layout.flatten_trailing``); the same code therefore
@@ -942,6 +944,80 @@ def _confusion_matrix_kernel(
 
 
 # --------------------------------------------------------------------------
+# IoU / Dice scores of a confusion matrix
+# --------------------------------------------------------------------------
+AVERAGES = {"micro": 0, "macro": 1, "weighted": 2, "none": 3}   # the kernel's AVERAGE
+_MICRO, _MACRO, _WEIGHTED, _PER_CLASS = (tl.constexpr(code) for code in AVERAGES.values())
+
+
+@triton.jit
+def _class_totals(cm_ptr, C, offs_c, cmask, stride_r, stride_c,
+                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float64 (row sums, column sums) of the classes ``offs_c`` (int64)."""
+    rows = tl.zeros([BLOCK_C], tl.float64)
+    cols = tl.zeros([BLOCK_C], tl.float64)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        kmask = offs_k < C
+        row_tile = tl.load(cm_ptr + offs_c[:, None] * stride_r + offs_k[None, :] * stride_c,
+                           mask=cmask[:, None] & kmask[None, :], other=0)
+        rows += tl.sum(row_tile.to(tl.float64), axis=1)
+        col_tile = tl.load(cm_ptr + offs_k[:, None] * stride_r + offs_c[None, :] * stride_c,
+                           mask=kmask[:, None] & cmask[None, :], other=0)
+        cols += tl.sum(col_tile.to(tl.float64), axis=0)
+    return rows, cols
+
+
+@triton.jit
+def _confusion_score_kernel(
+    cm_ptr, out_ptr, C, dropped, stride_r, stride_c,
+    DICE: tl.constexpr, AVERAGE: tl.constexpr, ZERO_DIVISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: the matrix is small next to the pixels it counts, and one
+    # launch replaces the score's twenty aten ops. float64, in
+    # reference.confusion_score's order of operations. Padded classes load
+    # as zeros: denominator 0, so never present, and they add nothing.
+    total_num = tl.zeros([BLOCK_C], tl.float64)   # what the average sums
+    total_den = tl.zeros([BLOCK_C], tl.float64)   # and what it divides by
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = offs_c < C
+        rows, cols = _class_totals(cm_ptr, C, offs_c, cmask, stride_r, stride_c, BLOCK_C, BLOCK_K)
+        tp = tl.load(cm_ptr + offs_c * (stride_r + stride_c), mask=cmask, other=0).to(tl.float64)
+        fp = cols - tp
+        fn = rows - tp
+        if DICE:
+            num = 2 * tp
+            den = 2 * tp + fp + fn
+        else:
+            num = tp
+            den = tp + fp + fn
+        keep = offs_c != dropped   # dropped: -1 for none
+        if AVERAGE == _MICRO:
+            total_num += num
+            total_den += tl.where(keep, den, 0.0)
+        else:
+            present = den > 0
+            ratio = tl.where(present, num / den, ZERO_DIVISION)
+            if AVERAGE == _PER_CLASS:
+                tl.store(out_ptr + offs_c, ratio, mask=cmask)
+            else:
+                if AVERAGE == _MACRO:
+                    weight = tl.where(present & keep, 1.0, 0.0)
+                else:
+                    weight = tl.where(present, tp + fn, 0.0)
+                total_num += tl.where(weight > 0, ratio * weight, 0.0)
+                total_den += weight
+    num = tl.sum(total_num, axis=0)
+    den = tl.sum(total_den, axis=0)
+    if AVERAGE == _MICRO:
+        tl.store(out_ptr, tl.where(den > 0, num / den, ZERO_DIVISION))
+    elif AVERAGE != _PER_CLASS:
+        tl.store(out_ptr, num / den)
+
+
+# --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
 # grid axis 0 holds up to 2^31 - 1 programs (CUDA's limit; program ids are int32)
@@ -1219,3 +1295,25 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None,
         ACC=tl_accumulation(pred.dtype), num_warps=num_warps,
     )
     return cm
+
+
+def confusion_score(confusion: torch.Tensor, dice: bool, average: str,
+                    dropped: int | None, zero_division: float,
+                    block_c: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """``reference.confusion_score`` in one launch: float64, 0-dim (``(C,)``
+    for ``average='none'``). confusion: (C, C), any strides, an integer or
+    floating dtype. zero_division: 0.0, 1.0 or math.nan (a constexpr).
+    ``block_c``/``block_k`` override the tile (tests force several class
+    blocks with them)."""
+    C = confusion.shape[0]
+    out = empty((C,) if average == "none" else (), device=confusion.device,
+                dtype=torch.float64)
+    BLOCK_C = block_c or block_size(C, 256)
+    BLOCK_K = block_k or block_size(C, max(1, 2048 // BLOCK_C))
+    _confusion_score_kernel[(1,)](
+        confusion, out, C, -1 if dropped is None else dropped,
+        confusion.stride(0), confusion.stride(1),
+        DICE=dice, AVERAGE=AVERAGES[average], ZERO_DIVISION=zero_division,
+        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, num_warps=4,
+    )
+    return out

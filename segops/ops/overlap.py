@@ -38,6 +38,8 @@ class weights        weighted mean             multiply, then mean          --
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -242,6 +244,28 @@ def _confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
 @_confusion_matrix.register_fake
 def _(pred, target, num_classes, ignore_index, check_labels):
     return target.new_empty((num_classes, num_classes), dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------
+# custom op: segops::confusion_score
+# --------------------------------------------------------------------------
+@torch.library.custom_op("segops::confusion_score", mutates_args=())
+def _confusion_score(confusion: Tensor, dice: bool, average: str, dropped: int | None,
+                     zero_division: float) -> Tensor:
+    """``reference.confusion_score``; on the kernel path one launch."""
+    args = (confusion, dice, average, dropped, zero_division)
+    if _dispatch.uses_kernel(confusion) and confusion.dtype in _SCORE_KERNEL_DTYPES:
+        return _kernels().confusion_score(*args)
+    return reference.confusion_score(*args)
+
+
+@_confusion_score.register_fake
+def _(confusion, dice, average, dropped, zero_division):
+    shape = confusion.shape[:1] if average == "none" else ()
+    return confusion.new_empty(shape, dtype=torch.float64)
+
+
+_SCORE_KERNEL_DTYPES = INDEX_DTYPES + FLOAT_DTYPES
 
 
 # --------------------------------------------------------------------------
@@ -653,71 +677,81 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
     return _confusion_matrix(pred, target, num_classes, ignore_index, in_kernel)
 
 
-def _confusion_counts(confusion: Tensor):
+def _score(confusion: Tensor, dice: bool, average: str | None, ignore_index,
+           zero_division) -> Tensor:
     check_tensor("confusion", confusion, dims=(2,))
-    if confusion.shape[0] != confusion.shape[1]:
+    C = confusion.shape[0]
+    if confusion.shape[1] != C:
         raise ArgumentError(f"confusion must be square (C, C), got {tuple(confusion.shape)}")
-    confusion = confusion.double()
-    tp = confusion.diagonal()
-    fp = confusion.sum(dim=0) - tp
-    fn = confusion.sum(dim=1) - tp
-    return tp, fp, fn
-
-
-def _average(numerator: Tensor, denominator: Tensor, support: Tensor, average: str,
-             dropped: int | None = None) -> Tensor:
-    """Per-class ratios, averaged. Classes absent from both prediction and
-    target (denominator 0) are NaN in ``'none'`` and left out of ``'macro'``
-    and ``'weighted'``; with no class present at all the result is NaN.
-    Class ``dropped`` is left out of ``'macro'`` and ``'micro'``. No value is
-    read back to the host."""
-    check_choice("average", average, AVERAGES)
-    keep = torch.ones_like(denominator, dtype=torch.bool)
-    if dropped is not None:
-        keep[dropped] = False
-    if average == "micro":
-        return numerator.sum() / torch.where(keep, denominator, 0).sum()
-    present = denominator > 0
-    per_class = torch.where(present, numerator / denominator.clamp_min(1), float("nan"))
-    if average == "none":
-        return per_class
-    weights = (present & keep).to(per_class.dtype) if average == "macro" else \
-        torch.where(present, support, 0)
-    return (torch.nan_to_num(per_class) * weights).sum() / weights.sum()
-
-
-def _class_to_drop(ignore_index, C: int) -> int | None:
+    average = _check_average(average)
     ignore_index = _check_ignore_index(ignore_index)
+    zero_division = _check_zero_division(zero_division)
+    dropped = None if dice else _class_to_drop(ignore_index, C)
+    args = (confusion, dice, average, dropped, zero_division)
+    if C == 0 or (confusion.requires_grad and torch.is_grad_enabled()):
+        # the composite: differentiable (float matrices), and no kernel to
+        # launch for nothing
+        return reference.confusion_score(*args)
+    return _confusion_score(*args)
+
+
+def _check_average(average: str | None) -> str:
+    """``average`` of the scores; None (torchmetrics' spelling) is 'none'."""
+    average = "none" if average is None else average
+    check_choice("average", average, AVERAGES)
+    return average
+
+
+def _check_zero_division(value) -> float:
+    """0, 1 (torchmetrics' choices) or NaN; returned as 0.0, 1.0 or math.nan
+    (one object: the kernel takes it as a constexpr, and its cache key
+    compares NaN by identity)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not (value in (0, 1) or math.isnan(value)):
+        raise ArgumentError(f"zero_division must be 0, 1 or nan, got {value!r}")
+    return math.nan if math.isnan(value) else float(value)
+
+
+def _class_to_drop(ignore_index: int | None, C: int) -> int | None:
     return ignore_index if ignore_index is not None and 0 <= ignore_index < C else None
 
 
-def iou_score(confusion: Tensor, average: str = "macro", *,
-              ignore_index: int | None = None) -> Tensor:
+def iou_score(confusion: Tensor, average: str | None = "macro", *,
+              ignore_index: int | None = None, zero_division: float = math.nan) -> Tensor:
     """Intersection over union ``tp / (tp + fp + fn)`` from a confusion matrix
     (rows = target). ``average``: ``'micro'`` (pooled counts), ``'macro'``
     (mean over present classes: mIoU), ``'weighted'`` (by target support),
-    ``'none'`` (per class, ``(C,)``). float64 result.
+    ``'none'`` or None (per class, ``(C,)``). float64 result.
+
+    confusion: ``(C, C)`` counts (any integer or float dtype), or a float
+    matrix normalised to fractions (the ratios are the same). On the kernel
+    path one launch, no host sync; a float matrix that requires grad takes
+    the differentiable composite instead.
+
+    ``zero_division`` (0, 1 or NaN): the score of a class absent from
+    prediction and target in ``'none'``, and of ``'micro'`` with nothing
+    counted. NaN by default; torchmetrics' default is 0. ``'macro'`` and
+    ``'weighted'`` leave absent classes out, and are NaN with none present
+    (as torchmetrics' are).
 
     ``ignore_index`` (the one the matrix was counted with): when it is a
     class in [0, C), that class is left out of ``'macro'`` and ``'micro'``,
     as torchmetrics' ``MulticlassJaccardIndex`` does (its target pixels were
     not counted; its false positives would otherwise pull the mean down).
-    ``'none'`` still reports it (0 where it was predicted, else NaN).
+    ``'none'`` still reports it (0 where it was predicted, else
+    ``zero_division``).
     """
-    tp, fp, fn = _confusion_counts(confusion)
-    dropped = _class_to_drop(ignore_index, confusion.shape[0])
-    return _average(tp, tp + fp + fn, tp + fn, average, dropped)
+    return _score(confusion, False, average, ignore_index, zero_division)
 
 
-def dice_score(confusion: Tensor, average: str = "macro", *,
-               ignore_index: int | None = None) -> Tensor:
+def dice_score(confusion: Tensor, average: str | None = "macro", *,
+               ignore_index: int | None = None, zero_division: float = math.nan) -> Tensor:
     """Dice / F1 ``2tp / (2tp + fp + fn)`` from a confusion matrix; ``average``
-    as in :func:`iou_score`. ``ignore_index`` is accepted for symmetry and
-    changes nothing: torchmetrics' ``MulticlassF1Score`` keeps an ignored
-    class in every average, and so does this."""
-    _check_ignore_index(ignore_index)
-    tp, fp, fn = _confusion_counts(confusion)
-    return _average(2 * tp, 2 * tp + fp + fn, tp + fn, average)
+    and ``zero_division`` as in :func:`iou_score`. ``ignore_index`` is
+    accepted for symmetry and changes nothing: torchmetrics'
+    ``MulticlassF1Score`` keeps an ignored class in every average, and so
+    does this."""
+    return _score(confusion, True, average, ignore_index, zero_division)
 
 
 # graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)

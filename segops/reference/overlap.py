@@ -218,6 +218,40 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return torch.bincount(bins, minlength=C * C).reshape(C, C)
 
 
+def confusion_score(confusion: torch.Tensor, dice: bool, average: str,
+                    dropped: int | None, zero_division: float = math.nan) -> torch.Tensor:
+    """IoU ``tp / (tp + fp + fn)`` (or Dice ``2tp / (2tp + fp + fn)``) of each
+    class of a (C, C) confusion matrix (rows = target), in float64, averaged:
+    ``'micro'`` (pooled counts), ``'macro'`` (mean over the classes with a
+    positive denominator), ``'weighted'`` (by target support tp + fn) or
+    ``'none'`` ((C,)). A ratio whose denominator is not positive (a class
+    absent from prediction and target; micro with nothing counted) is
+    ``zero_division``; macro and weighted with no class to average are NaN.
+    Class ``dropped`` (or None) is left out of ``'macro'`` and of the micro
+    denominator. Differentiable for float matrices."""
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    fp = confusion.sum(dim=0) - tp
+    fn = confusion.sum(dim=1) - tp
+    numerator, denominator = (2 * tp, 2 * tp + fp + fn) if dice else (tp, tp + fp + fn)
+    keep = torch.ones_like(denominator, dtype=torch.bool)
+    if dropped is not None:
+        keep[dropped] = False
+    if average == "micro":
+        numerator, denominator = numerator.sum(), torch.where(keep, denominator, 0).sum()
+    present = denominator > 0
+    # divided by the denominator where present (never clamped to 1: a
+    # normalised matrix keeps its ratios), by 1 elsewhere so that the
+    # gradient of the branch not taken stays finite
+    ratio = torch.where(present, numerator / torch.where(present, denominator, 1),
+                        zero_division)
+    if average in ("none", "micro"):
+        return ratio
+    weights = (present & keep).to(ratio.dtype) if average == "macro" else \
+        torch.where(present, tp + fn, 0)
+    return torch.where(weights > 0, ratio * weights, 0).sum() / weights.sum()
+
+
 # --------------------------------------------------------------------------
 # The formulas of the libraries segops replaces, written out eagerly. They are
 # test oracles and benchmark baselines: this is what a user runs today.

@@ -100,6 +100,39 @@ def test_mean_iou_ignore_index_class_is_dropped_like_torchmetrics(average, ignor
     assert_close(got[present], want[present], 1e-6)
 
 
+def test_zero_division_and_average_none_as_torchmetrics():
+    """zero_division=0/1 and average=None give torchmetrics' numbers where
+    a class is absent (here class 2), with and without an ignored class."""
+    tm = pytest.importorskip("torchmetrics.classification")
+    C = 4
+    pred = torch.tensor([[0, 0, 1, 1, 3, 1]])
+    target = torch.tensor([[0, 1, 1, 1, 3, 0]])
+    for zero_division in (0, 1):
+        for average in (None, "micro", "macro", "weighted"):
+            for ignore_index in (None, 3):
+                keyword = dict(average=average, ignore_index=ignore_index,
+                               zero_division=zero_division)
+                iou = segops.metrics.MeanIoU(C, **keyword)
+                dice = segops.metrics.DiceScore(C, **keyword)
+                iou.update(pred.to(DEVICE), target.to(DEVICE))
+                dice.update(pred.to(DEVICE), target.to(DEVICE))
+                name = str(keyword)
+                assert_close(iou.compute(), tm.MulticlassJaccardIndex(C, **keyword)(pred, target),
+                             1e-6, name=name)
+                assert_close(dice.compute(), tm.MulticlassF1Score(C, **keyword)(pred, target),
+                             1e-6, name=name)
+
+
+def test_metric_pickled_before_zero_division_unpickles_with_nan():
+    import pickle
+    metric = segops.metrics.MeanIoU(3, average="none")
+    metric.update(torch.tensor([[0, 1]]).to(DEVICE), torch.tensor([[0, 1]]).to(DEVICE))
+    del metric.zero_division   # what an older segops pickled
+    restored = pickle.loads(pickle.dumps(metric))
+    assert torch.equal(restored.compute().cpu().isnan(), torch.tensor([False, False, True]))
+    assert "zero_division=nan" in repr(restored)
+
+
 def test_mean_iou_ignored_class_by_hand():
     """Class 1 ignored: its row is not counted, its false positives (column
     1) would give IoU 0; macro and micro leave class 1 out."""

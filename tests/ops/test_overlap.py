@@ -1,5 +1,6 @@
 """Fused IoU/Dice: kernels vs reference (forward and gradient), losses vs the
 smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
+import numpy as np
 import pytest
 import torch
 from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, LaunchRecorder, assert_close,
@@ -15,6 +16,7 @@ ACTIVATIONS = ["softmax", "sigmoid", "none"]
 # tests computed in the kernels' main dtype here: float64 in the interpreter,
 # float32 on a GPU
 TOL = RTOL[KERNEL_DTYPES[0]]
+NAN, INF = float("nan"), float("inf")
 
 
 def make_case(N, C, spatial, dense, activation, ignore_index=None, dtype=torch.float64):
@@ -716,11 +718,202 @@ def test_iou_matches_torchmetrics_package():
     assert_close(ops.iou_score(cm, "micro"), theirs.double(), 1e-6)
 
 
+SCORE_KERNEL = ["_confusion_score_kernel"]
+
+
+def random_confusion(C, dtype, absent=(), seed=0):
+    """A (C, C) matrix of counts (fractions for float dtypes) with the
+    classes ``absent`` in neither target (row) nor prediction (column)."""
+    g = torch.Generator().manual_seed(seed)
+    cm = torch.randint(0, 9, (C, C), generator=g).double()
+    cm += torch.diag(torch.randint(0, 30, (C,), generator=g)).double()
+    if dtype.is_floating_point:
+        cm = cm * torch.rand(C, C, generator=g, dtype=torch.float64)
+    for c in absent:
+        cm[c, :] = 0
+        cm[:, c] = 0
+    return cm.to(dtype)
+
+
+def each_score(call, C):
+    """call(dice, average, dropped, zero_division) for every choice of the
+    four (dropped: none, the first class, the last)."""
+    for dice in (False, True):
+        for average in ops.AVERAGES:
+            for dropped in (None, 0, C - 1):
+                for zero_division in (NAN, 0.0, 1.0):
+                    options = (dice, average, dropped, zero_division)
+                    yield options, call(*options)
+
+
+def kernel_and_reference(cm, **blocks):
+    def both(*options):
+        return (kernels.confusion_score(cm.to(DEVICE), *options, **blocks),
+                ref.confusion_score(cm, *options))
+    return both
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 19])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("blocks", [{}, {"block_c": 4, "block_k": 2}], ids=["tuned", "4x2"])
+def test_confusion_score_kernel_matches_reference(C, dtype, blocks):
+    """IoU/Dice, every average, with and without a dropped class, each
+    zero_division, absent classes, one or several class blocks (forced
+    4 x 2: ragged tails)."""
+    cm = random_confusion(C, dtype, absent=[C // 2] if C > 2 else [])
+    for options, (got, want) in each_score(kernel_and_reference(cm, **blocks), C):
+        assert got.dtype == torch.float64, options
+        assert_close(got, want, 1e-13, name=str(options))
+
+
+def test_confusion_score_of_more_classes_than_a_block():
+    """Past 256 classes the tuned tile takes several class blocks."""
+    cm = random_confusion(300, torch.int64, absent=[5, 299])
+    both = kernel_and_reference(cm)
+    for options in [(False, "macro", 7, NAN), (True, "none", None, 0.0),
+                    (False, "micro", 299, 1.0)]:
+        got, want = both(*options)
+        assert_close(got, want, 1e-13, name=str(options))
+
+
+def test_normalised_confusion_keeps_its_ratios():
+    """A matrix of fractions (a normalised one) scores as its counts do: the
+    denominators below 1 are divided by, not clamped to 1."""
+    counts = random_confusion(6, torch.int64, absent=[4])
+    fractions = counts.double() / counts.sum()
+    for options, (got, want) in each_score(lambda *options: (
+            kernels.confusion_score(fractions.to(DEVICE), *options),
+            ref.confusion_score(counts, *options)), 6):
+        assert_close(got, want, 1e-13, name=str(options))
+    half = torch.tensor([[0.4, 0.1], [0.1, 0.4]], device=DEVICE)
+    assert_close(ops.iou_score(half, "none"), f64(2 / 3, 2 / 3), 1e-7)
+
+
+@pytest.mark.parametrize("matrix", [
+    [[NAN, 1.0], [0.0, 2.0]],
+    [[INF, 1.0], [0.0, 2.0]],
+    [[1.0, INF], [0.0, 2.0]],
+    [[1.0, 0.0], [-INF, 2.0]],
+    [[0.0, 0.0], [0.0, 0.0]],
+    [[0.0, 0.0], [0.0, 3.0]],
+    [[1e300, 1e300], [0.0, 1e300]],
+    [[1.0, -0.5], [-0.5 + 1e-310, 1.0]],
+], ids=["nan-tp", "inf-tp", "inf-fp", "minus-inf-fn", "zeros", "one-class", "huge",
+        "infinite-ratio"])
+def test_confusion_score_odd_entries_as_the_reference(matrix):
+    """NaN, infinite and negative entries (a float matrix from user code)
+    and empty classes: the kernel gives the reference's NaN, inf and
+    values."""
+    cm = torch.tensor(matrix, dtype=torch.float64)
+    for options, (got, want) in each_score(kernel_and_reference(cm), 2):
+        assert_close(got, want, 1e-13, name=str(options))
+
+
+@pytest.mark.parametrize("view", ["transposed", "strided"])
+def test_confusion_score_of_a_view(view):
+    big = random_confusion(10, torch.int64, absent=[3])
+    cm = big.t() if view == "transposed" else big[::2, 1::2]
+    assert not cm.is_contiguous()
+    both = kernel_and_reference(cm, block_c=2, block_k=2)
+    for options, (got, want) in each_score(both, 5):
+        assert_close(got, want, 1e-13, name=str(options))
+
+
+def test_zero_division_where_nothing_is_counted():
+    """Nothing counted: micro and 'none' give zero_division, macro and
+    weighted NaN (no class to average), as torchmetrics does."""
+    nothing = torch.zeros(3, 3, dtype=torch.int64, device=DEVICE)
+    assert ops.iou_score(nothing, "micro", zero_division=1) == 1
+    assert ops.dice_score(nothing, "micro", zero_division=0) == 0
+    assert torch.isnan(ops.iou_score(nothing, "micro"))
+    assert torch.isnan(ops.iou_score(nothing, "macro", zero_division=0))
+    assert torch.isnan(ops.dice_score(nothing, "weighted", zero_division=1))
+    assert torch.equal(ops.iou_score(nothing, None, zero_division=1).cpu(), f64(1, 1, 1))
+
+
+@pytest.mark.parametrize("value", [0.5, -1, float("inf"), True, "0", None, torch.tensor(0.0)])
+def test_zero_division_must_be_0_1_or_nan(value):
+    cm = torch.eye(2, dtype=torch.int64)
+    assert ops.iou_score(cm, "micro", zero_division=np.float32(0)) == 1   # numpy numbers pass
+    with pytest.raises(segops.ArgumentError, match="zero_division must be 0, 1 or nan"):
+        ops.iou_score(cm, zero_division=value)
+    with pytest.raises(segops.ArgumentError, match="zero_division must be 0, 1 or nan"):
+        segops.metrics.DiceScore(2, zero_division=value)
+
+
+def test_scores_launch_one_kernel_and_grad_takes_the_composite():
+    """A count matrix (or a float one under no_grad) is scored by the one
+    kernel; a float matrix that requires grad by the differentiable
+    composite, whose gradient is the reference's (finite where a ratio's
+    denominator is 0)."""
+    counts = random_confusion(5, torch.int64).to(DEVICE)
+    with LaunchRecorder(kernels, SCORE_KERNEL) as launched:
+        for average in ops.AVERAGES:
+            ops.iou_score(counts, average, ignore_index=0)
+            ops.dice_score(counts, average)
+    assert launched.names_launched() == SCORE_KERNEL * 8
+    for average in ops.AVERAGES:
+        fractions = random_confusion(5, torch.float64, absent=[1]).to(DEVICE).requires_grad_()
+        with LaunchRecorder(kernels, SCORE_KERNEL) as launched:
+            score = ops.iou_score(fractions, average, ignore_index=2, zero_division=0)
+            score.sum().backward()
+            with torch.no_grad():
+                assert_close(ops.iou_score(fractions, average, ignore_index=2, zero_division=0),
+                             score, 1e-13)
+        assert launched.names_launched() == SCORE_KERNEL
+        leaf = fractions.detach().cpu().requires_grad_()
+        ref.confusion_score(leaf, False, average, 2, 0.0).sum().backward()
+        assert torch.isfinite(leaf.grad).all()
+        assert_close(fractions.grad, leaf.grad, 1e-13, name="grad")
+
+
+def test_scores_are_one_dispatcher_call():
+    """iou_score and dice_score reach the dispatcher once (the host cost of
+    twenty aten ops was the metric's time), MeanIoU.compute too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counts = random_confusion(4, torch.int64).to(DEVICE)
+    metric = segops.metrics.MeanIoU(4, ignore_index=1)
+    metric.confusion = counts.clone()
+    with Calls() as calls:
+        ops.iou_score(counts, "macro", ignore_index=1)
+        ops.dice_score(counts, "none")
+        metric.compute()
+    assert calls.names == ["segops.confusion_score.default"] * 3
+    assert_close(metric.compute(), ops.iou_score(counts, "macro", ignore_index=1), 0)
+
+
+def test_scores_of_an_empty_matrix_and_bool_matrix():
+    """C = 0 (nothing to launch) and a bool matrix (no kernel dtype) take the
+    reference and answer as it does."""
+    empty = torch.zeros(0, 0, dtype=torch.int64, device=DEVICE)
+    assert ops.iou_score(empty, "none").shape == (0,)
+    assert torch.isnan(ops.iou_score(empty, "macro"))
+    flags = torch.eye(3, dtype=torch.bool, device=DEVICE)
+    assert_close(ops.iou_score(flags, "none"), f64(1.0, 1.0, 1.0), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32], ids=str)
+def test_confusion_score_opcheck(dtype):
+    cm = random_confusion(4, dtype).to(DEVICE)
+    for average in ("none", "macro"):
+        torch.library.opcheck(torch.ops.segops.confusion_score.default,
+                              (cm, False, average, 1, 0.0))
+
+
 # --------------------------------------------------------------------------
 # regression tests: fuzz findings (issue 16) and limits (issue 10)
 # --------------------------------------------------------------------------
-NAN, INF = float("nan"), float("inf")
-
 # per-pixel score vectors (C = 5) and the class torch.argmax picks: NaN is
 # the maximum, the first NaN or first maximum wins; with BLOCK_C = 2 the
 # deciding values sit in different class chunks
