@@ -56,9 +56,11 @@ class DiceLoss(_OverlapLoss):
 
     ``DiceLoss(mode, classes=None, log_loss=False, from_logits=True, smooth=0.0,
     ignore_index=None, eps=1e-7, class_weights=None)`` is smp's (0.6)
-    constructor; the MONAI-style options are keyword-only. Shapes: ``y_pred (N, C, *spatial)``, ``y_true``
-    ``(N, *spatial)`` (binary/multiclass) or ``(N, C, *spatial)``
-    (binary/multilabel). Returns a scalar with ``reduction='mean'``.
+    constructor; the MONAI-style options are keyword-only. Shapes, smp's:
+    ``y_pred (N, C, *spatial)`` (binary: ``(N, 1, *spatial)`` or
+    ``(N, *spatial)``); ``y_true`` ``(N, *spatial)`` or ``(N, 1, *spatial)``
+    (binary/multiclass) or ``(N, C, *spatial)`` (multilabel). Returns a
+    scalar with ``reduction='mean'``.
     """
 
     def forward(self, y_pred: Tensor, y_true: Tensor) -> Tensor:

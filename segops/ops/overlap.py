@@ -415,21 +415,13 @@ def _sums_arguments(input: Tensor, target: Tensor, activation: str, ignore_index
 def _prepare_loss_inputs(input: Tensor, target: Tensor, mode: str, from_logits: bool):
     """smp's mode -> (input, target, activation) for ``overlap_sums``."""
     check_choice("mode", mode, MODES)
-    _check_scores(input)
+    check_tensor("input", input)
     check_tensor("target", target)
     if mode == "binary":
-        if input.shape[1] != 1:
-            raise ArgumentError(f"mode='binary' needs input of shape (N, 1, *spatial), "
-                                f"got {tuple(input.shape)}")
-        if target.numel() != input.numel():
-            raise ArgumentError(f"mode='binary' needs a target with the input's "
-                                f"{input.numel()} elements, got shape {tuple(target.shape)}")
-        target = target.reshape(input.shape)
-    elif mode == "multiclass" and target.dim() == input.dim():
-        raise ArgumentError("mode='multiclass' takes class indices (N, *spatial) as target; for "
-                            "dense (N, C, *spatial) masks use mode='multilabel'")
-    elif mode == "multiclass" and target.dtype.is_floating_point:
-        raise ArgumentTypeError(f"mode='multiclass' needs an integer target, got {target.dtype}")
+        input, target = _binary_shapes(input, target)
+    _check_scores(input)
+    if mode == "multiclass":
+        target = _multiclass_labels(input, target)
     elif mode == "multilabel" and target.dim() != input.dim():
         raise ArgumentError(f"mode='multilabel' needs a target of shape {tuple(input.shape)}, "
                             f"got {tuple(target.shape)}")
@@ -438,6 +430,36 @@ def _prepare_loss_inputs(input: Tensor, target: Tensor, mode: str, from_logits: 
     else:
         activation = "softmax" if mode == "multiclass" else "sigmoid"
     return input, target, activation
+
+
+def _binary_shapes(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """smp's binary shapes: input (N, 1, *spatial) as it is, any other
+    (channel-less (N, *spatial), or several channels pooled) as smp views
+    it, (N, 1, everything else); a target with as many elements, in the
+    input's shape."""
+    if not (input.dim() in (3, 4, 5) and input.shape[1] == 1):
+        if input.dim() < 2:
+            raise ArgumentError(f"mode='binary' needs input of shape (N, 1, *spatial) or "
+                                f"(N, *spatial), got {tuple(input.shape)}")
+        input = input.reshape(input.shape[0], 1, -1)
+    if target.numel() != input.numel():
+        raise ArgumentError(f"mode='binary' needs a target with the input's "
+                            f"{input.numel()} elements, got shape {tuple(target.shape)}")
+    return input, target.reshape(input.shape)
+
+
+def _multiclass_labels(input: Tensor, target: Tensor) -> Tensor:
+    """Integer labels (N, *spatial); (N, 1, *spatial) too, as smp reads them."""
+    if target.dim() == input.dim() and target.shape[1] == 1 and \
+            target.shape[2:] == input.shape[2:]:
+        target = target.squeeze(1)
+    if target.dim() == input.dim():
+        raise ArgumentError("mode='multiclass' takes class indices (N, *spatial) or "
+                            "(N, 1, *spatial) as target; for dense (N, C, *spatial) masks use "
+                            "mode='multilabel'")
+    if target.dtype.is_floating_point:
+        raise ArgumentTypeError(f"mode='multiclass' needs an integer target, got {target.dtype}")
+    return target
 
 
 def _selected_classes(C: int, classes, include_background: bool, mode: str) -> list[int] | None:
@@ -584,9 +606,10 @@ def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     ``DiceLoss`` numbers: the fuzzy intersection ``sum(min(p, t))``
     (``intersection='min'``; ``'product'`` gives ``sum(p*t)``, MONAI's, the
     same for 0/1 targets), smooth added to the halved denominator, classes
-    with no target pixel zeroed (``skip_empty``), mean over classes. ``mode``: ``'binary'`` (input ``(N, 1, *)``, target
-    ``(N, *)`` or ``(N, 1, *)``, sigmoid), ``'multiclass'`` (input
-    ``(N, C, *)``, integer target ``(N, *)``, softmax), ``'multilabel'``
+    with no target pixel zeroed (``skip_empty``), mean over classes. ``mode``: ``'binary'`` (input ``(N, 1, *)`` or
+    ``(N, *)``, target with as many elements, sigmoid; any other input shape
+    is read as smp does, ``(N, 1, -1)``), ``'multiclass'`` (input
+    ``(N, C, *)``, integer target ``(N, *)`` or ``(N, 1, *)``, softmax), ``'multilabel'``
     (input and target ``(N, C, *)``, sigmoid). ``from_logits=False``: input
     already holds probabilities.
 

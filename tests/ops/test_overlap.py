@@ -436,10 +436,12 @@ def test_loss_matches_smp_formula(kind, mode, C, options):
     dtype = KERNEL_DTYPES[0]
     x, t = loss_inputs(mode, C, options, dtype)
     fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
-    xd = x.to(DEVICE).requires_grad_()
+    # copies: on the CPU .to(DEVICE) and .double() of a float64 tensor
+    # return the tensor itself, and the two gradients would be one
+    xd = x.clone().to(DEVICE).requires_grad_()
     loss = fn(xd, t.to(DEVICE), mode, **options)
     loss.backward()
-    x64 = x.double().requires_grad_()
+    x64 = x.clone().double().requires_grad_()
     want = ref.smp_overlap_loss(kind, x64, t, mode, **options)
     want.backward()
     assert_close(loss, want, TOL, name="loss")
@@ -453,7 +455,7 @@ def test_loss_matches_smp_package(kind, mode, C, options):
     options = dict(options)
     x, t = loss_inputs(mode, C, options, torch.float32)
     name = "DiceLoss" if kind == "dice" else "JaccardLoss"
-    xd = x.to(DEVICE).requires_grad_()
+    xd = x.clone().to(DEVICE).requires_grad_()   # a copy on the CPU too
     ours = getattr(segops.nn, name)(mode, **options)(xd, t.to(DEVICE))
     ours.backward()
     x.requires_grad_()
@@ -461,6 +463,66 @@ def test_loss_matches_smp_package(kind, mode, C, options):
     theirs.backward()
     assert_close(ours, theirs, 1e-5)
     assert_close(xd.grad, x.grad, 1e-5, name="grad")
+
+
+SMP_SHAPES = [
+    # mode, input shape, target shape: the shapes smp reads besides ours
+    ("multiclass", (2, 4, 5, 6), (2, 1, 5, 6)),      # labels with a channel
+    ("multiclass", (2, 1, 5, 6), (2, 1, 5, 6)),      # one class: labels, not a mask
+    ("binary", (2, 5, 6), (2, 5, 6)),                # no channel
+    ("binary", (2, 5, 6), (2, 1, 5, 6)),
+    ("binary", (2, 3, 5, 6), (2, 3, 5, 6)),          # several channels, pooled
+    ("binary", (2, 7), (2, 7)),
+]
+
+
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+@pytest.mark.parametrize("mode, input_shape, target_shape", SMP_SHAPES)
+def test_loss_takes_the_shapes_smp_takes(kind, mode, input_shape, target_shape):
+    """Each gives the loss and gradient of the canonical shapes ((N, 1, *)
+    binary input, (N, *) multiclass labels), with and without ignore_index,
+    and smp's own numbers where smp is installed."""
+    fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
+    x = torch.randn(input_shape, dtype=KERNEL_DTYPES[0]) * 2
+    C = input_shape[1] if mode == "multiclass" else 2
+    t = torch.randint(0, C, target_shape)
+    t.view(-1)[::5] = -1
+    for options in (dict(), dict(ignore_index=-1, smooth=0.5)):
+        if not options:
+            t = t.clamp_min(0)
+        xd = x.clone().to(DEVICE).requires_grad_()
+        loss = fn(xd, t.to(DEVICE), mode, **options)
+        loss.backward()
+        if mode == "binary":
+            canonical_x, canonical_t = x.reshape(x.shape[0], 1, -1), t.reshape(x.shape[0], 1, -1)
+        else:
+            canonical_x, canonical_t = x, t.squeeze(1)
+        xc = canonical_x.clone().to(DEVICE).requires_grad_()
+        want = fn(xc, canonical_t.to(DEVICE), mode, **options)
+        want.backward()
+        assert_close(loss, want, 1e-12, name=str(options))
+        assert_close(xd.grad, xc.grad.reshape(x.shape), 1e-12, name=f"grad {options}")
+        smp_losses = pytest.importorskip("segmentation_models_pytorch.losses")
+        x32 = x.clone().float().requires_grad_()
+        name = "DiceLoss" if kind == "dice" else "JaccardLoss"
+        theirs = getattr(smp_losses, name)(mode, **options)(x32, t)
+        theirs.backward()
+        assert_close(loss, theirs, 1e-5, name=f"smp {options}")
+        assert_close(xd.grad, x32.grad, 1e-5, name=f"smp grad {options}")
+
+
+@pytest.mark.parametrize("mode, x_shape, t_shape, t_dtype, error, match", [
+    ("multiclass", (2, 4, 5, 6), (2, 4, 5, 6), torch.float32, ValueError, "use mode='multilabel'"),
+    ("multiclass", (2, 4, 5, 6), (2, 1, 5, 6), torch.float32, TypeError, "integer target"),
+    ("multiclass", (2, 4, 5, 6), (2, 1, 5, 7), torch.int64, ValueError, "use mode='multilabel'"),
+    ("binary", (6,), (6,), torch.float32, ValueError, r"\(N, 1, \*spatial\) or \(N, \*spatial\)"),
+    ("binary", (2, 5, 6), (2, 5, 7), torch.float32, ValueError, "the input's 60 elements"),
+])
+def test_loss_shapes_smp_does_not_take_raise(mode, x_shape, t_shape, t_dtype, error, match):
+    x = torch.randn(x_shape, device=DEVICE)
+    t = torch.zeros(t_shape, dtype=t_dtype, device=DEVICE)
+    with pytest.raises(error, match=match):
+        ops.dice_loss(x, t, mode)
 
 
 def test_monai_style_options():
@@ -1000,7 +1062,7 @@ def test_uint8_ignore_minus_one_dice_matches_smp():
     x, t = make_case(2, 4, (5, 6), False, "softmax", dtype=torch.float32)
     t = t.to(torch.uint8)
     t[:, 0] = 255
-    xd = x.to(DEVICE).requires_grad_()
+    xd = x.clone().to(DEVICE).requires_grad_()   # a copy on the CPU too
     ours = ops.dice_loss(xd, t.to(DEVICE), ignore_index=-1)
     ours.backward()
     x.requires_grad_()
