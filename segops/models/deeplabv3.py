@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import AtrousConv2d
-from .fcn import FCNHead, SegmentationModel, dilated_backbone
+from .fcn import SegmentationModel, build_segmentation_model
 
 
 class ASPPConv(nn.Sequential):
@@ -60,19 +60,21 @@ class DeepLabHead(nn.Sequential):
                          nn.ReLU(), nn.Conv2d(256, num_classes, 1))
 
 
-def _deeplabv3_resnet(depth: int, num_classes: int, aux_loss: bool) -> SegmentationModel:
-    aux = FCNHead(1024, num_classes) if aux_loss else None
-    return SegmentationModel(dilated_backbone(depth), DeepLabHead(2048, num_classes), aux)
+def deeplabv3_resnet50(num_classes: int | None = None, aux_loss: bool | None = None, *,
+                       weights=None, progress: bool = True, weights_backbone=None
+                       ) -> SegmentationModel:
+    """torchvision's ``deeplabv3_resnet50``: its modules and ``state_dict``
+    keys, its outputs, its builder's keywords (see
+    :func:`segops.models.fcn_resnet50`: ``weights`` is a state_dict or
+    path, nothing is downloaded). Input ``(N, 3, H, W)``; output
+    {'out': ``(N, num_classes, H, W)``[, 'aux': same]}."""
+    return build_segmentation_model(DeepLabHead, 50, num_classes, aux_loss, weights,
+                                    weights_backbone)
 
 
-def deeplabv3_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationModel:
-    """torchvision's ``deeplabv3_resnet50`` architecture: loads its
-    ``state_dict`` unchanged and gives its outputs. Input ``(N, 3, H, W)``;
-    output {'out': ``(N, num_classes, H, W)``[, 'aux': same]}."""
-    return _deeplabv3_resnet(50, num_classes, aux_loss)
-
-
-def deeplabv3_resnet101(num_classes: int = 21, aux_loss: bool = False) -> SegmentationModel:
-    """torchvision's ``deeplabv3_resnet101`` architecture (see
-    deeplabv3_resnet50)."""
-    return _deeplabv3_resnet(101, num_classes, aux_loss)
+def deeplabv3_resnet101(num_classes: int | None = None, aux_loss: bool | None = None, *,
+                        weights=None, progress: bool = True, weights_backbone=None
+                        ) -> SegmentationModel:
+    """torchvision's ``deeplabv3_resnet101`` (see deeplabv3_resnet50)."""
+    return build_segmentation_model(DeepLabHead, 101, num_classes, aux_loss, weights,
+                                    weights_backbone)

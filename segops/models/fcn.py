@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import ConvTranspose2d, init
+from ._weights import load_backbone, load_state, overwrite_param
 from .resnet import ResNet, resnet50, resnet101
 
 
@@ -58,21 +59,62 @@ def dilated_backbone(depth: int) -> ResNet:
     return make(replace_stride_with_dilation=[False, True, True], num_classes=None)
 
 
-def _fcn_resnet(depth: int, num_classes: int, aux_loss: bool) -> SegmentationModel:
+def build_segmentation_model(head: type[nn.Module], depth: int, num_classes: int | None,
+                             aux_loss: bool | None, weights, weights_backbone
+                             ) -> SegmentationModel:
+    """A dilated ResNet-``depth`` with ``head(2048, classes)`` (and an FCNHead
+    on layer3 with aux_loss), as torchvision's builders make it: with
+    ``weights`` (a state_dict or path; loaded), num_classes and aux_loss
+    default to the weights' and must agree with them; without, to 21 and
+    False. ``weights_backbone`` (an ImageNet ResNet state_dict or path)
+    initialises the backbone when there are no ``weights``."""
+    state = None if weights is None else load_state(weights)
+    if state is not None:
+        num_classes = overwrite_param("num_classes", num_classes,
+                                      state["classifier.4.weight"].shape[0])
+        aux_loss = overwrite_param("aux_loss", aux_loss,
+                                   any(key.startswith("aux_classifier.") for key in state))
+    num_classes = 21 if num_classes is None else num_classes
+    backbone = dilated_backbone(depth)
+    if state is None and weights_backbone is not None:
+        load_backbone(backbone, weights_backbone)
     aux = FCNHead(1024, num_classes) if aux_loss else None
-    return SegmentationModel(dilated_backbone(depth), FCNHead(2048, num_classes), aux)
+    model = SegmentationModel(backbone, head(2048, num_classes), aux)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
 
 
-def fcn_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationModel:
-    """torchvision's ``fcn_resnet50`` architecture: loads its ``state_dict``
-    unchanged and gives its outputs. Input ``(N, 3, H, W)``; output
-    {'out': ``(N, num_classes, H, W)``[, 'aux': same]}."""
-    return _fcn_resnet(50, num_classes, aux_loss)
+def fcn_resnet50(num_classes: int | None = None, aux_loss: bool | None = None, *,
+                 weights=None, progress: bool = True, weights_backbone=None
+                 ) -> SegmentationModel:
+    """torchvision's ``fcn_resnet50``: its modules and ``state_dict`` keys,
+    its outputs, its builder's keywords. Input ``(N, 3, H, W)``; output
+    {'out': ``(N, num_classes, H, W)``[, 'aux': same]}.
+
+    Args:
+        num_classes: 21 by default, or the ``weights``'.
+        aux_loss: an FCNHead on layer3 ('aux'); False by default, or
+            whether the ``weights`` hold one.
+        weights: a torchvision ``fcn_resnet50`` state_dict, or its path, to
+            load. segops downloads nothing: a torchvision ``Weights`` enum is
+            a TypeError.
+        progress: accepted for torchvision's signature; nothing is
+            downloaded.
+        weights_backbone: an ImageNet ResNet-50 state_dict (or path) for the
+            backbone. torchvision's default is IMAGENET1K_V1 (a download);
+            here None, a random backbone.
+    """
+    return build_segmentation_model(FCNHead, 50, num_classes, aux_loss, weights,
+                                    weights_backbone)
 
 
-def fcn_resnet101(num_classes: int = 21, aux_loss: bool = False) -> SegmentationModel:
-    """torchvision's ``fcn_resnet101`` architecture (see fcn_resnet50)."""
-    return _fcn_resnet(101, num_classes, aux_loss)
+def fcn_resnet101(num_classes: int | None = None, aux_loss: bool | None = None, *,
+                  weights=None, progress: bool = True, weights_backbone=None
+                  ) -> SegmentationModel:
+    """torchvision's ``fcn_resnet101`` (arguments as :func:`fcn_resnet50`)."""
+    return build_segmentation_model(FCNHead, 101, num_classes, aux_loss, weights,
+                                    weights_backbone)
 
 
 # --------------------------------------------------------------------------

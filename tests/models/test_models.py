@@ -46,6 +46,50 @@ def test_torchvision_parity(name, build):
         assert_close(got[key], want[key], F64, name=key)
 
 
+@pytest.mark.parametrize("name,build", PARITY, ids=[p[0] for p in PARITY])
+def test_torchvision_builder_keywords_and_weights(name, build, tmp_path):
+    """torchvision's keywords: weights (its state_dict, or the file) decide
+    num_classes and aux_loss and load; weights_backbone (an ImageNet ResNet
+    state_dict) initialises the backbone; weights=None, weights_backbone=None
+    as users write to avoid a download."""
+    segmentation = pytest.importorskip("torchvision.models.segmentation")
+    tv = pytest.importorskip("torchvision.models")
+    theirs = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=4,
+                                         aux_loss=True)
+    randomise_batch_norm(theirs)
+    torch.save(theirs.state_dict(), tmp_path / "weights.pth")
+    for weights in (theirs.state_dict(), tmp_path / "weights.pth", str(tmp_path / "weights.pth")):
+        ours = build(weights=weights, progress=False)
+        assert ours.aux_classifier is not None
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+    without_aux = {k: v for k, v in theirs.state_dict().items() if not k.startswith("aux_")}
+    assert build(weights=without_aux).aux_classifier is None
+    plain = build(weights=None, weights_backbone=None, num_classes=3)
+    assert plain.classifier[4].out_channels == 3 and plain.aux_classifier is None
+    assert build().classifier[4].out_channels == 21
+    imagenet = randomise_batch_norm(tv.resnet50(weights=None))
+    backbone = build(weights_backbone=imagenet.state_dict()).backbone.state_dict()
+    assert list(backbone) == [k for k in imagenet.state_dict() if not k.startswith("fc.")]
+    for key, value in backbone.items():
+        assert torch.equal(value, imagenet.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda build, sd: build(weights=sd, num_classes=5), ValueError,
+     "'num_classes' expected value 4 but got 5"),
+    (lambda build, sd: build(weights=sd, aux_loss=False), ValueError,
+     "'aux_loss' expected value True but got False"),
+    (lambda build, sd: build(weights="DEFAULT"), FileNotFoundError, "DEFAULT"),
+    (lambda build, sd: build(weights=object()), TypeError, "segops downloads nothing"),
+    (lambda build, sd: build(weights_backbone=[1]), TypeError, "weights_backbone must be"),
+])
+def test_builder_weights_errors(call, error, match):
+    sd = models.fcn_resnet50(num_classes=4, aux_loss=True).state_dict()
+    with pytest.raises(error, match=match):
+        call(models.fcn_resnet50, sd)
+
+
 @pytest.mark.parametrize("name", ["fcn_resnet101", "deeplabv3_resnet101"])
 def test_resnet101_variants_have_torchvision_keys(name):
     segmentation = pytest.importorskip("torchvision.models.segmentation")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ...nn import ConvTranspose2d, MultiScaleRoIAlign
+from .._weights import load_backbone, load_state
 from .anchors import AnchorGenerator
 from .backbone import (
     BackboneWithFPN,
@@ -274,12 +275,7 @@ def default_anchor_generator() -> AnchorGenerator:
 # ------------------------------------------------------------ constructors
 def _load_weights(model: nn.Module, weights) -> None:
     """``weights``: a state_dict or a path to one (segops downloads nothing)."""
-    if isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
-        weights = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(weights, dict):
-        raise TypeError("weights must be a state_dict or the path of one (segops downloads "
-                        f"nothing), got {type(weights).__name__}")
-    model.load_state_dict(weights)
+    model.load_state_dict(load_state(weights))
 
 
 def _backbone_is_trained(weights, weights_backbone) -> bool:
@@ -292,11 +288,7 @@ def _build_backbone(weights, weights_backbone, trainable_backbone_layers, norm_l
     trainable = validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
     backbone = resnet50_fpn_backbone(norm_layer, trainable, fpn_norm_layer)
     if weights_backbone is not None and weights is None:
-        state = weights_backbone
-        if isinstance(state, (str, bytes)) or hasattr(state, "__fspath__"):
-            state = torch.load(state, map_location="cpu", weights_only=True)
-        backbone.body.load_state_dict({k: v for k, v in state.items()
-                                       if not k.startswith("fc.")})
+        load_backbone(backbone.body, weights_backbone)
     return backbone
 
 
