@@ -32,6 +32,8 @@ labels; floats round), then compared exactly with the raw target value.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -984,7 +986,8 @@ def _confusion_score_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         cmask = offs_c < C
         rows, cols = _class_totals(cm_ptr, C, offs_c, cmask, stride_r, stride_c, BLOCK_C, BLOCK_K)
-        tp = tl.load(cm_ptr + offs_c * (stride_r + stride_c), mask=cmask, other=0).to(tl.float64)
+        tp = tl.load(cm_ptr + offs_c * stride_r + offs_c * stride_c, mask=cmask,
+                     other=0).to(tl.float64)
         fp = cols - tp
         fn = rows - tp
         if DICE:
@@ -1308,6 +1311,10 @@ def confusion_score(confusion: torch.Tensor, dice: bool, average: str,
     C = confusion.shape[0]
     out = empty((C,) if average == "none" else (), device=confusion.device,
                 dtype=torch.float64)
+    # one NaN object: the JIT's cache key holds the constexpr, and NaN
+    # compares (and hashes) by identity; a fresh NaN per call (the custom op
+    # passes a new float) would add a cache entry per call
+    zero_division = math.nan if math.isnan(zero_division) else zero_division
     BLOCK_C = block_c or block_size(C, 256)
     BLOCK_K = block_k or block_size(C, max(1, 2048 // BLOCK_C))
     _confusion_score_kernel[(1,)](

@@ -44,6 +44,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
 
 from .. import _dispatch
 from .._checks import (
@@ -711,11 +712,25 @@ def _score(confusion: Tensor, dice: bool, average: str | None, ignore_index,
     zero_division = _check_zero_division(zero_division)
     dropped = None if dice else _class_to_drop(ignore_index, C)
     args = (confusion, dice, average, dropped, zero_division)
-    if C == 0 or (confusion.requires_grad and torch.is_grad_enabled()):
-        # the composite: differentiable (float matrices), and no kernel to
+    if C == 0 or _differentiated(confusion):
+        # the composite: differentiable in both modes, and no kernel to
         # launch for nothing
         return reference.confusion_score(*args)
     return _confusion_score(*args)
+
+
+def _differentiated(confusion: Tensor) -> bool:
+    """Whether a derivative of a float matrix's score may be asked for: it
+    requires grad under grad mode, or a forward-AD level or a torch.func
+    transform is active (a dual tensor does not require grad, and the
+    custom op would give it no tangent)."""
+    if not confusion.is_floating_point():
+        return False
+    if confusion.requires_grad and torch.is_grad_enabled():
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return not torch.compiler.is_compiling() and peek_interpreter_stack() is not None
 
 
 def _check_average(average: str | None) -> str:
@@ -726,13 +741,14 @@ def _check_average(average: str | None) -> str:
 
 
 def _check_zero_division(value) -> float:
-    """0, 1 (torchmetrics' choices) or NaN; returned as 0.0, 1.0 or math.nan
-    (one object: the kernel takes it as a constexpr, and its cache key
-    compares NaN by identity)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
-            not (value in (0, 1) or math.isnan(value)):
-        raise ArgumentError(f"zero_division must be 0, 1 or nan, got {value!r}")
-    return math.nan if math.isnan(value) else float(value)
+    """0, 1 (torchmetrics' choices) or NaN, as 0.0, 1.0 or math.nan."""
+    if not isinstance(value, bool) and isinstance(value, numbers.Real):
+        if value in (0, 1):
+            return float(value)
+        if isinstance(value, float) and math.isnan(value) or \
+                not isinstance(value, numbers.Integral) and math.isnan(float(value)):
+            return math.nan
+    raise ArgumentError(f"zero_division must be 0, 1 or nan, got {value!r}")
 
 
 def _class_to_drop(ignore_index: int | None, C: int) -> int | None:
@@ -755,7 +771,7 @@ def iou_score(confusion: Tensor, average: str | None = "macro", *,
     prediction and target in ``'none'``, and of ``'micro'`` with nothing
     counted. NaN by default; torchmetrics' default is 0. ``'macro'`` and
     ``'weighted'`` leave absent classes out, and are NaN with none present
-    (as torchmetrics' are).
+    (as torchmetrics' Jaccard index is; its F1 score gives 0 there).
 
     ``ignore_index`` (the one the matrix was counted with): when it is a
     class in [0, C), that class is left out of ``'macro'`` and ``'micro'``,

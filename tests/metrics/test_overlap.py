@@ -105,7 +105,7 @@ def test_zero_division_and_average_none_as_torchmetrics():
     a class is absent (here class 2), with and without an ignored class."""
     tm = pytest.importorskip("torchmetrics.classification")
     C = 4
-    pred = torch.tensor([[0, 0, 1, 1, 3, 1]])
+    pred = torch.tensor([[0, 0, 1, 1, 3, 3]])     # class 3 predicted on a counted pixel
     target = torch.tensor([[0, 1, 1, 1, 3, 0]])
     for zero_division in (0, 1):
         for average in (None, "micro", "macro", "weighted"):

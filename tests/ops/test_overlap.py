@@ -894,7 +894,8 @@ def test_zero_division_where_nothing_is_counted():
     assert torch.equal(ops.iou_score(nothing, None, zero_division=1).cpu(), f64(1, 1, 1))
 
 
-@pytest.mark.parametrize("value", [0.5, -1, float("inf"), True, "0", None, torch.tensor(0.0)])
+@pytest.mark.parametrize("value", [0.5, -1, float("inf"), True, "0", None, torch.tensor(0.0),
+                                   10**400])
 def test_zero_division_must_be_0_1_or_nan(value):
     cm = torch.eye(2, dtype=torch.int64)
     assert ops.iou_score(cm, "micro", zero_division=np.float32(0)) == 1   # numpy numbers pass
@@ -928,6 +929,42 @@ def test_scores_launch_one_kernel_and_grad_takes_the_composite():
         ref.confusion_score(leaf, False, average, 2, 0.0).sum().backward()
         assert torch.isfinite(leaf.grad).all()
         assert_close(fractions.grad, leaf.grad, 1e-13, name="grad")
+
+
+def test_scores_launch_with_one_nan_object():
+    """The kernel's NaN zero_division is always math.nan: the JIT keys its
+    cache on the constexpr, and a fresh NaN (the custom op passes a new
+    float) would be a new key, an entry per call."""
+    import math
+    counts = random_confusion(3, torch.int64).to(DEVICE)
+    with LaunchRecorder(kernels, SCORE_KERNEL) as launched:
+        ops.iou_score(counts, "none", zero_division=float("nan"))
+        ops.dice_score(counts)
+        ops.iou_score(counts, zero_division=0)
+    given = [c["ZERO_DIVISION"] for c in launched.constexprs("_confusion_score_kernel")]
+    assert given[0] is math.nan and given[1] is math.nan and given[2] == 0.0
+
+
+@pytest.mark.parametrize("average", ["none", "macro", "micro", "weighted"])
+def test_scores_forward_mode_derivative_is_the_composites(average):
+    """A dual tensor does not require grad: forward AD and torch.func.jvp
+    take the composite, whose tangent is the reference's (the custom op
+    would give none, silently)."""
+    cm = random_confusion(4, torch.float64, absent=[2]).to(DEVICE)
+    tangent = torch.randn(4, 4, dtype=torch.float64, device=DEVICE)
+
+    def reference(m):
+        return ref.confusion_score(m, False, average, 1, 0.0)
+
+    want = torch.func.jvp(reference, (cm,), (tangent,))[1]
+    got = torch.func.jvp(lambda m: ops.iou_score(m, average, ignore_index=1, zero_division=0),
+                         (cm,), (tangent,))[1]
+    assert_close(got, want, 1e-13)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        score = ops.iou_score(fwAD.make_dual(cm, tangent), average, ignore_index=1,
+                              zero_division=0)
+        assert_close(fwAD.unpack_dual(score).tangent, want, 1e-13, name="forward_ad")
 
 
 def test_scores_are_one_dispatcher_call():
