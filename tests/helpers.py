@@ -3,6 +3,7 @@ pytest's pythonpath)."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -266,3 +267,17 @@ def torchvision_nms_per_class(boxes, scores, idxs, threshold):
         keep[rows[tv_ops.nms(boxes[rows], scores[rows], threshold)]] = True
     kept = torch.nonzero(keep).flatten()
     return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+
+
+class DispatchCalls(TorchDispatchMode):
+    """The operators a block of code reaches the dispatcher with, by name
+    (``names``), seen from outside: a custom op counts once, whatever it
+    runs inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

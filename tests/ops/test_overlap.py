@@ -3,8 +3,8 @@ smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
 import numpy as np
 import pytest
 import torch
-from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, LaunchRecorder, assert_close,
-                     assert_device_assert_in_child, deterministic, like_layout)
+from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, DispatchCalls, LaunchRecorder,
+                     assert_close, assert_device_assert_in_child, deterministic, like_layout)
 
 import segops
 from segops import _dispatch
@@ -970,21 +970,10 @@ def test_scores_forward_mode_derivative_is_the_composites(average):
 def test_scores_are_one_dispatcher_call():
     """iou_score and dice_score reach the dispatcher once (the host cost of
     twenty aten ops was the metric's time), MeanIoU.compute too."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     counts = random_confusion(4, torch.int64).to(DEVICE)
     metric = segops.metrics.MeanIoU(4, ignore_index=1)
     metric.confusion = counts.clone()
-    with Calls() as calls:
+    with DispatchCalls() as calls:
         ops.iou_score(counts, "macro", ignore_index=1)
         ops.dice_score(counts, "none")
         metric.compute()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import (
     DEVICE,
+    DispatchCalls,
     KERNEL_DTYPES,
     ON_GPU,
     PATHS,
@@ -999,22 +1000,11 @@ def test_multi_scale_forward_makes_few_dispatcher_calls():
     """The level mapping is one op: the forward of a list of boxes on two
     maps is 2 segops ops and the list's stacking (LevelMapper's composite
     was 31 more calls, each a launch and host time on a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     maps = [torch.randn(2, 4, 16, 16, device=DEVICE), torch.randn(2, 4, 8, 8, device=DEVICE)]
     boxes = [make_rois(5, 1, 64, 64, 1 / 4, torch.float32)[:, 1:].to(DEVICE)] * 2
     with on_path("kernel"):
         segops.ops.multi_scale_roi_align(maps, boxes, 2, [1 / 4, 1 / 8], 2)  # thresholds
-        with Calls() as calls:
+        with DispatchCalls() as calls:
             segops.ops.multi_scale_roi_align(maps, boxes, 2, [1 / 4, 1 / 8], 2)
     assert [n for n in calls.names if n.startswith("segops.")] == [
         "segops.roi_levels.default", "segops.roi_align.default"]
