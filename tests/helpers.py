@@ -232,6 +232,23 @@ def deterministic(enabled: bool = True):
     return _dispatch.deterministic_algorithms(enabled)
 
 
+def second_order_grads(fn, tensors, grad_out, probes, dy_is_leaf=True):
+    """Double backward as a gradient penalty takes it: out = fn(*tensors);
+    the first-order gradients of out against grad_out with create_graph=True;
+    then the gradients of sum(<gradient, probe>) with respect to every
+    tensor, and to grad_out when ``dy_is_leaf`` (else grad_out is a constant,
+    as torch.ones_like(out) is in a penalty, and only the tensors' come
+    back). Returns (first, second). A None tensor (no bias) stays out of both."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    present = [t for t in leaves if t is not None]
+    dy = grad_out.detach().clone().requires_grad_(dy_is_leaf)
+    first = torch.autograd.grad(fn(*leaves), present, dy, create_graph=True)
+    penalty = sum((g * p).sum() for g, p in zip(first, probes))
+    second = torch.autograd.grad(penalty, present + ([dy] if dy_is_leaf else []),
+                                 allow_unused=True, materialize_grads=True)
+    return first, second
+
+
 def assert_device_assert_in_child(prelude: str, unchecked: str, checked: str) -> None:
     """Runs ``prelude``, ``unchecked`` (which must pass) and ``checked``
     (which must trip a CUDA device-side assert) in a child process: a failed

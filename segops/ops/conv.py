@@ -105,6 +105,53 @@ def _(grad, input, weight_shape, stride, padding, dilation, groups):
     return input.new_empty(weight_shape)
 
 
+# Double backward: both gradient ops are bilinear, and each derivative is
+# another of the three ops (so any order works). With y = conv(x, w):
+#   grad_input(dy, w)  -> d/d dy: conv(g, w);        d/d w: grad_weight(dy, g)
+#   grad_weight(dy, x) -> d/d dy: conv(x, g);        d/d x: grad_input(dy, g)
+# where g is the incoming gradient (x-shaped, resp. w-shaped).
+def _grad_input_setup_context(ctx, inputs, output):
+    grad, weight, input_hw, stride, padding, dilation, groups, channels_last = inputs
+    ctx.save_for_backward(grad, weight)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+
+
+def _grad_input_grad(ctx, g):
+    grad, weight = ctx.saved_tensors
+    dgrad = dweight = None
+    if ctx.needs_input_grad[0]:
+        dgrad = _conv2d(g, weight, None, *ctx.geometry, False)
+    if ctx.needs_input_grad[1]:
+        dweight = _conv2d_grad_weight(grad, g, list(weight.shape), *ctx.geometry)
+    return dgrad, dweight, None, None, None, None, None, None
+
+
+_conv2d_grad_input.register_autograd(_grad_input_grad, setup_context=_grad_input_setup_context)
+
+
+def _grad_weight_setup_context(ctx, inputs, output):
+    grad, input, weight_shape, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad, input)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+
+
+def _grad_weight_grad(ctx, g):
+    grad, input = ctx.saved_tensors
+    dgrad = dinput = None
+    if ctx.needs_input_grad[0]:
+        dgrad = _conv2d(input, g, None, *ctx.geometry, False)
+        # a transposed conv's output_padding can leave input rows/columns
+        # that reach no output pixel: the conv gives extra output there
+        dgrad = dgrad[..., :grad.shape[-2], :grad.shape[-1]]
+    if ctx.needs_input_grad[1]:
+        dinput = _conv2d_grad_input(grad, g, list(input.shape[-2:]), *ctx.geometry,
+                                    is_channels_last(input))
+    return dgrad, dinput, None, None, None, None, None
+
+
+_conv2d_grad_weight.register_autograd(_grad_weight_grad, setup_context=_grad_weight_setup_context)
+
+
 def gemm_operand_once(grad: Tensor, channels_per_group: int) -> Tensor:
     """The output gradient in channels_last when both backward GEMM kernels
     will read it: they each convert an NCHW operand (kernels/_gemm.py), so

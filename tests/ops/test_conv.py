@@ -24,6 +24,7 @@ from helpers import (
     on_path,
     record_gemm_launches,
     record_launches,
+    second_order_grads,
     skip_off_kernel_path_on_gpu,
 )
 
@@ -33,6 +34,7 @@ from segops.kernels import _gemm as gemm
 from segops.kernels import conv as kernels
 from segops.kernels import conv_transpose as transpose_kernels
 from segops.kernels._math import divisor_magic, fast_div
+from segops._format import memory_format_of
 from segops._geometry import tap_class_bounds
 from segops.reference import conv as ref
 
@@ -630,17 +632,90 @@ def test_kernel_path_gradcheck():
         (x, w, b))
 
 
+DOUBLE_BACKWARD_CASES = {
+    "dilated": dict(stride=1, padding=2, dilation=2, groups=1),
+    "strided-grouped": dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+    # an even kernel column count: 'same' pads 0 left, 1 right
+    "same-depthwise": dict(stride=1, padding="same", dilation=(2, 1), groups=4),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", sorted(DOUBLE_BACKWARD_CASES))
+def test_double_backward_matches_f_conv2d(name, layout, activation):
+    """A gradient penalty's double backward (the gradients of <input, weight
+    and bias gradients, probes> with respect to input, weight and the output
+    gradient, the last as a leaf and as a constant), against F.conv2d's in
+    float64: it runs the three ops' own backward formulas (grad_input and
+    grad_weight differentiated)."""
+    args = DOUBLE_BACKWARD_CASES[name]
+    groups = args["groups"]
+    x = like_layout(torch.randn(2, 4, 6, 7, dtype=torch.float64), layout)
+    w = torch.randn(4, 4 // groups, 3, 2, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    dy = torch.randn(F.conv2d(x, w, **args).shape, dtype=torch.float64)
+    probes = [torch.randn_like(t) for t in (x, w, b)]
+    relu = F.relu if activation else (lambda t: t)
+    for dy_is_leaf in (True, False):
+        got = second_order_grads(
+            lambda *t: segops.ops.atrous_conv2d(*t, activation=activation, **args),
+            [t.to(DEVICE) for t in (x, w, b)], dy.to(DEVICE), [p.to(DEVICE) for p in probes],
+            dy_is_leaf)
+        want = second_order_grads(lambda *t: relu(F.conv2d(*t, **args)), (x, w, b), dy, probes,
+                                  dy_is_leaf)
+        assert len(got[1]) == len(want[1]) == 3 + dy_is_leaf
+        for order, names in ((0, ("input", "weight", "bias")),
+                             (1, ("input", "weight", "bias", "dy"))):
+            for n, g, e in zip(names, got[order], want[order]):
+                assert_close(g, e, F64, name=f"order {order + 1}, {n}, dy leaf {dy_is_leaf}")
+        assert got[1][2].abs().sum() == 0   # the bias gradient is constant in the bias
+    assert got[1][0].is_contiguous(memory_format=memory_format_of(x))
+
+
+def test_double_backward_frozen_weight():
+    """A frozen weight (no gradient) and an output gradient that depends on
+    the input (the gradient of 0.5 * |relu(conv(x))|^2): the penalty's
+    input gradient flows back through that output gradient alone."""
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64)
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    probe = torch.randn_like(x)
+
+    def penalty_grad(conv, x, w):
+        x = x.clone().requires_grad_()
+        energy = 0.5 * conv(x, w).pow(2).sum()
+        (gx,) = torch.autograd.grad(energy, x, create_graph=True)
+        return torch.autograd.grad((gx * probe.to(gx)).sum(), x)[0]
+
+    got = penalty_grad(lambda *t: segops.ops.atrous_conv2d(*t, padding=2, dilation=2, groups=2,
+                                                           activation="relu"),
+                       x.to(DEVICE), w.to(DEVICE))
+    want = penalty_grad(lambda *t: F.relu(F.conv2d(*t, padding=2, dilation=2, groups=2)), x, w)
+    assert_close(got, want, F64)
+
+
+def test_double_backward_gradgradcheck():
+    """Numerical second derivatives (fast_mode: along random directions, as
+    the interpreter is slow)."""
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(1, 2, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda *t: segops.ops.atrous_conv2d(*t, stride=(2, 1), padding=1, dilation=(1, 2)),
+        (x, w), fast_mode=True)
+
+
 def test_opcheck():
     x = torch.randn(2, 4, 6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     geometry = ([1, 2], [2, 2, 1, 1], [2, 1], 2)
     torch.library.opcheck(torch.ops.segops.conv2d.default, (x, w, b, *geometry, True))
-    grad = torch.randn(2, 6, 6, 3, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(2, 6, 6, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.segops.conv2d_grad_input.default,
-                          (grad, w.detach(), [6, 5], *geometry, False))
+                          (grad, w, [6, 5], *geometry, False))
     torch.library.opcheck(torch.ops.segops.conv2d_grad_weight.default,
-                          (grad, x.detach(), [6, 2, 3, 3], *geometry))
+                          (grad, x, [6, 2, 3, 3], *geometry))
 
 
 def test_compile_fullgraph_through_module():

@@ -22,6 +22,7 @@ from helpers import (
     on_path,
     record_gemm_launches,
     record_launches,
+    second_order_grads,
     skip_off_kernel_path_on_gpu,
 )
 
@@ -401,6 +402,35 @@ def test_kernel_path_gradcheck():
     assert torch.autograd.gradcheck(
         lambda *t: segops.ops.conv_transpose2d(*t, stride=2, padding=1, output_padding=1),
         (x, w, b))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("options", [
+    dict(stride=2, padding=1, output_padding=1, dilation=1, groups=1),
+    # output_padding 2 >= stride: the last rows and columns reach no input
+    dict(stride=(2, 1), padding=(1, 0), output_padding=(2, 1), dilation=3, groups=2),
+], ids=["fcn", "output-padding-past-stride"])
+def test_double_backward_matches_f_conv_transpose2d(layout, options):
+    """A gradient penalty's double backward against F.conv_transpose2d's in
+    float64 (the second-order gradients of input and weight, and of the
+    output gradient when it is a leaf, not a constant)."""
+    groups = options["groups"]
+    x = like_layout(torch.randn(2, 4, 4, 5, dtype=torch.float64), layout)
+    w = torch.randn(4, 4 // groups, 3, 2, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    dy = torch.randn(F.conv_transpose2d(x, w, **options).shape, dtype=torch.float64)
+    probes = [torch.randn_like(t) for t in (x, w, b)]
+    for dy_is_leaf in (True, False):
+        got = second_order_grads(lambda *t: segops.ops.conv_transpose2d(*t, **options),
+                                 [t.to(DEVICE) for t in (x, w, b)], dy.to(DEVICE),
+                                 [p.to(DEVICE) for p in probes], dy_is_leaf)
+        want = second_order_grads(lambda *t: F.conv_transpose2d(*t, **options), (x, w, b), dy,
+                                  probes, dy_is_leaf)
+        assert len(got[1]) == len(want[1]) == 3 + dy_is_leaf
+        for order, names in ((0, ("input", "weight", "bias")),
+                             (1, ("input", "weight", "bias", "dy"))):
+            for n, g, e in zip(names, got[order], want[order]):
+                assert_close(g, e, F64, name=f"order {order + 1}, {n}, dy leaf {dy_is_leaf}")
 
 
 def test_opcheck():
