@@ -63,3 +63,24 @@ def test_forward_mode_raises(name):
     leaf = x.clone().requires_grad_()
     fn(leaf).sum().backward()   # reverse mode outside the transforms: unaffected
     assert leaf.grad is not None and leaf.grad.isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("name", sorted(set(OPS) - {"roi_align", "multi_scale_roi_align"}))
+def test_vmap_matches_a_loop(name):
+    """torch.func.vmap runs the op once per sample (torch's fallback for a
+    custom op without a batching rule), as the README says."""
+    fn, shape = OPS[name]()
+    x = torch.randn((3, *shape), dtype=torch.float64, device=DEVICE)
+    assert torch.equal(torch.func.vmap(fn)(x), torch.stack([fn(sample) for sample in x]))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_reverse_transforms_raise_torchs_error(name):
+    """What the README states for torch.func.grad over the custom ops (a
+    torch limitation: when this starts to pass, torch fixed it, and the
+    README and this test should say so)."""
+    fn, shape = OPS[name]()
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda t: fn(t).sum())(x)
