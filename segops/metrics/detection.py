@@ -418,6 +418,9 @@ def _instances(item, where: str, types: tuple[str, ...], is_pred: bool,
         area = _vector(item, "area", where, count, floating=None,
                        default=torch.zeros(count))
     xywh = _xywh(_boxes(item, where, count)) if "bbox" in types else None
+    if "segm" in types and "masks" not in item:
+        raise ArgumentError(f"{where} has no 'masks' entry, which iou_type 'segm' needs "
+                            "(boxes only: iou_type='bbox')")
     masks = _masks(item, where, count, mask_threshold) if "segm" in types else None
 
     def host(t, dtype):
@@ -501,8 +504,10 @@ class MeanAveragePrecision:
     when no class has a ground truth (COCO's conventions).
 
     Differences from torchmetrics' MeanAveragePrecision (pycocotools
-    backend), which otherwise gives the same numbers: its keys have no prefix
-    for a single IoU type; its default thresholds are float32 values (pass
+    backend), which otherwise gives the same numbers: its default
+    ``iou_type`` is 'bbox' (here both, so inputs without ``masks`` raise:
+    pass ``iou_type='bbox'``); its keys have no prefix for a single IoU type;
+    its default thresholds are float32 values (pass
     ``coco_iou_thresholds()`` to it to agree exactly); with
     ``iou_type='segm'`` alone it skips images without ground truth (and so
     their false positives), and with both types it takes the ground truths'

@@ -462,6 +462,8 @@ def _update(preds, targets, iou_type="bbox"):
     ([dict(_pred([BOX], [0.9]), scores=torch.ones(2))], [_target([BOX])], "bbox",
      ValueError, r"preds\[0\]\['scores'\] has 2"),
     ([_pred([BOX], [0.9])], [_target([BOX])], "segm", ValueError, r"preds\[0\] has no 'masks'"),
+    ([_pred([BOX], [0.9])], [_target([BOX])], ("bbox", "segm"), ValueError,
+     r"preds\[0\] has no 'masks'.*iou_type='bbox'"),
     ([dict(_pred([BOX], [0.9]), masks=torch.ones(1, 2, 8, 8))],
      [dict(_target([BOX]), masks=torch.ones(1, 8, 8))], "segm", ValueError, r"\(N, 1, H, W\)"),
     ([dict(_pred([BOX], [0.9]), masks=torch.ones(1, 8, 9, dtype=torch.bool))],
