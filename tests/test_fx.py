@@ -245,6 +245,24 @@ def test_module_traces(name):
     assert _targets(graph_module).count(getattr(segops.ops, op)) == 1
 
 
+def test_conv_transpose_output_size_from_a_graph_input_traces():
+    """ConvTranspose2d(x, output_size=skip.shape[-2:]), as U-Nets call it:
+    the size arithmetic stays inside one node (nn.ConvTranspose2d is an fx
+    leaf module; segops' twin is traced into, and its output padding cannot
+    be computed from Proxies), and the graph gives nn.ConvTranspose2d's output
+    for sizes the trace did not see."""
+    plain = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1).to(**D)
+    ours = segops.nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1).to(**D)
+    ours.load_state_dict(plain.state_dict())
+    call = lambda m, x, skip: m(x, output_size=skip.shape[-2:])  # noqa: E731
+    graph_module = fx.symbolic_trace(_Holder(ours, call))
+    assert segops.nn.conv_transpose.conv_transpose2d_to_size in _targets(graph_module)
+    x = torch.randn(2, 3, 4, 5, **D)
+    for size in ((7, 9), (8, 10), (8, 9)):
+        skip = torch.zeros(2, 2, *size, **D)
+        assert_close(graph_module(x, skip), plain(x, output_size=skip.shape[-2:]), F64)
+
+
 def test_multi_scale_roi_align_traces_with_the_feature_dict_as_input():
     """As torchvision's MultiScaleRoIAlign: the dict and image sizes are graph
     inputs and the scales are not known before the first call."""

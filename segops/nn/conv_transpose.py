@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._geometry import conv_transpose_output_size
 from ..ops.conv_transpose import conv_transpose2d
 from ._share import retype
 
@@ -27,8 +28,38 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if self.padding_mode != "zeros":
             raise ValueError("only 'zeros' padding_mode is supported for ConvTranspose2d")
-        num_spatial_dims = 2
-        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
-                                              self.kernel_size, num_spatial_dims, self.dilation)
-        return conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
-                                tuple(output_padding), self.groups, self.dilation)
+        if output_size is None:
+            return conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
+                                    self.output_padding, self.groups, self.dilation)
+        return conv_transpose2d_to_size(input, self.weight, self.bias, self.stride, self.padding,
+                                        output_size, self.groups, self.dilation)
+
+
+def conv_transpose2d_to_size(input: Tensor, weight: Tensor, bias: Tensor | None, stride,
+                             padding, output_size, groups: int, dilation) -> Tensor:
+    """:func:`conv_transpose2d` with the output padding that makes the
+    output ``output_size`` (``(OH, OW)``, or with the leading batch/channel
+    sizes), nn.ConvTranspose2d's rule: each size within [smallest, smallest
+    + stride - 1], else ValueError. One function, so that torch.fx keeps
+    it as one node: the size arithmetic cannot be traced."""
+    spatial = 2
+    leading = input.dim() - spatial
+    output_size = list(output_size)
+    if len(output_size) == leading + spatial:
+        output_size = output_size[leading:]
+    if len(output_size) != spatial:
+        raise ValueError(f"ConvTranspose2D: for {input.dim()}D input, output_size must have "
+                         f"{spatial} or {leading + spatial} elements (got {len(output_size)})")
+    smallest = conv_transpose_output_size(input.shape[leading:], weight.shape[-2:], stride,
+                                          padding, (0, 0), dilation)
+    largest = [size + s - 1 for size, s in zip(smallest, stride)]
+    if any(not lo <= size <= hi for size, lo, hi in zip(output_size, smallest, largest)):
+        raise ValueError(f"requested an output size of {output_size}, but valid sizes range "
+                         f"from {list(smallest)} to {largest} (for an input of "
+                         f"{tuple(input.shape[leading:])})")
+    output_padding = tuple(size - lo for size, lo in zip(output_size, smallest))
+    return conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                            dilation)
+
+
+torch.fx.wrap("conv_transpose2d_to_size")

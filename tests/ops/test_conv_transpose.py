@@ -338,6 +338,17 @@ def test_output_size_argument():
         assert_close(out, plain(x, output_size=size), F64)
     with pytest.raises(ValueError, match="output"):
         ours(x, output_size=[12, 12])
+    # with the leading sizes, unbatched, and the wrong number of sizes: as nn.ConvTranspose2d
+    assert_close(ours(x, output_size=[1, 3, 8, 11]), plain(x, output_size=[1, 3, 8, 11]), F64)
+    assert_close(ours(x[0], output_size=[3, 9, 10]), plain(x[0], output_size=[3, 9, 10]), F64)
+    for bad in ([3, 8, 11], [8]):
+        with pytest.raises(ValueError, match=r"output_size must have 2 or 4 elements") as ours_error:
+            ours(x, output_size=bad)
+        with pytest.raises(ValueError) as torch_error:
+            plain(x, output_size=bad)
+        assert str(ours_error.value) == str(torch_error.value)
+    with pytest.raises(ValueError, match=r"valid sizes range from \[7, 10\] to \[9, 12\]"):
+        ours(x, output_size=[6, 10])
 
 
 def test_module_loads_state_dict_and_shares_parameters():
