@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .._geometry import conv_transpose_output_size
 from ..ops.conv_transpose import conv_transpose2d
-from ._share import retype
+from ._share import refuse_script, retype
 
 torch.fx.wrap("conv_transpose2d")  # a graph leaf for torch.fx.symbolic_trace
 
@@ -24,6 +24,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     def from_conv_transpose(cls, conv: nn.ConvTranspose2d) -> "ConvTranspose2d":
         """A ConvTranspose2d sharing ``conv``'s parameters (not a copy)."""
         return retype(conv, cls)
+
+    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if self.padding_mode != "zeros":

@@ -117,8 +117,11 @@ def _detection_twin(module: nn.Module, to_segops: bool) -> nn.Module | None:
                                                     twin.box_coder.bbox_xform_clip)
             if getattr(twin, "box_similarity", None) is source["box_iou"]:
                 twin.box_similarity = target["box_iou"]
-            if name == "AnchorGenerator":
-                twin.__dict__.setdefault("_cache", {})
+            if name == "AnchorGenerator":   # segops' anchor cache, not torchvision's
+                if to_segops:
+                    twin.__dict__.setdefault("_cache", {})
+                else:
+                    twin.__dict__.pop("_cache", None)
             if name == "RoIHeads":  # torchvision's also has (empty) keypoint parts
                 for part in ("keypoint_roi_pool", "keypoint_head", "keypoint_predictor"):
                     twin.__dict__.setdefault(part, None)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._checks import ArgumentError
 from ..ops.roi_align import multi_scale_roi_align, roi_align
+from ._share import refuse_script
 
 # graph leaves for torch.fx.symbolic_trace (as torchvision's ops)
 torch.fx.wrap("roi_align")
@@ -31,6 +32,8 @@ class RoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.pool_mode = pool_mode
+
+    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def forward(self, input: Tensor, rois) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale,
@@ -102,6 +105,8 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = aligned
         self.pool_mode = pool_mode
         self.scales: list[float] | None = None
+
+    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:

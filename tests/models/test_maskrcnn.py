@@ -417,6 +417,29 @@ def test_convert_keeps_keypoint_rcnn_whole():
         assert_close(got[0][key], want[0][key], F64, name=key)
 
 
+def test_converted_torchvision_maskrcnn_scripts_reverted():
+    """torch.jit.script of torchvision's Mask R-CNN after convert_model
+    raises, naming revert_model(inplace=False), and that copy scripts
+    (segops' anchor cache left behind, after the converted model ran) with
+    the detections of the model scripted before conversion (TorchScript runs
+    torchvision's resize in another order of float operations than eager
+    does: ~1e-8 apart, so scripted is compared with scripted)."""
+    theirs, _ = torchvision_pair()
+    x = images((70, 90))
+    with torch.no_grad():
+        _, want = torch.jit.script(copy.deepcopy(theirs))(x)
+    segops.convert_model(theirs)
+    detect(theirs, x)
+    with pytest.raises(TypeError, match="revert_model"):
+        torch.jit.script(theirs)
+    scripted = torch.jit.script(segops.revert_model(theirs, inplace=False).model)
+    assert type(theirs.roi_heads) is detection.RoIHeads
+    with torch.no_grad():
+        _, got = scripted(x)
+    assert len(want[0]["boxes"]) > 0
+    assert_same_detections(got, want)
+
+
 def test_constructor_defaults_are_fresh_and_none_means_default():
     import numpy as np
     a = maskrcnn_small(image_mean=np.array([0.5, 0.5, 0.5]))

@@ -162,6 +162,41 @@ def test_roi_align_twins_keep_hooks_and_training_flag():
         assert not model["pool"].training and not model["single"].training
 
 
+def test_torch_jit_script_names_the_way_to_script():
+    """torch.jit.script cannot compile segops' layers: a clear error naming
+    the recipe, which scripts (the torch / torchvision twins of a reverted
+    copy, parameters shared) with the converted model's outputs, and leaves
+    the converted model as it was."""
+    tv_ops = pytest.importorskip("torchvision.ops")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = PlainUNet()
+            self.pool = tv_ops.MultiScaleRoIAlign(["a"], 2, 2)
+            self.single = tv_ops.RoIAlign(2, 0.5, 2, aligned=True)
+
+        def forward(self, x, boxes: list[torch.Tensor]):
+            y = self.unet(x)
+            return y, self.pool({"a": y}, boxes, [(16, 16)]), self.single(y, boxes)
+
+    model = Model().double().to(DEVICE)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, device=DEVICE)
+    boxes = [torch.tensor([[1.0, 2.0, 10.0, 12.0]], dtype=torch.float64, device=DEVICE)]
+    segops.convert_model(model, ops=("conv", "conv_transpose", "roi_align"))
+    want = model(x, boxes)
+    for layer in (model, model.unet.up, model.pool, model.single):
+        with pytest.raises(TypeError, match=r"cannot compile segops' \w+ .*revert_model\(model, "
+                                            r"inplace=False\)\.model.*torch\.export"):
+            torch.jit.script(layer)
+    scripted = torch.jit.script(segops.revert_model(model, inplace=False).model)
+    assert type(model.unet.up) is ConvTranspose2d and type(model.single) is RoIAlign
+    assert scripted.unet.up.original_name == "ConvTranspose2d"
+    assert scripted.pool.original_name == "MultiScaleRoIAlign"
+    for got, expected in zip(scripted(x, boxes), want):
+        assert_close(got, expected, F64)
+
+
 def test_unknown_ops_and_unrevertible_layers():
     with pytest.raises(ValueError, match="unknown ops"):
         segops.convert_model(nn.Conv2d(1, 1, 1), ops=("attention",))

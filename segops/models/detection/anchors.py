@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ...nn._share import refuse_script
 from .transform import ImageList
 
 
@@ -41,6 +42,8 @@ class AnchorGenerator(nn.Module):
     tensor per image, in the feature maps' dtype (float32 for fp16/bf16
     features: see :func:`box_dtype`).
     """
+
+    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)):
         super().__init__()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nn._share import refuse_script
 from ...ops import batched_nms_per_image, box_iou, mask_targets
 from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
@@ -62,6 +63,8 @@ class RoIHeads(nn.Module):
     4)``, labels ``(K,)``, scores ``(K,)``, masks ``(K, 1, 28, 28)``}
     in eval, loss dict in training).
     """
+
+    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
                  fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nn._share import refuse_script
 from ...ops import batched_nms_per_image, box_iou
 from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from .anchors import AnchorGenerator
@@ -74,6 +75,8 @@ class RegionProposalNetwork(nn.Module):
     forward(images: ImageList, features: OrderedDict of ``(N, C, H_l, W_l)``,
     targets) -> (list of N ``(L_i, 4)`` proposals, loss dict).
     """
+
+    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module,
                  fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,

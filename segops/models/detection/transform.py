@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nn._share import refuse_script
 from ...ops import paste_masks
 
 
@@ -77,6 +78,8 @@ class GeneralizedRCNNTransform(nn.Module):
     forward(images: list of ``(3, H_i, W_i)``, targets) -> (ImageList,
     targets with resized boxes and masks). postprocess maps detections back.
     """
+
+    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def __init__(self, min_size, max_size: int, image_mean: list[float],
                  image_std: list[float], size_divisible: int = 32,
