@@ -116,6 +116,17 @@ def _(grad_intersection, grad_pred_sum, input, target, activation, ignore_index,
     return torch.empty_like(input)
 
 
+def _composite_input_grad(forward, input: Tensor, grad: Tensor) -> Tensor:
+    """The input gradient of ``forward(input)`` as a differentiable function
+    of ``input`` and ``grad``, for a double backward: autograd over the
+    pure-PyTorch reference, whose backward the kernels' reproduce (written
+    out as autograd computes it). Runs only under ``create_graph=True`` (grad
+    mode is on inside a backward only then): the backward custom ops have no
+    derivative of their own, and torch would raise."""
+    (grad_input,) = torch.autograd.grad(forward(input), input, grad, create_graph=True)
+    return grad_input
+
+
 def _overlap_sums_setup_context(ctx, inputs, output):
     input, target, *options = inputs
     ctx.save_for_backward(input, target)
@@ -127,8 +138,12 @@ def _overlap_sums_grad(ctx, grad):
         return None, None, None, None, None, None
     input, target = ctx.saved_tensors
     grad = grad.to(_sums_dtype(input))
-    grad_input = _overlap_sums_backward(
-        grad[0].contiguous(), grad[1].contiguous(), input, target, *ctx.options)
+    if torch.is_grad_enabled():
+        grad_input = _composite_input_grad(
+            lambda x: reference.overlap_sums(x, target, *ctx.options), input, grad)
+    else:
+        grad_input = _overlap_sums_backward(
+            grad[0].contiguous(), grad[1].contiguous(), input, target, *ctx.options)
     return grad_input, None, None, None, None, None
 
 
@@ -210,7 +225,13 @@ def _fused_loss_grad(ctx, grad, grad_sums):
     if grad is None or not ctx.needs_input_grad[0]:
         return (None, *none)
     input, target, sums, counts, weights = ctx.saved_tensors
-    grad_input = _fused_loss_backward(grad.to(sums.dtype).contiguous(), sums, input, target,
+    grad = grad.to(sums.dtype)
+    if torch.is_grad_enabled():
+        def loss(x):
+            x_sums = reference.overlap_sums(x, target, *ctx.sums_options)
+            return reference.reduced_loss(x_sums, counts, weights, *ctx.loss_options)
+        return (_composite_input_grad(loss, input, grad), *none)
+    grad_input = _fused_loss_backward(grad.contiguous(), sums, input, target,
                                       *ctx.sums_options, counts, weights, *ctx.loss_options)
     return (grad_input, *none)
 

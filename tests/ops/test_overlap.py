@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, DispatchCalls, LaunchRecorder,
-                     assert_close, assert_device_assert_in_child, deterministic, like_layout)
+                     assert_close, assert_device_assert_in_child, deterministic, like_layout,
+                     second_order_grads)
 
 import segops
 from segops import _dispatch
@@ -446,6 +447,57 @@ def test_loss_matches_smp_formula(kind, mode, C, options):
     want.backward()
     assert_close(loss, want, TOL, name="loss")
     assert_close(xd.grad, x64.grad, TOL, name="grad")
+
+
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+@pytest.mark.parametrize("mode,C,options", [LOSS_CASES[i] for i in (1, 2, 5, 8, 9)])
+def test_loss_double_backward_matches_smp_formula(kind, mode, C, options):
+    """create_graph=True through the loss (MAML, input-gradient penalties):
+    the second-order gradients (input, and the incoming gradient as a leaf
+    and as a constant) of <input gradient, probe>, against smp's formula
+    under autograd. The first-order gradient is the same function there
+    (autograd over the reference) as without create_graph (the kernels)."""
+    options = dict(options)
+    dtype = KERNEL_DTYPES[0]
+    x, t = loss_inputs(mode, C, options, dtype)
+    fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
+    probe = torch.randn(x.shape, dtype=torch.float64)
+    dy = torch.tensor(0.75, dtype=torch.float64)
+    xd = x.clone().to(DEVICE).requires_grad_()
+    (plain,) = torch.autograd.grad(fn(xd, t.to(DEVICE), mode, **options), xd, dy.to(DEVICE))
+    for dy_is_leaf in (True, False):
+        got = second_order_grads(lambda v: fn(v, t.to(DEVICE), mode, **options), [x.to(DEVICE)],
+                                 dy.to(DEVICE, dtype), [probe.to(DEVICE, dtype)], dy_is_leaf)
+        want = second_order_grads(lambda v: ref.smp_overlap_loss(kind, v, t, mode, **options),
+                                  [x.double()], dy, [probe], dy_is_leaf)
+        assert_close(got[0][0], plain, TOL, name="first order, create_graph vs kernels")
+        for name, g, w in zip(("first order", "input", "dy"), (*got[0], *got[1]),
+                              (*want[0], *want[1])):
+            assert_close(g, w, TOL, name=f"{name}, dy leaf {dy_is_leaf}")
+
+
+@pytest.mark.parametrize("options", [dict(activation="softmax", ignore_index=2),
+                                     dict(activation="sigmoid", squared=True),
+                                     dict(activation="none", intersection="min")])
+def test_sums_double_backward_matches_reference(options):
+    """overlap_sums under create_graph=True: second-order gradients against
+    autograd over the reference sums."""
+    x, t = make_case(2, 4, (3, 5), False, options["activation"], options.get("ignore_index"),
+                     dtype=KERNEL_DTYPES[0])
+    if options["activation"] == "none":
+        t = torch.rand(x.shape, dtype=x.dtype)   # dense soft labels: min() has both sides
+    grad = torch.randn(3, 2, 4, dtype=torch.float64)
+    probe = torch.randn(x.shape, dtype=torch.float64)
+    sums_options = (options["activation"], options.get("ignore_index"),
+                    options.get("squared", False), options.get("intersection") == "min")
+    got = second_order_grads(lambda v: ops.overlap_sums(v, t.to(DEVICE), **options),
+                             [x.to(DEVICE)], grad.to(DEVICE, kernels.sums_dtype(x)),
+                             [probe.to(DEVICE, x.dtype)])
+    want = second_order_grads(lambda v: ref.overlap_sums(v, t.double(), *sums_options),
+                              [x.double()], grad, [probe])
+    for name, g, w in zip(("first order", "input", "grad"), (*got[0], *got[1]),
+                          (*want[0], *want[1])):
+        assert_close(g, w, TOL, name=name)
 
 
 @pytest.mark.parametrize("kind", ["dice", "jaccard"])
