@@ -249,6 +249,23 @@ def second_order_grads(fn, tensors, grad_out, probes, dy_is_leaf=True):
     return first, second
 
 
+def assert_second_order_close(fn, want_fn, tensors, grad_out, probes, rtol, names):
+    """second_order_grads of ``fn`` (on DEVICE) and ``want_fn`` (on the CPU,
+    float64) agree, with grad_out a leaf and a constant; ``names`` name the
+    tensors. Returns the last (first, second) of ``fn``."""
+    for dy_is_leaf in (True, False):
+        got = second_order_grads(fn, [None if t is None else t.to(DEVICE) for t in tensors],
+                                 grad_out.to(DEVICE), [p.to(DEVICE) for p in probes],
+                                 dy_is_leaf)
+        want = second_order_grads(want_fn, tensors, grad_out, probes, dy_is_leaf)
+        assert len(got[1]) == len(want[1]) == len(probes) + dy_is_leaf
+        for order, order_names in ((0, names), (1, (*names, "grad_out"))):
+            for name, g, e in zip(order_names, got[order], want[order]):
+                assert_close(g, e, rtol, name=f"order {order + 1}, {name}, "
+                                              f"grad_out leaf {dy_is_leaf}")
+    return got
+
+
 def assert_device_assert_in_child(prelude: str, unchecked: str, checked: str) -> None:
     """Runs ``prelude``, ``unchecked`` (which must pass) and ``checked``
     (which must trip a CUDA device-side assert) in a child process: a failed

@@ -110,9 +110,11 @@ def _(grad, input, weight_shape, stride, padding, dilation, groups):
 #   grad_input(dy, w)  -> d/d dy: conv(g, w);        d/d w: grad_weight(dy, g)
 #   grad_weight(dy, x) -> d/d dy: conv(x, g);        d/d x: grad_input(dy, g)
 # where g is the incoming gradient (x-shaped, resp. w-shaped).
-def _grad_input_setup_context(ctx, inputs, output):
-    grad, weight, input_hw, stride, padding, dilation, groups, channels_last = inputs
-    ctx.save_for_backward(grad, weight)
+def _save_operands_and_geometry(ctx, inputs, output):
+    """Both gradient ops take (dy, an operand, a shape, stride, padding,
+    dilation, groups, ...)."""
+    ctx.save_for_backward(inputs[0], inputs[1])
+    stride, padding, dilation, groups = inputs[3:7]
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
 
 
@@ -126,13 +128,7 @@ def _grad_input_grad(ctx, g):
     return dgrad, dweight, None, None, None, None, None, None
 
 
-_conv2d_grad_input.register_autograd(_grad_input_grad, setup_context=_grad_input_setup_context)
-
-
-def _grad_weight_setup_context(ctx, inputs, output):
-    grad, input, weight_shape, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(grad, input)
-    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+_conv2d_grad_input.register_autograd(_grad_input_grad, setup_context=_save_operands_and_geometry)
 
 
 def _grad_weight_grad(ctx, g):
@@ -149,7 +145,8 @@ def _grad_weight_grad(ctx, g):
     return dgrad, dinput, None, None, None, None, None
 
 
-_conv2d_grad_weight.register_autograd(_grad_weight_grad, setup_context=_grad_weight_setup_context)
+_conv2d_grad_weight.register_autograd(_grad_weight_grad,
+                                      setup_context=_save_operands_and_geometry)
 
 
 def gemm_operand_once(grad: Tensor, channels_per_group: int) -> Tensor:
