@@ -75,7 +75,6 @@ slicing) and torchvision's own ``roi_align`` on the float masks for
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -128,7 +127,6 @@ def _(gt_masks, rois, matched_idxs, M):
     return rois.new_empty((rois.shape[0], M, M), dtype=reference.box_dtype(rois.dtype))
 
 
-@functools.lru_cache(maxsize=None)
 def _native_mask_targets(gt_masks, rois, matched_idxs, M, out_dtype):
     """torchvision's project_masks_on_boxes through segops.ops.roi_align's
     native path, which pools only the RoIs torchvision defines (finite,

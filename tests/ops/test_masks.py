@@ -447,6 +447,25 @@ def test_mask_targets_cpu_paths(path):
 
 
 @pytest.mark.parametrize("path", ["kernel", "native", "reference"])
+def test_mask_targets_follow_inputs_changed_in_place(path):
+    """A second call on the same tensors, changed in place (a training
+    loop's reused buffers), gives torchvision's answer for the new values
+    (the native path once cached its result by tensor identity)."""
+    device = device_for(path)
+    masks, rois = gt_masks(3).to(device), mask_rois().to(device)
+    idx = torch.tensor([0, 2, 1, 2, 0, 1, 2, 1], device=device)
+    with on_path(path):
+        first = mask_targets(masks, rois, idx, 5)
+        masks.copy_(1 - masks)
+        rois[:, 2:] += 3.0
+        idx.copy_(idx.flip(0))
+        second = mask_targets(masks, rois, idx, 5)
+    want = project_masks_on_boxes(masks.cpu(), rois.cpu(), idx.cpu(), 5)
+    assert not torch.equal(first.cpu(), want)
+    assert_close(second, want, F32)
+
+
+@pytest.mark.parametrize("path", ["kernel", "native", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_mask_targets_sample_count_past_int32_gives_zeros(path, dtype):
     """A finite RoI 1e30 wide has an adaptive sample count past int32, where
