@@ -46,7 +46,8 @@ def conv_transpose2d_to_size(input: Tensor, weight: Tensor, bias: Tensor | None,
     it as one node: the size arithmetic cannot be traced."""
     spatial = 2
     leading = input.dim() - spatial
-    output_size = list(output_size)
+    # sizes as nn.ConvTranspose2d takes them: ints, 0-dim tensors, a 1-D tensor
+    output_size = [int(size) if isinstance(size, Tensor) else size for size in output_size]
     if len(output_size) == leading + spatial:
         output_size = output_size[leading:]
     if len(output_size) != spatial:

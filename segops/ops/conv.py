@@ -122,7 +122,11 @@ def _grad_input_grad(ctx, g):
     grad, weight = ctx.saved_tensors
     dgrad = dweight = None
     if ctx.needs_input_grad[0]:
-        dgrad = _conv2d(g, weight, None, *ctx.geometry, False)
+        # cropped to dy: in a transposed conv's third derivative, dy is the
+        # transposed conv's input, smaller than this conv's output when
+        # output_padding leaves rows and columns no input reaches
+        dgrad = _conv2d(g, weight, None, *ctx.geometry, False)[..., :grad.shape[-2],
+                                                               :grad.shape[-1]]
     if ctx.needs_input_grad[1]:
         dweight = _conv2d_grad_weight(grad, g, list(weight.shape), *ctx.geometry)
     return dgrad, dweight, None, None, None, None, None, None
@@ -135,10 +139,10 @@ def _grad_weight_grad(ctx, g):
     grad, input = ctx.saved_tensors
     dgrad = dinput = None
     if ctx.needs_input_grad[0]:
-        dgrad = _conv2d(input, g, None, *ctx.geometry, False)
-        # a transposed conv's output_padding can leave input rows/columns
-        # that reach no output pixel: the conv gives extra output there
-        dgrad = dgrad[..., :grad.shape[-2], :grad.shape[-1]]
+        # cropped to dy: a transposed conv's output_padding can leave rows
+        # and columns that reach no input, where this conv gives extra output
+        dgrad = _conv2d(input, g, None, *ctx.geometry, False)[..., :grad.shape[-2],
+                                                              :grad.shape[-1]]
     if ctx.needs_input_grad[1]:
         dinput = _conv2d_grad_input(grad, g, list(input.shape[-2:]), *ctx.geometry,
                                     is_channels_last(input))

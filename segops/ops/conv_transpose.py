@@ -78,8 +78,8 @@ def _grad(ctx, grad):
         # rows that no input pixel reaches: the convolution then returns
         # extra rows, dropped here
         grad_input = grad_input[..., :input.shape[-2], :input.shape[-1]]
-        if is_channels_last(input) != is_channels_last(grad_input):
-            grad_input = grad_input.contiguous(memory_format=memory_format_of(input))
+        # dense in the input's layout (a crop is neither layout: a copy)
+        grad_input = grad_input.contiguous(memory_format=memory_format_of(input))
     if ctx.needs_input_grad[1]:
         # the convolution's weight gradient: the transposed conv's input plays
         # the output gradient, its output gradient plays the input

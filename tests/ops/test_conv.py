@@ -662,7 +662,6 @@ def test_double_backward_matches_f_conv2d(name, layout, activation):
         lambda *t: segops.ops.atrous_conv2d(*t, activation=activation, **args),
         lambda *t: relu(F.conv2d(*t, **args)), (x, w, b), dy, probes, F64,
         ("input", "weight", "bias"))
-    assert got[1][2].abs().sum() == 0   # the bias gradient is constant in the bias
     assert got[1][0].is_contiguous(memory_format=memory_format_of(x))
 
 

@@ -349,6 +349,8 @@ def test_output_size_argument():
         assert str(ours_error.value) == str(torch_error.value)
     with pytest.raises(ValueError, match=r"valid sizes range from \[7, 10\] to \[9, 12\]"):
         ours(x, output_size=[6, 10])
+    for sizes in (torch.tensor([8, 11]), [torch.tensor(8), torch.tensor(11)]):
+        assert_close(ours(x, output_size=sizes), plain(x, output_size=sizes), F64)
 
 
 def test_module_loads_state_dict_and_shares_parameters():
@@ -434,6 +436,74 @@ def test_double_backward_matches_f_conv_transpose2d(layout, options):
     assert_second_order_close(lambda *t: segops.ops.conv_transpose2d(*t, **options),
                               lambda *t: F.conv_transpose2d(*t, **options), (x, w, b), dy,
                               probes, F64, ("input", "weight", "bias"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_input_gradient_is_dense_in_the_input_layout(layout):
+    """output_padding >= stride: the convolution giving the input gradient
+    has extra rows and columns, cropped; the gradient is still dense in the
+    input's memory format (it was a strided slice of neither)."""
+    x = like_layout(torch.randn(1, 4, 3, 3, dtype=torch.float64), layout).to(DEVICE)
+    w = torch.randn(4, 4, 2, 3, dtype=torch.float64, device=DEVICE)
+    options = dict(stride=(1, 1), output_padding=(1, 2), dilation=(2, 3))
+    leaf = x.detach().requires_grad_()
+    out = segops.ops.conv_transpose2d(leaf, w, **options)
+    (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert grad.is_contiguous(memory_format=fmt)
+    plain = x.detach().cpu().requires_grad_()
+    (want,) = torch.autograd.grad(F.conv_transpose2d(plain, w.cpu(), **options).sum(), plain)
+    assert_close(grad, want, F64)
+
+
+def _plain_conv_transpose2d(x, w, stride, padding, output_padding, dilation):
+    """F.conv_transpose2d (groups 1) from differentiable aten ops: each tap's
+    product scattered at stride into the (output-padded) map, then cropped.
+    Unlike F.conv_transpose2d it can be differentiated a third time with
+    output_padding (ATen's double backward there is a convolution, which has
+    no output_padding)."""
+    N, _, H, W = x.shape
+    (sh, sw), (ph, pw), (oh, ow), (dh, dw) = stride, padding, output_padding, dilation
+    KH, KW = w.shape[-2:]
+    full_h, full_w = (H - 1) * sh + dh * (KH - 1) + 1 + oh, (W - 1) * sw + dw * (KW - 1) + 1 + ow
+    out = x.new_zeros(N, w.shape[1], full_h, full_w)
+    for r in range(KH):
+        for c in range(KW):
+            tap = torch.einsum("nihw,io->nohw", x, w[:, :, r, c])
+            spread = x.new_zeros(N, w.shape[1], (H - 1) * sh + 1, (W - 1) * sw + 1)
+            spread[..., ::sh, ::sw] = tap
+            out = out + F.pad(spread, (c * dw, full_w - c * dw - spread.shape[-1],
+                                       r * dh, full_h - r * dh - spread.shape[-2]))
+    return out[..., ph:full_h - ph, pw:full_w - pw]
+
+
+@pytest.mark.parametrize("options", [
+    dict(stride=(1, 1), padding=(0, 0), output_padding=(1, 2), dilation=(2, 3)),
+    dict(stride=(2, 2), padding=(1, 1), output_padding=(1, 1), dilation=(1, 1)),
+], ids=["output-padding-past-stride", "fcn"])
+def test_third_order_gradients(options):
+    """A third derivative (the gradient of a penalty on a penalty's
+    gradients), where the output gradient's crop matters in both gradient
+    ops, against the plain-op transposed conv."""
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    w = torch.randn(2, 2, 2, 3, dtype=torch.float64)
+    dy = torch.randn(_plain_conv_transpose2d(x, w, **options).shape, dtype=torch.float64)
+    probes = [torch.randn_like(t) for t in (x, w, x, w, dy)]
+
+    def third(fn, device):
+        leaves = [t.to(device).requires_grad_() for t in (x, w)]
+        grad_out = dy.to(device).requires_grad_()
+        first = torch.autograd.grad(fn(*leaves), leaves, grad_out, create_graph=True)
+        penalty = sum((g * p.to(device)).sum() for g, p in zip(first, probes))
+        second = torch.autograd.grad(penalty, [*leaves, grad_out], create_graph=True)
+        penalty = sum((g * p.to(device)).sum() for g, p in zip(second, probes[2:]))
+        return torch.autograd.grad(penalty, [*leaves, grad_out], allow_unused=True,
+                                   materialize_grads=True)
+
+    got = third(lambda *t: segops.ops.conv_transpose2d(*t, **options), DEVICE)
+    want = third(lambda *t: _plain_conv_transpose2d(*t, **options), "cpu")
+    for name, g, e in zip(("input", "weight", "grad_out"), got, want):
+        assert_close(g, e, F64, name=name)
 
 
 def test_opcheck():
