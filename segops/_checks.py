@@ -40,6 +40,20 @@ def refuse_forward_ad(op: str) -> None:
             "hessian): use backward() or torch.autograd.grad, or revert_model")
 
 
+def refuse_script(what: str) -> None:
+    """Raise the error of torch.jit.script meeting ``what``: TorchScript
+    cannot compile segops' ops (Python argument checks around torch.library
+    custom ops). Each public op function has this as its
+    ``__prepare_scriptable__`` (TorchScript calls it when it compiles a call
+    to the function, so a segops layer a scripted model holds but never calls
+    is no error), and so do the detection modules."""
+    raise ArgumentTypeError(
+        f"torch.jit.script cannot compile {what} (segops' ops are Python). A model converted "
+        "with segops.convert_model: script segops.revert_model(model, inplace=False).model, "
+        "an independent copy on ATen's / torchvision's ops (script it again after further "
+        "training). Any model: torch.compile or torch.export, which keep segops' kernels")
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums of ``dtype`` values accumulate in: float64 for float64,
     float32 for everything else (fp16/bf16 never accumulate in themselves)."""

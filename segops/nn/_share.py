@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import _checks
+
 
 def retype(module: nn.Module, cls: type) -> nn.Module:
     """``module`` as an instance of ``cls``, sharing its parameters, buffers,
@@ -17,17 +19,11 @@ def retype(module: nn.Module, cls: type) -> nn.Module:
 
 
 
+
 def refuse_script(module: nn.Module):
-    """The layers' ``__prepare_scriptable__`` (torch.jit.script calls it on
-    each submodule first): TorchScript cannot compile segops' ops (Python
-    argument checks around torch.library custom ops). Returning the torch
-    twin here would work, but torch then sets it into the parent module, so
-    scripting would silently revert the caller's model: the error names the
-    explicit way instead."""
-    from .._checks import ArgumentTypeError
-    raise ArgumentTypeError(
-        f"torch.jit.script cannot compile segops' {type(module).__name__} (its ops are Python). "
-        "A model converted with segops.convert_model: script "
-        "segops.revert_model(model, inplace=False).model, the same function on ATen's / "
-        "torchvision's ops with the parameters shared. Any model: torch.compile or "
-        "torch.export, which keep segops' kernels")
+    """The detection modules' ``__prepare_scriptable__`` (torch.jit.script
+    calls it on every submodule first): their forwards call segops' ops
+    among much else TorchScript cannot compile. Returning the torchvision
+    twin here would work, but torch sets it into the parent module, so
+    scripting would silently revert the caller's model."""
+    _checks.refuse_script(f"segops' {type(module).__name__}")

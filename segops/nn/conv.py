@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.conv import atrous_conv2d
-from ._share import refuse_script, retype
+from ._share import retype
 
 torch.fx.wrap("atrous_conv2d")  # a graph leaf for torch.fx.symbolic_trace
 
@@ -42,8 +42,6 @@ class AtrousConv2d(nn.Conv2d):
             padding = self.padding
         return atrous_conv2d(input, weight, bias, self.stride, padding, self.dilation,
                              self.groups, activation=self.activation)
-
-    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -1,12 +1,15 @@
 """ConvTranspose2d: an nn.ConvTranspose2d whose forward runs segops' kernels."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
+from .._checks import refuse_script
 from .._geometry import conv_transpose_output_size
 from ..ops.conv_transpose import conv_transpose2d
-from ._share import refuse_script, retype
+from ._share import retype
 
 torch.fx.wrap("conv_transpose2d")  # a graph leaf for torch.fx.symbolic_trace
 
@@ -24,8 +27,6 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     def from_conv_transpose(cls, conv: nn.ConvTranspose2d) -> "ConvTranspose2d":
         """A ConvTranspose2d sharing ``conv``'s parameters (not a copy)."""
         return retype(conv, cls)
-
-    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if self.padding_mode != "zeros":
@@ -66,3 +67,5 @@ def conv_transpose2d_to_size(input: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 torch.fx.wrap("conv_transpose2d_to_size")
+conv_transpose2d_to_size.__prepare_scriptable__ = functools.partial(
+    refuse_script, "segops.nn.conv_transpose.conv_transpose2d_to_size")

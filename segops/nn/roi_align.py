@@ -2,14 +2,14 @@
 torchvision.ops.MultiScaleRoIAlign (same constructors, same forward)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import ArgumentError
+from .._checks import ArgumentError, refuse_script
 from ..ops.roi_align import multi_scale_roi_align, roi_align
-from ._share import refuse_script
 
 # graph leaves for torch.fx.symbolic_trace (as torchvision's ops)
 torch.fx.wrap("roi_align")
@@ -32,8 +32,6 @@ class RoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.pool_mode = pool_mode
-
-    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def forward(self, input: Tensor, rois) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale,
@@ -67,6 +65,12 @@ def _filter_features(x: dict[str, Tensor], featmap_names: list[str]) -> list[Ten
     """The maps of ``x`` named in ``featmap_names``, in ``x``'s order (a
     torch.fx leaf: a traced ``x`` is one Proxy)."""
     return [v for k, v in x.items() if k in featmap_names]
+
+
+# torch.jit.script compiles this first in MultiScaleRoIAlign.forward (and
+# could not: comprehension ifs): the clear error of segops' ops instead
+_filter_features.__prepare_scriptable__ = functools.partial(refuse_script,
+                                                            "segops.nn.MultiScaleRoIAlign")
 
 
 @torch.fx.wrap
@@ -105,8 +109,6 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = aligned
         self.pool_mode = pool_mode
         self.scales: list[float] | None = None
-
-    __prepare_scriptable__ = refuse_script   # a clear error from torch.jit.script
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:

@@ -50,3 +50,13 @@ from torch import fx as _fx  # noqa: E402
 for _name in __all__:
     _fx.wrap(_name)
 del _name
+
+# torch.jit.script: a clear error where a scripted forward calls an op
+import functools as _functools  # noqa: E402
+
+from .._checks import refuse_script as _refuse_script  # noqa: E402
+
+for _name in __all__:
+    globals()[_name].__prepare_scriptable__ = _functools.partial(_refuse_script,
+                                                                 f"segops.ops.{_name}")
+del _name

@@ -163,10 +163,11 @@ def test_roi_align_twins_keep_hooks_and_training_flag():
 
 
 def test_torch_jit_script_names_the_way_to_script():
-    """torch.jit.script cannot compile segops' layers: a clear error naming
-    the recipe, which scripts (the torch / torchvision twins of a reverted
-    copy, parameters shared) with the converted model's outputs, and leaves
-    the converted model as it was."""
+    """torch.jit.script cannot compile segops' ops: a clear error where a
+    scripted forward calls one, naming the recipe, which scripts (the torch /
+    torchvision twins of a reverted copy) with the converted model's outputs
+    and leaves the converted model as it was. A segops layer the scripted
+    code never calls (an ignored attribute) is no error."""
     tv_ops = pytest.importorskip("torchvision.ops")
 
     class Model(nn.Module):
@@ -185,9 +186,11 @@ def test_torch_jit_script_names_the_way_to_script():
     boxes = [torch.tensor([[1.0, 2.0, 10.0, 12.0]], dtype=torch.float64, device=DEVICE)]
     segops.convert_model(model, ops=("conv", "conv_transpose", "roi_align"))
     want = model(x, boxes)
-    for layer in (model, model.unet.up, model.pool, model.single):
-        with pytest.raises(TypeError, match=r"cannot compile segops' \w+ .*revert_model\(model, "
-                                            r"inplace=False\)\.model.*torch\.export"):
+    for layer, op in ((model, r"ops\.atrous_conv2d"), (model.unet.up, r"ops\.conv_transpose2d"),
+                      (model.pool, r"nn\.MultiScaleRoIAlign"), (model.single, r"ops\.roi_align")):
+        with pytest.raises(TypeError, match=rf"cannot compile segops\.{op} .*"
+                                            r"revert_model\(model, inplace=False\)\.model.*"
+                                            r"torch\.export"):
             torch.jit.script(layer)
     scripted = torch.jit.script(segops.revert_model(model, inplace=False).model)
     assert type(model.unet.up) is ConvTranspose2d and type(model.single) is RoIAlign
@@ -195,6 +198,23 @@ def test_torch_jit_script_names_the_way_to_script():
     assert scripted.pool.original_name == "MultiScaleRoIAlign"
     for got, expected in zip(scripted(x, boxes), want):
         assert_close(got, expected, F64)
+
+    class Holder(nn.Module):
+        __jit_ignored_attributes__ = ["unused"]
+
+        def __init__(self):
+            super().__init__()
+            self.unused = AtrousConv2d(2, 2, 3, padding=2, dilation=2)
+            self.plain = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.plain(x)
+
+    holder = Holder().double().to(DEVICE)
+    y = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE)
+    assert_close(torch.jit.script(holder)(y), holder(y), F64)
+    with pytest.raises(TypeError, match=r"segops\.nn\.conv_transpose\.conv_transpose2d_to_size"):
+        torch.jit.script(segops.nn.conv_transpose.conv_transpose2d_to_size)
 
 
 def test_unknown_ops_and_unrevertible_layers():

@@ -481,7 +481,9 @@ def test_loss_double_backward_matches_smp_formula(kind, mode, C, options):
                                      dict(activation="none", intersection="min")])
 def test_sums_double_backward_matches_reference(options):
     """overlap_sums under create_graph=True: second-order gradients against
-    autograd over the reference sums."""
+    autograd over the reference sums (what the op then computes: this
+    checks the options reach it), and the create_graph first-order gradient
+    against the kernels' (without create_graph)."""
     x, t = make_case(2, 4, (3, 5), False, options["activation"], options.get("ignore_index"),
                      dtype=KERNEL_DTYPES[0])
     if options["activation"] == "none":
@@ -495,6 +497,10 @@ def test_sums_double_backward_matches_reference(options):
                              [probe.to(DEVICE, x.dtype)])
     want = second_order_grads(lambda v: ref.overlap_sums(v, t.double(), *sums_options),
                               [x.double()], grad, [probe])
+    xd = x.clone().to(DEVICE).requires_grad_()
+    (plain,) = torch.autograd.grad(ops.overlap_sums(xd, t.to(DEVICE), **options), xd,
+                                   grad.to(DEVICE, kernels.sums_dtype(x)))
+    assert_close(got[0][0], plain, TOL, name="first order, create_graph vs kernels")
     for name, g, w in zip(("first order", "input", "grad"), (*got[0], *got[1]),
                           (*want[0], *want[1])):
         assert_close(g, w, TOL, name=name)
