@@ -404,6 +404,17 @@ def test_clip_matches_torchvision(path, dtype):
     assert_close(got, want, 0.0)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="Triton's interpreter casts float32 to bfloat16 "
+                    "toward zero, not to nearest even (258 for 259): the GPU's rounding")
+def test_clip_bf16_bound_rounds_to_nearest_even():
+    """A bound bfloat16 cannot hold (259: between 258 and 260) is rounded
+    as torch rounds it, to nearest even, on the GPU kernels."""
+    x = (torch.rand(64, 4, dtype=torch.float64) * 700 - 50).to(torch.bfloat16)
+    for size in ((259, 259), (333, 517), (31, 47)):
+        want = tv_ops.clip_boxes_to_image(x, size)
+        assert torch.equal(boxes_ops.clip_boxes_to_image(x.to(DEVICE), size).cpu(), want)
+
+
 def box_coder(weights, clip=boxes_ops.DEFAULT_BBOX_XFORM_CLIP):
     from torchvision.models.detection._utils import BoxCoder
     return BoxCoder(weights, clip)

@@ -182,6 +182,22 @@ def test_paste_threshold(dtype, threshold):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="Triton's interpreter casts float32 to "
+                    "bfloat16 toward zero, not to nearest even: the GPU's rounding")
+def test_paste_bf16_values_round_to_nearest_even():
+    """bfloat16 masks whose pasted values fall halfway between two bfloat16
+    numbers (0.5 and 0.5078125 blended 3:1 and 1:1): torch's round to
+    nearest even, values and threshold, exactly."""
+    masks = torch.full((1, 1, 2, 2), 0.5, dtype=torch.bfloat16)
+    masks[0, 0, 0, 0] = 0.5078125
+    boxes = torch.tensor([[0.0, 0.0, 7.0, 7.0]])
+    want = paste_masks_in_image(masks, boxes, (8, 8), padding=0)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (8, 8), padding=0)
+    assert torch.equal(got.cpu(), want)
+    above = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (8, 8), padding=0, threshold=0.5)
+    assert torch.equal(above.cpu(), want > 0.5)
+
+
 def test_paste_threshold_is_exact_in_float64():
     """A float64 threshold is not rounded to float32: values 1e-12 above 0.3
     are above it (they are below float32's 0.3, 0.30000001)."""
