@@ -118,6 +118,12 @@ def _save_operands_and_geometry(ctx, inputs, output):
     ctx.geometry = (list(stride), list(padding), list(dilation), groups)
 
 
+def _dense_like(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` cropped to ``like``'s height and width, dense in its layout."""
+    out = out[..., :like.shape[-2], :like.shape[-1]]
+    return out.contiguous(memory_format=memory_format_of(like))
+
+
 def _grad_input_grad(ctx, g):
     grad, weight = ctx.saved_tensors
     dgrad = dweight = None
@@ -125,8 +131,7 @@ def _grad_input_grad(ctx, g):
         # cropped to dy: in a transposed conv's third derivative, dy is the
         # transposed conv's input, smaller than this conv's output when
         # output_padding leaves rows and columns no input reaches
-        dgrad = _conv2d(g, weight, None, *ctx.geometry, False)[..., :grad.shape[-2],
-                                                               :grad.shape[-1]]
+        dgrad = _dense_like(_conv2d(g, weight, None, *ctx.geometry, False), grad)
     if ctx.needs_input_grad[1]:
         dweight = _conv2d_grad_weight(grad, g, list(weight.shape), *ctx.geometry)
     return dgrad, dweight, None, None, None, None, None, None
@@ -141,8 +146,7 @@ def _grad_weight_grad(ctx, g):
     if ctx.needs_input_grad[0]:
         # cropped to dy: a transposed conv's output_padding can leave rows
         # and columns that reach no input, where this conv gives extra output
-        dgrad = _conv2d(input, g, None, *ctx.geometry, False)[..., :grad.shape[-2],
-                                                              :grad.shape[-1]]
+        dgrad = _dense_like(_conv2d(input, g, None, *ctx.geometry, False), grad)
     if ctx.needs_input_grad[1]:
         dinput = _conv2d_grad_input(grad, g, list(input.shape[-2:]), *ctx.geometry,
                                     is_channels_last(input))

@@ -433,9 +433,11 @@ def test_double_backward_matches_f_conv_transpose2d(layout, options):
     b = torch.randn(4, dtype=torch.float64)
     dy = torch.randn(F.conv_transpose2d(x, w, **options).shape, dtype=torch.float64)
     probes = [torch.randn_like(t) for t in (x, w, b)]
-    assert_second_order_close(lambda *t: segops.ops.conv_transpose2d(*t, **options),
-                              lambda *t: F.conv_transpose2d(*t, **options), (x, w, b), dy,
-                              probes, F64, ("input", "weight", "bias"))
+    got = assert_second_order_close(lambda *t: segops.ops.conv_transpose2d(*t, **options),
+                                    lambda *t: F.conv_transpose2d(*t, **options), (x, w, b),
+                                    dy, probes, F64, ("input", "weight", "bias"))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert got[1][0].is_contiguous(memory_format=fmt)   # the input's layout
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
