@@ -1001,7 +1001,7 @@ def _confusion_score_kernel(
             total_num += num
             total_den += tl.where(keep, den, 0.0)
         else:
-            present = den > 0
+            present = (den > 0) | (den != den)   # NaN counts: NaN, not absent
             ratio = tl.where(present, num / den, ZERO_DIVISION)
             if AVERAGE == _PER_CLASS:
                 tl.store(out_ptr + offs_c, ratio, mask=cmask)
@@ -1010,12 +1010,12 @@ def _confusion_score_kernel(
                     weight = tl.where(present & keep, 1.0, 0.0)
                 else:
                     weight = tl.where(present, tp + fn, 0.0)
-                total_num += tl.where(weight > 0, ratio * weight, 0.0)
+                total_num += tl.where(weight != 0, ratio * weight, 0.0)
                 total_den += weight
     num = tl.sum(total_num, axis=0)
     den = tl.sum(total_den, axis=0)
     if AVERAGE == _MICRO:
-        tl.store(out_ptr, tl.where(den > 0, num / den, ZERO_DIVISION))
+        tl.store(out_ptr, tl.where((den > 0) | (den != den), num / den, ZERO_DIVISION))
     elif AVERAGE != _PER_CLASS:
         tl.store(out_ptr, num / den)
 

@@ -226,7 +226,8 @@ def confusion_score(confusion: torch.Tensor, dice: bool, average: str,
     positive denominator), ``'weighted'`` (by target support tp + fn) or
     ``'none'`` ((C,)). A ratio whose denominator is not positive (a class
     absent from prediction and target; micro with nothing counted) is
-    ``zero_division``; macro and weighted with no class to average are NaN.
+    ``zero_division``; a NaN denominator (NaN counts) gives NaN, which the
+    averages carry; macro and weighted with no class to average are NaN.
     Class ``dropped`` (or None) is left out of ``'macro'`` and of the micro
     denominator. Differentiable for float matrices."""
     confusion = confusion.double()
@@ -239,7 +240,8 @@ def confusion_score(confusion: torch.Tensor, dice: bool, average: str,
         keep[dropped] = False
     if average == "micro":
         numerator, denominator = numerator.sum(), torch.where(keep, denominator, 0).sum()
-    present = denominator > 0
+    # NaN counts: the class is not absent, its ratio is NaN (as torchmetrics)
+    present = (denominator > 0) | denominator.isnan()
     # divided by the denominator where present (never clamped to 1: a
     # normalised matrix keeps its ratios), by 1 elsewhere so that the
     # gradient of the branch not taken stays finite
@@ -249,7 +251,7 @@ def confusion_score(confusion: torch.Tensor, dice: bool, average: str,
         return ratio
     weights = (present & keep).to(ratio.dtype) if average == "macro" else \
         torch.where(present, tp + fn, 0)
-    return torch.where(weights > 0, ratio * weights, 0).sum() / weights.sum()
+    return torch.where(weights != 0, ratio * weights, 0).sum() / weights.sum()
 
 
 # --------------------------------------------------------------------------

@@ -910,6 +910,31 @@ def test_normalised_confusion_keeps_its_ratios():
     assert_close(ops.iou_score(half, "none"), f64(2 / 3, 2 / 3), 1e-7)
 
 
+@pytest.mark.parametrize("zero_division", [0.0, 1.0])
+def test_nan_counts_give_nan_not_an_absent_class(zero_division):
+    """A row-normalised matrix with an empty row (0/0: NaN) and a NaN count:
+    torchmetrics' ratios (NaN where a denominator is NaN, the averages
+    NaN), not zero_division as for an absent class (micro scored 1.0 with
+    zero_division=1)."""
+    counts = torch.tensor([[5.0, 1, 0], [2, 3, 0], [0, 0, 0]], dtype=torch.float64)
+    normalised = counts / counts.sum(1, keepdim=True)
+    one_nan = counts.clone()
+    one_nan[1, 1] = NAN
+    for matrix in (normalised, one_nan):
+        for average in ("micro", "macro", "weighted"):
+            for score in (ops.iou_score, ops.dice_score):
+                got = score(matrix.to(DEVICE), average, zero_division=zero_division)
+                assert torch.isnan(got), (score.__name__, average, matrix)
+    per_class = ops.iou_score(one_nan.to(DEVICE), None, zero_division=zero_division).cpu()
+    assert torch.isnan(per_class[1]) and per_class[0] == 5 / 8 and per_class[2] == zero_division
+    tm = pytest.importorskip("torchmetrics.functional.classification.jaccard")
+    for average in ("micro", "macro", "weighted", "none"):
+        theirs = tm._jaccard_index_reduce(one_nan, average, None, zero_division)
+        ours = ops.iou_score(one_nan.to(DEVICE), None if average == "none" else average,
+                             zero_division=zero_division)
+        assert torch.equal(ours.cpu().isnan(), theirs.isnan()), average
+
+
 @pytest.mark.parametrize("matrix", [
     [[NAN, 1.0], [0.0, 2.0]],
     [[INF, 1.0], [0.0, 2.0]],
