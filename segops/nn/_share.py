@@ -18,8 +18,6 @@ def retype(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-
-
 def refuse_script(module: nn.Module):
     """The detection modules' ``__prepare_scriptable__`` (torch.jit.script
     calls it on every submodule first): their forwards call segops' ops

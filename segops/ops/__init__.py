@@ -44,19 +44,16 @@ __all__ = [
 
 # torch.fx.symbolic_trace keeps a call to segops.ops.<name>(...) as one graph node
 # (as torchvision's ops do): wrap registers each name in this module's globals,
-# which the tracer patches while it traces.
-from torch import fx as _fx  # noqa: E402
-
-for _name in __all__:
-    _fx.wrap(_name)
-del _name
-
-# torch.jit.script: a clear error where a scripted forward calls an op
+# which the tracer patches while it traces. torch.jit.script meets a clear
+# error where a scripted forward calls an op (its __prepare_scriptable__).
 import functools as _functools  # noqa: E402
+
+from torch import fx as _fx  # noqa: E402
 
 from .._checks import refuse_script as _refuse_script  # noqa: E402
 
 for _name in __all__:
+    _fx.wrap(_name)
     globals()[_name].__prepare_scriptable__ = _functools.partial(_refuse_script,
                                                                  f"segops.ops.{_name}")
 del _name
