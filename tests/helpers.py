@@ -232,31 +232,40 @@ def deterministic(enabled: bool = True):
     return _dispatch.deterministic_algorithms(enabled)
 
 
-def second_order_grads(fn, tensors, grad_out, probes, dy_is_leaf=True):
+def second_order_grads(fn, tensors, grad_out, probes, dy_is_leaf=True, view=None):
     """Double backward as a gradient penalty takes it: out = fn(*tensors);
     the first-order gradients of out against grad_out with create_graph=True;
     then the gradients of sum(<gradient, probe>) with respect to every
     tensor, and to grad_out when ``dy_is_leaf`` (else grad_out is a constant,
     as torch.ones_like(out) is in a penalty, and only the tensors' come
-    back). Returns (first, second). A None tensor (no bias) stays out of both."""
+    back). Returns (first, second). A None tensor (no bias) stays out of both.
+    ``view`` (e.g. a non-contiguous view) is applied to every tensor and to
+    grad_out on their way into fn and its backward; the gradients are still
+    those of the leaves."""
+    view = view or (lambda t: t)
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
     present = [t for t in leaves if t is not None]
     dy = grad_out.detach().clone().requires_grad_(dy_is_leaf)
-    first = torch.autograd.grad(fn(*leaves), present, dy, create_graph=True)
+    out = fn(*(None if t is None else view(t) for t in leaves))
+    first = torch.autograd.grad(out, present, view(dy), create_graph=True)
     penalty = sum((g * p).sum() for g, p in zip(first, probes))
     second = torch.autograd.grad(penalty, present + ([dy] if dy_is_leaf else []),
                                  allow_unused=True, materialize_grads=True)
     return first, second
 
 
-def assert_second_order_close(fn, want_fn, tensors, grad_out, probes, rtol, names):
-    """second_order_grads of ``fn`` (on DEVICE) and ``want_fn`` (on the CPU,
-    float64) agree, with grad_out a leaf and a constant; ``names`` name the
-    tensors. Returns the last (first, second) of ``fn``."""
+def assert_second_order_close(fn, want_fn, tensors, grad_out, probes, rtol, names,
+                              dtype=None, view=None):
+    """second_order_grads of ``fn`` (on DEVICE, in ``dtype`` when given,
+    through ``view``) and ``want_fn`` (on the CPU, in the tensors' float64)
+    agree, with grad_out a leaf and a constant; ``names`` name the tensors.
+    Returns the last (first, second) of ``fn``."""
+    def to_device(t):
+        return None if t is None else t.to(DEVICE, dtype or t.dtype)
+
     for dy_is_leaf in (True, False):
-        got = second_order_grads(fn, [None if t is None else t.to(DEVICE) for t in tensors],
-                                 grad_out.to(DEVICE), [p.to(DEVICE) for p in probes],
-                                 dy_is_leaf)
+        got = second_order_grads(fn, [to_device(t) for t in tensors], to_device(grad_out),
+                                 [to_device(p) for p in probes], dy_is_leaf, view)
         want = second_order_grads(want_fn, tensors, grad_out, probes, dy_is_leaf)
         assert len(got[1]) == len(want[1]) == len(probes) + dy_is_leaf
         for order, order_names in ((0, names), (1, (*names, "grad_out"))):

@@ -665,6 +665,28 @@ def test_double_backward_matches_f_conv2d(name, layout, activation):
     assert got[1][0].is_contiguous(memory_format=memory_format_of(x))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["dilated", "same-depthwise"])
+def test_double_backward_half_precision_views(name, dtype):
+    """The double backward in fp16/bf16 with the input, weight, bias and
+    output gradient all non-contiguous views (a gradient penalty under AMP):
+    against F.conv2d's in float64 of the same rounded values."""
+    args = DOUBLE_BACKWARD_CASES[name]
+    groups = args["groups"]
+
+    def rounded(*shape):
+        return torch.randn(*shape).to(dtype).double()
+
+    x, w, b = rounded(2, 4, 6, 7), rounded(4, 4 // groups, 3, 2), rounded(4)
+    dy = rounded(*F.conv2d(x, w, **args).shape)
+    probes = [rounded(*t.shape) for t in (x, w, b)]
+    assert_second_order_close(
+        lambda *t: segops.ops.atrous_conv2d(*t, **args), lambda *t: F.conv2d(*t, **args),
+        (x, w, b), dy, probes, RTOL[dtype], ("input", "weight", "bias"), dtype=dtype,
+        view=lambda t: like_layout(t, "strided"))
+
+
 def test_double_backward_frozen_weight():
     """A frozen weight (no gradient) and an output gradient that depends on
     the input (the gradient of 0.5 * |relu(conv(x))|^2): the penalty's

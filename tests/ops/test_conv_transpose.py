@@ -440,6 +440,25 @@ def test_double_backward_matches_f_conv_transpose2d(layout, options):
     assert got[1][0].is_contiguous(memory_format=fmt)   # the input's layout
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_double_backward_half_precision_views(dtype):
+    """The double backward in fp16/bf16 with the input, weight, bias and
+    output gradient all non-contiguous views: against F.conv_transpose2d's
+    in float64 of the same rounded values."""
+    options = dict(stride=2, padding=1, output_padding=1, dilation=1, groups=2)
+
+    def rounded(*shape):
+        return torch.randn(*shape).to(dtype).double()
+
+    x, w, b = rounded(2, 4, 4, 5), rounded(4, 2, 3, 2), rounded(4)
+    dy = rounded(*F.conv_transpose2d(x, w, **options).shape)
+    probes = [rounded(*t.shape) for t in (x, w, b)]
+    assert_second_order_close(lambda *t: segops.ops.conv_transpose2d(*t, **options),
+                              lambda *t: F.conv_transpose2d(*t, **options), (x, w, b), dy,
+                              probes, RTOL[dtype], ("input", "weight", "bias"), dtype=dtype,
+                              view=lambda t: like_layout(t, "strided"))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_input_gradient_is_dense_in_the_input_layout(layout):
     """output_padding >= stride: the convolution giving the input gradient
