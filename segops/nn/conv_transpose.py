@@ -60,7 +60,7 @@ def conv_transpose2d_to_size(input: Tensor, weight: Tensor, bias: Tensor | None,
     if any(not lo <= size <= hi for size, lo, hi in zip(output_size, smallest, largest)):
         raise ValueError(f"requested an output size of {output_size}, but valid sizes range "
                          f"from {list(smallest)} to {largest} (for an input of "
-                         f"{tuple(input.shape[leading:])})")
+                         f"{input.shape[leading:]})")
     output_padding = tuple(size - lo for size, lo in zip(output_size, smallest))
     return conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                             dilation)

@@ -347,8 +347,12 @@ def test_output_size_argument():
         with pytest.raises(ValueError) as torch_error:
             plain(x, output_size=bad)
         assert str(ours_error.value) == str(torch_error.value)
-    with pytest.raises(ValueError, match=r"valid sizes range from \[7, 10\] to \[9, 12\]"):
+    with pytest.raises(ValueError,
+                       match=r"valid sizes range from \[7, 10\] to \[9, 12\]") as ours_error:
         ours(x, output_size=[6, 10])
+    with pytest.raises(ValueError) as torch_error:
+        plain(x, output_size=[6, 10])
+    assert str(ours_error.value) == str(torch_error.value)
     for sizes in (torch.tensor([8, 11]), [torch.tensor(8), torch.tensor(11)]):
         assert_close(ours(x, output_size=sizes), plain(x, output_size=sizes), F64)
 
