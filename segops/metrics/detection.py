@@ -9,7 +9,10 @@ with the highest IoU >= the threshold, the last one on ties; regular ground
 truths before ignored ones), crowd ground truths (``iscrowd``: ignored,
 matched any number of times, IoU over the detection's area) included.
 
-Inputs follow torchvision / torchmetrics (boxes ``x1, y1, x2, y2`` in pixels):
+Inputs follow torchvision / torchmetrics (boxes ``x1, y1, x2, y2`` in pixels;
+a box's width and height are taken in its own dtype, as torchmetrics takes
+them: float16/bfloat16 boxes round them, so an IoU near a threshold can
+fall on the other side of it than the exact float64 IoU would):
 
 * a prediction: ``{"boxes": (N, 4) float, "scores": (N,) float,
   "labels": (N,) int, "masks": (N, H, W) bool or (N, 1, H, W) probabilities}``
@@ -125,10 +128,10 @@ def _mask_counts(dt_masks: Tensor, gt_masks: Tensor) -> tuple[np.ndarray, ...]:
     """Pixel counts as float64: ``dt & gt`` ``(D, G)``, ``dt`` ``(D,)``,
     ``gt`` ``(G,)``, from products and sums of 0/1 values (exact: float32
     below 2**24 pixels, float64 above), in chunks of detections that keep
-    the float copy near 64 MiB, on the masks' device."""
+    the float copy near 64 MiB, on the detections' device."""
     pixels = dt_masks.shape[-2] * dt_masks.shape[-1]
     dtype = torch.float32 if pixels < 2 ** 24 else torch.float64
-    gt = gt_masks.flatten(1).to(dtype)
+    gt = gt_masks.flatten(1).to(dt_masks.device, dtype)
     rows = max(1, (1 << 24) // max(pixels, 1))
     inter, dt_area = [gt.new_zeros(0, gt.shape[0])], [gt.new_zeros(0)]
     for chunk in dt_masks.flatten(1).split(rows):
@@ -424,7 +427,11 @@ def _instances(item, where: str, types: tuple[str, ...], is_pred: bool,
     masks = _masks(item, where, count, mask_threshold) if "segm" in types else None
 
     def host(t, dtype):
-        return None if t is None else t.detach().cpu().numpy().astype(dtype)
+        if t is None:
+            return None
+        t = t.detach().cpu()
+        # numpy has no bfloat16: floats go through float64 (exact for every float dtype)
+        return (t.double() if t.is_floating_point() else t).numpy().astype(dtype)
     return _Instances(host(labels, np.int64), host(scores, np.float64),
                       np.zeros(count, bool) if crowd is None else host(crowd, bool),
                       host(area, np.float64), xywh, masks)
@@ -547,11 +554,14 @@ class MeanAveragePrecision:
             raise ArgumentError(f"preds and targets must have the same length, got "
                                 f"{len(preds)} and {len(targets)}")
         images = [self._prepare(i, p, t) for i, (p, t) in enumerate(zip(preds, targets))]
-        for dt, gt in images:
+        # every image evaluated before any is recorded: an error leaves the state as it was
+        records = [{t: _evaluate_image(dt, gt, t, self.iou_thresholds,
+                                       self.max_detection_thresholds[-1])
+                    for t in self.iou_types} for dt, gt in images]
+        for (dt, gt), record in zip(images, records):
             self._labels.update(dt.labels.tolist() + gt.labels.tolist())
             for t in self.iou_types:
-                self._records[t].append(_evaluate_image(
-                    dt, gt, t, self.iou_thresholds, self.max_detection_thresholds[-1]))
+                self._records[t].append(record[t])
 
     def _prepare(self, i: int, pred, target) -> tuple[_Instances, _Instances]:
         dt = _instances(pred, f"preds[{i}]", self.iou_types, True, self.mask_threshold)

@@ -429,6 +429,39 @@ def test_accumulates_over_batches_and_resets():
     assert metric.compute()["bbox_map"].item() == -1.0
 
 
+def test_an_update_that_fails_leaves_the_state_as_it_was():
+    """An error while matching (here masks on the meta device, which hold no
+    data) records none of the batch's images, for neither IoU type."""
+    masks = torch.stack([_box_mask(BOX), _box_mask(FAR)])
+    preds, targets = ([dict(_pred([b], [0.9]), masks=m[None]) for b, m in zip((BOX, FAR), masks)],
+                      [dict(_target([b]), masks=m[None]) for b, m in zip((BOX, FAR), masks)])
+    metric = MeanAveragePrecision()
+    metric.update(preds[:1], targets[:1])
+    before = metric.compute()
+    bad_pred = dict(_pred([[40, 40, 50, 50]], [0.95]), masks=masks[:1].to("meta"))
+    with pytest.raises(NotImplementedError):
+        metric.update([preds[1], bad_pred], [targets[1], targets[0]])
+    after = metric.compute()
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+
+
+def test_masks_on_two_devices_and_bfloat16_scores_and_areas():
+    """Detection masks on the device and ground-truth masks on the CPU (as a
+    model's outputs and a data loader's targets are), and bfloat16 scores
+    and areas (numpy has no bfloat16): the numbers of float32 on one device."""
+    boxes = [[2, 3, 12, 14], [20, 5, 31, 30], [1, 25, 9, 33]]
+    masks = torch.stack([_box_mask(b) for b in boxes])
+    pred = dict(_pred(boxes, [0.875, 0.25, 0.5], [1, 2, 1]), masks=masks.flip(1).to(DEVICE))
+    target = dict(_target(boxes, [1, 2, 2]), masks=masks, area=torch.tensor([90.0, 300.0, 64.0]))
+    want = mean_average_precision([pred], [target], class_metrics=True)
+    half = dict(pred, scores=pred["scores"].bfloat16())
+    half_target = dict(target, area=target["area"].bfloat16())
+    got = mean_average_precision([half], [half_target], class_metrics=True)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda: MeanAveragePrecision("keypoints"), ValueError, "iou_type"),
     (lambda: MeanAveragePrecision(("bbox", "bbox")), ValueError, "iou_type"),
