@@ -117,7 +117,9 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *,
              progress: bool = False) -> Tensor:
     """Per-class IoU over ``loader`` ((images, masks) batches), reduced
     across DDP ranks; returns a (num_classes,) tensor (NaN for classes absent
-    from predictions and masks). Its nanmean is the mIoU."""
+    from predictions and masks, and for an ``ignore_index`` class within
+    [0, num_classes)). Its nanmean is the mIoU (MeanIoU's and torchmetrics'
+    macro average)."""
     device = torch.device(device or next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -128,7 +130,12 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *,
         with _autocast(device, amp):
             metric.update(logits_of(model(images)).float(), masks)
     model.train(was_training)
-    return metric.compute()
+    iou = metric.compute()
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        # average='none' reports the ignored class (0 where it was predicted);
+        # the means leave it out, and so must the nanmean
+        iou[ignore_index] = float("nan")
+    return iou
 
 
 @torch.no_grad()
@@ -165,7 +172,8 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable | None = None, epochs
         optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
         device: torch.device | str | None = None, amp: str | None = None,
         channels_last: bool = False, val_loader: Iterable | None = None,
-        num_classes: int | None = None, progress: bool = True, aux_weight: float = 0.0,
+        num_classes: int | None = None, ignore_index: int | None = None,
+        progress: bool = True, aux_weight: float = 0.0,
         on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
     """Train ``model`` for ``epochs`` over ``loader`` ((images, masks)
     batches) with ``loss(logits, masks)``, or over detection batches (lists
@@ -178,6 +186,8 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable | None = None, epochs
         val_loader, num_classes: evaluate mIoU after each epoch
             (segmentation only; evaluate detectors with
             :func:`evaluate_detection`).
+        ignore_index: the mask label that validation leaves out (a void
+            label such as 255, or a class), as :func:`evaluate`.
         progress: a tqdm bar per epoch (rank 0 only).
         aux_weight: weight of the 'aux' output's loss (see train_step).
         on_epoch_end: called with each epoch's record.
@@ -210,7 +220,7 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable | None = None, epochs
         record = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
         if val_loader is not None and num_classes is not None and loss is not None:
             iou = evaluate(model, val_loader, num_classes, device=device, amp=amp,
-                           channels_last=channels_last)
+                           channels_last=channels_last, ignore_index=ignore_index)
             record.update(iou=iou.tolist(), miou=float(iou.nanmean()))
         history.append(record)
         if on_epoch_end is not None:

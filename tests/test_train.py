@@ -45,6 +45,29 @@ def test_fit_and_evaluate():
     assert iou.shape == (4,)
 
 
+@pytest.mark.parametrize("ignore_index", [0, 255])
+def test_evaluate_and_fit_leave_the_ignored_label_out(ignore_index):
+    """evaluate's nanmean is the macro mIoU of MeanIoU (and torchmetrics)
+    with the same ignore_index: an ignored class is NaN in the per-class
+    IoU (average='none' reports it, 0 where predicted); fit validates with
+    the ignore_index it is given (a void label 255 raised before)."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1).to(DEVICE)
+    images = torch.randn(2, 3, 8, 8)
+    masks = torch.randint(0, 3, (2, 8, 8))
+    masks[:, :2] = ignore_index
+    iou = train.evaluate(model, [(images, masks)], 3, device=DEVICE, ignore_index=ignore_index)
+    metric = segops.metrics.MeanIoU(3, ignore_index=ignore_index)
+    with torch.no_grad():
+        metric.update(model(images.to(DEVICE)), masks.to(DEVICE))
+    assert iou.nanmean().item() == pytest.approx(metric.compute().item(), abs=1e-12)
+    assert torch.isnan(iou[0]).item() == (ignore_index == 0)
+    history = train.fit(model, [(images, masks.clamp(max=2))], lambda out, m: out.mean(),
+                        device=DEVICE, val_loader=[(images, masks)], num_classes=3,
+                        ignore_index=ignore_index, progress=False, lr=0.0)
+    assert history[0]["miou"] == pytest.approx(metric.compute().item(), abs=1e-12)
+
+
 def test_aux_loss_is_added_with_its_weight():
     class TwoHeads(torch.nn.Module):
         def __init__(self):
