@@ -14,6 +14,14 @@ from torch.utils.data import Dataset
 
 from ._checks import check_choice, check_int
 
+# item i of (seed, split) is drawn from seed (3 * seed + split) * _SEEDS_PER_SPLIT + i:
+# distinct for every item of a dataset of at most _SEEDS_PER_SPLIT items
+_SEEDS_PER_SPLIT = 1_000_003
+
+
+def _item_generator(seed: int, split: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 3 + split) * _SEEDS_PER_SPLIT + index)
+
 
 class SyntheticShapes(Dataset):
     """Images of random filled circles, rectangles and triangles on textured
@@ -22,8 +30,9 @@ class SyntheticShapes(Dataset):
     Item i: (image ``(3, size, size)`` float32, roughly zero-mean, unit
     variance; mask ``(size, size)`` int64 with 0 = background, 1 = circle,
     2 = rectangle, 3 = triangle). Shapes may overlap; the last drawn wins.
-    Every item is a pure function of (seed, split, i): the splits never
-    share an image and a dataset can be rebuilt exactly anywhere.
+    Every item is a pure function of (seed, split, i): the splits (and the
+    seeds) never share an image and a dataset can be rebuilt exactly
+    anywhere; ``length`` is at most 1 000 003 for that.
     """
 
     CLASSES = ("background", "circle", "rectangle", "triangle")
@@ -33,8 +42,9 @@ class SyntheticShapes(Dataset):
                  max_shapes: int = 3, seed: int = 0):
         if split not in self._SPLITS:
             raise ValueError(f"split must be one of {tuple(self._SPLITS)}, got {split!r}")
-        if length < 0 or size < 8 or max_shapes < 1:
-            raise ValueError("need length >= 0, size >= 8 and max_shapes >= 1")
+        if not 0 <= length <= _SEEDS_PER_SPLIT or size < 8 or max_shapes < 1:
+            raise ValueError(f"need 0 <= length <= {_SEEDS_PER_SPLIT}, size >= 8 and "
+                             "max_shapes >= 1")
         self.length, self.size, self.split = length, size, split
         self.max_shapes, self.seed = max_shapes, seed
         self.num_classes = len(self.CLASSES)
@@ -45,8 +55,7 @@ class SyntheticShapes(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        g = torch.Generator().manual_seed(
-            (self.seed * 3 + self._SPLITS[self.split]) * 1_000_003 + index)
+        g = _item_generator(self.seed, self._SPLITS[self.split], index)
         image = _texture(3, self.size, g)
         mask = torch.zeros(self.size, self.size, dtype=torch.int64)
         count = int(torch.randint(1, self.max_shapes + 1, (1,), generator=g))
@@ -127,7 +136,7 @@ class SyntheticInstances(Dataset):
     the splits never share an image and a dataset can be rebuilt anywhere.
 
     Args:
-        length: number of items (>= 0).
+        length: number of items (0 to 1 000 003).
         size: image side in pixels (>= 16).
         split: 'train', 'val' or 'test'.
         max_shapes: each image has between 1 and ``max_shapes`` shapes (>= 1).
@@ -146,7 +155,7 @@ class SyntheticInstances(Dataset):
     def __init__(self, length: int = 512, size: int = 128, *, split: str = "train",
                  max_shapes: int = 4, seed: int = 0, min_area: int = 16):
         check_choice("split", split, tuple(self._SPLITS))
-        self.length = check_int("length", length, minimum=0)
+        self.length = check_int("length", length, minimum=0, maximum=_SEEDS_PER_SPLIT)
         self.size = check_int("size", size, minimum=16)
         self.max_shapes = check_int("max_shapes", max_shapes, minimum=1)
         self.seed = check_int("seed", seed)
@@ -161,8 +170,7 @@ class SyntheticInstances(Dataset):
         index = operator.index(index)
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
-        g = torch.Generator().manual_seed(
-            (self.seed * 3 + self._SPLITS[self.split]) * 1_000_003 + index)
+        g = _item_generator(self.seed, self._SPLITS[self.split], index)
         image, owner, labels = self._draw(g)
         return image, _instance_target(owner, labels, index, self.min_area)
 

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import segops
-from segops.data import SyntheticInstances, detection_collate
+from segops.data import SyntheticInstances, SyntheticShapes, detection_collate
 
 
 def _items(ds):
@@ -116,6 +116,7 @@ def test_detection_collate_with_a_dataloader():
 @pytest.mark.parametrize("kwargs,error,name", [
     (dict(split="holdout"), ValueError, "split"),
     (dict(length=-1), ValueError, "length"),
+    (dict(length=1_000_004), ValueError, "length"),
     (dict(size=8), ValueError, "size"),
     (dict(max_shapes=0), ValueError, "max_shapes"),
     (dict(min_area=0), ValueError, "min_area"),
@@ -127,6 +128,18 @@ def test_bad_arguments_name_the_argument(kwargs, error, name):
         SyntheticInstances(**kwargs)
     with pytest.raises((segops.ArgumentError, segops.ArgumentTypeError)):
         SyntheticInstances(**kwargs)
+
+
+def test_items_of_other_splits_and_seeds_are_other_images():
+    """The largest dataset allowed (1 000 003 items): its last item is not
+    the next split's or seed's first (every item has a seed of its own),
+    for both datasets; one item more is refused."""
+    for cls, size in ((SyntheticInstances, 16), (SyntheticShapes, 8)):
+        last = cls(1_000_003, size, split="train")[1_000_002][0]
+        for other in (cls(1, size, split="val"), cls(1, size, split="test", seed=-1)):
+            assert not torch.equal(last, other[0][0])
+        with pytest.raises(ValueError, match="length"):
+            cls(1_000_004, size)
 
 
 def test_index_out_of_range():
