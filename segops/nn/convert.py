@@ -9,6 +9,7 @@ import dataclasses
 from torch import nn
 
 from .._checks import ArgumentError, ArgumentTypeError
+from ..ops.roi_align import level_range
 from ._share import retype
 from .conv import AtrousConv2d
 from .conv_transpose import ConvTranspose2d
@@ -150,7 +151,9 @@ def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
                                       module.sampling_ratio,
                                       canonical_scale=module.canonical_scale,
                                       canonical_level=module.canonical_level)
-            twin.scales = module.scales
+            mapper = getattr(module, "map_levels", None)
+            if mapper is not None:   # else torchvision infers both at its next call
+                twin.scales, twin.level_rule = module.scales, (mapper.s0, mapper.lvl0)
             return _keep_module_state(module, twin)
     return None
 
@@ -182,7 +185,19 @@ def _torch_twin(module: nn.Module) -> nn.Module | None:
                                      module.sampling_ratio,
                                      canonical_scale=module.canonical_scale,
                                      canonical_level=module.canonical_level)
+        _keep_scales(module, twin)
     return _keep_module_state(module, twin)
+
+
+def _keep_scales(module: MultiScaleRoIAlign, twin: nn.Module) -> None:
+    """The scales a segops MultiScaleRoIAlign has kept, and its level rule,
+    set on its torchvision twin (whose LevelMapper takes them)."""
+    if module.scales is None:
+        return
+    from torchvision.ops.poolers import initLevelMapper
+    rule = module.level_rule or (module.canonical_scale, module.canonical_level)
+    twin.scales = list(module.scales)
+    twin.map_levels = initLevelMapper(*level_range(module.scales), *rule)
 
 
 def _swap(model: nn.Module, twin_of, prefix: str = "",

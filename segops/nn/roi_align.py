@@ -3,7 +3,6 @@ torchvision.ops.MultiScaleRoIAlign (same constructors, same forward)."""
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor, nn
@@ -55,9 +54,10 @@ def _extras(**options) -> str:
 
 def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
     """torchvision's scale inference: feature size / image size rounded to a
-    power of 2 (taken from the height)."""
+    power of 2 (taken from the height), the log2 taken in float32 as there
+    (in float64 some ratios near 2**(k + 1/2) round the other way)."""
     approx = float(feature.shape[-2]) / float(original_size[0])
-    return 2.0 ** round(math.log2(approx))
+    return 2.0 ** float(torch.tensor(approx, dtype=torch.float32).log2().round())
 
 
 @torch.fx.wrap
@@ -88,8 +88,11 @@ class MultiScaleRoIAlign(nn.Module):
     (height, width)) -> ``(sum L_i, C, *output_size)``.
 
     The maps named in ``featmap_names`` are used in ``x``'s order. Scales are
-    inferred on the first call from the largest image size and kept, as
-    torchvision does, and so are its level rules: maps need not be one level
+    inferred on the first call from the largest image size and kept, with
+    the ``canonical_scale`` / ``canonical_level`` of that call
+    (``level_rule``), as torchvision keeps its LevelMapper (scales set by
+    hand are kept too; the rule is fixed at the next call). Its level rules
+    hold: maps need not be one level
     apart, and a box whose level matches no map (past the last one, or NaN
     for a box reversed along one axis) gives zeros. ``aligned=True`` gives Detectron2's ROIAlignV2;
     ``pool_mode='max'`` mmcv's max pooling.
@@ -109,6 +112,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = aligned
         self.pool_mode = pool_mode
         self.scales: list[float] | None = None
+        self.level_rule: tuple[float, int] | None = None   # (canonical_scale, canonical_level)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
@@ -116,11 +120,12 @@ class MultiScaleRoIAlign(nn.Module):
         scales = self.scales
         if scales is None:
             scales = _setup_scales(features, image_shapes)
-            if not isinstance(scales, torch.fx.Proxy):  # traced: recomputed by the graph
-                self.scales = scales
+        rule = self.level_rule or (self.canonical_scale, self.canonical_level)
+        if not isinstance(scales, torch.fx.Proxy):  # traced: recomputed by the graph
+            self.scales, self.level_rule = scales, rule
         return multi_scale_roi_align(
             features, boxes, self.output_size, scales, self.sampling_ratio,
-            canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
+            canonical_scale=rule[0], canonical_level=rule[1],
             aligned=self.aligned, pool_mode=self.pool_mode)
 
     @staticmethod

@@ -404,9 +404,11 @@ def _assign_levels(rois: Tensor, scales: list[float], canonical_scale: float,
         return _roi_levels(rois, k_min, k_max, len(scales), canonical_scale, canonical_level)
     level_rois, levels = _roi_levels(rois.float(), k_min, k_max, len(scales), canonical_scale,
                                      canonical_level)
-    if rois.dtype != torch.float64:
+    if rois.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return level_rois, levels
-    return torch.cat([level_rois[:, :1].to(rois.dtype), rois[:, 1:]], dim=1), levels
+    # float64 and integer rois keep every digit (float64 is exact for
+    # integers), as roi_align keeps them
+    return torch.cat([level_rois[:, :1].double(), rois[:, 1:].double()], dim=1), levels
 
 
 @torch.library.custom_op("segops::roi_levels", mutates_args=())

@@ -116,6 +116,56 @@ def test_roi_align_modules():
     assert type(model["pool"]) is tv_ops.MultiScaleRoIAlign
 
 
+def test_multi_scale_pooler_keeps_its_scales_and_level_rule_both_ways():
+    """A pooler keeps the scales and the canonical scale/level of its first
+    call (torchvision's cached scales and LevelMapper) through convert_model
+    and revert_model: a later smaller image (same padded maps) and a
+    changed canonical_scale give what a module never converted gives."""
+    tv_ops = pytest.importorskip("torchvision.ops")
+    features = {"a": torch.randn(1, 2, 16, 16, dtype=torch.float64, device=DEVICE),
+                "b": torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 39.0, 39.0]],
+                          dtype=torch.float64, device=DEVICE)]
+
+    def called_once(module):
+        module(features, boxes, [(64, 64)])
+        module.canonical_scale = 8    # after the first call: no effect in torchvision
+        return module
+
+    def second_call(module):
+        return module(features, boxes, [(40, 40)])   # scales would infer as 1/2, 1/4
+
+    plain = called_once(tv_ops.MultiScaleRoIAlign(["a", "b"], 3, 2))
+    want = second_call(plain)
+    model = nn.ModuleDict({"pool": called_once(tv_ops.MultiScaleRoIAlign(["a", "b"], 3, 2))})
+    segops.convert_model(model)
+    assert model["pool"].scales == [0.25, 0.125] and model["pool"].level_rule == (224, 4)
+    assert_close(second_call(model["pool"]), want, F64)
+    segops.revert_model(model)
+    assert type(model["pool"]) is tv_ops.MultiScaleRoIAlign
+    assert_close(second_call(model["pool"]), want, F64)
+    ours = nn.ModuleDict({"pool": called_once(MultiScaleRoIAlign(["a", "b"], 3, 2))})
+    assert_close(second_call(ours["pool"]), want, F64)
+    segops.revert_model(ours)
+    assert_close(second_call(ours["pool"]), want, F64)
+    fresh = nn.ModuleDict({"pool": tv_ops.MultiScaleRoIAlign(["a", "b"], 3, 2)})
+    segops.convert_model(fresh)   # never called: both infer at the first call
+    assert fresh["pool"].scales is None and fresh["pool"].level_rule is None
+
+
+def test_scales_are_inferred_as_torchvision_infers_them():
+    """The power of 2 nearest to feature / image size, its log2 in float32
+    as torchvision's: ratios next to 2**(k + 1/2) (2378 / 3363 is 1.0 there,
+    0.5 in float64) and ordinary strides."""
+    poolers = pytest.importorskip("torchvision.ops.poolers")
+    from segops.nn.roi_align import infer_scale
+    cases = [(2378, 3363), (1189, 3363), (7, 10), (17, 24), (25, 100), (13, 800), (200, 800)]
+    for feature, image in cases:
+        f = torch.empty(0, 0, feature, 1)
+        assert infer_scale(f, (image, 1)) == poolers._infer_scale(f, [image, 1]), (feature, image)
+    assert infer_scale(torch.empty(0, 0, 2378, 1), (3363, 1)) == 1.0
+
+
 def test_a_module_used_twice_gets_one_twin():
     """nn.Sequential(c, relu, c, relu): one AtrousConv2d at both places (torch sees
     one module: hooks registered once, one training flag, weights tied),

@@ -404,13 +404,21 @@ def test_integer_boxes_as_a_list_keep_every_digit():
     float64 features a coordinate past 2**24 keeps its last digit (float32
     would round 2**24 + 1 to 2**24)."""
     big = 2 ** 24 + 1
-    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE)
+    # x = big * 2**-22 = 4 + 2**-22, inside the map: the last digit moves the samples
+    x = torch.randn(1, 2, 3, 8, dtype=torch.float64, device=DEVICE)
     boxes = torch.tensor([[big, 0, big + 3, 2]], dtype=torch.int64, device=DEVICE)
     rows = torch.cat([torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), boxes], 1)
     from_list = segops.ops.roi_align(x, [boxes], 2, 2.0 ** -22, 2)
     from_rows = segops.ops.roi_align(x, rows, 2, 2.0 ** -22, 2)
     assert torch.equal(from_list, from_rows)
     assert torch.equal(_as_rois([boxes])[:, 1:], boxes.double())
+    assert not torch.equal(from_rows, segops.ops.roi_align(x, rows.float(), 2, 2.0 ** -22, 2))
+    # and so do both in the multi-scale op, whose level mapping runs in float32
+    maps = [x, torch.randn(1, 2, 2, 4, dtype=torch.float64, device=DEVICE)]
+    want = segops.ops.multi_scale_roi_align(maps, rows.double(), 2, [2.0 ** -22, 2.0 ** -23], 2)
+    for given in (rows, [boxes]):
+        got = segops.ops.multi_scale_roi_align(maps, given, 2, [2.0 ** -22, 2.0 ** -23], 2)
+        assert torch.equal(got, want)
 
 
 def test_half_boxes_are_cast_not_rounded_to_half():
