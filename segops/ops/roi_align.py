@@ -146,6 +146,36 @@ def _roi_align_grad(ctx, grad):
 _roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup_context)
 
 
+def _roi_align_backward_setup_context(ctx, inputs, output):
+    _grad, features, rois, levels, *options, _deterministic = inputs
+    ctx.save_for_backward(rois, levels)
+    ctx.options = tuple(options)
+    ctx.levels_like = [(f.shape, memory_format_of(f)) for f in features]
+
+
+def _roi_align_backward_grad(ctx, grads):
+    """Double backward: average pooling is linear in the features, so its
+    backward is linear in the output gradient, and the derivative of
+    <backward(grad), v> with respect to grad is the forward pooling of v
+    (the adjoint); it does not depend on the features (zero, as None)."""
+    pool_mode = ctx.options[-1]
+    if pool_mode != "avg":
+        raise NotImplementedError("double backward through RoIAlign with pool_mode='max' is "
+                                  "not supported (pool_mode='avg' is)")
+    nones = ([None] * len(ctx.levels_like),) + (None,) * 9   # features, then the rest
+    if not ctx.needs_input_grad[0] or all(g is None for g in grads):
+        return (None, *nones)
+    rois, levels = ctx.saved_tensors
+    like = next(g for g in grads if g is not None)
+    probes = [like.new_zeros(shape).contiguous(memory_format=fmt) if g is None else g
+              for g, (shape, fmt) in zip(grads, ctx.levels_like)]
+    return (_roi_align(probes, rois, levels, *ctx.options), *nones)
+
+
+_roi_align_backward.register_autograd(_roi_align_backward_grad,
+                                      setup_context=_roi_align_backward_setup_context)
+
+
 # --------------------------------------------------------------------------
 # native path: torchvision's kernels, off the GPU
 # --------------------------------------------------------------------------

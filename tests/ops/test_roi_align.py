@@ -19,6 +19,7 @@ from helpers import (
     deterministic,
     like_layout,
     on_path,
+    second_order_grads,
 )
 
 import segops
@@ -593,6 +594,61 @@ def test_kernel_path_gradcheck():
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     rois = make_rois(2, 1, 4, 5, seed_kinds=False).to(DEVICE)
     assert torch.autograd.gradcheck(lambda t: segops.ops.roi_align(t, rois, 2, 1.0, 1), (x,))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_double_backward_matches_autograd_over_the_reference(path, aligned):
+    """A gradient penalty through RoIAlign (create_graph=True): the
+    second-order gradients of <input gradient, probe> with respect to the
+    input (zero: the pooling is linear) and to the output gradient (the
+    pooling of the probe), against autograd over the pure-PyTorch reference,
+    on every path, with the atomic and the deterministic backward. (With a
+    constant output gradient the input gradient is a constant: there is no
+    second order to take.)"""
+    device = path_device(path)
+    x = like_layout(torch.randn(2, 3, 6, 7, dtype=torch.float64), "channels_last")
+    rois = make_rois(5, 2, 6, 7, 0.5, seed_kinds=False)
+    dy = torch.randn(5, 3, 2, 3, dtype=torch.float64)
+    probe = torch.randn_like(x)
+    options = dict(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=2, aligned=aligned)
+    want = second_order_grads(
+        lambda t: ref.roi_align([t], rois, None, [0.5], 2, 3, 2, aligned, "avg"),
+        [x], dy, [probe])
+    for determ in (False, True):
+        with on_path(path), deterministic(determ):
+            got = second_order_grads(lambda t: segops.ops.roi_align(t, rois.to(device), **options),
+                                     [x.to(device)], dy.to(device), [probe.to(device)])
+        for name, g, w in zip(("input, first order", "input", "grad_out"), (*got[0], *got[1]),
+                              (*want[0], *want[1])):
+            assert_close(g, w, F64, name=f"{name}, deterministic {determ}")
+        assert got[1][0].abs().max() == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_multi_scale_double_backward_gradgradcheck(path):
+    """Numerical second derivatives through every level of the multi-scale
+    op (fast_mode: along random directions), one level without RoIs."""
+    device = path_device(path)
+    maps = [torch.randn(1, 2, 8, 8, dtype=torch.float64, device=device, requires_grad=True),
+            torch.randn(1, 2, 4, 4, dtype=torch.float64, device=device, requires_grad=True),
+            torch.randn(1, 2, 2, 2, dtype=torch.float64, device=device, requires_grad=True)]
+    boxes = [torch.tensor([[0.0, 0.0, 30.0, 30.0], [1.0, 1.0, 5.0, 6.5]], dtype=torch.float64,
+                          device=device)]
+    with on_path(path):
+        assert torch.autograd.gradgradcheck(
+            lambda *t: segops.ops.multi_scale_roi_align(list(t), boxes, 2, [1.0, 0.5, 0.25], 2,
+                                                        canonical_scale=8),
+            tuple(maps), fast_mode=True)
+
+
+def test_max_pool_double_backward_raises():
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rois = make_rois(2, 1, 5, 6, seed_kinds=False).to(DEVICE)
+    out = segops.ops.roi_align(x, rois, 2, 1.0, 2, pool_mode="max")
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
+    with pytest.raises(NotImplementedError, match="pool_mode='max'"):
+        torch.autograd.grad(gx.sum(), x)
 
 
 @pytest.mark.parametrize("path", ["kernel", "native"])
