@@ -10,8 +10,11 @@ NMS conventions
   a degenerate or reversed box has intersection clamped at 0 and its signed
   area, exactly torchvision's CPU kernel's formula.
 * Boxes are visited in decreasing score; equal scores by increasing index
-  (a stable sort: torchvision's CPU kernel sorts stably too, so results are
-  equal to it; its CUDA kernel does not promise an order for ties). NaN
+  (a stable sort: torchvision's CPU ``nms`` sorts stably too, so results are
+  equal to it; its CUDA kernel does not promise an order for ties, nor does
+  its ``batched_nms`` past 1000 boxes, which re-sorts the kept indices
+  unstably: on ties the same boxes are kept in another order, and a later
+  top-k cut, such as the RPN's post_nms_top_n, can keep other ones). NaN
   scores sort first, as ``torch.sort(descending=True)`` and torchvision do.
 * A box with a NaN coordinate has NaN area, so its IoU with every box is
   NaN, which is not above any threshold: it never suppresses and is never
@@ -22,7 +25,8 @@ NMS conventions
   The offset trick also rounds coordinates (fp32), so near-threshold pairs
   can flip in torchvision; segops computes each segment's IoUs unshifted.
 * Output: int64 indices of the kept boxes in decreasing score order (ties by
-  index), as torchvision's ``batched_nms`` returns them. Boxes in any float
+  index), as torchvision's ``batched_nms`` returns them (up to the order of
+  tied scores). Boxes in any float
   dtype; IoU in float32 (float64 for float64 boxes), compared with the
   threshold as torchvision compares with its double threshold.
 * One host sync per call (the number of kept boxes), none before it. The

@@ -454,6 +454,10 @@ def test_constructor_defaults_are_fresh_and_none_means_default():
     custom = detection.MaskRCNN(detection.small_fpn_backbone(), 3,
                                 bbox_reg_weights=torch.tensor([1.0, 1.0, 1.0, 1.0]))
     assert custom.roi_heads.box_coder.weights[0] == 1.0
+    from segops.models.resnet import resnet50
+    falsy_block = torch.nn.ModuleList()   # an empty container is falsy: kept, as torchvision
+    fpn = detection.BackboneWithFPN(resnet50(), {"layer1": "0"}, [256], 8, extra_blocks=falsy_block).fpn
+    assert fpn.extra_blocks is falsy_block
 
 
 def test_anchor_cache_follows_the_cell_anchors_and_images_get_their_own():

@@ -188,8 +188,10 @@ class BackboneWithFPN(nn.Module):
                  norm_layer: Callable[[int], nn.Module] | None = None):
         super().__init__()
         self.body = BackboneBody(backbone, return_layers)
-        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels,
-                                         extra_blocks or LastLevelMaxPool(), norm_layer)
+        if extra_blocks is None:   # 'is None', as torchvision: a module may be falsy
+            extra_blocks = LastLevelMaxPool()
+        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks,
+                                         norm_layer)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
