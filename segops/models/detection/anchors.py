@@ -57,7 +57,7 @@ class AnchorGenerator(nn.Module):
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
         self.cell_anchors = [base_anchors(s, a) for s, a in zip(sizes, aspect_ratios)]
-        self._cache: dict[tuple, list[Tensor]] = {}
+        self._cache: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
 
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
@@ -86,13 +86,17 @@ class AnchorGenerator(nn.Module):
         image_size = image_list.tensors.shape[-2:]
         dtype, device = box_dtype(feature_maps[0].dtype), feature_maps[0].device
         strides = [(int(image_size[0]) // g[0], int(image_size[1]) // g[1]) for g in grid_sizes]
-        cells = tuple((c.data_ptr(), c._version, tuple(c.shape)) for c in self.cell_anchors)
+        # the cell tensors by identity (the entry keeps them alive, so no new
+        # tensor can take their id or address), data and in-place version
+        cells = tuple((id(c), c.data_ptr(), c._version, tuple(c.shape))
+                      for c in self.cell_anchors)
         key = (tuple(grid_sizes), tuple(strides), dtype, device, cells)
-        levels = self._cache.get(key)
+        levels = self._cache.get(key, (None,))[0]
         if levels is None:
             levels = self.grid_anchors(grid_sizes, strides, dtype, device)
             if not torch.compiler.is_compiling():
-                self._cache = {key: levels}  # one entry: the last grid (sizes vary in training)
+                # one entry: the last grid (sizes vary in training)
+                self._cache = {key: (levels, list(self.cell_anchors))}
         return [torch.cat(levels) for _ in image_list.image_sizes]  # one tensor per image
 
     def extra_repr(self) -> str:
