@@ -185,7 +185,10 @@ def measure(case: Case, *, timer=None, memory=None) -> harness.Record | None:
 
 def run_cases(cases: list[Case], *, timer=None, memory=None) -> list[harness.Record]:
     """:func:`measure` each case in order (rows that ran out of memory left
-    out), then free the shared inputs."""
+    out), then free the shared inputs. cuDNN autotunes its baselines
+    (``cudnn.benchmark``) in every front end: ``segops bench``, a family
+    module's ``run`` and ``python -m segops.benchmarks.models``."""
+    torch.backends.cudnn.benchmark = True
     try:
         records = [measure(case, timer=timer, memory=memory) for case in cases]
     finally:

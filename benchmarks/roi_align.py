@@ -79,7 +79,9 @@ def make_features(dtype, channels_last: bool):
 
 def _torchvision_providers(dtype):
     """(roi_align, MultiScaleRoIAlign factory) from torchvision, with the fp32
-    cast torchvision needs for bf16."""
+    cast torchvision needs for bf16, and fp16 boxes for its fp16 kernel
+    (which takes rois of the features' dtype only; segops takes the fp32
+    boxes as they are)."""
     import torchvision
 
     def roi_align(x, boxes, size, scale):
@@ -96,6 +98,15 @@ def _torchvision_providers(dtype):
             {k: v.float() for k, v in feats.items()}, boxes, shapes).to(dtype)
 
     return roi_align, multi_scale
+
+
+def _boxes_for(provider: str, boxes: list[torch.Tensor], dtype) -> list[torch.Tensor]:
+    """The boxes as ``provider`` takes them: torchvision's fp16 kernel needs
+    fp16 rois (cast once, outside the timed call, as a fp16 model's
+    proposals already are)."""
+    if provider == "torchvision" and dtype == torch.float16:
+        return [b.half() for b in boxes]
+    return boxes
 
 
 def _names():
@@ -138,8 +149,9 @@ def _inputs(head, dtype, channels_last):
 
 def _call(op, provider, inputs, size):
     """(the call, its leaves): one level (stride 8) or every level."""
-    feats, boxes, shapes = inputs["feats"], inputs["boxes"], inputs["shapes"]
+    feats, shapes = inputs["feats"], inputs["shapes"]
     level = feats["p1"]
+    boxes = _boxes_for(provider, inputs["boxes"], level.dtype)
     if op == "roi_align":
         if provider == "segops":
             return (lambda: segops.ops.roi_align(level, boxes, size, 1 / 8, SAMPLING_RATIO)), \

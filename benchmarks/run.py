@@ -26,7 +26,6 @@ def main(args) -> int:
         return 2
     if not torch.cuda.is_available():
         return _without_gpu(families, args)
-    torch.backends.cudnn.benchmark = True
     records = []
     for family in families:
         print(f"== {family}", flush=True)

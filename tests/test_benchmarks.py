@@ -78,6 +78,36 @@ def test_shared_inputs_are_built_once_per_key():
     assert made == ["a", "b"]
 
 
+def test_run_cases_lets_cudnn_autotune_the_baselines(monkeypatch):
+    """Every front end (segops bench, a family's run, the models module's
+    main) runs its cases through run_cases, which turns cudnn.benchmark on
+    (DESIGN.md's baseline: cuDNN autotuned)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    seen = []
+    case = cases.Case("x", "op", "shape", "float32", "nchw", "fwd", "torchvision",
+                      lambda: cases.Step(lambda: seen.append(torch.backends.cudnn.benchmark)))
+    cases.run_cases([case], timer=lambda fn, **_: fn() or 1.0, memory=lambda fn: 0)
+    assert seen == [True]
+
+
+def test_roi_align_fp16_rows_give_torchvision_boxes_it_takes(monkeypatch):
+    """torchvision's fp16 RoIAlign takes fp16 rois only: its fp16 rows get
+    them (they raised, and a full run stopped at its first fp16 row)."""
+    from segops.benchmarks import roi_align as family
+    monkeypatch.setattr(family, "DEVICE", "cpu")
+    monkeypatch.setattr(family, "IMAGE", (64, 96))
+    monkeypatch.setattr(family, "LEVELS", [(16, 24), (8, 12), (4, 6), (2, 3)])
+    monkeypatch.setattr(family, "CHANNELS", 3)
+    rows = [c for c in family.cases() if c.dtype == "float16" and c.direction == "fwd"
+            and c.shape.startswith("box") and c.provider == "torchvision"][:2]
+    assert {c.op for c in rows} == set(family.OPS)
+    try:
+        for case in rows:
+            case.setup().fn()
+    finally:
+        cases.release()
+
+
 def test_measure_derives_the_row_and_leaves_out_what_runs_out_of_memory(capsys):
     def setup():
         return cases.Step(lambda: None, flops=4e9, nbytes=2e6, items=8, peak=lambda: 2.0,
