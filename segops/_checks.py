@@ -138,7 +138,9 @@ def check_number(name: str, value, *, minimum: float | None = None,
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) makes a
+    # float argument symbolic, and math.isfinite of it cannot be traced
+    if value != value or value in (math.inf, -math.inf):
         raise ArgumentError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ArgumentError(f"{name} must be > 0, got {value}")

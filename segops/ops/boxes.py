@@ -90,9 +90,10 @@ def _box_iou(a: Tensor, b: Tensor) -> Tensor:
     out_dtype = accumulation_dtype(torch.promote_types(a.dtype, b.dtype))
     if _dispatch.uses_kernel(a):
         return _kernels().box_iou(a, b, out_dtype)
+    # contiguous, as the fake promises (strided boxes give strided results there)
     if _dispatch.uses_native(a) and _torchvision_ops() is not None:
-        return _torchvision_ops().box_iou(a.to(out_dtype), b.to(out_dtype))
-    return reference.box_iou(a, b)
+        return _torchvision_ops().box_iou(a.to(out_dtype), b.to(out_dtype)).contiguous()
+    return reference.box_iou(a, b).contiguous()
 
 
 @_box_iou.register_fake

@@ -106,14 +106,25 @@ def _overlap_sums_backward(grad_intersection: Tensor, grad_pred_sum: Tensor,
     args = (grad_intersection, grad_pred_sum, input, target, activation, ignore_index,
             squared, min_intersection)
     if _dispatch.uses_kernel(input):
-        return _kernels().overlap_sums_backward(*args)
-    return reference.overlap_sums_backward(*args)
+        return _laid_out_like(_kernels().overlap_sums_backward(*args), input)
+    return _laid_out_like(reference.overlap_sums_backward(*args), input)
 
 
 @_overlap_sums_backward.register_fake
 def _(grad_intersection, grad_pred_sum, input, target, activation, ignore_index, squared,
       min_intersection):
     return torch.empty_like(input)
+
+
+def _laid_out_like(grad: Tensor, input: Tensor) -> Tensor:
+    """``grad`` with the strides ``torch.empty_like(input)`` has, as the
+    fake kernels promise (torch.compile reads the result with them): the
+    reference's gradient is contiguous, the kernels' too when the input's
+    spatial axes cannot be viewed as one; a copy only then."""
+    strides = torch.empty_like(input, device="meta").stride()
+    if grad.stride() == strides:
+        return grad
+    return torch.empty_like(input, dtype=grad.dtype).copy_(grad)
 
 
 def _composite_input_grad(forward, input: Tensor, grad: Tensor) -> Tensor:
@@ -198,11 +209,12 @@ def _fused_loss_backward(grad: Tensor, sums: Tensor, input: Tensor, target: Tens
     if _dispatch.uses_kernel(input):
         grad_sums = _kernels().overlap_loss_backward(grad, sums, *options,
                                                      reference.CLAMP_MIN_PASSES_TIE)
-        return _kernels().overlap_sums_backward(grad_sums[0], grad_sums[1], input, target,
-                                                *sums_options)
+        return _laid_out_like(_kernels().overlap_sums_backward(
+            grad_sums[0], grad_sums[1], input, target, *sums_options), input)
     grad_sums = reference.reduced_loss_backward(grad, sums, *options)
-    return reference.overlap_sums_backward(grad_sums[0].contiguous(), grad_sums[1].contiguous(),
-                                           input, target, *sums_options)
+    return _laid_out_like(reference.overlap_sums_backward(
+        grad_sums[0].contiguous(), grad_sums[1].contiguous(), input, target, *sums_options),
+        input)
 
 
 @_fused_loss_backward.register_fake

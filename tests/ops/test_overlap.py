@@ -3,9 +3,9 @@ smp formula, confusion matrix vs reference and torchmetrics, edges, errors."""
 import numpy as np
 import pytest
 import torch
-from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, RTOL, DispatchCalls, LaunchRecorder,
+from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, PATHS, RTOL, DispatchCalls, LaunchRecorder,
                      assert_close, assert_device_assert_in_child, deterministic, like_layout,
-                     second_order_grads)
+                     on_path, second_order_grads)
 
 import segops
 from segops import _dispatch
@@ -360,6 +360,41 @@ def test_opcheck(dense):
     for check_labels in (False, True):
         torch.library.opcheck(torch.ops.segops.confusion_matrix.default,
                               (x.detach(), labels, 4, None, check_labels))
+
+
+def _permuted(x, layout):
+    """x in a dense layout: contiguous, channels_last, or its last two axes
+    swapped in memory (dense, but not viewable as one spatial axis)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "hw-swapped":
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x.contiguous()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "hw-swapped"])
+@pytest.mark.parametrize("path", PATHS)
+def test_input_gradient_has_the_strides_the_fake_kernels_promise(path, layout):
+    """The gradient ops' fake kernels give torch.empty_like(input)'s strides,
+    which torch.compile then reads the real result with: the real gradient of
+    overlap_sums and of the fused Dice loss has them on every path (the
+    reference's was contiguous for a channels_last input, the kernels' for
+    a dense input whose spatial axes cannot be viewed as one: inductor
+    raised, or with size_asserts off read the wrong elements)."""
+    x, t = make_case(2, 3, (4, 5), False, "softmax", dtype=KERNEL_DTYPES[0])
+    device = DEVICE if path == "kernel" else torch.device("cpu")
+    x = _permuted(x.to(device), layout).requires_grad_()
+    t = t.to(device)
+    want = torch.empty_like(x, device="meta").stride()
+    with on_path(path):
+        sums = ops.overlap_sums(x, t)
+        (grad,) = torch.autograd.grad(sums, x, torch.ones_like(sums))
+        assert grad.stride() == want
+        (grad,) = torch.autograd.grad(ops.dice_loss(x, t, "multiclass"), x)
+        assert grad.stride() == want
+        torch.library.opcheck(torch.ops.segops.overlap_sums_backward.default,
+                              (torch.ones_like(sums[0]), torch.ones_like(sums[1]), x.detach(), t,
+                               "softmax", None, False, False))
 
 
 def test_compile_fullgraph_through_dice_loss():

@@ -696,6 +696,24 @@ def test_compile_fullgraph_through_multi_scale():
         assert_close(g, w, F64, name="grad")
 
 
+def test_compile_dynamic_with_float_arguments():
+    """torch.compile(fullgraph=True, dynamic=True) makes the modules' and the
+    defaults' floats symbolic (spatial_scale, the inferred scales): the
+    argument checks trace them (math.isfinite could not)."""
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE)
+    rois = make_rois(3, 1, 16, 16, seed_kinds=False).to(DEVICE)
+    single = segops.nn.RoIAlign(2, 0.5, 2)
+    features = {"0": torch.randn(1, 2, 16, 16, dtype=torch.float64, device=DEVICE), "1": x}
+    multi = segops.nn.MultiScaleRoIAlign(["0", "1"], 2, 2)
+    calls = [lambda: single(x, rois), lambda: segops.ops.roi_align(x, rois, 2),
+             lambda: multi(features, [rois[:, 1:] * 4], [(64, 64)])]
+    for call in calls:
+        want = call()
+        torch._dynamo.reset()
+        got = torch.compile(call, backend="eager", fullgraph=True, dynamic=True)()
+        assert_close(got, want, F64)
+
+
 def test_autocast_keeps_input_dtype():
     half = torch.float16 if ON_GPU else torch.bfloat16
     x = torch.randn(1, 2, 5, 5, device=DEVICE, dtype=half, requires_grad=True)
