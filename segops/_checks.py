@@ -132,6 +132,16 @@ def int_pair(name: str, value, minimum: int, maximum: int | None = None) -> list
     return value
 
 
+def values_checked_on_device(t: torch.Tensor) -> bool:
+    """Whether a check of the values of ``t`` is an asynchronous assert on
+    its device (``torch._assert_async``: a RuntimeError with the message)
+    rather than a read on the host (an ArgumentError naming the value): on
+    CUDA, where the read would wait for the GPU, and while torch.compile
+    traces, where it would break the graph (the assert compiles). Elsewhere
+    the read is free and the error is clearer."""
+    return t.is_cuda or torch.compiler.is_compiling()
+
+
 def check_number(name: str, value, *, minimum: float | None = None,
                  positive: bool = False) -> float:
     """A finite real number (Python or numpy)."""

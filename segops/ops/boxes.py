@@ -60,7 +60,8 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
-                       check_int, check_number, check_same_device, check_tensor)
+                       check_int, check_number, check_same_device, check_tensor,
+                       values_checked_on_device)
 from ..reference import boxes as reference
 
 DEFAULT_BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -316,11 +317,11 @@ def _check_nms(boxes, scores, idxs, iou_threshold) -> float:
 
 def _check_image_ids(image_ids: Tensor, num_images: int) -> None:
     """Image ids in [0, num_images): a clear error on the CPU, a device-side
-    assert on CUDA (no sync)."""
+    assert on CUDA (no sync) and under torch.compile."""
     if image_ids.numel() == 0:
         return
     bad = (image_ids < 0) | (image_ids >= num_images)
-    if image_ids.is_cuda:
+    if values_checked_on_device(image_ids):
         torch._assert_async(~bad.any(), "segops batched_nms_per_image: image_ids hold a value "
                             f"outside [0, num_images) = [0, {num_images})")
         return
@@ -476,8 +477,7 @@ def batched_nms_per_image(boxes: Tensor, scores: Tensor, idxs: Tensor | None,
     if num_images is None:
         num_images = int(image_ids.max()) + 1 if image_ids.numel() else 0
     num_images = check_int("num_images", num_images, minimum=0)
-    if not torch.compiler.is_compiling():
-        _check_image_ids(image_ids, num_images)
+    _check_image_ids(image_ids, num_images)
     return _batched_nms_per_image(boxes, scores, idxs, image_ids, iou_threshold, cap,
                                   num_images)
 

@@ -82,7 +82,8 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError,
-                       check_int, check_number, check_same_device, check_tensor)
+                       check_int, check_number, check_same_device, check_tensor,
+                       values_checked_on_device)
 from ..reference import masks as reference
 from .roi_align import _native_forward, _torchvision_ops
 
@@ -160,10 +161,10 @@ def _check_boxes(name: str, boxes, count: int | None, what: str) -> None:
 
 
 def _check_indices(matched_idxs: Tensor, G: int, name: str) -> None:
-    """Indices in [0, G): a device-side assert on CUDA (no host sync), a
-    clear error elsewhere."""
+    """Indices in [0, G): a device-side assert on CUDA (no host sync) and
+    under torch.compile, a clear error elsewhere."""
     bad = (matched_idxs < 0) | (matched_idxs >= G)
-    if matched_idxs.is_cuda:
+    if values_checked_on_device(matched_idxs):
         torch._assert_async(~bad.any(), "segops mask_targets: matched_idxs holds an index "
                             f"outside [0, G) = [0, {G})")
         return
@@ -215,7 +216,7 @@ def _check_targets(gt_masks, rois, matched_idxs, validate_args, suffix="") -> bo
                             f"{rois.shape[0]} rois")
     check_same_device(**{f"gt_masks{suffix}": gt_masks, f"rois{suffix}": rois,
                          f"matched_idxs{suffix}": matched_idxs})
-    if not validate_args or torch.compiler.is_compiling():
+    if not validate_args:
         return False
     _check_indices(matched_idxs, gt_masks.shape[0], f"matched_idxs{suffix}")
     return True

@@ -59,6 +59,7 @@ from .._checks import (
     check_same_device,
     check_tensor,
     refuse_forward_ad,
+    values_checked_on_device,
 )
 from ..reference import overlap as reference
 
@@ -333,16 +334,14 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int | None,
         raise ArgumentTypeError(f"an index target (N, *spatial) must have an integer dtype, got "
                                 f"{target.dtype}; pass dense (N, C, *spatial) masks for float "
                                 f"targets")
-    if validate_args and not _compiling():
+    if validate_args:
         _check_labels("target", target, C, ignore_index)
 
 
 def _checks_on_device(t: Tensor) -> bool:
-    """Whether a check of the values of ``t`` stays on its device (an
-    asynchronous assert): on CUDA, reading them on the host would wait for
-    the GPU. Elsewhere the read is free and the error is clearer.
-    (tests/test_sync.py turns it on to count that path's syncs on the CPU.)"""
-    return t.is_cuda
+    """_checks.values_checked_on_device, a name of this module's own
+    (tests/test_sync.py turns it on to count that path's syncs on the CPU)."""
+    return values_checked_on_device(t)
 
 
 def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -> None:
@@ -379,12 +378,7 @@ def _labels_checked_in_kernel(input: Tensor, target: Tensor, validate_args: bool
 
 
 def _checks_in_kernel(target: Tensor, validate_args: bool) -> bool:
-    return (validate_args and not _compiling() and _checks_on_device(target)
-            and _dispatch.uses_kernel(target))
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    return validate_args and _checks_on_device(target) and _dispatch.uses_kernel(target)
 
 
 def _check_ignore_index(ignore_index) -> int | None:
@@ -727,7 +721,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
         raise ArgumentError(f"pred must be labels shaped like target {tuple(target.shape)} or "
                             f"scores (N, C, *spatial), got {tuple(pred.shape)}")
     in_kernel = _checks_in_kernel(target, validate_args)
-    if validate_args and not in_kernel and not _compiling():
+    if validate_args and not in_kernel:
         if pred.dim() == target.dim():
             _check_labels("pred", pred, num_classes, None)
         _check_labels("target", target, num_classes, ignore_index)

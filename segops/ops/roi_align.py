@@ -58,7 +58,7 @@ from torch import Tensor
 from .. import _dispatch
 from .._checks import (FLOAT_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
                        check_choice, check_int, check_number, check_same_device, check_tensor,
-                       int_pair, refuse_forward_ad)
+                       int_pair, refuse_forward_ad, values_checked_on_device)
 from .._format import memory_format_of
 from ..reference import roi_align as reference
 
@@ -320,11 +320,9 @@ def _as_rois(boxes) -> Tensor:
 
 
 def _checks_on_device(t: Tensor) -> bool:
-    """Whether a check of the values of ``t`` stays on its device (an
-    asynchronous assert): on CUDA, reading them on the host would wait for
-    the GPU. Elsewhere the read is free and the error is clearer.
-    (tests/test_sync.py turns it on to count that path's syncs on the CPU.)"""
-    return t.is_cuda
+    """_checks.values_checked_on_device, a name of this module's own
+    (tests/test_sync.py turns it on to count that path's syncs on the CPU)."""
+    return values_checked_on_device(t)
 
 
 def _batch_message(N: int) -> str:
@@ -365,7 +363,7 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
         if len(boxes) > N:
             raise ArgumentError(f"boxes holds {len(boxes)} tensors, one per image, for a "
                                 f"batch of {N} images")
-    elif validate_args and not torch.compiler.is_compiling():
+    elif validate_args:
         if (kernel_may_check and _checks_on_device(rois) and _dispatch.uses_kernel(features[0])
                 and _kernels().casts_exactly(rois.dtype, features)):
             return rois, pooled, sampling_ratio, True

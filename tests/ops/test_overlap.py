@@ -397,6 +397,28 @@ def test_input_gradient_has_the_strides_the_fake_kernels_promise(path, layout):
                                "softmax", None, False, False))
 
 
+@pytest.mark.skipif(ON_GPU, reason="a failed device assert ends the CUDA context: "
+                                   "test_bad_labels_assert_on_cuda runs them in a child")
+@pytest.mark.parametrize("call", [
+    lambda x, t: ops.dice_loss(x, t, "multiclass"),
+    lambda x, t: ops.overlap_sums(x, t),
+    lambda x, t: ops.confusion_matrix(x, t, 3),
+    lambda x, t: ops.confusion_matrix(t, t, 3),
+], ids=["dice_loss", "overlap_sums", "confusion_matrix", "confusion_matrix-labels"])
+def test_labels_are_checked_inside_torch_compile(call):
+    """validate_args inside torch.compile(fullgraph=True): the check is a
+    device assert there (a host read would break the graph), on every
+    device; it was skipped, and a label 7 of 3 gave a loss or dropped
+    pixels silently."""
+    x, t = make_case(1, 3, (4, 4), False, "softmax", dtype=KERNEL_DTYPES[0])
+    t[0, 1, 2] = 7
+    with pytest.raises(segops.ArgumentError, match="label"):
+        call(x, t)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="label outside"):
+        torch.compile(call, backend="aot_eager", fullgraph=True)(x, t)
+
+
 def test_compile_fullgraph_through_dice_loss():
     loss_fn = segops.nn.DiceLoss("multiclass", validate_args=False)
     x, t = make_case(2, 4, (6, 7), False, "softmax", dtype=KERNEL_DTYPES[0])

@@ -714,6 +714,24 @@ def test_compile_dynamic_with_float_arguments():
         assert_close(got, want, F64)
 
 
+@pytest.mark.skipif(ON_GPU, reason="a failed device assert ends the CUDA context: the "
+                                   "child-process test covers CUDA")
+def test_batch_indices_are_checked_inside_torch_compile():
+    """validate_args inside torch.compile(fullgraph=True): a device assert
+    (a host read would break the graph); it was skipped, and a batch index
+    3 of 1 pooled zeros silently."""
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    rois = torch.tensor([[3.0, 1.0, 1.0, 4.0, 5.0]], dtype=torch.float64)
+
+    def call(x, rois):
+        return segops.ops.roi_align(x, rois, 2)
+    with pytest.raises(segops.ArgumentError, match="batch index"):
+        call(x, rois)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="batch index that is not an integer"):
+        torch.compile(call, backend="aot_eager", fullgraph=True)(x, rois)
+
+
 def test_autocast_keeps_input_dtype():
     half = torch.float16 if ON_GPU else torch.bfloat16
     x = torch.randn(1, 2, 5, 5, device=DEVICE, dtype=half, requires_grad=True)
