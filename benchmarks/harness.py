@@ -40,13 +40,16 @@ def time_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
 
 def forward_backward(fn, leaves, backward: bool):
     """A callable running ``fn()`` and, with ``backward``, its backward pass
-    (ones as the output gradient), clearing the leaves' gradients after."""
+    (ones as the output gradient), clearing the leaves' gradients after. It
+    returns ``fn()``'s output (the tests compare each group's providers on it;
+    what is timed is the same)."""
     def run():
         out = fn()
         if backward:
             out.backward(torch.ones_like(out))
             for leaf in leaves:
                 leaf.grad = None
+        return out
     return run
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from helpers import DEVICE, RTOL, assert_close
 
+from segops import _dispatch
 from segops.benchmarks import cases, compare, harness, plugin
 from segops.benchmarks.run import codegen_table
 
@@ -538,3 +540,116 @@ def test_overlap_tile_sweep_runs_each_launcher_at_each_tile(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert overlap_tiles.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# the providers of a group compute the same thing
+# ----------------------------------------------------------------------------
+# Each family at toy sizes (the interpreter runs segops' kernels on CPU): the
+# module constants its cases read when they are set up.
+TINY = {
+    "conv": {"SHAPES": [("tiny d2", 1, 8, 6, 8, 3, 2, 1),
+                        ("tiny dw d3", 1, 8, 7, 8, 3, 3, 8)]},
+    "conv_transpose": {"SHAPES": [("tiny k2s2", 1, 8, 4, 4, 2, 2, 0, 0),
+                                  ("tiny k3s2 overlap", 1, 8, 4, 4, 3, 2, 1, 1)]},
+    "roi_align": {"IMAGE": (64, 96), "LEVELS": [(16, 24), (8, 12), (4, 6), (2, 3)],
+                  "CHANNELS": 3, "HEADS": [("box", 12, 3)], "DENSE_HEADS": []},
+    "overlap": {"SHAPES": [(2, 5, (8, 9)), (1, 3, (4, 5, 6))]},
+    # a small image crowds the boxes: NMS suppresses some, the clip clips half
+    "boxes": {"IMAGE": (48, 64), "RPN_IMAGES": [2], "RPN_LEVELS": 3, "RPN_PER_LEVEL": 100,
+              "BOX_HEAD": (60, 12), "DECODE_ROWS": 20},
+    "masks": {"IMAGE": (40, 56), "PASTE_MASKS": 5, "MASK_SIZE": 6, "TARGET_ROIS": 7,
+              "GT_MASKS": 3, "M": 6},
+}
+# what each family's baselines need installed (overlap's fall back to formulas)
+BASELINE_PACKAGES = {"conv": [], "conv_transpose": [], "roi_align": ["torchvision"],
+                     "overlap": [], "boxes": ["torchvision"], "masks": ["torchvision"]}
+# (family, op): results whose dtype differs by design; compared in float64
+OTHER_DTYPES = {
+    # segops' loss accumulates in float32 and returns float32 for bf16
+    # logits; smp's formula returns the logits' dtype
+    ("overlap", "dice_loss"),
+    # segops' iou_score divides the int64 counts in float64; torchmetrics
+    # returns float32
+    ("overlap", "miou"),
+}
+
+
+def _rtol(family: str, case) -> float:
+    """The tolerance of a group's results: the dtype's, except where a side
+    computes in another precision by design."""
+    dtype = getattr(torch, case.dtype)
+    if family == "overlap" and case.op == "miou":
+        return RTOL[torch.float32]  # from the same argmax counts: the float32 division only
+    if family == "roi_align" and dtype == torch.float16:
+        # torchvision's fp16 kernel takes fp16 boxes (the rows cast them) and
+        # computes sample positions and weights in fp16; segops keeps the
+        # fp32 boxes and computes in fp32 (it equals torchvision on fp32
+        # features, rounded). At these sizes the two differ by up to ~2e-2
+        # (relative RMS); at the benchmark's 800x1216 by ~6e-2.
+        return 5e-2
+    if DEVICE.type == "cuda" and family.startswith("conv") and dtype == torch.float32:
+        return 5e-3  # TF32 on both sides (PyTorch's default for convolutions)
+    return RTOL[dtype]
+
+
+def _assert_same(actual, expected, rtol, name, same_dtype=True):
+    """segops' output ``actual`` against a baseline's ``expected``: the same
+    structure and dtypes (float dtypes may differ with ``same_dtype`` False),
+    integer and bool tensors equal, floats within rtol."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), name
+        for key in expected:
+            _assert_same(actual[key], expected[key], rtol, f"{name}[{key!r}]", same_dtype)
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), \
+            f"{name}: {len(actual)} items != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same(a, e, rtol, f"{name}[{i}]", same_dtype)
+    else:
+        assert isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor), name
+        floats = actual.is_floating_point() and expected.is_floating_point()
+        assert actual.dtype == expected.dtype or (floats and not same_dtype), \
+            f"{name}: {actual.dtype} != {expected.dtype}"
+        if expected.is_floating_point():
+            assert_close(actual, expected, rtol, name=name)
+        else:
+            assert torch.equal(actual.cpu(), expected.cpu()), f"{name}: not equal"
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_each_groups_providers_compute_the_same_on_the_timed_calls(family, monkeypatch):
+    """Every forward group of ``family`` at toy sizes: every provider's
+    timed call (Step.fn, on the inputs the group shares) gives segops' result,
+    within the dtype's tolerance (integer and bool results: equal). A
+    baseline that computed something else would time other work."""
+    for package in BASELINE_PACKAGES[family]:
+        pytest.importorskip(package)
+    # segops runs its kernels here (interpreted on CPU), not the native ops
+    # the baselines call
+    assert _dispatch.uses_kernel(torch.empty(0, device=DEVICE))
+    module = cases.family_module(family)
+    monkeypatch.setattr(module, "DEVICE", DEVICE.type)
+    for name, value in TINY[family].items():
+        monkeypatch.setattr(module, name, value)
+    groups = {}
+    for case in module.cases():
+        if "bwd" not in case.direction:  # the forward groups (paste_masks': float, bool)
+            groups.setdefault(case.group, []).append(case)
+    assert groups
+    try:
+        for group, members in groups.items():
+            assert members[0].provider == harness.SEGOPS and len(members) >= 2, group
+            outputs, inputs = [], []
+            for case in members:  # in list order: they share their inputs
+                step = case.setup()
+                inputs.append(cases._slot[0][1] if cases._slot else None)
+                outputs.append(step.fn())
+            assert inputs[0] is not None and all(held is inputs[0] for held in inputs), \
+                f"{group}: inputs not shared"
+            same_dtype = (family, members[0].op) not in OTHER_DTYPES
+            for case, output in zip(members[1:], outputs[1:]):
+                _assert_same(outputs[0], output, _rtol(family, case),
+                             f"{group}: segops vs {case.provider}", same_dtype)
+    finally:
+        cases.release()
