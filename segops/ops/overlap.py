@@ -122,8 +122,10 @@ def _laid_out_like(grad: Tensor, input: Tensor) -> Tensor:
     fake kernels promise (torch.compile reads the result with them): the
     reference's gradient is contiguous, the kernels' too when the input's
     spatial axes cannot be viewed as one; a copy only then."""
-    strides = torch.empty_like(input, device="meta").stride()
-    if grad.stride() == strides:
+    # a dense input's empty_like has its strides (the common case, no
+    # dispatcher call); a dense gradient cannot have a strided input's
+    if grad.stride() == input.stride() or \
+            grad.stride() == torch.empty_like(input, device="meta").stride():
         return grad
     return torch.empty_like(input, dtype=grad.dtype).copy_(grad)
 
