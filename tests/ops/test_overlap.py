@@ -1758,6 +1758,12 @@ def test_fused_loss_opcheck():
     args = (x, t.to(DEVICE), "softmax", None, False, True, False, None, weights, "jaccard", 0.0,
             1e-7, False, True, True, True)
     torch.library.opcheck(torch.ops.segops.overlap_loss.default, args)
+    # its backward op too, channels_last (the fake's strides are empty_like's)
+    _, sums = torch.ops.segops.overlap_loss.default(*args)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.segops.overlap_loss_backward.default,
+                          (torch.ones((), dtype=sums.dtype, device=DEVICE), sums, x_cl,
+                           *args[1:6], *args[7:]))
 
 
 @pytest.mark.parametrize("dtype, bad, ignore_index, flagged", [
