@@ -188,9 +188,11 @@ def run_cases(cases: list[Case], *, timer=None, memory=None) -> list[harness.Rec
     out), then free the shared inputs. cuDNN autotunes its baselines
     (``cudnn.benchmark``) in every front end: ``segops bench``, a family
     module's ``run`` and ``python -m segops.benchmarks.models``."""
+    autotuned = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
         records = [measure(case, timer=timer, memory=memory) for case in cases]
     finally:
+        torch.backends.cudnn.benchmark = autotuned
         release()
     return [r for r in records if r is not None]

@@ -89,7 +89,7 @@ def test_run_cases_lets_cudnn_autotune_the_baselines(monkeypatch):
     case = cases.Case("x", "op", "shape", "float32", "nchw", "fwd", "torchvision",
                       lambda: cases.Step(lambda: seen.append(torch.backends.cudnn.benchmark)))
     cases.run_cases([case], timer=lambda fn, **_: fn() or 1.0, memory=lambda fn: 0)
-    assert seen == [True]
+    assert seen == [True] and torch.backends.cudnn.benchmark is False   # restored after
 
 
 def test_roi_align_fp16_rows_give_torchvision_boxes_it_takes(monkeypatch):

@@ -347,9 +347,10 @@ def _checks_on_device(t: Tensor) -> bool:
 
 
 def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -> None:
-    """Labels in [0, C) or equal to ``ignore_index``. On CUDA a device-side
-    assert (no host sync; a failure surfaces at the next sync, as CUDA
-    errors do); elsewhere an ArgumentError naming the first bad label."""
+    """Labels in [0, C) or equal to ``ignore_index``. On CUDA and inside
+    torch.compile a device-side assert (no host sync; on CUDA a failure
+    surfaces at the next sync, as CUDA errors do); elsewhere an
+    ArgumentError naming the first bad label."""
     bad = (labels < 0) | (labels >= C)
     if ignore_index is not None:
         bad &= labels != ignore_index
@@ -373,8 +374,9 @@ def _labels_message(name: str, C: int, ignore_index: int | None) -> str:
 def _labels_checked_in_kernel(input: Tensor, target: Tensor, validate_args: bool) -> bool:
     """Whether the fused loss checks an index target's labels in its forward
     kernel (one flag, one device assert) instead of the separate passes of
-    ``_check_labels``: where those would be a device assert too (CUDA), on
-    the kernels' path, with classes to compare against."""
+    ``_check_labels``: where those would be a device assert too (CUDA, or
+    inside torch.compile), on the kernels' path, with classes to compare
+    against."""
     return (target.dim() < input.dim() and input.shape[1] > 0
             and _checks_in_kernel(target, validate_args))
 

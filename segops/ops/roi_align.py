@@ -148,6 +148,7 @@ _roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup_con
 
 def _roi_align_backward_setup_context(ctx, inputs, output):
     _grad, features, rois, levels, *options, _deterministic = inputs
+    ctx.set_materialize_grads(False)   # a level the penalty does not use: None, no zeros
     ctx.save_for_backward(rois, levels)
     ctx.options = tuple(options)
     ctx.levels_like = [(f.shape, memory_format_of(f)) for f in features]
@@ -157,14 +158,15 @@ def _roi_align_backward_grad(ctx, grads):
     """Double backward: average pooling is linear in the features, so its
     backward is linear in the output gradient, and the derivative of
     <backward(grad), v> with respect to grad is the forward pooling of v
-    (the adjoint); it does not depend on the features (zero, as None)."""
-    pool_mode = ctx.options[-1]
-    if pool_mode != "avg":
-        raise NotImplementedError("double backward through RoIAlign with pool_mode='max' is "
-                                  "not supported (pool_mode='avg' is)")
+    (the adjoint); it does not depend on the features (zero, as None; for
+    max pooling too, almost everywhere)."""
     nones = ([None] * len(ctx.levels_like),) + (None,) * 9   # features, then the rest
     if not ctx.needs_input_grad[0] or all(g is None for g in grads):
         return (None, *nones)
+    if ctx.options[-1] != "avg":
+        raise NotImplementedError("double backward through RoIAlign with pool_mode='max' is "
+                                  "not supported with respect to the output gradient "
+                                  "(pool_mode='avg' is)")
     rois, levels = ctx.saved_tensors
     like = next(g for g in grads if g is not None)
     probes = [like.new_zeros(shape).contiguous(memory_format=fmt) if g is None else g
@@ -391,7 +393,8 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
             the largest bilinear sample of each bin, NaN if any is NaN; the
             gradient goes to that sample's four neighbours).
         validate_args: check that batch indices are integers in [0, N): a
-            clear error on the CPU, a device-side assert on CUDA (no sync).
+            clear error on the CPU, a device-side assert on CUDA (no sync)
+            and inside torch.compile.
             Without it an index is truncated toward zero as in torchvision,
             and one outside [0, N) then gives zeros.
     Returns:

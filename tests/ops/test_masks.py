@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import DEVICE, RTOL, VIEW_KINDS, assert_close, non_contiguous, record_launches
 
-from segops import _dispatch
+from segops import ArgumentError, _dispatch
 from segops.kernels import masks as kernels
 from segops.reference import masks as ref
 
@@ -594,6 +594,26 @@ def _bad_target_cases():
          lambda: mt([g, g], [r, r], [i, torch.tensor([0, 5])], 4)),
         ("gt_masks must be a Tensor", TypeError, lambda: mt("g", r, i, 4)),
     ]
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="a failed device assert ends the CUDA "
+                    "context; on CUDA the check is the same device assert as here")
+@pytest.mark.parametrize("path", ["kernel", "native", "reference"])
+def test_indices_are_checked_inside_torch_compile(path):
+    """validate_args inside torch.compile(fullgraph=True): a device assert
+    (a host read would break the graph); it was skipped, and an index 5 of
+    3 GT masks gave zeros silently."""
+    masks, rois = gt_masks(3), mask_rois()
+    idx = torch.tensor([0, 2, 1, 5, 0, 1, 2, 1])
+
+    def call(masks, rois, idx):
+        return mask_targets(masks, rois, idx, 5)
+    with on_path(path):
+        with pytest.raises(ArgumentError, match="matched_idxs"):
+            call(masks, rois, idx)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="matched_idxs holds an index"):
+            torch.compile(call, backend="aot_eager", fullgraph=True)(masks, rois, idx)
 
 
 @pytest.mark.parametrize("match,error,make", _bad_paste_cases() + _bad_target_cases(),

@@ -642,13 +642,21 @@ def test_multi_scale_double_backward_gradgradcheck(path):
             tuple(maps), fast_mode=True)
 
 
-def test_max_pool_double_backward_raises():
+def test_max_pool_double_backward():
+    """Max pooling: the second-order gradient with respect to the features
+    is zero (almost everywhere), as autograd over the reference gives; with
+    respect to the output gradient it raises, naming the pool mode."""
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     rois = make_rois(2, 1, 5, 6, seed_kinds=False).to(DEVICE)
     out = segops.ops.roi_align(x, rois, 2, 1.0, 2, pool_mode="max")
     (gx,) = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
+    (second,) = torch.autograd.grad(gx.sum(), x, materialize_grads=True)
+    assert second.abs().max() == 0
+    dy = torch.ones_like(out).requires_grad_()
+    (gx,) = torch.autograd.grad(segops.ops.roi_align(x, rois, 2, 1.0, 2, pool_mode="max"), x,
+                                dy, create_graph=True)
     with pytest.raises(NotImplementedError, match="pool_mode='max'"):
-        torch.autograd.grad(gx.sum(), x)
+        torch.autograd.grad(gx.sum(), dy)
 
 
 @pytest.mark.parametrize("path", ["kernel", "native"])
@@ -716,7 +724,9 @@ def test_compile_dynamic_with_float_arguments():
 
 @pytest.mark.skipif(ON_GPU, reason="a failed device assert ends the CUDA context: the "
                                    "child-process test covers CUDA")
-def test_batch_indices_are_checked_inside_torch_compile():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("multi", [False, True])
+def test_batch_indices_are_checked_inside_torch_compile(path, multi):
     """validate_args inside torch.compile(fullgraph=True): a device assert
     (a host read would break the graph); it was skipped, and a batch index
     3 of 1 pooled zeros silently."""
@@ -724,12 +734,15 @@ def test_batch_indices_are_checked_inside_torch_compile():
     rois = torch.tensor([[3.0, 1.0, 1.0, 4.0, 5.0]], dtype=torch.float64)
 
     def call(x, rois):
+        if multi:
+            return segops.ops.multi_scale_roi_align([x, x[..., ::2, ::2]], rois, 2, [1, 0.5])
         return segops.ops.roi_align(x, rois, 2)
-    with pytest.raises(segops.ArgumentError, match="batch index"):
-        call(x, rois)
-    torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="batch index that is not an integer"):
-        torch.compile(call, backend="aot_eager", fullgraph=True)(x, rois)
+    with on_path(path):
+        with pytest.raises(segops.ArgumentError, match="batch index"):
+            call(x, rois)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="batch index that is not an integer"):
+            torch.compile(call, backend="aot_eager", fullgraph=True)(x, rois)
 
 
 def test_autocast_keeps_input_dtype():
