@@ -435,6 +435,19 @@ def _coverage_cases():
         yield case("overlap", "coverage 2x5x8^2 (activations, targets, flags)", "nchw", dtype,
                    run)
 
+    for dtype in ("fp32", "fp16"):
+        def run(phase, dtype=dtype):
+            # one class (binary Dice/Jaccard): triton 3.8 crashed compiling the
+            # forward's per-thread pixel groups there (35 pixels: a pixel count
+            # that is not a multiple of 16, as the crash needs)
+            x = _empty((2, 1, 5, 7), dtype, False, True)
+            with phase("fwd"):
+                loss = ops.dice_loss(x, torch.zeros((2, 1, 5, 7)), "binary",
+                                     validate_args=False)
+            with phase("bwd"):
+                loss.backward()
+        yield case("overlap", "coverage 2x1x5x7 (binary)", "nchw", dtype, run)
+
     def run(phase):
         # more than 256 classes: softmax in class chunks (both backward schedules)
         for squared, intersection in ((False, "product"), (True, "product"), (False, "min")):
@@ -1057,14 +1070,22 @@ def compile_all(launches, arch: int = 90, jobs: int | None = None, cache_dir=Non
         for i in range(len(keys)):
             done(*_compile_job((i, arch)))
     else:
+        import concurrent.futures
         import multiprocessing
+        # an executor, not multiprocessing.Pool: a compiler that crashes its
+        # worker (triton 3.8's SIGSEGV on one-class Dice tiles did) breaks the
+        # executor, where a Pool waits for the lost result forever
         context = multiprocessing.get_context("fork")
-        with context.Pool(jobs) as pool:
-            for n, result in enumerate(pool.imap_unordered(_compile_job,
-                                                           [(i, arch) for i in range(len(keys))])):
-                done(*result)
-                if log and (n + 1) % 50 == 0:
-                    log(f"  compiled {n + 1}/{len(keys)} ({time.time() - started:.0f} s)")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = [pool.submit(_compile_job, (i, arch)) for i in range(len(keys))]
+            try:
+                for n, future in enumerate(concurrent.futures.as_completed(futures)):
+                    done(*future.result())
+                    if log and (n + 1) % 50 == 0:
+                        log(f"  compiled {n + 1}/{len(keys)} ({time.time() - started:.0f} s)")
+            except concurrent.futures.process.BrokenProcessPool as error:
+                raise RuntimeError("a compile killed its worker process (a compiler crash); "
+                                   "rerun with --jobs 1 to see which kernel") from error
     _JOBS[:] = []
     if log and keys:
         log(f"compiled {len(keys)} in {time.time() - started:.0f} s")

@@ -1101,16 +1101,18 @@ def _forward_pixel_masks(activation: str, dense: bool, C: int, block_c: int,
     return activation == "softmax" and not dense and C <= block_c and num_warps == 1
 
 
-def _pixel_group(x: torch.Tensor, block_s: int) -> int:
+def _pixel_group(x: torch.Tensor, block_s: int, block_c: int) -> int:
     """Pixels the forward sums in registers before its tile's partial sums:
     where pixels are contiguous (NCHW), one thread's vector of them (16
     bytes), so each step adds within threads and the sums cross lanes once
     per class chunk; otherwise (channels_last: a thread holds classes, the
     pixels lie across lanes) the whole tile, reduced each step, as partial
     sums per pixel would hold 3 registers per element of the tile (float64
-    spilled with 2 pixels)."""
-    if x.stride(2) != 1 or x.dtype == torch.float64:  # float64: 6 registers an element
-        return block_s
+    spilled with 2 pixels). One class (binary losses): the whole tile too,
+    as triton 3.8 crashes (SIGSEGV in make_llir, sm_90) compiling the
+    [1, BLOCK_S / GROUP, GROUP] reduction for fp32 and fp16 scores."""
+    if x.stride(2) != 1 or x.dtype == torch.float64 or block_c == 1:
+        return block_s   # float64: 6 registers an element
     return min(block_s, 16 // x.element_size())
 
 
@@ -1162,7 +1164,7 @@ def overlap_sums_forward(input, target, activation: str, ignore_index: int | Non
         HAS_IGNORE=ignore_index is not None, SQUARED=squared,
         MIN_INTERSECTION=min_intersection, CHECK_LABELS=bad_labels is not None,
         LABEL_BLOCK=128 * num_warps, ONE_CHUNK=C <= BLOCK_C, BLOCK_C=BLOCK_C,
-        BLOCK_S=BLOCK_S, GROUP=_pixel_group(x, BLOCK_S),
+        BLOCK_S=BLOCK_S, GROUP=_pixel_group(x, BLOCK_S, BLOCK_C),
         PIXEL_MASKS=_forward_pixel_masks(activation, dense, C, BLOCK_C, num_warps),
         APPROX_RCP=input.device.type == "cuda", ACC=tl_accumulation(input.dtype),
         num_warps=num_warps,
