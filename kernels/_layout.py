@@ -64,7 +64,8 @@ def target_programs(device: torch.device) -> int:
     """How many programs a reduction grid should aim for: a few waves on a GPU,
     a handful in the interpreter (enough to exercise several program ids)."""
     if device.type == "cuda":
-        return 4 * multiprocessor_count(device.index or torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 4 * multiprocessor_count(index)
     return 4
 
 

@@ -92,13 +92,24 @@ def uses_kernel(tensor: torch.Tensor) -> bool:
     """True when ``tensor``'s op should run the Triton kernel.
 
     There is no silent fallback on CUDA: without Triton a CUDA input is an
-    error, not a slow path.
+    error, not a slow path. Nor on another GPU than the current one: Triton
+    launches on the current device and its stream, while torch's work around
+    the launch follows the tensors, unordered with it (wrong answers or an
+    illegal address), so that is an error too.
     """
     path = path_for(tensor.device)
     if path == KERNEL and not TRITON_AVAILABLE:
         raise RuntimeError(
             "segops: CUDA tensors need Triton, which is not installed "
             "(pip install triton)"
+        )
+    if path == KERNEL and tensor.device.index not in (None, torch.cuda.current_device()):
+        from ._checks import ArgumentError
+        raise ArgumentError(
+            f"segops: tensors on {tensor.device} while the current CUDA device is "
+            f"cuda:{torch.cuda.current_device()}: segops' kernels run on the current device; "
+            f"call torch.cuda.set_device({tensor.device.index}) or run the call inside "
+            f"torch.cuda.device({tensor.device.index})"
         )
     return path in (KERNEL, INTERPRETER)
 

@@ -156,7 +156,7 @@ def test_models_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     monkeypatch.setattr(bench, "UNET_WIDTH", 4)
     monkeypatch.setattr(bench, "time_ms", call_once)
     monkeypatch.setattr(bench, "peak_extra_memory", lambda fn: 0)
-    from segops import _dispatch
+    from segops import ArgumentError, _dispatch
     with _dispatch.reference_only():  # the code path, not the kernels, is under test
         records = bench.run(quick=False)
     assert len(records) == 2 * 2 * 2
@@ -179,3 +179,21 @@ def test_bench_without_gpu_runs_the_self_check_and_the_cpu_model_rows(monkeypatc
     calls.clear()
     assert cli.main(["bench", "--ops", "conv"]) == 0
     assert calls == ["check"]
+
+
+def test_a_gpu_other_than_the_current_one_is_a_clear_error(monkeypatch):
+    """segops' kernels launch on the current CUDA device (Triton's rule)
+    while torch's work around them follows the tensors: tensors on another
+    GPU are refused with the fix in the message, not run unordered
+    (host-side check: the dispatch sees cuda:1 while cuda:0 is current)."""
+    import types
+
+    from segops import ArgumentError, _dispatch
+    monkeypatch.setattr(_dispatch, "path_for", lambda device: _dispatch.KERNEL)
+    monkeypatch.setattr(_dispatch, "TRITON_AVAILABLE", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on = types.SimpleNamespace
+    assert _dispatch.uses_kernel(on(device=torch.device("cuda", 0)))
+    assert _dispatch.uses_kernel(on(device=torch.device("cuda")))
+    with pytest.raises(ArgumentError, match=r"torch.cuda.set_device\(1\)"):
+        _dispatch.uses_kernel(on(device=torch.device("cuda", 1)))
