@@ -197,3 +197,46 @@ def test_a_gpu_other_than_the_current_one_is_a_clear_error(monkeypatch):
     assert _dispatch.uses_kernel(on(device=torch.device("cuda")))
     with pytest.raises(ArgumentError, match=r"torch.cuda.set_device\(1\)"):
         _dispatch.uses_kernel(on(device=torch.device("cuda", 1)))
+
+
+def test_kernel_path_without_triton_is_an_error(monkeypatch):
+    """No silent fallback on CUDA: without Triton a CUDA tensor raises."""
+    import types
+
+    from segops import _dispatch
+    monkeypatch.setattr(_dispatch, "path_for", lambda device: _dispatch.KERNEL)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(_dispatch, "TRITON_AVAILABLE", False)
+    with pytest.raises(RuntimeError, match="need Triton"):
+        _dispatch.uses_kernel(cuda)
+    monkeypatch.setattr(_dispatch, "TRITON_AVAILABLE", True)
+    assert _dispatch.uses_kernel(cuda)
+
+
+def test_forced_paths_nest_and_restore():
+    """native_only inside reference_only, and each block gives back the
+    path it found; deterministic_algorithms restores the flag it found;
+    a meta tensor (no interpreter for it) takes the native path."""
+    from segops import _dispatch
+    default = _dispatch.path_for("cpu")
+    with _dispatch.reference_only():
+        assert _dispatch.path_for("cpu") == _dispatch.REFERENCE
+        with _dispatch.native_only():
+            assert _dispatch.path_for("cpu") == _dispatch.NATIVE
+        assert _dispatch.path_for("cpu") == _dispatch.REFERENCE
+    assert _dispatch.path_for("cpu") == default
+    assert _dispatch.path_for("meta") == _dispatch.NATIVE
+    before = torch.are_deterministic_algorithms_enabled()
+    for enabled in (True, False):
+        with _dispatch.deterministic_algorithms(enabled):
+            assert torch.are_deterministic_algorithms_enabled() is enabled
+        assert torch.are_deterministic_algorithms_enabled() is before
+
+
+def test_check_int_refuses_a_float_tensor():
+    from segops import ArgumentTypeError
+    from segops._checks import check_int
+    assert check_int("x", torch.tensor(3)) == 3
+    with pytest.raises(ArgumentTypeError, match="x must be an int"):
+        check_int("x", torch.tensor(2.5))

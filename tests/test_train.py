@@ -45,7 +45,7 @@ def test_fit_and_evaluate():
     assert iou.shape == (4,)
 
 
-@pytest.mark.parametrize("ignore_index", [0, 255])
+@pytest.mark.parametrize("ignore_index", [0, 3, 255])
 def test_evaluate_and_fit_leave_the_ignored_label_out(ignore_index):
     """evaluate's nanmean is the macro mIoU of MeanIoU (and torchmetrics)
     with the same ignore_index: an ignored class is NaN in the per-class

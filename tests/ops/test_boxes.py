@@ -588,6 +588,7 @@ def _bad_cases():
         ("idxs must be a torch.Tensor", TypeError, lambda: bnms(b, s, None, 0.5)),
         ("image_ids must have one entry", ValueError, lambda: per(b, s, i, i[:2], 0.5)),
         ("image_ids hold 3", ValueError, lambda: per(b, s, i, i + 3, 0.5, num_images=2)),
+        ("image_ids hold 2", ValueError, lambda: per(b, s, i, i * 0 + 2, 0.5, num_images=2)),
         ("max_per_image must be >= 0", ValueError, lambda: per(b, s, i, i, 0.5, -1)),
         ("num_images must be an int", TypeError, lambda: per(b, s, i, i, 0.5, num_images=1.5)),
         ("boxes2 must have shape", ValueError, lambda: boxes_ops.box_iou(b, torch.rand(3, 2))),
@@ -715,3 +716,24 @@ def test_boxes_benchmark_code_runs_at_tiny_sizes(monkeypatch):
     for op in ("batched_nms", "decode_boxes"):
         assert (op, "segops") in keys and (op, "torchvision") in keys
     assert math.isfinite(sum(r.ms for r in records))
+
+
+def test_per_image_cap_of_zero_keeps_nothing():
+    b = random_boxes(12).float().to(DEVICE)
+    s, idxs = torch.rand(12).to(DEVICE), torch.randint(0, 2, (12,)).to(DEVICE)
+    images = torch.randint(0, 3, (12,)).to(DEVICE)
+    kept = boxes_ops.batched_nms_per_image(b, s, idxs, images, 0.5, 0, num_images=3)
+    assert [k.numel() for k in kept] == [0, 0, 0]
+
+
+def test_native_box_iou_is_torchvisions(monkeypatch):
+    """native_only: box_iou is torchvision's call (a spy), with its values."""
+    import torchvision
+    calls = []
+    real = torchvision.ops.box_iou
+    monkeypatch.setattr(torchvision.ops, "box_iou", lambda a, b: calls.append(1) or real(a, b))
+    a, b = random_boxes(5).float(), random_boxes(4).float()
+    with on_path("native"):
+        got = boxes_ops.box_iou(a, b)
+    assert calls == [1]
+    assert_close(got, real(a, b), RTOL[torch.float32])

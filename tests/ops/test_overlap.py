@@ -859,6 +859,29 @@ def f64(*values):
     return torch.tensor(values, dtype=torch.float64)
 
 
+def test_scores_with_ignore_index_past_the_classes_ignore_nothing():
+    """ignore_index = C (a void label outside the matrix, e.g. 255 of a
+    C-class one) leaves every class in, as torchmetrics does."""
+    cm = torch.tensor([[3, 1, 0], [2, 4, 1], [0, 2, 5]])
+    for score in (ops.iou_score, ops.dice_score):
+        for average in ("macro", "micro", "weighted", "none"):
+            assert torch.equal(score(cm, average, ignore_index=3), score(cm, average))
+
+
+def test_dense_targets_pass_the_device_check(monkeypatch):
+    """With the label check on the device (CUDA, torch.compile), a dense
+    target (binary, multilabel, soft labels) is not read as labels: no
+    assert fires, the loss is the one checked on the host."""
+    x = torch.randn(2, 1, 4, 5, dtype=KERNEL_DTYPES[0], device=DEVICE)
+    hard = torch.randint(0, 2, x.shape, device=DEVICE).to(x.dtype)   # 1 is no label of 1 class
+    targets = [hard, torch.rand_like(x)]
+    want = [ops.dice_loss(x, t, mode) for t in targets for mode in ("binary", "multilabel")]
+    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    got = [ops.dice_loss(x, t, mode) for t in targets for mode in ("binary", "multilabel")]
+    for g, w in zip(got, want):
+        assert_close(g, w, TOL)
+
+
 def test_iou_and_dice_scores_by_hand():
     # rows = target, columns = prediction; class 2 never appears anywhere
     cm = torch.tensor([[3, 1, 0], [2, 4, 0], [0, 0, 0]])

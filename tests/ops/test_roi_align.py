@@ -625,6 +625,36 @@ def test_double_backward_matches_autograd_over_the_reference(path, aligned):
         assert got[1][0].abs().max() == 0
 
 
+def test_double_backward_through_one_level_of_several():
+    """A penalty on one level's input gradient only: the other level's
+    second-order term arrives as None and the output gradient's is the
+    pooling of the probe on that level alone."""
+    maps = [torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE, requires_grad=True),
+            torch.randn(1, 2, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)]
+    boxes = [torch.tensor([[0.0, 0.0, 30.0, 30.0], [1.0, 1.0, 5.0, 6.5]], dtype=torch.float64,
+                          device=DEVICE)]
+    args = (boxes, 2, [1.0, 0.5], 2)
+    out = segops.ops.multi_scale_roi_align(maps, *args, canonical_scale=8, canonical_level=0)
+    dy = torch.randn_like(out).requires_grad_()
+    g0, _ = torch.autograd.grad(out, maps, dy, create_graph=True)
+    probe = torch.randn_like(g0)
+    (got,) = torch.autograd.grad((g0 * probe).sum(), dy)
+    want = segops.ops.multi_scale_roi_align([probe, torch.zeros_like(maps[1])], *args,
+                                            canonical_scale=8,
+                                            canonical_level=0)
+    assert_close(got, want, F64)
+    assert got.abs().max() > 0
+
+
+def test_zero_spatial_scale_is_torchvisions():
+    """spatial_scale = 0 is allowed (every box collapses to the origin), as
+    in torchvision."""
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    rois = make_rois(3, 1, 5, 6, seed_kinds=False)
+    want = torchvision.ops.roi_align(x, rois, 2, 0.0, 2)
+    assert_close(segops.ops.roi_align(x.to(DEVICE), rois.to(DEVICE), 2, 0.0, 2), want, F64)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_multi_scale_double_backward_gradgradcheck(path):
     """Numerical second derivatives through every level of the multi-scale
