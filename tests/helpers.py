@@ -275,6 +275,23 @@ def assert_second_order_close(fn, want_fn, tensors, grad_out, probes, rtol, name
     return got
 
 
+def assert_checked_eager_and_compiled(call, args, path: str, eager_match: str,
+                                      compiled_match: str) -> None:
+    """``call(*args)`` on ``path`` raises segops.ArgumentError eagerly and,
+    compiled with fullgraph=True, the device assert's RuntimeError (the
+    value checks inside torch.compile; CPU tensors: on CUDA a failed assert
+    ends the context)."""
+    import pytest
+
+    import segops
+    with on_path(path):
+        with pytest.raises(segops.ArgumentError, match=eager_match):
+            call(*args)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=compiled_match):
+            torch.compile(call, backend="aot_eager", fullgraph=True)(*args)
+
+
 def assert_device_assert_in_child(prelude: str, unchecked: str, checked: str) -> None:
     """Runs ``prelude``, ``unchecked`` (which must pass) and ``checked``
     (which must trip a CUDA device-side assert) in a child process: a failed

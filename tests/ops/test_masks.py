@@ -8,9 +8,10 @@ import importlib
 
 import pytest
 import torch
-from helpers import DEVICE, RTOL, VIEW_KINDS, assert_close, non_contiguous, record_launches
+from helpers import (DEVICE, RTOL, VIEW_KINDS, assert_checked_eager_and_compiled, assert_close,
+                     non_contiguous, record_launches)
 
-from segops import ArgumentError, _dispatch
+from segops import _dispatch
 from segops.kernels import masks as kernels
 from segops.reference import masks as ref
 
@@ -608,12 +609,8 @@ def test_indices_are_checked_inside_torch_compile(path):
 
     def call(masks, rois, idx):
         return mask_targets(masks, rois, idx, 5)
-    with on_path(path):
-        with pytest.raises(ArgumentError, match="matched_idxs"):
-            call(masks, rois, idx)
-        torch._dynamo.reset()
-        with pytest.raises(RuntimeError, match="matched_idxs holds an index"):
-            torch.compile(call, backend="aot_eager", fullgraph=True)(masks, rois, idx)
+    assert_checked_eager_and_compiled(call, (masks, rois, idx), path, "matched_idxs",
+                                      "matched_idxs holds an index")
 
 
 @pytest.mark.parametrize("match,error,make", _bad_paste_cases() + _bad_target_cases(),

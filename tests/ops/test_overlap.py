@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, PATHS, RTOL, DispatchCalls, LaunchRecorder,
-                     assert_close, assert_device_assert_in_child, deterministic, like_layout,
+                     assert_checked_eager_and_compiled, assert_close,
+                     assert_device_assert_in_child, deterministic, like_layout,
                      on_path, second_order_grads)
 
 import segops
@@ -413,12 +414,7 @@ def test_labels_are_checked_inside_torch_compile(call, path):
     pixels silently."""
     x, t = make_case(1, 3, (4, 4), False, "softmax", dtype=KERNEL_DTYPES[0])
     t[0, 1, 2] = 7
-    with on_path(path):
-        with pytest.raises(segops.ArgumentError, match="label"):
-            call(x, t)
-        torch._dynamo.reset()
-        with pytest.raises(RuntimeError, match="label outside"):
-            torch.compile(call, backend="aot_eager", fullgraph=True)(x, t)
+    assert_checked_eager_and_compiled(call, (x, t), path, "label", "label outside")
 
 
 def test_compile_fullgraph_through_dice_loss():

@@ -14,6 +14,7 @@ from helpers import (
     ON_GPU,
     PATHS,
     RTOL,
+    assert_checked_eager_and_compiled,
     assert_close,
     assert_device_assert_in_child,
     deterministic,
@@ -767,12 +768,8 @@ def test_batch_indices_are_checked_inside_torch_compile(path, multi):
         if multi:
             return segops.ops.multi_scale_roi_align([x, x[..., ::2, ::2]], rois, 2, [1, 0.5])
         return segops.ops.roi_align(x, rois, 2)
-    with on_path(path):
-        with pytest.raises(segops.ArgumentError, match="batch index"):
-            call(x, rois)
-        torch._dynamo.reset()
-        with pytest.raises(RuntimeError, match="batch index that is not an integer"):
-            torch.compile(call, backend="aot_eager", fullgraph=True)(x, rois)
+    assert_checked_eager_and_compiled(call, (x, rois), path, "batch index",
+                                      "batch index that is not an integer")
 
 
 def test_autocast_keeps_input_dtype():
