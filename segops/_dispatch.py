@@ -103,7 +103,10 @@ def uses_kernel(tensor: torch.Tensor) -> bool:
             "segops: CUDA tensors need Triton, which is not installed "
             "(pip install triton)"
         )
-    if path == KERNEL and tensor.device.index not in (None, torch.cuda.current_device()):
+    # (CUDA not initialised: no real CUDA tensor yet, e.g. the codegen
+    # report's captured launches; current_device() would initialise it)
+    if path == KERNEL and torch.cuda.is_initialized() \
+            and tensor.device.index not in (None, torch.cuda.current_device()):
         from ._checks import ArgumentError
         raise ArgumentError(
             f"segops: tensors on {tensor.device} while the current CUDA device is "

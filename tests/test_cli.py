@@ -192,6 +192,7 @@ def test_a_gpu_other_than_the_current_one_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_dispatch, "path_for", lambda device: _dispatch.KERNEL)
     monkeypatch.setattr(_dispatch, "TRITON_AVAILABLE", True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     on = types.SimpleNamespace
     assert _dispatch.uses_kernel(on(device=torch.device("cuda", 0)))
     assert _dispatch.uses_kernel(on(device=torch.device("cuda")))
