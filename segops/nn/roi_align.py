@@ -121,7 +121,9 @@ class MultiScaleRoIAlign(nn.Module):
         if scales is None:
             scales = _setup_scales(features, image_shapes)
         rule = self.level_rule or (self.canonical_scale, self.canonical_level)
-        if not isinstance(scales, torch.fx.Proxy):  # traced: recomputed by the graph
+        # kept once (traced: recomputed by the graph); no module write per call
+        if (self.scales is None or self.level_rule is None) \
+                and not isinstance(scales, torch.fx.Proxy):
             self.scales, self.level_rule = scales, rule
         return multi_scale_roi_align(
             features, boxes, self.output_size, scales, self.sampling_ratio,
