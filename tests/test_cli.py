@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import segops.ops
 from segops import cli
 from segops.benchmarks import harness
 
@@ -241,3 +242,27 @@ def test_check_int_refuses_a_float_tensor():
     assert check_int("x", torch.tensor(3)) == 3
     with pytest.raises(ArgumentTypeError, match="x must be an int"):
         check_int("x", torch.tensor(2.5))
+
+
+def test_check_int_bounds_are_inclusive():
+    """Both bounds are allowed values; one past either raises, with the bound
+    in the message (ignore_index takes any int64, classes index from -C)."""
+    from segops import ArgumentError
+    from segops._checks import check_int
+    assert check_int("x", 5, minimum=2, maximum=5) == 5
+    assert check_int("x", 2, minimum=2, maximum=5) == 2
+    with pytest.raises(ArgumentError, match=r"x must be <= 5, got 6"):
+        check_int("x", 6, minimum=2, maximum=5)
+    with pytest.raises(ArgumentError, match=r"x must be >= 2, got 1"):
+        check_int("x", 1, minimum=2, maximum=5)
+    with pytest.raises(ArgumentError, match=r"x must be <= 5, got 6"):
+        check_int("x", 6, maximum=5)
+    with pytest.raises(ArgumentError, match=r"x must be >= 2, got 1"):
+        check_int("x", 1, minimum=2)
+    x, t = torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)
+    segops.ops.dice_loss(x, t, ignore_index=2**63 - 1)
+    with pytest.raises(ArgumentError, match="ignore_index must be <="):
+        segops.ops.dice_loss(x, t, ignore_index=2**63)
+    segops.ops.dice_loss(x, t, classes=[-3, 2])
+    with pytest.raises(ArgumentError, match="classes must be <= 2, got 3"):
+        segops.ops.dice_loss(x, t, classes=[3])

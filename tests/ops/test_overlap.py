@@ -1244,6 +1244,20 @@ def test_index_target_ignore_index_wraps_like_torch(dtype, ignore):
     assert torch.equal(cm.cpu(), theirs(x.cpu(), t.cpu()))
 
 
+@pytest.mark.parametrize("ignore", [0, 1, 256, 257, -255, -1])
+def test_bool_mask_ignore_index_compares_as_torch_promotes(ignore):
+    """`mask != ignore_index` promotes a bool mask to int64: 0 and 1 drop the
+    pixels equal to them, every other value (256, -255: 0 and 1 once wrapped
+    to uint8) drops nothing."""
+    x, _ = make_case(2, 3, (5, 6), False, "sigmoid", dtype=KERNEL_DTYPES[0])
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    x, mask = x.to(DEVICE), mask.to(DEVICE)
+    sums = ops.overlap_sums(x, mask, activation="sigmoid", ignore_index=ignore)
+    want = ref.overlap_sums(x.cpu().double(), mask.cpu(), "sigmoid", ignore, False)
+    assert_close(sums, want, TOL)
+    assert sums[2].sum() == (mask & (mask != ignore)).sum()   # target sum: kept ones
+
+
 def test_uint8_ignore_minus_one_dice_matches_smp():
     smp_losses = pytest.importorskip("segmentation_models_pytorch.losses")
     x, t = make_case(2, 4, (5, 6), False, "softmax", dtype=torch.float32)
