@@ -626,6 +626,36 @@ def test_double_backward_matches_autograd_over_the_reference(path, aligned):
         assert got[1][0].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("determ", [False, True], ids=["atomic", "deterministic"])
+def test_double_backward_half_precision_views(dtype, determ):
+    """A gradient penalty under AMP: fp16/bf16 features and output gradient,
+    both non-contiguous views, through both backwards, against autograd over
+    the reference in float64 of the same rounded values (the boxes on a
+    quarter-pixel grid, exact in either dtype). The output gradient is a
+    leaf: with a constant one the input gradient has no second order."""
+    def rounded(*shape):
+        return torch.randn(*shape).to(dtype).double()
+
+    x, dy, probe = rounded(2, 3, 6, 7), rounded(5, 3, 2, 3), rounded(2, 3, 6, 7)
+    rois = make_rois(5, 2, 6, 7, 0.5, seed_kinds=False)
+    rois[:, 1:] = (rois[:, 1:] * 4).round() / 4
+    options = dict(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=2, aligned=True)
+    with deterministic(determ):
+        got = second_order_grads(
+            lambda t: segops.ops.roi_align(t, rois.to(DEVICE, dtype), **options),
+            [x.to(DEVICE, dtype)], dy.to(DEVICE, dtype), [probe.to(DEVICE, dtype)],
+            view=lambda t: like_layout(t, "strided"))
+    want = second_order_grads(
+        lambda t: ref.roi_align([t], rois, None, [0.5], 2, 3, 2, True, "avg"), [x], dy, [probe])
+    for name, g, w in zip(("input, first order", "input", "grad_out"), (*got[0], *got[1]),
+                          (*want[0], *want[1])):
+        assert g.dtype == dtype
+        assert_close(g, w, RTOL[dtype], name=name)
+    first, second = got
+    assert first[0].dtype == dtype and second[0].abs().max() == 0
+
+
 def test_double_backward_through_one_level_of_several():
     """A penalty on one level's input gradient only: the other level's
     second-order term arrives as None and the output gradient's is the
