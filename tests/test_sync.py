@@ -35,11 +35,8 @@ import torch
 from helpers import DEVICE, ON_GPU, RTOL, assert_close, deterministic
 
 import segops
-from segops import ops
+from segops import _checks, ops
 
-roi_align_ops = importlib.import_module("segops.ops.roi_align")
-overlap_ops = importlib.import_module("segops.ops.overlap")
-boxes_ops = importlib.import_module("segops.ops.boxes")
 
 
 # --------------------------------------------------------------------------
@@ -167,8 +164,7 @@ class KernelLaunches:
 def _checks_stay_on_device(monkeypatch):
     """validate_args takes its CUDA branch (a device-side assert) on any
     device."""
-    for module in (roi_align_ops, overlap_ops):
-        monkeypatch.setattr(module, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(_checks, "values_checked_on_device", lambda t: True)
 
 
 # --------------------------------------------------------------------------
@@ -333,9 +329,6 @@ def _count(case, monkeypatch):
 def test_hot_path_sync_count(name, monkeypatch):
     case = CASES[name]
     _checks_stay_on_device(monkeypatch)
-    if name == "batched_nms_per_image" and not ON_GPU:
-        # off CUDA its image-id check reads the ids on the host (on CUDA: a device assert)
-        monkeypatch.setattr(boxes_ops, "_check_image_ids", lambda ids, n: None)
     forward, backward, launched = _count(case, monkeypatch)
     assert len(forward) == case.syncs, forward
     assert backward == []

@@ -58,10 +58,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _checks, _dispatch
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
-                       check_int, check_number, check_same_device, check_tensor,
-                       values_checked_on_device)
+                       check_int, check_number, check_same_device, check_tensor)
 from ..reference import boxes as reference
 
 DEFAULT_BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -321,7 +320,7 @@ def _check_image_ids(image_ids: Tensor, num_images: int) -> None:
     if image_ids.numel() == 0:
         return
     bad = (image_ids < 0) | (image_ids >= num_images)
-    if values_checked_on_device(image_ids):
+    if _checks.values_checked_on_device(image_ids):
         torch._assert_async(~bad.any(), "segops batched_nms_per_image: image_ids hold a value "
                             f"outside [0, num_images) = [0, {num_images})")
         return

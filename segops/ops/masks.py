@@ -80,10 +80,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _checks, _dispatch
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError,
-                       check_int, check_number, check_same_device, check_tensor,
-                       values_checked_on_device)
+                       check_int, check_number, check_same_device, check_tensor)
 from ..reference import masks as reference
 from .roi_align import _native_forward, _torchvision_ops
 
@@ -164,7 +163,7 @@ def _check_indices(matched_idxs: Tensor, G: int, name: str) -> None:
     """Indices in [0, G): a device-side assert on CUDA (no host sync) and
     under torch.compile, a clear error elsewhere."""
     bad = (matched_idxs < 0) | (matched_idxs >= G)
-    if values_checked_on_device(matched_idxs):
+    if _checks.values_checked_on_device(matched_idxs):
         torch._assert_async(~bad.any(), "segops mask_targets: matched_idxs holds an index "
                             f"outside [0, G) = [0, {G})")
         return

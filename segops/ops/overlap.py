@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch._C._functorch import peek_interpreter_stack
 
-from .. import _dispatch
+from .. import _checks, _dispatch
 from .._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -59,7 +59,6 @@ from .._checks import (
     check_same_device,
     check_tensor,
     refuse_forward_ad,
-    values_checked_on_device,
 )
 from ..reference import overlap as reference
 
@@ -340,12 +339,6 @@ def _check_target(input: Tensor, target: Tensor, ignore_index: int | None,
         _check_labels("target", target, C, ignore_index)
 
 
-def _checks_on_device(t: Tensor) -> bool:
-    """_checks.values_checked_on_device, a name of this module's own
-    (tests/test_sync.py turns it on to count that path's syncs on the CPU)."""
-    return values_checked_on_device(t)
-
-
 def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -> None:
     """Labels in [0, C) or equal to ``ignore_index``. On CUDA and inside
     torch.compile a device-side assert (no host sync; on CUDA a failure
@@ -354,7 +347,7 @@ def _check_labels(name: str, labels: Tensor, C: int, ignore_index: int | None) -
     bad = (labels < 0) | (labels >= C)
     if ignore_index is not None:
         bad &= labels != ignore_index
-    if _checks_on_device(labels):
+    if _checks.values_checked_on_device(labels):
         torch._assert_async(~bad.any(), _labels_message(name, C, ignore_index))
         return
     if bool(bad.any()):
@@ -382,7 +375,7 @@ def _labels_checked_in_kernel(input: Tensor, target: Tensor, validate_args: bool
 
 
 def _checks_in_kernel(target: Tensor, validate_args: bool) -> bool:
-    return validate_args and _checks_on_device(target) and _dispatch.uses_kernel(target)
+    return validate_args and _checks.values_checked_on_device(target) and _dispatch.uses_kernel(target)
 
 
 def _check_ignore_index(ignore_index) -> int | None:

@@ -55,10 +55,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _checks, _dispatch
 from .._checks import (FLOAT_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
                        check_choice, check_int, check_number, check_same_device, check_tensor,
-                       int_pair, refuse_forward_ad, values_checked_on_device)
+                       int_pair, refuse_forward_ad)
 from .._format import memory_format_of
 from ..reference import roi_align as reference
 
@@ -321,12 +321,6 @@ def _as_rois(boxes) -> Tensor:
     return torch.cat([torch.cat(ids), torch.cat([b.to(dtype) for b in boxes])], dim=1)
 
 
-def _checks_on_device(t: Tensor) -> bool:
-    """_checks.values_checked_on_device, a name of this module's own
-    (tests/test_sync.py turns it on to count that path's syncs on the CPU)."""
-    return values_checked_on_device(t)
-
-
 def _batch_message(N: int) -> str:
     """The device-side assert's message for a bad batch index."""
     return f"segops roi_align: boxes hold a batch index that is not an integer in [0, N) = [0, {N})"
@@ -336,7 +330,7 @@ def _check_batch_indices(rois: Tensor, N: int) -> None:
     """Batch indices integral and in [0, N)."""
     index = rois[:, 0]
     bad = ~torch.isfinite(index) | (index != torch.floor(index)) | (index < 0) | (index >= N)
-    if _checks_on_device(index):
+    if _checks.values_checked_on_device(index):
         torch._assert_async(~bad.any(), _batch_message(N))
         return
     if bool(bad.any()):
@@ -366,7 +360,7 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
             raise ArgumentError(f"boxes holds {len(boxes)} tensors, one per image, for a "
                                 f"batch of {N} images")
     elif validate_args:
-        if (kernel_may_check and _checks_on_device(rois) and _dispatch.uses_kernel(features[0])
+        if (kernel_may_check and _checks.values_checked_on_device(rois) and _dispatch.uses_kernel(features[0])
                 and _kernels().casts_exactly(rois.dtype, features)):
             return rois, pooled, sampling_ratio, True
         _check_batch_indices(rois, N)

@@ -9,7 +9,7 @@ from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, PATHS, RTOL, DispatchCalls, 
                      on_path, second_order_grads)
 
 import segops
-from segops import _dispatch
+from segops import _checks, _dispatch
 from segops.kernels import overlap as kernels
 from segops.ops import overlap as ops
 from segops.reference import overlap as ref
@@ -872,7 +872,7 @@ def test_dense_targets_pass_the_device_check(monkeypatch):
     hard = torch.randint(0, 2, x.shape, device=DEVICE).to(x.dtype)   # 1 is no label of 1 class
     targets = [hard, torch.rand_like(x)]
     want = [ops.dice_loss(x, t, mode) for t in targets for mode in ("binary", "multilabel")]
-    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(_checks, "values_checked_on_device", lambda t: True)
     got = [ops.dice_loss(x, t, mode) for t in targets for mode in ("binary", "multilabel")]
     for g, w in zip(got, want):
         assert_close(g, w, TOL)
@@ -1836,7 +1836,7 @@ def test_fused_loss_checks_labels_in_its_kernel(monkeypatch):
     CPU, where torch._assert_async raises at once), the fused loss makes it
     in its forward kernel: no separate passes over the labels, one assert.
     Unchecked or in range, no error."""
-    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(_checks, "values_checked_on_device", lambda t: True)
     x = torch.randn(2, 3, 4, 4, dtype=KERNEL_DTYPES[0], device=DEVICE)
     t = torch.randint(0, 3, (2, 4, 4), device=DEVICE)
     t[1, 3, 3] = 255
@@ -1895,7 +1895,7 @@ def test_confusion_kernel_flags_bad_labels(C, pred_kind, where, value, ignore_in
 def test_confusion_matrix_checks_labels_in_its_kernel(monkeypatch):
     """Where the label checks are device asserts (here forced on the CPU),
     confusion_matrix makes them in its kernel: no separate passes."""
-    monkeypatch.setattr(ops, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(_checks, "values_checked_on_device", lambda t: True)
     separate_checks = []
     check_labels = ops._check_labels
     monkeypatch.setattr(ops, "_check_labels",

@@ -24,7 +24,7 @@ from helpers import (
 )
 
 import segops
-from segops import _dispatch
+from segops import _checks, _dispatch
 from segops.kernels import roi_align as kernels
 from segops.ops.roi_align import _as_rois
 from segops.reference import roi_align as ref
@@ -1531,7 +1531,7 @@ def test_batch_index_check_in_the_forward_kernel(monkeypatch, rois_dtype, index)
     the device (here the CPU's _assert_async raises at once), without the
     aten check. float64 rois for float32 maps are judged as given, by the
     aten check: 1 + 1e-10 would pass as 1.0 in float32."""
-    monkeypatch.setattr(ops_module, "_checks_on_device", lambda t: True)
+    monkeypatch.setattr(_checks, "values_checked_on_device", lambda t: True)
     aten_checks = []
     real_check = ops_module._check_batch_indices
 
