@@ -713,9 +713,10 @@ class Capture:
         patch(autotuner.Autotuner, "run", tuner_run)
         patch(_dispatch, "path_for", lambda device: _dispatch.KERNEL)
         patch(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default for convolutions
-        # label checks as on CUDA: made inside the overlap kernels (their flag stays 0 here)
-        from segops.ops import overlap as overlap_ops
-        patch(overlap_ops, "_checks_on_device", lambda t: True)
+        # value checks as on CUDA: device asserts, and the label checks made
+        # inside the overlap kernels (their flag stays 0 here)
+        from segops import _checks
+        patch(_checks, "values_checked_on_device", lambda t: True)
         # kernels do not run here, and the level kernel's output is indices
         # that later host code looks up: recorded, it returns level 0 for
         # every RoI (no launch's arguments depend on the levels' values)
