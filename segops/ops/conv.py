@@ -13,8 +13,9 @@ Conventions (``F.conv2d``'s)
   stride 1 only; an odd total is padded one more at the bottom/right,
   like PyTorch).
 * Output ``(N, C_out, OH, OW)``, OH = (H + 2*pad_h - dil_h*(KH-1) - 1) //
-  stride_h + 1, in the input's memory format (channels_last in,
-  channels_last out).
+  stride_h + 1, channels_last when the input or the weight is (ATen's rule:
+  a model moved to channels_last gives channels_last outputs from NCHW
+  inputs), else contiguous.
 * Under autocast, float32 inputs are cast to the autocast dtype first, as
   ATen does for conv2d.
 * Errors are ``ArgumentError``/``ArgumentTypeError``: ValueError/TypeError
@@ -262,6 +263,16 @@ def check_conv_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, group
     return groups
 
 
+def follow_weight_layout(input: Tensor, weight: Tensor) -> Tensor:
+    """``input`` in channels_last when the weight is and the input is not:
+    ATen's convolutions run (and return) channels_last when either operand
+    is (``model.to(memory_format=torch.channels_last)`` with NCHW inputs),
+    and the custom ops take the output's layout from the input."""
+    if is_channels_last(weight) and not is_channels_last(input):
+        return input.contiguous(memory_format=torch.channels_last)
+    return input
+
+
 def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups) -> int:
     """Checks, and returns groups as an int."""
     groups = check_conv_tensors(input, weight, bias, groups, "(C_out, C_in / groups, KH, KW)")
@@ -356,7 +367,8 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
             bias); its gradient is applied before the backward kernels.
     Returns:
         ``(N, C_out, OH, OW)`` (or ``(C_out, OH, OW)``) in the input's dtype
-        and memory format.
+        and memory format (channels_last also when only the weight is, as
+        in ATen).
     """
     refuse_forward_ad("atrous_conv2d")
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
@@ -380,7 +392,8 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     elif _dispatch.uses_native(input):
         out = _native_conv2d(input, weight, bias, stride, padding, pads, dilation, groups, relu)
     else:
-        out = _conv2d(input, weight, bias, stride, pads, dilation, groups, relu)
+        out = _conv2d(follow_weight_layout(input, weight), weight, bias, stride, pads, dilation,
+                      groups, relu)
     return out.squeeze(0) if unbatched else out
 
 

@@ -8,7 +8,8 @@ Conventions (``F.conv_transpose2d``'s)
   dtype (float32 with TF32 per ``torch.backends.cudnn.allow_tf32``,
   float16, bfloat16; float64 on the reference and interpreter paths).
 * Output ``(N, C_out, OH, OW)`` with OH = (H - 1)*stride_h - 2*pad_h +
-  dil_h*(KH - 1) + output_padding_h + 1, in the input's memory format.
+  dil_h*(KH - 1) + output_padding_h + 1, channels_last when the input or
+  the weight is (ATen's rule), else contiguous.
 * ``output_padding`` must be smaller than the stride or the dilation.
 * Backward: grad_input is an ordinary convolution of the output gradient
   (``segops::conv2d``), grad_weight the convolution's weight gradient with
@@ -32,6 +33,7 @@ from .conv import (
     check_conv_tensors,
     check_geometry,
     check_pixel_count,
+    follow_weight_layout,
     gemm_operand_once,
     prepare_inputs,
 )
@@ -125,7 +127,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
             smaller than the stride or the dilation.
         groups: divides C_in and C_out.
     Returns:
-        ``(N, C_out, OH, OW)`` in the input's dtype and memory format.
+        ``(N, C_out, OH, OW)`` in the input's dtype and memory format (channels_last
+        also when only the weight is, like ATen).
     """
     refuse_forward_ad("conv_transpose2d")
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
@@ -151,8 +154,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         out = F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                  dilation)
     else:
-        out = _conv_transpose2d(input, weight, bias, stride, padding, output_padding, dilation,
-                                groups)
+        out = _conv_transpose2d(follow_weight_layout(input, weight), weight, bias, stride, padding,
+                                output_padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
