@@ -65,7 +65,8 @@ class ConversionReport:
         if not self.replaced:
             return "nothing replaced"
         lines = [f"{len(self.replaced)} layers replaced:"]
-        lines += [f"  {name}: {old} -> {new}" for name, old, new in self.replaced]
+        lines += [f"  {name or '(the model itself)'}: {old} -> {new}"
+                  for name, old, new in self.replaced]
         return "\n".join(lines)
 
 
@@ -232,6 +233,19 @@ def _swap(model: nn.Module, twin_of, prefix: str = "",
     return replaced
 
 
+def _convert(model: nn.Module, twin_of) -> ConversionReport:
+    """The model with its layers swapped; the model itself too when it is
+    one of the layers (its twin is the report's ``model``, named "")."""
+    seen = {}
+    replaced = []
+    twin = twin_of(model)
+    if twin is not None:
+        seen[id(model)], seen[id(twin)] = (model, twin), (twin, twin)
+        replaced.append(("", type(model).__name__, type(twin).__name__))
+        model = twin
+    return ConversionReport(model, replaced + _swap(model, twin_of, "", seen))
+
+
 def _keep_module_state(module: nn.Module, twin: nn.Module) -> nn.Module:
     """``twin`` (a new module) with ``module``'s training flag and hooks (the
     same dicts, as ``retype`` shares them, and ``_is_full_backward_hook``,
@@ -262,22 +276,25 @@ def convert_model(model: nn.Module, *,
     Only those exact classes are replaced (a user subclass may change the
     forward). The twins share the original parameters and buffers: the
     state_dict is unchanged and the outputs match. With ``inplace=False`` a
-    deep copy is converted. Returns a :class:`ConversionReport` (``.model``
-    is the converted model).
+    deep copy is converted. Returns a :class:`ConversionReport`: ``.model``
+    is the converted model, a new object when ``model`` is itself one of
+    those layers (``convert_model(nn.Conv2d(...)).model``; the original
+    object cannot change class in place), else ``model`` (or its copy).
     """
     _check_model("convert_model", model)
     ops = _check_ops(ops)
     _check_inplace("convert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
-    return ConversionReport(model, _swap(model, lambda m: _segops_twin(m, ops)))
+    return _convert(model, lambda m: _segops_twin(m, ops))
 
 
 def revert_model(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
     """Undo :func:`convert_model`: every segops layer back to its torch /
-    torchvision class, parameters shared. Returns a ConversionReport."""
+    torchvision class, parameters shared (the model itself too: take the
+    report's ``.model``). Returns a ConversionReport."""
     _check_model("revert_model", model)
     _check_inplace("revert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
-    return ConversionReport(model, _swap(model, _torch_twin))
+    return _convert(model, _torch_twin)

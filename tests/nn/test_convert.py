@@ -89,6 +89,27 @@ def test_default_ops_leave_undilated_convs():
     assert type(model.enc[0]) is nn.Conv2d
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_the_model_itself_is_converted_and_reverted(inplace):
+    """A lone layer is converted too: the report's model is its twin (the
+    object passed in cannot change class), sharing the parameters, with the
+    same outputs."""
+    conv = nn.Conv2d(3, 4, 3, padding=2, dilation=2).double()
+    x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
+    want = conv(x)
+    report = segops.convert_model(conv, inplace=inplace)
+    assert type(report.model) is AtrousConv2d and report.replaced == [("", "Conv2d",
+                                                                        "AtrousConv2d")]
+    assert "(the model itself): Conv2d -> AtrousConv2d" in str(report)
+    assert (report.model.weight is conv.weight) is inplace
+    assert_close(report.model(x), want, F64)
+    back = segops.revert_model(report.model, inplace=inplace)
+    assert type(back.model) is nn.Conv2d and len(back) == 1
+    assert torch.equal(back.model.weight, conv.weight)
+    assert len(segops.convert_model(nn.Conv2d(3, 4, 3))) == 0   # undilated: left
+    assert len(segops.convert_model(nn.ConvTranspose2d(3, 4, 2))) == 1
+
+
 def test_subclasses_are_not_replaced():
     class Custom(nn.Conv2d):
         pass
