@@ -18,6 +18,11 @@ Conventions (``F.conv2d``'s)
   inputs), else contiguous.
 * Under autocast, float32 inputs are cast to the autocast dtype first, as
   ATen does for conv2d.
+* Non-finite weights (NaN, inf) give non-finite outputs, but on the
+  kernel path not always at ATen's pixels: a tap that reads only padding
+  in a whole tile is skipped (ATen multiplies those zeros by the NaN) and the
+  input gradient multiplies out-of-range (zero) loads by the weight. NaN/inf in the input or
+  the output gradient land where ATen puts them.
 * Errors are ``ArgumentError``/``ArgumentTypeError``: ValueError/TypeError
   that are also RuntimeError, the kind F.conv2d raises.
 """

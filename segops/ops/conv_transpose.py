@@ -14,6 +14,11 @@ Conventions (``F.conv_transpose2d``'s)
 * Backward: grad_input is an ordinary convolution of the output gradient
   (``segops::conv2d``), grad_weight the convolution's weight gradient with
   input and gradient swapped (``segops::conv2d_grad_weight``).
+* Non-finite weights (NaN, inf) give non-finite outputs, but on the
+  kernel path not always at ATen's pixels: the kernels multiply
+  out-of-range (zero) loads by the weight, so a NaN tap also reaches pixels
+  it does not touch in ATen. NaN/inf in the input or the output gradient
+  land where ATen puts them.
 """
 from __future__ import annotations
 
