@@ -233,6 +233,23 @@ def test_degenerate_gt_box_raises_torchvisions_error():
     assert isinstance(info.value, ValueError) and "at index 0" in str(info.value)
 
 
+def test_eval_with_targets_checks_their_types_as_torchvision():
+    """torchvision's RoIHeads checks the target dtypes whenever targets are
+    given, in eval too: int32 labels are a TypeError, not ignored."""
+    theirs, ours = torchvision_pair()
+    x = images((64, 64))
+    target = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]], dtype=torch.float64,
+                                    device=DEVICE),
+              "labels": torch.tensor([1], dtype=torch.int32, device=DEVICE)}
+    for model in (theirs, ours):
+        with pytest.raises(TypeError, match="target labels must"), torch.no_grad(), \
+                _dispatch.native_only():
+            model(x, [dict(target)])
+    target["labels"] = target["labels"].long()
+    with torch.no_grad(), _dispatch.native_only():
+        assert_same_detections(ours(x, [dict(target)]), theirs(x, [dict(target)]))
+
+
 def test_training_argument_errors():
     model = maskrcnn_small()
     model.train()

@@ -93,14 +93,23 @@ class RoIHeads(nn.Module):
         return None not in (self.mask_roi_pool, self.mask_head, self.mask_predictor)
 
     # ---------------------------------------------------------------- training
+    @staticmethod
+    def check_target_types(targets: list[dict[str, Tensor]]) -> None:
+        """Float boxes and int64 labels: torchvision checks them whenever
+        targets are given, in eval too."""
+        for t in targets:
+            if not t["boxes"].is_floating_point():
+                raise TypeError(f"target boxes must be of float type, instead got "
+                                f"{t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must be of int64 type, instead got "
+                                f"{t['labels'].dtype}")
+
     def check_targets(self, targets: list[dict[str, Tensor]] | None) -> None:
         if targets is None:
             raise ValueError("targets should not be None in training mode")
+        self.check_target_types(targets)
         for t in targets:
-            if not t["boxes"].is_floating_point():
-                raise TypeError("target boxes must be of float type")
-            if t["labels"].dtype != torch.int64:
-                raise TypeError("target labels must be of int64 type")
             if self.has_mask() and "masks" not in t:
                 raise ValueError("target masks are required in training mode for Mask R-CNN")
 
@@ -180,6 +189,8 @@ class RoIHeads(nn.Module):
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None):
+        if targets is not None:
+            self.check_target_types(targets)
         if self.training:
             proposals, matched_idxs, labels, regression_targets = \
                 self.select_training_samples(proposals, targets)
