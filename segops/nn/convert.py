@@ -54,19 +54,25 @@ def _check_ops(ops) -> tuple[str, ...]:
 @dataclasses.dataclass
 class ConversionReport:
     """What convert_model/revert_model replaced: (module name, old class,
-    new class) per layer, and the model (a copy when inplace=False)."""
+    new class) per layer, and the model (a copy when inplace=False).
+    ``left``: (module name, class) of the subclasses of a layer convert_model
+    would replace, left as they are (a subclass may change the forward; a
+    parametrized conv, weight_norm's, is one)."""
     model: nn.Module
     replaced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    left: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.replaced)
 
     def __str__(self) -> str:
-        if not self.replaced:
-            return "nothing replaced"
-        lines = [f"{len(self.replaced)} layers replaced:"]
+        lines = [f"{len(self.replaced)} layers replaced:" if self.replaced
+                 else "nothing replaced"]
         lines += [f"  {name or '(the model itself)'}: {old} -> {new}"
                   for name, old, new in self.replaced]
+        if self.left:
+            lines.append(f"{len(self.left)} subclasses left as they are:")
+            lines += [f"  {name or '(the model itself)'}: {cls}" for name, cls in self.left]
         return "\n".join(lines)
 
 
@@ -157,6 +163,20 @@ def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
                 twin.scales, twin.level_rule = module.scales, (mapper.s0, mapper.lvl0)
             return _keep_module_state(module, twin)
     return None
+
+
+def _left_subclass(module: nn.Module, ops) -> bool:
+    """A subclass (not segops' own) of a layer that ``ops`` replace."""
+    if type(module) in (AtrousConv2d, ConvTranspose2d, RoIAlign, MultiScaleRoIAlign):
+        return False
+    tv = _torchvision_ops()
+    kinds = [nn.ConvTranspose2d] if "conv_transpose" in ops else []
+    if isinstance(module, nn.Conv2d) and ("conv" in ops or (
+            "atrous_conv" in ops and max(module.dilation) > 1)):
+        kinds.append(nn.Conv2d)
+    if tv is not None and "roi_align" in ops:
+        kinds += [tv.RoIAlign, tv.MultiScaleRoIAlign]
+    return any(isinstance(module, k) and type(module) is not k for k in kinds)
 
 
 def _torch_twin(module: nn.Module) -> nn.Module | None:
@@ -274,7 +294,7 @@ def convert_model(model: nn.Module, *,
     ``ops`` is a sequence of those names (or one name).
 
     Only those exact classes are replaced (a user subclass may change the
-    forward). The twins share the original parameters and buffers: the
+    forward; the report's ``left`` lists the subclasses found). The twins share the original parameters and buffers: the
     state_dict is unchanged and the outputs match. With ``inplace=False`` a
     deep copy is converted. Returns a :class:`ConversionReport`: ``.model``
     is the converted model, a new object when ``model`` is itself one of
@@ -286,7 +306,10 @@ def convert_model(model: nn.Module, *,
     _check_inplace("convert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
-    return _convert(model, lambda m: _segops_twin(m, ops))
+    report = _convert(model, lambda m: _segops_twin(m, ops))
+    report.left = [(name, type(m).__name__) for name, m in report.model.named_modules()
+                   if _left_subclass(m, ops)]
+    return report
 
 
 def revert_model(model: nn.Module, *, inplace: bool = True) -> ConversionReport:

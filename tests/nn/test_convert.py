@@ -110,12 +110,28 @@ def test_the_model_itself_is_converted_and_reverted(inplace):
     assert len(segops.convert_model(nn.ConvTranspose2d(3, 4, 2))) == 1
 
 
-def test_subclasses_are_not_replaced():
+def test_subclasses_are_not_replaced_and_are_reported():
+    """Subclasses of a replaced layer are left and listed: a user's own, a
+    parametrized conv (weight_norm), a torchvision pooler's; an undilated
+    one only when every conv is converted; segops' own layers never."""
     class Custom(nn.Conv2d):
         pass
 
-    model = nn.Sequential(Custom(2, 2, 3, dilation=2))
-    assert len(segops.convert_model(model)) == 0
+    tv_ops = pytest.importorskip("torchvision.ops")
+
+    class Pooler(tv_ops.RoIAlign):
+        pass
+
+    normed = nn.utils.parametrizations.weight_norm(nn.Conv2d(2, 2, 3, dilation=2))
+    model = nn.Sequential(Custom(2, 2, 3, dilation=2), normed, Custom(2, 2, 3), Pooler(2, 1.0, 2),
+                          AtrousConv2d(2, 2, 3), nn.Conv2d(2, 2, 3, dilation=2))
+    report = segops.convert_model(model, inplace=False)
+    assert report.replaced == [("5", "Conv2d", "AtrousConv2d")]
+    assert report.left == [("0", "Custom"), ("1", "ParametrizedConv2d"), ("3", "Pooler")]
+    assert "3 subclasses left as they are:\n  0: Custom" in str(report)
+    every = segops.convert_model(model, ops=("conv",), inplace=False)
+    assert [name for name, _ in every.left] == ["0", "1", "2"]
+    assert segops.convert_model(Custom(2, 2, 3, dilation=2)).left == [("", "Custom")]
 
 
 def test_roi_align_modules():
