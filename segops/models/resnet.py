@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from ..nn import AtrousConv2d
+from ._weights import load_state, overwrite_param
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -52,7 +53,8 @@ class ResNet(nn.Module):
     Args:
         layers: blocks per stage ([3, 4, 6, 3] is ResNet-50).
         replace_stride_with_dilation: per stage 2-4, trade the stride for
-            dilation (DeepLab's output stride 8 is [False, True, True]).
+            dilation (DeepLab's output stride 8 is [False, True, True]); None
+            (the default) or 3 entries, as torchvision.
         num_classes: size of the classifier ``fc``; None drops ``avgpool``
             and ``fc`` (a backbone).
         norm_layer: the normalisation after each convolution (torchvision's
@@ -61,10 +63,15 @@ class ResNet(nn.Module):
     feature dict of :meth:`features` for a backbone.
     """
 
-    def __init__(self, layers: list[int], replace_stride_with_dilation=(False, False, False),
+    def __init__(self, layers: list[int], replace_stride_with_dilation=None,
                  num_classes: int | None = 1000,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
+        if replace_stride_with_dilation is None:   # torchvision's default
+            replace_stride_with_dilation = (False, False, False)
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None or a 3-element tuple, "
+                             f"got {replace_stride_with_dilation}")
         self.inplanes, self.dilation = 64, 1
         self.norm_layer = norm_layer
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -120,11 +127,28 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(features["out"]).flatten(1))
 
 
-def resnet50(**kwargs) -> ResNet:
-    """ResNet-50; keyword arguments as :class:`ResNet`."""
-    return ResNet([3, 4, 6, 3], **kwargs)
+def _resnet(layers: list[int], weights, kwargs: dict) -> ResNet:
+    """torchvision's builder rule: with ``weights``, num_classes is the
+    weights' (their ``fc``; None for a backbone without one) and a different
+    num_classes is a ValueError; the weights load strictly."""
+    state = None if weights is None else load_state(weights)
+    if state is not None:
+        fc = state.get("fc.weight")
+        kwargs["num_classes"] = overwrite_param("num_classes", kwargs.get("num_classes"),
+                                                None if fc is None else fc.shape[0])
+    model = ResNet(layers, **kwargs)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
 
 
-def resnet101(**kwargs) -> ResNet:
-    """ResNet-101; keyword arguments as :class:`ResNet`."""
-    return ResNet([3, 4, 23, 3], **kwargs)
+def resnet50(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
+    """ResNet-50. ``weights``: a torchvision ``resnet50`` state_dict or its
+    path (nothing is downloaded; ``progress`` is accepted and unused); other
+    keyword arguments as :class:`ResNet`."""
+    return _resnet([3, 4, 6, 3], weights, kwargs)
+
+
+def resnet101(*, weights=None, progress: bool = True, **kwargs) -> ResNet:
+    """ResNet-101; arguments as :func:`resnet50`."""
+    return _resnet([3, 4, 23, 3], weights, kwargs)

@@ -108,6 +108,26 @@ def test_resnet_classifier_matches_torchvision():
     assert_close(ours.eval().double()(x), theirs(x), F64)
 
 
+def test_resnet_builders_take_torchvisions_weights_keyword(tmp_path):
+    """weights=None (torchvision's call), a state_dict or its path: loaded
+    strictly, num_classes the weights' (a backbone's: none), a different
+    num_classes torchvision's ValueError, a Weights enum a TypeError."""
+    tv = pytest.importorskip("torchvision.models")
+    theirs = randomise_batch_norm(tv.resnet50(weights=None, num_classes=7)).eval().double()
+    assert models.resnet50(weights=None, progress=False).fc.out_features == 1000
+    torch.save(theirs.state_dict(), tmp_path / "r50.pth")
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    for weights in (theirs.state_dict(), tmp_path / "r50.pth", str(tmp_path / "r50.pth")):
+        ours = models.resnet50(weights=weights).eval().double()
+        assert_close(ours(x), theirs(x), F64)
+    with pytest.raises(ValueError, match="'num_classes' expected value 7 but got 5"):
+        models.resnet50(weights=theirs.state_dict(), num_classes=5)
+    backbone = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    assert not hasattr(models.resnet50(weights=backbone), "fc")
+    with pytest.raises(TypeError, match="segops downloads nothing"):
+        models.resnet101(weights=tv.ResNet101_Weights.DEFAULT)
+
+
 def test_segmentation_models_never_use_dilated_nn_conv2d_or_conv_transpose():
     for model in (models.deeplabv3_resnet50(3, aux_loss=True), models.fcn8s(3, base_channels=4),
                   models.unet(3, 2, 4, 2)):
@@ -386,3 +406,23 @@ def test_cpu_benchmark_rows_run_at_tiny_sizes(capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert printed.count("converted / unconverted") == 2
     assert "(23 conv.)" in records[0].shape  # every conv of the U-Net went through segops
+
+
+@pytest.mark.parametrize("value", [None, [False, True], [False, False, False, True]],
+                         ids=["none", "two", "four"])
+def test_resnet_replace_stride_with_dilation_like_torchvision(value):
+    """torchvision's default None builds the plain ResNet; a list without
+    exactly 3 entries is its ValueError (was a TypeError, an IndexError, or
+    a 4th entry silently ignored)."""
+    tv = pytest.importorskip("torchvision.models")
+    if value is None:
+        theirs = tv.resnet50(weights=None, replace_stride_with_dilation=None)
+        ours = models.resnet50(replace_stride_with_dilation=None)
+        ours.load_state_dict(theirs.state_dict())
+        assert [m.dilation for m in ours.modules() if isinstance(m, torch.nn.Conv2d)] == \
+            [m.dilation for m in theirs.modules() if isinstance(m, torch.nn.Conv2d)]
+        return
+    with pytest.raises(ValueError, match="3-element"):
+        tv.resnet50(weights=None, replace_stride_with_dilation=value)
+    with pytest.raises(ValueError, match="3-element"):
+        models.resnet50(replace_stride_with_dilation=value)
