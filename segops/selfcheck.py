@@ -7,6 +7,7 @@ process with TRITON_INTERPRET=1 set before triton is imported.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 
@@ -105,7 +106,12 @@ def run() -> bool:
     ok = True
     torch.manual_seed(0)
     for name, check in CHECKS.items():
-        error = check(device)
+        with warnings.catch_warnings():
+            # the interpreter computes the masked-off lanes of a block too
+            # (numpy's divide-by-zero there means nothing): not the user's concern
+            warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                    module="triton.runtime.interpreter")
+            error = check(device)
         passed = error <= 1e-9
         ok &= passed
         print(f"  {'ok  ' if passed else 'FAIL'} {name:<28} max abs error {error:.2e}")
