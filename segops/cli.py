@@ -91,12 +91,17 @@ def codegen(args) -> int:
     return subprocess.call([sys.executable, "-m", "segops.benchmarks.codegen", *argv], env=env)
 
 
+def _given_or(value, default):
+    return default if value is None else value
+
+
 def demo(args) -> int:
     if args.model == "maskrcnn":
         return _demo_maskrcnn(args)
     from .demo import DemoConfig, run
-    config = DemoConfig(epochs=args.epochs or DemoConfig.epochs, out=args.out or DemoConfig.out,
-                        seed=args.seed, progress=not args.no_progress)
+    config = DemoConfig(epochs=_given_or(args.epochs, DemoConfig.epochs),
+                        out=_given_or(args.out, DemoConfig.out), seed=args.seed,
+                        progress=not args.no_progress)
     result = run(config)
     print(f"done in {result['seconds']:.0f} s: validation mIoU {result['miou']:.3f}; "
           f"picture at {result['png']}")
@@ -106,14 +111,30 @@ def demo(args) -> int:
 def _demo_maskrcnn(args) -> int:
     from .demo_maskrcnn import MaskRCNNDemoConfig, run
     defaults = MaskRCNNDemoConfig()
-    config = MaskRCNNDemoConfig(epochs=args.epochs or defaults.epochs,
-                                out=args.out or defaults.out, seed=args.seed,
+    config = MaskRCNNDemoConfig(epochs=_given_or(args.epochs, defaults.epochs),
+                                out=_given_or(args.out, defaults.out), seed=args.seed,
                                 progress=not args.no_progress)
     result = run(config)
     metrics = result["metrics"]
     print(f"done in {result['seconds']:.0f} s: mask AP50 {metrics['segm_map_50']:.3f}, box AP50 "
           f"{metrics['bbox_map_50']:.3f}; picture at {result['png']}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _png_path(text: str) -> str:
+    """A path whose folder exists: checked before minutes of training, not
+    when the picture is written."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    return text
 
 
 def main(argv=None) -> int:
@@ -125,9 +146,10 @@ def main(argv=None) -> int:
     p_demo = sub.add_parser("demo", help="train a small U-Net (CPU: < 3 min) or Mask R-CNN "
                             "(CPU: ~5 min) on synthetic shapes")
     p_demo.add_argument("model", nargs="?", default="unet", choices=("unet", "maskrcnn"))
-    p_demo.add_argument("--epochs", type=int, default=None,
+    p_demo.add_argument("--epochs", type=_positive_int, default=None,
                         help="default: 10 (unet), 12 (maskrcnn)")
-    p_demo.add_argument("--out", default=None, help="where to write the PNG (default: "
+    p_demo.add_argument("--out", type=_png_path, default=None,
+                        help="where to write the PNG (default: "
                         "segops-demo.png / segops-maskrcnn-demo.png)")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")

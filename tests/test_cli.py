@@ -267,3 +267,27 @@ def test_check_int_bounds_are_inclusive():
     segops.ops.dice_loss(x, t, classes=[-3, 2])
     with pytest.raises(ArgumentError, match="classes must be <= 2, got 3"):
         segops.ops.dice_loss(x, t, classes=[3])
+
+
+@pytest.mark.parametrize("model", ["unet", "maskrcnn"])
+def test_demo_arguments_are_checked_before_training(model, monkeypatch, tmp_path, capsys):
+    """--epochs 0 or -1 and an --out in a missing folder are argument errors
+    at once (0 used to train the default 10 epochs, -1 failed in the
+    scheduler, a bad --out after the whole run); a given value is used."""
+    from segops import demo as unet_demo
+    from segops import demo_maskrcnn
+    configs = []
+    result = dict(seconds=0.0, miou=0.0, png="x.png",
+                  metrics=dict(segm_map_50=0.0, bbox_map_50=0.0))
+    for module in (unet_demo, demo_maskrcnn):
+        monkeypatch.setattr(module, "run", lambda config: configs.append(config) or result)
+    for argv, message in ((["--epochs", "0"], "must be at least 1, got 0"),
+                          (["--epochs", "-1"], "must be at least 1, got -1"),
+                          (["--out", str(tmp_path / "missing" / "x.png")], "does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["demo", model, *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert configs == []
+    assert cli.main(["demo", model, "--epochs", "1", "--out", str(tmp_path / "x.png")]) == 0
+    assert configs[0].epochs == 1 and configs[0].out == str(tmp_path / "x.png")
+    assert cli.main(["demo", model]) == 0 and configs[1].epochs == (10 if model == "unet" else 12)
