@@ -80,11 +80,12 @@ def codegen(args) -> int:
     argv = [] if args.out is None else ["--json", args.out]
     if args.ops:
         from .benchmarks.codegen import OPS
-        ops = [op for op in args.ops if op in OPS]
-        if not ops:
-            print(f"--codegen covers the op families {list(OPS)}", file=sys.stderr)
+        unknown = [op for op in args.ops if op not in OPS]
+        if unknown:
+            print(f"--codegen covers the op families {list(OPS)}, not {unknown}",
+                  file=sys.stderr)
             return 2
-        argv += ["--ops", *ops]
+        argv += ["--ops", *args.ops]
     if args.quick:
         argv.append("--ci")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

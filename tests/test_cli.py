@@ -291,3 +291,15 @@ def test_demo_arguments_are_checked_before_training(model, monkeypatch, tmp_path
     assert cli.main(["demo", model, "--epochs", "1", "--out", str(tmp_path / "x.png")]) == 0
     assert configs[0].epochs == 1 and configs[0].out == str(tmp_path / "x.png")
     assert cli.main(["demo", model]) == 0 and configs[1].epochs == (10 if model == "unet" else 12)
+
+
+def test_bench_codegen_refuses_unknown_families(monkeypatch, capsys):
+    """`segops bench --codegen --ops conv nonsense` is an error naming
+    'nonsense' (it was dropped silently); known families reach the report's
+    command line as given."""
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv, env: calls.append(argv) or 0)
+    assert cli.main(["bench", "--codegen", "--ops", "conv", "nonsense"]) == 2
+    assert "not ['nonsense']" in capsys.readouterr().err and calls == []
+    assert cli.main(["bench", "--codegen", "--quick", "--ops", "conv", "roi_align"]) == 0
+    assert calls[0][-4:] == ["--ops", "conv", "roi_align", "--ci"]
