@@ -253,6 +253,17 @@ def _swap(model: nn.Module, twin_of, prefix: str = "",
     return replaced
 
 
+def _refuse_compiled(model: nn.Module, twin_of, function: str) -> None:
+    """Refuse, before any swap, a layer compiled with ``Module.compile()``:
+    its twin would keep the compiled forward of the original class (and the
+    compile options cannot be recovered to compile the twin)."""
+    for module in model.modules():
+        if (module.__dict__.get("_compiled_call_impl") is not None
+                and twin_of(module) is not None):
+            raise ArgumentError(f"{function}: a {type(module).__name__} was compiled with "
+                                "Module.compile(); convert the model before compiling it")
+
+
 def _convert(model: nn.Module, twin_of) -> ConversionReport:
     """The model with its layers swapped; the model itself too when it is
     one of the layers (its twin is the report's ``model``, named "")."""
@@ -306,6 +317,7 @@ def convert_model(model: nn.Module, *,
     _check_inplace("convert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
+    _refuse_compiled(model, lambda m: _segops_twin(m, ops), "convert_model")
     report = _convert(model, lambda m: _segops_twin(m, ops))
     report.left = [(name, type(m).__name__) for name, m in report.model.named_modules()
                    if _left_subclass(m, ops)]
@@ -320,4 +332,5 @@ def revert_model(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
     _check_inplace("revert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
+    _refuse_compiled(model, _torch_twin, "revert_model")
     return _convert(model, _torch_twin)

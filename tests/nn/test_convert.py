@@ -110,6 +110,23 @@ def test_the_model_itself_is_converted_and_reverted(inplace):
     assert len(segops.convert_model(nn.ConvTranspose2d(3, 4, 2))) == 1
 
 
+def test_a_layer_compiled_with_module_compile_is_refused():
+    """Module.compile() on a layer: its twin would run the original class's
+    compiled forward (torch's conv, silently), so conversion refuses it,
+    before changing anything; a compiled parent is converted as usual."""
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, dilation=2), nn.Conv2d(2, 2, 3, dilation=2))
+    model[1].compile()
+    with pytest.raises(segops.ArgumentError, match="compiled with Module.compile"):
+        segops.convert_model(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d]
+    parent = nn.Sequential(nn.Conv2d(2, 2, 3, dilation=2))
+    parent.compile()
+    assert len(segops.convert_model(parent)) == 1 and type(parent[0]) is AtrousConv2d
+    parent[0].compile()
+    with pytest.raises(segops.ArgumentError, match="revert_model: a AtrousConv2d"):
+        segops.revert_model(parent)
+
+
 def test_subclasses_are_not_replaced_and_are_reported():
     """Subclasses of a replaced layer are left and listed: a user's own, a
     parametrized conv (weight_norm), a torchvision pooler's; an undilated
