@@ -305,8 +305,10 @@ def convert_model(model: nn.Module, *,
     ``ops`` is a sequence of those names (or one name).
 
     Only those exact classes are replaced (a user subclass may change the
-    forward; the report's ``left`` lists the subclasses found). The twins share the original parameters and buffers: the
-    state_dict is unchanged and the outputs match. With ``inplace=False`` a
+    forward; the report's ``left`` lists the subclasses found), and none
+    compiled with ``Module.compile()`` (an ArgumentError: convert first).
+    The twins share the original parameters and buffers: the state_dict is
+    unchanged and the outputs match. With ``inplace=False`` a
     deep copy is converted. Returns a :class:`ConversionReport`: ``.model``
     is the converted model, a new object when ``model`` is itself one of
     those layers (``convert_model(nn.Conv2d(...)).model``; the original
