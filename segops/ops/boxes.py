@@ -59,8 +59,9 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _dispatch
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
-                       check_int, check_number, check_same_device, check_tensor)
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, ArgumentError, ArgumentTypeError,
+                       accumulation_dtype, check_int, check_number, check_same_device,
+                       check_tensor)
 from ..reference import boxes as reference
 
 DEFAULT_BBOX_XFORM_CLIP = math.log(1000.0 / 16)

@@ -375,7 +375,8 @@ def _labels_checked_in_kernel(input: Tensor, target: Tensor, validate_args: bool
 
 
 def _checks_in_kernel(target: Tensor, validate_args: bool) -> bool:
-    return validate_args and _checks.values_checked_on_device(target) and _dispatch.uses_kernel(target)
+    return (validate_args and _checks.values_checked_on_device(target)
+            and _dispatch.uses_kernel(target))
 
 
 def _check_ignore_index(ignore_index) -> int | None:

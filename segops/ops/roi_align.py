@@ -360,7 +360,8 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
             raise ArgumentError(f"boxes holds {len(boxes)} tensors, one per image, for a "
                                 f"batch of {N} images")
     elif validate_args:
-        if (kernel_may_check and _checks.values_checked_on_device(rois) and _dispatch.uses_kernel(features[0])
+        if (kernel_may_check and _checks.values_checked_on_device(rois)
+                and _dispatch.uses_kernel(features[0])
                 and _kernels().casts_exactly(rois.dtype, features)):
             return rois, pooled, sampling_ratio, True
         _check_batch_indices(rois, N)
