@@ -1326,9 +1326,12 @@ def test_far_boxes_and_huge_scale_match_torchvision(path, sampling_ratio, dtype)
 def test_fractional_batch_indices_truncate_like_torchvision(path):
     """validate_args=False: indices are truncated toward zero (-0.5 -> 0,
     1.9 -> 1); one that truncates outside [0, N) pools zeros (torchvision
-    reads out of bounds there, so it is left out of the comparison)."""
+    reads out of bounds there, so it is left out of the comparison). The
+    maps are a view one image into a larger tensor: an index taken as -1
+    would pool that real image (a wrong value), not read out of bounds."""
     device = path_device(path)
-    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    store = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    x = store[1:]
     rois = torch.tensor([[-0.5, 0.5, 1.0, 4.0, 3.5], [0.7, 1.0, 0.0, 5.0, 4.0],
                          [1.9, 0.0, 1.5, 3.0, 4.5], [2.0, 0.0, 0.0, 3.0, 3.0],
                          [-1.0, 0.0, 0.0, 3.0, 3.0]], dtype=torch.float64)
@@ -1336,7 +1339,7 @@ def test_fractional_batch_indices_truncate_like_torchvision(path):
     want = torchvision.ops.roi_align(xt, rois[:3], 2, 1.0, 2)
     grad = torch.randn(5, 2, 2, 2, dtype=torch.float64)
     (want_grad,) = torch.autograd.grad(want, xt, grad[:3])
-    xd = x.to(device).requires_grad_()
+    xd = store.to(device)[1:].requires_grad_()
     with on_path(path):
         out = segops.ops.roi_align(xd, rois.to(device), 2, 1.0, 2, validate_args=False)
         for determ in (False, True):
@@ -1619,3 +1622,30 @@ def test_tables_are_built_once_per_layout():
     second = call()   # `first` keeps its tensors: the new ones live elsewhere
     assert _layout.device_table.cache_info().misses == misses
     assert first[0][0].data_ptr() != second[0][0].data_ptr()
+
+
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_samples_exactly_on_the_bounds_count(pool_mode):
+    """Samples at exactly -1 and exactly H (W) are inside torchvision's
+    bounds ([-1, H]): they take the edge pixel's value, not 0. One sample
+    per bin (sampling_ratio 1, 1x1 output) lands on the bound itself."""
+    H, W = 4, 5
+    x = torch.randn(1, 2, H, W, dtype=torch.float64)
+    rois = torch.tensor([[0, -2.0, -2.0, 0.0, 0.0],            # sample (-1, -1)
+                         [0, W - 1.0, H - 1.0, W + 1.0, H + 1.0],  # sample (H, W)
+                         [0, -2.0, H - 1.0, 0.0, H + 1.0],     # sample (H, -1)
+                         [0, W - 1.0, -2.0, W + 1.0, 0.0]],    # sample (-1, W)
+                        dtype=torch.float64)
+    corners = x[0, :, [0, H - 1, H - 1, 0], [0, W - 1, 0, W - 1]].T.reshape(4, 2, 1, 1)
+    grad = torch.randn(4, 2, 1, 1, dtype=torch.float64)
+    results = kernel_and_reference([x.to(DEVICE)], rois.to(DEVICE), None, [1.0], (1, 1), 1,
+                                   False, pool_mode, grad=grad)
+    check_all(*results, F64)
+    assert torch.equal(results[0].cpu(), corners)
+    want_grad = torch.zeros_like(x)
+    want_grad[0, :, [0, H - 1, H - 1, 0], [0, W - 1, 0, W - 1]] = grad.reshape(4, 2).T
+    for got in (results[2][0], results[3][0]):
+        assert torch.equal(got.cpu(), want_grad)
+    if pool_mode == "avg":
+        want = torchvision.ops.roi_align(x, rois, (1, 1), 1.0, 1, False)
+        assert torch.equal(results[0].cpu(), want)
