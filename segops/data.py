@@ -20,7 +20,12 @@ _SEEDS_PER_SPLIT = 1_000_003
 
 
 def _item_generator(seed: int, split: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 3 + split) * _SEEDS_PER_SPLIT + index)
+    # torch seeds are 64-bit: manual_seed refuses anything outside
+    # [-2**63, 2**64) and maps a negative seed s to s + 2**64, so reducing mod
+    # 2**64 keeps every item that had a seed and gives one to any int seed
+    # (e.g. a 64-bit torch.initial_seed())
+    return torch.Generator().manual_seed(
+        ((seed * 3 + split) * _SEEDS_PER_SPLIT + index) % 2**64)
 
 
 class SyntheticShapes(Dataset):
@@ -40,21 +45,21 @@ class SyntheticShapes(Dataset):
 
     def __init__(self, length: int = 512, size: int = 64, *, split: str = "train",
                  max_shapes: int = 3, seed: int = 0):
-        if split not in self._SPLITS:
-            raise ValueError(f"split must be one of {tuple(self._SPLITS)}, got {split!r}")
-        if not 0 <= length <= _SEEDS_PER_SPLIT or size < 8 or max_shapes < 1:
-            raise ValueError(f"need 0 <= length <= {_SEEDS_PER_SPLIT}, size >= 8 and "
-                             "max_shapes >= 1")
-        self.length, self.size, self.split = length, size, split
-        self.max_shapes, self.seed = max_shapes, seed
+        check_choice("split", split, tuple(self._SPLITS))
+        self.length = check_int("length", length, minimum=0, maximum=_SEEDS_PER_SPLIT)
+        self.size = check_int("size", size, minimum=8)
+        self.max_shapes = check_int("max_shapes", max_shapes, minimum=1)
+        self.seed = check_int("seed", seed)
+        self.split = split
         self.num_classes = len(self.CLASSES)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        index = operator.index(index)   # numpy ints (Subset of a numpy array), 0-d tensors
         if not 0 <= index < self.length:
-            raise IndexError(index)
+            raise IndexError(f"index {index} out of range for {self.length} items")
         g = _item_generator(self.seed, self._SPLITS[self.split], index)
         image = _texture(3, self.size, g)
         mask = torch.zeros(self.size, self.size, dtype=torch.int64)

@@ -161,3 +161,32 @@ def test_perfect_predictions_from_the_targets_score_one():
     out = segops.metrics.mean_average_precision(preds, targets)
     assert out["bbox_map"].item() == pytest.approx(1.0, abs=1e-12)
     assert out["segm_map"].item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_synthetic_shapes_takes_numpy_and_tensor_indices():
+    """Subset(ds, numpy array) hands the dataset numpy ints, as
+    SyntheticInstances already accepts."""
+    np = pytest.importorskip("numpy")
+    ds = SyntheticShapes(4, 16)
+    batch = next(iter(DataLoader(torch.utils.data.Subset(ds, np.arange(2, 4)), batch_size=2)))
+    assert torch.equal(batch[1][0], ds[2][1]) and torch.equal(batch[1][1], ds[3][1])
+    assert torch.equal(ds[torch.tensor(3)][1], ds[3][1])
+    with pytest.raises(TypeError):
+        ds[1.5]
+    with pytest.raises(TypeError, match="seed"):
+        SyntheticShapes(4, 16, seed=0.5)
+    with pytest.raises(ValueError, match="size"):
+        SyntheticShapes(4, 7)
+
+
+@pytest.mark.parametrize("cls, size", [(SyntheticShapes, 8), (SyntheticInstances, 16)])
+def test_any_int_seed_draws_items(cls, size):
+    """64-bit seeds (torch.initial_seed(), `segops demo --seed`) draw items
+    too; seeds that fitted before give the same items as before."""
+    for seed in (2**43, 2**63, -(2**70)):
+        a, b = cls(2, size, seed=seed)[1], cls(2, size, seed=seed)[1]
+        assert torch.equal(a[0], b[0])
+    for seed, split, index in ((-1, 2, 5), (7, 1, 1_000_002)):
+        old = torch.Generator().manual_seed((seed * 3 + split) * 1_000_003 + index)
+        assert torch.equal(segops.data._item_generator(seed, split, index).get_state(),
+                           old.get_state())
