@@ -13,6 +13,7 @@ Two kinds of batch go through the same loop:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -27,6 +28,18 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def logits_of(output) -> Tensor:
     """The logits of a model output: a tensor, or torchvision's {'out': ...}."""
     return output["out"] if isinstance(output, dict) else output
+
+
+def _mean_over_ranks(total: float, count: int) -> float:
+    """``total / count`` with both summed over the ranks of the default
+    group (NaN when there is nothing to average)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from .metrics.overlap import _reduction_device
+        device = _reduction_device(torch.device("cpu"), str(dist.get_backend()))
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        total, count = sums.tolist()
+    return total / count if count else math.nan
 
 
 def _is_main_process() -> bool:
@@ -125,11 +138,13 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *,
     model.eval()
     metric = MeanIoU(num_classes, ignore_index=ignore_index, average="none")
     batches = _progress(loader, _length(loader), "eval", progress and _is_main_process())
-    for batch in batches:
-        images, masks = _to(batch, device, channels_last)
-        with _autocast(device, amp):
-            metric.update(logits_of(model(images)).float(), masks)
-    model.train(was_training)
+    try:
+        for batch in batches:
+            images, masks = _to(batch, device, channels_last)
+            with _autocast(device, amp):
+                metric.update(logits_of(model(images)).float(), masks)
+    finally:
+        model.train(was_training)
     iou = metric.compute()
     if ignore_index is not None and 0 <= ignore_index < num_classes:
         # average='none' reports the ignored class (0 where it was predicted);
@@ -152,12 +167,14 @@ def evaluate_detection(model: nn.Module, loader: Iterable, *,
     model.eval()
     metric = MeanAveragePrecision(iou_type=iou_type)
     batches = _progress(loader, _length(loader), "eval", progress and _is_main_process())
-    for batch in batches:
-        images, targets = _to(batch, device, False)
-        with _autocast(device, amp):
-            predictions = model(images)
-        metric.update(predictions, targets)
-    model.train(was_training)
+    try:
+        for batch in batches:
+            images, targets = _to(batch, device, False)
+            with _autocast(device, amp):
+                predictions = model(images)
+            metric.update(predictions, targets)
+    finally:
+        model.train(was_training)
     return metric.compute()
 
 
@@ -193,7 +210,8 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable | None = None, epochs
         on_epoch_end: called with each epoch's record.
     Works on a DDP-wrapped model (the sampler's set_epoch is called when the
     loader has one). Returns one record per epoch: {'epoch', 'loss'
-    (mean over batches), 'miou' and 'iou' when validated}.
+    (mean over batches, those of every DDP rank; NaN without any), 'miou'
+    and 'iou' when validated}.
     """
     device = torch.device(device or next(model.parameters()).device)
     model.to(device)
@@ -217,7 +235,8 @@ def fit(model: nn.Module, loader: Iterable, loss: Callable | None = None, epochs
             steps += 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / steps:.4f}")
-        record = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
+        # the mean over every rank's batches (NaN for an epoch without any)
+        record = {"epoch": epoch + 1, "loss": _mean_over_ranks(total, steps)}
         if val_loader is not None and num_classes is not None and loss is not None:
             iou = evaluate(model, val_loader, num_classes, device=device, amp=amp,
                            channels_last=channels_last, ignore_index=ignore_index)

@@ -213,3 +213,50 @@ def test_maskrcnn_demo_code_path_at_tiny_size(tmp_path, capsys):
     assert set(result["metrics"]) >= {"bbox_map", "segm_map", "segm_map_50"}
     out = capsys.readouterr().out
     assert "mask AP" in out and "box AP" in out and "wrote" in out
+
+
+def test_fit_on_an_empty_loader_reports_nan_not_zero():
+    """No batch, no loss: a 0.0 would read as a perfect epoch."""
+    model = torch.nn.Conv2d(3, 4, 1)
+    history = train.fit(model, [], torch.nn.functional.cross_entropy, progress=False)
+    assert history[0]["loss"] != history[0]["loss"]  # NaN
+
+
+def test_evaluate_restores_training_mode_when_the_loader_fails():
+    model = torch.nn.Conv2d(3, 4, 1)
+
+    def batches():
+        yield torch.randn(1, 3, 4, 4), torch.randint(0, 4, (1, 4, 4))
+        raise RuntimeError("loader broke")
+
+    with pytest.raises(RuntimeError, match="loader broke"):
+        train.evaluate(model, batches(), 4)
+    assert model.training
+
+
+def _ddp_loss_worker(rank, world, port, results):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(3, 4, 1))
+        g = torch.Generator().manual_seed(rank)
+        batch = (torch.randn(2, 3, 4, 4, generator=g), torch.randint(0, 4, (2, 4, 4), generator=g))
+        with torch.no_grad():
+            local = torch.nn.functional.cross_entropy(model.module(batch[0]), batch[1]).item()
+        history = train.fit(model, [batch], torch.nn.functional.cross_entropy, lr=0.0,
+                            progress=False)
+        results[rank] = (local, history[0]["loss"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_epoch_loss_is_the_mean_over_every_ranks_batches():
+    """The record's loss, like its mIoU, is the same on every rank: the mean
+    over all ranks' batches, not rank 0's shard alone."""
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_loss_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    want = (results[0][0] + results[1][0]) / 2
+    assert results[0][1] == pytest.approx(want, rel=1e-6)
+    assert results[1][1] == pytest.approx(want, rel=1e-6)
