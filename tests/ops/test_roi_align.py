@@ -1281,6 +1281,18 @@ def test_max_pool_all_minus_inf_bin_gradient_to_first_sample():
     assert torch.equal(results[4][0][0, 0], want)
 
 
+def test_max_pool_finite_ties_gradient_to_first_sample():
+    """Ties on finite values (a map of zeros: every sample is exactly 0):
+    the first sample of each bin (row-major) takes the gradient, as in
+    the reference and torch's max pooling, on both backward kernels."""
+    x = torch.zeros(1, 2, 6, 7, dtype=torch.float64)
+    rois = torch.tensor([[0, 0.3, 0.6, 5.2, 4.9], [0, 1.1, 0.2, 6.0, 5.5]], dtype=torch.float64)
+    results = kernel_and_reference([x.to(DEVICE)], rois.to(DEVICE), None, [1.0], (2, 2), 2,
+                                   True, "max")
+    check_all(*results, F64)
+    assert results[4][0].abs().amax(dim=(2, 3)).min() > 0
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_max_pool_nan_kernels_match_reference(layout):
     """Random maps with NaN pixels, every kind of box: forward (NaN in the
