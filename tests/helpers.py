@@ -226,6 +226,28 @@ def skip_off_kernel_path_on_gpu(path: str) -> None:
         pytest.skip("the native and reference paths serve non-CUDA tensors")
 
 
+def assert_channels_last_like_aten(plain, ours, x, path: str, **call) -> None:
+    """torch's layer ``plain`` and its segops twin ``ours`` (same weights),
+    both moved to channels_last and fed the NCHW ``x``: ours, on DEVICE and
+    ``path``, gives the channels_last output and input gradient torch gives
+    (ATen runs channels_last when either operand is), with torch's values."""
+    from segops._format import memory_format_of
+    skip_off_kernel_path_on_gpu(path)
+    ours.load_state_dict(plain.state_dict())
+    plain = plain.to(memory_format=torch.channels_last)
+    ours = ours.to(DEVICE, memory_format=torch.channels_last)
+    xr, xo = x.clone().requires_grad_(), x.to(DEVICE).requires_grad_()
+    want = plain(xr, **call)
+    with on_path(path):
+        out = ours(xo, **call)
+        (grad,) = torch.autograd.grad(out, xo, torch.ones_like(out))
+    (want_grad,) = torch.autograd.grad(want, xr, torch.ones_like(want))
+    assert memory_format_of(want) == memory_format_of(want_grad) == torch.channels_last
+    assert memory_format_of(out) == memory_format_of(grad) == torch.channels_last
+    assert_close(out, want, RTOL[x.dtype])
+    assert_close(grad, want_grad, RTOL[x.dtype], name="grad")
+
+
 def deterministic(enabled: bool = True):
     """A context with torch.use_deterministic_algorithms(enabled)."""
     from segops import _dispatch

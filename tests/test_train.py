@@ -104,10 +104,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, results):
+def _join_gloo(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _ddp_worker(rank, world, port, results):
+    _join_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(models.unet(3, 4, 4, 2))
@@ -235,9 +239,7 @@ def test_evaluate_restores_training_mode_when_the_loader_fails():
 
 
 def _ddp_loss_worker(rank, world, port, results):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(3, 4, 1))

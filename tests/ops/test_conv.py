@@ -16,6 +16,7 @@ from helpers import (
     ON_GPU,
     RTOL,
     VIEW_KINDS,
+    assert_channels_last_like_aten,
     assert_close,
     assert_second_order_close,
     deterministic,
@@ -1269,23 +1270,9 @@ def test_channels_last_weight_gives_channels_last_output_like_aten(path):
     runs the convolution in channels_last when either operand is, so the
     output and the input gradient are channels_last (the rest of the network
     then runs channels_last). Values unchanged."""
-    plain = torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2).double()
-    ours = segops.nn.AtrousConv2d(4, 6, 3, padding=2, dilation=2).double()
-    ours.load_state_dict(plain.state_dict())
-    plain = plain.to(memory_format=torch.channels_last)
-    ours = ours.to(DEVICE, memory_format=torch.channels_last)
-    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
-    xr, xo = x.clone().requires_grad_(), x.to(DEVICE).requires_grad_()
-    want = plain(xr)
-    with _on_path(path):
-        out = ours(xo)
-        grad, = torch.autograd.grad(out, xo, torch.ones_like(out))
-    want_grad, = torch.autograd.grad(want, xr, torch.ones_like(want))
-    assert memory_format_of(want) == memory_format_of(want_grad) == torch.channels_last
-    assert memory_format_of(out) == torch.channels_last
-    assert memory_format_of(grad) == torch.channels_last
-    assert_close(out, want, F64)
-    assert_close(grad, want_grad, F64, name="grad")
+    assert_channels_last_like_aten(torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2).double(),
+                                   segops.nn.AtrousConv2d(4, 6, 3, padding=2, dilation=2).double(),
+                                   torch.randn(2, 4, 5, 7, dtype=torch.float64), path)
 
 
 # --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from helpers import (
     ON_GPU,
     RTOL,
     VIEW_KINDS,
+    assert_channels_last_like_aten,
     assert_close,
     assert_second_order_close,
     like_layout,
@@ -28,7 +29,6 @@ from helpers import (
 
 import segops
 from segops import _checks
-from segops._format import memory_format_of
 from segops.kernels import conv as conv_kernels
 from segops.kernels import conv_transpose as kernels
 
@@ -674,23 +674,11 @@ def test_every_path_gives_f_conv_transpose2d(path, options):
 def test_channels_last_weight_gives_channels_last_output_like_aten(path):
     """A channels_last model on NCHW inputs: channels_last output and input
     gradient, as ATen gives when either operand is channels_last."""
-    plain = torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1).double()
-    ours = segops.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1).double()
-    ours.load_state_dict(plain.state_dict())
-    plain = plain.to(memory_format=torch.channels_last)
-    ours = ours.to(DEVICE, memory_format=torch.channels_last)
-    x = torch.randn(2, 4, 4, 5, dtype=torch.float64)
-    xr, xo = x.clone().requires_grad_(), x.to(DEVICE).requires_grad_()
-    want = plain(xr, output_size=[8, 10])
-    with _on_path(path):
-        out = ours(xo, output_size=[8, 10])
-        grad, = torch.autograd.grad(out, xo, torch.ones_like(out))
-    want_grad, = torch.autograd.grad(want, xr, torch.ones_like(want))
-    assert memory_format_of(want) == memory_format_of(want_grad) == torch.channels_last
-    assert memory_format_of(out) == torch.channels_last
-    assert memory_format_of(grad) == torch.channels_last
-    assert_close(out, want, F64)
-    assert_close(grad, want_grad, F64, name="grad")
+    options = dict(stride=2, padding=1)
+    assert_channels_last_like_aten(torch.nn.ConvTranspose2d(4, 6, 3, **options).double(),
+                                   segops.nn.ConvTranspose2d(4, 6, 3, **options).double(),
+                                   torch.randn(2, 4, 4, 5, dtype=torch.float64), path,
+                                   output_size=[8, 10])
 
 
 @pytest.mark.parametrize("path", PATHS)
