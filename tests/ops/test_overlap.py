@@ -127,6 +127,42 @@ def test_forward_takes_per_pixel_masks_where_it_claims(C, activation, dense, wan
     assert_close(sums, ref.overlap_sums(x.double(), t, activation, None, False), TOL)
 
 
+@pytest.mark.parametrize("C, layout, dtype, block_c, one_chunk, group", [
+    (4, "contiguous", torch.float32, None, True, 4),       # C == BLOCK_C: one chunk
+    (4, "channels_last", torch.float32, None, True, 256),  # pixels across lanes: whole tile
+    (4, "contiguous", torch.float16, None, True, 8),       # 16 bytes of pixels
+    (4, "contiguous", torch.float64, None, True, 256),     # float64: whole tile
+    (5, "contiguous", torch.float32, None, True, 4),       # C < BLOCK_C
+    (4, "contiguous", torch.float32, 2, False, 4),         # chunks of 2
+])
+def test_one_chunk_and_pixel_group_launch_where_they_claim(C, layout, dtype, block_c,
+                                                           one_chunk, group):
+    """ONE_CHUNK (every class in one tile, the logits read once: C <= BLOCK_C,
+    equality included) of the forward and the backward, and the forward's
+    GROUP (one thread's 16-byte vector of pixels where pixels are contiguous,
+    else the whole tile), recorded from the launches of dense softmax (the
+    generic path), with sums and gradient as the reference."""
+    x = like_layout(torch.randn(2, C, 8, 8, dtype=torch.float64), layout)
+    t = (torch.rand(2, C, 8, 8) > 0.5).double()
+    grad_out = torch.randn(3, 2, C, dtype=torch.float64)
+    xd = x.to(DEVICE, dtype)
+    gsum = grad_out.to(DEVICE, kernels.sums_dtype(xd))
+    names = ["_overlap_sums_fwd_kernel", "_overlap_sums_bwd_kernel"]
+    with LaunchRecorder(kernels, names) as rec:
+        sums = kernels.overlap_sums_forward(xd, t.to(DEVICE, dtype), "softmax", None, False,
+                                            block_c=block_c)
+        grad = kernels.overlap_sums_backward(gsum[0].contiguous(), gsum[1].contiguous(), xd,
+                                             t.to(DEVICE, dtype), "softmax", None, False,
+                                             block_c=block_c)
+    fwd, bwd = (rec.constexprs(name) for name in names)
+    assert [c["ONE_CHUNK"] for c in fwd + bwd] == [one_chunk, one_chunk]
+    assert [c["GROUP"] for c in fwd] == [group]
+    want_sums, want_grad = reference_sums_and_grad(xd, t, "softmax", None, False, grad_out)
+    rtol = max(RTOL[dtype], 1e-5) if dtype != torch.float64 else RTOL[dtype]
+    assert_close(sums, want_sums, rtol, name="sums")
+    assert_close(grad.double(), want_grad.to(dtype).double(), rtol, name="grad")
+
+
 # --------------------------------------------------------------------------
 # kernels against the reference
 # --------------------------------------------------------------------------
@@ -1274,13 +1310,18 @@ def test_uint8_ignore_minus_one_dice_matches_smp():
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64, torch.float32,
-                                   torch.float16, torch.uint8])
+                                   torch.float16, torch.bfloat16, torch.uint8], ids=str)
 def test_dense_target_compared_with_ignore_index_in_its_own_dtype(dtype):
     """Dense targets: elements equal to ignore_index (converted to the
     target's dtype, as `t != ignore_index` does) count in no sum; an integer
-    target is compared exactly, not after a cast to float32."""
-    ignore = {torch.float16: 2049, torch.uint8: -1}.get(dtype, 2**24 + 1)
-    near = {torch.float16: [2048, 2050], torch.uint8: [254, 255]}.get(dtype, [2**24, 2**24 + 2])
+    target is compared exactly, not after a cast to float32. bfloat16: torch
+    rounds the int to float32 first, then to bfloat16 (2^24 + 2^16 + 1 ->
+    2^24 + 2^16 -> 2^24, a tie to even), where one rounding would give
+    2^24 + 2^17."""
+    ignore = {torch.float16: 2049, torch.bfloat16: 2**24 + 2**16 + 1,
+              torch.uint8: -1}.get(dtype, 2**24 + 1)
+    near = {torch.float16: [2048, 2050], torch.bfloat16: [2**24, 2**24 + 2**17],
+            torch.uint8: [254, 255]}.get(dtype, [2**24, 2**24 + 2])
     x = torch.rand(2, 3, 4, 5, dtype=torch.float64)
     t = torch.randint(0, 2, (2, 3, 4, 5)).to(dtype)
     t[0, :, 0] = torch.tensor(near, dtype=torch.float64).repeat(3)[:5].to(dtype)
@@ -1376,6 +1417,37 @@ def test_confusion_matrix_histogram_and_atomics_variants(monkeypatch, C, bins, d
     tm = pytest.importorskip("torchmetrics.classification")
     theirs = tm.MulticlassConfusionMatrix(num_classes=C, ignore_index=255)(pred, t)
     assert torch.equal(cm.cpu(), theirs)
+
+
+@pytest.mark.parametrize("C", [1, 2, 3])
+@pytest.mark.parametrize("pred_kind", ["scores", "labels"])
+def test_confusion_matrix_writes_nothing_past_the_matrix(monkeypatch, C, pred_kind):
+    """The pair histogram's last bin takes the pixels that do not count
+    (ignored, past the end); at one class it is bin C*C = 1, one past the
+    (1, 1) matrix, so only bins < C*C may be stored: guard elements after the
+    matrix the launcher allocates keep their value."""
+    guards = []
+
+    class GuardedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(size, **kwargs):
+            n = int(np.prod(size))
+            buf = torch.full((n + 8,), -7, **kwargs)
+            buf[:n] = 0
+            guards.append((buf, n))
+            return buf[:n].view(size)
+
+    monkeypatch.setattr(kernels, "torch", GuardedTorch())
+    scores = torch.randn(2, C, 3, 5, dtype=KERNEL_DTYPES[0])
+    t = torch.randint(0, C, (2, 3, 5))
+    t[0, 0, :2] = 255   # ignored
+    pred = scores if pred_kind == "scores" else scores.argmax(1).to(torch.int32)
+    cm = kernels.confusion_matrix(pred.to(DEVICE), t.to(DEVICE), C, 255, block_s=16)
+    assert torch.equal(cm.cpu(), ref.confusion_matrix(pred, t, C, 255))
+    assert guards and all(torch.equal(buf[n:].cpu(), torch.full((8,), -7)) for buf, n in guards)
 
 
 def test_forward_programs_take_several_pixel_blocks():
