@@ -95,8 +95,8 @@ class RoIHeads(nn.Module):
     # ---------------------------------------------------------------- training
     @staticmethod
     def check_target_types(targets: list[dict[str, Tensor]]) -> None:
-        """Float boxes and int64 labels: torchvision checks them whenever
-        targets are given, in eval too."""
+        """Float boxes and int64 labels: checked by forward whenever targets
+        are given, in eval too, as torchvision does."""
         for t in targets:
             if not t["boxes"].is_floating_point():
                 raise TypeError(f"target boxes must be of float type, instead got "
@@ -108,7 +108,6 @@ class RoIHeads(nn.Module):
     def check_targets(self, targets: list[dict[str, Tensor]] | None) -> None:
         if targets is None:
             raise ValueError("targets should not be None in training mode")
-        self.check_target_types(targets)
         for t in targets:
             if self.has_mask() and "masks" not in t:
                 raise ValueError("target masks are required in training mode for Mask R-CNN")
