@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .metrics import MeanIoU
+from .metrics.overlap import _distributed, _reduction_device
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,8 +34,7 @@ def logits_of(output) -> Tensor:
 def _mean_over_ranks(total: float, count: int) -> float:
     """``total / count`` with both summed over the ranks of the default
     group (NaN when there is nothing to average)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from .metrics.overlap import _reduction_device
+    if _distributed():
         device = _reduction_device(torch.device("cpu"), str(dist.get_backend()))
         sums = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
