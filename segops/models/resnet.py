@@ -131,14 +131,14 @@ def _resnet(layers: list[int], weights, kwargs: dict) -> ResNet:
     """torchvision's builder rule: with ``weights``, num_classes is the
     weights' (their ``fc``; None for a backbone without one) and a different
     num_classes is a ValueError; the weights load strictly."""
-    state = None if weights is None else load_state(weights)
-    if state is not None:
-        fc = state.get("fc.weight")
-        kwargs["num_classes"] = overwrite_param("num_classes", kwargs.get("num_classes"),
-                                                None if fc is None else fc.shape[0])
+    if weights is None:
+        return ResNet(layers, **kwargs)
+    state = load_state(weights)
+    fc = state.get("fc.weight")
+    kwargs["num_classes"] = overwrite_param("num_classes", kwargs.get("num_classes"),
+                                            None if fc is None else fc.shape[0])
     model = ResNet(layers, **kwargs)
-    if state is not None:
-        model.load_state_dict(state)
+    model.load_state_dict(state)
     return model
 
 
