@@ -147,6 +147,7 @@ def test_kernels_match_reference(layout, pool_mode):
     (64, 196, True, (64, 16)),    # fewer channels: larger bin blocks
     (256, 9, True, (256, 1)),     # 3x3: blocks of 4 or 2 would mask 1/4 or 1/10
     (64, 12, True, (64, 4)),      # a divisor: nothing masked
+    (1, 1024, True, (1, 1024)),   # one channel: a 32x32 output is one block of bins
     (256, 49, False, (16, 64)),   # NCHW: the bins of one plane
 ])
 def test_tile_sizes_bins_to_waste_few_lanes(C, P, channels_last, want):
@@ -339,6 +340,8 @@ def test_vector_width_is_proven_or_1():
                               device=DEVICE).permute(0, 3, 1, 2)], 20) == 1  # C % 8
     assert width([torch.zeros(2, 5, 6, 17, dtype=torch.bfloat16,
                               device=DEVICE).permute(0, 3, 1, 2)[:, :16]], 16) == 1  # w stride
+    assert width([_cl((2, 20, 5, 2))[:, :16]], 16) == 1      # w stride 20 alone (n 200, h 40)
+    assert width([_cl((2, 16, 5, 6)).as_strided((2, 16, 2, 6), (241, 1, 96, 16))], 16) == 1  # n
     assert width([_cl((2, 16, 5, 6)), _cl((2, 16, 6, 6))[:, :, :, 1:]], 16) == 8
     assert width([_cl((2, 16, 5, 6)), _cl((2, 24, 6, 6))[:, 4:20]], 16) == 1  # one level off
     # size-1 dims: only index 0 is used, whatever stride PyTorch gives them
@@ -1661,3 +1664,191 @@ def test_samples_exactly_on_the_bounds_count(pool_mode):
     if pool_mode == "avg":
         want = torchvision.ops.roi_align(x, rois, (1, 1), 1.0, 1, False)
         assert torch.equal(results[0].cpu(), want)
+
+
+
+# --------------------------------------------------------------------------
+# the deterministic gather's schedule, launch decisions, writes past outputs
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("pooled", [(4, 1), (1, 4)], ids=["tall", "wide"])
+def test_gather_bins_longer_along_one_axis(pooled):
+    """More bins along one axis than the other (PH > PW and PH < PW) with
+    tiles smaller than the RoIs: the gather's per-RoI reach test spans all
+    PH rows and PW columns of bins. Both backwards against the reference."""
+    x = torch.randn(2, 2, 9, 7, dtype=torch.float64, device=DEVICE)
+    rois = make_rois(8, 2, 9, 7).to(DEVICE)
+    grad = torch.randn(8, 2, *pooled, dtype=torch.float64, device=DEVICE)
+    args = ([x], rois, None, [1.0], *pooled, 2, False, "avg")
+    determ = kernels.roi_align_backward_deterministic(grad, *args, tile=(2, 2))
+    atomic = kernels.roi_align_backward_atomic(grad, *args)
+    want = ref.roi_align_backward(grad.cpu(), [x.cpu()], rois.cpu(), *args[2:])
+    assert_close(determ[0], want[0], F64, name="deterministic grad")
+    assert_close(atomic[0], want[0], F64, name="atomic grad")
+
+
+@pytest.mark.parametrize("H, banded", [(8, False), (9, True)])
+def test_gather_scans_the_segments_where_each_level_is_one_row_of_tiles(H, banded, launches):
+    """The row-band schedule only where a level has several rows of tiles:
+    with every level one row (H <= TILE_H: the bands are the segments) the
+    launch takes the segment scan and _row_bands builds nothing; one row
+    more and it takes the bands. Either way the reference's gradient."""
+    x = torch.randn(2, 2, H, 5, dtype=torch.float64, device=DEVICE)
+    rois = make_rois(8, 2, H, 5).to(DEVICE)
+    grad = torch.randn(8, 2, 2, 2, dtype=torch.float64, device=DEVICE)
+    args = ([x], rois, None, [1.0], 2, 2, 2, False, "avg")
+    (got,) = kernels.roi_align_backward_deterministic(grad, *args)
+    flags = [c["ROW_BANDS"] for c in launches["_roi_align_bwd_deterministic_kernel"].constexprs]
+    assert flags == [banded]
+    order, _, segment_of = kernels._segments(rois, None, 1, 2)
+    reach = kernels._roi_reach(rois, None, torch.ones(1, dtype=torch.float64, device=DEVICE),
+                               order)
+    assert (kernels._row_bands(segment_of, reach, [x], 2, 8) is not None) == banded
+    cpu = ([x.cpu()], rois.cpu(), *args[2:])
+    assert_close(got, ref.roi_align_backward(grad.cpu(), *cpu)[0], F64)
+
+
+def test_row_bands_leave_out_rois_below_their_map():
+    """A RoI whose reach starts below its map's last row of tiles (4-row
+    tiles over 9 rows: rows 0-11; this reach starts at 13) meets no band:
+    it is listed nowhere, not in the last band, as one above the map."""
+    features = [torch.zeros(1, 1, 9, 4, dtype=torch.float64, device=DEVICE)]
+    rois = torch.tensor([[0, 0.0, 15.0, 3.0, 17.0], [0, 0.0, -9.0, 3.0, -5.0],
+                         [0, 0.0, 2.0, 3.0, 4.0]], dtype=torch.float64, device=DEVICE)
+    order, _, segment_of = kernels._segments(rois, None, 1, 1)
+    reach = kernels._roi_reach(rois, None, torch.ones(1, dtype=torch.float64, device=DEVICE),
+                               order)
+    entries, bounds, _ = kernels._row_bands(segment_of, reach, features, 1, 4)
+    assert [entries[bounds[b]:bounds[b + 1]].tolist() for b in range(3)] == [[2], [2], []]
+
+
+def test_gather_bands_with_batch_indices_outside_the_batch(launches):
+    """validate_args=False: RoIs whose index truncates outside [0, N) pool
+    nothing; the row-band schedule sorts them into their level's first or
+    last image (_segments clamps the index), never past its band table, and
+    both backwards give the reference's gradient."""
+    x = torch.randn(2, 2, 10, 7, dtype=torch.float64, device=DEVICE)
+    rois = make_rois(8, 2, 10, 7).to(DEVICE)
+    rois[[1, 4, 6], 0] = torch.tensor([2.0, 7.0, -1.0], dtype=torch.float64, device=DEVICE)
+    results = kernel_and_reference([x], rois, None, [1.0], (2, 2), 2, False, "avg")
+    check_all(*results, F64)
+    assert [c["ROW_BANDS"] for c in
+            launches["_roi_align_bwd_deterministic_kernel"].constexprs] == [True]
+
+
+def test_gather_takes_up_to_32_channels_a_program(launches):
+    """The deterministic gather's channel block is block_size(C, 32) (the
+    BLOCK_C = 32 that test_codegen's pin for issue 12 describes): 33
+    channels are a block of 32 and a masked tail of 1, with the reference's
+    gradient."""
+    x = torch.randn(1, 33, 5, 6, dtype=torch.float64, device=DEVICE)
+    rois = make_rois(3, 1, 5, 6, seed_kinds=False).to(DEVICE)
+    grad = torch.randn(3, 33, 1, 2, dtype=torch.float64, device=DEVICE)
+    args = ([x], rois, None, [1.0], 1, 2, 2, False, "avg")
+    (got,) = kernels.roi_align_backward_deterministic(grad, *args)
+    assert launches["_roi_align_bwd_deterministic_kernel"].constexprs[-1]["BLOCK_C"] == 32
+    cpu = ([x.cpu()], rois.cpu(), *args[2:])
+    assert_close(got, ref.roi_align_backward(grad.cpu(), *cpu)[0], F64)
+
+
+def test_multi_level_maps_in_mixed_memory_formats(launches):
+    """One channels_last level and one NCHW level: every kernel takes the
+    strided path (CHANNELS_LAST off: each level's channel stride as loaded,
+    not 1) and matches the reference, forward and both backwards."""
+    features = [like_layout(torch.randn(2, 3, 8, 6, dtype=torch.float64).to(DEVICE),
+                            "channels_last"),
+                torch.randn(2, 3, 4, 3, dtype=torch.float64, device=DEVICE)]
+    rois = make_rois(8, 2, 8, 6, 1 / 4).to(DEVICE)   # 32x24 images
+    levels = torch.tensor([0, 1] * 4, device=DEVICE)
+    results = kernel_and_reference(features, rois, levels, [1 / 4, 1 / 8], (2, 2), 2, False,
+                                   "avg")
+    check_all(*results, F64)
+    for name in ("_roi_align_fwd_kernel", "_roi_align_bwd_atomic_kernel",
+                 "_roi_align_bwd_deterministic_kernel"):
+        assert [c["CHANNELS_LAST"] for c in launches[name].constexprs] == [False], name
+
+
+def test_an_empty_level_map_is_passed_as_a_non_empty_one():
+    """A map with no element (H or W 0) is never addressed, but a null
+    pointer (an empty CUDA tensor's address) is not a valid kernel
+    argument: _pointers passes a non-empty level in its place."""
+    full = torch.randn(2, 3, 4, 4, device=DEVICE)
+    empty = full[:, :, :0]
+    assert [p is full for p in kernels._pointers([empty, full])] == [True, True]
+    assert [p is full for p in kernels._pointers([full, empty, full[:, :, :, :0]])] == [True] * 3
+
+
+def _guarded_empty(monkeypatch):
+    """Patches kernels.empty (contiguous outputs only) to hand out the first
+    half of a buffer whose second half holds guard elements (-7); returns
+    the list of (buffer, size) it fills."""
+    guards = []
+
+    def guarded_empty(shape, dtype, device, memory_format=torch.contiguous_format):
+        assert memory_format == torch.contiguous_format
+        n = int(np.prod(shape))
+        buf = torch.full((2 * n,), -7, dtype=dtype, device=device)
+        guards.append((buf, n))
+        return buf[:n].view(shape)
+
+    monkeypatch.setattr(kernels, "empty", guarded_empty)
+    return guards
+
+
+def _untouched(guards) -> bool:
+    return all(torch.equal(buf[n:].cpu(), torch.full((n,), -7, dtype=buf.dtype))
+               for buf, n in guards)
+
+
+def test_kernels_write_nothing_past_their_outputs(monkeypatch):
+    """Channel and bin tails (3 channels in blocks of 4, 6 bins in blocks of
+    4): the forward's output and both backwards' gradient buffers keep the
+    guard elements after them, with the reference's values. The map and the
+    output gradient are views into larger tensors, so a channel or RoI past
+    the end is memory a kernel may read."""
+    guards = _guarded_empty(monkeypatch)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, device=DEVICE)[:, :3]
+    rois = make_rois(8, 2, 6, 7).to(DEVICE)
+    grad = torch.randn(9, 3, 2, 3, dtype=torch.float64, device=DEVICE)[:8]
+    args = ([x], rois, None, [1.0], 2, 3, 2, False, "avg")
+    out = kernels.roi_align_forward(*args, block_c=4, block_p=4)
+    atomic = kernels.roi_align_backward_atomic(grad, *args, block_c=4, block_p=4)
+    determ = kernels.roi_align_backward_deterministic(grad, *args, block_c=4)
+    cpu = ([x.cpu()], rois.cpu(), *args[2:])
+    check_all(out, ref.roi_align(*cpu), atomic, determ, ref.roi_align_backward(grad.cpu(), *cpu),
+              F64)
+    assert len(guards) == 3 and _untouched(guards)
+
+
+def test_gather_writes_nothing_past_each_levels_gradient(monkeypatch):
+    """The deterministic gather stores a tile's pixels inside its own level
+    and image only (rows < H, columns < W): the guard elements after each
+    gradient buffer keep their value, and every level's gradient is the
+    reference's (10x7 and 5x3 maps: 8x8 tiles cut on both axes; the second
+    level's first tile follows the first level's last)."""
+    guards = _guarded_empty(monkeypatch)
+    features = [torch.randn(2, 2, 10, 7, dtype=torch.float64, device=DEVICE),
+                torch.randn(2, 2, 5, 3, dtype=torch.float64, device=DEVICE)]
+    rois = make_rois(8, 2, 10, 7).to(DEVICE)
+    levels = torch.tensor([0, 1] * 4, device=DEVICE)
+    grad = torch.randn(8, 2, 2, 2, dtype=torch.float64, device=DEVICE)
+    args = (features, rois, levels, [1.0, 0.5], 2, 2, 2, False, "avg")
+    got = kernels.roi_align_backward_deterministic(grad, *args)
+    want = ref.roi_align_backward(grad.cpu(), [f.cpu() for f in features], rois.cpu(),
+                                  levels.cpu(), *args[3:])
+    for level, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, F64, name=f"level {level}")
+    assert len(guards) == 2 and _untouched(guards)
+
+
+def test_roi_levels_write_nothing_past_the_rois(monkeypatch):
+    """The level kernel's block of RoIs is masked at K: the guard elements
+    after the (K, 5) rois and (K,) levels it allocates keep their value
+    (the rois are a view into a larger tensor: a row K exists to read)."""
+    guards = _guarded_empty(monkeypatch)
+    store = make_rois(8, 2, 64, 64, 1 / 8, torch.float32).to(DEVICE)
+    thresholds = torch.tensor([500.0, 2000.0], device=DEVICE)
+    rois, levels = kernels.roi_levels(store[:5], thresholds, 3)
+    area = (store[:5, 3] - store[:5, 1]) * (store[:5, 4] - store[:5, 2])
+    assert torch.equal(levels, (area[:, None] >= thresholds).sum(1))
+    assert torch.equal(rois, store[:5])
+    assert len(guards) == 2 and _untouched(guards)
