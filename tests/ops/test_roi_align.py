@@ -1571,6 +1571,22 @@ def test_batch_index_check_in_the_forward_kernel(monkeypatch, rois_dtype, index)
     assert aten_checks == ([torch.float64] if rois_dtype == torch.float64 else [])
 
 
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the assert ends the context: the test below")
+def test_batch_index_check_without_channels(monkeypatch):
+    """0-channel maps on the forward kernel's check: the output is empty, so
+    no program runs, yet a batch index that is not an integer in [0, N)
+    still fails (it passed unchecked, where the host check refuses it)."""
+    monkeypatch.setattr(_checks, "values_checked_on_device", lambda t: True)
+    x = torch.randn(2, 0, 6, 5, device=DEVICE)
+    good = torch.tensor([[1.0, 0, 0, 3, 3], [0.0, 1, 1, 4, 4]], device=DEVICE)
+    assert segops.ops.roi_align(x, good, 2, 1.0, 2).shape == (2, 0, 2, 2)
+    for index in (2.0, -1.0, 0.5, float("nan")):
+        rois = good.clone()
+        rois[1, 0] = index
+        with pytest.raises(RuntimeError, match="batch index that is not an integer"):
+            segops.ops.roi_align(x, rois, 2, 1.0, 2)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the device-side assert exists only on CUDA")
 @pytest.mark.parametrize("index,pools", [("2.0", "zeros"), ("float('nan')", "zeros"),
                                          ("0.5", "image 0")])
