@@ -166,6 +166,42 @@ def record_gemm_launches(monkeypatch, module) -> dict:
     return launches
 
 
+MIN_GUARD = 64  # guard elements after each output of guarded_outputs, at least
+
+
+def guarded_outputs(monkeypatch, module, value: float = -7.0) -> list:
+    """Each output ``module.empty`` allocates while the test runs is the start
+    of a buffer followed by max(MIN_GUARD, numel) guard elements of
+    ``value`` (a stray row, channel or image fits); returns the list of
+    (buffer, numel) to check with assert_guards_intact (a store past the
+    output shows there, a crash or nothing without it). Contiguous outputs
+    only."""
+    guards = []
+    real_empty = module.empty
+
+    def guarded(*shape, memory_format=torch.contiguous_format, **kwargs):
+        assert memory_format == torch.contiguous_format, "guarded outputs are contiguous"
+        if len(shape) == 1 and not isinstance(shape[0], int):
+            shape = tuple(shape[0])
+        n = 1
+        for size in shape:
+            n *= size
+        buf = real_empty(n + max(MIN_GUARD, n), **kwargs)
+        buf[n:] = value
+        guards.append((buf, n))
+        return buf[:n].view(shape)
+    monkeypatch.setattr(module, "empty", guarded)
+    return guards
+
+
+def assert_guards_intact(guards: list, value: float = -7.0) -> None:
+    assert guards, "no output was allocated"
+    for buf, n in guards:
+        tail = buf[n:].cpu()
+        assert torch.equal(tail, torch.full_like(tail, value)), \
+            f"stored past the {n}-element output: {tail.tolist()}"
+
+
 VIEW_KINDS = ("stride2", "transposed", "slice")
 
 

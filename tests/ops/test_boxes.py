@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from helpers import (DEVICE, ON_GPU, RTOL, assert_close, non_contiguous, record_launches,
-                     torchvision_nms_per_class)
+from helpers import (DEVICE, ON_GPU, RTOL, assert_close, assert_guards_intact, guarded_outputs,
+                     non_contiguous, record_launches, torchvision_nms_per_class)
 
 import segops.ops.boxes as boxes_ops
 from segops import _dispatch
@@ -188,6 +188,16 @@ def test_nms_segment_past_the_guess_runs_again_sized_exactly(monkeypatch):
     for i, kept in enumerate(per):
         rows = torch.nonzero(image_ids.cpu() == i).flatten()
         assert torch.equal(kept.cpu(), rows[tv_batched(b[rows], s[rows], idxs[rows], 0.4)][:9])
+
+
+def test_nms_whole_word_segments_beside_longer_ones():
+    """Segments of exactly 64 and 128 boxes (whole words: 1 and 2 per row)
+    in a launch whose longest segment needs 3 words per row, so the grid has
+    word columns past theirs: no program writes a word past a row's own
+    (it would land on the next row's first word and clear its bits)."""
+    b, s, idxs = many_segments([64, 130, 128], seed=13)
+    got = boxes_ops.batched_nms(b.to(DEVICE), s.to(DEVICE), idxs.to(DEVICE), 0.3)
+    assert torch.equal(got.cpu(), tv_batched(b, s, idxs, 0.3))
 
 
 def test_nms_bitmask_layout_and_size_at_the_box_head_scale():
@@ -532,6 +542,19 @@ def test_clip_empty_boxes_of_any_shape(path, shape):
     boxes = torch.zeros(shape).to(device_for(path))
     with on_path(path):
         assert boxes_ops.clip_boxes_to_image(boxes, (5, 5)).shape == shape
+
+
+def test_clip_writes_nothing_past_its_output(monkeypatch):
+    """Boxes of 6 columns (an 8-lane tile, 2 lanes masked off) over two
+    programs: only the R x C output is stored. A lane at column C would store
+    the next row's first element (which the next row then overwrites) and,
+    on the last row, one element past the output: guard elements after the
+    buffer the launcher allocates keep their value."""
+    guards = guarded_outputs(monkeypatch, kernels)
+    x = torch.randn(37, 6, dtype=torch.float64) * 60 + 20
+    got = boxes_ops.clip_boxes_to_image(x.to(DEVICE), (31, 47))
+    assert torch.equal(got.cpu(), tv_ops.clip_boxes_to_image(x, (31, 47)))
+    assert_guards_intact(guards)
 
 
 # --------------------------------------------------------------------------

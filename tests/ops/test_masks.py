@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 from helpers import (DEVICE, RTOL, VIEW_KINDS, assert_checked_eager_and_compiled, assert_close,
-                     non_contiguous, record_launches)
+                     assert_guards_intact, guarded_outputs, non_contiguous, record_launches)
 
 from segops import _dispatch
 from segops.kernels import masks as kernels
@@ -274,6 +274,40 @@ def test_paste_non_finite_boxes_paste_nothing():
         assert_close(paste_masks(masks, boxes, (H, W)), got, F64)
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=str)
+def test_paste_each_non_finite_coordinate_pastes_nothing(value):
+    """A box with any one coordinate +-inf or NaN pastes nothing, whichever
+    coordinate it is (every one of the four must be finite: the expanded
+    corners of x0 = 3, x1 = inf are NaN and inf, which truncation would turn
+    into a window over the whole row), while a finite box beside it pastes
+    as torchvision does."""
+    boxes = paste_boxes()[:1].repeat(5, 1)
+    for i in range(4):
+        boxes[i, i] = value
+    masks = rand_masks(5)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W)).cpu()
+    assert torch.equal(got[:4], torch.zeros(4, 1, H, W, dtype=torch.float64))
+    want = paste_masks_in_image(masks[4:], boxes[4:], (H, W))
+    assert_close(got[4:], want, F64)
+    above = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (H, W), threshold=0.0).cpu()
+    assert not above[:4].any() and torch.equal(above[4:], want > 0)
+
+
+def test_paste_writes_nothing_past_its_output(monkeypatch):
+    """An image of 37 x 45 in 8 x 64 tiles (rows 37..39 and columns 45..63 of
+    the last tiles masked off), the last box past the bottom-right corner:
+    only the (N, 1, H, W) output is stored. A store at row H or column W
+    would land on the next row or mask (which overwrite it) and, for the
+    last mask, past the output: guard elements after it keep their value."""
+    h, w = 37, 45
+    boxes = paste_boxes()[[0, 1, 3, 5]]
+    masks = rand_masks(boxes.shape[0])
+    guards = guarded_outputs(monkeypatch, kernels)
+    got = paste_masks(masks.to(DEVICE), boxes.to(DEVICE), (h, w))
+    assert_close(got, paste_masks_in_image(masks, boxes, (h, w)), F64)
+    assert_guards_intact(guards)
+
+
 @pytest.mark.parametrize("path", ["kernel", "native", "reference"])
 def test_paste_no_masks_of_width_0(path):
     """(0, 1, MH, 0) masks pass the checks (a width of 0 is refused only when
@@ -452,6 +486,35 @@ def test_mask_targets_non_finite_rois_and_empty():
                                      torch.zeros(0, 4, device=DEVICE),
                                      torch.zeros(0, dtype=torch.int64, device=DEVICE), 3)
     assert zero_g.shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=str)
+def test_mask_targets_each_non_finite_coordinate_gives_zeros(value):
+    """A RoI with any one coordinate +-inf or NaN gives zeros, whichever
+    coordinate it is (with x2 = -inf, roi_align's width max(x2 - x1, 1) is 1:
+    unchecked, it would pool a 1-pixel-wide RoI), while a finite RoI beside
+    it matches torchvision."""
+    rois = mask_rois(torch.float64)[:1].repeat(5, 1)
+    for i in range(4):
+        rois[i, i] = value
+    masks, idx = gt_masks(2), torch.tensor([0, 1, 0, 1, 0])
+    got = mask_targets(masks.to(DEVICE), rois.to(DEVICE), idx.to(DEVICE), 5).cpu()
+    assert torch.equal(got[:4], torch.zeros(4, 5, 5, dtype=torch.float64))
+    assert_close(got[4:], project_masks_on_boxes(masks, rois[4:], idx[4:], 5), F64)
+
+
+def test_mask_targets_write_nothing_past_their_output(monkeypatch):
+    """5 x 5 bins in 32-lane blocks (7 lanes masked off): only the (K, M, M)
+    output is stored; a lane at bin M * M would store the next RoI's first
+    bin and, for the last RoI, one element past the output: guard elements
+    after it keep their value."""
+    rois = mask_rois(torch.float64)
+    masks = gt_masks(3)
+    idx = torch.tensor([0, 2, 1, 2, 0, 1, 2, 1])
+    guards = guarded_outputs(monkeypatch, kernels)
+    got = mask_targets(masks.to(DEVICE), rois.to(DEVICE), idx.to(DEVICE), 5)
+    assert_close(got, project_masks_on_boxes(masks, rois, idx, 5), F64)
+    assert_guards_intact(guards)
 
 
 @pytest.mark.parametrize("path", ["native", "reference"])

@@ -17,7 +17,9 @@ from helpers import (
     assert_checked_eager_and_compiled,
     assert_close,
     assert_device_assert_in_child,
+    assert_guards_intact,
     deterministic,
+    guarded_outputs,
     like_layout,
     on_path,
     second_order_grads,
@@ -1793,35 +1795,13 @@ def test_an_empty_level_map_is_passed_as_a_non_empty_one():
     assert [p is full for p in kernels._pointers([full, empty, full[:, :, :, :0]])] == [True] * 3
 
 
-def _guarded_empty(monkeypatch):
-    """Patches kernels.empty (contiguous outputs only) to hand out the first
-    half of a buffer whose second half holds guard elements (-7); returns
-    the list of (buffer, size) it fills."""
-    guards = []
-
-    def guarded_empty(shape, dtype, device, memory_format=torch.contiguous_format):
-        assert memory_format == torch.contiguous_format
-        n = int(np.prod(shape))
-        buf = torch.full((2 * n,), -7, dtype=dtype, device=device)
-        guards.append((buf, n))
-        return buf[:n].view(shape)
-
-    monkeypatch.setattr(kernels, "empty", guarded_empty)
-    return guards
-
-
-def _untouched(guards) -> bool:
-    return all(torch.equal(buf[n:].cpu(), torch.full((n,), -7, dtype=buf.dtype))
-               for buf, n in guards)
-
-
 def test_kernels_write_nothing_past_their_outputs(monkeypatch):
     """Channel and bin tails (3 channels in blocks of 4, 6 bins in blocks of
     4): the forward's output and both backwards' gradient buffers keep the
     guard elements after them, with the reference's values. The map and the
     output gradient are views into larger tensors, so a channel or RoI past
     the end is memory a kernel may read."""
-    guards = _guarded_empty(monkeypatch)
+    guards = guarded_outputs(monkeypatch, kernels)
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64, device=DEVICE)[:, :3]
     rois = make_rois(8, 2, 6, 7).to(DEVICE)
     grad = torch.randn(9, 3, 2, 3, dtype=torch.float64, device=DEVICE)[:8]
@@ -1832,7 +1812,8 @@ def test_kernels_write_nothing_past_their_outputs(monkeypatch):
     cpu = ([x.cpu()], rois.cpu(), *args[2:])
     check_all(out, ref.roi_align(*cpu), atomic, determ, ref.roi_align_backward(grad.cpu(), *cpu),
               F64)
-    assert len(guards) == 3 and _untouched(guards)
+    assert len(guards) == 3
+    assert_guards_intact(guards)
 
 
 def test_gather_writes_nothing_past_each_levels_gradient(monkeypatch):
@@ -1841,7 +1822,7 @@ def test_gather_writes_nothing_past_each_levels_gradient(monkeypatch):
     gradient buffer keep their value, and every level's gradient is the
     reference's (10x7 and 5x3 maps: 8x8 tiles cut on both axes; the second
     level's first tile follows the first level's last)."""
-    guards = _guarded_empty(monkeypatch)
+    guards = guarded_outputs(monkeypatch, kernels)
     features = [torch.randn(2, 2, 10, 7, dtype=torch.float64, device=DEVICE),
                 torch.randn(2, 2, 5, 3, dtype=torch.float64, device=DEVICE)]
     rois = make_rois(8, 2, 10, 7).to(DEVICE)
@@ -1853,18 +1834,20 @@ def test_gather_writes_nothing_past_each_levels_gradient(monkeypatch):
                                   levels.cpu(), *args[3:])
     for level, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, F64, name=f"level {level}")
-    assert len(guards) == 2 and _untouched(guards)
+    assert len(guards) == 2
+    assert_guards_intact(guards)
 
 
 def test_roi_levels_write_nothing_past_the_rois(monkeypatch):
     """The level kernel's block of RoIs is masked at K: the guard elements
     after the (K, 5) rois and (K,) levels it allocates keep their value
     (the rois are a view into a larger tensor: a row K exists to read)."""
-    guards = _guarded_empty(monkeypatch)
+    guards = guarded_outputs(monkeypatch, kernels)
     store = make_rois(8, 2, 64, 64, 1 / 8, torch.float32).to(DEVICE)
     thresholds = torch.tensor([500.0, 2000.0], device=DEVICE)
     rois, levels = kernels.roi_levels(store[:5], thresholds, 3)
     area = (store[:5, 3] - store[:5, 1]) * (store[:5, 4] - store[:5, 2])
     assert torch.equal(levels, (area[:, None] >= thresholds).sum(1))
     assert torch.equal(rois, store[:5])
-    assert len(guards) == 2 and _untouched(guards)
+    assert len(guards) == 2
+    assert_guards_intact(guards)
