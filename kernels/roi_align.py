@@ -634,18 +634,18 @@ def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled
                       bad_batch: torch.Tensor | None = None) -> torch.Tensor:
     """(K, C, PH, PW) in the first level's dtype and memory format.
     ``bad_batch``: a zeroed int32 tensor, set to 1 when a batch index is not
-    an integer in [0, N); the rois must cast exactly (``casts_exactly``)."""
+    an integer in [0, N); the rois must cast exactly (``casts_exactly``) and
+    the output must have elements (C > 0) when K > 0."""
     K, C, N = rois.shape[0], features[0].shape[1], features[0].shape[0]
     out = empty((K, C, pooled_height, pooled_width), dtype=features[0].dtype,
                 device=features[0].device, memory_format=memory_format_of(features[0]))
     if bad_batch is not None and not casts_exactly(rois.dtype, features):
         raise ValueError("bad_batch needs rois that the accumulation dtype holds exactly: "
                          "a narrowing cast could round 1 + 1e-10 to an integer")
+    if bad_batch is not None and out.numel() == 0 and K > 0:
+        raise ValueError("bad_batch needs an output with elements: no program runs for an "
+                         "empty one (0 channels), so nothing would set the flag")
     if out.numel() == 0:
-        if bad_batch is not None and K > 0:
-            # no program runs (C == 0): the kernel's test in torch ops, no sync
-            b = rois[:, 0]
-            bad_batch.copy_(((b != b.floor()) | (b < 0) | (b >= N)).any())
         return out
     _, acc, rois, scale_table, level_arg = _common(features, rois, levels, scales)
     check_batch = bad_batch is not None

@@ -345,7 +345,8 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
     batch indices are left to the forward kernel (``kernel_may_check``, a
     Tensor[K, 5] on CUDA on the kernels' path whose values the kernels'
     coordinate dtype holds exactly: float64 rois on float32 maps could round
-    1 + 1e-10 to 1), else checked here."""
+    1 + 1e-10 to 1; and maps with channels: for an empty output no program
+    runs to check), else checked here."""
     _check_features("input", features)
     rois = _as_rois(boxes)
     check_same_device(input=features[0], boxes=rois)
@@ -361,7 +362,7 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
                                 f"batch of {N} images")
     elif validate_args:
         if (kernel_may_check and _checks.values_checked_on_device(rois)
-                and _dispatch.uses_kernel(features[0])
+                and _dispatch.uses_kernel(features[0]) and features[0].shape[1] > 0
                 and _kernels().casts_exactly(rois.dtype, features)):
             return rois, pooled, sampling_ratio, True
         _check_batch_indices(rois, N)

@@ -1575,18 +1575,30 @@ def test_batch_index_check_in_the_forward_kernel(monkeypatch, rois_dtype, index)
 
 @pytest.mark.skipif(ON_GPU, reason="on CUDA the assert ends the context: the test below")
 def test_batch_index_check_without_channels(monkeypatch):
-    """0-channel maps on the forward kernel's check: the output is empty, so
-    no program runs, yet a batch index that is not an integer in [0, N)
-    still fails (it passed unchecked, where the host check refuses it)."""
+    """0-channel maps on the device-check path: the output is empty, so no
+    program runs to flag a batch index; the op checks with the aten check
+    instead (a bad index passed unchecked before), and the launcher refuses
+    a flag it would leave unset."""
     monkeypatch.setattr(_checks, "values_checked_on_device", lambda t: True)
+    aten_checks = []
+    real_check = ops_module._check_batch_indices
+    monkeypatch.setattr(ops_module, "_check_batch_indices",
+                        lambda rois, N: aten_checks.append(N) or real_check(rois, N))
     x = torch.randn(2, 0, 6, 5, device=DEVICE)
     good = torch.tensor([[1.0, 0, 0, 3, 3], [0.0, 1, 1, 4, 4]], device=DEVICE)
     assert segops.ops.roi_align(x, good, 2, 1.0, 2).shape == (2, 0, 2, 2)
+    assert aten_checks == [2]
     for index in (2.0, -1.0, 0.5, float("nan")):
         rois = good.clone()
         rois[1, 0] = index
         with pytest.raises(RuntimeError, match="batch index that is not an integer"):
             segops.ops.roi_align(x, rois, 2, 1.0, 2)
+    flag = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="bad_batch needs an output with elements"):
+        kernels.roi_align_forward([x], good, None, [1.0], 2, 2, 2, False, "avg", bad_batch=flag)
+    no_rois = good[:0]
+    assert kernels.roi_align_forward([x], no_rois, None, [1.0], 2, 2, 2, False, "avg",
+                                     bad_batch=flag).shape == (0, 0, 2, 2)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the device-side assert exists only on CUDA")
