@@ -432,7 +432,9 @@ def box_coder(weights, clip=boxes_ops.DEFAULT_BBOX_XFORM_CLIP):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+# (10, 5, 2, 4): every weight differs, so one used for another shows
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0),
+                                     (10.0, 5.0, 2.0, 4.0)])
 def test_decode_matches_box_coder(path, dtype, weights):
     n, k = 45, 3
     codes = (torch.randn(n, 4 * k, dtype=torch.float64) * 3).to(dtype)
