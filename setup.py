@@ -37,6 +37,7 @@ setup(
         "test": [
             "pytest",
             "pytest-xdist",
+            "pytest-timeout",  # a hung kernel loop fails its test (timeout in pytest.ini)
             "pytest-benchmark",
             "hypothesis",
             "torchvision",
