@@ -13,11 +13,13 @@ import triton.language as tl
 from helpers import (
     DEVICE,
     KERNEL_DTYPES,
+    MIN_GUARD,
     ON_GPU,
     RTOL,
     VIEW_KINDS,
     assert_channels_last_like_aten,
     assert_close,
+    assert_guards_intact,
     assert_second_order_close,
     deterministic,
     like_layout,
@@ -102,6 +104,11 @@ def forward_and_grads(fn, x, w, b, grad):
 
 CASES = [random_case(seed) for seed in range(40)]
 CASES = [c for c in CASES if output_fits(c)][:28]
+# depthwise with different row and column dilations (the random grid draws none)
+CASES += [dict(N=1, C_in=3, C_out=6, H=9, W=8, kernel=3, stride=1, padding=1, dilation=(2, 1),
+               groups=3, bias=True, layout="contiguous"),
+          dict(N=2, C_in=4, C_out=4, H=7, W=11, kernel=3, stride=(2, 1), padding=(1, 2),
+               dilation=(1, 3), groups=4, bias=False, layout="channels_last")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
@@ -1345,3 +1352,158 @@ def test_deterministic_mode_fixes_tiles_and_splits(monkeypatch):
     assert torch.equal(results[0], results[1])
     want = ref.conv2d_grad_weight(grad.cpu(), x.cpu(), (24, 20, 3, 3), *geometry)
     assert_close(results[0], want, F64)
+
+
+# --------------------------------------------------------------------------
+# masks: stores and reads stay inside the tensors; edge tiles, huge values
+# --------------------------------------------------------------------------
+def _guarded_any_layout(monkeypatch, value=-7.0):
+    """helpers.guarded_outputs for every memory format: each buffer the conv
+    launchers allocate (kernels.empty, and _gemm.empty for the GEMM's
+    channels_last result) is followed by max(MIN_GUARD, numel) guard
+    elements of ``value``; a store past a tile's last pixel or channel
+    lands there."""
+    guards = []
+    for module in (kernels, gemm):
+        real_empty = module.empty
+
+        def guarded(*shape, memory_format=torch.contiguous_format, _real=real_empty, **kwargs):
+            if len(shape) == 1 and not isinstance(shape[0], int):
+                shape = tuple(shape[0])
+            n = math.prod(shape)
+            strides = torch.empty(shape, device="meta", memory_format=memory_format).stride()
+            buf = _real(n + max(MIN_GUARD, n), **kwargs)
+            buf[n:] = value
+            guards.append((buf, n))
+            return buf.as_strided(shape, strides)
+        monkeypatch.setattr(module, "empty", guarded)
+    return guards
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name,groups,C_in,C_out,splits", [
+    ("gemm", 1, 5, 7, 1), ("split", 2, 6, 10, 3), ("depthwise", 3, 3, 6, 1)])
+def test_kernels_store_nothing_past_their_outputs(name, groups, C_in, C_out, splits, layout,
+                                                  monkeypatch):
+    """Pixel and channel counts that are no multiple of any tile: every
+    kernel's store is masked to its pixels and channels (forward, split-K
+    partials and their sum, grad_input, grad_weight partials, the NaN of
+    _poison), so the guard after each output stays intact, and the results
+    match F.conv2d."""
+    x = like_layout(torch.randn(2, C_in, 5, 7, dtype=torch.float64, device=DEVICE), layout)
+    w = torch.randn(C_out, C_in // groups, 3, 2, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(C_out, dtype=torch.float64, device=DEVICE)
+    geometry = ([1, 2], [2, 2, 1, 1], [2, 1], groups)
+    guards = _guarded_any_layout(monkeypatch)
+    y = kernels.conv2d_forward(x, w, b, *geometry, relu=True, splits=splits)
+    grad = torch.randn(y.shape, dtype=torch.float64, device=DEVICE)
+    grad[0, C_out - 1, 0, 0] = math.inf  # a corner: NaN written into dw (_poison)
+    grad = like_layout(grad, layout)
+    dx = kernels.conv_transpose_gather(grad, w, None, x.shape[-2:], *geometry,
+                                       memory_format_of(x))
+    dw = kernels.conv2d_grad_weight(grad, x, w.shape, *geometry, splits=splits)
+    assert_guards_intact(guards)
+    xr, wr = (t.cpu().requires_grad_() for t in (x, w))
+    want = F.relu(F.conv2d(xr, wr, b.cpu(), stride=(1, 2), padding=(2, 1), dilation=(2, 1),
+                           groups=groups))
+    assert_close(y, want, F64)
+    want_dx, want_dw = torch.autograd.grad(
+        F.conv2d(xr, wr, stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=groups),
+        (xr, wr), grad.cpu())
+    assert_close(dx, want_dx, F64, name="grad_input")
+    assert_close(dw, want_dw, F64, name="grad_weight")
+
+
+def _inside_nan(t: torch.Tensor) -> torch.Tensor:
+    """t (N, C, H, W) as a channels_last view of a NaN-filled tensor with one
+    more image and a channel more on each side: a read past t's pixels or
+    channels gives NaN."""
+    N, C, H, W = t.shape
+    big = torch.full((N + 1, C + 2, H, W), math.nan, dtype=t.dtype, device=t.device)
+    big = big.contiguous(memory_format=torch.channels_last)
+    big[:N, 1:C + 1] = t
+    view = big[:N, 1:C + 1]
+    assert view.stride(1) == 1
+    return view
+
+
+@pytest.mark.parametrize("name,groups,C_in,C_out,splits", [
+    ("gemm", 1, 5, 7, 1), ("split", 2, 6, 10, 3), ("depthwise", 3, 3, 6, 2)])
+def test_kernels_read_nothing_past_their_operands(name, groups, C_in, C_out, splits):
+    """Input and output gradient are views inside NaN-filled tensors, read
+    in place (channels_last): a masked-off pixel or channel that is read
+    anyway (and multiplied by a masked zero) gives NaN. Every kernel,
+    _poison's scan of the gradient included (padding reach), matches
+    F.conv2d."""
+    x = torch.randn(2, C_in, 5, 7, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(C_out, C_in // groups, 3, 2, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(2, C_out, 5, 4, dtype=torch.float64, device=DEVICE)
+    geometry = ([1, 2], [2, 2, 1, 1], [2, 1], groups)
+    args = dict(stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=groups)
+    xv, gv = _inside_nan(x), _inside_nan(grad)
+    y = kernels.conv2d_forward(xv, w, None, *geometry, splits=splits)
+    dx = kernels.conv_transpose_gather(gv, w, None, x.shape[-2:], *geometry,
+                                       torch.channels_last)
+    dw = kernels.conv2d_grad_weight(gv, xv, w.shape, *geometry, splits=splits)
+    xr, wr = (t.cpu().requires_grad_() for t in (x, w))
+    want = F.conv2d(xr, wr, **args)
+    assert want.shape == grad.shape
+    want_dx, want_dw = torch.autograd.grad(want, (xr, wr), grad.cpu())
+    assert_close(y, want, F64)
+    assert_close(dx, want_dx, F64, name="grad_input")
+    assert_close(dw, want_dw, F64, name="grad_weight")
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_gradients_with_strides_near_2_to_the_31(padding):
+    """Stride 2^31 - 1 (the largest) along both axes with a 3x3 kernel,
+    every gradient: the grad_input residue of tap 2 (2 * dil + stride - pad)
+    passes 2^31, which the kernel forms in 64 bits (the fuzz suite's 1x1
+    kernels reach only tap 0)."""
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    args = dict(stride=2**31 - 1, padding=padding)
+    want = F.conv2d(x.cpu(), w.cpu(), b.cpu(), **args)
+    grad = torch.randn_like(want)
+    out, grads = forward_and_grads(lambda *t: segops.ops.atrous_conv2d(*t, **args), x, w, b,
+                                   grad.to(DEVICE))
+    _, want_grads = forward_and_grads(lambda *t: F.conv2d(*t, **args),
+                                      *(t.cpu() for t in (x, w, b)), grad)
+    assert_close(out, want, F64)
+    for name, got, expected in zip(["input", "weight", "bias"], grads, want_grads):
+        assert_close(got, expected, F64, name=f"grad_{name}")
+
+
+@pytest.mark.parametrize("groups", [1, 4], ids=["gemm", "depthwise"])
+def test_grad_weight_huge_finite_float64_gradient_in_the_padding_reach(groups):
+    """A float64 gradient past float32's range (1e300) at pixels where taps
+    read padding is finite: F.conv2d multiplies it by the padding's zero
+    (0), so _poison must not take it for a non-finite value (the scan keeps
+    float64 in float64)."""
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, device=DEVICE)
+    w_shape = (4, 4 // groups, 3, 3)
+    grad = torch.randn(2, 4, 6, 7, dtype=torch.float64, device=DEVICE)
+    grad[0, 1, 0, 3] = 1e300    # the top row
+    grad[1, 2, 5, 6] = -1e300   # the bottom-right corner
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], groups)
+    dw = kernels.conv2d_grad_weight(grad, x, w_shape, *geometry)
+    xr = x.cpu().requires_grad_()
+    wr = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(F.conv2d(xr, wr, padding=1, groups=groups), wr, grad.cpu())
+    assert torch.isfinite(want).all()
+    assert_close(dw, want, F64)
+
+
+def test_forward_tiles_inside_an_edge_column_class():
+    """A tall map (40 rows) with padding 1: the pixels of column 0 (whose
+    left taps read padding) fill whole tiles (_grouped_pixels), so a tile's
+    column taps start past 0 and every row of taps must restart at that
+    first column tap (16-pixel tiles); the right edge likewise ends early."""
+    x = torch.randn(2, 3, 40, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+    got = kernels.conv2d_forward(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, config=config,
+                                 splits=1)
+    assert_close(got, F.conv2d(x.cpu(), w.cpu(), b.cpu(), padding=1), F64)
