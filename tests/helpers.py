@@ -2,6 +2,8 @@
 pytest's pythonpath)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -169,27 +171,25 @@ def record_gemm_launches(monkeypatch, module) -> dict:
 MIN_GUARD = 64  # guard elements after each output of guarded_outputs, at least
 
 
-def guarded_outputs(monkeypatch, module, value: float = -7.0) -> list:
-    """Each output ``module.empty`` allocates while the test runs is the start
-    of a buffer followed by max(MIN_GUARD, numel) guard elements of
-    ``value`` (a stray row, channel or image fits); returns the list of
-    (buffer, numel) to check with assert_guards_intact (a store past the
-    output shows there, a crash or nothing without it). Contiguous outputs
-    only."""
-    guards = []
+def guarded_outputs(monkeypatch, module, value: float = -7.0, guards: list | None = None) -> list:
+    """Each output ``module.empty`` allocates while the test runs (in any
+    memory format) is the start of a buffer followed by max(MIN_GUARD,
+    numel) guard elements of ``value`` (a stray row, channel or image fits);
+    returns ``guards`` (a new list if None), to which each (buffer, numel)
+    is appended, for assert_guards_intact (a store past the output shows
+    there, a crash or nothing without it)."""
+    guards = [] if guards is None else guards
     real_empty = module.empty
 
     def guarded(*shape, memory_format=torch.contiguous_format, **kwargs):
-        assert memory_format == torch.contiguous_format, "guarded outputs are contiguous"
         if len(shape) == 1 and not isinstance(shape[0], int):
             shape = tuple(shape[0])
-        n = 1
-        for size in shape:
-            n *= size
+        n = math.prod(shape)
+        strides = torch.empty(shape, device="meta", memory_format=memory_format).stride()
         buf = real_empty(n + max(MIN_GUARD, n), **kwargs)
         buf[n:] = value
         guards.append((buf, n))
-        return buf[:n].view(shape)
+        return buf.as_strided(shape, strides)
     monkeypatch.setattr(module, "empty", guarded)
     return guards
 

@@ -13,7 +13,6 @@ import triton.language as tl
 from helpers import (
     DEVICE,
     KERNEL_DTYPES,
-    MIN_GUARD,
     ON_GPU,
     RTOL,
     VIEW_KINDS,
@@ -22,6 +21,7 @@ from helpers import (
     assert_guards_intact,
     assert_second_order_close,
     deterministic,
+    guarded_outputs,
     like_layout,
     PATHS,
     non_contiguous,
@@ -1357,27 +1357,12 @@ def test_deterministic_mode_fixes_tiles_and_splits(monkeypatch):
 # --------------------------------------------------------------------------
 # masks: stores and reads stay inside the tensors; edge tiles, huge values
 # --------------------------------------------------------------------------
-def _guarded_any_layout(monkeypatch, value=-7.0):
-    """helpers.guarded_outputs for every memory format: each buffer the conv
-    launchers allocate (kernels.empty, and _gemm.empty for the GEMM's
-    channels_last result) is followed by max(MIN_GUARD, numel) guard
-    elements of ``value``; a store past a tile's last pixel or channel
-    lands there."""
-    guards = []
-    for module in (kernels, gemm):
-        real_empty = module.empty
-
-        def guarded(*shape, memory_format=torch.contiguous_format, _real=real_empty, **kwargs):
-            if len(shape) == 1 and not isinstance(shape[0], int):
-                shape = tuple(shape[0])
-            n = math.prod(shape)
-            strides = torch.empty(shape, device="meta", memory_format=memory_format).stride()
-            buf = _real(n + max(MIN_GUARD, n), **kwargs)
-            buf[n:] = value
-            guards.append((buf, n))
-            return buf.as_strided(shape, strides)
-        monkeypatch.setattr(module, "empty", guarded)
-    return guards
+def _guarded_any_layout(monkeypatch):
+    """helpers.guarded_outputs for both modules whose ``empty`` the conv
+    launchers call (kernels.empty, and _gemm.empty for the GEMM's
+    channels_last result), into one list."""
+    guards = guarded_outputs(monkeypatch, kernels)
+    return guarded_outputs(monkeypatch, gemm, guards=guards)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
