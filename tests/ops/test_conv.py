@@ -320,6 +320,20 @@ def test_forward_split_k(name, splits, layout):
     assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
 
 
+def test_forward_split_k_past_one_channel_block():
+    """The split sum over 80 output channels, more than one 64-channel block
+    of its grid: every channel is summed, with bias and ReLU."""
+    x = torch.randn(1, 16, 3, 4, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(80, 16, 3, 3, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(80, dtype=torch.float64, device=DEVICE)
+    with record_launches(kernels, "_conv2d_fwd_kernel", "_split_sum_kernel") as launches:
+        y = kernels.conv2d_forward(x, w, b, (1, 1), (1, 1, 1, 1), (1, 1), 1, relu=True,
+                                   splits=2)
+    assert launches.names_launched() == ["_conv2d_fwd_kernel", "_split_sum_kernel"]
+    want = F.relu(F.conv2d(x.cpu(), w.cpu(), b.cpu(), padding=1))
+    assert_close(y, want, F64)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[-3:], ids=str)
 def test_forward_split_k_in_low_precision(dtype, monkeypatch):
     """bf16/fp16/fp32: fp32 partials, one rounding to the output dtype."""
@@ -331,6 +345,23 @@ def test_forward_split_k_in_low_precision(dtype, monkeypatch):
     args = [t.to(dtype).to(DEVICE) for t in (x, w, b)]
     y = kernels.conv2d_forward(*args, *geometry, relu=True, splits=3)
     want = F.relu(F.conv2d(*(t.double().cpu() for t in args), padding=2, dilation=2))
+    assert y.dtype == dtype
+    assert_close(y, want, RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_split_k_partials_keep_the_accumulation_dtype(dtype):
+    """Two splits whose partials nearly cancel (4097 and -4096 at one pixel):
+    the fp32 partials keep the 1 that a 16-bit partial would round away
+    (4097 is neither an fp16 nor a bf16 number); only the sum is rounded to
+    the output dtype."""
+    x = torch.ones(1, 32, 1, 1, dtype=dtype, device=DEVICE)
+    w = torch.zeros(16, 32, 1, 1, dtype=dtype, device=DEVICE)
+    w[:, 0], w[:, 1], w[:, 16] = 4096, 1, -4096
+    y = kernels.conv2d_forward(x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1,
+                               config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), splits=2)
+    want = F.conv2d(x.double().cpu(), w.double().cpu())
+    assert torch.equal(want, torch.ones_like(want))
     assert y.dtype == dtype
     assert_close(y, want, RTOL[dtype])
 
@@ -561,6 +592,24 @@ def test_poison_writes_nan_only_where_a_skipped_pixel_is_not_finite():
         assert torch.equal(torch.isnan(got).cpu(), want)
         assert torch.equal(got[~torch.isnan(got)].cpu(), torch.zeros(int((~want).sum()),
                                                                          dtype=dtype))
+
+
+def test_poison_reaches_channels_past_the_first_channel_block():
+    """_poison with more output channels than one 64-channel block of its two
+    kernels (the non-finite extents, the taps): a non-finite dy in channel 66
+    still poisons exactly its taps whose rectangles miss it, as one in
+    channel 1 does."""
+    C = 70
+    dy = torch.randn(1, C, 5, 6, dtype=torch.float64, device=DEVICE)
+    dy[0, 66, 4, 5] = math.inf    # outside the last row and column of taps
+    dy[0, 1, 0, 0] = math.nan     # outside the first row and column of taps
+    *_, padded = kernels._tap_rectangles(5, 6, 5, 6, 3, 3, 1, 1, 1, 1, 1, 1)
+    got = kernels._poison(torch.zeros(C, 2, 3, 3, dtype=torch.float64, device=DEVICE), dy,
+                          padded)
+    want = torch.zeros(C, 2, 3, 3, dtype=torch.bool)
+    want[66, :, 2, :] = want[66, :, :, 2] = True
+    want[1, :, 0, :] = want[1, :, :, 0] = True
+    assert torch.equal(torch.isnan(got).cpu(), want)
 
 
 @pytest.mark.parametrize("groups", [1, 3], ids=["gemm", "depthwise"])
@@ -955,6 +1004,29 @@ def test_launchers_pass_the_tap_classes_of_their_geometry(monkeypatch):
             == (list(grad_rows + grad_cols) + [0], len(grad_rows), len(grad_cols)))
 
 
+def test_launchers_take_column_classes_from_the_left_padding(monkeypatch):
+    """As above with the kernel turned (2 rows, 4 columns of dilation 3):
+    'same' pads 4 columns on the left and 5 on the right, and both launches
+    carry the column classes of the left padding."""
+    launches = record_gemm_launches(monkeypatch, kernels)
+    x = torch.randn(1, 8, 11, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 8, 2, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = segops.ops.atrous_conv2d(x, w, padding="same", dilation=(2, 3))
+    out.backward(torch.ones_like(out))
+    (fwd,) = launches["_conv2d_fwd_kernel"]
+    (gin,) = launches["_conv2d_bwd_input_kernel"]
+    rows = tap_class_bounds(11, 11, 2, 1, 1, 2)[1:-1]
+    cols = tap_class_bounds(9, 9, 4, 1, 4, 3)[1:-1]
+    assert cols != tap_class_bounds(9, 9, 4, 1, 5, 3)[1:-1]
+    assert ((fwd["bounds_ptr"].tolist(), fwd["row_inner"], fwd["col_inner"])
+            == (list(rows + cols) + [0], len(rows), len(cols)))
+    grad_rows = kernels._gradient_classes(11, 11, 2, 1, 1, 2)
+    grad_cols = kernels._gradient_classes(9, 9, 4, 1, 4, 3)
+    assert grad_cols != kernels._gradient_classes(9, 9, 4, 1, 5, 3)
+    assert ((gin["bounds_ptr"].tolist(), gin["row_inner"], gin["col_inner"])
+            == (list(grad_rows + grad_cols) + [0], len(grad_rows), len(grad_cols)))
+
+
 def test_pixel_classes_fall_back_to_row_major_past_the_limit():
     """A 31-tap kernel row has up to 63 classes: the forward orders that axis
     row-major instead of searching them per pixel, and still gives F.conv2d."""
@@ -1080,6 +1152,25 @@ def test_same_padding_with_even_kernels():
         assert_close(g, e, F64, name="grad")
 
 
+def test_gemm_weight_copies_only_without_the_contiguous_axis_it_needs():
+    """gemm_weight: a weight with either channel axis contiguous is used as
+    is, a default 3x3 weight (neither) is copied once with dim 0 contiguous;
+    for TF32 the named reduction axis must be the contiguous one, else a copy
+    makes it so. Every result is the same logical weight."""
+    base = torch.randn(6, 4, 3, 3, dtype=torch.float64, device=DEVICE)
+    dim0 = base.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)  # (C_in, KH, KW, C_out)
+    dim1 = base.contiguous(memory_format=torch.channels_last)
+    assert (dim0.stride(0), dim1.stride(1)) == (1, 1)
+    for w, k_dim in ((dim0, None), (dim1, None), (dim0, 0), (dim1, 1)):
+        got = gemm.gemm_weight(w, k_dim)
+        assert got.data_ptr() == w.data_ptr() and got.stride() == w.stride()
+    for w, k_dim, contiguous in ((base, None, 0), (base, 0, 0), (base, 1, 1), (dim1, 0, 0),
+                                 (dim0, 1, 1)):
+        got = gemm.gemm_weight(w, k_dim)
+        assert got.data_ptr() != w.data_ptr() and got.stride(contiguous) == 1
+        assert torch.equal(got, base)
+
+
 @pytest.mark.parametrize("weight_layout", ["channels_last", "transposed-view"])
 def test_weight_memory_layouts(weight_layout):
     """Weights already laid out with a contiguous channel axis, or as a
@@ -1169,6 +1260,23 @@ def test_grad_input_launches_only_reached_residues(stride, padding, dilation, ke
     assert launches.names_launched() == ["_conv2d_bwd_input_kernel"]
     assert tiles * candidates[0] * candidates[1] == launches.programs("_conv2d_bwd_input_kernel")
     assert candidates[0] * candidates[1] <= k[0] * k[1]
+
+
+def test_grad_input_fills_a_column_residue_only_the_left_padding_leaves_unreached():
+    """Stride 3 along a 2-column input with a 1x2 kernel: with the left
+    padding 1 only column 0 receives a tap (column 1's gradient is zero,
+    filled without a kernel), where without padding both would: the
+    unreached-residue check must read the column padding, not the rows'."""
+    x = torch.randn(1, 4, 5, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 4, 1, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    args = dict(stride=(1, 3), padding=(0, 1))
+    out = segops.ops.atrous_conv2d(x, w, **args)
+    grad = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    xr = x.detach().cpu().requires_grad_()
+    (ex,) = torch.autograd.grad(F.conv2d(xr, w.detach().cpu(), **args), xr, grad.cpu())
+    assert torch.equal(ex[..., 1], torch.zeros_like(ex[..., 1]))
+    assert_close(gx, ex, F64, name="grad_input")
 
 
 def test_grids_past_cuda_limits_are_a_clear_error():
@@ -1326,6 +1434,30 @@ def test_real_autotuner(monkeypatch):
     ex, ew = torch.autograd.grad(want, (x64, w64), torch.ones_like(want))
     for got, expected in ((out, want), (gx, ex), (gw, ew)):
         assert_close(got, expected, RTOL[torch.bfloat16])
+
+
+def test_launch_takes_the_default_tile_under_deterministic_algorithms(monkeypatch):
+    """gemm.launch's choice on a GPU with autotuning on (host logic only: a
+    stand-in kernel and tuner, a CUDA device object): the tuner, except
+    under torch.use_deterministic_algorithms, where the default tile runs."""
+    monkeypatch.setattr(gemm, "AUTOTUNE", True)
+    tuned, direct = [], []
+
+    class Kernel:
+        def __init__(self, calls):
+            self.calls = calls
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.calls.append(kwargs)
+
+    monkeypatch.setattr(gemm, "tuned", lambda kernel, key: Kernel(tuned))
+    cuda = torch.device("cuda")
+    gemm.launch(Kernel(direct), None, (), dict(ACC=1), None, 100, 40, 24, cuda, ("C_in",))
+    assert len(tuned) == 1 and not direct
+    with deterministic():
+        gemm.launch(Kernel(direct), None, (), dict(ACC=1), None, 100, 40, 24, cuda, ("C_in",))
+    assert len(tuned) == 1
+    assert direct == [dict(ACC=1, **gemm.default_config(100, 40, 24))]
 
 
 def test_deterministic_mode_fixes_tiles_and_splits(monkeypatch):

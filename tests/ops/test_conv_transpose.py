@@ -614,6 +614,16 @@ def test_depthwise_takes_the_direct_kernel(layout, kernel, stride, padding):
     assert launched == ["_depthwise_bwd_input_kernel"]
 
 
+@pytest.mark.parametrize("C_in", [2, 4], ids=["depthwise", "two-inputs-per-group"])
+def test_two_groups_of_one_output_channel_take_the_direct_kernel(C_in):
+    """groups == 2, the fewest groups, with one output channel per group and
+    kernel == stride: the direct depthwise gather too, not the one-GEMM
+    kernel."""
+    case = dict(ONE_GEMM, C_in=C_in, C_out=2, H=4, W=3, groups=2, layout="contiguous")
+    *_, launched = check_against_f(case)
+    assert launched == ["_depthwise_bwd_input_kernel"]
+
+
 def test_general_case_takes_the_residue_gather():
     *_, launched = check_against_f(dict(ONE_GEMM, kernel=(3, 3), stride=2, padding=(1, 1),
                                         output_padding=(1, 1)))
