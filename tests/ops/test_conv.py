@@ -977,52 +977,43 @@ def test_grad_input_groups_pixels_by_the_taps_that_reach_them(in_len, out_len, t
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_launchers_pass_the_tap_classes_of_their_geometry(monkeypatch):
+@pytest.mark.parametrize("kernel,dilation", [((4, 2), (3, 2)), ((2, 4), (2, 3))],
+                         ids=["tall", "wide"])
+def test_launchers_pass_the_tap_classes_of_their_geometry(monkeypatch, kernel, dilation):
     """The forward and grad_input launches carry the class bounds of their
     own geometry (rows from the top padding and row dilation, columns from
     the left padding and column dilation; grad_input's with both negated):
     any one-to-one pixel order gives the right numbers, so only this says
-    the tiles get the taps they skip. 'same' with a 4-row kernel pads 4
-    rows on top and 5 below."""
+    the tiles get the taps they skip. 'same' with 4 taps of dilation 3 pads
+    4 before and 5 after (rows when tall, columns when wide): the classes
+    come from the padding before."""
+    (KH, KW), (dh, dw) = kernel, dilation
+    H, W = (9, 11) if KH > KW else (11, 9)
+    before = [dh * (KH - 1) // 2, dw * (KW - 1) // 2]
+    after = [dh * (KH - 1) - before[0], dw * (KW - 1) - before[1]]
     launches = record_gemm_launches(monkeypatch, kernels)
-    x = torch.randn(1, 8, 9, 11, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w = torch.randn(8, 8, 4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    out = segops.ops.atrous_conv2d(x, w, padding="same", dilation=(3, 2))
+    x = torch.randn(1, 8, H, W, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 8, KH, KW, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = segops.ops.atrous_conv2d(x, w, padding="same", dilation=dilation)
     out.backward(torch.ones_like(out))
     (fwd,) = launches["_conv2d_fwd_kernel"]
     (gin,) = launches["_conv2d_bwd_input_kernel"]
-    rows = tap_class_bounds(9, 9, 4, 1, 4, 3)[1:-1]
-    cols = tap_class_bounds(11, 11, 2, 1, 1, 2)[1:-1]
+
+    def classes(fn, pads):
+        return fn(H, H, KH, 1, pads[0], dh), fn(W, W, KW, 1, pads[1], dw)
+
+    def bounds(*args):
+        return tap_class_bounds(*args)[1:-1]
+
+    rows, cols = classes(bounds, before)
     assert rows and cols
+    assert (rows, cols) != classes(bounds, after)  # the padding after would differ
     assert ((fwd["bounds_ptr"].tolist(), fwd["row_inner"], fwd["col_inner"])
             == (list(rows + cols) + [0], len(rows), len(cols)))
     assert fwd["tune_splits"] == 1
-    grad_rows = kernels._gradient_classes(9, 9, 4, 1, 4, 3)
-    grad_cols = kernels._gradient_classes(11, 11, 2, 1, 1, 2)
-    assert grad_rows != rows or grad_cols != cols  # the negation matters here
-    assert ((gin["bounds_ptr"].tolist(), gin["row_inner"], gin["col_inner"])
-            == (list(grad_rows + grad_cols) + [0], len(grad_rows), len(grad_cols)))
-
-
-def test_launchers_take_column_classes_from_the_left_padding(monkeypatch):
-    """As above with the kernel turned (2 rows, 4 columns of dilation 3):
-    'same' pads 4 columns on the left and 5 on the right, and both launches
-    carry the column classes of the left padding."""
-    launches = record_gemm_launches(monkeypatch, kernels)
-    x = torch.randn(1, 8, 11, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w = torch.randn(8, 8, 2, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    out = segops.ops.atrous_conv2d(x, w, padding="same", dilation=(2, 3))
-    out.backward(torch.ones_like(out))
-    (fwd,) = launches["_conv2d_fwd_kernel"]
-    (gin,) = launches["_conv2d_bwd_input_kernel"]
-    rows = tap_class_bounds(11, 11, 2, 1, 1, 2)[1:-1]
-    cols = tap_class_bounds(9, 9, 4, 1, 4, 3)[1:-1]
-    assert cols != tap_class_bounds(9, 9, 4, 1, 5, 3)[1:-1]
-    assert ((fwd["bounds_ptr"].tolist(), fwd["row_inner"], fwd["col_inner"])
-            == (list(rows + cols) + [0], len(rows), len(cols)))
-    grad_rows = kernels._gradient_classes(11, 11, 2, 1, 1, 2)
-    grad_cols = kernels._gradient_classes(9, 9, 4, 1, 4, 3)
-    assert grad_cols != kernels._gradient_classes(9, 9, 4, 1, 5, 3)
+    grad_rows, grad_cols = classes(kernels._gradient_classes, before)
+    assert (grad_rows, grad_cols) != (rows, cols)  # the negation matters here
+    assert (grad_rows, grad_cols) != classes(kernels._gradient_classes, after)
     assert ((gin["bounds_ptr"].tolist(), gin["row_inner"], gin["col_inner"])
             == (list(grad_rows + grad_cols) + [0], len(grad_rows), len(grad_cols)))
 
