@@ -156,12 +156,18 @@ def test_dtypes_against_float64(dtype, kernel, stride, padding, output_padding, 
 
 
 @pytest.mark.parametrize("options", [dict(dilation=2), dict(padding=(1, 0)),
-                                     dict(output_padding=(0, 1), dilation=2)],
-                         ids=["dilation", "padding", "output-padding"])
+                                     dict(output_padding=(0, 1), dilation=2),
+                                     dict(stride=(2, 2)), dict(stride=(1, 3))],
+                         ids=["dilation", "padding", "output-padding", "stride-rows-only",
+                              "stride-columns-only"])
 def test_kernel_equals_stride_with_more_takes_the_gather(options):
-    """kernel == stride is one GEMM only without dilation, padding and
-    output padding: otherwise output pixels receive several taps or none."""
-    case = dict(ONE_GEMM, kernel=(2, 3), stride=(2, 3), **options)
+    """kernel == stride is one GEMM only on both axes and without dilation,
+    padding and output padding: otherwise output pixels receive several
+    taps or none (a 2x3 kernel at stride (2, 2) or (1, 3) matches on one)."""
+    case = {**ONE_GEMM, "kernel": (2, 3), "stride": (2, 3), **options}
+    geometry = [case[k] if isinstance(case[k], tuple) else (case[k],) * 2
+                for k in ("kernel", "stride", "padding", "output_padding", "dilation")]
+    assert not kernels.is_one_gemm(*geometry)  # before a wrong launch could crash
     *_, launched = check_against_f(case)
     assert launched == ["_conv2d_bwd_input_kernel"]
 
