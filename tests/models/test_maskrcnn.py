@@ -17,6 +17,8 @@ from segops.models import (
     maskrcnn_resnet50_fpn_v2,
     maskrcnn_small,
 )
+from segops.models.detection import _utils as seg_utils
+from segops.models.detection import roi_heads as seg_roi_heads
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
 F64 = RTOL[torch.float64]
@@ -488,3 +490,364 @@ def test_anchor_cache_follows_the_cell_anchors_and_images_get_their_own():
     again = generator(image_list, feature)
     shifts = first[0] - base  # the grid offsets of each cell
     assert torch.equal(again[0], shifts + 2 * base)
+
+
+# ------------------------------------------------- parts against torchvision
+def test_box_coder_matches_torchvision_with_distinct_weights_and_clipped_deltas():
+    """encode and decode with four different weights, deltas past the
+    default log(1000/16) clip and a custom clip, as torchvision's BoxCoder."""
+    from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(12, 2, dtype=torch.float64, generator=g) * 50
+    wh = torch.rand(12, 2, dtype=torch.float64, generator=g) * 30 + 1
+    proposals = torch.cat((xy, xy + wh), 1).to(DEVICE)
+    xy = torch.rand(12, 2, dtype=torch.float64, generator=g) * 50
+    wh = torch.rand(12, 2, dtype=torch.float64, generator=g) * 30 + 1
+    gt = torch.cat((xy, xy + wh), 1).to(DEVICE)
+    codes = (torch.randn(12, 8, dtype=torch.float64, generator=g) * 2).to(DEVICE)
+    codes[:4, 2:4] = 4.5  # past log(1000 / 16) = 4.135 (and weights 1, 1)
+    codes[4:8, 6:8] = 3.9  # under it, past log(1000 / 32) = 3.44
+    weights = (1.0, 2.0, 3.0, 4.0)
+    for kwargs in ({}, {"bbox_xform_clip": 3.0}):
+        for w in (weights, (1.0, 1.0, 1.0, 1.0)):
+            ours, theirs = seg_utils.BoxCoder(w, **kwargs), TVBoxCoder(w, **kwargs)
+            with _dispatch.native_only():
+                got = ours.decode(codes, [proposals[:5], proposals[5:]])
+            want = theirs.decode(codes, [proposals[:5], proposals[5:]])
+            assert_close(got, want, F64, name="decode")
+            got = ours.encode([gt[:5], gt[5:]], [proposals[:5], proposals[5:]])
+            want = theirs.encode([gt[:5], gt[5:]], [proposals[:5], proposals[5:]])
+            for a, b in zip(got, want):
+                assert_close(a, b, F64, name="encode")
+
+
+def _matcher_quality():
+    """A (G=3, P=8) IoU matrix with values exactly at 0.3, 0.5 and 0.7, ties
+    within a GT's row and across GTs, and a GT whose best IoU is 0."""
+    return torch.tensor([
+        [0.7, 0.3, 0.5, 0.2, 0.6, 0.0, 0.1, 0.45],
+        [0.7, 0.29, 0.1, 0.6, 0.6, 0.0, 0.05, 0.45],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    ], dtype=torch.float64, device=DEVICE)
+
+
+@pytest.mark.parametrize("high, low, allow", [(0.7, 0.3, True), (0.7, 0.3, False),
+                                              (0.5, 0.5, False), (0.6, 0.45, True)])
+def test_matcher_matches_torchvision_at_exact_thresholds_and_ties(high, low, allow):
+    """Matches at IoU exactly on each threshold, the first GT on ties, and the
+    low-quality rule (ties at IoU 0 included) as torchvision's Matcher."""
+    from torchvision.models.detection._utils import Matcher as TVMatcher
+    quality = _matcher_quality()
+    got = seg_utils.Matcher(high, low, allow)(quality.clone())
+    want = TVMatcher(high, low, allow)(quality.clone())
+    assert torch.equal(got, want)
+    got = seg_utils.Matcher(high, low, allow)(quality[:2].clone())  # no all-zero GT
+    want = TVMatcher(high, low, allow)(quality[:2].clone())
+    assert torch.equal(got, want)
+
+
+def test_sampler_matches_torchvision_under_the_same_seed():
+    """Positives (any label >= 1), negatives (0), ignored (-1): the same
+    randperm draws and quota rounding (14 * 0.25 = 3.5 -> 3) as torchvision."""
+    from torchvision.models.detection._utils import BalancedPositiveNegativeSampler as TV
+    g = torch.Generator().manual_seed(3)
+    labels = [torch.randint(-1, 4, (40,), generator=g),      # many positives
+              torch.tensor([0, 2, -1, 0, 0, 1, 0, -1, 3, 0, 0, 0]),  # few of each
+              torch.full((9,), 0), torch.tensor([1, 2, 3, -1])]
+    labels = [label.to(DEVICE) for label in labels]
+    for batch, fraction in ((14, 0.25), (8, 0.5), (20, 0.6)):
+        torch.manual_seed(7)
+        got = seg_utils.BalancedPositiveNegativeSampler(batch, fraction)(labels)
+        torch.manual_seed(7)
+        want = TV(batch, fraction)(labels)
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            assert torch.equal(a.bool(), b.bool())
+
+
+def test_anchor_generator_matches_torchvision_with_several_sizes_and_strides():
+    """Two sizes per level (ratio-major order), rounding of the base anchors,
+    a non-square padded batch, and one grid at two strides (the cache)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TV
+    from torchvision.models.detection.image_list import ImageList as TVImageList
+    sizes, ratios = ((16, 40), (64,)), ((0.5, 1.0, 2.0), (0.7, 1.3))
+    ours, theirs = detection.AnchorGenerator(sizes, ratios), TV(sizes, ratios)
+    for h, w in ((64, 96), (128, 96)):
+        tensors = torch.zeros(2, 3, h, w, dtype=torch.float64, device=DEVICE)
+        features = [torch.zeros(2, 4, 16, 12, dtype=torch.float64, device=DEVICE),
+                    torch.zeros(2, 4, 4, 3, dtype=torch.float64, device=DEVICE)]
+        got = ours(detection.ImageList(tensors, [(h, w)] * 2), features)
+        want = theirs(TVImageList(tensors, [(h, w)] * 2), features)
+        assert len(got) == len(want) == 2
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def _rpn_pair(**kwargs):
+    options = dict(fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=16,
+                   positive_fraction=0.5, pre_nms_top_n={"training": 7, "testing": 5},
+                   post_nms_top_n={"training": 12, "testing": 10}, nms_thresh=0.5,
+                   score_thresh=0.5)
+    options.update(kwargs)
+    return (detection.RegionProposalNetwork(None, None, **options),
+            tv_detection.rpn.RegionProposalNetwork(None, None, **options))
+
+
+def test_rpn_filter_proposals_matches_torchvision_at_the_edges():
+    """Per-level top-n (train and test counts), clipping to each image,
+    boxes exactly min_size wide, a score exactly at score_thresh (kept),
+    per-level NMS and the post-NMS count, as torchvision's filter_proposals."""
+    g = torch.Generator().manual_seed(5)
+    levels = [12, 8]
+    xy = torch.rand(2, 20, 2, dtype=torch.float64, generator=g) * 70 - 10
+    wh = torch.rand(2, 20, 2, dtype=torch.float64, generator=g) * 30 + 0.5
+    proposals = torch.cat((xy, xy + wh), -1)
+    logits = torch.randn(2, 20, dtype=torch.float64, generator=g) + 1.0
+    logits[0, 4:12] = -1.0 - torch.rand(8, dtype=torch.float64, generator=g)
+    proposals[0, 0] = proposals.new_tensor([-5.0, 2.0, 1e-3, 20.0])    # 1e-3 wide once clipped
+    proposals[0, 1] = proposals.new_tensor([-5.0, 2.0, 5e-3, 20.0])    # 5e-3 wide
+    proposals[1, 13] = proposals.new_tensor([30.0, -8.0, 50.0, 1e-3])  # 1e-3 high
+    proposals[0, 2] = proposals.new_tensor([2.0, 2.0, 30.0, 30.0])
+    proposals[0, 3] = proposals.new_tensor([3.0, 3.0, 30.0, 30.0])     # overlaps 2, same level
+    proposals[0, 14] = proposals.new_tensor([2.0, 3.0, 31.0, 30.0])    # overlaps 2, next level
+    logits[0, :4] = torch.tensor([5.0, 4.5, 4.0, 3.5])
+    logits[0, 14] = 3.0
+    logits[1, 13] = 6.0
+    logits[0, 5] = 0.0  # sigmoid exactly 0.5 = score_thresh, in level 0's top 5
+    proposals, logits = proposals.to(DEVICE), logits.to(DEVICE)
+    shapes = [(40, 50), (30, 60)]
+    for training in (False, True):
+        for kwargs in ({}, {"score_thresh": 0.0}):
+            ours, theirs = _rpn_pair(**kwargs)
+            ours.train(training), theirs.train(training)
+            with _dispatch.native_only():
+                got = ours.filter_proposals(proposals, logits.reshape(-1, 1), shapes, levels)
+            want = theirs.filter_proposals(proposals, logits.reshape(-1, 1), shapes, levels)
+            for a, b in zip(got[0] + got[1], want[0] + want[1]):
+                assert a.shape == b.shape and a.dtype == b.dtype
+                assert_close(a, b, F64)
+
+
+def test_rpn_and_roi_heads_assign_targets_as_torchvision():
+    """Anchor labels 1 / 0 / -1 and matched boxes (one GT, so a between-
+    thresholds match must not index GT -2), proposal labels and clamped
+    GT indices with fg 0.7 / bg 0.3, as torchvision's."""
+    g = torch.Generator().manual_seed(2)
+    gt_one = torch.tensor([[10.0, 10.0, 40.0, 40.0]], dtype=torch.float64)
+    gt_three = torch.tensor([[10.0, 10.0, 40.0, 40.0], [30.0, 5.0, 60.0, 30.0],
+                             [0.0, 30.0, 20.0, 60.0]], dtype=torch.float64)
+    xy = torch.rand(60, 2, dtype=torch.float64, generator=g) * 50
+    wh = torch.rand(60, 2, dtype=torch.float64, generator=g) * 30 + 2
+    boxes = torch.cat((xy, xy + wh), 1)
+    boxes[:3] = gt_three + torch.tensor([1.0, 1.0, 2.0, 1.0], dtype=torch.float64)
+    anchors = [boxes.to(DEVICE), boxes.flip(0).to(DEVICE), boxes.to(DEVICE)]
+    gts = [gt_one.to(DEVICE), gt_three.to(DEVICE), gt_one[:0].to(DEVICE)]
+    labels = [torch.tensor([2]), torch.tensor([3, 1, 2]), torch.zeros(0, dtype=torch.int64)]
+    labels = [label.to(DEVICE) for label in labels]
+    ours, theirs = _rpn_pair()
+    targets = [{"boxes": b, "labels": label} for b, label in zip(gts, labels)]
+    got, want = ours.assign_targets_to_anchors(anchors, targets), \
+        theirs.assign_targets_to_anchors(anchors, targets)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert any((label == -1).any() for label in want[0])
+    heads = dict(fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=16,
+                 positive_fraction=0.25, bbox_reg_weights=None, score_thresh=0.05,
+                 nms_thresh=0.5, detections_per_img=10)
+    ours = seg_roi_heads.RoIHeads(None, None, None, **heads)
+    theirs = tv_detection.roi_heads.RoIHeads(None, None, None, **heads)
+    got = ours.assign_targets_to_proposals(anchors, gts, labels)
+    want = theirs.assign_targets_to_proposals(anchors, gts, labels)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert any((label == -1).any() for label in want[1])
+
+
+def test_postprocess_detections_matches_torchvision_at_the_thresholds():
+    """Scores exactly at score_thresh dropped (strict >), boxes exactly 1e-2
+    wide kept and 5e-3 wide dropped, NMS per class (same place, other class
+    kept), detections_per_img, as torchvision's postprocess_detections."""
+    g = torch.Generator().manual_seed(4)
+    counts, classes = [7, 5], 4
+    xy = torch.rand(12, 2, dtype=torch.float64, generator=g) * 40
+    wh = torch.rand(12, 2, dtype=torch.float64, generator=g) * 20 + 2
+    proposals = torch.cat((xy, xy + wh), 1)
+    proposals[0] = proposals.new_tensor([0.0, 0.0, 0.01, 3.0])    # exactly 1e-2 wide
+    proposals[1] = proposals.new_tensor([0.0, 0.0, 0.005, 3.0])   # 5e-3 wide
+    proposals[2] = proposals.new_tensor([10.0, 10.0, 30.0, 30.0])
+    proposals[3] = proposals.new_tensor([11.0, 11.0, 31.0, 31.0])  # overlaps 2
+    logits = torch.randn(12, classes, dtype=torch.float64, generator=g) * 2
+    logits[4] = 0.0        # every class scores exactly 1 / 4
+    logits[0] = logits.new_tensor([0.0, 4.0, -1.0, -1.0])
+    logits[1] = logits.new_tensor([0.0, -1.0, 4.0, -1.0])
+    logits[2] = torch.tensor([0.0, 3.0, 0.5, -1.0], dtype=torch.float64)
+    logits[3] = torch.tensor([0.0, 0.2, 3.5, -1.0], dtype=torch.float64)
+    regression = torch.randn(12, 4 * classes, dtype=torch.float64, generator=g) * 0.5
+    regression[:4] = 0.0
+    shapes = [(40, 50), (36, 30)]
+    heads = dict(fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=16,
+                 positive_fraction=0.25, bbox_reg_weights=None, nms_thresh=0.5)
+    for thresh, per_image in ((0.25, 100), (0.0, 6)):
+        ours = seg_roi_heads.RoIHeads(None, None, None, **heads, score_thresh=thresh,
+                                      detections_per_img=per_image)
+        theirs = tv_detection.roi_heads.RoIHeads(None, None, None, **heads,
+                                                 score_thresh=thresh,
+                                                 detections_per_img=per_image)
+        args = (logits.to(DEVICE), regression.to(DEVICE),
+                list(proposals.to(DEVICE).split(counts)), shapes)
+        with _dispatch.native_only():
+            got = ours.postprocess_detections(*args)
+        want = theirs.postprocess_detections(*args)
+        assert len(want[0][0]) > 0
+        for a, b in zip(sum(got, []), sum(want, [])):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert_close(a.double(), b.double(), F64)
+
+
+def test_maskrcnn_loss_matches_torchvision_with_and_without_positives():
+    """The mask loss against roi_align'ed GT masks per positive, and zero
+    (with a gradient) when no image has a positive, as torchvision's."""
+    g = torch.Generator().manual_seed(6)
+    masks = [(torch.rand(2, 40, 50, generator=g) > 0.5).to(torch.uint8).to(DEVICE),
+             (torch.rand(1, 36, 30, generator=g) > 0.5).to(torch.uint8).to(DEVICE)]
+    labels = [torch.tensor([1, 3], device=DEVICE), torch.tensor([2], device=DEVICE)]
+    proposals = [torch.tensor([[2.0, 3.0, 30.0, 33.0], [10.5, 0.0, 49.0, 20.0],
+                               [0.0, 0.0, 50.0, 40.0]], dtype=torch.float64, device=DEVICE),
+                 torch.tensor([[4.0, 4.0, 20.0, 30.0]], dtype=torch.float64, device=DEVICE)]
+    matched = [torch.tensor([0, 1, 1], device=DEVICE), torch.tensor([0], device=DEVICE)]
+    logits = torch.randn(4, 4, 28, 28, dtype=torch.float64, generator=g).to(DEVICE)
+    with _dispatch.native_only():
+        got = seg_roi_heads.maskrcnn_loss(logits, proposals, masks, labels, matched)
+    want = tv_detection.roi_heads.maskrcnn_loss(logits, proposals, masks, labels, matched)
+    assert_close(got, want, F64)
+    empty = torch.zeros(0, 4, 28, 28, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    no_positives = [p[:0] for p in proposals], [m[:0] for m in matched]
+    got = seg_roi_heads.maskrcnn_loss(empty, no_positives[0], masks, labels, no_positives[1])
+    want = tv_detection.roi_heads.maskrcnn_loss(empty, no_positives[0], masks, labels,
+                                                no_positives[1])
+    assert got.item() == want.item() == 0.0 and got.requires_grad
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_transform_matches_torchvision_with_several_min_sizes(training):
+    """Resize with a tuple min_size (the random choice in training, the last
+    in eval), masks resized nearest with the recomputed scale, boxes scaled
+    by float32 ratios, padding, and postprocess back, as torchvision's."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform as TV
+    args = ((40, 56, 72), 100, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    ours, theirs = detection.GeneralizedRCNNTransform(*args), TV(*args)
+    ours.train(training), theirs.train(training)
+    g = torch.Generator().manual_seed(8)
+    sizes = [(37, 53), (61, 29), (50, 50)]
+    imgs = [torch.rand(3, h, w, dtype=torch.float64, generator=g).to(DEVICE) for h, w in sizes]
+    targets = [{"boxes": torch.tensor([[1.3, 2.7, w - 3.1, h - 1.9]], dtype=torch.float64,
+                                      device=DEVICE),
+                "labels": torch.tensor([1], device=DEVICE),
+                "masks": (torch.rand(1, h, w, generator=g) > 0.5).to(torch.uint8).to(DEVICE)}
+               for h, w in sizes]
+    for _ in range(3):
+        seed = int(torch.randint(0, 1000, (1,), generator=g))
+        torch.manual_seed(seed)
+        got_list, got_targets = ours(imgs, [dict(t) for t in targets])
+        torch.manual_seed(seed)
+        want_list, want_targets = theirs(imgs, [dict(t) for t in targets])
+        assert got_list.image_sizes == want_list.image_sizes
+        assert_close(got_list.tensors, want_list.tensors, F64)
+        for a, b in zip(got_targets, want_targets):
+            assert torch.equal(a["masks"], b["masks"]) and a["masks"].dtype == torch.uint8
+            assert torch.equal(a["boxes"], b["boxes"])
+    ours.eval(), theirs.eval()
+    result = [{"boxes": t["boxes"] * 0.9} for t in got_targets]
+    got = ours.postprocess([dict(r) for r in result], got_list.image_sizes, sizes)
+    want = theirs.postprocess([dict(r) for r in result], got_list.image_sizes, sizes)
+    for a, b in zip(got, want):
+        assert torch.equal(a["boxes"], b["boxes"])
+    # _skip_resize skips the resize in training only
+    ours = detection.GeneralizedRCNNTransform(*args, _skip_resize=True).train(training)
+    theirs = TV(*args, _skip_resize=True).train(training)
+    got, want = ours(imgs[:1]), theirs(imgs[:1])
+    assert got[0].image_sizes == want[0].image_sizes
+    assert_close(got[0].tensors, want[0].tensors, F64)
+
+
+def test_default_hyperparameters_are_torchvisions():
+    """maskrcnn_resnet50_fpn's defaults (thresholds, counts, fractions,
+    box-coder weights, pooler settings, resize sizes) equal torchvision's."""
+    theirs = tv_detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    ours = maskrcnn_resnet50_fpn()
+    pairs = [(m.rpn, m.roi_heads, m.transform) for m in (ours, theirs)]
+    (rpn, heads, transform), (tv_rpn, tv_heads, tv_transform) = pairs
+    for mode in (True, False):
+        rpn.train(mode), tv_rpn.train(mode)
+        assert rpn.pre_nms_top_n() == tv_rpn.pre_nms_top_n()
+        assert rpn.post_nms_top_n() == tv_rpn.post_nms_top_n()
+    for a, b in ((rpn, tv_rpn), (heads, tv_heads)):
+        assert (a.proposal_matcher.high_threshold, a.proposal_matcher.low_threshold,
+                a.proposal_matcher.allow_low_quality_matches) == \
+            (b.proposal_matcher.high_threshold, b.proposal_matcher.low_threshold,
+             b.proposal_matcher.allow_low_quality_matches)
+        assert (a.fg_bg_sampler.batch_size_per_image, a.fg_bg_sampler.positive_fraction) == \
+            (b.fg_bg_sampler.batch_size_per_image, b.fg_bg_sampler.positive_fraction)
+        assert tuple(a.box_coder.weights) == tuple(b.box_coder.weights)
+        assert a.box_coder.bbox_xform_clip == b.box_coder.bbox_xform_clip
+    assert (rpn.nms_thresh, rpn.score_thresh, rpn.min_size) == \
+        (tv_rpn.nms_thresh, tv_rpn.score_thresh, tv_rpn.min_size)
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == \
+        (tv_heads.score_thresh, tv_heads.nms_thresh, tv_heads.detections_per_img)
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        a, b = getattr(heads, name), getattr(tv_heads, name)
+        assert (list(a.featmap_names), a.output_size, a.sampling_ratio) == \
+            (list(b.featmap_names), b.output_size, b.sampling_ratio)
+    assert (tuple(transform.min_size), transform.max_size, transform.size_divisible) == \
+        (tuple(tv_transform.min_size), tv_transform.max_size, tv_transform.size_divisible)
+    assert list(transform.image_mean) == list(tv_transform.image_mean)
+    assert list(transform.image_std) == list(tv_transform.image_std)
+
+
+def test_frozen_batch_norm_matches_torchvision_with_nonzero_eps():
+    """FrozenBatchNorm2d with random statistics and eps 1e-5 (the
+    weights_backbone case) and eps 0, as torchvision.ops.FrozenBatchNorm2d."""
+    from torchvision.ops import FrozenBatchNorm2d as TV
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64, generator=g).to(DEVICE)
+    for eps in (1e-5, 0.0):
+        ours, theirs = detection.FrozenBatchNorm2d(5, eps=eps), TV(5, eps=eps)
+        state = {"weight": torch.randn(5, generator=g), "bias": torch.randn(5, generator=g),
+                 "running_mean": torch.randn(5, generator=g),
+                 "running_var": torch.rand(5, generator=g) * 1e-4}
+        ours.load_state_dict(state), theirs.load_state_dict(state)
+        ours, theirs = ours.double().to(DEVICE), theirs.double().to(DEVICE)
+        assert_close(ours(x), theirs(x), F64)
+
+
+def test_fpn_matches_torchvision_on_odd_sizes():
+    """Top-down nearest up-sampling to laterals that are not twice the
+    coarser map (odd sizes), and the 'pool' level, as torchvision's FPN."""
+    from collections import OrderedDict
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork as TV
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool as TVPool
+    g = torch.Generator().manual_seed(10)
+    channels = [3, 5, 6]
+    theirs = TV(channels, 4, extra_blocks=TVPool()).double().to(DEVICE)
+    ours = detection.FeaturePyramidNetwork(channels, 4, detection.LastLevelMaxPool())
+    ours = ours.double().to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = OrderedDict((str(i), torch.randn(1, c, h, w, dtype=torch.float64, generator=g).to(DEVICE))
+                    for i, (c, (h, w)) in enumerate(zip(channels, [(13, 11), (7, 6), (3, 4)])))
+    got, want = ours(x), theirs(x)
+    assert list(got) == list(want) == ["0", "1", "2", "pool"]
+    for key in want:
+        assert_close(got[key], want[key], F64, name=key)
+
+
+@pytest.mark.parametrize("layers", [4, 5])
+def test_trainable_layers_freeze_as_torchvision(layers):
+    """resnet_fpn_extractor's trainable parameters for 4 and 5 layers on a
+    BatchNorm2d ResNet-50 (bn1 trains only with all 5), as torchvision's."""
+    from torchvision.models import resnet50 as tv_resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from segops.models.detection.backbone import resnet_fpn_extractor
+    from segops.models.resnet import resnet50
+    ours = resnet_fpn_extractor(resnet50(num_classes=None), layers)
+    theirs = _resnet_fpn_extractor(tv_resnet50(), layers)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
