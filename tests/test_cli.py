@@ -237,6 +237,29 @@ def test_forced_paths_nest_and_restore():
         assert torch.are_deterministic_algorithms_enabled() is before
 
 
+def test_deterministic_blocks_nest_and_restore_the_enclosing_flag():
+    """deterministic_algorithms inside an enabled block gives back True, not False."""
+    from segops import _dispatch
+    before = torch.are_deterministic_algorithms_enabled()
+    with _dispatch.deterministic_algorithms(True):
+        for enabled in (False, True):
+            with _dispatch.deterministic_algorithms(enabled):
+                assert torch.are_deterministic_algorithms_enabled() is enabled
+            assert torch.are_deterministic_algorithms_enabled() is True
+    assert torch.are_deterministic_algorithms_enabled() is before
+
+
+@pytest.mark.parametrize("path", ["triton", "triton-interpreter", "native_only"])
+def test_forced_path_takes_only_native_or_reference(path):
+    """forced_path refuses a path other than NATIVE or REFERENCE, before entering the block."""
+    from segops import _dispatch
+    default = _dispatch.path_for("cpu")
+    with pytest.raises(ValueError, match="path must be"):
+        with _dispatch.forced_path(path):
+            pass
+    assert _dispatch.path_for("cpu") == default
+
+
 def test_check_int_refuses_a_float_tensor():
     from segops import ArgumentTypeError
     from segops._checks import check_int
@@ -291,6 +314,18 @@ def test_demo_arguments_are_checked_before_training(model, monkeypatch, tmp_path
     assert cli.main(["demo", model, "--epochs", "1", "--out", str(tmp_path / "x.png")]) == 0
     assert configs[0].epochs == 1 and configs[0].out == str(tmp_path / "x.png")
     assert cli.main(["demo", model]) == 0 and configs[1].epochs == (10 if model == "unet" else 12)
+
+
+def test_int_pair_bounds_are_inclusive():
+    """int_pair allows both bounds; one past either raises naming the pair."""
+    from segops import ArgumentError
+    from segops._checks import int_pair
+    assert int_pair("x", (1, 5), 1, 5) == [1, 5]
+    assert int_pair("x", 5, 1, 5) == [5, 5]
+    with pytest.raises(ArgumentError, match=r"x must be <= 5, got \(1, 6\)"):
+        int_pair("x", (1, 6), 1, 5)
+    with pytest.raises(ArgumentError, match=r"x must be positive, got \(0, 5\)"):
+        int_pair("x", (0, 5), 1, 5)
 
 
 def test_bench_codegen_refuses_unknown_families(monkeypatch, capsys):

@@ -762,3 +762,51 @@ def test_native_box_iou_is_torchvisions(monkeypatch):
         got = boxes_ops.box_iou(a, b)
     assert calls == [1]
     assert_close(got, real(a, b), RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("threshold", [math.inf, -math.inf])
+def test_infinite_iou_threshold_is_an_argument_error(threshold):
+    """check_number refuses +-inf as it refuses NaN: 'must be finite'."""
+    b = torch.tensor([[0.0, 0, 10, 10], [1, 1, 9, 9]], device=DEVICE)
+    with pytest.raises(ValueError, match="iou_threshold must be finite"):
+        boxes_ops.nms(b, torch.rand(2, device=DEVICE), threshold)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_box_iou_of_mixed_dtypes_promotes_like_torchvision(path):
+    """float32 with float64 boxes gives float64 IoUs whichever comes first, as torchvision's."""
+    a = torch.tensor([[0.0, 0, 10, 10], [2, 3, 7, 9]], dtype=torch.float32)
+    b = torch.tensor([[1.0, 1, 9, 10.5], [0, 0, 4, 4], [5, 5, 6, 6]], dtype=torch.float64)
+    dev = device_for(path)
+    with on_path(path):
+        ab = boxes_ops.box_iou(a.to(dev), b.to(dev))
+        ba = boxes_ops.box_iou(b.to(dev), a.to(dev))
+    want = tv_ops.box_iou(a, b)
+    assert want.dtype == torch.float64
+    assert ab.dtype == ba.dtype == torch.float64
+    assert_close(ab, want, RTOL[torch.float64])
+    assert_close(ba, want.t(), RTOL[torch.float64])
+
+
+def test_clip_zero_dim_boxes_is_an_argument_error():
+    """A 0-d tensor has no (..., 4) last axis: an ArgumentError, not an IndexError."""
+    with pytest.raises(ValueError, match=r"boxes must have shape \(\.\.\., 4\)"):
+        boxes_ops.clip_boxes_to_image(torch.tensor(3.0, device=DEVICE), (5, 5))
+
+
+def test_decode_refuses_more_than_four_weights():
+    """weights must be exactly (wx, wy, ww, wh): five are refused, not truncated."""
+    b = torch.tensor([[0.0, 0, 10, 10]], device=DEVICE)
+    with pytest.raises(TypeError, match="weights must be 4 numbers"):
+        boxes_ops.decode_boxes(torch.zeros(1, 4, device=DEVICE), b, (1.0, 1.0, 1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_per_image_nms_of_no_boxes_without_num_images_is_no_images(path):
+    """No boxes and no num_images: image_ids.max() + 1 of nothing is 0 images, an empty list."""
+    dev = device_for(path)
+    none = torch.zeros(0, dtype=torch.int64, device=dev)
+    with on_path(path):
+        got = boxes_ops.batched_nms_per_image(torch.zeros(0, 4, device=dev),
+                                              torch.zeros(0, device=dev), none, none, 0.5)
+    assert got == []

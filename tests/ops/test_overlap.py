@@ -710,6 +710,54 @@ def test_per_sample_weighted_mean_is_the_mean_of_sample_means(kind):
     assert_close(one, fn(x[:1], t[:1], reduction="mean", class_weights=w, classes=[0, 1, 3]), TOL)
 
 
+@pytest.mark.parametrize("kind", ["dice", "jaccard"])
+@pytest.mark.parametrize("route", ["reference", "weights_need_grad"])
+def test_per_sample_weighted_mean_on_the_composite_path(kind, route):
+    """batch=False, class weights, 'mean' off the fused kernel: the mean over samples of each
+    sample's weighted class mean sum(w*l)/sum(w), as on the fused path."""
+    fn = ops.dice_loss if kind == "dice" else ops.jaccard_loss
+    x, t = make_case(3, 4, (5, 6), False, "softmax", dtype=KERNEL_DTYPES[0])
+    path = "reference" if route == "reference" else "kernel"
+    dev = DEVICE if path == "kernel" else torch.device("cpu")
+    x, t = x.to(dev), t.to(dev)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=x.dtype, device=dev,
+                     requires_grad=route == "weights_need_grad")
+    options = dict(batch=False, classes=[0, 1, 3])
+    with on_path(path):
+        weighted = fn(x, t, reduction="none", class_weights=w, **options)   # w * l, (N, 3)
+        got = fn(x, t, reduction="mean", class_weights=w, **options)
+    assert weighted.shape == (3, 3)
+    want = (weighted.detach().sum(1) / (w[0] + w[1] + w[3]).detach()).mean()
+    assert_close(got.detach(), want, TOL)
+
+
+@pytest.mark.parametrize("module", ["DiceLoss", "JaccardLoss"])
+def test_loss_module_passes_validate_args(module):
+    """validate_args=False on the module reaches the op: a label past C is not an error,
+    and the loss is the functional one's with validate_args=False."""
+    x, t = make_case(2, 3, (4, 5), False, "softmax", dtype=KERNEL_DTYPES[0])
+    t[0, 1, 2] = 7
+    fn = ops.dice_loss if module == "DiceLoss" else ops.jaccard_loss
+    with pytest.raises(ValueError, match="label 7"):
+        getattr(segops.nn, module)("multiclass")(x, t)   # CPU: a host-side check
+    unchecked = getattr(segops.nn, module)("multiclass", validate_args=False)
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    assert_close(unchecked(x, t), fn(x, t, "multiclass", validate_args=False), TOL)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_negative_classes_wrap_like_positive_ones(reduction):
+    """classes=[-1, 0] selects the last class then class 0, as classes=[C - 1, 0] does."""
+    x, t = make_case(2, 4, (3, 5), False, "softmax", dtype=KERNEL_DTYPES[0])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    w = [1.0, 2.0, 0.5, 3.0]
+    for fn in (ops.dice_loss, ops.jaccard_loss):
+        want = fn(x, t, classes=[3, 0], class_weights=w, reduction=reduction)
+        got = fn(x, t, classes=[-1, 0], class_weights=w, reduction=reduction)
+        assert got.shape == want.shape
+        assert_close(got, want, TOL)
+
+
 def test_loss_modules_are_smp_compatible():
     dice = segops.nn.DiceLoss("multiclass", [1, 2], False, True, 0.5, 255, 1e-6, [1, 2, 3])
     assert dice.options["ignore_index"] == 255 and dice.options["eps"] == 1e-6
