@@ -77,10 +77,15 @@ def _kernels():
 def _roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
                scales: list[float], pooled_height: int, pooled_width: int,
                sampling_ratio: int, aligned: bool, pool_mode: str,
-               check_batch: bool = False) -> Tensor:
+               check_batch: bool) -> Tensor:
     """check_batch: assert on the device that the batch indices are integers
     in [0, N), flagged by the forward kernel (one launch for the flag and
-    one for the assert, where the aten check takes about ten)."""
+    one for the assert, where the aten check takes about ten).
+
+    No argument of a segops custom op has a default: the dispatcher drops an
+    argument equal to its default, and before torch 2.14 the generated
+    backward then wants one gradient fewer than register_autograd's formula
+    returns (every backward fails)."""
     args = (features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio,
             aligned, pool_mode)
     if _dispatch.uses_kernel(features[0]):
@@ -98,7 +103,7 @@ def _roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
 
 @_roi_align.register_fake
 def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
-      pool_mode, check_batch=False):
+      pool_mode, check_batch):
     shape = (rois.shape[0], features[0].shape[1], pooled_height, pooled_width)
     return features[0].new_empty(shape).contiguous(memory_format=memory_format_of(features[0]))
 
@@ -171,7 +176,7 @@ def _roi_align_backward_grad(ctx, grads):
     like = next(g for g in grads if g is not None)
     probes = [like.new_zeros(shape).contiguous(memory_format=fmt) if g is None else g
               for g, (shape, fmt) in zip(grads, ctx.levels_like)]
-    return (_roi_align(probes, rois, levels, *ctx.options), *nones)
+    return (_roi_align(probes, rois, levels, *ctx.options, False), *nones)
 
 
 _roi_align_backward.register_autograd(_roi_align_backward_grad,
@@ -575,7 +580,7 @@ def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tenso
         box_dtype = boxes.dtype if isinstance(boxes, Tensor) else boxes[0].dtype
         rois, levels = _assign_levels(rois, scales, canonical_scale, canonical_level, box_dtype)
     return _roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, bool(aligned),
-                      pool_mode)
+                      pool_mode, False)
 
 
 # graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)

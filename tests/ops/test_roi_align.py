@@ -733,9 +733,9 @@ def test_opcheck(path):
     options = ([1.0], 2, 2, 2, False, "avg")
     grad = torch.randn(3, 3, 2, 2, dtype=torch.float64, device=device)
     with on_path(path):
-        torch.library.opcheck(torch.ops.segops.roi_align.default, ([x], rois, None, *options))
-        torch.library.opcheck(torch.ops.segops.roi_align.default,
-                              ([x], rois, None, *options, True))
+        for check_batch in (False, True):
+            torch.library.opcheck(torch.ops.segops.roi_align.default,
+                                  ([x], rois, None, *options, check_batch))
         torch.library.opcheck(torch.ops.segops.roi_align_backward.default,
                               (grad, [x.detach()], rois, None, *options, True))
         torch.library.opcheck(torch.ops.segops.roi_levels.default, (rois, 2, 5, 3, 56.0, 4))
@@ -1533,6 +1533,44 @@ def test_output_size_forms_like_torchvision(output_size):
     size = tuple(int(v) for v in np.atleast_1d(output_size))
     size = size * 2 if len(size) == 1 else size
     assert_close(out, torchvision.ops.roi_align(x, rois, size, 1.0, 2), F64)
+
+
+@pytest.mark.parametrize("output_size", [1, (1, 3), (3, 1)])
+def test_output_size_of_one_bin_like_torchvision(output_size):
+    """An output size of 1 on an axis is valid (int_pair's minimum is inclusive)."""
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, device=DEVICE)
+    rois = torch.tensor([[0, 0.5, 1.0, 4.5, 5.0], [1, 2.0, 0.0, 6.0, 3.5]],
+                        dtype=torch.float64, device=DEVICE)
+    out = segops.ops.roi_align(x, rois, output_size, 1.0, 2)
+    assert_close(out, torchvision.ops.roi_align(x, rois, output_size, 1.0, 2), F64)
+
+
+@pytest.mark.parametrize("kwargs", [{"output_size": True}, {"output_size": (2, False)},
+                                    {"output_size": 2, "sampling_ratio": True}])
+def test_bools_are_not_ints(kwargs):
+    """A bool is refused where an int is expected (is_int excludes bool)."""
+    x = torch.randn(1, 2, 5, 5, device=DEVICE)
+    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]], device=DEVICE)
+    with pytest.raises(TypeError, match="must be an int"):
+        segops.ops.roi_align(x, rois, **kwargs)
+
+
+@pytest.mark.parametrize("path,pool_mode", [("native", "max"), ("reference", "avg"),
+                                            ("reference", "max")])
+def test_reference_answers_keep_channels_last(path, pool_mode):
+    """Where the reference answers (max pooling off the kernels, reference_only), a
+    channels_last input gives a channels_last output and input gradient, like the kernels."""
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    rois = torch.tensor([[0, 0.5, 1.0, 4.5, 5.0], [1, 2.0, 0.0, 6.0, 3.5]], dtype=torch.float64)
+    with on_path(path):
+        out = segops.ops.roi_align(x, rois, (2, 3), 1.0, 2, pool_mode=pool_mode)
+        (grad,) = torch.autograd.grad(out, x, torch.randn(out.shape, dtype=torch.float64))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    want = segops.ops.roi_align(x.detach().contiguous(), rois, (2, 3), 1.0, 2,
+                                pool_mode=pool_mode)
+    assert_close(out, want, F64)
 
 
 def test_batch_index_check_stays_on_cpu_error():
