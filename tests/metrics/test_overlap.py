@@ -243,3 +243,32 @@ def test_synced_confusion_reduces_on_the_reduction_device(monkeypatch):
     assert metric.synced_confusion().device == torch.device("meta")
     assert seen == [(torch.device("meta"), dist.ReduceOp.SUM)]
     assert metric.confusion.device == torch.device("cpu")
+
+
+def test_synced_confusion_off_distributed_is_a_copy():
+    """Without a process group synced_confusion returns a copy: writing to it
+    leaves the metric's state (and the next compute) as it was."""
+    metric = segops.metrics.MeanIoU(num_classes=3)
+    t = torch.randint(0, 3, (2, 4, 5))
+    metric.update(t, t)
+    before = metric.confusion.clone()
+    synced = metric.synced_confusion()
+    assert torch.equal(synced, before)
+    synced.zero_()
+    assert torch.equal(metric.confusion, before)
+
+
+def test_a_one_rank_group_does_not_communicate(monkeypatch):
+    """An initialized default group of one rank is not distributed: compute()
+    scores the local state without any all_reduce (nothing to sum)."""
+    def no_collective(*args, **kwargs):
+        raise AssertionError("all_reduce called for a one-rank group")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 1)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", no_collective)
+    metric = segops.metrics.MeanIoU(num_classes=3)
+    t = torch.randint(0, 3, (2, 4, 5))
+    metric.update(t, t)
+    assert torch.equal(metric.compute(), torch.ones(3, dtype=torch.float64).mean())

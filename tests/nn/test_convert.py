@@ -355,3 +355,58 @@ def test_ops_and_inplace_are_checked():
         segops.revert_model(conv, inplace=None)
     report = segops.convert_model(conv, ops="atrous_conv")  # one name alone
     assert type(conv[0]) is AtrousConv2d and len(report) == 1
+
+
+def test_a_conv_transpose_subclass_is_left_and_segops_own_is_not_reported():
+    """A user's nn.ConvTranspose2d subclass is not replaced but listed in
+    ``left``; a segops ConvTranspose2d already in the model is neither."""
+    class Custom(nn.ConvTranspose2d):
+        pass
+
+    model = nn.Sequential(Custom(2, 2, 2, stride=2), ConvTranspose2d(2, 2, 2, stride=2),
+                          nn.ConvTranspose2d(2, 2, 2, stride=2))
+    report = segops.convert_model(model, ops=("conv_transpose",))
+    assert type(model[0]) is Custom and type(model[1]) is ConvTranspose2d
+    assert report.replaced == [("2", "ConvTranspose2d", "ConvTranspose2d")]
+    assert report.left == [("0", "Custom")]
+
+
+def test_max_pooling_roi_align_is_refused_by_revert_model():
+    """torchvision's RoIAlign has no max pooling: reverting a segops RoIAlign
+    or MultiScaleRoIAlign with pool_mode='max' is an ArgumentError, the
+    layer left as it is."""
+    for layer in (RoIAlign(2, 0.5, 2, pool_mode="max"),
+                  MultiScaleRoIAlign(["a"], 2, 2, pool_mode="max")):
+        model = nn.Sequential(layer)
+        with pytest.raises(segops.ArgumentError, match="has no torchvision twin"):
+            segops.revert_model(model)
+        assert model[0] is layer
+
+
+def test_reverted_conv_has_exactly_an_nn_conv2d_attributes():
+    """revert_model gives an nn.Conv2d whose attributes are a fresh
+    nn.Conv2d's: no ``activation`` left over from AtrousConv2d."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, dilation=2))
+    segops.convert_model(model)
+    assert model[0].activation is None
+    segops.revert_model(model)
+    assert type(model[0]) is nn.Conv2d and not hasattr(model[0], "activation")
+    assert set(vars(model[0])) == set(vars(nn.Conv2d(2, 3, 3, dilation=2)))
+
+
+def test_retyped_layers_have_their_own_parameter_and_child_dicts():
+    """The twin shares the tensors but not the dicts: a parameter or child
+    swapped in the twin after conversion does not show in the original,
+    and the other way round."""
+    conv = nn.Conv2d(2, 2, 3, dilation=2)
+    twin = segops.convert_model(conv, inplace=True).model
+    assert twin.weight is conv.weight
+    old_weight = conv.weight
+    twin.weight = nn.Parameter(torch.zeros_like(old_weight))
+    assert conv.weight is old_weight
+    conv.bias = nn.Parameter(torch.ones(2))
+    assert twin.bias is not conv.bias
+    twin.register_buffer("extra", torch.zeros(1))
+    assert "extra" not in dict(conv.named_buffers())
+    twin.add_module("child", nn.ReLU())
+    assert "child" not in conv._modules

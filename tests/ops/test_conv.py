@@ -1615,3 +1615,13 @@ def test_forward_tiles_inside_an_edge_column_class():
     got = kernels.conv2d_forward(x, w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, config=config,
                                  splits=1)
     assert_close(got, F.conv2d(x.cpu(), w.cpu(), b.cpu(), padding=1), F64)
+
+
+def test_module_repr_is_conv2ds_plus_a_fused_activation():
+    """AtrousConv2d's repr is nn.Conv2d's, with ``activation='relu'``
+    appended only when an activation is fused."""
+    plain = torch.nn.Conv2d(2, 3, 3, padding=2, dilation=2)
+    assert segops.nn.AtrousConv2d(2, 3, 3, padding=2, dilation=2).extra_repr() \
+        == plain.extra_repr()
+    fused = segops.nn.AtrousConv2d(2, 3, 3, padding=2, dilation=2, activation="relu")
+    assert fused.extra_repr() == plain.extra_repr() + ", activation='relu'"

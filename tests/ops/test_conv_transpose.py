@@ -734,3 +734,34 @@ def test_geometry_grid_in_gpu_dtypes(case, dtype_name, monkeypatch):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[dtype_name]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype_name == "tf32")
     check_against_f(case, dtype, 3e-3 if dtype_name == "tf32" else RTOL[dtype])
+
+
+def test_module_refuses_a_padding_mode_set_after_construction_like_torch():
+    """A padding_mode other than 'zeros' set after construction: forward
+    raises ValueError, as nn.ConvTranspose2d's does, rather than ignoring it."""
+    plain = torch.nn.ConvTranspose2d(2, 2, 2, stride=2)
+    ours = segops.nn.ConvTranspose2d(2, 2, 2, stride=2)
+    x = torch.randn(1, 2, 3, 3)
+    for module in (plain, ours):
+        module.padding_mode = "reflect"
+        with pytest.raises(ValueError, match="padding_mode|padding mode"):
+            module(x)
+        with pytest.raises(ValueError, match="padding_mode|padding mode"):
+            module(x, output_size=[6, 6])
+
+
+def test_output_size_range_follows_each_axis_stride():
+    """Stride (2, 3): each axis takes sizes up to its own smallest + stride - 1
+    (H 9..10, W 15..17 here), as nn.ConvTranspose2d; one past raises."""
+    plain = torch.nn.ConvTranspose2d(2, 2, 3, stride=(2, 3)).double()
+    ours = segops.nn.ConvTranspose2d(2, 2, 3, stride=(2, 3)).double()
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    for size in ([9, 17], [10, 15], [10, 17]):
+        assert_close(ours.to(DEVICE)(x.to(DEVICE), output_size=size), plain(x, output_size=size),
+                     F64)
+    for size in ([11, 15], [9, 18], [8, 15], [9, 14]):
+        with pytest.raises(ValueError):
+            plain(x, output_size=size)
+        with pytest.raises(ValueError, match="valid sizes range"):
+            ours(x.to(DEVICE), output_size=size)

@@ -2094,3 +2094,24 @@ def test_fused_loss_views_and_dtypes(dtype, view, monkeypatch):
     assert loss.dtype == want.dtype == acc and xf.grad.dtype == dtype
     assert_close(loss, want, RTOL[acc])
     assert_close(xf.grad, xc.grad, RTOL[dtype], name="grad")
+
+
+@pytest.mark.parametrize("module", ["DiceLoss", "JaccardLoss"])
+def test_loss_module_defaults_are_smps_and_the_functional_losses(module):
+    """The constructor defaults: smp's (0.6) for smp's arguments, the
+    functional loss's for the keyword-only ones; so a default module gives
+    the functional loss with its defaults."""
+    import inspect
+    ours = inspect.signature(getattr(segops.nn, module).__init__).parameters
+    fn = ops.dice_loss if module == "DiceLoss" else ops.jaccard_loss
+    functional = inspect.signature(fn).parameters
+    smp = {"classes": None, "log_loss": False, "from_logits": True, "smooth": 0.0,
+           "ignore_index": None, "eps": 1e-7, "class_weights": None}
+    for name in segops.nn.DiceLoss.OPTIONS:
+        want = smp[name] if name in smp else functional[name].default
+        assert ours[name].default == want, name
+        assert functional[name].default == want, name
+    x, t = make_case(2, 4, (3, 5), False, "softmax", dtype=KERNEL_DTYPES[0])
+    t[t == 3] = 0    # class 3 absent from the target: skip_empty matters
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    assert_close(getattr(segops.nn, module)("multiclass")(x, t), fn(x, t, "multiclass"), TOL)

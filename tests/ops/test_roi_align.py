@@ -1901,3 +1901,49 @@ def test_roi_levels_write_nothing_past_the_rois(monkeypatch):
     assert torch.equal(rois, store[:5])
     assert len(guards) == 2
     assert_guards_intact(guards)
+
+
+def test_multi_scale_scales_come_from_the_largest_image_whichever_comes_first():
+    """The scales are inferred from the largest height and width over all
+    images, as torchvision's, also when the largest image is not the first."""
+    features = {"a": torch.randn(2, 2, 16, 16, dtype=torch.float64, device=DEVICE),
+                "b": torch.randn(2, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 35.0]], dtype=torch.float64, device=DEVICE),
+             torch.tensor([[0.0, 0.0, 20.0, 12.0]], dtype=torch.float64, device=DEVICE)]
+    shapes = [(40, 40), (64, 64)]
+    ours = segops.nn.MultiScaleRoIAlign(["a", "b"], 2, 2)
+    theirs = torchvision.ops.MultiScaleRoIAlign(["a", "b"], 2, 2)
+    want = theirs(features, boxes, shapes)
+    assert_close(ours(features, boxes, shapes), want, F64)
+    assert ours.scales == theirs.scales == [0.25, 0.125]
+
+
+def test_multi_scale_uses_the_maps_in_the_order_of_x():
+    """featmap_names selects maps but x's order gives the levels, as in
+    torchvision: names listed finest-last pool as names listed finest-first."""
+    features = {"a": torch.randn(1, 2, 16, 16, dtype=torch.float64, device=DEVICE),
+                "skip": torch.randn(1, 2, 12, 12, dtype=torch.float64, device=DEVICE),
+                "b": torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 35.0], [0.0, 0.0, 63.0, 60.0]],
+                          dtype=torch.float64, device=DEVICE)]
+    want = torchvision.ops.MultiScaleRoIAlign(["b", "a"], 2, 2)(features, boxes, [(64, 64)])
+    ours = segops.nn.MultiScaleRoIAlign(["b", "a"], 2, 2)
+    assert_close(ours(features, boxes, [(64, 64)]), want, F64)
+    assert ours.scales == [0.25, 0.125]
+
+
+def test_multi_scale_scales_set_by_hand_fix_the_level_rule_at_the_next_call():
+    """Scales set by hand are kept, and the next call fixes the level rule:
+    a canonical_scale changed afterwards does not change the output."""
+    features = {"a": torch.randn(1, 2, 16, 16, dtype=torch.float64, device=DEVICE),
+                "b": torch.randn(1, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 35.0]], dtype=torch.float64, device=DEVICE)]
+    module = segops.nn.MultiScaleRoIAlign(["a", "b"], 2, 2)
+    module.scales = [0.25, 0.125]
+    first = module(features, boxes, [(64, 64)])
+    assert module.scales == [0.25, 0.125] and module.level_rule == (224, 4)
+    module.canonical_scale = 8     # would send the box to map "b"
+    assert_close(module(features, boxes, [(64, 64)]), first, F64)
+    fresh = segops.nn.MultiScaleRoIAlign(["a", "b"], 2, 2, canonical_scale=8)
+    fresh.scales = [0.25, 0.125]
+    assert not torch.allclose(fresh(features, boxes, [(64, 64)]), first)
