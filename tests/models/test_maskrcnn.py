@@ -493,17 +493,22 @@ def test_anchor_cache_follows_the_cell_anchors_and_images_get_their_own():
 
 
 # ------------------------------------------------- parts against torchvision
+def _random_boxes(shape, generator, span, size, low=0.0, least=1.0):
+    """float64 xyxy boxes of ``shape`` (leading dims): corners uniform in
+    [low, low + span), width and height uniform in [least, least + size)
+    (two draws from ``generator``, corners first)."""
+    xy = torch.rand(*shape, 2, dtype=torch.float64, generator=generator) * span + low
+    wh = torch.rand(*shape, 2, dtype=torch.float64, generator=generator) * size + least
+    return torch.cat((xy, xy + wh), -1)
+
+
 def test_box_coder_matches_torchvision_with_distinct_weights_and_clipped_deltas():
     """encode and decode with four different weights, deltas past the
     default log(1000/16) clip and a custom clip, as torchvision's BoxCoder."""
     from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
     g = torch.Generator().manual_seed(0)
-    xy = torch.rand(12, 2, dtype=torch.float64, generator=g) * 50
-    wh = torch.rand(12, 2, dtype=torch.float64, generator=g) * 30 + 1
-    proposals = torch.cat((xy, xy + wh), 1).to(DEVICE)
-    xy = torch.rand(12, 2, dtype=torch.float64, generator=g) * 50
-    wh = torch.rand(12, 2, dtype=torch.float64, generator=g) * 30 + 1
-    gt = torch.cat((xy, xy + wh), 1).to(DEVICE)
+    proposals = _random_boxes((12,), g, 50, 30).to(DEVICE)
+    gt = _random_boxes((12,), g, 50, 30).to(DEVICE)
     codes = (torch.randn(12, 8, dtype=torch.float64, generator=g) * 2).to(DEVICE)
     codes[:4, 2:4] = 4.5  # past log(1000 / 16) = 4.135 (and weights 1, 1)
     codes[4:8, 6:8] = 3.9  # under it, past log(1000 / 32) = 3.44
@@ -598,9 +603,7 @@ def test_rpn_filter_proposals_matches_torchvision_at_the_edges():
     per-level NMS and the post-NMS count, as torchvision's filter_proposals."""
     g = torch.Generator().manual_seed(5)
     levels = [12, 8]
-    xy = torch.rand(2, 20, 2, dtype=torch.float64, generator=g) * 70 - 10
-    wh = torch.rand(2, 20, 2, dtype=torch.float64, generator=g) * 30 + 0.5
-    proposals = torch.cat((xy, xy + wh), -1)
+    proposals = _random_boxes((2, 20), g, 70, 30, low=-10.0, least=0.5)
     logits = torch.randn(2, 20, dtype=torch.float64, generator=g) + 1.0
     logits[0, 4:12] = -1.0 - torch.rand(8, dtype=torch.float64, generator=g)
     proposals[0, 0] = proposals.new_tensor([-5.0, 2.0, 1e-3, 20.0])    # 1e-3 wide once clipped
@@ -635,9 +638,7 @@ def test_rpn_and_roi_heads_assign_targets_as_torchvision():
     gt_one = torch.tensor([[10.0, 10.0, 40.0, 40.0]], dtype=torch.float64)
     gt_three = torch.tensor([[10.0, 10.0, 40.0, 40.0], [30.0, 5.0, 60.0, 30.0],
                              [0.0, 30.0, 20.0, 60.0]], dtype=torch.float64)
-    xy = torch.rand(60, 2, dtype=torch.float64, generator=g) * 50
-    wh = torch.rand(60, 2, dtype=torch.float64, generator=g) * 30 + 2
-    boxes = torch.cat((xy, xy + wh), 1)
+    boxes = _random_boxes((60,), g, 50, 30, least=2.0)
     boxes[:3] = gt_three + torch.tensor([1.0, 1.0, 2.0, 1.0], dtype=torch.float64)
     anchors = [boxes.to(DEVICE), boxes.flip(0).to(DEVICE), boxes.to(DEVICE)]
     gts = [gt_one.to(DEVICE), gt_three.to(DEVICE), gt_one[:0].to(DEVICE)]
@@ -668,9 +669,7 @@ def test_postprocess_detections_matches_torchvision_at_the_thresholds():
     kept), detections_per_img, as torchvision's postprocess_detections."""
     g = torch.Generator().manual_seed(4)
     counts, classes = [7, 5], 4
-    xy = torch.rand(12, 2, dtype=torch.float64, generator=g) * 40
-    wh = torch.rand(12, 2, dtype=torch.float64, generator=g) * 20 + 2
-    proposals = torch.cat((xy, xy + wh), 1)
+    proposals = _random_boxes((12,), g, 40, 20, least=2.0)
     proposals[0] = proposals.new_tensor([0.0, 0.0, 0.01, 3.0])    # exactly 1e-2 wide
     proposals[1] = proposals.new_tensor([0.0, 0.0, 0.005, 3.0])   # 5e-3 wide
     proposals[2] = proposals.new_tensor([10.0, 10.0, 30.0, 30.0])
