@@ -416,9 +416,11 @@ def test_mask_targets_kernel_blocks_and_bool_view():
     assert_close(got, ref.mask_targets(masks, rois, idx, 5, torch.float64), F64)
 
 
-def test_mask_targets_list_form():
-    """GT masks of different sizes: one launch per image."""
-    masks = [gt_masks(2), gt_masks(3)[:, :30, :50]]
+@pytest.mark.parametrize("crop", [(30, 50), (30, W), (H, 50)], ids=["hw", "h", "w"])
+def test_mask_targets_list_form(crop):
+    """GT masks of different sizes (in either axis or both): one launch per
+    image."""
+    masks = [gt_masks(2), gt_masks(3)[:, :crop[0], :crop[1]]]
     rois = [mask_rois()[:3], mask_rois()[3:]]
     idx = [torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1, 2, 0])]
     with record_launches(kernels, "_mask_targets_kernel") as rec:
@@ -466,6 +468,21 @@ def test_mask_targets_list_form_mixed_roi_dtypes_run_per_image():
         got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
                            [i.to(DEVICE) for i in idx], 4)
     assert len(rec.launches) == 2 and got.dtype == torch.float64
+    want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
+    assert_close(got, want, F32)
+
+
+def test_mask_targets_list_form_mixed_mask_dtypes_run_per_image():
+    """uint8 and float GT masks of one size are not concatenated (that would
+    be a float copy of the uint8 masks): one launch per image, torchvision's
+    numbers."""
+    masks = [gt_masks(2), gt_masks(2, torch.float32)]
+    rois = [mask_rois()[:3], mask_rois()[[3, 5, 6]]]
+    idx = [torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])]
+    with record_launches(kernels, "_mask_targets_kernel") as rec:
+        got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
+                           [i.to(DEVICE) for i in idx], 4)
+    assert [grid[0] for _, grid in rec.launches] == [3, 3]
     want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
     assert_close(got, want, F32)
 
@@ -523,7 +540,10 @@ def test_mask_targets_cpu_paths(path):
     idx = torch.tensor([0, 2, 1, 2, 0, 1, 2, 1])
     with _dispatch.forced_path(_dispatch.NATIVE if path == "native" else _dispatch.REFERENCE):
         got = mask_targets(masks, rois, idx, 5)
-    assert_close(got, project_masks_on_boxes(masks, rois, idx, 5), F32)
+    want = project_masks_on_boxes(masks, rois, idx, 5)
+    assert_close(got, want, F32)
+    if path == "native":   # torchvision's own roi_align: its numbers bit for bit
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("path", ["kernel", "native", "reference"])

@@ -310,6 +310,18 @@ def test_op_matches_reference(dtype, activation, spatial):
     assert_close(grad, want_grad, RTOL[dtype], name="grad")
 
 
+def test_overlap_sums_default_intersection_is_the_product():
+    """overlap_sums' default intersection is sum(p*t) (MONAI's), which soft
+    targets tell apart from sum(min(p, t))."""
+    x, _ = make_case(2, 3, (4, 5), True, "softmax", dtype=KERNEL_DTYPES[0])
+    t = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sums = ops.overlap_sums(x.to(DEVICE), t.to(DEVICE, x.dtype))
+    p = x.double().softmax(1)
+    t = t.to(x.dtype).double()
+    want = torch.stack([(p * t).sum((2, 3)), p.sum((2, 3)), t.sum((2, 3))])
+    assert_close(sums, want, TOL)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_memory_formats(layout, dims):
@@ -864,6 +876,8 @@ def test_bad_input_errors():
         ops.overlap_sums(x, t[:, :3])
     with pytest.raises(ValueError, match="dense target"):
         ops.overlap_sums(x, torch.rand(2, 3, 4, 5, device=DEVICE))
+    with pytest.raises(TypeError, match="target must be real"):
+        ops.overlap_sums(x, torch.rand(2, 3, 4, 4, device=DEVICE, dtype=torch.complex64))
     with pytest.raises(TypeError, match="integer target"):
         ops.dice_loss(x, t.float(), "multiclass")
     with pytest.raises(TypeError, match="input must have dtype"):
@@ -939,13 +953,25 @@ def f64(*values):
     return torch.tensor(values, dtype=torch.float64)
 
 
-def test_scores_with_ignore_index_past_the_classes_ignore_nothing():
+@pytest.mark.parametrize("path", PATHS)
+def test_scores_with_ignore_index_past_the_classes_ignore_nothing(path):
     """ignore_index = C (a void label outside the matrix, e.g. 255 of a
-    C-class one) leaves every class in, as torchmetrics does."""
+    C-class one) leaves every class in, as torchmetrics does, on every path."""
     cm = torch.tensor([[3, 1, 0], [2, 4, 1], [0, 2, 5]])
-    for score in (ops.iou_score, ops.dice_score):
-        for average in ("macro", "micro", "weighted", "none"):
-            assert torch.equal(score(cm, average, ignore_index=3), score(cm, average))
+    cm = cm.to(DEVICE if path == "kernel" else torch.device("cpu"))
+    with on_path(path):
+        for score in (ops.iou_score, ops.dice_score):
+            for average in ("macro", "micro", "weighted", "none"):
+                assert torch.equal(score(cm, average, ignore_index=3), score(cm, average))
+
+
+def test_dice_score_ignore_index_changes_nothing():
+    """dice_score keeps an ignore_index class in every average (torchmetrics'
+    MulticlassF1Score does); only iou_score leaves it out."""
+    cm = torch.tensor([[3, 1, 0], [2, 4, 1], [0, 2, 5]])
+    for average in ("macro", "micro", "weighted", "none"):
+        assert torch.equal(ops.dice_score(cm, average, ignore_index=1), ops.dice_score(cm, average))
+    assert not torch.equal(ops.iou_score(cm, ignore_index=1), ops.iou_score(cm))
 
 
 def test_dense_targets_pass_the_device_check(monkeypatch):
@@ -1279,6 +1305,28 @@ def test_confusion_matrix_argmax_nan_and_ties_like_torch(block_c):
         assert torch.equal(cm.cpu(), ref.confusion_matrix(scores, t, 5, None))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_confusion_matrix_of_scores_inside_torch_func_grad(path):
+    """Counts from scores inside torch.func.grad (a loss weighted by the
+    batch's confusion) are a constant, as torch's argmax-and-bincount count
+    is: the scores' gradient comes from the rest of the loss only."""
+    C = 3
+    x, t = make_case(2, C, (4, 5), False, "softmax", dtype=KERNEL_DTYPES[0])
+
+    def weighted(count):
+        return lambda x: (count(x).diagonal().double() * x.sum((0, 2, 3))).sum()
+
+    def torchs(x):
+        return torch.bincount((t * C + x.argmax(1)).flatten(), minlength=C * C).reshape(C, C)
+
+    want = torch.func.grad(weighted(torchs))(x)
+    device = DEVICE if path == "kernel" else torch.device("cpu")
+    with on_path(path):
+        got = torch.func.grad(weighted(lambda x: ops.confusion_matrix(x, t.to(device), C)))(
+            x.to(device))
+    assert torch.equal(got.cpu(), want)
+
+
 def test_confusion_matrix_nan_score_matches_torchmetrics():
     tm = pytest.importorskip("torchmetrics.classification")
     scores = torch.tensor([0.0, NAN, 1.0]).reshape(1, 3, 1, 1)
@@ -1305,7 +1353,8 @@ def test_confusion_matrix_wide_labels_are_not_truncated(dtype):
 
 @pytest.mark.parametrize("dtype,ignore", [(torch.uint8, -1), (torch.int8, 255),
                                           (torch.int16, -1), (torch.uint8, 255 - 512),
-                                          (torch.uint8, 258), (torch.int8, 2 - 256)])
+                                          (torch.uint8, 258), (torch.int8, 2 - 256),
+                                          (torch.int64, -(2**63)), (torch.int64, 2**63 - 1)])
 def test_index_target_ignore_index_wraps_like_torch(dtype, ignore):
     """`target != ignore_index` converts ignore_index to the target's dtype
     (uint8: -1 is 255, 258 is class 2): torch, smp, torchmetrics and the

@@ -893,6 +893,12 @@ def test_bad_multi_scale_input_errors():
     maps = list(features.values())
     with pytest.raises(segops.ArgumentError, match="2 scales for 4"):
         segops.ops.multi_scale_roi_align(maps, boxes, 2, [1 / 4, 1 / 8])
+    with pytest.raises(segops.ArgumentError, match="3 scales for 2"):
+        segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, [1 / 4, 1 / 8, 1 / 16])
+    for bad in (0, -224.0):
+        with pytest.raises(segops.ArgumentError, match="canonical_scale must be > 0"):
+            segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, [1 / 4, 1 / 8],
+                                             canonical_scale=bad)
     for bad in (0, 0.0, -0.25):
         with pytest.raises(segops.ArgumentError, match=r"scales\[1\] must be > 0"):
             segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, [1 / 4, bad])
@@ -902,6 +908,9 @@ def test_bad_multi_scale_input_errors():
         segops.ops.multi_scale_roi_align(maps[:2], boxes, 2, ["1/4", 1 / 8])
     with pytest.raises(segops.ArgumentTypeError, match="dtype"):
         segops.ops.multi_scale_roi_align([maps[0], maps[1].float()], boxes, 2, [1 / 4, 1 / 8])
+    for other in (maps[1][:, :1], maps[1][:1]):   # fewer channels, fewer images
+        with pytest.raises(segops.ArgumentError, match=r"input\[1\] has \(N, C\)"):
+            segops.ops.multi_scale_roi_align([maps[0], other], boxes, 2, [1 / 4, 1 / 8])
     with pytest.raises(ValueError, match="image_shapes is empty"):
         segops.nn.MultiScaleRoIAlign(["p0"], 2, 2)(features, boxes, [])
 
@@ -1107,6 +1116,7 @@ def test_roi_levels_kernel_matches_composite_at_every_threshold(dtype, rule, lau
 @pytest.mark.parametrize("dtype, k_range, in_kernel", [
     (torch.float32, (2, 5), True), (torch.float64, (2, 5), True),
     (torch.float16, (2, 5), False), (torch.bfloat16, (2, 5), False),
+    (torch.float32, (3, 3), True),     # one level (e.g. scales 1/8 and 1/12)
     (torch.float32, (5, 2), False)])   # maps coarsest first: every box unmatched
 def test_roi_levels_dispatch(dtype, k_range, in_kernel, launches):
     """float32/float64 boxes and an ascending level range take the kernel;
@@ -1148,6 +1158,48 @@ def test_levels_follow_level_mapper_for_every_box_dtype(dtype, path):
     assert torch.equal(out[:, 1:], rois[:, 1:].to(out.dtype)) and out[:, 0].eq(0).all()
     assert out.dtype == (torch.float64 if not dtype.is_floating_point or dtype == torch.float64
                          else torch.float32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_boxes_at_a_level_threshold_take_torchvisions_level(path):
+    """float64 boxes get their level from float64 arithmetic, as torchvision's
+    LevelMapper computes it: a box just under level 5's side (448 * 2^-1e-6
+    for 224 / 4) is on level 4 there, on level 5 in float32."""
+    from torchvision.ops import poolers
+    side = 448 * 2 ** -1e-6 - 3.5e-5
+    boxes = torch.tensor([[1.0, 2.0, 1.0 + side, 2.0 + side], [3.0, 1.0, 40.0, 30.0]],
+                         dtype=torch.float64)
+    assert poolers.LevelMapper(2, 5)([boxes]).tolist() == [2, 0]
+    assert poolers.LevelMapper(2, 5)([boxes.float()]).tolist() == [3, 0]
+    names = ["p0", "p1", "p2", "p3"]
+    features = {n: torch.randn(1, 2, 32 >> i, 24 >> i, dtype=torch.float64)
+                for i, n in enumerate(names)}
+    want = torchvision.ops.MultiScaleRoIAlign(names, 2, 2)(features, [boxes], [(128, 96)])
+    device = path_device(path)
+    with on_path(path):
+        got = segops.ops.multi_scale_roi_align([f.to(device) for f in features.values()],
+                                               [boxes.to(device)], 2,
+                                               [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2)
+    assert_close(got, want, F64)
+
+
+def test_integer_box_list_takes_torchvisions_float32_level():
+    """A list of integer boxes gets torchvision's level, whose box_area takes
+    them to float32: [0, 0, 7159, 7177] (area 51380143) is on level 9 there,
+    on 8 in float64; the pooling keeps every digit."""
+    from torchvision.ops import poolers
+    boxes = torch.tensor([[0, 0, 7159, 7177], [100, 200, 1000, 900]])
+    levels = poolers.LevelMapper(8, 9)([boxes])
+    assert levels.tolist() == [1, 0] and poolers.LevelMapper(8, 9)([boxes.double()])[0] == 0
+    maps = [torch.randn(1, 2, 32, 32, dtype=torch.float64),
+            torch.randn(1, 2, 16, 16, dtype=torch.float64)]
+    scales = [1 / 256, 1 / 512]
+    rois = torch.cat([torch.zeros(2, 1), boxes], 1).double()
+    want = torch.cat([torchvision.ops.roi_align(maps[level], rois[i:i + 1], 2, scales[level], 2)
+                      for i, level in enumerate(levels.tolist())])
+    got = segops.ops.multi_scale_roi_align([m.to(DEVICE) for m in maps], [boxes.to(DEVICE)], 2,
+                                           scales, 2)
+    assert_close(got, want, F64)
 
 
 def test_roi_levels_first_call_refuses_graph_capture(monkeypatch):
@@ -1337,6 +1389,23 @@ def test_far_boxes_and_huge_scale_match_torchvision(path, sampling_ratio, dtype)
             (grad,) = torch.autograd.grad(out.sum(), xd)
         assert_close(out, want, RTOL[dtype])
         assert_close(grad, want_grad, RTOL[dtype], name="grad")
+
+
+@pytest.mark.parametrize("path", ["kernel", "native"])
+def test_aligned_count_past_int32_after_the_half_pixel_shift_pools_zeros(path):
+    """aligned=True: the sample count comes from the shifted corners. Here
+    x2 - x1 rounds to 2^31 - 128 in float32 but (x2 - 0.5) - (x1 - 0.5) to
+    2^31, past int32: the RoI pools zeros and no gradient on every path
+    (torchvision's int would overflow on it: the native path must not pass
+    it on)."""
+    device = path_device(path)
+    x = torch.randn(1, 2, 8, 8, device=device, requires_grad=True)
+    rois = torch.tensor([[0.0, -63.5, 1.0, 2.0**31 - 128, 2.0]], device=device)
+    with on_path(path):
+        out = segops.ops.roi_align(x, rois, 1, 1.0, -1, True)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(out.cpu(), torch.zeros(1, 2, 1, 1))
+    assert torch.equal(grad.cpu(), torch.zeros(1, 2, 8, 8))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -1680,6 +1749,17 @@ def test_multi_scale_module_repr_matches_torchvision():
     assert repr(single) == repr(torchvision.ops.RoIAlign(7, 0.5, -1))[:-1] + ", pool_mode='max')"
 
 
+def test_module_repr_compares_options_by_value():
+    """An option equal to its default is not listed, whatever object holds it
+    (0 for aligned=False, a pool_mode string built at run time): the repr is
+    torchvision's."""
+    names = ["p0", "p1"]
+    m = segops.nn.MultiScaleRoIAlign(names, 7, 2, aligned=0, pool_mode="AVG".lower())
+    assert repr(m) == repr(torchvision.ops.MultiScaleRoIAlign(names, 7, 2))
+    single = segops.nn.RoIAlign(7, 0.5, 2, aligned=0, pool_mode="AVG".lower())
+    assert repr(single) == repr(torchvision.ops.RoIAlign(7, 0.5, 2, aligned=0))
+
+
 def test_tables_are_built_once_per_layout():
     """The scale, level and tile tables are device tensors cached on their
     content (shapes and strides; the maps' addresses are kernel arguments):
@@ -1915,6 +1995,21 @@ def test_multi_scale_scales_come_from_the_largest_image_whichever_comes_first():
     theirs = torchvision.ops.MultiScaleRoIAlign(["a", "b"], 2, 2)
     want = theirs(features, boxes, shapes)
     assert_close(ours(features, boxes, shapes), want, F64)
+    assert ours.scales == theirs.scales == [0.25, 0.125]
+
+
+def test_multi_scale_scales_round_the_height_ratio_like_torchvision():
+    """Each scale is the map's height over the image's rounded to a power of
+    2 in log2 (13/64 -> 1/4, 7/64 -> 1/8: rounded, not floored), as in
+    torchvision; the widths (4/64, 2/64) play no part."""
+    features = {"a": torch.randn(1, 2, 13, 4, dtype=torch.float64, device=DEVICE),
+                "b": torch.randn(1, 2, 7, 2, dtype=torch.float64, device=DEVICE)}
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 35.0], [0.0, 0.0, 60.0, 50.0]],
+                          dtype=torch.float64, device=DEVICE)]
+    ours = segops.nn.MultiScaleRoIAlign(["a", "b"], 2, 2)
+    theirs = torchvision.ops.MultiScaleRoIAlign(["a", "b"], 2, 2)
+    want = theirs(features, boxes, [(64, 64)])
+    assert_close(ours(features, boxes, [(64, 64)]), want, F64)
     assert ours.scales == theirs.scales == [0.25, 0.125]
 
 
