@@ -28,7 +28,7 @@ setup(
         "segops.benchmarks": "benchmarks",
     },
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.7",  # segops.MIN_TORCH: older torch cannot register the custom ops
         "numpy",
         "tqdm",
         "triton; platform_system == 'Linux'",
