@@ -24,7 +24,10 @@ Conventions (torchvision's ``roi_align``)
 * Samples with y < -1, y > H, x < -1 or x > W contribute 0; others are clamped
   into the map. Empty bins (possible with ``aligned=True`` and degenerate
   boxes) give 0 in both modes, as does an adaptive sample count past int32
-  (e.g. ``spatial_scale=1e30``; torchvision's int overflows there).
+  (e.g. ``spatial_scale=1e30``; torchvision's int overflows there). On the
+  devices where torchvision's RoIAlign runs (the CPU), a RoI that pools and
+  needs 2^31 or more samples in all (grid_h x grid_w x bins) is an
+  ArgumentError: torchvision's CPU kernel crashes there.
 * Max pooling: NaN propagates, as in torch's max pooling. A bin with a NaN
   sample is NaN and its gradient goes to its first NaN sample's neighbours;
   otherwise to the first largest sample's.
@@ -214,7 +217,9 @@ def _native_rows(features, rois, levels, scales, pooled, sampling_ratio, aligned
     that pool anything in segops' rules (finite box and scaled box, batch
     index truncating into [0, N), a matched level, an adaptive sample count
     in [1, 2^31)); rows is None for all K RoIs. The others stay zeros:
-    torchvision would read out of bounds or throw on them."""
+    torchvision would read out of bounds or throw on them. A pooling RoI
+    whose samples (grid_h x grid_w x bins) reach 2^31 is an ArgumentError:
+    torchvision's CPU kernel sizes a buffer by that int and crashes."""
     batch = rois[:, 0]
     pools = torch.isfinite(rois).all(1) & (batch > -1) & (batch < features[0].shape[0])
     offset = 0.5 if aligned else 0.0
@@ -225,14 +230,30 @@ def _native_rows(features, rois, levels, scales, pooled, sampling_ratio, aligned
         ok = pools if levels is None else pools & (levels == level)
         corners = rois[:, 1:] * scale - offset
         ok = ok & torch.isfinite(corners).all(1)
+        per_bin = torch.full_like(corners[:, 0], float(sampling_ratio) ** 2, dtype=torch.float64)
         if sampling_ratio <= 0:
+            per_bin = torch.ones_like(per_bin)
             for size, bins in ((corners[:, 2] - corners[:, 0], pooled[1]),
                                (corners[:, 3] - corners[:, 1], pooled[0])):
                 grid = torch.ceil((size if aligned else size.clamp(min=1.0)) / bins)
                 ok = ok & (grid > 0) & (grid < 2 ** 31)
+                per_bin = per_bin * grid.double()
+        _refuse_past_torchvisions_int(per_bin * math.prod(pooled), ok)
         rows = None if levels is None and bool(ok.all()) else torch.nonzero(ok).flatten()
         groups.append((level, rows))
     return groups
+
+
+def _refuse_past_torchvisions_int(samples: Tensor, pools: Tensor) -> None:
+    """ArgumentError for the first pooling RoI whose sample count (float64,
+    per RoI) is past torchvision's int (CPU only: the host reads it)."""
+    past = pools & (samples >= 2 ** 31)
+    if bool(past.any()):
+        k = int(torch.nonzero(past)[0])
+        raise ArgumentError(
+            f"RoI {k} needs {samples[k].item():.0f} bilinear samples (sampling grid x bins); "
+            "torchvision's RoIAlign, which runs on this device, takes fewer than 2^31 "
+            "(past that its CPU kernel crashes)")
 
 
 def _native_forward(features, rois, levels, scales, pooled_height, pooled_width,

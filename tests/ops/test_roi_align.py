@@ -1408,6 +1408,34 @@ def test_aligned_count_past_int32_after_the_half_pixel_shift_pools_zeros(path):
     assert torch.equal(grad.cpu(), torch.zeros(1, 2, 8, 8))
 
 
+@pytest.mark.parametrize("box, output_size, sampling_ratio, samples", [
+    ((0.0, 0.0, 2.0**31, 1.0), (1, 2), -1, 2**31),      # 1 x 2^30 per bin, 2 bins
+    ((0.0, 0.0, 2.0**31, 4.0), (1, 2), -1, 2**33),
+    ((0.0, 0.0, 4.0, 4.0), (7, 7), 6621, 6621**2 * 49),  # fixed ratio: ratio^2 x bins
+])
+def test_native_path_refuses_the_sample_counts_that_crash_torchvision(
+        box, output_size, sampling_ratio, samples):
+    """torchvision's CPU RoIAlign sizes a buffer by grid_h x grid_w x bins in
+    an int: from 2^31 on it segfaults or throws. Each axis's count is below
+    2^31 here, so segops' rules pool these RoIs; the native path says it
+    cannot instead of handing them on."""
+    x = torch.randn(1, 2, 8, 8)
+    rois = torch.tensor([[0.0, *box]])
+    with on_path("native"):
+        with pytest.raises(segops.ArgumentError, match=f"RoI 0 needs {samples} bilinear samples"):
+            segops.ops.roi_align(x, rois, output_size, 1.0, sampling_ratio, False)
+
+
+def test_native_path_ignores_the_sample_count_of_a_roi_that_pools_nothing():
+    """A RoI whose batch index is out of range pools zeros whatever its
+    sample count: it never reaches torchvision, so it is not refused."""
+    x = torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    rois = torch.tensor([[5.0, 0.0, 0.0, 4.0, 4.0]], dtype=torch.float64)
+    with on_path("native"):
+        out = segops.ops.roi_align(x, rois, 7, 1.0, 6621, False, validate_args=False)
+    assert torch.equal(out, torch.zeros(1, 1, 7, 7, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_fractional_batch_indices_truncate_like_torchvision(path):
     """validate_args=False: indices are truncated toward zero (-0.5 -> 0,
