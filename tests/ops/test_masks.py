@@ -416,6 +416,16 @@ def test_mask_targets_kernel_blocks_and_bool_view():
     assert_close(got, ref.mask_targets(masks, rois, idx, 5, torch.float64), F64)
 
 
+def _list_form(masks, rois, idx):
+    """mask_targets of per-image lists run on DEVICE (4x4 targets): the
+    result, each launch's grid size, and torchvision's per-image result."""
+    with record_launches(kernels, "_mask_targets_kernel") as rec:
+        got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
+                           [i.to(DEVICE) for i in idx], 4)
+    want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
+    return got, [grid[0] for _, grid in rec.launches], want
+
+
 @pytest.mark.parametrize("crop", [(30, 50), (30, W), (H, 50)], ids=["hw", "h", "w"])
 def test_mask_targets_list_form(crop):
     """GT masks of different sizes (in either axis or both): one launch per
@@ -423,11 +433,8 @@ def test_mask_targets_list_form(crop):
     masks = [gt_masks(2), gt_masks(3)[:, :crop[0], :crop[1]]]
     rois = [mask_rois()[:3], mask_rois()[3:]]
     idx = [torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1, 2, 0])]
-    with record_launches(kernels, "_mask_targets_kernel") as rec:
-        got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
-                           [i.to(DEVICE) for i in idx], 4)
-    assert [grid[0] for _, grid in rec.launches] == [3, 5]
-    want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
+    got, launches, want = _list_form(masks, rois, idx)
+    assert launches == [3, 5]
     assert_close(got, want, F32)
 
 
@@ -464,11 +471,8 @@ def test_mask_targets_list_form_mixed_roi_dtypes_run_per_image():
     masks = [gt_masks(2), gt_masks(2)]
     rois = [mask_rois(torch.float32)[:3], mask_rois(torch.float64)[[3, 5, 6]]]
     idx = [torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])]
-    with record_launches(kernels, "_mask_targets_kernel") as rec:
-        got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
-                           [i.to(DEVICE) for i in idx], 4)
-    assert len(rec.launches) == 2 and got.dtype == torch.float64
-    want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
+    got, launches, want = _list_form(masks, rois, idx)
+    assert len(launches) == 2 and got.dtype == torch.float64
     assert_close(got, want, F32)
 
 
@@ -479,11 +483,8 @@ def test_mask_targets_list_form_mixed_mask_dtypes_run_per_image():
     masks = [gt_masks(2), gt_masks(2, torch.float32)]
     rois = [mask_rois()[:3], mask_rois()[[3, 5, 6]]]
     idx = [torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])]
-    with record_launches(kernels, "_mask_targets_kernel") as rec:
-        got = mask_targets([m.to(DEVICE) for m in masks], [r.to(DEVICE) for r in rois],
-                           [i.to(DEVICE) for i in idx], 4)
-    assert [grid[0] for _, grid in rec.launches] == [3, 3]
-    want = torch.cat([project_masks_on_boxes(m, r, i, 4) for m, r, i in zip(masks, rois, idx)])
+    got, launches, want = _list_form(masks, rois, idx)
+    assert launches == [3, 3]
     assert_close(got, want, F32)
 
 
