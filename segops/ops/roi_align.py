@@ -230,9 +230,11 @@ def _native_rows(features, rois, levels, scales, pooled, sampling_ratio, aligned
         ok = pools if levels is None else pools & (levels == level)
         corners = rois[:, 1:] * scale - offset
         ok = ok & torch.isfinite(corners).all(1)
-        per_bin = torch.full_like(corners[:, 0], float(sampling_ratio) ** 2, dtype=torch.float64)
-        if sampling_ratio <= 0:
-            per_bin = torch.ones_like(per_bin)
+        if sampling_ratio > 0:
+            per_bin = torch.full_like(corners[:, 0], float(sampling_ratio) ** 2,
+                                      dtype=torch.float64)
+        else:
+            per_bin = torch.ones_like(corners[:, 0], dtype=torch.float64)
             for size, bins in ((corners[:, 2] - corners[:, 0], pooled[1]),
                                (corners[:, 3] - corners[:, 1], pooled[0])):
                 grid = torch.ceil((size if aligned else size.clamp(min=1.0)) / bins)
