@@ -2011,6 +2011,16 @@ def test_roi_levels_write_nothing_past_the_rois(monkeypatch):
     assert_guards_intact(guards)
 
 
+def _assert_module_is_torchvisions(features, boxes, image_shapes, scales):
+    """segops' and torchvision's MultiScaleRoIAlign over maps "a" and "b"
+    (2x2 bins, sampling ratio 2): the same output and inferred scales."""
+    ours = segops.nn.MultiScaleRoIAlign(["a", "b"], 2, 2)
+    theirs = torchvision.ops.MultiScaleRoIAlign(["a", "b"], 2, 2)
+    want = theirs(features, boxes, image_shapes)
+    assert_close(ours(features, boxes, image_shapes), want, F64)
+    assert ours.scales == theirs.scales == scales
+
+
 def test_multi_scale_scales_come_from_the_largest_image_whichever_comes_first():
     """The scales are inferred from the largest height and width over all
     images, as torchvision's, also when the largest image is not the first."""
@@ -2018,12 +2028,7 @@ def test_multi_scale_scales_come_from_the_largest_image_whichever_comes_first():
                 "b": torch.randn(2, 2, 8, 8, dtype=torch.float64, device=DEVICE)}
     boxes = [torch.tensor([[1.0, 2.0, 30.0, 35.0]], dtype=torch.float64, device=DEVICE),
              torch.tensor([[0.0, 0.0, 20.0, 12.0]], dtype=torch.float64, device=DEVICE)]
-    shapes = [(40, 40), (64, 64)]
-    ours = segops.nn.MultiScaleRoIAlign(["a", "b"], 2, 2)
-    theirs = torchvision.ops.MultiScaleRoIAlign(["a", "b"], 2, 2)
-    want = theirs(features, boxes, shapes)
-    assert_close(ours(features, boxes, shapes), want, F64)
-    assert ours.scales == theirs.scales == [0.25, 0.125]
+    _assert_module_is_torchvisions(features, boxes, [(40, 40), (64, 64)], [0.25, 0.125])
 
 
 def test_multi_scale_scales_round_the_height_ratio_like_torchvision():
@@ -2034,11 +2039,7 @@ def test_multi_scale_scales_round_the_height_ratio_like_torchvision():
                 "b": torch.randn(1, 2, 7, 2, dtype=torch.float64, device=DEVICE)}
     boxes = [torch.tensor([[1.0, 2.0, 30.0, 35.0], [0.0, 0.0, 60.0, 50.0]],
                           dtype=torch.float64, device=DEVICE)]
-    ours = segops.nn.MultiScaleRoIAlign(["a", "b"], 2, 2)
-    theirs = torchvision.ops.MultiScaleRoIAlign(["a", "b"], 2, 2)
-    want = theirs(features, boxes, [(64, 64)])
-    assert_close(ours(features, boxes, [(64, 64)]), want, F64)
-    assert ours.scales == theirs.scales == [0.25, 0.125]
+    _assert_module_is_torchvisions(features, boxes, [(64, 64)], [0.25, 0.125])
 
 
 def test_multi_scale_uses_the_maps_in_the_order_of_x():
