@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._layout import block_size, cdiv, check_grid, double_bits, empty, tl_accumulation
 from ._math import div
-from .roi_align import _adaptive_grid, _bilinear, _sample_coord
+from .roi_align import _adaptive_grid, _bilinear, _fitting_grid, _sample_coord
 
 # box coordinates are clamped to +-2^40 before the int64 cast: far past any
 # image (torchvision would try to allocate a mask that size), and safe to cast
@@ -230,8 +230,8 @@ def _mask_targets_kernel(
     roi_h = tl.maximum(y2 - y1, 1.0)
     bin_h = roi_h / tl.cast(M, ACC)
     bin_w = roi_w / tl.cast(M, ACC)
-    grid_h = tl.where(valid, _adaptive_grid(roi_h, M), 0)
-    grid_w = tl.where(valid, _adaptive_grid(roi_w, M), 0)
+    grid_h, grid_w = _fitting_grid(tl.where(valid, _adaptive_grid(roi_h, M), 0),
+                                   tl.where(valid, _adaptive_grid(roi_w, M), 0))
     plane = gt_ptr + tl.where(valid, g, 0) * stride_gg
     acc = tl.zeros([BLOCK_P], ACC)
     for iy in range(0, grid_h):

@@ -50,6 +50,9 @@ from ._math import div
 
 # adaptive sample counts from here up do not fit torchvision's int: no samples
 _INT32_LIMIT = tl.constexpr(float(1 << 31))
+# nor do per-bin counts (grid_h * grid_w) from here up; an int, so the test
+# is exact where float32 would round 2^31 - 1 up
+_INT32_COUNT_LIMIT = tl.constexpr(1 << 31)
 
 
 # --------------------------------------------------------------------------
@@ -125,15 +128,25 @@ def _roi_geometry(rois_ptr, k, scale, N, PH, PW, sampling_ratio,
     bin_w = roi_w / PW
     # a constexpr choice: the IEEE divisions of the adaptive count are calls,
     # and registers live across a call are spilled
+    # (a fixed sampling_ratio is at most segops.ops.roi_align.MAX_SAMPLING_RATIO:
+    # its square fits an int32)
     if ADAPTIVE:
-        grid_h = _adaptive_grid(roi_h, PH)
-        grid_w = _adaptive_grid(roi_w, PW)
+        grid_h, grid_w = _fitting_grid(_adaptive_grid(roi_h, PH), _adaptive_grid(roi_w, PW))
     else:
         grid_h = sampling_ratio
         grid_w = sampling_ratio
     grid_h = tl.where(valid, grid_h, 0)
     grid_w = tl.where(valid, grid_w, 0)
     return n, y_start, x_start, bin_h, bin_w, grid_h, grid_w
+
+
+@triton.jit
+def _fitting_grid(grid_h, grid_w):
+    """(grid_h, grid_w), or (0, 0) when the per-bin count grid_h * grid_w is
+    2^31 or more: such a bin pools nothing (its count, the divisor, is an
+    int32 product, which would wrap; torchvision's int does)."""
+    fits = grid_h.to(tl.int64) * grid_w < _INT32_COUNT_LIMIT
+    return tl.where(fits, grid_h, 0), tl.where(fits, grid_w, 0)
 
 
 @triton.jit

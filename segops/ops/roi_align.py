@@ -23,11 +23,13 @@ Conventions (torchvision's ``roi_align``)
   torchvision does, with adaptive sampling its bins are empty.
 * Samples with y < -1, y > H, x < -1 or x > W contribute 0; others are clamped
   into the map. Empty bins (possible with ``aligned=True`` and degenerate
-  boxes) give 0 in both modes, as does an adaptive sample count past int32
-  (e.g. ``spatial_scale=1e30``; torchvision's int overflows there). On the
-  devices where torchvision's RoIAlign runs (the CPU), a RoI that pools and
-  needs 2^31 or more samples in all (grid_h x grid_w x bins) is an
-  ArgumentError: torchvision's CPU kernel crashes there.
+  boxes) give 0 in both modes, as does an adaptive sample count past int32,
+  per axis (e.g. ``spatial_scale=1e30``) or per bin (grid_h x grid_w >=
+  2^31): torchvision's int overflows there. A fixed ``sampling_ratio`` above
+  ``MAX_SAMPLING_RATIO`` (46340, whose square fits an int32) is an
+  ArgumentError. On the devices where torchvision's RoIAlign runs (the
+  CPU), a RoI that pools and needs 2^31 or more samples in all (grid_h x
+  grid_w x bins) is an ArgumentError: torchvision's CPU kernel crashes there.
 * Max pooling: NaN propagates, as in torch's max pooling. A bin with a NaN
   sample is NaN and its gradient goes to its first NaN sample's neighbours;
   otherwise to the first largest sample's.
@@ -66,6 +68,9 @@ from .._format import memory_format_of
 from ..reference import roi_align as reference
 
 POOL_MODES = ("avg", "max")
+# the largest fixed sampling_ratio: its square, the samples per bin, fits an
+# int32 (the kernels' and torchvision's count; 46341^2 > 2^31 - 1)
+MAX_SAMPLING_RATIO = 46340
 
 
 def _kernels():
@@ -215,8 +220,9 @@ def _native_applies(x: Tensor, pool_mode: str, deterministic: bool) -> bool:
 def _native_rows(features, rois, levels, scales, pooled, sampling_ratio, aligned):
     """[(level, rows)]: the RoIs each level pools with torchvision: those
     that pool anything in segops' rules (finite box and scaled box, batch
-    index truncating into [0, N), a matched level, an adaptive sample count
-    in [1, 2^31)); rows is None for all K RoIs. The others stay zeros:
+    index truncating into [0, N), a matched level, adaptive sample counts
+    in [1, 2^31) and a per-bin count grid_h x grid_w below 2^31); rows is
+    None for all K RoIs. The others stay zeros:
     torchvision would read out of bounds or throw on them. A pooling RoI
     whose samples (grid_h x grid_w x bins) reach 2^31 is an ArgumentError:
     torchvision's CPU kernel sizes a buffer by that int and crashes."""
@@ -240,6 +246,7 @@ def _native_rows(features, rois, levels, scales, pooled, sampling_ratio, aligned
                 grid = torch.ceil((size if aligned else size.clamp(min=1.0)) / bins)
                 ok = ok & (grid > 0) & (grid < 2 ** 31)
                 per_bin = per_bin * grid.double()
+        ok = ok & (per_bin < 2 ** 31)
         _refuse_past_torchvisions_int(per_bin * math.prod(pooled), ok)
         rows = None if levels is None and bool(ok.all()) else torch.nonzero(ok).flatten()
         groups.append((level, rows))
@@ -379,7 +386,7 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
     rois = _as_rois(boxes)
     check_same_device(input=features[0], boxes=rois)
     pooled = int_pair("output_size", output_size, 1)
-    sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio, maximum=MAX_SAMPLING_RATIO)
     check_choice("pool_mode", pool_mode, POOL_MODES)
     N = features[0].shape[0]
     if isinstance(boxes, (list, tuple)):
@@ -411,7 +418,8 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
             ``Tensor[L_i, 4]`` (x1, y1, x2, y2).
         output_size: ``PH`` or ``(PH, PW)`` bins per RoI.
         spatial_scale: feature-map size / image size (e.g. 1/16), >= 0.
-        sampling_ratio: samples per bin and axis; ``<= 0`` is adaptive.
+        sampling_ratio: samples per bin and axis, at most
+            ``MAX_SAMPLING_RATIO``; ``<= 0`` is adaptive.
         aligned: shift boxes by -0.5 pixel (see the module docstring).
         pool_mode: ``'avg'`` (torchvision) or ``'max'`` (mmcv's max mode:
             the largest bilinear sample of each bin, NaN if any is NaN; the

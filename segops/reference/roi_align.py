@@ -82,7 +82,9 @@ def _sample_grid(roi: Tensor, scale: float, pooled: tuple[int, int], sampling_ra
                  aligned: bool, map_hw) -> tuple[Tensor, Tensor] | None:
     """Sample coordinates of one RoI (x1, y1, x2, y2): rows (PH, grid_h) and
     columns (PW, grid_w), in torchvision's arithmetic; None when the RoI has
-    no samples (or the map is empty)."""
+    no samples, when its per-bin count grid_h * grid_w is 2^31 or more (the
+    kernels' int32 count would wrap; such a bin pools nothing), or when the
+    map is empty."""
     PH, PW = pooled
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (roi[i] * scale - offset for i in range(4))
@@ -91,7 +93,7 @@ def _sample_grid(roi: Tensor, scale: float, pooled: tuple[int, int], sampling_ra
         width, height = width.clamp(min=1.0), height.clamp(min=1.0)
     grid_h = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(height.item(), PH)
     grid_w = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(width.item(), PW)
-    if grid_h <= 0 or grid_w <= 0 or 0 in tuple(map_hw):
+    if grid_h <= 0 or grid_w <= 0 or grid_h * grid_w >= 2 ** 31 or 0 in tuple(map_hw):
         return None
     return _sample_axis(y1, height, PH, grid_h), _sample_axis(x1, width, PW, grid_w)
 

@@ -506,6 +506,21 @@ def test_mask_targets_non_finite_rois_and_empty():
     assert zero_g.shape == (0, 3, 3)
 
 
+def test_mask_targets_per_bin_count_past_int32_gives_zeros():
+    """A 2^16 x 2^15 sampling grid per bin (each axis fits an int32, the
+    count does not) gives zeros on the kernel, native and reference paths,
+    as in roi_align; a normal RoI beside it matches torchvision."""
+    rois = torch.cat([torch.tensor([[0.0, 0.0, 2.0**16, 2.0**17]], dtype=torch.float64),
+                      mask_rois(torch.float64)[:1]])
+    masks, idx = gt_masks(2), torch.tensor([0, 1])
+    got = mask_targets(masks.to(DEVICE), rois.to(DEVICE), idx.to(DEVICE), 2).cpu()
+    with _dispatch.native_only():
+        native = mask_targets(masks, rois, idx, 2)
+    for result in (got, native, ref.mask_targets(masks, rois, idx, 2, torch.float64)):
+        assert torch.equal(result[0], torch.zeros(2, 2, dtype=torch.float64))
+        assert_close(result[1:], project_masks_on_boxes(masks, rois[1:], idx[1:], 2), F64)
+
+
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=str)
 def test_mask_targets_each_non_finite_coordinate_gives_zeros(value):
     """A RoI with any one coordinate +-inf or NaN gives zeros, whichever

@@ -7,6 +7,8 @@ import importlib
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import (
     DEVICE,
     DispatchCalls,
@@ -28,6 +30,7 @@ from helpers import (
 import segops
 from segops import _checks, _dispatch
 from segops.kernels import roi_align as kernels
+from segops.kernels.roi_align import _fitting_grid
 from segops.ops.roi_align import _as_rois
 from segops.reference import roi_align as ref
 
@@ -864,6 +867,8 @@ BAD_CALLS = [
      lambda: ((_x(), torch.zeros(1, 5)), {"output_size": 2.5})),
     ("sampling_ratio must be an int", segops.ArgumentTypeError,
      lambda: ((_x(), torch.zeros(1, 5)), {"sampling_ratio": 1.5})),
+    ("sampling_ratio must be <= 46340, got 46341", segops.ArgumentError,
+     lambda: ((_x(), torch.zeros(0, 5)), {"sampling_ratio": 46341})),
     ("pool_mode must be one of", segops.ArgumentError,
      lambda: ((_x(), torch.zeros(1, 5)), {"pool_mode": "sum"})),
     ("input must have 4 dimensions", segops.ArgumentError,
@@ -1410,7 +1415,7 @@ def test_aligned_count_past_int32_after_the_half_pixel_shift_pools_zeros(path):
 
 @pytest.mark.parametrize("box, output_size, sampling_ratio, samples", [
     ((0.0, 0.0, 2.0**31, 1.0), (1, 2), -1, 2**31),      # 1 x 2^30 per bin, 2 bins
-    ((0.0, 0.0, 2.0**31, 4.0), (1, 2), -1, 2**33),
+    ((0.0, 0.0, 2.0**16 - 2, 2.0**16), (1, 2), -1, 2 * (2**31 - 2**16)),  # per bin < 2^31
     ((0.0, 0.0, 4.0, 4.0), (7, 7), 6621, 6621**2 * 49),  # fixed ratio: ratio^2 x bins
 ])
 def test_native_path_refuses_the_sample_counts_that_crash_torchvision(
@@ -1424,6 +1429,78 @@ def test_native_path_refuses_the_sample_counts_that_crash_torchvision(
     with on_path("native"):
         with pytest.raises(segops.ArgumentError, match=f"RoI 0 needs {samples} bilinear samples"):
             segops.ops.roi_align(x, rois, output_size, 1.0, sampling_ratio, False)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_per_bin_count_past_int32_pools_zeros(path, pool_mode):
+    """Adaptive counts 2^16 rows x 2^15 columns: each axis fits an int32,
+    their product, the per-bin count (the divisor), does not. The bin pools
+    zeros and no gradient on every path and both backwards (the kernels'
+    int32 product would wrap after 2^31 samples; torchvision's does)."""
+    device = path_device(path)
+    x = torch.randn(1, 2, 8, 8, device=device, requires_grad=True)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 2.0**15, 2.0**16]], device=device)
+    for determ in (False, True):
+        with on_path(path), deterministic(determ):
+            out = segops.ops.roi_align(x, rois, 1, 1.0, -1, False, pool_mode=pool_mode)
+            (grad,) = torch.autograd.grad(out.sum(), x)
+        assert torch.equal(out.cpu(), torch.zeros(1, 2, 1, 1))
+        assert torch.equal(grad.cpu(), torch.zeros(1, 2, 8, 8))
+
+
+@triton.jit
+def _fitting_grid_probe(h_ptr, w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    grid_h, grid_w = _fitting_grid(tl.load(h_ptr + offs, mask=mask),
+                                   tl.load(w_ptr + offs, mask=mask))
+    tl.store(out_ptr + offs, grid_h, mask=mask)
+    tl.store(out_ptr + n + offs, grid_w, mask=mask)
+
+
+def test_kernel_per_bin_count_limit_is_exact_at_2_pow_31():
+    """The kernels' per-bin rule on both sides of 2^31, in int64 (an int32
+    product wraps past 2^32: (2^16 + 1) x 2^16 to 2^16, (2^31 - 1) x 3 to
+    2^31 - 3; float32 would round 2^31 - 1 up)."""
+    pairs = [(2**16, 2**15), (2**16, 2**15 - 1), (2**31 - 1, 1), (2**31 - 1, 2),
+             (46341, 46341), (46340, 46340), (0, 2**31 - 1), (3, 5),
+             (2**16 + 1, 2**16), (2**31 - 1, 3)]
+    fits = [False, True, True, False, False, True, True, True, False, False]
+    h, w = (torch.tensor(axis, dtype=torch.int32, device=DEVICE) for axis in zip(*pairs))
+    out = torch.empty(2, len(pairs), dtype=torch.int32, device=DEVICE)
+    _fitting_grid_probe[(1,)](h, w, out, len(pairs), BLOCK=triton.next_power_of_2(len(pairs)))
+    want = [(gh, gw) if ok else (0, 0) for (gh, gw), ok in zip(pairs, fits)]
+    assert list(zip(*out.cpu().tolist())) == want
+
+
+def test_reference_per_bin_count_limit_is_exact_at_2_pow_31():
+    """The reference's per-bin rule (only the coordinates are built here:
+    pooling 2^31 samples would take hours)."""
+    def grid(width, height):
+        roi = torch.tensor([0.0, 0.0, width, height], dtype=torch.float64)
+        return ref._sample_grid(roi, 1.0, (1, 1), -1, False, (8, 8))
+    assert grid(2.0**15, 2.0**16) is None
+    rows, cols = grid(2.0**15 - 1, 2.0**16)
+    assert rows.shape == (1, 2**16) and cols.shape == (1, 2**15 - 1)
+    assert ref._sample_grid(torch.tensor([0.0, 0.0, 1.0, 1.0]), 1.0, (1, 1), 46341, False,
+                            (8, 8)) is None
+
+
+def test_sampling_ratio_limit_is_its_int32_square_root():
+    """46340^2 < 2^31 <= 46341^2: the largest fixed ratio is accepted by
+    both ops, the next refused."""
+    assert 46340**2 < 2**31 <= 46341**2
+    x = torch.randn(1, 2, 4, 4)
+    out = segops.ops.roi_align(x, torch.zeros(0, 5), 2, 1.0, 46340)
+    assert out.shape == (0, 2, 2, 2)
+    out = segops.ops.multi_scale_roi_align([x, x[..., ::2, ::2]], torch.zeros(0, 5), 2,
+                                           [1.0, 0.5], 46340)
+    assert out.shape == (0, 2, 2, 2)
+    for op, args in ((segops.ops.roi_align, (x, torch.zeros(0, 5), 2, 1.0)),
+                     (segops.ops.multi_scale_roi_align, ([x], torch.zeros(0, 5), 2, [1.0]))):
+        with pytest.raises(segops.ArgumentError, match="sampling_ratio must be <= 46340"):
+            op(*args, 46341)
 
 
 def test_native_path_ignores_the_sample_count_of_a_roi_that_pools_nothing():
