@@ -396,10 +396,12 @@ def _coverage_cases():
                                                                  else ""), "nchw", dtype, run)
     for dtype in ("bf16", "fp16", "fp32", "fp64"):
         def run(phase, dtype=dtype):
-            for cl, levels, aligned, pool in _product((False, True), (False, True),
-                                                      (False, True), ("avg", "max")):
-                if dtype != "bf16" and (aligned or levels or not cl):
+            for cl, levels, aligned, pool, ratio in _product(
+                    (False, True), (False, True), (False, True), ("avg", "max"), (2, -1)):
+                if dtype != "bf16" and (aligned or levels or not cl or ratio < 0):
                     continue  # the dtype only changes loads, stores and ACC
+                if ratio < 0 and (aligned or levels):
+                    continue  # adaptive sampling (the ADAPTIVE branch): one RoI geometry
                 feats = [_empty((2, 24, 12, 16), dtype, cl, True),
                          _empty((2, 24, 6, 8), dtype, cl, True)]
                 boxes = [torch.tensor([[1.0, 1.0, 9.0, 7.0]]),
@@ -407,15 +409,15 @@ def _coverage_cases():
 
                 def call():
                     if levels:
-                        return ops.multi_scale_roi_align(feats, boxes, 3, [1.0, 0.5], 2,
+                        return ops.multi_scale_roi_align(feats, boxes, 3, [1.0, 0.5], ratio,
                                                          canonical_scale=8, canonical_level=1,
                                                          aligned=aligned, pool_mode=pool,
                                                          validate_args=False)
-                    return ops.roi_align(feats[0], boxes, 3, 1.0, 2, aligned, pool_mode=pool,
-                                         validate_args=False)
+                    return ops.roi_align(feats[0], boxes, 3, 1.0, ratio, aligned,
+                                         pool_mode=pool, validate_args=False)
                 _roi_align_phases(call, phase)
-        yield case("roi_align", "coverage 2x24x12x16 (+levels, aligned, max)", "both", dtype,
-                   run)
+        yield case("roi_align", "coverage 2x24x12x16 (+levels, aligned, max, adaptive)", "both",
+                   dtype, run)
     for dtype in ("bf16", "fp64"):
         def run(phase, dtype=dtype):
             for act, dense, flags in _product(("none", "sigmoid", "softmax"), (False, True),
