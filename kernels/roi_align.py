@@ -637,8 +637,17 @@ def _warps(channels_last: bool, spills_at_8: bool = False) -> int:
     warps the NCHW kernels took 96-244 registers under triton 3.8 and
     147-184 under 3.6; at 8, 57-128 and no spills). ``spills_at_8``: the
     max-pool gather, which ptxas holds to 128 registers at 8 warps with ~50
-    spill instructions (at 4: 254 registers, 18; a coverage variant)."""
+    spill instructions (see ``_gather_channels`` for 4)."""
     return 4 if channels_last or spills_at_8 else 8
+
+
+def _gather_channels(channels_last: bool, pool_mode: str) -> int:
+    """The deterministic backward's largest channel block: 32, but 16 for
+    max pooling in NCHW, where each thread keeps every channel's argmax
+    search (value, coordinates, addresses) of its pixel column: at 32
+    channels 254 registers and 12-18 spill instructions, at 16 128-167
+    registers and none (triton 3.8, sm_90; compiled, not timed)."""
+    return 16 if pool_mode == "max" and not channels_last else 32
 
 
 def roi_align_forward(features, rois, levels, scales, pooled_height: int, pooled_width: int,
@@ -804,7 +813,7 @@ def roi_align_backward_deterministic(grad, features, rois, levels, scales,
     banded = _row_bands(segment_of, reach, features, N, tile_h) if row_bands else None
     entries, buckets, bands = banded if banded is not None else (order, segments, prefix)
     channels_last = all(t.stride(1) == 1 for t in (*features, *buffers))
-    bc = block_c or block_size(C, 32)
+    bc = block_c or block_size(C, _gather_channels(channels_last, pool_mode))
     grid = (total, cdiv(C, bc))
     _roi_align_bwd_deterministic_kernel[grid](
         grad, _pointers(features), rois, order, reach, entries, buckets, bands, prefix,

@@ -1988,17 +1988,23 @@ def test_gather_bands_with_batch_indices_outside_the_batch(launches):
             launches["_roi_align_bwd_deterministic_kernel"].constexprs] == [True]
 
 
-def test_gather_takes_up_to_32_channels_a_program(launches):
+@pytest.mark.parametrize("layout, pool_mode, block_c", [
+    ("contiguous", "avg", 32), ("channels_last", "avg", 32), ("channels_last", "max", 32),
+    ("contiguous", "max", 16)])
+def test_gather_channel_block(launches, layout, pool_mode, block_c):
     """The deterministic gather's channel block is block_size(C, 32) (the
-    BLOCK_C = 32 that test_codegen's pin for issue 12 describes): 33
-    channels are a block of 32 and a masked tail of 1, with the reference's
+    BLOCK_C = 32 that test_codegen's pin for issue 12 describes), 16 for
+    max pooling in NCHW (kernels._gather_channels: at 32 it spills): 33
+    channels are full blocks and a masked tail, with the reference's
     gradient."""
-    x = torch.randn(1, 33, 5, 6, dtype=torch.float64, device=DEVICE)
+    x = like_layout(torch.randn(1, 33, 5, 6, dtype=torch.float64).to(DEVICE), layout)
     rois = make_rois(3, 1, 5, 6, seed_kinds=False).to(DEVICE)
     grad = torch.randn(3, 33, 1, 2, dtype=torch.float64, device=DEVICE)
-    args = ([x], rois, None, [1.0], 1, 2, 2, False, "avg")
+    args = ([x], rois, None, [1.0], 1, 2, 2, False, pool_mode)
     (got,) = kernels.roi_align_backward_deterministic(grad, *args)
-    assert launches["_roi_align_bwd_deterministic_kernel"].constexprs[-1]["BLOCK_C"] == 32
+    (constexprs,) = launches["_roi_align_bwd_deterministic_kernel"].constexprs
+    assert (constexprs["BLOCK_C"], constexprs["CHANNELS_LAST"]) == (
+        block_c, layout == "channels_last")
     cpu = ([x.cpu()], rois.cpu(), *args[2:])
     assert_close(got, ref.roi_align_backward(grad.cpu(), *cpu)[0], F64)
 
