@@ -645,8 +645,10 @@ def _gather_channels(channels_last: bool, pool_mode: str) -> int:
     """The deterministic backward's largest channel block: 32, but 16 for
     max pooling in NCHW, where each thread keeps every channel's argmax
     search (value, coordinates, addresses) of its pixel column: at 32
-    channels 254 registers and 12-18 spill instructions, at 16 128-167
-    registers and none (triton 3.8, sm_90; compiled, not timed)."""
+    channels 254 registers and 12-18 spill instructions under triton 3.8
+    (244-254 and none under 3.6: 2 CTAs per SM), at 16 128-167 registers
+    (117-126) and no spills (sm_90; compiled, not timed). In channels_last
+    16 spills more than 32 under 3.6."""
     return 16 if pool_mode == "max" and not channels_last else 32
 
 
