@@ -130,8 +130,8 @@ def _(gt_masks, rois, matched_idxs, M):
 def _native_mask_targets(gt_masks, rois, matched_idxs, M, out_dtype):
     """torchvision's project_masks_on_boxes through segops.ops.roi_align's
     native path, which pools only the RoIs torchvision defines (finite,
-    index in [0, G), adaptive sample count below 2^31) and leaves zeros for
-    the others."""
+    index in [0, G), adaptive sample counts below 2^31 per axis and per
+    bin) and leaves zeros for the others."""
     full = torch.cat([matched_idxs.to(out_dtype)[:, None], rois.to(out_dtype)], dim=1)
     return _native_forward([gt_masks[:, None].to(out_dtype)], full, None, [1.0], M, M, -1,
                            False)[:, 0]

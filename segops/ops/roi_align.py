@@ -387,6 +387,9 @@ def _prepare(features, boxes, output_size, sampling_ratio, pool_mode, validate_a
     check_same_device(input=features[0], boxes=rois)
     pooled = int_pair("output_size", output_size, 1)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio, maximum=MAX_SAMPLING_RATIO)
+    # every ratio <= 0 is adaptive; passed on as -1, since torchvision narrows
+    # it to a C int (-(2^32) + 1 would become a fixed ratio of 1)
+    sampling_ratio = max(sampling_ratio, -1)
     check_choice("pool_mode", pool_mode, POOL_MODES)
     N = features[0].shape[0]
     if isinstance(boxes, (list, tuple)):

@@ -69,10 +69,13 @@ def _sample_bilinear(plane: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
     return torch.where(in_y[:, None] & in_x[None, :], value, 0.0)
 
 
-def _adaptive_grid(size: float, bins: int) -> int:
-    """ceil(size / bins) samples per bin; 0 when that is <= 0, NaN or past
-    int32 (torchvision's int overflows there and pools nothing)."""
-    grid = size / bins
+def _adaptive_grid(size: Tensor, bins: int) -> int:
+    """ceil(size / bins) samples per bin, the division in ``size``'s dtype
+    (the coordinate dtype, as torchvision and the kernels divide: float64
+    would round some float32 quotients to the next integer); 0 when that is
+    <= 0, NaN or past int32 (torchvision's int overflows there and pools
+    nothing)."""
+    grid = (size / bins).item()
     if not math.isfinite(grid) or math.ceil(grid) >= 2 ** 31:
         return 0
     return max(math.ceil(grid), 0)
@@ -91,8 +94,8 @@ def _sample_grid(roi: Tensor, scale: float, pooled: tuple[int, int], sampling_ra
     width, height = x2 - x1, y2 - y1
     if not aligned:
         width, height = width.clamp(min=1.0), height.clamp(min=1.0)
-    grid_h = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(height.item(), PH)
-    grid_w = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(width.item(), PW)
+    grid_h = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(height, PH)
+    grid_w = sampling_ratio if sampling_ratio > 0 else _adaptive_grid(width, PW)
     if grid_h <= 0 or grid_w <= 0 or grid_h * grid_w >= 2 ** 31 or 0 in tuple(map_hw):
         return None
     return _sample_axis(y1, height, PH, grid_h), _sample_axis(x1, width, PW, grid_w)

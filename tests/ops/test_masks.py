@@ -506,6 +506,7 @@ def test_mask_targets_non_finite_rois_and_empty():
     assert zero_g.shape == (0, 3, 3)
 
 
+@pytest.mark.timeout(300)  # without the rule the kernel would loop 2^31 times: fail sooner
 def test_mask_targets_per_bin_count_past_int32_gives_zeros():
     """A 2^16 x 2^15 sampling grid per bin (each axis fits an int32, the
     count does not) gives zeros on the kernel, native and reference paths,

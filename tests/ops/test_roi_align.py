@@ -30,7 +30,7 @@ from helpers import (
 import segops
 from segops import _checks, _dispatch
 from segops.kernels import roi_align as kernels
-from segops.kernels.roi_align import _fitting_grid
+from segops.kernels.roi_align import _fitting_grid, _roi_geometry
 from segops.ops.roi_align import _as_rois
 from segops.reference import roi_align as ref
 
@@ -1431,6 +1431,7 @@ def test_native_path_refuses_the_sample_counts_that_crash_torchvision(
             segops.ops.roi_align(x, rois, output_size, 1.0, sampling_ratio, False)
 
 
+@pytest.mark.timeout(300)  # without the rule a kernel would loop 2^31 times: fail sooner
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("pool_mode", ["avg", "max"])
 def test_per_bin_count_past_int32_pools_zeros(path, pool_mode):
@@ -1474,6 +1475,26 @@ def test_kernel_per_bin_count_limit_is_exact_at_2_pow_31():
     assert list(zip(*out.cpu().tolist())) == want
 
 
+@triton.jit
+def _roi_grid_probe(rois_ptr, out_ptr, PH, PW):
+    k = tl.program_id(0)
+    _, _, _, _, _, grid_h, grid_w = _roi_geometry(rois_ptr, k, 1.0, 1, PH, PW, -1,
+                                                  False, True, tl.float32)
+    tl.store(out_ptr + 2 * k, grid_h)
+    tl.store(out_ptr + 2 * k + 1, grid_w)
+
+
+def test_kernel_roi_geometry_applies_the_per_bin_limit():
+    """Every RoIAlign kernel takes its sample grid from _roi_geometry: a
+    2^16 x 2^15 grid is none there, 2^16 x (2^15 - 1) stays (the op-level
+    test above could only hang, 2^31 samples later, without the rule)."""
+    rois = torch.tensor([[0.0, 0.0, 0.0, 2.0**15, 2.0**16], [0.0, 0.0, 0.0, 2.0**15 - 1, 2.0**16],
+                         [0.0, 1.0, 1.0, 7.0, 5.0]], device=DEVICE)
+    out = torch.empty(3, 2, dtype=torch.int32, device=DEVICE)
+    _roi_grid_probe[(3,)](rois, out, 1, 1)
+    assert out.cpu().tolist() == [[0, 0], [2**16, 2**15 - 1], [4, 6]]
+
+
 def test_reference_per_bin_count_limit_is_exact_at_2_pow_31():
     """The reference's per-bin rule (only the coordinates are built here:
     pooling 2^31 samples would take hours)."""
@@ -1485,6 +1506,33 @@ def test_reference_per_bin_count_limit_is_exact_at_2_pow_31():
     assert rows.shape == (1, 2**16) and cols.shape == (1, 2**15 - 1)
     assert ref._sample_grid(torch.tensor([0.0, 0.0, 1.0, 1.0]), 1.0, (1, 1), 46341, False,
                             (8, 8)) is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sampling_ratio", [0, -(2**32) + 1, -(2**32) + 2**31 - 1, -(2**70)])
+def test_every_non_positive_sampling_ratio_is_adaptive(path, sampling_ratio):
+    """Any ratio <= 0 samples adaptively, as -1 does in torchvision (which
+    narrows the value to a C int: -(2^32) + 1 would be a fixed ratio of 1
+    there, -(2^32) + 2^31 - 1 one of 2^31 - 1)."""
+    device = path_device(path)
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    rois = torch.tensor([[0.0, 0.5, 1.0, 6.5, 7.0]], dtype=torch.float64)
+    xt = x.clone().requires_grad_()
+    want = torchvision.ops.roi_align(xt, rois, 1, 1.0, -1)
+    (want_grad,) = torch.autograd.grad(want.sum(), xt)
+    xd = x.to(device).requires_grad_()
+    with on_path(path):
+        out = segops.ops.roi_align(xd, rois.to(device), 1, 1.0, sampling_ratio)
+        (grad,) = torch.autograd.grad(out.sum(), xd)
+    assert_close(out, want, F64)
+    assert_close(grad, want_grad, F64, name="grad")
+
+
+def test_reference_divides_the_adaptive_count_in_the_coordinate_dtype():
+    """ceil(96155984 / 3) is 32051994 in float32, as torchvision and the
+    kernels divide float32 boxes, but 32051995 in float64."""
+    assert ref._adaptive_grid(torch.tensor(96155984.0), 3) == 32051994
+    assert ref._adaptive_grid(torch.tensor(96155984.0, dtype=torch.float64), 3) == 32051995
 
 
 def test_sampling_ratio_limit_is_its_int32_square_root():
