@@ -24,6 +24,13 @@ NMS conventions
   offset NaN, and nothing at all is suppressed; segops does not copy that.
   The offset trick also rounds coordinates (fp32), so near-threshold pairs
   can flip in torchvision; segops computes each segment's IoUs unshifted.
+  Its other failures, where segops keeps to one segment per category (the
+  result of torchvision's per-class path past 1000 boxes): an inf
+  coordinate (nothing suppressed), a negative threshold (disjoint boxes of
+  different categories, IoU 0, suppress each other), a largest coordinate
+  of exactly -1 (zero offsets: categories merge), and category ids that
+  float32 cannot tell apart (2^24 and 2^24 + 1 merge; near 2^62 the
+  offsets swamp the boxes and nothing is suppressed).
 * Output: int64 indices of the kept boxes in decreasing score order (ties by
   index), as torchvision's ``batched_nms`` returns them (up to the order of
   tied scores). Boxes in any float
@@ -342,6 +349,12 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         ``(N, M)`` float32 (float64 if either input is float64), as torchvision
         returns for fp16/bf16/integer boxes too. NaN coordinates give NaN
         IoUs; reversed boxes give torchvision's (signed-area) values.
+        Widths, areas and the division are float32 (float64) arithmetic on
+        the coordinates as given, also for fp16/bf16 and integer boxes,
+        where torchvision subtracts in the box dtype: its fp16 widths round
+        (IoU 1.000244 for two boxes 0.5 apart at x2 = 2050, segops 0.999756),
+        its int32 areas overflow past 2^31 and uint8 differences wrap
+        (negative IoUs); segops' do not.
     """
     _check_boxes("boxes1", boxes1)
     _check_boxes("boxes2", boxes2)

@@ -97,6 +97,37 @@ def test_nms_matches_torchvision(path, dtype, threshold, seed):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ["negative threshold", "inf coordinate", "max coordinate -1",
+                                  "ids 2^24 apart by 1", "ids near 2^62"])
+def test_batched_nms_keeps_to_categories_where_torchvisions_offsets_fail(path, case):
+    """torchvision's batched_nms shifts each category's boxes by id x (max
+    coordinate + 1) below 1000 boxes; these inputs break that shift (see the
+    module docstring). segops gives torchvision's per-class result."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]])
+    idxs = torch.tensor([0, 1])
+    threshold = 0.5
+    if case == "negative threshold":
+        threshold = -0.1
+    elif case == "inf coordinate":
+        boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [0, 0, float("inf"), 5]])
+        idxs = torch.tensor([0, 0, 1])
+    elif case == "max coordinate -1":
+        boxes = torch.tensor([[-11.0, -11, -1, -1]] * 2)
+    else:
+        boxes = torch.tensor([[0.0, 0, 10, 10]] * 2)
+        idxs = (torch.tensor([2**24, 2**24 + 1]) if case == "ids 2^24 apart by 1"
+                else torch.tensor([2**62, 2**62]))
+    scores = torch.linspace(0.9, 0.8, len(boxes))
+    want = tv_batched(boxes, scores, idxs, threshold)
+    assert not torch.equal(torchvision.ops.batched_nms(boxes, scores, idxs, threshold), want)
+    device = device_for(path)
+    with on_path(path):
+        got = boxes_ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device),
+                                    threshold)
+    assert got.cpu().tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
 def test_batched_nms_many_classes(path, dtype, threshold):
@@ -786,6 +817,26 @@ def test_box_iou_of_mixed_dtypes_promotes_like_torchvision(path):
     assert ab.dtype == ba.dtype == torch.float64
     assert_close(ab, want, RTOL[torch.float64])
     assert_close(ba, want.t(), RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_box_iou_of_fp16_and_integer_boxes_is_float32_arithmetic(path):
+    """Widths and areas in float32, not the box dtype (the docstring's
+    differences from torchvision): fp16 widths do not round, int32 areas do
+    not overflow, uint8 differences do not wrap."""
+    cases = [
+        (torch.tensor([[0.5, 0, 2050, 1]]), torch.tensor([[0.0, 0, 2050, 1]]), torch.float16),
+        (torch.tensor([[0, 0, 70000, 70000]]), torch.tensor([[0, 0, 70000, 35000]]),
+         torch.int32),
+        (torch.tensor([[0, 0, 10, 10]]), torch.tensor([[20, 20, 30, 30]]), torch.uint8)]
+    dev = device_for(path)
+    for a, b, dtype in cases:
+        want = tv_ops.box_iou(a.to(dtype).float(), b.to(dtype).float())
+        assert not torch.equal(tv_ops.box_iou(a.to(dtype), b.to(dtype)), want)
+        with on_path(path):
+            got = boxes_ops.box_iou(a.to(dtype).to(dev), b.to(dtype).to(dev))
+        assert got.dtype == torch.float32
+        assert_close(got, want, RTOL[torch.float32])
 
 
 def test_clip_zero_dim_boxes_is_an_argument_error():
