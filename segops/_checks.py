@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 from torch._C._functorch import peek_interpreter_stack
+from torch.autograd import forward_ad
 
 
 class ArgumentError(ValueError, RuntimeError):
@@ -24,20 +25,42 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
-def refuse_forward_ad(op: str) -> None:
-    """Raise inside ``torch.func.jvp`` / ``jacfwd`` / ``hessian``: segops'
-    custom ops have no forward-mode derivative, and those transforms would
-    give their outputs a zero tangent without a word (torch.autograd's
-    forward_ad raises by itself). One C call when no transform is active.
-    Not under torch.compile: a compiled jvp over these ops still gives a zero
-    tangent (the check is skipped while tracing)."""
-    if torch.compiler.is_compiling() or peek_interpreter_stack() is None:
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """Raise where a forward-mode tangent would be lost: segops' custom ops
+    have no forward-mode derivative, and both ``torch.func.jvp`` / ``jacfwd``
+    / ``hessian`` and ``torch.autograd.forward_ad`` dual tensors among
+    ``tensors`` (the op's differentiable inputs; lists of them too) would
+    give the outputs no tangent without a word. A C call and an attribute
+    read when neither is active. Not under torch.compile: a compiled jvp
+    over these ops still gives a zero tangent (the check is skipped while
+    tracing)."""
+    if torch.compiler.is_compiling():
         return
-    from torch._functorch.pyfunctorch import JvpInterpreter, retrieve_all_functorch_interpreters
-    if any(isinstance(i, JvpInterpreter) for i in retrieve_all_functorch_interpreters()):
+    if _has_tangent(tensors) or _inside_jvp():
         raise NotImplementedError(
-            f"segops.ops.{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
-            "hessian): use backward() or torch.autograd.grad, or revert_model")
+            f"segops.ops.{op} has no forward-mode derivative (torch.autograd.forward_ad, "
+            "torch.func.jvp, jacfwd, hessian): use backward() or torch.autograd.grad, or "
+            "revert_model")
+
+
+def _has_tangent(tensors) -> bool:
+    """Whether any tensor (or tensor in a list) is a forward_ad dual tensor
+    of the current dual level."""
+    if forward_ad._current_level < 0:
+        return False
+    for t in tensors:
+        items = t if isinstance(t, (list, tuple)) else (t,)
+        if any(isinstance(i, torch.Tensor) and forward_ad.unpack_dual(i).tangent is not None
+               for i in items):
+            return True
+    return False
+
+
+def _inside_jvp() -> bool:
+    if peek_interpreter_stack() is None:
+        return False
+    from torch._functorch.pyfunctorch import JvpInterpreter, retrieve_all_functorch_interpreters
+    return any(isinstance(i, JvpInterpreter) for i in retrieve_all_functorch_interpreters())
 
 
 def refuse_script(what: str) -> None:

@@ -1,9 +1,11 @@
-"""torch.func's forward mode (jvp, jacfwd) over the differentiable ops
-raises: the custom ops have no forward-mode derivative, and torch.func
-would give their outputs a zero tangent without a word."""
+"""Forward mode (torch.func's jvp and jacfwd, torch.autograd.forward_ad's
+dual tensors) over the differentiable ops raises: the custom ops have no
+forward-mode derivative, and torch would give their outputs a zero or no
+tangent without a word."""
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, PATHS, on_path
+from torch.autograd import forward_ad
 
 from segops import ops
 
@@ -63,6 +65,41 @@ def test_forward_mode_raises(name):
     leaf = x.clone().requires_grad_()
     fn(leaf).sum().backward()   # reverse mode outside the transforms: unaffected
     assert leaf.grad is not None and leaf.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", OPS)
+def test_forward_ad_dual_input_raises(name, path):
+    """torch.autograd.forward_ad: a dual input would leave the output
+    without a tangent (the custom ops have no forward derivative), so it
+    raises, on every path (ATen's forward derivatives on the native
+    convolution path would make the answer depend on the device). A
+    dual level with plain inputs runs as usual."""
+    fn, shape = OPS[name]()
+    device = DEVICE if path == "kernel" else torch.device("cpu")
+    x = torch.randn(shape, dtype=torch.float64).to(device)
+    with on_path(path):
+        plain = fn(x)
+        with forward_ad.dual_level():
+            with pytest.raises(NotImplementedError,
+                               match=f"segops.ops.{name} has no forward-mode"):
+                fn(forward_ad.make_dual(x, torch.ones_like(x)))
+            out = fn(x)
+    assert forward_ad.unpack_dual(out).tangent is None
+    assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("op", ["atrous_conv2d", "conv_transpose2d"])
+def test_forward_ad_dual_weight_or_bias_raises(op):
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(*((3, 2) if op == "atrous_conv2d" else (2, 3)), 3, 3, dtype=torch.float64,
+                    device=DEVICE)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE)
+    with forward_ad.dual_level():
+        for args in ((x, forward_ad.make_dual(w, torch.ones_like(w)), b),
+                     (x, w, forward_ad.make_dual(b, torch.ones_like(b)))):
+            with pytest.raises(NotImplementedError, match="forward-mode"):
+                getattr(ops, op)(*args)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")

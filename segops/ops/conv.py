@@ -375,7 +375,7 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         and memory format (channels_last also when only the weight is, as
         in ATen).
     """
-    refuse_forward_ad("atrous_conv2d")
+    refuse_forward_ad("atrous_conv2d", input, weight, bias)
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
     groups = _check_tensors(input, weight, bias, groups)
     check_choice("activation", activation, ACTIVATIONS)

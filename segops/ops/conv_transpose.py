@@ -135,7 +135,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         ``(N, C_out, OH, OW)`` in the input's dtype and memory format (channels_last
         also when only the weight is, like ATen).
     """
-    refuse_forward_ad("conv_transpose2d")
+    refuse_forward_ad("conv_transpose2d", input, weight, bias)
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
     groups = _check_tensors(input, weight, bias, groups)
     stride = _pair("stride", stride, 1)

@@ -415,7 +415,7 @@ def overlap_sums(input: Tensor, target: Tensor, *, activation: str = "softmax",
         Differentiable w.r.t. ``input``; no ``(N, C, *spatial)`` activation or
         one-hot tensor is kept for backward.
     """
-    refuse_forward_ad("overlap_sums")
+    refuse_forward_ad("overlap_sums", input, target)
     return _overlap_sums(*_sums_arguments(input, target, activation, ignore_index, squared,
                                           intersection, validate_args))
 
@@ -647,7 +647,7 @@ def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     pixel (smp zeroes them). ``reduction``: ``'mean'``, ``'sum'`` or ``'none'``
     (per-class ``(C,)``, or ``(N, C)`` with ``batch=False``).
     """
-    refuse_forward_ad("dice_loss")
+    refuse_forward_ad("dice_loss", input, target)
     return _overlap_loss("dice", input, target, mode, classes=classes, log_loss=log_loss,
                          from_logits=from_logits, smooth=smooth, ignore_index=ignore_index,
                          eps=eps, batch=batch, include_background=include_background,
@@ -669,7 +669,7 @@ def jaccard_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     Same arguments and conventions as :func:`dice_loss`; the defaults give
     segmentation-models-pytorch's ``JaccardLoss`` numbers.
     """
-    refuse_forward_ad("jaccard_loss")
+    refuse_forward_ad("jaccard_loss", input, target)
     return _overlap_loss("jaccard", input, target, mode, classes=classes, log_loss=log_loss,
                          from_logits=from_logits, smooth=smooth, ignore_index=ignore_index,
                          eps=eps, batch=batch, include_background=include_background,

@@ -435,7 +435,7 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     Returns:
         ``(K, C, PH, PW)`` in the input's dtype and memory format.
     """
-    refuse_forward_ad("roi_align")
+    refuse_forward_ad("roi_align", input)
     spatial_scale = check_number("spatial_scale", spatial_scale, minimum=0)
     rois, (ph, pw), sampling_ratio, check_batch = _prepare(
         [input], boxes, output_size, sampling_ratio, pool_mode, validate_args,
@@ -591,7 +591,7 @@ def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tenso
     Returns:
         ``(K, C, PH, PW)`` in ``features[0]``'s dtype and memory format.
     """
-    refuse_forward_ad("multi_scale_roi_align")
+    refuse_forward_ad("multi_scale_roi_align", features)
     if isinstance(features, Tensor) or not isinstance(features, Sequence):
         raise ArgumentTypeError(f"features must be a list of tensors, got "
                                 f"{type(features).__name__}")
