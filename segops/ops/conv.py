@@ -278,6 +278,16 @@ def follow_weight_layout(input: Tensor, weight: Tensor) -> Tensor:
     return input
 
 
+def output_in_weight_layout(out: Tensor, weight: Tensor) -> Tensor:
+    """``out`` in channels_last when the weight is, where the input could not
+    carry that layout to the custom op: an input with one channel or 1x1
+    maps is both layouts and counts as contiguous (``is_channels_last``),
+    while ATen's output follows the channels_last weight. A copy only then."""
+    if is_channels_last(weight) and not is_channels_last(out):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups) -> int:
     """Checks, and returns groups as an int."""
     groups = check_conv_tensors(input, weight, bias, groups, "(C_out, C_in / groups, KH, KW)")
@@ -397,8 +407,9 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     elif _dispatch.uses_native(input):
         out = _native_conv2d(input, weight, bias, stride, padding, pads, dilation, groups, relu)
     else:
-        out = _conv2d(follow_weight_layout(input, weight), weight, bias, stride, pads, dilation,
-                      groups, relu)
+        out = output_in_weight_layout(
+            _conv2d(follow_weight_layout(input, weight), weight, bias, stride, pads, dilation,
+                    groups, relu), weight)
     return out.squeeze(0) if unbatched else out
 
 

@@ -40,6 +40,7 @@ from .conv import (
     check_pixel_count,
     follow_weight_layout,
     gemm_operand_once,
+    output_in_weight_layout,
     prepare_inputs,
 )
 
@@ -102,6 +103,9 @@ _conv_transpose2d.register_autograd(_grad, setup_context=_setup_context)
 def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups) -> int:
     """Checks, and returns groups as an int."""
     groups = check_conv_tensors(input, weight, bias, groups, "(C_in, C_out / groups, KH, KW)")
+    if weight.shape[1] == 0:  # F.conv_transpose2d refuses an empty weight too
+        raise ArgumentError(f"weight (C_in, C_out / groups, KH, KW) has no output channels along "
+                            f"dim 1, got shape {tuple(weight.shape)}")
     if weight.shape[0] % groups:
         raise ArgumentError(f"groups={groups} must divide the input channels {weight.shape[0]} "
                             f"(weight shape {tuple(weight.shape)})")
@@ -159,8 +163,9 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         out = F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                  dilation)
     else:
-        out = _conv_transpose2d(follow_weight_layout(input, weight), weight, bias, stride, padding,
-                                output_padding, dilation, groups)
+        out = output_in_weight_layout(
+            _conv_transpose2d(follow_weight_layout(input, weight), weight, bias, stride,
+                              padding, output_padding, dilation, groups), weight)
     return out.squeeze(0) if unbatched else out
 
 

@@ -1381,6 +1381,27 @@ def test_channels_last_weight_gives_channels_last_output_like_aten(path):
                                    torch.randn(2, 4, 5, 7, dtype=torch.float64), path)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape, layout", [((2, 2, 1, 1), torch.channels_last),
+                                           ((2, 1, 4, 5), torch.contiguous_format)],
+                         ids=["1x1 maps", "one channel"])
+def test_channels_last_weight_and_an_input_of_both_layouts(path, shape, layout):
+    """An input with 1x1 maps is contiguous in both layouts: ATen's output
+    follows the channels_last weight, and so does segops' (the input cannot
+    carry the layout to the custom op). With one input channel the weight is
+    both layouts too, and the output contiguous, in both."""
+    skip_off_kernel_path_on_gpu(path)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(3, shape[1], 3, 3, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    want = F.conv2d(x, w, padding=3, dilation=2)
+    device = DEVICE if path == "kernel" else torch.device("cpu")
+    with on_path(path):
+        out = segops.ops.atrous_conv2d(x.to(device), w.to(device), padding=3, dilation=2)
+    assert memory_format_of(want) == memory_format_of(out) == layout
+    assert_close(out, want, F64)
+
+
 # --------------------------------------------------------------------------
 # the dtypes users run, on the random geometry grid (GPU: tensor cores)
 # --------------------------------------------------------------------------

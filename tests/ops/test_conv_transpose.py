@@ -29,6 +29,7 @@ from helpers import (
 
 import segops
 from segops import _checks
+from segops._format import memory_format_of
 from segops.kernels import conv as conv_kernels
 from segops.kernels import conv_transpose as kernels
 
@@ -580,6 +581,7 @@ BAD_CALLS = [
     ("padding must be non-negative", dict(padding=-1)),
     ("output size .* too small", dict(padding=4)),
     ("bias must have shape \\(3,\\)", dict(bias=5)),
+    ("no output channels along dim 1", dict(w_out_channels=0)),
 ]
 
 
@@ -587,7 +589,7 @@ BAD_CALLS = [
 def test_bad_input_errors(match, options):
     options = dict(options)
     x = torch.randn(1, options.pop("x_channels", 4), 3, 3, device=DEVICE)
-    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    w = torch.randn(4, options.pop("w_out_channels", 3), 3, 3, device=DEVICE)
     bias = options.pop("bias", None)
     bias = None if bias is None else torch.zeros(bias, device=DEVICE)
     groups = options.get("groups", 1)
@@ -695,6 +697,24 @@ def test_channels_last_weight_gives_channels_last_output_like_aten(path):
                                    segops.nn.ConvTranspose2d(4, 6, 3, **options).double(),
                                    torch.randn(2, 4, 4, 5, dtype=torch.float64), path,
                                    output_size=[8, 10])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [(2, 4, 1, 1), (2, 1, 3, 3)], ids=["1x1 maps", "one channel"])
+def test_channels_last_weight_and_an_input_of_both_layouts(path, shape):
+    """An input with 1x1 maps or one channel is contiguous in both layouts:
+    ATen's output follows the channels_last weight, and so does segops'
+    (the input cannot carry the layout to the custom op)."""
+    skip_off_kernel_path_on_gpu(path)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(shape[1], 3, 2, 2, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    want = F.conv_transpose2d(x, w, stride=2)
+    device = DEVICE if path == "kernel" else torch.device("cpu")
+    with on_path(path):
+        out = segops.ops.conv_transpose2d(x.to(device), w.to(device), stride=2)
+    assert memory_format_of(want) == memory_format_of(out) == torch.channels_last
+    assert_close(out, want, F64)
 
 
 @pytest.mark.parametrize("path", PATHS)
