@@ -54,10 +54,11 @@ def _extras(**options) -> str:
 
 def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
     """torchvision's scale inference: feature size / image size rounded to a
-    power of 2 (taken from the height), the log2 taken in float32 as there
-    (in float64 some ratios near 2**(k + 1/2) round the other way)."""
+    power of 2 (taken from the height), the log2 taken in torch's default
+    dtype as there (float32 unless ``torch.set_default_dtype`` says
+    otherwise; some ratios near 2**(k + 1/2) round differently in each)."""
     approx = float(feature.shape[-2]) / float(original_size[0])
-    return 2.0 ** float(torch.tensor(approx, dtype=torch.float32).log2().round())
+    return 2.0 ** float(torch.tensor(approx).log2().round())
 
 
 @torch.fx.wrap

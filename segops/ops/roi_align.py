@@ -9,7 +9,8 @@ Conventions (torchvision's ``roi_align``)
 * ``boxes``: ``Tensor[K, 5]`` rows ``(batch index, x1, y1, x2, y2)`` or a list
   of ``Tensor[L_i, 4]`` rows ``(x1, y1, x2, y2)`` for image i, in the input
   image's coordinates; ``spatial_scale`` maps them onto the feature map.
-  Boxes of any real dtype are accepted and cast to the coordinate dtype:
+  Boxes of any real dtype (a list: the dtype torch.cat promotes its
+  tensors to, as in torchvision) are accepted and cast to the coordinate dtype:
   float32 (float64 for float64 input), also for fp16/bf16 features, so large
   images keep sub-pixel precision. Boxes receive no gradient.
 * Each of the ``output_size`` bins averages (or, with ``pool_mode='max'``,
@@ -350,10 +351,21 @@ def _as_rois(boxes) -> Tensor:
         check_same_device(**{"boxes[0]": boxes[0], f"boxes[{i}]": b})
     # integer boxes: float64 is exact for them (the kernels then cast to the
     # coordinate dtype, as they do a Tensor[K, 5] of integers)
-    dtype = boxes[0].dtype if boxes[0].is_floating_point() else torch.float64
+    dtype = _list_box_dtype(boxes)
+    dtype = dtype if dtype.is_floating_point else torch.float64
     ids = [torch.full((b.shape[0], 1), i, dtype=dtype, device=b.device)
            for i, b in enumerate(boxes)]
     return torch.cat([torch.cat(ids), torch.cat([b.to(dtype) for b in boxes])], dim=1)
+
+
+def _list_box_dtype(boxes: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of a list of per-image boxes: what torch.cat (so
+    torchvision) promotes them to, not the first tensor's (an image without
+    boxes is often an empty float32 or int64 tensor)."""
+    first = boxes[0].dtype
+    if all(b.dtype == first for b in boxes):   # the usual case: no dispatcher call
+        return first
+    return functools.reduce(torch.promote_types, (b.dtype for b in boxes))
 
 
 def _batch_message(N: int) -> str:
@@ -611,7 +623,7 @@ def multi_scale_roi_align(features: Sequence[Tensor], boxes: Tensor | list[Tenso
                                                  pool_mode, validate_args)
     levels = None
     if len(features) > 1:
-        box_dtype = boxes.dtype if isinstance(boxes, Tensor) else boxes[0].dtype
+        box_dtype = boxes.dtype if isinstance(boxes, Tensor) else _list_box_dtype(boxes)
         rois, levels = _assign_levels(rois, scales, canonical_scale, canonical_level, box_dtype)
     return _roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, bool(aligned),
                       pool_mode, False)

@@ -220,6 +220,20 @@ def test_scales_are_inferred_as_torchvision_infers_them():
     assert infer_scale(torch.empty(0, 0, 2378, 1), (3363, 1)) == 1.0
 
 
+def test_scales_follow_the_default_dtype_as_torchvisions():
+    """torchvision takes the log2 in torch's default dtype: under float64,
+    2378 / 3363 is scale 0.5, as in torchvision."""
+    poolers = pytest.importorskip("torchvision.ops.poolers")
+    from segops.nn.roi_align import infer_scale
+    f = torch.empty(0, 0, 2378, 1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert infer_scale(f, (3363, 1)) == poolers._infer_scale(f, [3363, 1]) == 0.5
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_a_module_used_twice_gets_one_twin():
     """nn.Sequential(c, relu, c, relu): one AtrousConv2d at both places (torch sees
     one module: hooks registered once, one training flag, weights tied),

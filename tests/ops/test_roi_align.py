@@ -1188,6 +1188,35 @@ def test_float64_boxes_at_a_level_threshold_take_torchvisions_level(path):
     assert_close(got, want, F64)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_a_box_list_of_mixed_dtypes_is_promoted_like_torch_cat(path):
+    """torchvision cats a box list (dtype promotion), so an empty float32
+    (or int64) first image does not round image 1's float64 boxes to float32: the
+    level (the box at level 5's threshold above) and the pooling are
+    float64's. Likewise an empty fp16 tensor before float32 boxes keeps
+    1000.3 (fp16 would round it to 1000.5)."""
+    side = 448 * 2 ** -1e-6 - 3.5e-5
+    box = torch.tensor([[1.0, 2.0, 1.0 + side, 2.0 + side]], dtype=torch.float64)
+    names = ["p0", "p1", "p2", "p3"]
+    features = {n: torch.randn(2, 2, 32 >> i, 24 >> i, dtype=torch.float64)
+                for i, n in enumerate(names)}
+    device = path_device(path)
+    for empty in (torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.int64)):
+        boxes = [empty, box]
+        want = torchvision.ops.MultiScaleRoIAlign(names, 2, 2)(features, boxes, [(128, 96)] * 2)
+        with on_path(path):
+            got = segops.nn.MultiScaleRoIAlign(names, 2, 2)(
+                {n: f.to(device) for n, f in features.items()}, [b.to(device) for b in boxes],
+                [(128, 96)] * 2)
+        assert_close(got, want, F64)
+    x = torch.randn(2, 1, 4, 1100)
+    boxes = [torch.zeros(0, 4, dtype=torch.float16), torch.tensor([[1000.3, 0.2, 1003.7, 3.1]])]
+    want = torchvision.ops.roi_align(x, boxes, 2, 1.0, 2)
+    with on_path(path):
+        got = segops.ops.roi_align(x.to(device), [b.to(device) for b in boxes], 2, 1.0, 2)
+    assert_close(got, want, RTOL[torch.float32])
+
+
 def test_integer_box_list_takes_torchvisions_float32_level():
     """A list of integer boxes gets torchvision's level, whose box_area takes
     them to float32: [0, 0, 7159, 7177] (area 51380143) is on level 9 there,
