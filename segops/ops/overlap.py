@@ -646,6 +646,15 @@ def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     ``sum(w*l) / sum(w)`` over the selected classes; ``skip_empty=False`` keeps the loss of classes with no target
     pixel (smp zeroes them). ``reduction``: ``'mean'``, ``'sum'`` or ``'none'``
     (per-class ``(C,)``, or ``(N, C)`` with ``batch=False``).
+
+    Differences from smp: ``classes`` may be one int (that class; smp would
+    take every class). Pixels of ``ignore_index`` are dropped, not
+    multiplied by a zero mask: a NaN or inf logit or target there leaves the
+    loss finite (smp's is NaN) and, as in torch's ``cross_entropy`` with
+    ``ignore_index``, gives NaN gradients at that pixel only. The sigmoid's
+    gradient is ``p * (1 - p)`` as in ``torch.sigmoid``'s backward (smp's
+    ``logsigmoid().exp()`` keeps digits past |logit| ~ 10 in float32, and a
+    nonzero gradient past ~17).
     """
     refuse_forward_ad("dice_loss", input, target)
     return _overlap_loss("dice", input, target, mode, classes=classes, log_loss=log_loss,
@@ -692,8 +701,10 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
         validate_args: check that labels lie in ``[0, C)`` (on CUDA a
             device-side assert made in the counting kernel's own pass,
             without a host sync); without it, out-of-range pairs are
-            silently not counted. Labels are compared at their full width
-            (int64 2**32 + 1 is out of range, not 1).
+            silently not counted (torchmetrics' unvalidated
+            ``confusion_matrix`` may count them in another cell). Labels are
+            compared at their full width (int64 2**32 + 1 is out of range,
+            not 1).
 
     Deterministic: counts are integers, so the kernel's atomic adds give the
     same matrix in any order (no one-hot fallback under
