@@ -383,7 +383,8 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     Returns:
         ``(N, C_out, OH, OW)`` (or ``(C_out, OH, OW)``) in the input's dtype
         and memory format (channels_last also when only the weight is, as
-        in ATen).
+        in ATen). With ``C_in = 0`` every output is its bias (or 0), where
+        F.conv2d returns a tensor with no channels.
     """
     refuse_forward_ad("atrous_conv2d", input, weight, bias)
     input, weight, bias, unbatched = prepare_inputs(input, weight, bias)
