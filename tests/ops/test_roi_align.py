@@ -2086,6 +2086,26 @@ def test_gather_channel_block(launches, layout, pool_mode, block_c):
     assert_close(got, ref.roi_align_backward(grad.cpu(), *cpu)[0], F64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gather_16_channel_blocks_in_half_precision_with_a_strided_grad(launches, dtype):
+    """The NCHW max-pool gather's 16-channel blocks (33 channels: two blocks
+    and a tail) in the 16-bit dtypes users run, the output gradient a
+    non-contiguous view: the float64 reference's gradient on the rounded
+    inputs."""
+    x = torch.randn(1, 33, 5, 6, dtype=torch.float64).to(dtype).to(DEVICE)
+    rois = make_rois(3, 1, 5, 6, seed_kinds=False).to(DEVICE)
+    wide = torch.randn(3, 33, 1, 4, dtype=torch.float64).to(dtype).to(DEVICE)
+    grad = wide[..., ::2]
+    assert not grad.is_contiguous()
+    args = ([x], rois, None, [1.0], 1, 2, 2, False, "max")
+    (got,) = kernels.roi_align_backward_deterministic(grad, *args)
+    (constexprs,) = launches["_roi_align_bwd_deterministic_kernel"].constexprs
+    assert constexprs["BLOCK_C"] == 16 and got.dtype == dtype
+    cpu = ([x.cpu().double()], rois.cpu().double(), *args[2:])
+    want = ref.roi_align_backward(grad.cpu().double(), *cpu)[0]
+    assert_close(got, want, RTOL[dtype])
+
+
 def test_multi_level_maps_in_mixed_memory_formats(launches):
     """One channels_last level and one NCHW level: every kernel takes the
     strided path (CHANNELS_LAST off: each level's channel stride as loaded,
