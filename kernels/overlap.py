@@ -89,6 +89,21 @@ def _exp_minus(x, shift):
 
 
 @triton.jit
+def _sigmoid_and_slope(x):
+    """(sigmoid(x), sigmoid'(x)) with one exp: p = 1 / (1 + exp(-x)) (the
+    forward takes p alone and the slope is dead code there). The slope is
+    exp(-x) * p^2 for x >= 0, where p * (1 - p) would lose the digits of
+    exp(-x) (0 past x ~ 17 in float32), and p * (1 - p) below 0, where p is
+    the small factor and exp(-x) may overflow."""
+    if x.dtype == tl.float32:
+        e = tl.exp2(-x * _LOG2E)
+    else:
+        e = tl.exp(-x)
+    p = 1.0 / (1.0 + e)
+    return p, tl.where(x >= 0, e * p * p, p * (1.0 - p))
+
+
+@triton.jit
 def _tile_pointers(row, offs_c, offs_s64, stride_c, stride_s):
     """[BLOCK_C, BLOCK_S] pointers, the pixel term first: the class term
     added last keeps the 2-D sum inside the pixel loop (added first, the
@@ -168,15 +183,19 @@ def _softmax_stats_and_dot(x_row, t_row, gi_row, gp_row, C, offs_s64, smask, ign
 
 @triton.jit
 def _probabilities(x, m, l, ACTIVATION: tl.constexpr):
-    """p of a score tile; softmax with the per-pixel max m and sum of exp l
-    over all classes (from _softmax_stats)."""
+    """(p, slope) of a score tile; softmax with the per-pixel max m and sum
+    of exp l over all classes (from _softmax_stats). The slope is what
+    ``_store_grad_logits`` multiplies by: p for softmax, sigmoid'(x) for
+    sigmoid, unused (1) without an activation."""
     if ACTIVATION == 2:
         p = _exp_minus(x, _exp_shift(m)[None, :]) / l[None, :]
+        slope = p
     elif ACTIVATION == 1:
-        p = tl.sigmoid(x)
+        p, slope = _sigmoid_and_slope(x)
     else:
         p = x
-    return p
+        slope = tl.full(x.shape, 1.0, x.dtype)
+    return p, slope
 
 
 @triton.jit
@@ -192,21 +211,21 @@ def _softmax_tile(x):
 def _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
                         ACTIVATION: tl.constexpr, ONE_CHUNK: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    """p of the [BLOCK_C, BLOCK_S] tile at (offs_c, offs_s64). With ONE_CHUNK
-    (C <= BLOCK_C) the logits are read once; otherwise softmax first makes
-    its statistics over every chunk of classes."""
+    """(p, slope) of the [BLOCK_C, BLOCK_S] tile at (offs_c, offs_s64), the
+    slope as ``_probabilities`` gives it. With ONE_CHUNK (C <= BLOCK_C) the
+    logits are read once; otherwise softmax first makes its statistics over
+    every chunk of classes."""
     x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
     if ACTIVATION == 2 and ONE_CHUNK:
         p = _softmax_tile(x)
+        slope = p
     elif ACTIVATION == 2:
         m, l = _softmax_stats(x_row, C, offs_s64, smask, stride_xc, stride_xs,
                               BLOCK_C, BLOCK_S, ACC)
-        p = _exp_minus(x, _exp_shift(m)[None, :]) / l[None, :]
-    elif ACTIVATION == 1:
-        p = tl.sigmoid(x)
+        p, slope = _probabilities(x, m, l, ACTIVATION)
     else:
-        p = x
-    return p
+        p, slope = _probabilities(x, 0.0, 1.0, ACTIVATION)
+    return p, slope
 
 
 @triton.jit
@@ -402,8 +421,9 @@ def _overlap_sums_fwd_kernel(
                                             ignore_index, stride_xc, stride_xs, stride_ts,
                                             HAS_IGNORE, APPROX_RCP, ACC)
             else:
-                p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc,
-                                        stride_xs, ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
+                p, _ = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc,
+                                           stride_xs, ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S,
+                                           ACC)
                 t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                                         stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
                 p = tl.where(valid, p, 0.0)
@@ -486,14 +506,15 @@ def _softmax_onehot_grad_tile(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C,
 
 
 @triton.jit
-def _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc, stride_gs,
-                       ACTIVATION: tl.constexpr):
-    """dL/dx from dL/dp = g through the activation (softmax: p * (g - dot),
-    dot = sum_c g_c p_c over every class of the pixel)."""
+def _store_grad_logits(g_row, slope, g, dot, offs_c, offs_s64, C, smask, stride_gc,
+                       stride_gs, ACTIVATION: tl.constexpr):
+    """dL/dx from dL/dp = g through the activation, with the slope from
+    ``_probabilities`` (softmax: p * (g - dot), dot = sum_c g_c p_c over
+    every class of the pixel; sigmoid: g * sigmoid'(x))."""
     if ACTIVATION == 2:
-        gx = p * (g - dot[None, :])
+        gx = slope * (g - dot[None, :])
     elif ACTIVATION == 1:
-        gx = g * p * (1.0 - p)
+        gx = g * slope
     else:
         gx = g
     ptrs = _tile_pointers(g_row, offs_c, offs_s64, stride_gc, stride_gs)
@@ -505,14 +526,15 @@ def _chunk_grad(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask, m, l, 
                 stride_xc, stride_xs, stride_tc, stride_ts, ACTIVATION: tl.constexpr,
                 DENSE_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, SQUARED: tl.constexpr,
                 MIN_INTERSECTION: tl.constexpr, ACC: tl.constexpr):
-    """(p, dL/dp) of one class chunk, softmax from the statistics (m, l) of
-    every class (unused by the other activations)."""
+    """(p, slope, dL/dp) of one class chunk (the slope as ``_probabilities``
+    gives it), softmax from the statistics (m, l) of every class (unused by
+    the other activations)."""
     x = _load_scores(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs, ACC)
     t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                             stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
-    p = _probabilities(x, m, l, ACTIVATION)
-    return p, _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
-                                  MIN_INTERSECTION)
+    p, slope = _probabilities(x, m, l, ACTIVATION)
+    return p, slope, _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
+                                         MIN_INTERSECTION)
 
 
 @triton.jit
@@ -548,9 +570,11 @@ def _overlap_sums_bwd_kernel(
                                              smask, ignore_index, stride_xc, stride_xs,
                                              stride_ts, HAS_IGNORE, SQUARED, MIN_INTERSECTION,
                                              APPROX_RCP, ACC)
+            slope = p
         else:
-            p = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc, stride_xs,
-                                    ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S, ACC)
+            p, slope = _tile_probabilities(x_row, offs_c, offs_s64, C, smask, stride_xc,
+                                           stride_xs, ACTIVATION, ONE_CHUNK, BLOCK_C, BLOCK_S,
+                                           ACC)
             t, valid = _load_target(t_row, offs_c, offs_s64, C, smask, ignore_index,
                                     stride_tc, stride_ts, DENSE_TARGET, HAS_IGNORE, ACC)
             g = _grad_probabilities(p, t, valid, gi_row, gp_row, offs_c, C, SQUARED,
@@ -559,8 +583,8 @@ def _overlap_sums_bwd_kernel(
             dot = tl.sum(g * p, axis=0)
         else:
             dot = tl.zeros([BLOCK_S], ACC)
-        _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc, stride_gs,
-                           ACTIVATION)
+        _store_grad_logits(g_row, slope, g, dot, offs_c, offs_s64, C, smask, stride_gc,
+                           stride_gs, ACTIVATION)
     else:
         # class chunks: softmax's statistics and sum_c g_c p_c over all
         # classes, then the gradient: the logits are read twice (three times
@@ -575,7 +599,7 @@ def _overlap_sums_bwd_kernel(
                                   BLOCK_C, BLOCK_S, ACC)
             dot = tl.zeros([BLOCK_S], ACC)
             for c0 in range(0, C, BLOCK_C):
-                p, g = _chunk_grad(x_row, t_row, gi_row, gp_row, c0 + tl.arange(0, BLOCK_C),
+                p, _, g = _chunk_grad(x_row, t_row, gi_row, gp_row, c0 + tl.arange(0, BLOCK_C),
                                    offs_s64, C, smask, m, l, ignore_index, stride_xc, stride_xs,
                                    stride_tc, stride_ts, ACTIVATION, DENSE_TARGET, HAS_IGNORE,
                                    SQUARED, MIN_INTERSECTION, ACC)
@@ -586,11 +610,11 @@ def _overlap_sums_bwd_kernel(
             dot = tl.zeros([BLOCK_S], ACC)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            p, g = _chunk_grad(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask, m, l,
-                               ignore_index, stride_xc, stride_xs, stride_tc, stride_ts,
-                               ACTIVATION, DENSE_TARGET, HAS_IGNORE, SQUARED, MIN_INTERSECTION,
-                               ACC)
-            _store_grad_logits(g_row, p, g, dot, offs_c, offs_s64, C, smask, stride_gc,
+            _, slope, g = _chunk_grad(x_row, t_row, gi_row, gp_row, offs_c, offs_s64, C, smask,
+                                      m, l, ignore_index, stride_xc, stride_xs, stride_tc,
+                                      stride_ts, ACTIVATION, DENSE_TARGET, HAS_IGNORE, SQUARED,
+                                      MIN_INTERSECTION, ACC)
+            _store_grad_logits(g_row, slope, g, dot, offs_c, offs_s64, C, smask, stride_gc,
                                stride_gs, ACTIVATION)
 
 

@@ -652,9 +652,10 @@ def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     multiplied by a zero mask: a NaN or inf logit or target there leaves the
     loss finite (smp's is NaN) and, as in torch's ``cross_entropy`` with
     ``ignore_index``, gives NaN gradients at that pixel only. The sigmoid's
-    gradient is ``p * (1 - p)`` as in ``torch.sigmoid``'s backward (smp's
-    ``logsigmoid().exp()`` keeps digits past |logit| ~ 10 in float32, and a
-    nonzero gradient past ~17).
+    gradient is ``sigmoid(x) * sigmoid(-x)``, exact to rounding wherever it
+    is a float32 normal (|logit| up to ~87), as smp's ``logsigmoid().exp()``
+    differentiates; ``torch.sigmoid``'s backward ``p * (1 - p)`` loses
+    digits from |logit| ~ 5 and is 0 past ~17.
     """
     refuse_forward_ad("dice_loss", input, target)
     return _overlap_loss("dice", input, target, mode, classes=classes, log_loss=log_loss,

@@ -92,7 +92,8 @@ def overlap_sums_backward(grad_intersection: torch.Tensor, grad_pred_sum: torch.
     if activation == "softmax":
         g = p * (g - (g * p).sum(dim=1, keepdim=True))
     elif activation == "sigmoid":
-        g = g * p * (1 - p)
+        # p * sigmoid(-x), not p * (1 - p): 1 - p rounds to 0 past |x| ~ 17 in float32
+        g = g * p * torch.sigmoid(-x)
     return g.reshape(input.shape).to(input.dtype)
 
 

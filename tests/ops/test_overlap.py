@@ -6,7 +6,7 @@ import torch
 from helpers import (DEVICE, KERNEL_DTYPES, ON_GPU, PATHS, RTOL, DispatchCalls, LaunchRecorder,
                      assert_checked_eager_and_compiled, assert_close,
                      assert_device_assert_in_child, deterministic, like_layout,
-                     on_path, second_order_grads)
+                     on_path, second_order_grads, skip_off_kernel_path_on_gpu)
 
 import segops
 from segops import _checks, _dispatch
@@ -290,6 +290,38 @@ def test_softmax_sums_of_large_logits_and_nonfinite_ignored_pixels(dtype, square
     t[1, 2, 5] = 1
     sums = kernels.overlap_sums_forward(x.to(DEVICE), t.to(DEVICE), *options, block_s=16)
     assert sums[:2, 0].isfinite().all() and sums[:2, 1].isnan().all()
+
+SIGMOID_TAIL_LOGITS = [-80.0, -40.0, -20.0, -17.5, -10.0, -1.0, -0.0, 0.0, 0.5, 10.0, 17.5,
+                       20.0, 40.0, 80.0, INF, -INF, NAN]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block_c", [1, 16], ids=["chunks", "one-chunk"])
+def test_sigmoid_gradient_keeps_its_digits_at_large_logits(path, block_c):
+    """float32 logits out to +-80: the gradient of the prediction sum is
+    sigmoid'(x) = sigmoid(x) * sigmoid(-x) to float32 rounding at every
+    element (p * (1 - p) gives 0 past x ~ 17 and loses digits from x ~ 5),
+    0 at +-inf and NaN at NaN, in a class chunk of its own and in one tile
+    of every class."""
+    skip_off_kernel_path_on_gpu(path)
+    x = torch.tensor(SIGMOID_TAIL_LOGITS).repeat(2, 1).view(1, 2, -1)
+    x[0, 1] = -x[0, 1]
+    t = torch.zeros_like(x)
+    grad = torch.tensor([[0.0, 0.0], [1.0, 1.0]])   # d/d(prediction sums)
+    with on_path(path):
+        if path == "kernel":
+            g = kernels.overlap_sums_backward(grad[0:1].to(DEVICE), grad[1:2].to(DEVICE),
+                                              x.to(DEVICE), t.to(DEVICE), "sigmoid", None,
+                                              False, block_c=block_c, block_s=16)
+        else:
+            xg = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad(ops.overlap_sums(xg, t, activation="sigmoid")[1].sum(),
+                                       xg)
+    x64 = x.double()
+    want = (x64.sigmoid() * (-x64).sigmoid()).float()
+    assert want[0, 0, 0] > 0 and want[0, 0, 12] > 0   # the tails are float32 normals
+    torch.testing.assert_close(g.cpu(), want, rtol=4e-6, atol=0, equal_nan=True)
+
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
