@@ -30,7 +30,10 @@ def probabilities(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "softmax":
         return torch.softmax(x, dim=1)
     if activation == "sigmoid":
-        return torch.sigmoid(x)
+        # autograd differentiates this to sigmoid(x) * sigmoid(-x) (the
+        # kernels' slope, used by the double backward), where torch.sigmoid's
+        # backward p * (1 - p) is 0 past |x| ~ 17 in float32
+        return torch.nn.functional.logsigmoid(x).exp()
     return x
 
 

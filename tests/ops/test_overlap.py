@@ -321,6 +321,12 @@ def test_sigmoid_gradient_keeps_its_digits_at_large_logits(path, block_c):
     want = (x64.sigmoid() * (-x64).sigmoid()).float()
     assert want[0, 0, 0] > 0 and want[0, 0, 12] > 0   # the tails are float32 normals
     torch.testing.assert_close(g.cpu(), want, rtol=4e-6, atol=0, equal_nan=True)
+    # the same first derivative where the gradient must be differentiable
+    xg = x.to(DEVICE).requires_grad_()
+    with on_path(path):
+        sums = ops.overlap_sums(xg, t.to(DEVICE), activation="sigmoid")
+    (g,) = torch.autograd.grad(sums[1].sum(), xg, create_graph=True)
+    torch.testing.assert_close(g.detach().cpu(), want, rtol=4e-6, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
