@@ -724,6 +724,16 @@ def test_maskrcnn_loss_matches_torchvision_with_and_without_positives():
     want = tv_detection.roi_heads.maskrcnn_loss(empty, no_positives[0], masks, labels,
                                                 no_positives[1])
     assert got.item() == want.item() == 0.0 and got.requires_grad
+    # 16-bit logits: a float32 loss, torchvision's on the upcast logits
+    for dtype in (torch.float16, torch.bfloat16):
+        low = logits.float().to(dtype)
+        with _dispatch.native_only():
+            got = seg_roi_heads.maskrcnn_loss(low, [p.float() for p in proposals], masks,
+                                              labels, matched)
+        want = tv_detection.roi_heads.maskrcnn_loss(low.float(), [p.float() for p in proposals],
+                                                    masks, labels, matched)
+        assert got.dtype == torch.float32
+        assert_close(got, want, 1e-6)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -33,7 +33,10 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
                   gt_labels: list[Tensor], matched_idxs: list[Tensor]) -> Tensor:
     """BCE-with-logits of each positive RoI's GT-class logit map against its
     GT mask RoI-aligned to the map size (``mask_targets``); zero (with a
-    gradient path) when there are no positives."""
+    gradient path) when there are no positives. The loss is computed in the
+    promoted dtype of the logits and the (float32) targets: fp16/bf16
+    logits give a float32 loss, where torchvision computes part of it in
+    the logits' dtype (bf16: ~5e-4 apart); under autocast both are float32."""
     size = mask_logits.shape[-1]
     labels = torch.cat([gt[idx] for gt, idx in zip(gt_labels, matched_idxs)], dim=0)
     if labels.numel() == 0:
