@@ -78,10 +78,12 @@ def _source_axis(dst, size, in_size, ACC: tl.constexpr):
     and high input index and their weights (ATen's
     area_pixel_compute_source_index and its edge rule)."""
     scale = div(tl.cast(in_size, ACC), tl.cast(size, ACC))
-    # ATen evaluates scale * (dst + 0.5) - 0.5 with a fused multiply-add
-    # (nvcc, and gcc's contraction on the CPU): float64 reproduces that for
-    # float32 (the product is exact in it) in the compiler and the interpreter
-    src = (tl.cast(scale, tl.float64) * (tl.cast(dst, tl.float64) + 0.5) - 0.5).to(ACC)
+    # ATen rounds dst + 0.5 to ACC (not exact from 2^24 on in float32), then
+    # evaluates scale * (dst + 0.5) - 0.5 with a fused multiply-add (nvcc,
+    # and gcc's contraction on the CPU): float64 reproduces that for float32
+    # (the product is exact in it) in the compiler and the interpreter
+    src = (tl.cast(scale, tl.float64) * tl.cast(tl.cast(dst, ACC) + 0.5, tl.float64)
+           - 0.5).to(ACC)
     src = tl.where(src < 0.0, 0.0, src)
     low = tl.minimum(src.to(tl.int64), in_size - 1)  # src >= 0: the cast is floor
     high = low + tl.where(low < in_size - 1, 1, 0)

@@ -74,12 +74,12 @@ def paste_one(mask: Tensor, box: list[int], im_h: int, im_w: int, padding: int) 
 def _source_axis(dst: Tensor, size: int, in_size: int, acc: torch.dtype):
     """ATen's bilinear source of output indices ``dst`` along an axis resized
     from ``in_size`` to ``size`` (align_corners=False): low and high input
-    index and their weights. scale * (dst + 0.5) - 0.5 is evaluated in
-    float64, as ATen's fused multiply-add gives it for float32 (while
-    dst + 0.5 is exact in float32: dst < 2^23)."""
+    index and their weights. dst + 0.5 is rounded to ``acc`` (inexact from
+    2^24 on in float32), then scale * (dst + 0.5) - 0.5 is evaluated in
+    float64, as ATen's fused multiply-add gives it for float32."""
     scale = torch.tensor(in_size, dtype=acc) / torch.tensor(size, dtype=acc)
     scale = scale.to(dst.device)
-    src = (scale.double() * (dst.double() + 0.5) - 0.5).to(acc).clamp(min=0)
+    src = (scale.double() * (dst.to(acc) + 0.5).double() - 0.5).to(acc).clamp(min=0)
     low = src.to(torch.int64).clamp(max=in_size - 1)  # src >= 0: the cast is floor
     high = low + (low < in_size - 1).to(torch.int64)
     lam = src - low.to(acc)

@@ -374,6 +374,20 @@ def test_paste_huge_boxes_paste_their_window():
     assert_close(got_ref[1:], paste_masks_in_image(masks[1:], boxes[1:], (H, W)), F32)
 
 
+@pytest.mark.parametrize("path", ["kernel", "native", "reference"])
+def test_paste_resize_past_2_pow_24_rounds_dst_as_aten(path):
+    """float32 masks resized to 3.2e7 columns or 2.1e7 rows: ATen rounds dst + 0.5 to
+    float32 before the source index (inexact from 2^24 on), which moves the
+    pasted values by ~1e-6; every path pastes torchvision's values."""
+    masks = rand_masks(2, 28, 28, torch.float32)
+    boxes = torch.tensor([[-3.0e7, 1.0, 11.0, 1.0], [1.0, -2.0e7, 1.0, 2.0]])
+    want = paste_masks_in_image(masks, boxes, (3, 12))
+    with on_path(path):
+        got = paste_masks(masks.to(device_for(path)), boxes.to(device_for(path)), (3, 12))
+    assert want.count_nonzero() == 15
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=2e-7)
+
+
 # --------------------------------------------------------------------------
 # mask_targets
 # --------------------------------------------------------------------------
