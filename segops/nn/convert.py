@@ -55,7 +55,7 @@ def _check_ops(ops) -> tuple[str, ...]:
 class ConversionReport:
     """What convert_model/revert_model replaced: (module name, old class,
     new class) per layer, and the model (a copy when inplace=False).
-    ``left``: (module name, class) of the subclasses of a layer convert_model
+    ``left``: (module name, class) of the subclasses of a layer the call
     would replace, left as they are (a subclass may change the forward; a
     parametrized conv, weight_norm's, is one)."""
     model: nn.Module
@@ -165,6 +165,11 @@ def _segops_twin(module: nn.Module, ops) -> nn.Module | None:
     return None
 
 
+def _subclass_of(module: nn.Module, kinds) -> bool:
+    """An instance of one of ``kinds`` whose class is none of them."""
+    return type(module) not in kinds and any(isinstance(module, k) for k in kinds)
+
+
 def _left_subclass(module: nn.Module, ops) -> bool:
     """A subclass (not segops' own) of a layer that ``ops`` replace."""
     if type(module) in (AtrousConv2d, ConvTranspose2d, RoIAlign, MultiScaleRoIAlign):
@@ -176,7 +181,20 @@ def _left_subclass(module: nn.Module, ops) -> bool:
         kinds.append(nn.Conv2d)
     if tv is not None and "roi_align" in ops:
         kinds += [tv.RoIAlign, tv.MultiScaleRoIAlign]
-    return any(isinstance(module, k) and type(module) is not k for k in kinds)
+    detection = _torchvision_detection()
+    if detection is not None and "detection" in ops:
+        kinds += [detection[name] for name in DETECTION_CLASSES]
+    return _subclass_of(module, kinds)
+
+
+def _left_segops_subclass(module: nn.Module) -> bool:
+    """A subclass of a segops layer that revert_model replaces (a
+    parametrized AtrousConv2d, weight_norm's, is one)."""
+    kinds = [AtrousConv2d, ConvTranspose2d, RoIAlign, MultiScaleRoIAlign]
+    if _torchvision_detection() is not None:
+        detection = _segops_detection()
+        kinds += [detection[name] for name in DETECTION_CLASSES]
+    return _subclass_of(module, kinds)
 
 
 def _torch_twin(module: nn.Module) -> nn.Module | None:
@@ -329,10 +347,15 @@ def convert_model(model: nn.Module, *,
 def revert_model(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
     """Undo :func:`convert_model`: every segops layer back to its torch /
     torchvision class, parameters shared (the model itself too: take the
-    report's ``.model``). Returns a ConversionReport."""
+    report's ``.model``). Only those exact classes are replaced: the
+    report's ``left`` lists the subclasses found (e.g. an AtrousConv2d
+    parametrized after conversion). Returns a ConversionReport."""
     _check_model("revert_model", model)
     _check_inplace("revert_model", inplace)
     if not inplace:
         model = copy.deepcopy(model)
     _refuse_compiled(model, _torch_twin, "revert_model")
-    return _convert(model, _torch_twin)
+    report = _convert(model, _torch_twin)
+    report.left = [(name, type(m).__name__) for name, m in report.model.named_modules()
+                   if _left_segops_subclass(m)]
+    return report

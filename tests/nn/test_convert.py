@@ -151,6 +151,38 @@ def test_subclasses_are_not_replaced_and_are_reported():
     assert segops.convert_model(Custom(2, 2, 3, dilation=2)).left == [("", "Custom")]
 
 
+def test_revert_model_reports_the_subclasses_it_leaves():
+    """revert_model replaces only segops' exact classes and lists the
+    subclasses it leaves: an AtrousConv2d parametrized after conversion, a
+    user's RoIAlign or RoIHeads subclass; convert_model lists a subclass of
+    torchvision's RoIHeads it leaves under 'detection'."""
+    from segops.models.detection.roi_heads import RoIHeads
+
+    class Pooler(RoIAlign):
+        pass
+
+    class Heads(RoIHeads):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, dilation=2), nn.Conv2d(2, 2, 3, dilation=2))
+    segops.convert_model(model)
+    nn.utils.parametrizations.weight_norm(model[0])
+    model.append(Pooler(2, 1.0, 2))
+    model.append(Heads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100))
+    report = segops.revert_model(model)
+    assert report.replaced == [("1", "AtrousConv2d", "Conv2d")]
+    assert report.left == [("0", "ParametrizedAtrousConv2d"), ("2", "Pooler"), ("3", "Heads")]
+    assert "3 subclasses left as they are:\n  0: ParametrizedAtrousConv2d" in str(report)
+    tv_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
+
+    class TvHeads(tv_heads.RoIHeads):
+        pass
+
+    heads = nn.Sequential(TvHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100))
+    assert segops.convert_model(heads, ops="detection").left == [("0", "TvHeads")]
+    assert segops.convert_model(heads, ops="roi_align").left == []
+
+
 def test_roi_align_modules():
     tv_ops = pytest.importorskip("torchvision.ops")
     pooler = tv_ops.MultiScaleRoIAlign(["a", "b"], 3, 2)
