@@ -13,11 +13,16 @@ import torch
 
 from . import _dispatch
 from .ops import overlap
+from .ops.boxes import (DEFAULT_BBOX_XFORM_CLIP, batched_nms, box_iou, clip_boxes_to_image,
+                        decode_boxes)
 from .ops.conv import atrous_conv2d
 from .ops.conv_transpose import conv_transpose2d
+from .ops.masks import mask_targets, paste_masks
 from .ops.roi_align import roi_align
+from .reference import boxes as boxes_reference
 from .reference import conv as conv_reference
 from .reference import conv_transpose as conv_transpose_reference
+from .reference import masks as masks_reference
 from .reference import overlap as overlap_reference
 from .reference import roi_align as roi_align_reference
 
@@ -78,13 +83,49 @@ def _check_conv(device) -> float:
 def _check_conv_transpose(device) -> float:
     errors = []
     for k, s, p, op in ((2, 2, 0, 0), (3, 2, 1, 1)):  # one GEMM; residue gather
-        x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-        w = torch.randn(3, 4, k, k, dtype=torch.float64)
-        out = conv_transpose2d(x.to(device), w.to(device), None, s, p, op)
+        x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, 4, k, k, dtype=torch.float64, requires_grad=True)
+        xd, wd = x.detach().to(device).requires_grad_(), w.detach().to(device).requires_grad_()
+        out = conv_transpose2d(xd, wd, None, s, p, op)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (xd, wd), grad_out)
+        # the reference is made of differentiable torch ops: autograd gives its gradients
         want = conv_transpose_reference.conv_transpose2d(x, w, None, [s, s], [p, p], [op, op],
                                                          [1, 1], 1)
-        errors.append(_max_error(out, want))
+        want_grads = torch.autograd.grad(want, (x, w), grad_out.cpu())
+        errors += [_max_error(out, want)] + [_max_error(a, b) for a, b in zip(grads, want_grads)]
     return max(errors)
+
+
+def _check_boxes(device) -> float:
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 5.0, 30.0, 9.0],
+                          [-3.0, 2.0, 4.5, 40.0], [21.0, 5.5, 29.0, 9.0]], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.95], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 0, 1])
+    codes = torch.randn(5, 8, dtype=torch.float64)
+    on = (boxes.to(device), scores.to(device), labels.to(device))
+    kept = batched_nms(*on, 0.5).cpu()
+    want_kept = boxes_reference.batched_nms(boxes, scores, labels, 0.5)
+    return max(_max_error(box_iou(on[0], on[0]), boxes_reference.box_iou(boxes, boxes)),
+               _max_error(clip_boxes_to_image(on[0], (8, 25)),
+                          boxes_reference.clip_boxes(boxes, 8, 25)),
+               _max_error(decode_boxes(codes.to(device), on[0], (10.0, 10.0, 5.0, 5.0)),
+                          boxes_reference.decode_boxes(codes, boxes, (10.0, 10.0, 5.0, 5.0),
+                                                       DEFAULT_BBOX_XFORM_CLIP)),
+               0.0 if torch.equal(kept, want_kept) else float("inf"))
+
+
+def _check_masks(device) -> float:
+    masks = torch.rand(3, 1, 7, 7, dtype=torch.float64)
+    boxes = torch.tensor([[1.2, 0.5, 9.7, 6.1], [-2.0, 3.0, 4.0, 14.0], [6.0, 6.0, 6.5, 6.5]],
+                         dtype=torch.float64)
+    pasted = paste_masks(masks.to(device), boxes.to(device), (12, 10))
+    gt = (torch.rand(2, 15, 13) > 0.5).to(torch.uint8)
+    matched = torch.tensor([1, 0, 1])
+    targets = mask_targets(gt.to(device), boxes.to(device), matched.to(device), 5)
+    return max(_max_error(pasted, masks_reference.paste_masks(masks, boxes, 12, 10, 1, None)),
+               _max_error(targets, masks_reference.mask_targets(gt, boxes, matched, 5,
+                                                                targets.dtype)))
 
 
 CHECKS = {
@@ -92,7 +133,9 @@ CHECKS = {
     "confusion_matrix": _check_confusion,
     "roi_align (fwd+bwd)": _check_roi_align,
     "atrous_conv2d (fwd+bwd)": _check_conv,
-    "conv_transpose2d (fwd)": _check_conv_transpose,
+    "conv_transpose2d (fwd+bwd)": _check_conv_transpose,
+    "box ops and batched_nms": _check_boxes,
+    "paste_masks, mask_targets": _check_masks,
 }
 
 

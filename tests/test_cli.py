@@ -23,6 +23,11 @@ def test_check_runs_kernels_against_reference():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAIL" not in done.stdout and "ok" in done.stdout
+    # every kernel family, forward and backward where it has one
+    for name in ("overlap_sums (fwd+bwd)", "confusion_matrix", "roi_align (fwd+bwd)",
+                 "atrous_conv2d (fwd+bwd)", "conv_transpose2d (fwd+bwd)",
+                 "box ops and batched_nms", "paste_masks, mask_targets"):
+        assert f"ok   {name}" in done.stdout, name
     assert "RuntimeWarning" not in done.stderr   # the interpreter's masked lanes are not news
 
 
