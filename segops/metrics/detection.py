@@ -518,7 +518,12 @@ class MeanAveragePrecision:
     ``coco_iou_thresholds()`` to it to agree exactly); with
     ``iou_type='segm'`` alone it skips images without ground truth (and so
     their false positives), and with both types it takes the ground truths'
-    mask area for the box area ranges unless ``area`` is given.
+    mask area for the box area ranges unless ``area`` is given. With
+    ``max_detection_thresholds`` other than (…, 100) last, its ``map`` and
+    ``map_per_class`` (pycocotools' ``stats[0]``) look up the entry for 100
+    detections: -1 when there is none, else that entry while the other AP
+    numbers use the last one (a pycocotools bug torchmetrics keeps,
+    Lightning-AI/torchmetrics#2560). Here every AP number uses the last.
     """
 
     def __init__(self, iou_type=("bbox", "segm"), *, iou_thresholds=None, rec_thresholds=None,

@@ -193,9 +193,14 @@ def test_max_detections_per_image_and_class_match_pycocotools():
     ours = mean_average_precision(preds, targets, "bbox", extended_summary=True,
                                   max_detection_thresholds=(1, 3, 20))
     evaluation = _cocoeval(preds, targets, "bbox", max_dets=(1, 3, 20))
-    # COCOeval's summarize looks up maxDets=100 for stats[0]: -1 here
+    # COCOeval's summarize looks up maxDets=100 for stats[0]: -1 here (a
+    # pycocotools bug); ours is the AP at the last max-detections, as for the
+    # other AP numbers
     _assert_matches_cocoeval(ours, evaluation, "bbox", skip={"map"})
     assert ours["bbox_mar_3"].item() == evaluation.stats[7]
+    assert evaluation.stats[0] == -1
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]
+    assert ours["bbox_map"].item() == pytest.approx(precision[precision > -1].mean(), abs=1e-12)
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm", ("bbox", "segm")])
