@@ -652,8 +652,8 @@ def dice_loss(input: Tensor, target: Tensor, mode: str = "multiclass", *,
     multiplied by a zero mask: a NaN or inf logit or target there leaves the
     loss finite (smp's is NaN) and, as in torch's ``cross_entropy`` with
     ``ignore_index``, gives NaN gradients at that pixel only. The sigmoid's
-    gradient is ``sigmoid(x) * sigmoid(-x)``, exact to rounding wherever it
-    is a float32 normal (|logit| up to ~87), as smp's ``logsigmoid().exp()``
+    gradient is ``sigmoid(x) * sigmoid(-x)``, to a few float32 ulps wherever
+    it is a float32 normal (|logit| up to ~87), as smp's ``logsigmoid().exp()``
     differentiates; ``torch.sigmoid``'s backward ``p * (1 - p)`` loses
     digits from |logit| ~ 5 and is 0 past ~17.
     """
