@@ -152,7 +152,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
                                 f"either stride {tuple(stride)} or dilation {tuple(dilation)}")
     out_hw = conv_transpose_output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
                                         output_padding, dilation)
-    if min(out_hw) <= 0:
+    # an empty batch may have an empty output, as in F.conv_transpose2d
+    if min(out_hw) < (1 if input.shape[0] else 0):
         raise ArgumentError(f"output size {out_hw} is too small: input {tuple(input.shape[-2:])},"
                             f" padding {tuple(padding)} removes more than the kernel adds")
     check_pixel_count("input", input.shape[0] * input.shape[2] * input.shape[3])

@@ -17,6 +17,10 @@ from .._geometry import conv_output_size
 
 def _patches(x: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
     """(N, C * KH * KW, OH * OW) patches of x zero-padded by ``padding``."""
+    if x.numel() == 0:  # F.unfold refuses empty inputs (an empty batch's)
+        OH, OW = conv_output_size(x.shape[-2:], kernel_size, stride, padding, dilation)
+        return x.new_zeros(x.shape[0], x.shape[1] * kernel_size[0] * kernel_size[1],
+                           max(OH, 0) * max(OW, 0))
     top, bottom, left, right = padding
     x = F.pad(x, (left, right, top, bottom))
     return F.unfold(x, kernel_size, dilation=dilation, stride=stride)

@@ -728,6 +728,32 @@ def test_empty_batch_on_every_path(path):
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape, k, options", [
+    ((0, 2, 0, 3), 2, dict(stride=2)), ((0, 2, 3, 0), 1, {}), ((0, 2, 0, 0), 1, {}),
+    ((0, 2, 1, 1), 2, dict(padding=1)), ((0, 2, 0, 3), 3, dict(padding=1)),
+])
+def test_empty_batch_with_an_empty_output_size(path, shape, k, options):
+    """An empty batch whose output has 0 rows or columns (an empty input
+    map, or padding that takes every row): F.conv_transpose2d's empty
+    output and zero weight gradient, where a batch of 1 is refused; a
+    negative output size is refused either way."""
+    x = torch.zeros(shape, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(2, 3, k, k, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    want = F.conv_transpose2d(x.cpu(), w.detach().cpu(), **options)
+    with _on_path(path):
+        out = segops.ops.conv_transpose2d(x, w, **options)
+        (grad,) = torch.autograd.grad(out.sum(), w)
+        with pytest.raises(segops.ArgumentError, match="output size|height and width"):
+            segops.ops.conv_transpose2d(torch.zeros(1, *shape[1:], dtype=torch.float64,
+                                                    device=DEVICE), w, **options)
+    assert out.shape == want.shape and torch.equal(grad, torch.zeros_like(w))
+    with pytest.raises(segops.ArgumentError, match="output size"):
+        segops.ops.conv_transpose2d(torch.zeros(0, 2, 0, 3, dtype=torch.float64, device=DEVICE),
+                                    torch.zeros(2, 3, 1, 1, dtype=torch.float64, device=DEVICE),
+                                    stride=2)
+
+
 def test_huge_stride_launches_only_reached_residues():
     """Stride 300 with a 2x3 kernel: 6 residue classes of 90 000 get a
     program; the rest are the bias, filled without a kernel."""
