@@ -265,8 +265,10 @@ def skip_off_kernel_path_on_gpu(path: str) -> None:
 def assert_channels_last_like_aten(plain, ours, x, path: str, **call) -> None:
     """torch's layer ``plain`` and its segops twin ``ours`` (same weights),
     both moved to channels_last and fed the NCHW ``x``: ours, on DEVICE and
-    ``path``, gives the channels_last output and input gradient torch gives
-    (ATen runs channels_last when either operand is), with torch's values."""
+    ``path``, gives the channels_last output, input gradient and weight
+    gradient torch gives (ATen runs channels_last when either operand is;
+    ``torch.autograd.grad`` hands the weight gradient over in that layout),
+    with torch's values."""
     from segops._format import memory_format_of
     skip_off_kernel_path_on_gpu(path)
     ours.load_state_dict(plain.state_dict())
@@ -276,12 +278,13 @@ def assert_channels_last_like_aten(plain, ours, x, path: str, **call) -> None:
     want = plain(xr, **call)
     with on_path(path):
         out = ours(xo, **call)
-        (grad,) = torch.autograd.grad(out, xo, torch.ones_like(out))
-    (want_grad,) = torch.autograd.grad(want, xr, torch.ones_like(want))
-    assert memory_format_of(want) == memory_format_of(want_grad) == torch.channels_last
-    assert memory_format_of(out) == memory_format_of(grad) == torch.channels_last
+        grad, grad_w = torch.autograd.grad(out, (xo, ours.weight), torch.ones_like(out))
+    want_grad, want_grad_w = torch.autograd.grad(want, (xr, plain.weight), torch.ones_like(want))
+    for t in (want, want_grad, want_grad_w, out, grad, grad_w):
+        assert memory_format_of(t) == torch.channels_last
     assert_close(out, want, RTOL[x.dtype])
     assert_close(grad, want_grad, RTOL[x.dtype], name="grad")
+    assert_close(grad_w, want_grad_w, RTOL[x.dtype], name="weight grad")
 
 
 def deterministic(enabled: bool = True):

@@ -194,7 +194,8 @@ def _conv2d_grad(ctx, grad):
         grad_input = _conv2d_grad_input(grad, weight, list(input.shape[-2:]), *ctx.geometry,
                                         is_channels_last(input))
     if ctx.needs_input_grad[1]:
-        grad_weight = _conv2d_grad_weight(grad, input, list(weight.shape), *ctx.geometry)
+        grad_weight = weight_grad_layout(
+            _conv2d_grad_weight(grad, input, list(weight.shape), *ctx.geometry), input, weight)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(ctx.bias_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
@@ -276,6 +277,16 @@ def follow_weight_layout(input: Tensor, weight: Tensor) -> Tensor:
     if is_channels_last(weight) and not is_channels_last(input):
         return input.contiguous(memory_format=torch.channels_last)
     return input
+
+
+def weight_grad_layout(grad_weight: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+    """The weight gradient (computed contiguous) in channels_last when the
+    convolution ran channels_last (either operand is), as ATen returns it;
+    ``.backward()`` would re-lay it out like the weight anyway, but
+    ``torch.autograd.grad`` hands it over as is. A copy only then."""
+    if is_channels_last(input) or is_channels_last(weight):
+        return grad_weight.contiguous(memory_format=torch.channels_last)
+    return grad_weight
 
 
 def output_in_weight_layout(out: Tensor, weight: Tensor) -> Tensor:

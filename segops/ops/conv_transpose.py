@@ -42,6 +42,7 @@ from .conv import (
     gemm_operand_once,
     output_in_weight_layout,
     prepare_inputs,
+    weight_grad_layout,
 )
 
 
@@ -91,7 +92,8 @@ def _grad(ctx, grad):
     if ctx.needs_input_grad[1]:
         # the convolution's weight gradient: the transposed conv's input plays
         # the output gradient, its output gradient plays the input
-        grad_weight = _conv2d_grad_weight(input, grad, list(weight.shape), *ctx.geometry)
+        grad_weight = weight_grad_layout(
+            _conv2d_grad_weight(input, grad, list(weight.shape), *ctx.geometry), input, weight)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(ctx.bias_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None

@@ -1371,6 +1371,29 @@ def test_every_path_gives_f_conv2d(path, args):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("x_layout, w_layout", [("channels_last", "contiguous"),
+                                                ("contiguous", "contiguous")])
+def test_weight_gradient_has_atens_layout(path, transposed, x_layout, w_layout):
+    """torch.autograd.grad hands the weight gradient over in the layout the
+    convolution ran in: channels_last when the input is (the weight too,
+    see the test below), contiguous otherwise, as ATen's."""
+    skip_off_kernel_path_on_gpu(path)
+    x = like_layout(torch.randn(2, 4, 5, 6, dtype=torch.float64), x_layout)
+    w = like_layout(torch.randn(4, 4, 3, 3, dtype=torch.float64), w_layout)
+    ours = segops.ops.conv_transpose2d if transposed else segops.ops.atrous_conv2d
+    theirs = F.conv_transpose2d if transposed else F.conv2d
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.autograd.grad(theirs(xr, wr, stride=2).sum(), wr)[0]
+    xo, wo = x.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_()
+    with on_path(path):
+        got = torch.autograd.grad(ours(xo, wo, stride=2).sum(), wo)[0]
+    layout = torch.channels_last if x_layout == "channels_last" else torch.contiguous_format
+    assert memory_format_of(got) == memory_format_of(want) == layout
+    assert_close(got, want, F64, name="weight grad")
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_channels_last_weight_gives_channels_last_output_like_aten(path):
     """model.to(memory_format=torch.channels_last) with NCHW inputs: ATen
     runs the convolution in channels_last when either operand is, so the
