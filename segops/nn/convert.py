@@ -170,31 +170,38 @@ def _subclass_of(module: nn.Module, kinds) -> bool:
     return type(module) not in kinds and any(isinstance(module, k) for k in kinds)
 
 
-def _left_subclass(module: nn.Module, ops) -> bool:
-    """A subclass (not segops' own) of a layer that ``ops`` replace."""
-    if type(module) in (AtrousConv2d, ConvTranspose2d, RoIAlign, MultiScaleRoIAlign):
-        return False
-    tv = _torchvision_ops()
+def _torch_layer_kinds(ops) -> list[type]:
+    """The torch / torchvision classes ``ops`` replace, nn.Conv2d aside (that
+    one depends on each layer's dilation: ``_left_subclass``)."""
     kinds = [nn.ConvTranspose2d] if "conv_transpose" in ops else []
-    if isinstance(module, nn.Conv2d) and ("conv" in ops or (
-            "atrous_conv" in ops and max(module.dilation) > 1)):
-        kinds.append(nn.Conv2d)
+    tv = _torchvision_ops()
     if tv is not None and "roi_align" in ops:
         kinds += [tv.RoIAlign, tv.MultiScaleRoIAlign]
     detection = _torchvision_detection()
     if detection is not None and "detection" in ops:
         kinds += [detection[name] for name in DETECTION_CLASSES]
+    return kinds
+
+
+def _left_subclass(module: nn.Module, ops, kinds: list[type]) -> bool:
+    """A subclass (not segops' own) of a layer that ``ops`` replace; ``kinds``
+    from ``_torch_layer_kinds(ops)``."""
+    if type(module) in (AtrousConv2d, ConvTranspose2d, RoIAlign, MultiScaleRoIAlign):
+        return False
+    if isinstance(module, nn.Conv2d) and ("conv" in ops or (
+            "atrous_conv" in ops and max(module.dilation) > 1)):
+        kinds = kinds + [nn.Conv2d]
     return _subclass_of(module, kinds)
 
 
-def _left_segops_subclass(module: nn.Module) -> bool:
-    """A subclass of a segops layer that revert_model replaces (a
-    parametrized AtrousConv2d, weight_norm's, is one)."""
+def _segops_layer_kinds() -> list[type]:
+    """The segops classes revert_model replaces (their subclasses, e.g. a
+    parametrized AtrousConv2d, weight_norm's, are left)."""
     kinds = [AtrousConv2d, ConvTranspose2d, RoIAlign, MultiScaleRoIAlign]
     if _torchvision_detection() is not None:
         detection = _segops_detection()
         kinds += [detection[name] for name in DETECTION_CLASSES]
-    return _subclass_of(module, kinds)
+    return kinds
 
 
 def _torch_twin(module: nn.Module) -> nn.Module | None:
@@ -339,8 +346,9 @@ def convert_model(model: nn.Module, *,
         model = copy.deepcopy(model)
     _refuse_compiled(model, lambda m: _segops_twin(m, ops), "convert_model")
     report = _convert(model, lambda m: _segops_twin(m, ops))
+    kinds = _torch_layer_kinds(ops)
     report.left = [(name, type(m).__name__) for name, m in report.model.named_modules()
-                   if _left_subclass(m, ops)]
+                   if _left_subclass(m, ops, kinds)]
     return report
 
 
@@ -356,6 +364,7 @@ def revert_model(model: nn.Module, *, inplace: bool = True) -> ConversionReport:
         model = copy.deepcopy(model)
     _refuse_compiled(model, _torch_twin, "revert_model")
     report = _convert(model, _torch_twin)
+    kinds = _segops_layer_kinds()
     report.left = [(name, type(m).__name__) for name, m in report.model.named_modules()
-                   if _left_segops_subclass(m)]
+                   if _subclass_of(m, kinds)]
     return report
