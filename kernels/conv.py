@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .._checks import accumulation_dtype
-from .._format import memory_format_of
+from .._format import conv_memory_format
 from .._geometry import reached_residues, residue_candidates, tap_class_bounds, tap_interval
 from .._geometry import conv_output_size as output_size
 from ._gemm import (
@@ -767,14 +767,15 @@ def _pad_bias(bias, count: int):
 def conv2d_forward(x, w, bias, stride, padding, dilation, groups: int, relu: bool = False, *,
                    config: dict | None = None, splits: int | None = None) -> torch.Tensor:
     """y = conv2d(x, w) + bias (then ReLU). ``padding`` is (top, bottom,
-    left, right); the output keeps x's memory format. ``splits``: how many
+    left, right); the output is channels_last when x or w is (ATen's rule,
+    segops._format.conv_memory_format). ``splits``: how many
     parts the reduction is split into (default: forward_splits' choice)."""
     N, _, H, W = x.shape
     C_out_total, C_in, KH, KW = w.shape
     C_out = C_out_total // groups
     OH, OW = output_size((H, W), (KH, KW), stride, padding, dilation)
     y = empty((N, C_out_total, OH, OW), dtype=x.dtype, device=x.device,
-              memory_format=memory_format_of(x))
+              memory_format=conv_memory_format(x, w))
     if y.numel() == 0:
         return y
     M = N * OH * OW

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._format import memory_format_of
+from .._format import conv_memory_format
 from .._geometry import conv_transpose_output_size as output_size
 from . import conv
 from ._gemm import (
@@ -165,10 +165,10 @@ def is_one_gemm(kernel_size, stride, padding, output_padding, dilation) -> bool:
 def conv_transpose2d_forward(x, w, bias, stride, padding, output_padding, dilation,
                              groups: int, *, config: dict | None = None) -> torch.Tensor:
     """y = conv_transpose2d(x, w) + bias; w is (C_in, C_out / groups, KH, KW).
-    The output keeps x's memory format."""
+    The output is channels_last when x or w is (ATen's rule)."""
     KH, KW = w.shape[-2:]
     out_hw = output_size(x.shape[-2:], (KH, KW), stride, padding, output_padding, dilation)
-    memory_format = memory_format_of(x)
+    memory_format = conv_memory_format(x, w)
     depthwise = groups > 1 and w.shape[1] == 1  # the gather has a direct kernel for it
     if depthwise or not is_one_gemm((KH, KW), stride, padding, output_padding, dilation):
         return conv.conv_transpose_gather(x, w, bias, out_hw, stride,

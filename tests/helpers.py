@@ -100,6 +100,7 @@ class LaunchRecorder:
         self.names = names
         self.launches: list[tuple[str, tuple]] = []
         self.arguments: list[tuple[str, dict]] = []
+        self.calls: list[tuple[str, tuple]] = []   # the positional arguments
         self._saved = {}
 
     def __enter__(self):
@@ -142,6 +143,7 @@ class _RecordingKernel:
             sizes = grid(kwargs) if callable(grid) else grid
             self.recorder.launches.append((self.name, tuple(sizes)))
             self.recorder.arguments.append((self.name, dict(kwargs)))
+            self.recorder.calls.append((self.name, args))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -285,6 +287,116 @@ def assert_channels_last_like_aten(plain, ours, x, path: str, **call) -> None:
     assert_close(out, want, RTOL[x.dtype])
     assert_close(grad, want_grad, RTOL[x.dtype], name="grad")
     assert_close(grad_w, want_grad_w, RTOL[x.dtype], name="weight grad")
+
+
+# (N, C, H, W) views whose memory format ATen reads from the stride order,
+# dense or not: name -> (the dense tensor viewed, as a function of the view's
+# shape; the view of it, a function of that tensor and the shape)
+def _slice_of_wider(axis: int, index: slice, fmt=torch.channels_last):
+    def base(shape):
+        wide = list(shape)
+        wide[axis] = 2 * wide[axis] + 1
+        return torch.randn(wide, dtype=torch.float64).contiguous(memory_format=fmt)
+
+    def view(t, shape):
+        t = t[(slice(None),) * axis + (index,)]
+        return t[tuple(slice(0, n) for n in shape)]
+    return base, view
+
+
+def _permuted(order):
+    inverse = [order.index(axis) for axis in range(4)]
+
+    def base(shape):
+        return torch.randn([shape[axis] for axis in order], dtype=torch.float64)
+    return base, lambda t, shape: t.permute(inverse)
+
+
+STRIDE_VIEWS = {
+    "contiguous": _permuted((0, 1, 2, 3)),
+    # .to, not .contiguous, gives one channel or 1x1 maps channels_last strides
+    "channels_last": (lambda shape: torch.randn(shape, dtype=torch.float64).to(
+        memory_format=torch.channels_last), lambda t, shape: t),
+    "cl_channel_slice": _slice_of_wider(1, slice(1, None)),
+    "cl_row_step": _slice_of_wider(2, slice(None, None, 2)),
+    "cl_column_slice": _slice_of_wider(3, slice(1, None)),
+    "nchw_channel_slice": _slice_of_wider(1, slice(1, None), torch.contiguous_format),
+    "nhwc_permuted": _permuted((0, 2, 3, 1)),
+    "nwhc_permuted": _permuted((0, 3, 2, 1)),
+    "expanded_batch": (lambda shape: torch.randn(1, *shape[1:], dtype=torch.float64),
+                       lambda t, shape: t.expand(*shape)),
+    # channels at stride 1 overlapping the columns at stride 2 (unfold-like
+    # windows): the strides grow along C, W, H, N but ATen requires each to
+    # pass the last axis's extent, so it is contiguous
+    "overlapping_channels": (lambda shape: torch.randn(
+        shape[0] * 2 * shape[2] * shape[3] + shape[1], dtype=torch.float64),
+        lambda t, shape: t.as_strided(shape, (2 * shape[2] * shape[3], 1, 2 * shape[3], 2))),
+    # a channel stride of 0 (ATen: contiguous, whatever the other strides)
+    "expanded_channels": (lambda shape: torch.randn(shape[0], 1, *shape[2:],
+                                                    dtype=torch.float64),
+                          lambda t, shape: t.expand(*shape)),
+}
+
+
+# (input view, weight view): every input view with either dense weight, and
+# the weight's own views with a contiguous input (but a weight overlapping
+# itself, where ATen's CPU convolutions do not follow their stated rule)
+VIEW_PAIRS = ([(x, w) for w in ("contiguous", "channels_last") for x in STRIDE_VIEWS]
+              + [("contiguous", w) for w in STRIDE_VIEWS
+                 if w not in ("contiguous", "channels_last", "overlapping_channels")])
+# (N, C, H, W) shapes; with one channel or 1x1 maps only the strides say the format
+LAYOUT_SHAPES = {"maps": (2, 3, 5, 6), "one_channel": (2, 1, 5, 6), "1x1_maps": (2, 3, 1, 1),
+                 "one_pixel": (2, 1, 1, 1)}
+# the views whose stride order is channels_last at every LAYOUT_SHAPES entry
+# with several channels and maps larger than 1x1
+CHANNELS_LAST_VIEWS = ("channels_last", "cl_channel_slice", "cl_row_step", "cl_column_slice",
+                       "nhwc_permuted")
+
+
+def strided_views(name: str, shape, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """STRIDE_VIEWS[name] of ``shape``: the view on the CPU and the same view
+    of the same values on ``device`` (DEVICE by default; ``.to`` would make
+    a non-dense view dense). With one channel or 1x1 maps, 'contiguous' and
+    'channels_last' are the ambiguous cases ATen decides by the strides."""
+    base, view = STRIDE_VIEWS[name]
+    t = base(shape)
+    return view(t, shape), view(t.to(device or DEVICE), shape)
+
+
+def assert_strides_like_aten(theirs, ours, x, w, path: str, ambiguous=(), **call) -> None:
+    """ours(x, w, **call) on ``path`` gives the output, input gradient and
+    weight gradient of theirs (ATen, on the CPU) with ATen's exact strides
+    (its memory format comes from the stride order of both operands, dense
+    or not, and the next ATen op reads it back) and values. ``x`` and ``w``
+    are (CPU, DEVICE) pairs of one view (``strided_views``).
+
+    ``ambiguous`` names results dense in both layouts (size-1 axes) whose
+    strides ATen's slow CPU backends leave as their computation made them
+    rather than as the format's: those need only be dense in the format
+    ATen's strides read as. So does the weight gradient of a weight dense
+    in both layouts (C_in = 1 or a 1x1 kernel): ATen's backends disagree
+    there, and ``.backward()`` lays it out like the weight anyway."""
+    from segops._format import memory_format_of
+    skip_off_kernel_path_on_gpu(path)
+    xr, xo = (t.detach().requires_grad_() for t in x)
+    wr, wo = (t.detach().requires_grad_() for t in w)
+    want = theirs(xr, wr, **call)
+    # contiguous whatever the output's layout: the gradients' layout is the
+    # convolution's, not the incoming gradient's
+    dy = torch.randn(want.shape, dtype=want.dtype)
+    want_grads = torch.autograd.grad(want, (xr, wr), dy)
+    with on_path(path):
+        out = ours(xo, wo, **call)
+        grads = torch.autograd.grad(out, (xo, wo), dy.to(out.device))
+    for name, got, expected in zip(("output", "grad", "weight grad"), (out, *grads),
+                                   (want, *want_grads)):
+        both = (expected.is_contiguous()
+                and expected.is_contiguous(memory_format=torch.channels_last))
+        if name in ambiguous or (name == "weight grad" and both):
+            assert got.is_contiguous(memory_format=memory_format_of(expected)), name
+        else:
+            assert got.stride() == expected.stride(), (name, got.stride(), expected.stride())
+        assert_close(got, expected, RTOL[torch.float64], name=name)
 
 
 def deterministic(enabled: bool = True):

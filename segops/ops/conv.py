@@ -15,7 +15,10 @@ Conventions (``F.conv2d``'s)
 * Output ``(N, C_out, OH, OW)``, OH = (H + 2*pad_h - dil_h*(KH-1) - 1) //
   stride_h + 1, channels_last when the input or the weight is (ATen's rule:
   a model moved to channels_last gives channels_last outputs from NCHW
-  inputs), else contiguous.
+  inputs), else contiguous. A tensor's format is its stride order, as
+  ATen's ``suggest_memory_format`` reads it (a channel slice of a
+  channels_last tensor is channels_last); the output and the gradients have
+  the strides ATen gives them (segops._format).
 * Under autocast, float32 inputs are cast to the autocast dtype first, as
   ATen does for conv2d.
 * Non-finite weights (NaN, inf) give non-finite outputs, but on the
@@ -43,7 +46,7 @@ from .._checks import (
     int_pair,
     refuse_forward_ad,
 )
-from .._format import is_channels_last, memory_format_of
+from .._format import conv_memory_format, empty_in_format, in_format, memory_format_of
 from .._geometry import conv_output_size
 from ..reference import conv as reference
 
@@ -59,6 +62,12 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def ran_channels_last(input: Tensor, weight: Tensor) -> bool:
+    """Whether the convolution of ``input`` and ``weight`` runs (and gives its
+    output and every gradient) in channels_last: ATen's rule."""
+    return conv_memory_format(input, weight) == torch.channels_last
+
+
 # --------------------------------------------------------------------------
 # custom ops: forward, grad_input, grad_weight
 # --------------------------------------------------------------------------
@@ -68,15 +77,14 @@ def _conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int
     args = (input, weight, bias, stride, padding, dilation, groups, relu)
     if _dispatch.uses_kernel(input):
         return _kernels().conv2d_forward(*args)
-    out = reference.conv2d(*args)
-    return out.contiguous(memory_format=memory_format_of(input))
+    return in_format(reference.conv2d(*args), conv_memory_format(input, weight))
 
 
 @_conv2d.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, relu):
     OH, OW = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    out = input.new_empty((input.shape[0], weight.shape[0], OH, OW))
-    return out.contiguous(memory_format=memory_format_of(input))
+    return empty_in_format(input, (input.shape[0], weight.shape[0], OH, OW),
+                           conv_memory_format(input, weight))
 
 
 @torch.library.custom_op("segops::conv2d_grad_input", mutates_args=())
@@ -87,28 +95,31 @@ def _conv2d_grad_input(grad: Tensor, weight: Tensor, input_hw: list[int], stride
         return _kernels().conv_transpose_gather(grad, weight, None, input_hw, stride, padding,
                                                 dilation, groups, _memory_format(channels_last))
     dx = reference.conv2d_grad_input(grad, weight, input_hw, stride, padding, dilation, groups)
-    return dx.contiguous(memory_format=_memory_format(channels_last))
+    return in_format(dx, _memory_format(channels_last))
 
 
 @_conv2d_grad_input.register_fake
 def _(grad, weight, input_hw, stride, padding, dilation, groups, channels_last):
     shape = (grad.shape[0], weight.shape[1] * groups, *input_hw)
-    return grad.new_empty(shape).contiguous(memory_format=_memory_format(channels_last))
+    return empty_in_format(grad, shape, _memory_format(channels_last))
 
 
 @torch.library.custom_op("segops::conv2d_grad_weight", mutates_args=())
 def _conv2d_grad_weight(grad: Tensor, input: Tensor, weight_shape: list[int],
                         stride: list[int], padding: list[int], dilation: list[int],
-                        groups: int) -> Tensor:
+                        groups: int, channels_last: bool) -> Tensor:
     args = (grad, input, weight_shape, stride, padding, dilation, groups)
     if _dispatch.uses_kernel(input):
-        return _kernels().conv2d_grad_weight(*args).to(input.dtype)
-    return reference.conv2d_grad_weight(*args)
+        dw = _kernels().conv2d_grad_weight(*args)
+    else:
+        dw = reference.conv2d_grad_weight(*args)
+    fmt = _memory_format(channels_last)
+    return in_format(dw.to(input.dtype, memory_format=fmt), fmt)
 
 
 @_conv2d_grad_weight.register_fake
-def _(grad, input, weight_shape, stride, padding, dilation, groups):
-    return input.new_empty(weight_shape)
+def _(grad, input, weight_shape, stride, padding, dilation, groups, channels_last):
+    return empty_in_format(input, weight_shape, _memory_format(channels_last))
 
 
 # Double backward: both gradient ops are bilinear, and each derivative is
@@ -126,8 +137,7 @@ def _save_operands_and_geometry(ctx, inputs, output):
 
 def _dense_like(out: Tensor, like: Tensor) -> Tensor:
     """``out`` cropped to ``like``'s height and width, dense in its layout."""
-    out = out[..., :like.shape[-2], :like.shape[-1]]
-    return out.contiguous(memory_format=memory_format_of(like))
+    return in_format(out[..., :like.shape[-2], :like.shape[-1]], memory_format_of(like))
 
 
 def _grad_input_grad(ctx, g):
@@ -139,7 +149,8 @@ def _grad_input_grad(ctx, g):
         # output_padding leaves rows and columns no input reaches
         dgrad = _dense_like(_conv2d(g, weight, None, *ctx.geometry, False), grad)
     if ctx.needs_input_grad[1]:
-        dweight = _conv2d_grad_weight(grad, g, list(weight.shape), *ctx.geometry)
+        dweight = _conv2d_grad_weight(grad, g, list(weight.shape), *ctx.geometry,
+                                      ran_channels_last(g, weight))
     return dgrad, dweight, None, None, None, None, None, None
 
 
@@ -155,12 +166,24 @@ def _grad_weight_grad(ctx, g):
         dgrad = _dense_like(_conv2d(input, g, None, *ctx.geometry, False), grad)
     if ctx.needs_input_grad[1]:
         dinput = _conv2d_grad_input(grad, g, list(input.shape[-2:]), *ctx.geometry,
-                                    is_channels_last(input))
-    return dgrad, dinput, None, None, None, None, None
+                                    ran_channels_last(input, g))
+    return dgrad, dinput, None, None, None, None, None, None
 
 
 _conv2d_grad_weight.register_autograd(_grad_weight_grad,
                                       setup_context=_save_operands_and_geometry)
+
+
+def kernel_operand(input: Tensor, weight: Tensor) -> Tensor:
+    """On the kernel path, the input of a channels_last convolution (the
+    weight is) with its channel axis contiguous: the forward kernel and the
+    backward's weight GEMM both read it so, and this one copy is what the
+    backward saves (else each would make its own). The output's layout does
+    not change: it is ATen's rule for the original operands either way."""
+    if (_dispatch.uses_kernel(input) and input.stride(1) != 1
+            and conv_memory_format(input, weight) == torch.channels_last):
+        return input.contiguous(memory_format=torch.channels_last)
+    return input
 
 
 def gemm_operand_once(grad: Tensor, channels_per_group: int) -> Tensor:
@@ -190,12 +213,13 @@ def _conv2d_grad(ctx, grad):
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
         grad = gemm_operand_once(grad, weight.shape[1])
     grad_input = grad_weight = grad_bias = None
+    channels_last = ran_channels_last(input, weight)
     if ctx.needs_input_grad[0]:
         grad_input = _conv2d_grad_input(grad, weight, list(input.shape[-2:]), *ctx.geometry,
-                                        is_channels_last(input))
+                                        channels_last)
     if ctx.needs_input_grad[1]:
-        grad_weight = weight_grad_layout(
-            _conv2d_grad_weight(grad, input, list(weight.shape), *ctx.geometry), input, weight)
+        grad_weight = _conv2d_grad_weight(grad, input, list(weight.shape), *ctx.geometry,
+                                          channels_last)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(ctx.bias_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
@@ -267,36 +291,6 @@ def check_conv_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, group
     if 0 in weight.shape[2:]:
         raise ArgumentError(f"weight must have a non-empty kernel, got shape {tuple(weight.shape)}")
     return groups
-
-
-def follow_weight_layout(input: Tensor, weight: Tensor) -> Tensor:
-    """``input`` in channels_last when the weight is and the input is not:
-    ATen's convolutions run (and return) channels_last when either operand
-    is (``model.to(memory_format=torch.channels_last)`` with NCHW inputs),
-    and the custom ops take the output's layout from the input."""
-    if is_channels_last(weight) and not is_channels_last(input):
-        return input.contiguous(memory_format=torch.channels_last)
-    return input
-
-
-def weight_grad_layout(grad_weight: Tensor, input: Tensor, weight: Tensor) -> Tensor:
-    """The weight gradient (computed contiguous) in channels_last when the
-    convolution ran channels_last (either operand is), as ATen returns it;
-    ``.backward()`` would re-lay it out like the weight anyway, but
-    ``torch.autograd.grad`` hands it over as is. A copy only then."""
-    if is_channels_last(input) or is_channels_last(weight):
-        return grad_weight.contiguous(memory_format=torch.channels_last)
-    return grad_weight
-
-
-def output_in_weight_layout(out: Tensor, weight: Tensor) -> Tensor:
-    """``out`` in channels_last when the weight is, where the input could not
-    carry that layout to the custom op: an input with one channel or 1x1
-    maps is both layouts and counts as contiguous (``is_channels_last``),
-    while ATen's output follows the channels_last weight. A copy only then."""
-    if is_channels_last(weight) and not is_channels_last(out):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
 
 
 def _check_tensors(input: Tensor, weight: Tensor, bias: Tensor | None, groups) -> int:
@@ -419,9 +413,8 @@ def atrous_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     elif _dispatch.uses_native(input):
         out = _native_conv2d(input, weight, bias, stride, padding, pads, dilation, groups, relu)
     else:
-        out = output_in_weight_layout(
-            _conv2d(follow_weight_layout(input, weight), weight, bias, stride, pads, dilation,
-                    groups, relu), weight)
+        out = _conv2d(kernel_operand(input, weight), weight, bias, stride, pads, dilation,
+                      groups, relu)
     return out.squeeze(0) if unbatched else out
 
 
@@ -439,12 +432,11 @@ def _no_input_channels(input, weight, bias, out_hw, relu):
     with no channels here; segops returns the (N, C_out, OH, OW) that the
     convolution's definition gives.) The empty input and weight join the
     graph through a zero term, so autograd gives them (empty) gradients."""
-    fmt = memory_format_of(input)
     out = input.new_zeros((input.shape[0], weight.shape[0], *out_hw)) \
         + 0 * (input.sum() + weight.sum())
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
-    return (out.relu() if relu else out).contiguous(memory_format=fmt)
+    return in_format(out.relu() if relu else out, conv_memory_format(input, weight))
 
 
 # graph leaves for torch.fx.symbolic_trace (see segops/ops/__init__.py)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._checks import ArgumentError, accumulation_dtype, refuse_forward_ad
-from .._format import is_channels_last, memory_format_of
+from .._format import conv_memory_format, empty_in_format, in_format
 from .._geometry import conv_transpose_output_size, four_sided
 from ..reference import conv_transpose as reference
 from .conv import (
@@ -38,11 +38,9 @@ from .conv import (
     check_conv_tensors,
     check_geometry,
     check_pixel_count,
-    follow_weight_layout,
     gemm_operand_once,
-    output_in_weight_layout,
+    kernel_operand,
     prepare_inputs,
-    weight_grad_layout,
 )
 
 
@@ -58,15 +56,15 @@ def _conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None, stride
     args = (input, weight, bias, stride, padding, output_padding, dilation, groups)
     if _dispatch.uses_kernel(input):
         return _kernels().conv_transpose2d_forward(*args)
-    return reference.conv_transpose2d(*args).contiguous(memory_format=memory_format_of(input))
+    return in_format(reference.conv_transpose2d(*args), conv_memory_format(input, weight))
 
 
 @_conv_transpose2d.register_fake
 def _(input, weight, bias, stride, padding, output_padding, dilation, groups):
     out_hw = conv_transpose_output_size(input.shape[-2:], weight.shape[-2:], stride, padding,
                                         output_padding, dilation)
-    out = input.new_empty((input.shape[0], weight.shape[1] * groups, *out_hw))
-    return out.contiguous(memory_format=memory_format_of(input))
+    return empty_in_format(input, (input.shape[0], weight.shape[1] * groups, *out_hw),
+                           conv_memory_format(input, weight))
 
 
 def _setup_context(ctx, inputs, output):
@@ -81,19 +79,18 @@ def _grad(ctx, grad):
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
         grad = gemm_operand_once(grad, weight.shape[1])
     grad_input = grad_weight = grad_bias = None
+    fmt = conv_memory_format(input, weight)
     if ctx.needs_input_grad[0]:
         grad_input = _conv2d(grad, weight, None, *ctx.geometry, False)
         # output_padding >= stride (allowed below the dilation) adds output
         # rows that no input pixel reaches: the convolution then returns
-        # extra rows, dropped here
-        grad_input = grad_input[..., :input.shape[-2], :input.shape[-1]]
-        # dense in the input's layout (a crop is neither layout: a copy)
-        grad_input = grad_input.contiguous(memory_format=memory_format_of(input))
+        # extra rows, dropped here (a crop is neither layout: a copy)
+        grad_input = in_format(grad_input[..., :input.shape[-2], :input.shape[-1]], fmt)
     if ctx.needs_input_grad[1]:
         # the convolution's weight gradient: the transposed conv's input plays
         # the output gradient, its output gradient plays the input
-        grad_weight = weight_grad_layout(
-            _conv2d_grad_weight(input, grad, list(weight.shape), *ctx.geometry), input, weight)
+        grad_weight = _conv2d_grad_weight(input, grad, list(weight.shape), *ctx.geometry,
+                                          fmt == torch.channels_last)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(ctx.bias_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
@@ -166,9 +163,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         out = F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                  dilation)
     else:
-        out = output_in_weight_layout(
-            _conv_transpose2d(follow_weight_layout(input, weight), weight, bias, stride,
-                              padding, output_padding, dilation, groups), weight)
+        out = _conv_transpose2d(kernel_operand(input, weight), weight, bias, stride, padding,
+                                output_padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 

@@ -65,7 +65,7 @@ from .. import _checks, _dispatch
 from .._checks import (FLOAT_DTYPES, ArgumentError, ArgumentTypeError, accumulation_dtype,
                        check_choice, check_int, check_number, check_same_device, check_tensor,
                        int_pair, refuse_forward_ad)
-from .._format import memory_format_of
+from .._format import empty_in_format, in_format, memory_format_of
 from ..reference import roi_align as reference
 
 POOL_MODES = ("avg", "max")
@@ -107,14 +107,14 @@ def _roi_align(features: list[Tensor], rois: Tensor, levels: Tensor | None,
         _check_batch_indices(rois, features[0].shape[0])
     if _native_applies(features[0], pool_mode, deterministic=False):
         return _native_forward(*args[:-1])
-    return reference.roi_align(*args).contiguous(memory_format=memory_format_of(features[0]))
+    return in_format(reference.roi_align(*args), memory_format_of(features[0]))
 
 
 @_roi_align.register_fake
 def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
       pool_mode, check_batch):
     shape = (rois.shape[0], features[0].shape[1], pooled_height, pooled_width)
-    return features[0].new_empty(shape).contiguous(memory_format=memory_format_of(features[0]))
+    return empty_in_format(features[0], shape, memory_format_of(features[0]))
 
 
 @torch.library.custom_op("segops::roi_align_backward", mutates_args=())
@@ -131,13 +131,13 @@ def _roi_align_backward(grad: Tensor, features: list[Tensor], rois: Tensor,
     if _native_applies(features[0], pool_mode, deterministic):
         return _native_backward(*args[:-1])
     grads = reference.roi_align_backward(*args)
-    return [g.contiguous(memory_format=memory_format_of(f)) for g, f in zip(grads, features)]
+    return [in_format(g, memory_format_of(f)) for g, f in zip(grads, features)]
 
 
 @_roi_align_backward.register_fake
 def _(grad, features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned,
       pool_mode, deterministic):
-    return [torch.empty_like(f, memory_format=memory_format_of(f)) for f in features]
+    return [empty_in_format(f, f.shape, memory_format_of(f)) for f in features]
 
 
 def _roi_align_setup_context(ctx, inputs, output):
@@ -183,7 +183,7 @@ def _roi_align_backward_grad(ctx, grads):
                                   "(pool_mode='avg' is)")
     rois, levels = ctx.saved_tensors
     like = next(g for g in grads if g is not None)
-    probes = [like.new_zeros(shape).contiguous(memory_format=fmt) if g is None else g
+    probes = [empty_in_format(like, shape, fmt).zero_() if g is None else g
               for g, (shape, fmt) in zip(grads, ctx.levels_like)]
     return (_roi_align(probes, rois, levels, *ctx.options, False), *nones)
 
@@ -276,13 +276,13 @@ def _native_forward(features, rois, levels, scales, pooled_height, pooled_width,
     shape = (rois.shape[0], x.shape[1], pooled_height, pooled_width)
     groups = _native_rows(features, rois, levels, scales, shape[2:], sampling_ratio, aligned)
     if math.prod(shape) == 0 or not groups:
-        return x.new_zeros(shape).contiguous(memory_format=fmt)
+        return empty_in_format(x, shape, fmt).zero_()
     results = [(rows, _torchvision_ops().roi_align(
         features[level].to(acc), rois if rows is None else rois[rows], scales[level],
         pooled_height, pooled_width, sampling_ratio, aligned)) for level, rows in groups]
     if results[0][0] is None:  # one level, every RoI: torchvision's output as it is
-        return results[0][1].to(x.dtype).contiguous(memory_format=fmt)
-    out = x.new_zeros(shape).contiguous(memory_format=fmt)
+        return in_format(results[0][1].to(x.dtype), fmt)
+    out = empty_in_format(x, shape, fmt).zero_()
     for rows, result in results:
         out[rows] = result.to(x.dtype)
     return out
@@ -303,8 +303,8 @@ def _native_backward(grad, features, rois, levels, scales, pooled_height, pooled
         grads[level] = _torchvision_ops()._roi_align_backward(
             grad if rows is None else grad[rows], rois if rows is None else rois[rows],
             scales[level], pooled_height, pooled_width, N, C, H, W, sampling_ratio, aligned)
-    return [torch.zeros_like(f, memory_format=memory_format_of(f)) if g is None
-            else g.to(f.dtype).contiguous(memory_format=memory_format_of(f))
+    return [empty_in_format(f, f.shape, memory_format_of(f)).zero_() if g is None
+            else in_format(g.to(f.dtype), memory_format_of(f))
             for g, f in zip(grads, features)]
 
 

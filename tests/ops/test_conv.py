@@ -13,13 +13,16 @@ import triton.language as tl
 from helpers import (
     DEVICE,
     KERNEL_DTYPES,
+    LAYOUT_SHAPES,
     ON_GPU,
     RTOL,
     VIEW_KINDS,
+    VIEW_PAIRS,
     assert_channels_last_like_aten,
     assert_close,
     assert_guards_intact,
     assert_second_order_close,
+    assert_strides_like_aten,
     deterministic,
     guarded_outputs,
     like_layout,
@@ -29,6 +32,7 @@ from helpers import (
     record_gemm_launches,
     record_launches,
     skip_off_kernel_path_on_gpu,
+    strided_views,
 )
 
 import segops
@@ -38,7 +42,7 @@ from segops.kernels import conv as kernels
 from segops.kernels import conv_transpose as transpose_kernels
 from segops.kernels._math import divisor_magic, fast_div
 from segops._format import memory_format_of
-from segops._geometry import tap_class_bounds
+from segops._geometry import conv_output_size, tap_class_bounds
 from segops.reference import conv as ref
 
 F64 = RTOL[torch.float64]
@@ -477,6 +481,29 @@ def test_depthwise_direct_kernels(dtype, layout, monkeypatch):
                  F.conv2d(*(t.double().cpu() for t in (x, w, b)), padding=1), RTOL[dtype])
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_depthwise_channels_last_weight_reads_a_channels_last_input(transposed):
+    """An NCHW input with a channels_last depthwise weight gives a
+    channels_last output, which the direct kernel writes from a channels_last
+    copy of the input (its channel-wide tile, as the GEMMs read their
+    operands), not from the NCHW input with the pixel-wide tile."""
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, device=DEVICE)
+    shape = (6, 1, 3, 3) if transposed else (12, 1, 3, 3)
+    w = torch.randn(shape, dtype=torch.float64, device=DEVICE).to(
+        memory_format=torch.channels_last)
+    op = segops.ops.conv_transpose2d if transposed else segops.ops.atrous_conv2d
+    name = "_depthwise_bwd_input_kernel" if transposed else "_depthwise_fwd_kernel"
+    with record_launches(kernels, name) as launches:
+        out = op(x, w, stride=2, groups=6)
+    ((read, *_),) = [args for launched, args in launches.calls if launched == name]
+    assert read.stride(1) == 1 and out.stride(1) == 1
+    tile = kernels._depthwise_tile(6 if transposed else 12, True)
+    assert (launches.constexprs(name)[0]["BLOCK_M"], launches.constexprs(name)[0]["BLOCK_C"]) \
+        == tile
+    want = (F.conv_transpose2d if transposed else F.conv2d)(x.cpu(), w.cpu(), stride=2, groups=6)
+    assert_close(out, want, F64)
+
+
 def test_depthwise_weight_gradient_splits():
     x = torch.randn(2, 3, 12, 11, dtype=torch.float64, device=DEVICE)
     grad = torch.randn(2, 6, 12, 11, dtype=torch.float64, device=DEVICE)
@@ -775,17 +802,27 @@ def test_double_backward_gradgradcheck():
         (x, w), fast_mode=True)
 
 
-def test_opcheck():
-    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+OPCHECK_VIEWS = [("contiguous", "contiguous"), ("cl_channel_slice", "contiguous"),
+                 ("contiguous", "channels_last")]
+
+
+@pytest.mark.parametrize("x_view, w_view", OPCHECK_VIEWS)
+@pytest.mark.parametrize("shape", [(2, 4, 6, 5), (2, 4, 1, 1)], ids=["maps", "1x1_maps"])
+def test_opcheck(shape, x_view, w_view):
+    """The fake kernels promise the real outputs' strides (ATen's layout
+    rule), for non-dense and ambiguous inputs too."""
+    x = strided_views(x_view, shape)[1].requires_grad_()
+    w = strided_views(w_view, (6, 2, 3, 3))[1].requires_grad_()
     b = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     geometry = ([1, 2], [2, 2, 1, 1], [2, 1], 2)
     torch.library.opcheck(torch.ops.segops.conv2d.default, (x, w, b, *geometry, True))
-    grad = torch.randn(2, 6, 6, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.segops.conv2d_grad_input.default,
-                          (grad, w, [6, 5], *geometry, False))
-    torch.library.opcheck(torch.ops.segops.conv2d_grad_weight.default,
-                          (grad, x, [6, 2, 3, 3], *geometry))
+    OH, OW = conv_output_size(shape[-2:], (3, 3), *geometry[:3])
+    grad = torch.randn(2, 6, OH, OW, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    for channels_last in (False, True):
+        torch.library.opcheck(torch.ops.segops.conv2d_grad_input.default,
+                              (grad, w, list(shape[-2:]), *geometry, channels_last))
+        torch.library.opcheck(torch.ops.segops.conv2d_grad_weight.default,
+                              (grad, x, [6, 2, 3, 3], *geometry, channels_last))
 
 
 def test_compile_fullgraph_through_module():
@@ -1371,26 +1408,44 @@ def test_every_path_gives_f_conv2d(path, args):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
-@pytest.mark.parametrize("x_layout, w_layout", [("channels_last", "contiguous"),
-                                                ("contiguous", "contiguous")])
-def test_weight_gradient_has_atens_layout(path, transposed, x_layout, w_layout):
-    """torch.autograd.grad hands the weight gradient over in the layout the
-    convolution ran in: channels_last when the input is (the weight too,
-    see the test below), contiguous otherwise, as ATen's."""
-    skip_off_kernel_path_on_gpu(path)
-    x = like_layout(torch.randn(2, 4, 5, 6, dtype=torch.float64), x_layout)
-    w = like_layout(torch.randn(4, 4, 3, 3, dtype=torch.float64), w_layout)
-    ours = segops.ops.conv_transpose2d if transposed else segops.ops.atrous_conv2d
-    theirs = F.conv_transpose2d if transposed else F.conv2d
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    want = torch.autograd.grad(theirs(xr, wr, stride=2).sum(), wr)[0]
-    xo, wo = x.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_()
-    with on_path(path):
-        got = torch.autograd.grad(ours(xo, wo, stride=2).sum(), wo)[0]
-    layout = torch.channels_last if x_layout == "channels_last" else torch.contiguous_format
-    assert memory_format_of(got) == memory_format_of(want) == layout
-    assert_close(got, want, F64, name="weight grad")
+@pytest.mark.parametrize("x_view, w_view", VIEW_PAIRS, ids=[f"x_{x}-w_{w}" for x, w in VIEW_PAIRS])
+@pytest.mark.parametrize("shape", list(LAYOUT_SHAPES.values()), ids=list(LAYOUT_SHAPES))
+def test_output_and_gradient_strides_are_atens(path, shape, x_view, w_view):
+    """Output, input gradient and weight gradient with ATen's exact strides:
+    channels_last when either operand's strides order it so (ATen's
+    suggest_memory_format: channel slices and other non-dense views count;
+    one channel or 1x1 maps go by their strides), contiguous otherwise."""
+    x = strided_views(x_view, shape)
+    w = strided_views(w_view, (4, shape[1], 3, 3))
+    # ATen's slow dilated kernel returns this dense 1x1 output with NCHW
+    # strides, though the input's strides read channels_last
+    artifact = shape == LAYOUT_SHAPES["one_pixel"] and x_view == "overlapping_channels"
+    assert_strides_like_aten(F.conv2d, segops.ops.atrous_conv2d, x, w, path, padding=2,
+                             dilation=2, ambiguous=("output",) if artifact else ())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("x_view, w_view", VIEW_PAIRS, ids=[f"x_{x}-w_{w}" for x, w in VIEW_PAIRS])
+@pytest.mark.parametrize("shape", [LAYOUT_SHAPES["1x1_maps"], LAYOUT_SHAPES["one_channel"]],
+                         ids=["1x1_maps", "one_channel"])
+def test_pointwise_output_and_gradient_strides_are_atens(path, shape, x_view, w_view):
+    """The same for a 1x1 kernel without padding (DeepLabV3's image-pooling
+    branch convolves 1x1 maps): no padding to crop, so the result of each
+    path is dense as computed and only its strides say the format."""
+    x = strided_views(x_view, shape)
+    w = strided_views(w_view, (4, shape[1], 1, 1))
+    assert_strides_like_aten(F.conv2d, segops.ops.atrous_conv2d, x, w, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("x_view, w_view", VIEW_PAIRS, ids=[f"x_{x}-w_{w}" for x, w in VIEW_PAIRS])
+def test_depthwise_output_and_gradient_strides_are_atens(path, x_view, w_view):
+    """The same for the depthwise kernels (one input channel per group),
+    whose tiles follow the layout."""
+    x = strided_views(x_view, (2, 3, 5, 6))
+    w = strided_views(w_view, (6, 1, 3, 3))
+    assert_strides_like_aten(F.conv2d, segops.ops.atrous_conv2d, x, w, path, padding=2,
+                             dilation=2, groups=3)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -1402,27 +1457,6 @@ def test_channels_last_weight_gives_channels_last_output_like_aten(path):
     assert_channels_last_like_aten(torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2).double(),
                                    segops.nn.AtrousConv2d(4, 6, 3, padding=2, dilation=2).double(),
                                    torch.randn(2, 4, 5, 7, dtype=torch.float64), path)
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape, layout", [((2, 2, 1, 1), torch.channels_last),
-                                           ((2, 1, 4, 5), torch.contiguous_format)],
-                         ids=["1x1 maps", "one channel"])
-def test_channels_last_weight_and_an_input_of_both_layouts(path, shape, layout):
-    """An input with 1x1 maps is contiguous in both layouts: ATen's output
-    follows the channels_last weight, and so does segops' (the input cannot
-    carry the layout to the custom op). With one input channel the weight is
-    both layouts too, and the output contiguous, in both."""
-    skip_off_kernel_path_on_gpu(path)
-    x = torch.randn(shape, dtype=torch.float64)
-    w = torch.randn(3, shape[1], 3, 3, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last)
-    want = F.conv2d(x, w, padding=3, dilation=2)
-    device = DEVICE if path == "kernel" else torch.device("cpu")
-    with on_path(path):
-        out = segops.ops.atrous_conv2d(x.to(device), w.to(device), padding=3, dilation=2)
-    assert memory_format_of(want) == memory_format_of(out) == layout
-    assert_close(out, want, F64)
 
 
 # --------------------------------------------------------------------------

@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from helpers import (
     DEVICE,
     KERNEL_DTYPES,
+    LAYOUT_SHAPES,
     ON_GPU,
     RTOL,
     VIEW_KINDS,
+    VIEW_PAIRS,
     assert_channels_last_like_aten,
     assert_close,
     assert_second_order_close,
+    assert_strides_like_aten,
     like_layout,
     PATHS,
     non_contiguous,
@@ -25,11 +28,11 @@ from helpers import (
     record_gemm_launches,
     record_launches,
     skip_off_kernel_path_on_gpu,
+    strided_views,
 )
 
 import segops
 from segops import _checks
-from segops._format import memory_format_of
 from segops.kernels import conv as conv_kernels
 from segops.kernels import conv_transpose as kernels
 
@@ -233,7 +236,8 @@ ORDERS = {
     ((2, 4), "channels_last", "channels_last"): (True, False, "as is", True),
     ((2, 4), "channels_last", "contiguous"): (True, False, "ci-contiguous", True),
     ((2, 4), "contiguous", "contiguous"): (False, True, "as is", True),
-    ((2, 4), "contiguous", "channels_last"): (False, False, "ci-contiguous", True),
+    # a channels_last weight makes the output channels_last (ATen's rule)
+    ((2, 4), "contiguous", "channels_last"): (True, False, "as is", True),
     ((4, 1), "contiguous", "contiguous"): (False, True, "as is", True),
     # 6 taps: not a power of two, the NCHW epilogue cannot reorder the tile
     ((3, 2), "contiguous", "contiguous"): (True, False, "ci-contiguous", False),
@@ -251,8 +255,8 @@ def test_one_gemm_column_orders(kernel, x_layout, w_layout):
     tap_major, flat, weight, in_place = ORDERS[(kernel, x_layout, w_layout)]
     x, w, b, groups = one_gemm_tensors(kernel, x_layout, w_layout)
     out, call = run_one_gemm(x, w, b, kernel, groups)
-    assert out.is_contiguous(memory_format=torch.channels_last if x_layout == "channels_last"
-                             else torch.contiguous_format)
+    assert out.is_contiguous(memory_format=torch.channels_last if "channels_last" in
+                             (x_layout, w_layout) else torch.contiguous_format)
     assert (call["TAP_MAJOR"], call["FLAT_WEIGHT"]) == (tap_major, flat)
     assert (call["KH"], call["KW"]) == kernel
     w_arg, y_arg = call["args"][1], call["args"][3]
@@ -283,9 +287,11 @@ def test_one_gemm_reads_only_its_channels(mode):
         x = x.contiguous(memory_format=torch.channels_last)
         big_w[3:-3, 3:-3] = w
         w = big_w[3:-3, 3:-3]
-    else:  # a channel slice of a channels_last input (an NCHW output), a flat weight
-        big_x = torch.full((2, groups * C_in + 6, 3, 5), float("nan"), dtype=torch.float64,
-                           device=DEVICE).contiguous(memory_format=torch.channels_last)
+    else:  # a flat weight, and a channel slice of an input whose channels are
+        # contiguous but whose columns are outside its rows: NCHW by ATen's
+        # stride order (an NCHW output), its channels read in place
+        big_x = torch.full((2, 5, 3, groups * C_in + 6), float("nan"), dtype=torch.float64,
+                           device=DEVICE).permute(0, 3, 2, 1)
         big_x[:, 3:-3] = x
         x = big_x[:, 3:-3]
         big_w[3:-3, :C_out] = w
@@ -539,9 +545,14 @@ def test_third_order_gradients(options):
         assert_close(g, e, F64, name=name)
 
 
-def test_opcheck():
-    x = torch.randn(2, 4, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+@pytest.mark.parametrize("x_view, w_view", [("contiguous", "contiguous"),
+                                            ("cl_channel_slice", "contiguous"),
+                                            ("contiguous", "channels_last")])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 4), (2, 4, 1, 1)], ids=["maps", "1x1_maps"])
+def test_opcheck(shape, x_view, w_view):
+    """The fake kernel promises the real output's strides (ATen's rule)."""
+    x = strided_views(x_view, shape)[1].requires_grad_()
+    w = strided_views(w_view, (4, 3, 3, 3))[1].requires_grad_()
     b = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.segops.conv_transpose2d.default,
                           (x, w, b, [2, 1], [1, 0], [1, 0], [1, 2], 2))
@@ -700,22 +711,41 @@ def test_channels_last_weight_gives_channels_last_output_like_aten(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape", [(2, 4, 1, 1), (2, 1, 3, 3)], ids=["1x1 maps", "one channel"])
-def test_channels_last_weight_and_an_input_of_both_layouts(path, shape):
-    """An input with 1x1 maps or one channel is contiguous in both layouts:
-    ATen's output follows the channels_last weight, and so does segops'
-    (the input cannot carry the layout to the custom op)."""
-    skip_off_kernel_path_on_gpu(path)
-    x = torch.randn(shape, dtype=torch.float64)
-    w = torch.randn(shape[1], 3, 2, 2, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last)
-    want = F.conv_transpose2d(x, w, stride=2)
-    device = DEVICE if path == "kernel" else torch.device("cpu")
-    with on_path(path):
-        out = segops.ops.conv_transpose2d(x.to(device), w.to(device), stride=2)
-    assert memory_format_of(want) == memory_format_of(out) == torch.channels_last
-    assert_close(out, want, F64)
+@pytest.mark.parametrize("x_view, w_view", VIEW_PAIRS, ids=[f"x_{x}-w_{w}" for x, w in VIEW_PAIRS])
+@pytest.mark.parametrize("shape", list(LAYOUT_SHAPES.values()), ids=list(LAYOUT_SHAPES))
+def test_output_and_gradient_strides_are_atens(path, shape, x_view, w_view):
+    """ATen's exact strides for the output and both gradients (see the
+    convolution's test): the weight (C_in, C_out, KH, KW) counts as the
+    convolution's does, by its own strides."""
+    x = strided_views(x_view, shape)
+    w = strided_views(w_view, (shape[1], 4, 3, 3))
+    assert_strides_like_aten(F.conv_transpose2d, segops.ops.conv_transpose2d, x, w, path,
+                             stride=2, padding=1, output_padding=1)
 
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("x_view, w_view", VIEW_PAIRS, ids=[f"x_{x}-w_{w}" for x, w in VIEW_PAIRS])
+@pytest.mark.parametrize("shape", [LAYOUT_SHAPES["1x1_maps"], LAYOUT_SHAPES["one_channel"]],
+                         ids=["1x1_maps", "one_channel"])
+def test_pointwise_output_and_gradient_strides_are_atens(path, shape, x_view, w_view):
+    """The same for a 1x1 kernel, stride 1, no padding: each path's result
+    is dense as computed, and only its strides say the format."""
+    x = strided_views(x_view, shape)
+    w = strided_views(w_view, (shape[1], 4, 1, 1))
+    assert_strides_like_aten(F.conv_transpose2d, segops.ops.conv_transpose2d, x, w, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("x_view, w_view", VIEW_PAIRS, ids=[f"x_{x}-w_{w}" for x, w in VIEW_PAIRS])
+@pytest.mark.parametrize("kernel", [3, 2], ids=["gather", "one_gemm"])
+def test_depthwise_and_one_gemm_strides_are_atens(path, x_view, w_view, kernel):
+    """The same for the depthwise gather (one output channel per group) and
+    the kernel == stride GEMM, whose tiles and column orders follow the
+    layout."""
+    x = strided_views(x_view, (2, 3, 4, 5))
+    w = strided_views(w_view, (3, 1 if kernel == 3 else 4, kernel, kernel))
+    assert_strides_like_aten(F.conv_transpose2d, segops.ops.conv_transpose2d, x, w, path,
+                             stride=2, groups=3 if kernel == 3 else 1)
 
 @pytest.mark.parametrize("path", PATHS)
 def test_empty_batch_on_every_path(path):

@@ -10,12 +10,14 @@ import torch
 import triton
 import triton.language as tl
 from helpers import (
+    CHANNELS_LAST_VIEWS,
     DEVICE,
     DispatchCalls,
     KERNEL_DTYPES,
     ON_GPU,
     PATHS,
     RTOL,
+    STRIDE_VIEWS,
     assert_checked_eager_and_compiled,
     assert_close,
     assert_device_assert_in_child,
@@ -25,10 +27,13 @@ from helpers import (
     like_layout,
     on_path,
     second_order_grads,
+    skip_off_kernel_path_on_gpu,
+    strided_views,
 )
 
 import segops
 from segops import _checks, _dispatch
+from segops._format import format_strides
 from segops.kernels import roi_align as kernels
 from segops.kernels.roi_align import _fitting_grid, _roi_geometry
 from segops.ops.roi_align import _as_rois
@@ -1616,6 +1621,33 @@ def test_fractional_batch_indices_truncate_like_torchvision(path):
             assert_close(got, want_grad, F64, name=f"grad, deterministic={determ}")
     assert_close(out[:3], want, F64)
     assert torch.equal(out[3:].cpu(), torch.zeros(2, 2, 2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("view", list(STRIDE_VIEWS))
+def test_output_and_gradient_keep_the_features_stride_order(path, view):
+    """The output and the features' gradient are channels_last exactly when
+    the features' stride order is (ATen's suggest_memory_format: channel
+    slices, strided rows and permuted NHWC storage count), with the strides
+    torch.empty gives that format, on every path and both backwards."""
+    skip_off_kernel_path_on_gpu(path)
+    x_cpu, x = strided_views(view, (2, 3, 6, 5))
+    x = x.requires_grad_()
+    rois = make_rois(6, 2, 6, 5)
+    want = torchvision.ops.roi_align(x_cpu, rois, 2, 1.0, 2, True)
+    grad = torch.randn(want.shape, dtype=torch.float64)
+    (want_grad,) = torch.autograd.grad(torchvision.ops.roi_align(
+        x_cpu.requires_grad_(), rois, 2, 1.0, 2, True), x_cpu, grad)
+    fmt = torch.channels_last if view in CHANNELS_LAST_VIEWS else torch.contiguous_format
+    with on_path(path):
+        out = segops.ops.roi_align(x, rois.to(DEVICE), 2, 1.0, 2, True)
+        assert out.stride() == format_strides(out.shape, fmt)
+        assert_close(out, want, F64)
+        for determ in (False, True):
+            with deterministic(determ):
+                (got,) = torch.autograd.grad(out, x, grad.to(DEVICE), retain_graph=True)
+            assert got.stride() == format_strides(x.shape, fmt), determ
+            assert_close(got, want_grad, F64, name=f"grad, deterministic={determ}")
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..._format import is_channels_last
 from ...nn import ConvTranspose2d, MultiScaleRoIAlign
 from .._weights import load_backbone, load_state
 from .anchors import AnchorGenerator
@@ -225,8 +226,7 @@ def _like_the_weights(batch: Tensor, backbone: nn.Module) -> Tensor:
     convolution is (``model.to(memory_format=torch.channels_last)``): the
     transform builds it NCHW."""
     conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is not None and not conv.weight.is_contiguous() and \
-            conv.weight.is_contiguous(memory_format=torch.channels_last):
+    if conv is not None and is_channels_last(conv.weight):
         return batch.contiguous(memory_format=torch.channels_last)
     return batch
 
