@@ -180,8 +180,7 @@ def kernel_operand(input: Tensor, weight: Tensor) -> Tensor:
     backward's weight GEMM both read it so, and this one copy is what the
     backward saves (else each would make its own). The output's layout does
     not change: it is ATen's rule for the original operands either way."""
-    if (_dispatch.uses_kernel(input) and input.stride(1) != 1
-            and conv_memory_format(input, weight) == torch.channels_last):
+    if _dispatch.uses_kernel(input) and input.stride(1) != 1 and ran_channels_last(input, weight):
         return input.contiguous(memory_format=torch.channels_last)
     return input
 

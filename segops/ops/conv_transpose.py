@@ -41,6 +41,7 @@ from .conv import (
     gemm_operand_once,
     kernel_operand,
     prepare_inputs,
+    ran_channels_last,
 )
 
 
@@ -90,7 +91,7 @@ def _grad(ctx, grad):
         # the convolution's weight gradient: the transposed conv's input plays
         # the output gradient, its output gradient plays the input
         grad_weight = _conv2d_grad_weight(input, grad, list(weight.shape), *ctx.geometry,
-                                          fmt == torch.channels_last)
+                                          ran_channels_last(input, weight))
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum(dim=(0, 2, 3), dtype=accumulation_dtype(grad.dtype)).to(ctx.bias_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None

@@ -303,7 +303,7 @@ def _native_backward(grad, features, rois, levels, scales, pooled_height, pooled
         grads[level] = _torchvision_ops()._roi_align_backward(
             grad if rows is None else grad[rows], rois if rows is None else rois[rows],
             scales[level], pooled_height, pooled_width, N, C, H, W, sampling_ratio, aligned)
-    return [empty_in_format(f, f.shape, memory_format_of(f)).zero_() if g is None
+    return [torch.zeros_like(f, memory_format=memory_format_of(f)) if g is None
             else in_format(g.to(f.dtype), memory_format_of(f))
             for g, f in zip(grads, features)]
 
